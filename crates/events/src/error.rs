@@ -1,0 +1,166 @@
+//! The one error type of the events crate.
+
+use std::time::Duration;
+
+/// What went wrong in the envelope, the store or the embedded server.
+///
+/// Each invalid-input case is its own variant so callers (and the workers'
+/// dead-letter reasons) can tell them apart without reading text.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum Error {
+    /// A category or aggregate id is not a safe subject token.
+    #[error("invalid {what} {value:?}: {reason}")]
+    InvalidToken {
+        /// Which token was checked (category, aggregate id, ...).
+        what: &'static str,
+        /// The rejected value (truncated).
+        value: String,
+        /// Why it was rejected.
+        reason: &'static str,
+    },
+    /// A NATS subject is not `events.<category>.<id>`.
+    #[error("subject {0:?} is not of the form events.<category>.<id> with valid tokens")]
+    BadSubject(String),
+    /// An event id is empty, too long or not printable ASCII.
+    #[error("invalid event id {0:?}: use 1-128 printable ASCII characters, e.g. a UUIDv7")]
+    InvalidEventId(String),
+    /// A required CloudEvents attribute is absent.
+    #[error("missing required CloudEvents attribute {0:?}")]
+    MissingAttribute(&'static str),
+    /// `specversion` is not `1.0`.
+    #[error("unsupported CloudEvents specversion {0:?}: only \"1.0\" is accepted")]
+    UnsupportedSpecVersion(String),
+    /// `time` is not RFC 3339.
+    #[error("invalid CloudEvents time {0:?}: use RFC 3339, e.g. 2026-01-01T00:00:00Z")]
+    InvalidTime(String),
+    /// An event type is empty or has characters outside `[A-Za-z0-9._-]`.
+    #[error("invalid event type {0:?}: use a dotted name like ledger.account.opened.v1")]
+    InvalidEventType(String),
+    /// A header value cannot be read as text.
+    #[error("header {0:?} is not valid text")]
+    InvalidHeader(String),
+    /// The content type is neither JSON nor structured CloudEvents JSON.
+    #[error(
+        "unsupported content type {0:?}: use application/json (binary mode) or application/cloudevents+json (structured mode)"
+    )]
+    UnsupportedContentType(String),
+    /// The data (or a structured event) is not well-formed JSON.
+    #[error("event data is not valid JSON: {0}")]
+    InvalidJson(String),
+    /// The payload exceeds the configured limit.
+    #[error(
+        "payload of {size} bytes exceeds the limit of {limit} bytes; store large blobs elsewhere and reference them"
+    )]
+    PayloadTooLarge {
+        /// Size of the rejected payload.
+        size: usize,
+        /// The configured limit.
+        limit: usize,
+    },
+    /// An append was given no events.
+    #[error("append needs at least one event")]
+    EmptyAppend,
+    /// An append carries more events than one atomic batch may hold.
+    #[error("append of {count} events exceeds the atomic batch limit of {limit}")]
+    TooManyEvents {
+        /// Events in the append.
+        count: usize,
+        /// The batch limit.
+        limit: usize,
+    },
+    /// Optimistic concurrency: the aggregate moved on since the caller read it.
+    #[error("conflict on {stream}: expected version {expected}, actual {actual}; reload and retry")]
+    Conflict {
+        /// The aggregate.
+        stream: String,
+        /// The version the caller expected (0 = no stream).
+        expected: u64,
+        /// The aggregate's actual version (0 = no stream).
+        actual: u64,
+    },
+    /// The server is older than Sluice needs.
+    #[error(
+        "nats-server {found} is too old: Sluice needs >= {required} (atomic batch publish, +TERM reasons, multi-filter consumers, sync_interval); run scripts/setup.sh or set SLUICE_NATS_SERVER_BIN"
+    )]
+    ServerTooOld {
+        /// Version the server reported.
+        found: String,
+        /// Minimum version required.
+        required: String,
+    },
+    /// The server has JetStream disabled.
+    #[error("nats-server at {0} has JetStream disabled; start it with -js")]
+    JetStreamDisabled(String),
+    /// Could not connect to NATS.
+    #[error(
+        "cannot connect to NATS at {url}: {source}; is the server running? (`sluice up` starts one)"
+    )]
+    Connect {
+        /// The URL tried.
+        url: String,
+        /// The client error.
+        #[source]
+        source: async_nats::ConnectError,
+    },
+    /// The server did not answer in time, even after retries.
+    #[error("NATS did not answer within {0:?}; the server may be overloaded or unreachable")]
+    Timeout(Duration),
+    /// The stream exists with settings Sluice cannot use.
+    #[error("stream {stream} is misconfigured: {reason}")]
+    StreamMisconfigured {
+        /// The stream name.
+        stream: String,
+        /// What is wrong.
+        reason: String,
+    },
+    /// The server rejected an append for a reason other than a conflict.
+    #[error("append rejected by the server (code {code}): {description}")]
+    Rejected {
+        /// JetStream API error code.
+        code: u64,
+        /// The server's description.
+        description: String,
+    },
+    /// Any other JetStream or NATS failure.
+    #[error("NATS request failed: {0}")]
+    Nats(String),
+    /// The embedded nats-server could not be started or stopped.
+    #[error("embedded nats-server: {0}")]
+    Embedded(String),
+}
+
+impl Error {
+    /// True for errors caused by the caller's input (fix the input, don't retry).
+    pub fn is_invalid_input(&self) -> bool {
+        matches!(
+            self,
+            Error::InvalidToken { .. }
+                | Error::BadSubject(_)
+                | Error::InvalidEventId(_)
+                | Error::MissingAttribute(_)
+                | Error::UnsupportedSpecVersion(_)
+                | Error::InvalidTime(_)
+                | Error::InvalidEventType(_)
+                | Error::InvalidHeader(_)
+                | Error::UnsupportedContentType(_)
+                | Error::InvalidJson(_)
+                | Error::PayloadTooLarge { .. }
+                | Error::EmptyAppend
+                | Error::TooManyEvents { .. }
+        )
+    }
+
+    /// True for failures worth retrying later (timeouts, connection trouble).
+    pub fn is_transient(&self) -> bool {
+        matches!(
+            self,
+            Error::Timeout(_) | Error::Nats(_) | Error::Connect { .. }
+        )
+    }
+
+    /// True for an optimistic-concurrency conflict.
+    pub fn is_conflict(&self) -> bool {
+        matches!(self, Error::Conflict { .. })
+    }
+}

@@ -1,0 +1,40 @@
+//! The ground Sluice stands on: the CloudEvents envelope, the event store on
+//! NATS JetStream, and the pure decide/evolve aggregate shape.
+//!
+//! Guarantees:
+//! - Every event lives on `events.<category>.<id>` in the `EVENTS` stream; the
+//!   stream sequence is its global position, and an aggregate's *version* is the
+//!   stream sequence of its last event (what `Nats-Expected-Last-Subject-Sequence`
+//!   checks).
+//! - `append` of N events to one aggregate is atomic (one JetStream atomic batch).
+//! - A retried append (same event ids) never lands twice: the server dedups by
+//!   `Nats-Msg-Id`, and when it answers a retry with "wrong last sequence" the
+//!   store checks whether the events after the expected version are its own.
+//! - Conflicts surface as [`Error::Conflict`] with the expected and actual
+//!   versions, decided from the server's error code, never from error text.
+#![warn(clippy::unwrap_used)]
+
+mod aggregate;
+mod embedded;
+mod envelope;
+mod error;
+mod ids;
+mod server;
+mod store;
+
+pub use aggregate::{Aggregate, ExecuteError, ExecuteOutcome, execute, load};
+pub use embedded::{
+    EmbeddedConfig, EmbeddedServer, NATS_SERVER_BIN_ENV, SyncInterval, binary_version,
+    find_nats_server_bin,
+};
+pub use envelope::{
+    CONTENT_TYPE_JSON, CONTENT_TYPE_STRUCTURED, DEFAULT_MAX_PAYLOAD, Envelope, NewEvent,
+    SPEC_VERSION,
+};
+pub use error::Error;
+pub use ids::{EventId, StreamId, validate_token};
+pub use server::{MIN_SERVER_VERSION, ServerVersion, check_server_version};
+pub use store::{
+    AppendResult, EVENTS_STREAM, EventStore, ExpectedVersion, RecordedEvent, StoreConfig,
+    StreamState,
+};

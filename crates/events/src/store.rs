@@ -1,0 +1,761 @@
+//! The event store on JetStream: one stream (`EVENTS`), one subject per
+//! aggregate, optimistic concurrency on the per-subject last sequence.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use async_nats::HeaderMap;
+use async_nats::jetstream::{self, consumer, context::PublishErrorKind, stream};
+use backon::{ExponentialBuilder, Retryable};
+use bytes::Bytes;
+use futures::StreamExt;
+use futures::stream::BoxStream;
+use serde::Deserialize;
+
+use crate::DEFAULT_MAX_PAYLOAD;
+use crate::envelope::{Envelope, H_MSG_ID, NewEvent};
+use crate::error::Error;
+use crate::ids::{EventId, StreamId};
+use crate::server::{ServerVersion, check_server_version};
+
+/// Name of the stream holding every domain event.
+pub const EVENTS_STREAM: &str = "EVENTS";
+/// The server's limit on messages in one atomic batch.
+pub(crate) const MAX_BATCH: usize = 1000;
+/// JetStream API error code for "wrong last sequence".
+const ERR_WRONG_LAST_SEQUENCE: u64 = 10071;
+/// JetStream API error code for "atomic publish batch contains duplicate message id".
+const ERR_BATCH_DUPLICATE_MSG_ID: u64 = 10201;
+
+const H_EXPECTED_LAST_SUBJECT_SEQ: &str = "Nats-Expected-Last-Subject-Sequence";
+const H_BATCH_ID: &str = "Nats-Batch-Id";
+const H_BATCH_SEQ: &str = "Nats-Batch-Sequence";
+const H_BATCH_COMMIT: &str = "Nats-Batch-Commit";
+
+/// What the caller believes about the aggregate's current version.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ExpectedVersion {
+    /// No check: append whatever the version is.
+    Any,
+    /// The aggregate must have no events yet.
+    NoStream,
+    /// The aggregate's last event must be at this stream sequence.
+    Exact(u64),
+}
+
+impl ExpectedVersion {
+    /// The version as the server checks it (0 = no stream), if any check.
+    fn as_sequence(self) -> Option<u64> {
+        match self {
+            ExpectedVersion::Any => None,
+            ExpectedVersion::NoStream => Some(0),
+            ExpectedVersion::Exact(v) => Some(v),
+        }
+    }
+
+    /// `NoStream` for version 0, else `Exact(version)`.
+    pub fn from_version(version: u64) -> Self {
+        if version == 0 {
+            ExpectedVersion::NoStream
+        } else {
+            ExpectedVersion::Exact(version)
+        }
+    }
+}
+
+/// Where an append landed.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AppendResult {
+    /// The aggregate's new version (stream sequence of its last event).
+    pub version: u64,
+    /// Global positions (stream sequences) of the appended events, in order.
+    pub positions: Vec<u64>,
+    /// True when the events were already there (a retry of an append that
+    /// had landed); nothing new was written.
+    pub deduplicated: bool,
+}
+
+/// An event as stored: envelope plus where it lives.
+#[derive(Debug, Clone, PartialEq)]
+pub struct RecordedEvent {
+    /// The aggregate it belongs to.
+    pub stream_id: StreamId,
+    /// Global position (stream sequence); also the aggregate's version after it.
+    pub position: u64,
+    /// The CloudEvent.
+    pub envelope: Envelope,
+}
+
+/// Settings of the event store.
+#[derive(Debug, Clone)]
+pub struct StoreConfig {
+    /// Stream name.
+    pub stream: String,
+    /// Subject prefix; aggregates live on `<prefix>.<category>.<id>`.
+    pub subject_prefix: String,
+    /// Replicas of the stream (3 in production).
+    pub replicas: usize,
+    /// How long the server remembers event ids for dedup.
+    pub duplicate_window: Duration,
+    /// Largest accepted event data, in bytes.
+    pub max_payload: usize,
+    /// How long to wait for one server answer.
+    pub request_timeout: Duration,
+    /// Tries per append on timeouts and broken connections.
+    pub max_attempts: usize,
+}
+
+impl Default for StoreConfig {
+    fn default() -> Self {
+        Self {
+            stream: EVENTS_STREAM.to_owned(),
+            subject_prefix: "events".to_owned(),
+            replicas: 1,
+            duplicate_window: Duration::from_secs(120),
+            max_payload: DEFAULT_MAX_PAYLOAD,
+            request_timeout: Duration::from_secs(5),
+            max_attempts: 5,
+        }
+    }
+}
+
+/// A snapshot of the stream's state.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct StreamState {
+    /// Events stored.
+    pub messages: u64,
+    /// Bytes stored.
+    pub bytes: u64,
+    /// First position.
+    pub first_position: u64,
+    /// Last position (the head of the log).
+    pub last_position: u64,
+    /// Replicas configured.
+    pub replicas: usize,
+    /// Distinct aggregates.
+    pub aggregates: u64,
+}
+
+struct Inner {
+    client: async_nats::Client,
+    js: jetstream::Context,
+    stream: stream::Stream,
+    config: StoreConfig,
+    server_version: ServerVersion,
+}
+
+/// The JetStream-backed event store. Cheap to clone.
+#[derive(Clone)]
+pub struct EventStore {
+    inner: Arc<Inner>,
+}
+
+impl std::fmt::Debug for EventStore {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("EventStore")
+            .field("stream", &self.inner.config.stream)
+            .field("server_version", &self.inner.server_version)
+            .finish()
+    }
+}
+
+/// Why one publish attempt failed.
+#[derive(Debug)]
+enum Attempt {
+    WrongLast,
+    /// The server already holds one of the batch's event ids.
+    Duplicate,
+    Transient(String),
+    Fatal(Error),
+}
+
+#[derive(Deserialize)]
+struct ApiError {
+    #[serde(default)]
+    err_code: u64,
+    #[serde(default)]
+    description: String,
+}
+
+#[derive(Deserialize)]
+struct BatchAck {
+    #[serde(default)]
+    error: Option<ApiError>,
+    #[serde(default)]
+    seq: u64,
+    #[serde(default)]
+    count: u64,
+}
+
+impl EventStore {
+    /// Connects to `url`, checks the server version and ensures the stream.
+    pub async fn connect(url: &str, config: StoreConfig) -> Result<Self, Error> {
+        let addrs = url
+            .split(',')
+            .map(|u| u.trim().parse::<async_nats::ServerAddr>())
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(|e| Error::Connect {
+                url: url.to_owned(),
+                source: e.into(),
+            })?;
+        let client = async_nats::ConnectOptions::new()
+            .name("sluice")
+            .retry_on_initial_connect()
+            .connection_timeout(Duration::from_secs(5))
+            .connect(addrs)
+            .await
+            .map_err(|source| Error::Connect {
+                url: url.to_owned(),
+                source,
+            })?;
+        // retry_on_initial_connect returns before the handshake: wait for it so
+        // the server's INFO (and version) is known.
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+        while client.connection_state() != async_nats::connection::State::Connected {
+            if tokio::time::Instant::now() > deadline {
+                return Err(Error::Timeout(Duration::from_secs(10)));
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        Self::new(client, config).await
+    }
+
+    /// Uses an existing connection: checks the server version and ensures the stream.
+    pub async fn new(client: async_nats::Client, config: StoreConfig) -> Result<Self, Error> {
+        let server_version = check_server_version(&client)?;
+        let mut js = jetstream::new(client.clone());
+        js.set_timeout(config.request_timeout);
+        let stream = ensure_stream(&js, &config).await?;
+        Ok(Self {
+            inner: Arc::new(Inner {
+                client,
+                js,
+                stream,
+                config,
+                server_version,
+            }),
+        })
+    }
+
+    /// The NATS connection (for consumers built on top of the store).
+    pub fn client(&self) -> &async_nats::Client {
+        &self.inner.client
+    }
+
+    /// The JetStream context.
+    pub fn jetstream(&self) -> &jetstream::Context {
+        &self.inner.js
+    }
+
+    /// The store's settings.
+    pub fn config(&self) -> &StoreConfig {
+        &self.inner.config
+    }
+
+    /// The connected server's version.
+    pub fn server_version(&self) -> ServerVersion {
+        self.inner.server_version
+    }
+
+    /// Appends events to one aggregate, atomically, with an optimistic check.
+    ///
+    /// Retries on timeouts and broken connections with the same event ids, so
+    /// an append that landed but whose ack was lost is reported once, never
+    /// written twice.
+    pub async fn append(
+        &self,
+        stream_id: &StreamId,
+        expected: ExpectedVersion,
+        events: Vec<NewEvent>,
+    ) -> Result<AppendResult, Error> {
+        let cfg = &self.inner.config;
+        if events.is_empty() {
+            return Err(Error::EmptyAppend);
+        }
+        if events.len() > MAX_BATCH {
+            return Err(Error::TooManyEvents {
+                count: events.len(),
+                limit: MAX_BATCH,
+            });
+        }
+        for e in &events {
+            e.validate(cfg.max_payload)?;
+        }
+        let subject = stream_id.subject(&cfg.subject_prefix);
+        let ids: Vec<EventId> = events.iter().map(|e| e.id.clone()).collect();
+        let messages: Vec<(HeaderMap, Bytes)> = events
+            .iter()
+            .map(|e| (e.headers(stream_id.id()), e.data.clone()))
+            .collect();
+
+        // A batch is retried as a whole; with `Any` the server cannot tell a
+        // retried batch from a new one, so pin the expectation to what we read
+        // and let the wrong-last-sequence path recognise our own earlier write.
+        let mut expected = expected;
+        let any_batch = expected == ExpectedVersion::Any && messages.len() > 1;
+        let mut any_rounds = 0;
+        loop {
+            if any_batch {
+                expected = ExpectedVersion::from_version(self.last_version_of(&subject).await?);
+            }
+            let exp = expected.as_sequence();
+            let attempt = || async {
+                if messages.len() == 1 {
+                    self.publish_one(&subject, exp, &messages[0]).await
+                } else {
+                    self.publish_batch(&subject, exp, &messages).await
+                }
+            };
+            let result = attempt
+                .retry(
+                    ExponentialBuilder::default()
+                        .with_min_delay(Duration::from_millis(50))
+                        .with_max_delay(Duration::from_secs(2))
+                        .with_max_times(cfg.max_attempts.saturating_sub(1))
+                        .with_jitter(),
+                )
+                .when(|e| matches!(e, Attempt::Transient(_)))
+                .notify(|e, dur| {
+                    tracing::warn!(subject = %subject, error = ?e, retry_in = ?dur, "append attempt failed; retrying with the same event ids");
+                })
+                .await;
+            return match result {
+                Ok(r) => Ok(r),
+                Err(Attempt::WrongLast) => {
+                    let exp = exp.unwrap_or(0);
+                    match self
+                        .resolve_wrong_last(stream_id, &subject, exp, &ids)
+                        .await?
+                    {
+                        Ok(r) => Ok(r),
+                        Err(_) if any_batch && any_rounds < 10 => {
+                            any_rounds += 1;
+                            continue;
+                        }
+                        Err(conflict) => Err(conflict),
+                    }
+                }
+                Err(Attempt::Duplicate) => match self.find_landed(&subject, &ids).await? {
+                    Some(r) => Ok(r),
+                    None => Err(Error::Rejected {
+                        code: ERR_BATCH_DUPLICATE_MSG_ID,
+                        description: format!(
+                            "some event ids of this append were already stored on another aggregate or in another append within the last {:?}; use fresh ids",
+                            cfg.duplicate_window
+                        ),
+                    }),
+                },
+                Err(Attempt::Transient(msg)) => {
+                    tracing::error!(subject = %subject, error = %msg, "append gave up after retries");
+                    Err(Error::Timeout(cfg.request_timeout))
+                }
+                Err(Attempt::Fatal(e)) => Err(e),
+            };
+        }
+    }
+
+    async fn publish_one(
+        &self,
+        subject: &str,
+        expected: Option<u64>,
+        (headers, payload): &(HeaderMap, Bytes),
+    ) -> Result<AppendResult, Attempt> {
+        let mut headers = headers.clone();
+        if let Some(v) = expected {
+            headers.insert(H_EXPECTED_LAST_SUBJECT_SEQ, v.to_string().as_str());
+        }
+        let ack = self
+            .inner
+            .js
+            .publish_with_headers(subject.to_owned(), headers, payload.clone())
+            .await
+            .map_err(classify_publish)?
+            .await
+            .map_err(classify_publish)?;
+        Ok(AppendResult {
+            version: ack.sequence,
+            positions: vec![ack.sequence],
+            deduplicated: ack.duplicate,
+        })
+    }
+
+    async fn publish_batch(
+        &self,
+        subject: &str,
+        expected: Option<u64>,
+        messages: &[(HeaderMap, Bytes)],
+    ) -> Result<AppendResult, Attempt> {
+        let batch_id = uuid::Uuid::now_v7().simple().to_string();
+        let client = &self.inner.client;
+        let last = messages.len();
+        for (i, (headers, payload)) in messages.iter().enumerate() {
+            let mut h = headers.clone();
+            h.insert(H_BATCH_ID, batch_id.as_str());
+            h.insert(H_BATCH_SEQ, (i + 1).to_string().as_str());
+            if i == 0
+                && let Some(v) = expected
+            {
+                h.insert(H_EXPECTED_LAST_SUBJECT_SEQ, v.to_string().as_str());
+            }
+            if i + 1 < last {
+                client
+                    .publish_with_headers(subject.to_owned(), h, payload.clone())
+                    .await
+                    .map_err(|e| Attempt::Transient(e.to_string()))?;
+            } else {
+                h.insert(H_BATCH_COMMIT, "1");
+                let request = async_nats::Request::new()
+                    .headers(h)
+                    .payload(payload.clone())
+                    .timeout(Some(self.inner.config.request_timeout));
+                let reply = client
+                    .send_request(subject.to_owned(), request)
+                    .await
+                    .map_err(|e| Attempt::Transient(e.to_string()))?;
+                let ack: BatchAck = serde_json::from_slice(&reply.payload)
+                    .map_err(|e| Attempt::Transient(format!("unreadable batch ack: {e}")))?;
+                if let Some(err) = ack.error {
+                    return Err(if err.err_code == ERR_WRONG_LAST_SEQUENCE {
+                        Attempt::WrongLast
+                    } else if err.err_code == ERR_BATCH_DUPLICATE_MSG_ID {
+                        Attempt::Duplicate
+                    } else {
+                        Attempt::Fatal(Error::Rejected {
+                            code: err.err_code,
+                            description: err.description,
+                        })
+                    });
+                }
+                let first = ack.seq + 1 - ack.count.max(1);
+                return Ok(AppendResult {
+                    version: ack.seq,
+                    positions: (first..=ack.seq).collect(),
+                    deduplicated: false,
+                });
+            }
+        }
+        Err(Attempt::Fatal(Error::EmptyAppend))
+    }
+
+    /// After "wrong last sequence": either a previous try of this very append
+    /// landed (the events after `expected` carry our ids) or it is a conflict.
+    async fn resolve_wrong_last(
+        &self,
+        stream_id: &StreamId,
+        subject: &str,
+        expected: u64,
+        ids: &[EventId],
+    ) -> Result<Result<AppendResult, Error>, Error> {
+        let mut positions = Vec::with_capacity(ids.len());
+        let mut from = expected + 1;
+        for id in ids {
+            match self
+                .inner
+                .stream
+                .direct_get_next_for_subject(subject, Some(from))
+                .await
+            {
+                Ok(msg) if msg_id(&msg.headers) == Some(id.as_str()) => {
+                    positions.push(msg.sequence);
+                    from = msg.sequence + 1;
+                }
+                Ok(_) => break,
+                Err(e) if matches!(e.kind(), stream::DirectGetErrorKind::NotFound) => break,
+                Err(e) => return Err(Error::Nats(e.to_string())),
+            }
+        }
+        if positions.len() == ids.len() {
+            tracing::debug!(subject, "append was a retry of one that had landed");
+            return Ok(Ok(AppendResult {
+                version: *positions.last().unwrap_or(&expected),
+                positions,
+                deduplicated: true,
+            }));
+        }
+        let actual = self.last_version_of(subject).await?;
+        Ok(Err(Error::Conflict {
+            stream: stream_id.to_string(),
+            expected,
+            actual,
+        }))
+    }
+
+    /// Finds where an earlier try of this append landed, scanning the
+    /// aggregate's events within the dedup window (the server only rejects ids
+    /// it remembers, so they are in there).
+    async fn find_landed(
+        &self,
+        subject: &str,
+        ids: &[EventId],
+    ) -> Result<Option<AppendResult>, Error> {
+        let last = self.last_version_of(subject).await?;
+        if last == 0 {
+            return Ok(None);
+        }
+        let since = time::OffsetDateTime::now_utc()
+            - self.inner.config.duplicate_window
+            - Duration::from_secs(10);
+        let mut messages = self
+            .ordered(
+                subject.to_owned(),
+                consumer::DeliverPolicy::ByStartTime { start_time: since },
+            )
+            .await?;
+        let mut positions = Vec::with_capacity(ids.len());
+        while let Some(m) = messages.next().await {
+            let m = m.map_err(|e| Error::Nats(e.to_string()))?;
+            let seq = m
+                .info()
+                .map_err(|e| Error::Nats(e.to_string()))?
+                .stream_sequence;
+            let id = m.headers.as_ref().and_then(msg_id);
+            if id == Some(ids[positions.len()].as_str()) {
+                positions.push(seq);
+                if positions.len() == ids.len() {
+                    return Ok(Some(AppendResult {
+                        version: seq,
+                        positions,
+                        deduplicated: true,
+                    }));
+                }
+            } else {
+                positions.clear();
+            }
+            if seq >= last {
+                break;
+            }
+        }
+        Ok(None)
+    }
+
+    /// The aggregate's current version (0 when it has no events).
+    pub async fn last_version(&self, stream_id: &StreamId) -> Result<u64, Error> {
+        self.last_version_of(&stream_id.subject(&self.inner.config.subject_prefix))
+            .await
+    }
+
+    async fn last_version_of(&self, subject: &str) -> Result<u64, Error> {
+        match self.inner.stream.direct_get_last_for_subject(subject).await {
+            Ok(msg) => Ok(msg.sequence),
+            Err(e) if matches!(e.kind(), stream::DirectGetErrorKind::NotFound) => Ok(0),
+            Err(e) => Err(Error::Nats(e.to_string())),
+        }
+    }
+
+    /// The aggregate's events from `from_position` (inclusive; 0 or 1 = all),
+    /// up to its version at the time of the call. Empty at once when the
+    /// aggregate has no events.
+    pub async fn read(
+        &self,
+        stream_id: &StreamId,
+        from_position: u64,
+    ) -> Result<BoxStream<'static, Result<RecordedEvent, Error>>, Error> {
+        let subject = stream_id.subject(&self.inner.config.subject_prefix);
+        let last = self.last_version_of(&subject).await?;
+        self.read_range(subject, from_position.max(1), last).await
+    }
+
+    /// Every event from `from_position` (inclusive) up to the head of the log
+    /// at the time of the call.
+    pub async fn read_all(
+        &self,
+        from_position: u64,
+    ) -> Result<BoxStream<'static, Result<RecordedEvent, Error>>, Error> {
+        let last = self.stream_state().await?.last_position;
+        let filter = format!("{}.>", self.inner.config.subject_prefix);
+        self.read_range(filter, from_position.max(1), last).await
+    }
+
+    /// A live feed of events on `filter` (e.g. `events.account.>`) from
+    /// `from_position` (inclusive; `None` = only new events). Never ends.
+    pub async fn subscribe(
+        &self,
+        filter: &str,
+        from_position: Option<u64>,
+    ) -> Result<BoxStream<'static, Result<RecordedEvent, Error>>, Error> {
+        let deliver_policy = match from_position {
+            Some(p) => consumer::DeliverPolicy::ByStartSequence {
+                start_sequence: p.max(1),
+            },
+            None => consumer::DeliverPolicy::New,
+        };
+        let messages = self.ordered(filter.to_owned(), deliver_policy).await?;
+        let this = self.clone();
+        Ok(messages.map(move |m| this.decode_message(m)).boxed())
+    }
+
+    async fn ordered(
+        &self,
+        filter: String,
+        deliver_policy: consumer::DeliverPolicy,
+    ) -> Result<consumer::pull::Ordered, Error> {
+        let consumer = self
+            .inner
+            .stream
+            .create_consumer(consumer::pull::OrderedConfig {
+                filter_subject: filter,
+                deliver_policy,
+                ..Default::default()
+            })
+            .await
+            .map_err(|e| Error::Nats(e.to_string()))?;
+        consumer
+            .messages()
+            .await
+            .map_err(|e| Error::Nats(e.to_string()))
+    }
+
+    async fn read_range(
+        &self,
+        filter: String,
+        from: u64,
+        last: u64,
+    ) -> Result<BoxStream<'static, Result<RecordedEvent, Error>>, Error> {
+        if last == 0 || from > last {
+            return Ok(futures::stream::empty().boxed());
+        }
+        let messages = self
+            .ordered(
+                filter,
+                consumer::DeliverPolicy::ByStartSequence {
+                    start_sequence: from,
+                },
+            )
+            .await?;
+        let this = self.clone();
+        // Stop right after the last event: waiting for one past it would hang.
+        let stream = futures::stream::unfold(Some(messages), move |state| {
+            let this = this.clone();
+            async move {
+                let mut messages = state?;
+                let item = messages.next().await?;
+                let decoded = this.decode_message(item);
+                let done = match &decoded {
+                    Ok(ev) => ev.position >= last,
+                    Err(_) => true,
+                };
+                Some((decoded, if done { None } else { Some(messages) }))
+            }
+        });
+        Ok(stream.boxed())
+    }
+
+    fn decode_message(
+        &self,
+        m: Result<jetstream::Message, async_nats::error::Error<consumer::pull::OrderedErrorKind>>,
+    ) -> Result<RecordedEvent, Error> {
+        let m = m.map_err(|e| Error::Nats(e.to_string()))?;
+        let position = m
+            .info()
+            .map_err(|e| Error::Nats(e.to_string()))?
+            .stream_sequence;
+        let stream_id = StreamId::from_subject(&self.inner.config.subject_prefix, &m.subject)?;
+        let envelope = Envelope::decode(m.headers.as_ref(), &m.payload, usize::MAX)?;
+        Ok(RecordedEvent {
+            stream_id,
+            position,
+            envelope,
+        })
+    }
+
+    /// Counts and positions of the whole log.
+    pub async fn stream_state(&self) -> Result<StreamState, Error> {
+        let mut stream = self.inner.stream.clone();
+        let info = stream
+            .info()
+            .await
+            .map_err(|e| Error::Nats(e.to_string()))?;
+        Ok(StreamState {
+            messages: info.state.messages,
+            bytes: info.state.bytes,
+            first_position: info.state.first_sequence,
+            last_position: info.state.last_sequence,
+            replicas: info.config.num_replicas,
+            aggregates: info.state.subjects_count,
+        })
+    }
+}
+
+fn msg_id(headers: &HeaderMap) -> Option<&str> {
+    headers.get(H_MSG_ID).map(|v| v.as_str())
+}
+
+fn classify_publish(e: async_nats::jetstream::context::PublishError) -> Attempt {
+    match e.kind() {
+        PublishErrorKind::WrongLastSequence => Attempt::WrongLast,
+        PublishErrorKind::TimedOut | PublishErrorKind::BrokenPipe => {
+            Attempt::Transient(e.to_string())
+        }
+        PublishErrorKind::StreamNotFound => Attempt::Transient(format!(
+            "{e} (no stream answered; is the server up and the stream created?)"
+        )),
+        _ => Attempt::Transient(e.to_string()),
+    }
+}
+
+async fn ensure_stream(
+    js: &jetstream::Context,
+    cfg: &StoreConfig,
+) -> Result<stream::Stream, Error> {
+    let wanted = stream::Config {
+        name: cfg.stream.clone(),
+        subjects: vec![format!("{}.>", cfg.subject_prefix)],
+        storage: stream::StorageType::File,
+        num_replicas: cfg.replicas,
+        duplicate_window: cfg.duplicate_window,
+        max_age: Duration::ZERO,
+        max_bytes: -1,
+        max_messages: -1,
+        max_messages_per_subject: -1,
+        discard: stream::DiscardPolicy::Old,
+        allow_direct: true,
+        allow_atomic_publish: true,
+        deny_delete: true,
+        deny_purge: true,
+        description: Some("Sluice domain events: one subject per aggregate".to_owned()),
+        ..Default::default()
+    };
+    match js.get_stream(&cfg.stream).await {
+        Ok(mut existing) => {
+            let info = existing
+                .info()
+                .await
+                .map_err(|e| Error::Nats(e.to_string()))?;
+            let c = &info.config;
+            if !c.allow_atomic_publish
+                || !c.allow_direct
+                || c.duplicate_window != cfg.duplicate_window
+            {
+                tracing::info!(stream = %cfg.stream, "updating stream settings Sluice relies on");
+                let mut updated = c.clone();
+                updated.allow_atomic_publish = true;
+                updated.allow_direct = true;
+                updated.duplicate_window = cfg.duplicate_window;
+                js.update_stream(updated)
+                    .await
+                    .map_err(|e| Error::StreamMisconfigured {
+                        stream: cfg.stream.clone(),
+                        reason: e.to_string(),
+                    })?;
+            }
+            if c.max_age != Duration::ZERO || c.max_messages_per_subject > 0 {
+                return Err(Error::StreamMisconfigured {
+                    stream: cfg.stream.clone(),
+                    reason:
+                        "it has age or per-subject limits, which would delete events; remove them"
+                            .to_owned(),
+                });
+            }
+            Ok(existing)
+        }
+        Err(e) if matches!(e.kind(), jetstream::context::GetStreamErrorKind::JetStream(ref j) if j.error_code() == jetstream::ErrorCode::STREAM_NOT_FOUND) => {
+            js.create_stream(wanted)
+                .await
+                .map_err(|e| Error::StreamMisconfigured {
+                    stream: cfg.stream.clone(),
+                    reason: e.to_string(),
+                })
+        }
+        Err(e) => Err(Error::Nats(e.to_string())),
+    }
+}

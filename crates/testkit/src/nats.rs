@@ -1,0 +1,121 @@
+//! Real nats-server processes for tests.
+
+use std::path::PathBuf;
+
+use sluice_events::{EmbeddedConfig, EmbeddedServer, EventStore, StoreConfig, SyncInterval};
+use tempfile::TempDir;
+
+/// One nats-server 2.12+ with a private temp store, killed on drop.
+#[derive(Debug)]
+pub struct NatsServer {
+    server: EmbeddedServer,
+    // Declared after `server` so the process dies before its files go.
+    _dir: TempDir,
+}
+
+impl NatsServer {
+    /// Starts a server with `sync_interval: always` (the embedded default).
+    pub fn start() -> Self {
+        Self::start_with(SyncInterval::Always)
+    }
+
+    /// Starts a server with the given fsync policy.
+    pub fn start_with(sync: SyncInterval) -> Self {
+        let dir = tempfile::Builder::new()
+            .prefix("sluice-nats-")
+            .tempdir()
+            .expect("create temp dir for nats-server");
+        let mut config = EmbeddedConfig::new(dir.path());
+        config.sync = sync;
+        let server = EmbeddedServer::start(config)
+            .unwrap_or_else(|e| panic!("cannot start nats-server for tests: {e}"));
+        Self { server, _dir: dir }
+    }
+
+    /// `nats://127.0.0.1:<port>`.
+    pub fn url(&self) -> String {
+        self.server.url()
+    }
+
+    /// kill -9, no restart.
+    pub fn kill(&mut self) {
+        self.server.kill();
+    }
+
+    /// kill -9 and start again on the same port and store.
+    pub fn restart(&mut self) {
+        self.server
+            .restart()
+            .unwrap_or_else(|e| panic!("cannot restart nats-server: {e}"));
+    }
+
+    /// The store directory.
+    pub fn dir(&self) -> PathBuf {
+        self.server.config().dir.clone()
+    }
+
+    /// A connected event store with default settings.
+    pub async fn store(&self) -> EventStore {
+        self.store_with(StoreConfig::default()).await
+    }
+
+    /// A connected event store with the given settings.
+    pub async fn store_with(&self, config: StoreConfig) -> EventStore {
+        EventStore::connect(&self.url(), config)
+            .await
+            .unwrap_or_else(|e| panic!("cannot connect the event store: {e}"))
+    }
+}
+
+/// Three clustered nats-servers on loopback ports.
+#[derive(Debug)]
+pub struct NatsCluster {
+    /// The nodes, in start order.
+    pub nodes: Vec<NatsServer>,
+}
+
+impl NatsCluster {
+    /// Starts a 3-node JetStream cluster and waits until it answers.
+    pub fn start() -> Self {
+        let free = || {
+            std::net::TcpListener::bind("127.0.0.1:0")
+                .and_then(|l| l.local_addr())
+                .map(|a| a.port())
+                .expect("free port")
+        };
+        let cluster_ports: Vec<u16> = (0..3).map(|_| free()).collect();
+        let routes = cluster_ports
+            .iter()
+            .map(|p| format!("\"nats-route://127.0.0.1:{p}\""))
+            .collect::<Vec<_>>()
+            .join(", ");
+        let nodes = cluster_ports
+            .iter()
+            .enumerate()
+            .map(|(i, port)| {
+                let dir = tempfile::Builder::new()
+                    .prefix("sluice-cluster-")
+                    .tempdir()
+                    .expect("temp dir");
+                let mut config = EmbeddedConfig::new(dir.path());
+                config.server_name = format!("n{i}");
+                config.extra_config = format!(
+                    "cluster {{\n  name: sluice-test\n  listen: \"127.0.0.1:{port}\"\n  routes: [{routes}]\n}}\n"
+                );
+                let server = EmbeddedServer::start(config)
+                    .unwrap_or_else(|e| panic!("cannot start cluster node {i}: {e}"));
+                NatsServer { server, _dir: dir }
+            })
+            .collect();
+        Self { nodes }
+    }
+
+    /// A client URL listing every node.
+    pub fn url(&self) -> String {
+        self.nodes
+            .iter()
+            .map(NatsServer::url)
+            .collect::<Vec<_>>()
+            .join(",")
+    }
+}

