@@ -1,1 +1,2 @@
+//! The `sluice` binary (being written).
 fn main() {}
