@@ -1,2 +1,88 @@
-//! The `sluice` binary (being written).
-fn main() {}
+//! `sluice`: the command line of the Sluice event-sourcing platform.
+//!
+//! Exit codes: 0 ok, 1 error, 2 usage, 3 optimistic-concurrency conflict.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+
+mod bench;
+mod commands;
+mod endpoint;
+mod up;
+
+/// Exit code for an optimistic-concurrency conflict.
+const EXIT_CONFLICT: u8 = 3;
+
+/// Sluice: an event log you can trust, on NATS JetStream.
+#[derive(Debug, Parser)]
+#[command(name = "sluice", version, about, propagate_version = true)]
+struct Cli {
+    /// NATS server URL(s), comma-separated; default: the server `sluice up`
+    /// started in this directory.
+    #[arg(long, global = true, env = "SLUICE_NATS_URL")]
+    nats_url: Option<String>,
+    /// Directory for the embedded server's data and endpoint file.
+    #[arg(long, global = true, env = "SLUICE_HOME", default_value = ".sluice")]
+    home: PathBuf,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Run Sluice: the embedded nats-server (unless --nats-url) and every role.
+    Up(up::UpArgs),
+    /// Append one event to an aggregate.
+    Publish(commands::PublishArgs),
+    /// Print an aggregate's events.
+    Read(commands::ReadArgs),
+    /// Follow events as they are appended.
+    Tail(commands::TailArgs),
+    /// Server version, stream state and a durability check.
+    Status(commands::StatusArgs),
+    /// Benchmarks against a freshly started server.
+    #[command(subcommand)]
+    Bench(bench::BenchCommand),
+}
+
+fn init_tracing(default: &str) {
+    use tracing_subscriber::EnvFilter;
+    let filter = EnvFilter::try_from_env("SLUICE_LOG").unwrap_or_else(|_| EnvFilter::new(default));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    if std::env::var("SLUICE_LOG_FORMAT").as_deref() == Ok("json") {
+        builder.json().init();
+    } else {
+        builder.init();
+    }
+}
+
+#[tokio::main]
+async fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let is_up = matches!(cli.command, Command::Up(_));
+    init_tracing(if is_up { "info" } else { "warn" });
+    let result = match cli.command {
+        Command::Up(args) => up::run(args, cli.nats_url, cli.home).await,
+        Command::Publish(args) => commands::publish(args, cli.nats_url, &cli.home).await,
+        Command::Read(args) => commands::read(args, cli.nats_url, &cli.home).await,
+        Command::Tail(args) => commands::tail(args, cli.nats_url, &cli.home).await,
+        Command::Status(args) => commands::status(args, cli.nats_url, &cli.home).await,
+        Command::Bench(cmd) => bench::run(cmd).await,
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            // One line for people; the chain for the curious.
+            let chain: Vec<String> = e.chain().map(ToString::to_string).collect();
+            eprintln!("error: {}", chain.join(": "));
+            let conflict = e
+                .downcast_ref::<sluice_events::Error>()
+                .is_some_and(sluice_events::Error::is_conflict);
+            ExitCode::from(if conflict { EXIT_CONFLICT } else { 1 })
+        }
+    }
+}

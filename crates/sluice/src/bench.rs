@@ -1,0 +1,304 @@
+//! `sluice bench`: side-by-side figures against freshly started servers.
+//! Figures belong here, never in timed tests.
+
+use std::collections::HashMap;
+use std::time::{Duration, Instant};
+
+use anyhow::Context;
+use bytes::Bytes;
+use futures::StreamExt;
+use futures::stream::FuturesUnordered;
+use serde_json::json;
+use sluice_events::{
+    EmbeddedConfig, EmbeddedServer, EventStore, ExpectedVersion, NewEvent, StoreConfig, StreamId,
+    SyncInterval,
+};
+
+/// Benchmarks.
+#[derive(Debug, clap::Subcommand)]
+pub(crate) enum BenchCommand {
+    /// Append throughput: raw async-nats pipelined publish vs Sluice `append`.
+    Append(AppendArgs),
+}
+
+/// Options of `sluice bench append`.
+#[derive(Debug, clap::Args)]
+pub(crate) struct AppendArgs {
+    /// Events per measured phase.
+    #[arg(long, default_value_t = 20_000)]
+    events: usize,
+    /// Distinct aggregates the Sluice appends spread over.
+    #[arg(long, default_value_t = 10_000)]
+    aggregates: usize,
+    /// Concurrent Sluice appenders (default 256; 64 with --durable).
+    #[arg(long)]
+    concurrency: Option<usize>,
+    /// Only `sync_interval: always`: naive per-message publish vs Sluice with
+    /// 64 writers, with latency percentiles and idle latency.
+    #[arg(long)]
+    durable: bool,
+    /// Print one JSON summary object.
+    #[arg(long)]
+    json: bool,
+}
+
+const PAYLOAD: &[u8] =
+    br#"{"amount":1250,"reference":"bench-0000000000","note":"a payload of typical size"}"#;
+const EVENT_TYPE: &str = "bench.account.deposited.v1";
+
+struct Server {
+    server: EmbeddedServer,
+    _dir: tempfile_dir::TempDir,
+}
+
+mod tempfile_dir {
+    //! A directory removed on drop, without another dependency.
+    use std::path::{Path, PathBuf};
+
+    pub(crate) struct TempDir(PathBuf);
+
+    impl TempDir {
+        pub(crate) fn new(prefix: &str) -> std::io::Result<Self> {
+            let p = std::env::temp_dir().join(format!(
+                "{prefix}-{}-{}",
+                std::process::id(),
+                std::time::SystemTime::now()
+                    .duration_since(std::time::UNIX_EPOCH)
+                    .map(|d| d.as_nanos())
+                    .unwrap_or(0)
+            ));
+            std::fs::create_dir_all(&p)?;
+            Ok(Self(p))
+        }
+
+        pub(crate) fn path(&self) -> &Path {
+            &self.0
+        }
+    }
+
+    impl Drop for TempDir {
+        fn drop(&mut self) {
+            let _ = std::fs::remove_dir_all(&self.0);
+        }
+    }
+}
+
+fn start(sync: SyncInterval) -> anyhow::Result<Server> {
+    let dir = tempfile_dir::TempDir::new("sluice-bench")?;
+    let mut config = EmbeddedConfig::new(dir.path());
+    config.sync = sync;
+    let server = EmbeddedServer::start(config).context("starting nats-server for the bench")?;
+    Ok(Server { server, _dir: dir })
+}
+
+/// Raw async-nats: pipelined publishes with the same headers and payload.
+async fn raw_publish(url: &str, events: usize) -> anyhow::Result<f64> {
+    let client = async_nats::connect(url).await?;
+    let js = async_nats::jetstream::new(client);
+    let payload = Bytes::from_static(PAYLOAD);
+    let started = Instant::now();
+    let mut inflight = FuturesUnordered::new();
+    for i in 0..events {
+        let event = NewEvent::new(EVENT_TYPE, payload.clone());
+        let agg = format!("raw-{}", i % 10_000);
+        let headers = event.headers(&agg);
+        let ack = js
+            .publish_with_headers(format!("events.bench.{agg}"), headers, payload.clone())
+            .await?;
+        inflight.push(ack.into_future());
+        while inflight.len() >= 4096 {
+            if let Some(r) = inflight.next().await {
+                r?;
+            }
+        }
+    }
+    while let Some(r) = inflight.next().await {
+        r?;
+    }
+    Ok(events as f64 / started.elapsed().as_secs_f64())
+}
+
+struct SluiceRun {
+    eps: f64,
+    p50: Duration,
+    p99: Duration,
+}
+
+/// Sluice `append` of single events with exact expectations, `concurrency`
+/// writers each owning a share of the aggregates.
+async fn sluice_append(
+    store: &EventStore,
+    events: usize,
+    aggregates: usize,
+    concurrency: usize,
+) -> anyhow::Result<SluiceRun> {
+    let started = Instant::now();
+    let mut tasks = Vec::new();
+    for w in 0..concurrency {
+        let store = store.clone();
+        let per_writer = events / concurrency + usize::from(w < events % concurrency);
+        let owned: Vec<usize> = (0..aggregates).filter(|a| a % concurrency == w).collect();
+        tasks.push(tokio::spawn(async move {
+            let mut hist = hdrhistogram::Histogram::<u64>::new(3)?;
+            let mut versions: HashMap<usize, u64> = HashMap::new();
+            for i in 0..per_writer {
+                let agg = owned[i % owned.len().max(1)];
+                let id = StreamId::new("bench", format!("s-{agg}"))?;
+                let v = versions.get(&agg).copied().unwrap_or(0);
+                let t = Instant::now();
+                let r = store
+                    .append(
+                        &id,
+                        ExpectedVersion::from_version(v),
+                        vec![NewEvent::new(EVENT_TYPE, PAYLOAD)],
+                    )
+                    .await?;
+                hist.record(t.elapsed().as_micros() as u64)?;
+                versions.insert(agg, r.version);
+            }
+            anyhow::Ok(hist)
+        }));
+    }
+    let mut hist = hdrhistogram::Histogram::<u64>::new(3)?;
+    for t in tasks {
+        hist.add(t.await??)?;
+    }
+    Ok(SluiceRun {
+        eps: events as f64 / started.elapsed().as_secs_f64(),
+        p50: Duration::from_micros(hist.value_at_quantile(0.5)),
+        p99: Duration::from_micros(hist.value_at_quantile(0.99)),
+    })
+}
+
+/// p50 of single appends with nothing else going on.
+async fn idle_p50(store: &EventStore, n: usize) -> anyhow::Result<Duration> {
+    let mut hist = hdrhistogram::Histogram::<u64>::new(3)?;
+    let id = StreamId::new("bench", "idle")?;
+    let mut v = store.last_version(&id).await?;
+    for _ in 0..n {
+        let t = Instant::now();
+        v = store
+            .append(
+                &id,
+                ExpectedVersion::from_version(v),
+                vec![NewEvent::new(EVENT_TYPE, PAYLOAD)],
+            )
+            .await?
+            .version;
+        hist.record(t.elapsed().as_micros() as u64)?;
+        tokio::time::sleep(Duration::from_millis(2)).await;
+    }
+    Ok(Duration::from_micros(hist.value_at_quantile(0.5)))
+}
+
+fn ms(d: Duration) -> f64 {
+    d.as_secs_f64() * 1000.0
+}
+
+pub(crate) async fn run(cmd: BenchCommand) -> anyhow::Result<()> {
+    let BenchCommand::Append(args) = cmd;
+    if args.events == 0 || args.aggregates == 0 {
+        anyhow::bail!("--events and --aggregates must be at least 1");
+    }
+    if args.durable {
+        return durable(args).await;
+    }
+    let concurrency = args.concurrency.unwrap_or(256).max(1);
+    let mut runs = Vec::new();
+    for (name, sync) in [
+        ("default", SyncInterval::ServerDefault),
+        ("always", SyncInterval::Always),
+    ] {
+        let server = start(sync)?;
+        let url = server.server.url();
+        let store = EventStore::connect(&url, StoreConfig::default()).await?;
+        let raw = raw_publish(&url, args.events).await?;
+        let s = sluice_append(&store, args.events, args.aggregates, concurrency).await?;
+        runs.push(json!({
+            "sync_interval": name,
+            "raw_publish_per_s": raw.round() as u64,
+            "sluice_append_per_s": s.eps.round() as u64,
+            "ratio": (s.eps / raw * 100.0).round() / 100.0,
+            "append_p50_ms": ms(s.p50),
+            "append_p99_ms": ms(s.p99),
+        }));
+    }
+    let summary = json!({
+        "bench": "append",
+        "events": args.events,
+        "aggregates": args.aggregates,
+        "concurrency": concurrency,
+        "target_ratio": 0.9,
+        "runs": runs,
+    });
+    if args.json {
+        println!("{summary}");
+    } else {
+        println!(
+            "append: {} events per phase, {} aggregates, {} concurrent appenders, one fresh nats-server per row",
+            args.events, args.aggregates, concurrency
+        );
+        println!(
+            "{:<14} {:>16} {:>18} {:>7} {:>9} {:>9}",
+            "sync_interval", "raw publish/s", "sluice append/s", "ratio", "p50 ms", "p99 ms"
+        );
+        for r in &runs {
+            println!(
+                "{:<14} {:>16} {:>18} {:>7} {:>9.2} {:>9.2}",
+                r["sync_interval"].as_str().unwrap_or(""),
+                r["raw_publish_per_s"],
+                r["sluice_append_per_s"],
+                r["ratio"],
+                r["append_p50_ms"].as_f64().unwrap_or(0.0),
+                r["append_p99_ms"].as_f64().unwrap_or(0.0),
+            );
+        }
+        println!("target: sluice/raw >= 0.9");
+    }
+    Ok(())
+}
+
+async fn durable(args: AppendArgs) -> anyhow::Result<()> {
+    let writers = args.concurrency.unwrap_or(64).max(1);
+    let server = start(SyncInterval::Always)?;
+    let url = server.server.url();
+    let store = EventStore::connect(&url, StoreConfig::default()).await?;
+    let idle = idle_p50(&store, 200).await?;
+    let naive = raw_publish(&url, args.events).await?;
+    let s = sluice_append(&store, args.events, args.aggregates, writers).await?;
+    let summary = json!({
+        "bench": "append --durable",
+        "sync_interval": "always",
+        "events": args.events,
+        "aggregates": args.aggregates,
+        "writers": writers,
+        "naive_publish_per_s": naive.round() as u64,
+        "sluice_append_per_s": s.eps.round() as u64,
+        "ratio": (s.eps / naive * 100.0).round() / 100.0,
+        "append_p50_ms": ms(s.p50),
+        "append_p99_ms": ms(s.p99),
+        "idle_append_p50_ms": ms(idle),
+        "target_ratio": 10.0,
+    });
+    if args.json {
+        println!("{summary}");
+    } else {
+        println!(
+            "append --durable: sync_interval always, {} events, {} aggregates, {} writers",
+            args.events, args.aggregates, writers
+        );
+        println!("  naive pipelined publish:  {:>9.0} events/s", naive);
+        println!(
+            "  sluice append:            {:>9.0} events/s   p50 {:.2} ms   p99 {:.2} ms",
+            s.eps,
+            ms(s.p50),
+            ms(s.p99)
+        );
+        println!(
+            "  ratio:                    {:>9.2}x (target >= 10x)",
+            s.eps / naive
+        );
+        println!("  idle single append p50:   {:>9.2} ms", ms(idle));
+    }
+    Ok(())
+}

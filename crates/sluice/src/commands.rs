@@ -1,0 +1,378 @@
+//! `publish`, `read`, `tail` and `status`.
+
+use std::io::Read as _;
+use std::path::Path;
+
+use anyhow::Context;
+use futures::StreamExt;
+use serde_json::json;
+use sluice_events::{
+    EventId, EventStore, ExpectedVersion, NewEvent, RecordedEvent, StoreConfig, StreamId,
+    validate_token,
+};
+
+use crate::endpoint;
+
+/// Options of `sluice publish`.
+#[derive(Debug, clap::Args)]
+pub(crate) struct PublishArgs {
+    /// The aggregate, as `<category>/<id>` (e.g. `account/acc-42`).
+    stream: StreamId,
+    /// The event type (CloudEvents `type`), e.g. `ledger.account.opened.v1`.
+    #[arg(long = "type")]
+    event_type: String,
+    /// Event data: JSON text, `@file` to read a file, or `-` for stdin.
+    #[arg(long)]
+    data: String,
+    /// Expected version: a number, `none` (new aggregate) or `any`.
+    #[arg(long, default_value = "any", value_parser = parse_expected)]
+    expect: ExpectedVersion,
+    /// CloudEvents `source`.
+    #[arg(long, default_value = "urn:sluice:cli")]
+    source: String,
+    /// Event id, to make a retried publish idempotent (default: a new UUIDv7).
+    #[arg(long)]
+    id: Option<String>,
+    /// Print one JSON object instead of text.
+    #[arg(long)]
+    json: bool,
+}
+
+fn parse_expected(s: &str) -> Result<ExpectedVersion, String> {
+    match s {
+        "any" => Ok(ExpectedVersion::Any),
+        "none" => Ok(ExpectedVersion::NoStream),
+        n => n
+            .parse::<u64>()
+            .map(ExpectedVersion::from_version)
+            .map_err(|_| format!("{n:?} is not a version: use a number, `none` or `any`")),
+    }
+}
+
+async fn connect(nats_url: Option<String>, home: &Path) -> anyhow::Result<EventStore> {
+    let url = endpoint::resolve(nats_url, home)?;
+    Ok(EventStore::connect(&url, StoreConfig::default()).await?)
+}
+
+fn load_data(data: &str) -> anyhow::Result<Vec<u8>> {
+    if data == "-" {
+        let mut buf = Vec::new();
+        std::io::stdin().read_to_end(&mut buf)?;
+        Ok(buf)
+    } else if let Some(file) = data.strip_prefix('@') {
+        std::fs::read(file).with_context(|| format!("reading event data from {file}"))
+    } else {
+        Ok(data.as_bytes().to_vec())
+    }
+}
+
+pub(crate) async fn publish(
+    args: PublishArgs,
+    nats_url: Option<String>,
+    home: &Path,
+) -> anyhow::Result<()> {
+    let mut event = NewEvent::new(args.event_type, load_data(&args.data)?).with_source(args.source);
+    if let Some(id) = args.id {
+        event = event.with_id(EventId::parse(&id)?);
+    }
+    // Validate before connecting, so bad input fails fast and offline.
+    event.validate(StoreConfig::default().max_payload)?;
+    let store = connect(nats_url, home).await?;
+    let r = store.append(&args.stream, args.expect, vec![event]).await?;
+    if args.json {
+        println!(
+            "{}",
+            json!({
+                "stream": args.stream.to_string(),
+                "position": r.positions[0],
+                "version": r.version,
+                "deduplicated": r.deduplicated,
+            })
+        );
+    } else {
+        println!(
+            "appended to {}: position {}, version {}{}",
+            args.stream,
+            r.positions[0],
+            r.version,
+            if r.deduplicated {
+                " (already there: deduplicated)"
+            } else {
+                ""
+            }
+        );
+    }
+    Ok(())
+}
+
+/// Options of `sluice read`.
+#[derive(Debug, clap::Args)]
+pub(crate) struct ReadArgs {
+    /// The aggregate, as `<category>/<id>`.
+    stream: StreamId,
+    /// First position to print.
+    #[arg(long, default_value_t = 1)]
+    from: u64,
+    /// One JSON object per line instead of a table.
+    #[arg(long)]
+    json: bool,
+}
+
+fn event_json(e: &RecordedEvent) -> serde_json::Value {
+    let data: serde_json::Value = serde_json::from_slice(&e.envelope.data)
+        .unwrap_or_else(|_| json!(String::from_utf8_lossy(&e.envelope.data)));
+    json!({
+        "position": e.position,
+        "stream": e.stream_id.to_string(),
+        "id": e.envelope.id.to_string(),
+        "type": e.envelope.event_type,
+        "source": e.envelope.source,
+        "time": e.envelope.time_rfc3339(),
+        "correlationid": e.envelope.correlation_id,
+        "causationid": e.envelope.causation_id,
+        "data": data,
+    })
+}
+
+fn print_header() {
+    println!(
+        "{:>10}  {:<24}  {:<32}  {:<24}  DATA",
+        "POSITION", "STREAM", "TYPE", "TIME"
+    );
+}
+
+fn print_row(e: &RecordedEvent) {
+    let data = String::from_utf8_lossy(&e.envelope.data);
+    let data: String = data.chars().take(60).collect();
+    println!(
+        "{:>10}  {:<24}  {:<32}  {:<24}  {}",
+        e.position,
+        e.stream_id.to_string(),
+        e.envelope.event_type,
+        e.envelope.time_rfc3339().unwrap_or_default(),
+        data
+    );
+}
+
+pub(crate) async fn read(
+    args: ReadArgs,
+    nats_url: Option<String>,
+    home: &Path,
+) -> anyhow::Result<()> {
+    let store = connect(nats_url, home).await?;
+    let mut events = store.read(&args.stream, args.from).await?;
+    if !args.json {
+        print_header();
+    }
+    let mut n = 0;
+    while let Some(e) = events.next().await {
+        let e = e?;
+        n += 1;
+        if args.json {
+            println!("{}", event_json(&e));
+        } else {
+            print_row(&e);
+        }
+    }
+    if !args.json && n == 0 {
+        println!("(no events for {})", args.stream);
+    }
+    Ok(())
+}
+
+/// Options of `sluice tail`.
+#[derive(Debug, clap::Args)]
+pub(crate) struct TailArgs {
+    /// What to follow: `<category>`, `<category>/<id>` or a subject filter
+    /// such as `events.account.>` (default: everything).
+    #[arg(long)]
+    filter: Option<String>,
+    /// Start at this position instead of only new events.
+    #[arg(long)]
+    from: Option<u64>,
+    /// Stop after this many events.
+    #[arg(long)]
+    limit: Option<u64>,
+    /// One JSON object per line instead of a table.
+    #[arg(long)]
+    json: bool,
+}
+
+fn filter_subject(filter: Option<&str>) -> anyhow::Result<String> {
+    let Some(f) = filter else {
+        return Ok("events.>".to_owned());
+    };
+    if let Some(rest) = f.strip_prefix("events.") {
+        for token in rest.split('.') {
+            if token != "*" && token != ">" {
+                validate_token("subject token", token)?;
+            }
+        }
+        return Ok(f.to_owned());
+    }
+    if f.contains('/') {
+        let id: StreamId = f.parse()?;
+        return Ok(id.subject("events"));
+    }
+    validate_token("category", f)?;
+    Ok(format!("events.{f}.>"))
+}
+
+pub(crate) async fn tail(
+    args: TailArgs,
+    nats_url: Option<String>,
+    home: &Path,
+) -> anyhow::Result<()> {
+    let filter = filter_subject(args.filter.as_deref())?;
+    let store = connect(nats_url, home).await?;
+    let mut events = store.subscribe(&filter, args.from).await?;
+    if !args.json {
+        print_header();
+    }
+    let mut n = 0;
+    loop {
+        if args.limit.is_some_and(|l| n >= l) {
+            return Ok(());
+        }
+        let next = tokio::select! {
+            e = events.next() => e,
+            _ = tokio::signal::ctrl_c() => return Ok(()),
+        };
+        match next {
+            None => return Ok(()),
+            Some(Ok(e)) => {
+                n += 1;
+                if args.json {
+                    println!("{}", event_json(&e));
+                } else {
+                    print_row(&e);
+                }
+            }
+            // A message that breaks the contract is shown, not hidden.
+            Some(Err(e)) => {
+                n += 1;
+                eprintln!("warning: undecodable message: {e}");
+            }
+        }
+    }
+}
+
+/// Options of `sluice status`.
+#[derive(Debug, clap::Args)]
+pub(crate) struct StatusArgs {
+    /// Check durability as for production: warn on replicas < 3.
+    #[arg(long, env = "SLUICE_PRODUCTION")]
+    production: bool,
+    /// Print one JSON object instead of text.
+    #[arg(long)]
+    json: bool,
+}
+
+pub(crate) async fn status(
+    args: StatusArgs,
+    nats_url: Option<String>,
+    home: &Path,
+) -> anyhow::Result<()> {
+    let embedded = if nats_url.is_none() {
+        endpoint::read(home)
+    } else {
+        None
+    };
+    let store = connect(nats_url, home).await?;
+    let state = store.stream_state().await?;
+    let info = store.client().server_info();
+    let mut warnings = Vec::new();
+    let sync_always = embedded.as_ref().map(|e| e.sync_always);
+    match sync_always {
+        Some(true) => {}
+        Some(false) => warnings.push(
+            "sync_interval is not `always`: acknowledged events can be lost if the machine crashes".to_owned(),
+        ),
+        None => warnings.push(
+            "cannot see the server's sync_interval from a client: make sure it is `always` (or replicas >= 3 across failure domains)".to_owned(),
+        ),
+    }
+    if args.production && state.replicas < 3 {
+        warnings.push(format!(
+            "stream {} has {} replica(s): production needs 3 to survive a node loss",
+            store.config().stream,
+            state.replicas
+        ));
+    }
+    if args.json {
+        println!(
+            "{}",
+            json!({
+                "server": {"version": info.version, "name": info.server_name, "max_payload": info.max_payload},
+                "stream": {
+                    "name": store.config().stream,
+                    "events": state.messages,
+                    "bytes": state.bytes,
+                    "first_position": state.first_position,
+                    "last_position": state.last_position,
+                    "aggregates": state.aggregates,
+                    "replicas": state.replicas,
+                },
+                "sync_always": sync_always,
+                "warnings": warnings,
+            })
+        );
+    } else {
+        println!(
+            "server:      nats-server {} ({})",
+            info.version, info.server_name
+        );
+        println!(
+            "stream:      {}  events={} aggregates={} bytes={} positions={}..{} replicas={}",
+            store.config().stream,
+            state.messages,
+            state.aggregates,
+            state.bytes,
+            state.first_position,
+            state.last_position,
+            state.replicas
+        );
+        println!(
+            "durability:  sync_interval={}",
+            match sync_always {
+                Some(true) => "always",
+                Some(false) => "default (2m)",
+                None => "unknown",
+            }
+        );
+        for w in &warnings {
+            println!("warning:     {w}");
+        }
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn tail_filters_are_safe_subjects() {
+        assert_eq!(filter_subject(None).unwrap(), "events.>");
+        assert_eq!(filter_subject(Some("account")).unwrap(), "events.account.>");
+        assert_eq!(
+            filter_subject(Some("account/a-1")).unwrap(),
+            "events.account.a-1"
+        );
+        assert_eq!(
+            filter_subject(Some("events.account.*")).unwrap(),
+            "events.account.*"
+        );
+        assert!(filter_subject(Some("acc ount")).is_err());
+        assert!(filter_subject(Some("events.a b.>")).is_err());
+    }
+
+    #[test]
+    fn expected_versions_parse() {
+        assert_eq!(parse_expected("any").unwrap(), ExpectedVersion::Any);
+        assert_eq!(parse_expected("none").unwrap(), ExpectedVersion::NoStream);
+        assert_eq!(parse_expected("0").unwrap(), ExpectedVersion::NoStream);
+        assert_eq!(parse_expected("7").unwrap(), ExpectedVersion::Exact(7));
+        assert!(parse_expected("seven").is_err());
+    }
+}

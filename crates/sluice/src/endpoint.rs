@@ -1,0 +1,52 @@
+//! The endpoint file `sluice up` writes, so other commands run in the same
+//! directory find the embedded server without configuration.
+
+use std::path::{Path, PathBuf};
+
+use anyhow::Context;
+use serde::{Deserialize, Serialize};
+
+/// What a running `sluice up` tells other commands.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub(crate) struct Endpoint {
+    /// NATS URL of the embedded server.
+    pub(crate) nats_url: String,
+    /// Process id of `sluice up`.
+    pub(crate) pid: u32,
+    /// Whether the embedded server fsyncs every write.
+    pub(crate) sync_always: bool,
+}
+
+pub(crate) fn path(home: &Path) -> PathBuf {
+    home.join("endpoint.json")
+}
+
+pub(crate) fn write(home: &Path, endpoint: &Endpoint) -> anyhow::Result<()> {
+    std::fs::create_dir_all(home).with_context(|| format!("creating {}", home.display()))?;
+    let tmp = home.join("endpoint.json.tmp");
+    std::fs::write(&tmp, serde_json::to_vec_pretty(endpoint)?)?;
+    std::fs::rename(&tmp, path(home))?;
+    Ok(())
+}
+
+pub(crate) fn read(home: &Path) -> Option<Endpoint> {
+    let text = std::fs::read(path(home)).ok()?;
+    serde_json::from_slice(&text).ok()
+}
+
+pub(crate) fn remove(home: &Path) {
+    let _ = std::fs::remove_file(path(home));
+}
+
+/// The NATS URL to use: the flag or `SLUICE_NATS_URL`, else the endpoint file.
+pub(crate) fn resolve(nats_url: Option<String>, home: &Path) -> anyhow::Result<String> {
+    if let Some(url) = nats_url {
+        return Ok(url);
+    }
+    read(home).map(|e| e.nats_url).with_context(|| {
+        format!(
+            "no NATS server: start one with `sluice up` in this directory (no {} found) or set SLUICE_NATS_URL / --nats-url",
+            path(home).display()
+        )
+    })
+}

@@ -1,0 +1,229 @@
+//! The `sluice` binary end to end: `up` on the embedded default, then the
+//! other commands finding it through the endpoint file.
+
+use std::path::Path;
+use std::process::{Child, Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+const BIN: &str = env!("CARGO_BIN_EXE_sluice");
+
+fn sluice(home: &Path, args: &[&str]) -> Output {
+    Command::new(BIN)
+        .args(args)
+        .env("SLUICE_HOME", home)
+        .env_remove("SLUICE_NATS_URL")
+        .output()
+        .expect("run sluice")
+}
+
+fn text(o: &Output) -> (String, String) {
+    (
+        String::from_utf8_lossy(&o.stdout).into_owned(),
+        String::from_utf8_lossy(&o.stderr).into_owned(),
+    )
+}
+
+struct Up(Child);
+
+impl Drop for Up {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+fn start_up(home: &Path) -> Up {
+    let child = Command::new(BIN)
+        .arg("up")
+        .env("SLUICE_HOME", home)
+        .env_remove("SLUICE_NATS_URL")
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("spawn sluice up");
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while !home.join("endpoint.json").exists() {
+        assert!(Instant::now() < deadline, "sluice up did not come up");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    Up(child)
+}
+
+#[test]
+fn up_publish_read_tail_status_and_clean_shutdown() {
+    let home = tempfile::tempdir().unwrap();
+    let mut up = start_up(home.path());
+    let endpoint: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(home.path().join("endpoint.json")).unwrap()).unwrap();
+    let url = endpoint["nats_url"].as_str().unwrap().to_owned();
+    assert!(
+        url.starts_with("nats://127.0.0.1:") && !url.ends_with(":4222"),
+        "{url}"
+    );
+    assert_eq!(endpoint["sync_always"], true);
+
+    let data = r#"{"owner":"ann","currency":"EUR"}"#;
+    let o = sluice(
+        home.path(),
+        &[
+            "publish",
+            "account/acc-1",
+            "--type",
+            "ledger.account.opened.v1",
+            "--data",
+            data,
+            "--expect",
+            "none",
+        ],
+    );
+    let (out, err) = text(&o);
+    assert!(o.status.success(), "{out}{err}");
+    assert!(out.contains("position 1, version 1"), "{out}");
+
+    // Same expectation again: a conflict, exit code 3, nothing written.
+    let o = sluice(
+        home.path(),
+        &[
+            "publish",
+            "account/acc-1",
+            "--type",
+            "ledger.account.opened.v1",
+            "--data",
+            data,
+            "--expect",
+            "none",
+        ],
+    );
+    let (_, err) = text(&o);
+    assert_eq!(o.status.code(), Some(3), "{err}");
+    assert!(
+        err.contains("conflict") && err.contains("expected version 0, actual 1"),
+        "{err}"
+    );
+
+    // Retrying with the same id is idempotent.
+    for _ in 0..2 {
+        let o = sluice(
+            home.path(),
+            &[
+                "publish",
+                "account/acc-1",
+                "--type",
+                "ledger.account.deposited.v1",
+                "--data",
+                r#"{"amount":5}"#,
+                "--id",
+                "dep-1",
+                "--json",
+            ],
+        );
+        let (out, err) = text(&o);
+        assert!(o.status.success(), "{err}");
+        let v: serde_json::Value = serde_json::from_str(out.trim()).unwrap();
+        assert_eq!(v["position"], 2);
+    }
+
+    // Bad input: usage errors exit 2, invalid data exits 1, nothing written.
+    for bad in ["acc.1", "acc*", "account/a b", "account/", "account"] {
+        let o = sluice(
+            home.path(),
+            &["publish", bad, "--type", "t.v1", "--data", "{}"],
+        );
+        assert_eq!(o.status.code(), Some(2), "{bad}: {:?}", text(&o));
+    }
+    let o = sluice(
+        home.path(),
+        &[
+            "publish",
+            "account/acc-2",
+            "--type",
+            "t.v1",
+            "--data",
+            "{nope",
+        ],
+    );
+    let (_, err) = text(&o);
+    assert_eq!(o.status.code(), Some(1));
+    assert!(err.contains("not valid JSON"), "{err}");
+
+    let o = sluice(home.path(), &["read", "account/acc-1", "--json"]);
+    let (out, err) = text(&o);
+    assert!(o.status.success(), "{err}");
+    let lines: Vec<serde_json::Value> = out
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert_eq!(lines.len(), 2);
+    assert_eq!(lines[0]["type"], "ledger.account.opened.v1");
+    assert_eq!(lines[0]["data"]["owner"], "ann");
+    assert_eq!(lines[1]["id"], "dep-1");
+
+    let o = sluice(home.path(), &["read", "account/acc-1"]);
+    let (out, _) = text(&o);
+    assert!(
+        out.contains("POSITION") && out.contains("ledger.account.deposited.v1"),
+        "{out}"
+    );
+
+    let o = sluice(
+        home.path(),
+        &[
+            "tail", "--from", "1", "--limit", "2", "--json", "--filter", "account",
+        ],
+    );
+    let (out, err) = text(&o);
+    assert!(o.status.success(), "{err}");
+    assert_eq!(out.lines().count(), 2, "{out}");
+
+    let o = sluice(home.path(), &["status", "--json"]);
+    let (out, err) = text(&o);
+    assert!(o.status.success(), "{err}");
+    let s: serde_json::Value = serde_json::from_str(out.trim()).unwrap();
+    assert_eq!(s["server"]["version"], "2.15.1");
+    assert_eq!(s["stream"]["events"], 2);
+    assert_eq!(s["sync_always"], true);
+    let o = sluice(home.path(), &["status", "--production"]);
+    let (out, _) = text(&o);
+    assert!(out.contains("production needs 3"), "{out}");
+
+    // SIGTERM: clean exit, endpoint removed, the nats-server child gone.
+    let pid = up.0.id();
+    Command::new("kill")
+        .arg("-TERM")
+        .arg(pid.to_string())
+        .status()
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(15);
+    let status = loop {
+        if let Some(s) = up.0.try_wait().unwrap() {
+            break s;
+        }
+        assert!(Instant::now() < deadline, "sluice up did not stop");
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    assert!(status.success());
+    assert!(!home.path().join("endpoint.json").exists());
+    let port = url.rsplit(':').next().unwrap();
+    assert!(
+        std::net::TcpStream::connect(format!("127.0.0.1:{port}")).is_err(),
+        "nats-server still listening"
+    );
+
+    // Data survives: a new `up` on the same home sees the events.
+    let _up = start_up(home.path());
+    let o = sluice(home.path(), &["read", "account/acc-1", "--json"]);
+    assert_eq!(text(&o).0.lines().count(), 2);
+}
+
+#[test]
+fn commands_without_a_server_say_how_to_get_one() {
+    let home = tempfile::tempdir().unwrap();
+    let o = sluice(home.path(), &["read", "account/acc-1"]);
+    let (_, err) = text(&o);
+    assert_eq!(o.status.code(), Some(1));
+    assert!(
+        err.contains("sluice up") && err.contains("SLUICE_NATS_URL"),
+        "{err}"
+    );
+    assert_eq!(err.lines().count(), 1, "one-line error: {err}");
+}
