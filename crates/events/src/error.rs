@@ -122,6 +122,20 @@ pub enum Error {
         /// The server's description.
         description: String,
     },
+    /// Appends arrive faster than the server takes them: the append queue
+    /// stayed full for the whole wait. Nothing was written; retry later.
+    #[error(
+        "append queue full for {waited:?} ({capacity} appends waiting): the server is slower than the offered load; retry later"
+    )]
+    Overloaded {
+        /// How long the caller waited for room.
+        waited: Duration,
+        /// The queue's capacity.
+        capacity: usize,
+    },
+    /// A setting is out of its allowed range.
+    #[error("invalid configuration: {0}")]
+    InvalidConfig(String),
     /// Any other JetStream or NATS failure.
     #[error("NATS request failed: {0}")]
     Nats(String),
@@ -155,7 +169,7 @@ impl Error {
     pub fn is_transient(&self) -> bool {
         matches!(
             self,
-            Error::Timeout(_) | Error::Nats(_) | Error::Connect { .. }
+            Error::Timeout(_) | Error::Nats(_) | Error::Connect { .. } | Error::Overloaded { .. }
         )
     }
 

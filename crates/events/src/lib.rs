@@ -10,6 +10,9 @@
 //! - A retried append (same event ids) never lands twice: the server dedups by
 //!   `Nats-Msg-Id`, and when it answers a retry with "wrong last sequence" the
 //!   store checks whether the events after the expected version are its own.
+//! - Concurrent appends to different aggregates are group-committed: written
+//!   as one atomic batch (one fsync), each with its own expectation, and each
+//!   caller still gets its own exact outcome (see `docs/group-commit.md`).
 //! - Conflicts surface as [`Error::Conflict`] with the expected and actual
 //!   versions, decided from the server's error code, never from error text.
 #![warn(clippy::unwrap_used)]
@@ -18,6 +21,7 @@ mod aggregate;
 mod embedded;
 mod envelope;
 mod error;
+mod group_commit;
 mod ids;
 mod server;
 mod store;
@@ -32,6 +36,7 @@ pub use envelope::{
     SPEC_VERSION,
 };
 pub use error::Error;
+pub use group_commit::{BATCH_SIZE_BUCKETS, BatchSizeBucket, GroupCommitConfig, GroupCommitStats};
 pub use ids::{EventId, StreamId, validate_token};
 pub use server::{MIN_SERVER_VERSION, ServerVersion, check_server_version};
 pub use store::{

@@ -2,6 +2,7 @@
 //! aggregate, optimistic concurrency on the per-subject last sequence.
 
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use async_nats::HeaderMap;
@@ -15,6 +16,9 @@ use serde::Deserialize;
 use crate::DEFAULT_MAX_PAYLOAD;
 use crate::envelope::{Envelope, H_MSG_ID, NewEvent};
 use crate::error::Error;
+use crate::group_commit::{
+    Append, Appender, Counters, GroupCommitConfig, GroupCommitStats, Pending,
+};
 use crate::ids::{EventId, StreamId};
 use crate::server::{ServerVersion, check_server_version};
 
@@ -26,6 +30,11 @@ pub(crate) const MAX_BATCH: usize = 1000;
 const ERR_WRONG_LAST_SEQUENCE: u64 = 10071;
 /// JetStream API error code for "atomic publish batch contains duplicate message id".
 const ERR_BATCH_DUPLICATE_MSG_ID: u64 = 10201;
+/// JetStream API error code for "atomic publish is disabled" (on the stream).
+const ERR_ATOMIC_PUBLISH_DISABLED: u64 = 10174;
+/// Estimated bytes a message adds to a batch beyond data and envelope
+/// headers: subject, batch headers, expectation, protocol framing.
+const BATCH_MESSAGE_OVERHEAD: usize = 192;
 
 const H_EXPECTED_LAST_SUBJECT_SEQ: &str = "Nats-Expected-Last-Subject-Sequence";
 const H_BATCH_ID: &str = "Nats-Batch-Id";
@@ -45,7 +54,7 @@ pub enum ExpectedVersion {
 
 impl ExpectedVersion {
     /// The version as the server checks it (0 = no stream), if any check.
-    fn as_sequence(self) -> Option<u64> {
+    pub(crate) fn as_sequence(self) -> Option<u64> {
         match self {
             ExpectedVersion::Any => None,
             ExpectedVersion::NoStream => Some(0),
@@ -103,6 +112,8 @@ pub struct StoreConfig {
     pub request_timeout: Duration,
     /// Tries per append on timeouts and broken connections.
     pub max_attempts: usize,
+    /// Group commit: concurrent appends share one atomic batch (one fsync).
+    pub group_commit: GroupCommitConfig,
 }
 
 impl Default for StoreConfig {
@@ -115,7 +126,18 @@ impl Default for StoreConfig {
             max_payload: DEFAULT_MAX_PAYLOAD,
             request_timeout: Duration::from_secs(5),
             max_attempts: 5,
+            group_commit: GroupCommitConfig::default(),
         }
+    }
+}
+
+impl StoreConfig {
+    /// Checks the settings that have limits.
+    pub fn validate(&self) -> Result<(), Error> {
+        if self.max_attempts == 0 {
+            return Err(Error::InvalidConfig("max_attempts must be > 0".to_owned()));
+        }
+        self.group_commit.validate()
     }
 }
 
@@ -136,18 +158,25 @@ pub struct StreamState {
     pub aggregates: u64,
 }
 
-struct Inner {
+/// What the store and its group-commit dispatcher share.
+pub(crate) struct Inner {
     client: async_nats::Client,
     js: jetstream::Context,
     stream: stream::Stream,
-    config: StoreConfig,
+    pub(crate) config: StoreConfig,
     server_version: ServerVersion,
+    /// Set when the stream refuses atomic batches: appends then go one by one.
+    atomic_disabled: AtomicBool,
+    pub(crate) counters: Counters,
 }
 
 /// The JetStream-backed event store. Cheap to clone.
 #[derive(Clone)]
 pub struct EventStore {
     inner: Arc<Inner>,
+    /// The group-commit queue; `None` when group commit is off. Held only by
+    /// the store's clones, so the dispatcher stops once they are all gone.
+    appender: Option<Arc<Appender>>,
 }
 
 impl std::fmt::Debug for EventStore {
@@ -161,10 +190,12 @@ impl std::fmt::Debug for EventStore {
 
 /// Why one publish attempt failed.
 #[derive(Debug)]
-enum Attempt {
+pub(crate) enum Attempt {
     WrongLast,
     /// The server already holds one of the batch's event ids.
     Duplicate,
+    /// The stream does not allow atomic batches.
+    AtomicDisabled,
     Transient(String),
     Fatal(Error),
 }
@@ -221,20 +252,42 @@ impl EventStore {
     }
 
     /// Uses an existing connection: checks the server version and ensures the stream.
+    ///
+    /// With group commit on (the default) this starts the dispatcher task on
+    /// the current tokio runtime.
     pub async fn new(client: async_nats::Client, config: StoreConfig) -> Result<Self, Error> {
+        config.validate()?;
         let server_version = check_server_version(&client)?;
         let mut js = jetstream::new(client.clone());
         js.set_timeout(config.request_timeout);
         let stream = ensure_stream(&js, &config).await?;
-        Ok(Self {
-            inner: Arc::new(Inner {
-                client,
-                js,
-                stream,
-                config,
-                server_version,
-            }),
-        })
+        let max_payload = client.server_info().max_payload;
+        let inner = Arc::new(Inner {
+            client,
+            js,
+            stream,
+            config,
+            server_version,
+            atomic_disabled: AtomicBool::new(false),
+            counters: Counters::default(),
+        });
+        let appender = inner.config.group_commit.enabled.then(|| {
+            Arc::new(Appender::start(
+                inner.clone(),
+                &inner.config.group_commit,
+                max_payload,
+            ))
+        });
+        Ok(Self { inner, appender })
+    }
+
+    /// What group commit has done so far: batches, events, batch-size
+    /// distribution, conflicts resolved, fsyncs saved.
+    pub fn group_commit_stats(&self) -> GroupCommitStats {
+        self.inner.counters.snapshot(
+            &self.inner.config.group_commit,
+            self.inner.atomic_disabled(),
+        )
     }
 
     /// The NATS connection (for consumers built on top of the store).
@@ -259,15 +312,38 @@ impl EventStore {
 
     /// Appends events to one aggregate, atomically, with an optimistic check.
     ///
+    /// With group commit on, concurrent appends to different aggregates
+    /// share one atomic batch (one fsync); the outcome reported here is still
+    /// this append's own: `Ok` only when its events are stored, `Conflict`
+    /// only when its own expectation was stale.
+    ///
     /// Retries on timeouts and broken connections with the same event ids, so
     /// an append that landed but whose ack was lost is reported once, never
-    /// written twice.
+    /// written twice. Fails with [`Error::Overloaded`] when the append queue
+    /// stays full for `group_commit.queue_timeout`.
     pub async fn append(
         &self,
         stream_id: &StreamId,
         expected: ExpectedVersion,
         events: Vec<NewEvent>,
     ) -> Result<AppendResult, Error> {
+        let append = self.encode(stream_id, expected, events)?;
+        match &self.appender {
+            Some(appender) if !self.inner.atomic_disabled() => {
+                appender.submit(&self.inner, append).await
+            }
+            _ => self.inner.append_direct(&append).await,
+        }
+    }
+
+    /// Validates the events and turns them into messages, before anything
+    /// reaches NATS.
+    fn encode(
+        &self,
+        stream_id: &StreamId,
+        expected: ExpectedVersion,
+        events: Vec<NewEvent>,
+    ) -> Result<Append, Error> {
         let cfg = &self.inner.config;
         if events.is_empty() {
             return Err(Error::EmptyAppend);
@@ -284,248 +360,33 @@ impl EventStore {
         let subject = stream_id.subject(&cfg.subject_prefix);
         let ids: Vec<EventId> = events.iter().map(|e| e.id.clone()).collect();
         let messages: Vec<(HeaderMap, Bytes)> = events
-            .iter()
-            .map(|e| (e.headers(stream_id.id()), e.data.clone()))
+            .into_iter()
+            .map(|e| (e.headers(stream_id.id()), e.data))
             .collect();
-
-        // A batch is retried as a whole; with `Any` the server cannot tell a
-        // retried batch from a new one, so pin the expectation to what we read
-        // and let the wrong-last-sequence path recognise our own earlier write.
-        let mut expected = expected;
-        let any_batch = expected == ExpectedVersion::Any && messages.len() > 1;
-        let mut any_rounds = 0;
-        loop {
-            if any_batch {
-                expected = ExpectedVersion::from_version(self.last_version_of(&subject).await?);
-            }
-            let exp = expected.as_sequence();
-            let attempt = || async {
-                if messages.len() == 1 {
-                    self.publish_one(&subject, exp, &messages[0]).await
-                } else {
-                    self.publish_batch(&subject, exp, &messages).await
-                }
-            };
-            let result = attempt
-                .retry(
-                    ExponentialBuilder::default()
-                        .with_min_delay(Duration::from_millis(50))
-                        .with_max_delay(Duration::from_secs(2))
-                        .with_max_times(cfg.max_attempts.saturating_sub(1))
-                        .with_jitter(),
-                )
-                .when(|e| matches!(e, Attempt::Transient(_)))
-                .notify(|e, dur| {
-                    tracing::warn!(subject = %subject, error = ?e, retry_in = ?dur, "append attempt failed; retrying with the same event ids");
-                })
-                .await;
-            return match result {
-                Ok(r) => Ok(r),
-                Err(Attempt::WrongLast) => {
-                    let exp = exp.unwrap_or(0);
-                    match self
-                        .resolve_wrong_last(stream_id, &subject, exp, &ids)
-                        .await?
-                    {
-                        Ok(r) => Ok(r),
-                        Err(_) if any_batch && any_rounds < 10 => {
-                            any_rounds += 1;
-                            continue;
-                        }
-                        Err(conflict) => Err(conflict),
-                    }
-                }
-                Err(Attempt::Duplicate) => match self.find_landed(&subject, &ids).await? {
-                    Some(r) => Ok(r),
-                    None => Err(Error::Rejected {
-                        code: ERR_BATCH_DUPLICATE_MSG_ID,
-                        description: format!(
-                            "some event ids of this append were already stored on another aggregate or in another append within the last {:?}; use fresh ids",
-                            cfg.duplicate_window
-                        ),
-                    }),
-                },
-                Err(Attempt::Transient(msg)) => {
-                    tracing::error!(subject = %subject, error = %msg, "append gave up after retries");
-                    Err(Error::Timeout(cfg.request_timeout))
-                }
-                Err(Attempt::Fatal(e)) => Err(e),
-            };
-        }
-    }
-
-    async fn publish_one(
-        &self,
-        subject: &str,
-        expected: Option<u64>,
-        (headers, payload): &(HeaderMap, Bytes),
-    ) -> Result<AppendResult, Attempt> {
-        let mut headers = headers.clone();
-        if let Some(v) = expected {
-            headers.insert(H_EXPECTED_LAST_SUBJECT_SEQ, v.to_string().as_str());
-        }
-        let ack = self
-            .inner
-            .js
-            .publish_with_headers(subject.to_owned(), headers, payload.clone())
-            .await
-            .map_err(classify_publish)?
-            .await
-            .map_err(classify_publish)?;
-        Ok(AppendResult {
-            version: ack.sequence,
-            positions: vec![ack.sequence],
-            deduplicated: ack.duplicate,
-        })
-    }
-
-    async fn publish_batch(
-        &self,
-        subject: &str,
-        expected: Option<u64>,
-        messages: &[(HeaderMap, Bytes)],
-    ) -> Result<AppendResult, Attempt> {
-        let batch_id = uuid::Uuid::now_v7().simple().to_string();
-        let client = &self.inner.client;
-        let last = messages.len();
-        for (i, (headers, payload)) in messages.iter().enumerate() {
-            let mut h = headers.clone();
-            h.insert(H_BATCH_ID, batch_id.as_str());
-            h.insert(H_BATCH_SEQ, (i + 1).to_string().as_str());
-            if i == 0
-                && let Some(v) = expected
-            {
-                h.insert(H_EXPECTED_LAST_SUBJECT_SEQ, v.to_string().as_str());
-            }
-            if i + 1 < last {
-                client
-                    .publish_with_headers(subject.to_owned(), h, payload.clone())
-                    .await
-                    .map_err(|e| Attempt::Transient(e.to_string()))?;
-            } else {
-                h.insert(H_BATCH_COMMIT, "1");
-                let request = async_nats::Request::new()
-                    .headers(h)
-                    .payload(payload.clone())
-                    .timeout(Some(self.inner.config.request_timeout));
-                let reply = client
-                    .send_request(subject.to_owned(), request)
-                    .await
-                    .map_err(|e| Attempt::Transient(e.to_string()))?;
-                let ack: BatchAck = serde_json::from_slice(&reply.payload)
-                    .map_err(|e| Attempt::Transient(format!("unreadable batch ack: {e}")))?;
-                if let Some(err) = ack.error {
-                    return Err(if err.err_code == ERR_WRONG_LAST_SEQUENCE {
-                        Attempt::WrongLast
-                    } else if err.err_code == ERR_BATCH_DUPLICATE_MSG_ID {
-                        Attempt::Duplicate
-                    } else {
-                        Attempt::Fatal(Error::Rejected {
-                            code: err.err_code,
-                            description: err.description,
-                        })
-                    });
-                }
-                let first = ack.seq + 1 - ack.count.max(1);
-                return Ok(AppendResult {
-                    version: ack.seq,
-                    positions: (first..=ack.seq).collect(),
-                    deduplicated: false,
-                });
-            }
-        }
-        Err(Attempt::Fatal(Error::EmptyAppend))
-    }
-
-    /// After "wrong last sequence": either a previous try of this very append
-    /// landed (the events after `expected` carry our ids) or it is a conflict.
-    async fn resolve_wrong_last(
-        &self,
-        stream_id: &StreamId,
-        subject: &str,
-        expected: u64,
-        ids: &[EventId],
-    ) -> Result<Result<AppendResult, Error>, Error> {
-        let mut positions = Vec::with_capacity(ids.len());
-        let mut from = expected + 1;
-        for id in ids {
-            match self
-                .inner
-                .stream
-                .direct_get_next_for_subject(subject, Some(from))
-                .await
-            {
-                Ok(msg) if msg_id(&msg.headers) == Some(id.as_str()) => {
-                    positions.push(msg.sequence);
-                    from = msg.sequence + 1;
-                }
-                Ok(_) => break,
-                Err(e) if matches!(e.kind(), stream::DirectGetErrorKind::NotFound) => break,
-                Err(e) => return Err(Error::Nats(e.to_string())),
-            }
-        }
-        if positions.len() == ids.len() {
-            tracing::debug!(subject, "append was a retry of one that had landed");
-            return Ok(Ok(AppendResult {
-                version: *positions.last().unwrap_or(&expected),
-                positions,
-                deduplicated: true,
-            }));
-        }
-        let actual = self.last_version_of(subject).await?;
-        Ok(Err(Error::Conflict {
-            stream: stream_id.to_string(),
+        let bytes = messages
+            .iter()
+            .map(|(h, data)| {
+                let headers: usize = h
+                    .iter()
+                    .map(|(name, values)| {
+                        let name: &str = name.as_ref();
+                        values
+                            .iter()
+                            .map(|v| name.len() + v.as_str().len() + 4)
+                            .sum::<usize>()
+                    })
+                    .sum();
+                data.len() + headers + subject.len() + BATCH_MESSAGE_OVERHEAD
+            })
+            .sum();
+        Ok(Append {
+            stream_id: stream_id.clone(),
+            subject,
             expected,
-            actual,
-        }))
-    }
-
-    /// Finds where an earlier try of this append landed, scanning the
-    /// aggregate's events within the dedup window (the server only rejects ids
-    /// it remembers, so they are in there).
-    async fn find_landed(
-        &self,
-        subject: &str,
-        ids: &[EventId],
-    ) -> Result<Option<AppendResult>, Error> {
-        let last = self.last_version_of(subject).await?;
-        if last == 0 {
-            return Ok(None);
-        }
-        let since = time::OffsetDateTime::now_utc()
-            - self.inner.config.duplicate_window
-            - Duration::from_secs(10);
-        let mut messages = self
-            .ordered(
-                subject.to_owned(),
-                consumer::DeliverPolicy::ByStartTime { start_time: since },
-            )
-            .await?;
-        let mut positions = Vec::with_capacity(ids.len());
-        while let Some(m) = messages.next().await {
-            let m = m.map_err(|e| Error::Nats(e.to_string()))?;
-            let seq = m
-                .info()
-                .map_err(|e| Error::Nats(e.to_string()))?
-                .stream_sequence;
-            let id = m.headers.as_ref().and_then(msg_id);
-            if id == Some(ids[positions.len()].as_str()) {
-                positions.push(seq);
-                if positions.len() == ids.len() {
-                    return Ok(Some(AppendResult {
-                        version: seq,
-                        positions,
-                        deduplicated: true,
-                    }));
-                }
-            } else {
-                positions.clear();
-            }
-            if seq >= last {
-                break;
-            }
-        }
-        Ok(None)
+            ids,
+            messages,
+            bytes,
+        })
     }
 
     /// The aggregate's current version (0 when it has no events).
@@ -535,11 +396,7 @@ impl EventStore {
     }
 
     async fn last_version_of(&self, subject: &str) -> Result<u64, Error> {
-        match self.inner.stream.direct_get_last_for_subject(subject).await {
-            Ok(msg) => Ok(msg.sequence),
-            Err(e) if matches!(e.kind(), stream::DirectGetErrorKind::NotFound) => Ok(0),
-            Err(e) => Err(Error::Nats(e.to_string())),
-        }
+        self.inner.last_version_of(subject).await
     }
 
     /// The aggregate's events from `from_position` (inclusive; 0 or 1 = all),
@@ -589,20 +446,7 @@ impl EventStore {
         filter: String,
         deliver_policy: consumer::DeliverPolicy,
     ) -> Result<consumer::pull::Ordered, Error> {
-        let consumer = self
-            .inner
-            .stream
-            .create_consumer(consumer::pull::OrderedConfig {
-                filter_subject: filter,
-                deliver_policy,
-                ..Default::default()
-            })
-            .await
-            .map_err(|e| Error::Nats(e.to_string()))?;
-        consumer
-            .messages()
-            .await
-            .map_err(|e| Error::Nats(e.to_string()))
+        self.inner.ordered(filter, deliver_policy).await
     }
 
     async fn read_range(
@@ -673,6 +517,377 @@ impl EventStore {
             replicas: info.config.num_replicas,
             aggregates: info.state.subjects_count,
         })
+    }
+}
+
+/// One message of an atomic batch, before the batch headers are added.
+struct BatchMessage<'a> {
+    subject: &'a str,
+    headers: &'a HeaderMap,
+    /// `Nats-Expected-Last-Subject-Sequence`, on an append's first message.
+    expected: Option<u64>,
+    payload: &'a Bytes,
+}
+
+impl Inner {
+    /// True once the stream refused an atomic batch.
+    pub(crate) fn atomic_disabled(&self) -> bool {
+        self.atomic_disabled.load(Ordering::Relaxed)
+    }
+
+    /// Remembers that the stream refuses atomic batches, so appends go one
+    /// by one from now on; warns once.
+    pub(crate) fn disable_atomic(&self) {
+        if !self.atomic_disabled.swap(true, Ordering::Relaxed) {
+            tracing::warn!(
+                stream = %self.config.stream,
+                "the stream does not allow atomic publish: group commit falls back to one write per append, and multi-event appends fail; set allow_atomic_publish on the stream"
+            );
+        }
+    }
+
+    fn retry_policy(&self) -> ExponentialBuilder {
+        ExponentialBuilder::default()
+            .with_min_delay(Duration::from_millis(50))
+            .with_max_delay(Duration::from_secs(2))
+            .with_max_times(self.config.max_attempts.saturating_sub(1))
+            .with_jitter()
+    }
+
+    /// One append on its own, with an exact outcome: one publish, or one
+    /// atomic batch for several events.
+    pub(crate) async fn append_direct(&self, append: &Append) -> Result<AppendResult, Error> {
+        let cfg = &self.config;
+        let Append {
+            stream_id,
+            subject,
+            ids,
+            messages,
+            ..
+        } = append;
+        // A batch is retried as a whole; with `Any` the server cannot tell a
+        // retried batch from a new one, so pin the expectation to what we read
+        // and let the wrong-last-sequence path recognise our own earlier write.
+        let mut expected = append.expected;
+        let any_batch = expected == ExpectedVersion::Any && messages.len() > 1;
+        let mut any_rounds = 0;
+        loop {
+            if any_batch {
+                expected = ExpectedVersion::from_version(self.last_version_of(subject).await?);
+            }
+            let exp = expected.as_sequence();
+            let attempt = || async {
+                if messages.len() == 1 {
+                    self.publish_one(subject, exp, &messages[0]).await
+                } else {
+                    self.publish_batch(subject, exp, messages).await
+                }
+            };
+            let result = attempt
+                .retry(self.retry_policy())
+                .when(|e| matches!(e, Attempt::Transient(_)))
+                .notify(|e, dur| {
+                    tracing::warn!(subject = %subject, error = ?e, retry_in = ?dur, "append attempt failed; retrying with the same event ids");
+                })
+                .await;
+            let outcome = match result {
+                Ok(r) => Ok(r),
+                Err(Attempt::WrongLast) => {
+                    let exp = exp.unwrap_or(0);
+                    match self
+                        .resolve_wrong_last(stream_id, subject, exp, ids)
+                        .await?
+                    {
+                        Ok(r) => Ok(r),
+                        Err(_) if any_batch && any_rounds < 10 => {
+                            any_rounds += 1;
+                            continue;
+                        }
+                        Err(conflict) => Err(conflict),
+                    }
+                }
+                Err(Attempt::Duplicate) => match self.find_landed(subject, ids).await? {
+                    Some(r) => Ok(r),
+                    None => Err(Error::Rejected {
+                        code: ERR_BATCH_DUPLICATE_MSG_ID,
+                        description: format!(
+                            "some event ids of this append were already stored on another aggregate or in another append within the last {:?}; use fresh ids",
+                            cfg.duplicate_window
+                        ),
+                    }),
+                },
+                Err(Attempt::AtomicDisabled) => {
+                    self.disable_atomic();
+                    Err(Error::Rejected {
+                        code: ERR_ATOMIC_PUBLISH_DISABLED,
+                        description: format!(
+                            "stream {} does not allow atomic publish, which appends of several events need",
+                            cfg.stream
+                        ),
+                    })
+                }
+                Err(Attempt::Transient(msg)) => {
+                    tracing::error!(subject = %subject, error = %msg, "append gave up after retries");
+                    Err(Error::Timeout(cfg.request_timeout))
+                }
+                Err(Attempt::Fatal(e)) => Err(e),
+            };
+            if let Ok(r) = &outcome
+                && !r.deduplicated
+            {
+                self.counters.committed(1, r.positions.len());
+            }
+            return outcome;
+        }
+    }
+
+    async fn publish_one(
+        &self,
+        subject: &str,
+        expected: Option<u64>,
+        (headers, payload): &(HeaderMap, Bytes),
+    ) -> Result<AppendResult, Attempt> {
+        let mut headers = headers.clone();
+        if let Some(v) = expected {
+            headers.insert(H_EXPECTED_LAST_SUBJECT_SEQ, v.to_string().as_str());
+        }
+        let ack = self
+            .js
+            .publish_with_headers(subject.to_owned(), headers, payload.clone())
+            .await
+            .map_err(classify_publish)?
+            .await
+            .map_err(classify_publish)?;
+        Ok(AppendResult {
+            version: ack.sequence,
+            positions: vec![ack.sequence],
+            deduplicated: ack.duplicate,
+        })
+    }
+
+    async fn publish_batch(
+        &self,
+        subject: &str,
+        expected: Option<u64>,
+        messages: &[(HeaderMap, Bytes)],
+    ) -> Result<AppendResult, Attempt> {
+        let batch: Vec<BatchMessage<'_>> = messages
+            .iter()
+            .enumerate()
+            .map(|(i, (headers, payload))| BatchMessage {
+                subject,
+                headers,
+                expected: if i == 0 { expected } else { None },
+                payload,
+            })
+            .collect();
+        let (seq, count) = self.publish_atomic(&batch).await?;
+        let first = seq + 1 - count.max(1);
+        Ok(AppendResult {
+            version: seq,
+            positions: (first..=seq).collect(),
+            deduplicated: false,
+        })
+    }
+
+    /// Writes the appends as one atomic batch, each aggregate's first message
+    /// carrying that append's expectation; retries timeouts with the same
+    /// event ids. Returns the ack's last sequence and message count.
+    pub(crate) async fn publish_group(&self, appends: &[Pending]) -> Result<(u64, u64), Attempt> {
+        let batch: Vec<BatchMessage<'_>> = appends
+            .iter()
+            .flat_map(|p| {
+                let a = &p.append;
+                a.messages
+                    .iter()
+                    .enumerate()
+                    .map(move |(i, (headers, payload))| BatchMessage {
+                        subject: &a.subject,
+                        headers,
+                        expected: if i == 0 {
+                            a.expected.as_sequence()
+                        } else {
+                            None
+                        },
+                        payload,
+                    })
+            })
+            .collect();
+        (|| self.publish_atomic(&batch))
+            .retry(self.retry_policy())
+            .when(|e| matches!(e, Attempt::Transient(_)))
+            .notify(|e, dur| {
+                tracing::warn!(appends = appends.len(), messages = batch.len(), error = ?e, retry_in = ?dur, "batch attempt failed; retrying with the same event ids");
+            })
+            .await
+    }
+
+    /// Sends one atomic batch: every message but the last as a plain
+    /// publish, the last as the commit request whose reply is the outcome of
+    /// the whole batch.
+    async fn publish_atomic(&self, messages: &[BatchMessage<'_>]) -> Result<(u64, u64), Attempt> {
+        // A fresh batch id per attempt: the server may still hold the staged
+        // remains of a failed attempt under the old one.
+        let batch_id = uuid::Uuid::now_v7().simple().to_string();
+        let client = &self.client;
+        let last = messages.len();
+        for (i, m) in messages.iter().enumerate() {
+            let mut h = m.headers.clone();
+            h.insert(H_BATCH_ID, batch_id.as_str());
+            h.insert(H_BATCH_SEQ, (i + 1).to_string().as_str());
+            if let Some(v) = m.expected {
+                h.insert(H_EXPECTED_LAST_SUBJECT_SEQ, v.to_string().as_str());
+            }
+            if i + 1 < last {
+                client
+                    .publish_with_headers(m.subject.to_owned(), h, m.payload.clone())
+                    .await
+                    .map_err(|e| Attempt::Transient(e.to_string()))?;
+            } else {
+                h.insert(H_BATCH_COMMIT, "1");
+                let request = async_nats::Request::new()
+                    .headers(h)
+                    .payload(m.payload.clone())
+                    .timeout(Some(self.config.request_timeout));
+                let reply = client
+                    .send_request(m.subject.to_owned(), request)
+                    .await
+                    .map_err(|e| Attempt::Transient(e.to_string()))?;
+                let ack: BatchAck = serde_json::from_slice(&reply.payload)
+                    .map_err(|e| Attempt::Transient(format!("unreadable batch ack: {e}")))?;
+                if let Some(err) = ack.error {
+                    return Err(match err.err_code {
+                        ERR_WRONG_LAST_SEQUENCE => Attempt::WrongLast,
+                        ERR_BATCH_DUPLICATE_MSG_ID => Attempt::Duplicate,
+                        ERR_ATOMIC_PUBLISH_DISABLED => Attempt::AtomicDisabled,
+                        code => Attempt::Fatal(Error::Rejected {
+                            code,
+                            description: err.description,
+                        }),
+                    });
+                }
+                return Ok((ack.seq, ack.count));
+            }
+        }
+        Err(Attempt::Fatal(Error::EmptyAppend))
+    }
+
+    /// After "wrong last sequence": either a previous try of this very append
+    /// landed (the events after `expected` carry our ids) or it is a conflict.
+    pub(crate) async fn resolve_wrong_last(
+        &self,
+        stream_id: &StreamId,
+        subject: &str,
+        expected: u64,
+        ids: &[EventId],
+    ) -> Result<Result<AppendResult, Error>, Error> {
+        let mut positions = Vec::with_capacity(ids.len());
+        let mut from = expected + 1;
+        for id in ids {
+            match self
+                .stream
+                .direct_get_next_for_subject(subject, Some(from))
+                .await
+            {
+                Ok(msg) if msg_id(&msg.headers) == Some(id.as_str()) => {
+                    positions.push(msg.sequence);
+                    from = msg.sequence + 1;
+                }
+                Ok(_) => break,
+                Err(e) if matches!(e.kind(), stream::DirectGetErrorKind::NotFound) => break,
+                Err(e) => return Err(Error::Nats(e.to_string())),
+            }
+        }
+        if positions.len() == ids.len() {
+            tracing::debug!(subject, "append was a retry of one that had landed");
+            return Ok(Ok(AppendResult {
+                version: *positions.last().unwrap_or(&expected),
+                positions,
+                deduplicated: true,
+            }));
+        }
+        let actual = self.last_version_of(subject).await?;
+        Ok(Err(Error::Conflict {
+            stream: stream_id.to_string(),
+            expected,
+            actual,
+        }))
+    }
+
+    /// Finds where an earlier try of this append landed, scanning the
+    /// aggregate's events within the dedup window (the server only rejects ids
+    /// it remembers, so they are in there).
+    pub(crate) async fn find_landed(
+        &self,
+        subject: &str,
+        ids: &[EventId],
+    ) -> Result<Option<AppendResult>, Error> {
+        let last = self.last_version_of(subject).await?;
+        if last == 0 {
+            return Ok(None);
+        }
+        let since = time::OffsetDateTime::now_utc()
+            - self.config.duplicate_window
+            - Duration::from_secs(10);
+        let mut messages = self
+            .ordered(
+                subject.to_owned(),
+                consumer::DeliverPolicy::ByStartTime { start_time: since },
+            )
+            .await?;
+        let mut positions = Vec::with_capacity(ids.len());
+        while let Some(m) = messages.next().await {
+            let m = m.map_err(|e| Error::Nats(e.to_string()))?;
+            let seq = m
+                .info()
+                .map_err(|e| Error::Nats(e.to_string()))?
+                .stream_sequence;
+            let id = m.headers.as_ref().and_then(msg_id);
+            if id == Some(ids[positions.len()].as_str()) {
+                positions.push(seq);
+                if positions.len() == ids.len() {
+                    return Ok(Some(AppendResult {
+                        version: seq,
+                        positions,
+                        deduplicated: true,
+                    }));
+                }
+            } else {
+                positions.clear();
+            }
+            if seq >= last {
+                break;
+            }
+        }
+        Ok(None)
+    }
+
+    pub(crate) async fn last_version_of(&self, subject: &str) -> Result<u64, Error> {
+        match self.stream.direct_get_last_for_subject(subject).await {
+            Ok(msg) => Ok(msg.sequence),
+            Err(e) if matches!(e.kind(), stream::DirectGetErrorKind::NotFound) => Ok(0),
+            Err(e) => Err(Error::Nats(e.to_string())),
+        }
+    }
+
+    async fn ordered(
+        &self,
+        filter: String,
+        deliver_policy: consumer::DeliverPolicy,
+    ) -> Result<consumer::pull::Ordered, Error> {
+        let consumer = self
+            .stream
+            .create_consumer(consumer::pull::OrderedConfig {
+                filter_subject: filter,
+                deliver_policy,
+                ..Default::default()
+            })
+            .await
+            .map_err(|e| Error::Nats(e.to_string()))?;
+        consumer
+            .messages()
+            .await
+            .map_err(|e| Error::Nats(e.to_string()))
     }
 }
 

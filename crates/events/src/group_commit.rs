@@ -1,0 +1,849 @@
+//! Group commit: concurrent appends to different aggregates share one
+//! JetStream atomic batch, so one fsync (with `sync_interval: always`) covers
+//! many appends.
+//!
+//! Shape: [`crate::EventStore::append`] validates and encodes, then hands an
+//! [`Append`] to a bounded queue. One dispatcher task takes appends off the
+//! queue into batches ([`take_batch`]: never two appends of one aggregate,
+//! at most `max_batch_events` messages and `max_batch_bytes`), and runs each
+//! batch in its own task, up to `max_in_flight` at a time. Waiting for a free
+//! in-flight slot is what lets batches grow under load; the linger only
+//! applies while other batches are in flight, so an append on an idle store
+//! goes out at once, alone.
+//!
+//! Outcomes stay per append: each aggregate's first message in the batch
+//! carries its own `Nats-Expected-Last-Subject-Sequence` (nats-server 2.12+
+//! checks it on any message of a batch). When the server refuses the batch
+//! with "wrong last sequence" it does not say which aggregate, so the
+//! appends with an expectation are checked one by one against the
+//! aggregate's current last sequence: stale ones get [`Error::Conflict`]
+//! (unless the events there are their own, from an earlier try), the others
+//! go out again in a new batch. Anything the batch path cannot decide
+//! exactly (duplicate ids, unknown server errors, a batch that keeps
+//! failing) is handed to the one-append-at-a-time path, whose outcomes are
+//! exact by construction.
+
+use std::collections::{HashSet, VecDeque};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
+
+use async_nats::HeaderMap;
+use bytes::Bytes;
+use serde::Serialize;
+use tokio::sync::{Semaphore, mpsc, oneshot};
+
+use crate::error::Error;
+use crate::ids::{EventId, StreamId};
+use crate::store::{AppendResult, Attempt, ExpectedVersion, Inner, MAX_BATCH};
+
+/// How often a batch refused for someone else's stale expectation is split
+/// and retried before its remaining appends go out one by one.
+const MAX_SPLIT_ROUNDS: usize = 3;
+
+/// Settings of group commit (part of [`crate::StoreConfig`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct GroupCommitConfig {
+    /// Gather concurrent appends into shared batches. When off, every append
+    /// is its own write (one fsync each).
+    pub enabled: bool,
+    /// Most messages (events) in one batch; at most the server's atomic
+    /// batch limit of 1000.
+    pub max_batch_events: usize,
+    /// Most bytes (data plus headers, estimated) in one batch; also capped by
+    /// the server's `max_payload`, read at connect.
+    pub max_batch_bytes: usize,
+    /// How long a batch may wait for more appends, 0..=2 ms. Only applies
+    /// while other batches are in flight: an idle store never waits.
+    pub linger: Duration,
+    /// Batches written concurrently. More keeps the server busy while
+    /// earlier batches are being fsynced; the server allows 50 per stream.
+    pub max_in_flight: usize,
+    /// Appends that may wait in the queue; beyond that callers wait for room.
+    pub queue_capacity: usize,
+    /// How long a caller waits for room in a full queue before
+    /// [`Error::Overloaded`].
+    pub queue_timeout: Duration,
+}
+
+impl Default for GroupCommitConfig {
+    fn default() -> Self {
+        Self {
+            enabled: true,
+            max_batch_events: MAX_BATCH,
+            max_batch_bytes: 1024 * 1024,
+            linger: Duration::ZERO,
+            max_in_flight: 4,
+            queue_capacity: 16 * 1024,
+            queue_timeout: Duration::from_secs(5),
+        }
+    }
+}
+
+impl GroupCommitConfig {
+    /// Checks the limits: batch size 1..=1000, linger <= 2 ms, at least one
+    /// batch in flight (at most 50, the server's per-stream limit) and room
+    /// in the queue.
+    pub fn validate(&self) -> Result<(), Error> {
+        let bad = |reason: String| Error::InvalidConfig(format!("group_commit: {reason}"));
+        if self.max_batch_events == 0 || self.max_batch_events > MAX_BATCH {
+            return Err(bad(format!(
+                "max_batch_events {} must be 1..={MAX_BATCH}",
+                self.max_batch_events
+            )));
+        }
+        if self.max_batch_bytes == 0 {
+            return Err(bad("max_batch_bytes must be > 0".to_owned()));
+        }
+        if self.linger > Duration::from_millis(2) {
+            return Err(bad(format!("linger {:?} must be at most 2ms", self.linger)));
+        }
+        if self.max_in_flight == 0 || self.max_in_flight > 50 {
+            return Err(bad(format!(
+                "max_in_flight {} must be 1..=50",
+                self.max_in_flight
+            )));
+        }
+        if self.queue_capacity == 0 {
+            return Err(bad("queue_capacity must be > 0".to_owned()));
+        }
+        Ok(())
+    }
+}
+
+/// Upper bounds (inclusive) of the batch-size buckets of
+/// [`GroupCommitStats::batch_sizes`]: 1, 2-3, 4-7, ..., 512-1000.
+pub const BATCH_SIZE_BUCKETS: [u64; 10] = [1, 3, 7, 15, 31, 63, 127, 255, 511, 1000];
+
+/// One bucket of the batch-size distribution.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+pub struct BatchSizeBucket {
+    /// Smallest batch size (events) in the bucket.
+    pub min_events: u64,
+    /// Largest batch size (events) in the bucket.
+    pub max_events: u64,
+    /// Committed batches of that size.
+    pub batches: u64,
+}
+
+/// What group commit has done since the store was created (a snapshot).
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct GroupCommitStats {
+    /// Whether appends go through group commit.
+    pub enabled: bool,
+    /// Whether the stream refused atomic batches, so appends go one by one.
+    pub fallback_single: bool,
+    /// Configured linger, in microseconds.
+    pub linger_us: u64,
+    /// Committed server writes (batches, including batches of one append):
+    /// with `sync_interval: always`, one fsync each.
+    pub batches: u64,
+    /// Appends acknowledged.
+    pub appends: u64,
+    /// Events acknowledged.
+    pub events: u64,
+    /// Largest committed batch, in events.
+    pub max_batch_events: u64,
+    /// Batch-size distribution (events per committed batch).
+    pub batch_sizes: Vec<BatchSizeBucket>,
+    /// Batches that waited for the linger.
+    pub lingered_batches: u64,
+    /// Batches refused for a stale expectation and split.
+    pub split_batches: u64,
+    /// Appends found stale in a refused batch and answered with a conflict
+    /// (or recognised as an earlier try that had landed).
+    pub conflicts_resolved: u64,
+    /// Appends of a refused batch that were innocent and went out again.
+    pub requeued_appends: u64,
+    /// Appends sent on their own because the batch path could not decide
+    /// their outcome exactly (duplicate ids, unknown errors, no atomic
+    /// publish on the stream).
+    pub single_fallbacks: u64,
+    /// Callers turned away with [`Error::Overloaded`].
+    pub queue_timeouts: u64,
+}
+
+impl GroupCommitStats {
+    /// fsyncs saved compared with one write per event: `events - batches`.
+    pub fn fsyncs_saved(&self) -> u64 {
+        self.events.saturating_sub(self.batches)
+    }
+
+    /// Mean events per committed batch (0 when nothing was written).
+    pub fn mean_batch_events(&self) -> f64 {
+        if self.batches == 0 {
+            0.0
+        } else {
+            self.events as f64 / self.batches as f64
+        }
+    }
+}
+
+/// Live counters behind [`GroupCommitStats`].
+#[derive(Debug, Default)]
+pub(crate) struct Counters {
+    batches: AtomicU64,
+    appends: AtomicU64,
+    events: AtomicU64,
+    max_batch: AtomicU64,
+    buckets: [AtomicU64; BATCH_SIZE_BUCKETS.len()],
+    lingered: AtomicU64,
+    split: AtomicU64,
+    conflicts: AtomicU64,
+    requeued: AtomicU64,
+    singles: AtomicU64,
+    queue_timeouts: AtomicU64,
+}
+
+fn add(c: &AtomicU64, n: u64) {
+    c.fetch_add(n, Ordering::Relaxed);
+}
+
+impl Counters {
+    /// One committed write of `appends` appends holding `events` events.
+    pub(crate) fn committed(&self, appends: usize, events: usize) {
+        let events = events as u64;
+        add(&self.batches, 1);
+        add(&self.appends, appends as u64);
+        add(&self.events, events);
+        self.max_batch.fetch_max(events, Ordering::Relaxed);
+        add(&self.buckets[bucket_index(events)], 1);
+    }
+
+    pub(crate) fn snapshot(&self, config: &GroupCommitConfig, fallback: bool) -> GroupCommitStats {
+        let get = |c: &AtomicU64| c.load(Ordering::Relaxed);
+        let mut min = 1;
+        let batch_sizes = BATCH_SIZE_BUCKETS
+            .iter()
+            .zip(&self.buckets)
+            .map(|(&max, n)| {
+                let b = BatchSizeBucket {
+                    min_events: min,
+                    max_events: max,
+                    batches: get(n),
+                };
+                min = max + 1;
+                b
+            })
+            .collect();
+        GroupCommitStats {
+            enabled: config.enabled,
+            fallback_single: fallback,
+            linger_us: u64::try_from(config.linger.as_micros()).unwrap_or(u64::MAX),
+            batches: get(&self.batches),
+            appends: get(&self.appends),
+            events: get(&self.events),
+            max_batch_events: get(&self.max_batch),
+            batch_sizes,
+            lingered_batches: get(&self.lingered),
+            split_batches: get(&self.split),
+            conflicts_resolved: get(&self.conflicts),
+            requeued_appends: get(&self.requeued),
+            single_fallbacks: get(&self.singles),
+            queue_timeouts: get(&self.queue_timeouts),
+        }
+    }
+}
+
+/// The bucket of [`BATCH_SIZE_BUCKETS`] a batch of `events` falls in.
+pub(crate) fn bucket_index(events: u64) -> usize {
+    BATCH_SIZE_BUCKETS
+        .iter()
+        .position(|&max| events <= max)
+        .unwrap_or(BATCH_SIZE_BUCKETS.len() - 1)
+}
+
+/// One validated, encoded append on its way to the server.
+#[derive(Debug)]
+pub(crate) struct Append {
+    pub(crate) stream_id: StreamId,
+    pub(crate) subject: String,
+    pub(crate) expected: ExpectedVersion,
+    pub(crate) ids: Vec<EventId>,
+    /// Headers (envelope and `Nats-Msg-Id`) and data of each event.
+    pub(crate) messages: Vec<(HeaderMap, Bytes)>,
+    /// Estimated wire size: data, headers and batch headers.
+    pub(crate) bytes: usize,
+}
+
+/// What [`take_batch`] needs to know about a queued item.
+pub(crate) trait Batchable {
+    /// The aggregate (subject): two items with the same key never share a batch.
+    fn key(&self) -> &str;
+    /// Messages the item adds to a batch.
+    fn events(&self) -> usize;
+    /// Bytes the item adds to a batch.
+    fn bytes(&self) -> usize;
+}
+
+/// Size limits of one batch.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Limits {
+    pub(crate) max_events: usize,
+    pub(crate) max_bytes: usize,
+}
+
+/// Takes the next batch off `pending`, oldest first: items whose aggregate is
+/// already in the batch, or that would overflow it, stay queued in their
+/// order (so an aggregate's appends keep their arrival order). The first
+/// item is always taken, even alone over the limits, so nothing is stuck.
+pub(crate) fn take_batch<T: Batchable>(pending: &mut VecDeque<T>, limits: Limits) -> Vec<T> {
+    let mut batch = Vec::new();
+    let mut keys: HashSet<String> = HashSet::new();
+    let (mut events, mut bytes) = (0usize, 0usize);
+    let mut kept = VecDeque::with_capacity(pending.len());
+    while let Some(item) = pending.pop_front() {
+        if events >= limits.max_events {
+            kept.push_back(item);
+            kept.extend(pending.drain(..));
+            break;
+        }
+        let fits = batch.is_empty()
+            || (events + item.events() <= limits.max_events
+                && bytes + item.bytes() <= limits.max_bytes);
+        if fits && !keys.contains(item.key()) {
+            keys.insert(item.key().to_owned());
+            events += item.events();
+            bytes += item.bytes();
+            batch.push(item);
+        } else {
+            kept.push_back(item);
+        }
+    }
+    *pending = kept;
+    batch
+}
+
+/// Where each append of a committed batch landed, from the server's ack
+/// (`seq` of the last message, `count` messages, stored contiguously).
+/// `None` when the ack does not match the batch that was sent.
+pub(crate) fn assign_positions(
+    last_seq: u64,
+    count: u64,
+    sizes: &[usize],
+) -> Option<Vec<Vec<u64>>> {
+    let total: u64 = sizes.iter().map(|&s| s as u64).sum();
+    if count != total || total == 0 || last_seq < total {
+        return None;
+    }
+    let mut next = last_seq + 1 - total;
+    Some(
+        sizes
+            .iter()
+            .map(|&s| {
+                let positions: Vec<u64> = (next..next + s as u64).collect();
+                next += s as u64;
+                positions
+            })
+            .collect(),
+    )
+}
+
+/// After the server refused a batch for a wrong last sequence: is this
+/// append's expectation the stale one? Appends without expectation never are.
+pub(crate) fn is_stale(expected: Option<u64>, actual_last: u64) -> bool {
+    matches!(expected, Some(e) if e != actual_last)
+}
+
+/// An append waiting for its batch, with the caller's answer slot.
+pub(crate) struct Pending {
+    pub(crate) append: Append,
+    reply: oneshot::Sender<Result<AppendResult, Error>>,
+}
+
+impl Pending {
+    fn answer(self, result: Result<AppendResult, Error>) {
+        // The caller may have gone away (dropped future); the append's
+        // outcome stands regardless.
+        let _ = self.reply.send(result);
+    }
+}
+
+impl Batchable for Pending {
+    fn key(&self) -> &str {
+        &self.append.subject
+    }
+    fn events(&self) -> usize {
+        self.append.messages.len()
+    }
+    fn bytes(&self) -> usize {
+        self.append.bytes
+    }
+}
+
+/// The caller's end of the queue. Dropping the last clone of the store drops
+/// it, which lets the dispatcher finish what is queued and stop.
+#[derive(Debug)]
+pub(crate) struct Appender {
+    tx: mpsc::Sender<Pending>,
+    queue_timeout: Duration,
+    capacity: usize,
+}
+
+impl Appender {
+    /// Starts the dispatcher task on the current runtime.
+    pub(crate) fn start(
+        inner: Arc<Inner>,
+        config: &GroupCommitConfig,
+        server_max_payload: usize,
+    ) -> Self {
+        let (tx, rx) = mpsc::channel(config.queue_capacity);
+        let limits = Limits {
+            max_events: config.max_batch_events.clamp(1, MAX_BATCH),
+            max_bytes: config.max_batch_bytes.min(server_max_payload.max(1)),
+        };
+        tracing::debug!(
+            max_events = limits.max_events,
+            max_bytes = limits.max_bytes,
+            linger = ?config.linger,
+            max_in_flight = config.max_in_flight,
+            "group commit started"
+        );
+        tokio::spawn(dispatch(inner, rx, config.clone(), limits));
+        Self {
+            tx,
+            queue_timeout: config.queue_timeout,
+            capacity: config.queue_capacity,
+        }
+    }
+
+    /// Queues the append and waits for its outcome.
+    pub(crate) async fn submit(
+        &self,
+        inner: &Inner,
+        append: Append,
+    ) -> Result<AppendResult, Error> {
+        let (reply, answer) = oneshot::channel();
+        let pending = Pending { append, reply };
+        match self.tx.send_timeout(pending, self.queue_timeout).await {
+            Ok(()) => {}
+            Err(mpsc::error::SendTimeoutError::Timeout(_)) => {
+                add(&inner.counters.queue_timeouts, 1);
+                tracing::warn!(waited = ?self.queue_timeout, capacity = self.capacity, "append queue full");
+                return Err(Error::Overloaded {
+                    waited: self.queue_timeout,
+                    capacity: self.capacity,
+                });
+            }
+            Err(mpsc::error::SendTimeoutError::Closed(p)) => {
+                // The dispatcher is gone (runtime shutting down): write directly.
+                return inner.append_direct(&p.append).await;
+            }
+        }
+        answer
+            .await
+            .map_err(|_| Error::Nats("group commit stopped before answering; the append may or may not have landed, retry it with the same event ids".to_owned()))?
+    }
+}
+
+/// Moves whatever is queued right now into `pending`, up to `cap` items.
+/// Returns false once the queue is closed and empty.
+fn drain(rx: &mut mpsc::Receiver<Pending>, pending: &mut VecDeque<Pending>, cap: usize) -> bool {
+    while pending.len() < cap {
+        match rx.try_recv() {
+            Ok(p) => pending.push_back(p),
+            Err(mpsc::error::TryRecvError::Empty) => return true,
+            Err(mpsc::error::TryRecvError::Disconnected) => return false,
+        }
+    }
+    true
+}
+
+async fn dispatch(
+    inner: Arc<Inner>,
+    mut rx: mpsc::Receiver<Pending>,
+    config: GroupCommitConfig,
+    limits: Limits,
+) {
+    let slots = Arc::new(Semaphore::new(config.max_in_flight));
+    let mut pending: VecDeque<Pending> = VecDeque::new();
+    // Bound what the dispatcher holds outside the queue, so the queue's
+    // capacity stays the real bound on memory and waiting callers.
+    let cap = limits.max_events.max(64);
+    let mut open = true;
+    loop {
+        if pending.is_empty() {
+            if !open {
+                break;
+            }
+            match rx.recv().await {
+                Some(p) => pending.push_back(p),
+                None => break,
+            }
+        }
+        // Waiting here, while earlier batches are in flight, is what lets the
+        // next batch grow.
+        let Ok(slot) = slots.clone().acquire_owned().await else {
+            break;
+        };
+        let others_in_flight = slots.available_permits() + 1 < config.max_in_flight;
+        open = drain(&mut rx, &mut pending, cap) && open;
+        let queued_events: usize = pending.iter().map(Batchable::events).sum();
+        if open && others_in_flight && !config.linger.is_zero() && queued_events < limits.max_events
+        {
+            add(&inner.counters.lingered, 1);
+            let deadline = tokio::time::Instant::now() + config.linger;
+            while pending.len() < cap {
+                match tokio::time::timeout_at(deadline, rx.recv()).await {
+                    Ok(Some(p)) => {
+                        pending.push_back(p);
+                        open = drain(&mut rx, &mut pending, cap);
+                        if !open {
+                            break;
+                        }
+                    }
+                    Ok(None) => {
+                        open = false;
+                        break;
+                    }
+                    Err(_) => break,
+                }
+            }
+        }
+        let batch = take_batch(&mut pending, limits);
+        let inner = inner.clone();
+        tokio::spawn(async move {
+            run_batch(&inner, batch).await;
+            drop(slot);
+        });
+    }
+    tracing::debug!("group commit stopped");
+}
+
+/// Writes one batch and answers every append in it exactly.
+async fn run_batch(inner: &Inner, mut todo: Vec<Pending>) {
+    for round in 0.. {
+        if todo.len() <= 1 {
+            // A lone append needs no coordination: the direct path is the
+            // same single write (and cheaper for one event).
+            one_by_one(inner, todo, false).await;
+            return;
+        }
+        if inner.atomic_disabled() {
+            one_by_one(inner, todo, true).await;
+            return;
+        }
+        let result = inner.publish_group(&todo).await;
+        match result {
+            Ok((last_seq, count)) => {
+                let sizes: Vec<usize> = todo.iter().map(|p| p.append.messages.len()).collect();
+                let Some(positions) = assign_positions(last_seq, count, &sizes) else {
+                    // Cannot happen with a conforming server; the events did
+                    // land, so find them rather than guess.
+                    tracing::error!(
+                        last_seq,
+                        count,
+                        expected = sizes.iter().sum::<usize>(),
+                        "batch ack does not match the batch sent; locating each append"
+                    );
+                    for p in todo {
+                        let r = inner
+                            .find_landed(&p.append.subject, &p.append.ids)
+                            .await
+                            .and_then(|found| {
+                                found.ok_or_else(|| {
+                                    Error::Nats(
+                                        "batch acknowledged but its events were not found"
+                                            .to_owned(),
+                                    )
+                                })
+                            });
+                        p.answer(r);
+                    }
+                    return;
+                };
+                inner.counters.committed(todo.len(), sizes.iter().sum());
+                for (p, positions) in todo.into_iter().zip(positions) {
+                    let version = positions.last().copied().unwrap_or_default();
+                    p.answer(Ok(AppendResult {
+                        version,
+                        positions,
+                        deduplicated: false,
+                    }));
+                }
+                return;
+            }
+            Err(Attempt::WrongLast) if round < MAX_SPLIT_ROUNDS => {
+                match split_stale(inner, todo).await {
+                    Some(innocent) => {
+                        add(&inner.counters.requeued, innocent.len() as u64);
+                        todo = innocent;
+                    }
+                    None => return,
+                }
+            }
+            Err(Attempt::Transient(msg)) => {
+                // Same answer as a lone append that exhausted its retries: the
+                // outcome is unknown, and a retry with the same ids is safe.
+                tracing::error!(appends = todo.len(), error = %msg, "batch gave up after retries");
+                for p in todo {
+                    p.answer(Err(Error::Timeout(inner.config.request_timeout)));
+                }
+                return;
+            }
+            Err(Attempt::AtomicDisabled) => {
+                inner.disable_atomic();
+                one_by_one(inner, todo, true).await;
+                return;
+            }
+            Err(other) => {
+                // Duplicate ids (a retry of a batch that had landed, or ids
+                // reused by the caller), an error we do not know, or a batch
+                // that keeps failing: the single path decides exactly.
+                tracing::debug!(appends = todo.len(), reason = ?other, "batch outcome not decidable as a whole; appending one by one");
+                one_by_one(inner, todo, true).await;
+                return;
+            }
+        }
+    }
+}
+
+/// Answers the appends whose expectation is stale and returns the others to
+/// go out again, or `None` when all were answered here.
+async fn split_stale(inner: &Inner, todo: Vec<Pending>) -> Option<Vec<Pending>> {
+    let lasts = futures::future::join_all(todo.iter().map(|p| async {
+        match p.append.expected {
+            ExpectedVersion::Any => Ok(None),
+            _ => inner.last_version_of(&p.append.subject).await.map(Some),
+        }
+    }))
+    .await;
+    let mut innocent = Vec::new();
+    let mut stale = Vec::new();
+    let mut unsure = Vec::new();
+    for (p, last) in todo.into_iter().zip(lasts) {
+        match last {
+            Ok(Some(last)) if is_stale(p.append.expected.as_sequence(), last) => stale.push(p),
+            Ok(_) => innocent.push(p),
+            Err(_) => unsure.push(p),
+        }
+    }
+    if stale.is_empty() {
+        // The server saw a stale expectation we cannot find (or could not
+        // check): let each append find out on its own.
+        tracing::debug!(
+            appends = innocent.len() + unsure.len(),
+            "no stale append found in a refused batch; appending one by one"
+        );
+        innocent.extend(unsure);
+        one_by_one(inner, innocent, true).await;
+        return None;
+    }
+    add(&inner.counters.split, 1);
+    tracing::debug!(
+        stale = stale.len(),
+        innocent = innocent.len(),
+        "batch refused for a stale expectation; splitting"
+    );
+    let resolve = futures::future::join_all(stale.into_iter().map(|p| async move {
+        let a = &p.append;
+        let expected = a.expected.as_sequence().unwrap_or(0);
+        let r = inner
+            .resolve_wrong_last(&a.stream_id, &a.subject, expected, &a.ids)
+            .await
+            .and_then(|r| r);
+        add(&inner.counters.conflicts, 1);
+        p.answer(r);
+    }));
+    let unsure_done = one_by_one(inner, unsure, true);
+    tokio::join!(resolve, unsure_done);
+    if innocent.is_empty() {
+        None
+    } else {
+        Some(innocent)
+    }
+}
+
+/// Each append on its own, concurrently, through the exact direct path.
+async fn one_by_one(inner: &Inner, todo: Vec<Pending>, fallback: bool) {
+    if fallback {
+        add(&inner.counters.singles, todo.len() as u64);
+    }
+    futures::future::join_all(todo.into_iter().map(|p| async move {
+        let r = inner.append_direct(&p.append).await;
+        p.answer(r);
+    }))
+    .await;
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[derive(Debug, PartialEq)]
+    struct Item(&'static str, usize, usize);
+
+    impl Batchable for Item {
+        fn key(&self) -> &str {
+            self.0
+        }
+        fn events(&self) -> usize {
+            self.1
+        }
+        fn bytes(&self) -> usize {
+            self.2
+        }
+    }
+
+    const ROOMY: Limits = Limits {
+        max_events: 1000,
+        max_bytes: 1 << 20,
+    };
+
+    fn keys(items: &[Item]) -> Vec<&'static str> {
+        items.iter().map(|i| i.0).collect()
+    }
+
+    #[test]
+    fn same_aggregate_never_shares_a_batch_and_keeps_its_order() {
+        let mut q: VecDeque<Item> = [
+            Item("a", 1, 10),
+            Item("b", 1, 10),
+            Item("a", 2, 10),
+            Item("c", 1, 10),
+            Item("a", 3, 10),
+        ]
+        .into();
+        let first = take_batch(&mut q, ROOMY);
+        assert_eq!(keys(&first), ["a", "b", "c"]);
+        assert_eq!(q, VecDeque::from([Item("a", 2, 10), Item("a", 3, 10)]));
+        let second = take_batch(&mut q, ROOMY);
+        assert_eq!(second, [Item("a", 2, 10)]);
+        let third = take_batch(&mut q, ROOMY);
+        assert_eq!(third, [Item("a", 3, 10)]);
+        assert!(q.is_empty());
+        assert!(take_batch(&mut q, ROOMY).is_empty());
+    }
+
+    #[test]
+    fn batches_respect_event_and_byte_limits() {
+        let limits = Limits {
+            max_events: 5,
+            max_bytes: 100,
+        };
+        let mut q: VecDeque<Item> = [
+            Item("a", 3, 10),
+            Item("b", 3, 10),
+            Item("c", 2, 10),
+            Item("d", 1, 10),
+        ]
+        .into();
+        // b would overflow the event limit; c fills it; d waits.
+        assert_eq!(keys(&take_batch(&mut q, limits)), ["a", "c"]);
+        assert_eq!(keys(&take_batch(&mut q, limits)), ["b", "d"]);
+
+        let mut q: VecDeque<Item> = [Item("a", 1, 60), Item("b", 1, 60), Item("c", 1, 40)].into();
+        assert_eq!(keys(&take_batch(&mut q, limits)), ["a", "c"]);
+        assert_eq!(keys(&take_batch(&mut q, limits)), ["b"]);
+    }
+
+    #[test]
+    fn an_oversized_append_goes_alone_instead_of_getting_stuck() {
+        let limits = Limits {
+            max_events: 5,
+            max_bytes: 100,
+        };
+        let mut q: VecDeque<Item> = [Item("big", 9, 500), Item("b", 1, 1)].into();
+        assert_eq!(keys(&take_batch(&mut q, limits)), ["big"]);
+        assert_eq!(keys(&take_batch(&mut q, limits)), ["b"]);
+    }
+
+    #[test]
+    fn a_full_batch_stops_scanning_and_keeps_the_rest_in_order() {
+        let limits = Limits {
+            max_events: 2,
+            max_bytes: 1000,
+        };
+        let mut q: VecDeque<Item> = [
+            Item("a", 1, 1),
+            Item("b", 1, 1),
+            Item("c", 1, 1),
+            Item("d", 1, 1),
+        ]
+        .into();
+        assert_eq!(keys(&take_batch(&mut q, limits)), ["a", "b"]);
+        assert_eq!(
+            keys(&q.iter().map(|i| Item(i.0, i.1, i.2)).collect::<Vec<_>>()),
+            ["c", "d"]
+        );
+    }
+
+    #[test]
+    fn positions_are_handed_out_in_batch_order() {
+        assert_eq!(
+            assign_positions(10, 6, &[1, 3, 2]),
+            Some(vec![vec![5], vec![6, 7, 8], vec![9, 10]])
+        );
+        assert_eq!(assign_positions(10, 5, &[1, 3, 2]), None, "count mismatch");
+        assert_eq!(assign_positions(2, 6, &[1, 3, 2]), None, "impossible seq");
+        assert_eq!(assign_positions(1, 1, &[1]), Some(vec![vec![1]]));
+    }
+
+    #[test]
+    fn only_a_differing_expectation_is_stale() {
+        assert!(!is_stale(None, 7), "Any never conflicts");
+        assert!(!is_stale(Some(7), 7), "still right: innocent");
+        assert!(is_stale(Some(0), 7), "expected no stream");
+        assert!(is_stale(Some(6), 7));
+    }
+
+    #[test]
+    fn batch_size_buckets_cover_one_to_a_thousand() {
+        assert_eq!(bucket_index(1), 0);
+        assert_eq!(bucket_index(2), 1);
+        assert_eq!(bucket_index(3), 1);
+        assert_eq!(bucket_index(4), 2);
+        assert_eq!(bucket_index(64), 6);
+        assert_eq!(bucket_index(1000), 9);
+        let c = Counters::default();
+        c.committed(3, 5);
+        c.committed(1, 1);
+        let s = c.snapshot(&GroupCommitConfig::default(), false);
+        assert_eq!(
+            (s.batches, s.appends, s.events, s.fsyncs_saved()),
+            (2, 4, 6, 4)
+        );
+        assert_eq!(s.batch_sizes[0].batches, 1);
+        assert_eq!(
+            (
+                s.batch_sizes[2].min_events,
+                s.batch_sizes[2].max_events,
+                s.batch_sizes[2].batches
+            ),
+            (4, 7, 1)
+        );
+        assert_eq!(s.max_batch_events, 5);
+    }
+
+    #[test]
+    fn config_limits_are_checked() {
+        assert!(GroupCommitConfig::default().validate().is_ok());
+        for bad in [
+            GroupCommitConfig {
+                max_batch_events: 1001,
+                ..Default::default()
+            },
+            GroupCommitConfig {
+                max_batch_events: 0,
+                ..Default::default()
+            },
+            GroupCommitConfig {
+                linger: Duration::from_millis(3),
+                ..Default::default()
+            },
+            GroupCommitConfig {
+                max_in_flight: 0,
+                ..Default::default()
+            },
+            GroupCommitConfig {
+                queue_capacity: 0,
+                ..Default::default()
+            },
+        ] {
+            assert!(
+                matches!(bad.validate(), Err(Error::InvalidConfig(_))),
+                "{bad:?}"
+            );
+        }
+    }
+}
