@@ -511,3 +511,55 @@ fn tempfile_dir() -> std::path::PathBuf {
     std::fs::create_dir_all(&dir).unwrap();
     dir
 }
+
+#[tokio::test]
+async fn execute_reloads_and_retries_on_conflict_and_refuses_rejected_commands() {
+    use sluice_events::{ExecuteError, execute, load};
+    use sluice_testkit::counter::{Counter, CounterCommand, CounterRejection};
+
+    let server = NatsServer::start();
+    let store = server.store().await;
+    let tasks: Vec<_> = (0..8)
+        .map(|_| {
+            let store = store.clone();
+            tokio::spawn(async move {
+                let mut attempts = 0;
+                for _ in 0..10 {
+                    let out = execute::<Counter>(&store, "c-1", &CounterCommand::Add(1), 100)
+                        .await
+                        .unwrap();
+                    attempts += out.attempts;
+                }
+                attempts
+            })
+        })
+        .collect();
+    let mut attempts = 0;
+    for t in tasks {
+        attempts += t.await.unwrap();
+    }
+    let id = StreamId::new("counter", "c-1").unwrap();
+    let (state, version) = load::<Counter>(&store, &id).await.unwrap();
+    assert_eq!(state.value, 80, "a lost update");
+    assert_eq!(version, store.last_version(&id).await.unwrap());
+    assert!(attempts >= 80);
+
+    execute::<Counter>(&store, "c-1", &CounterCommand::Close, 3)
+        .await
+        .unwrap();
+    let err = execute::<Counter>(&store, "c-1", &CounterCommand::Add(1), 3)
+        .await
+        .unwrap_err();
+    assert!(matches!(
+        err,
+        ExecuteError::Rejected(CounterRejection::Closed)
+    ));
+    assert_eq!(read_all_of(&store, &id).await.len(), 81);
+    let err = execute::<Counter>(&store, "bad.id", &CounterCommand::Add(1), 3)
+        .await
+        .unwrap_err();
+    assert!(matches!(
+        err,
+        ExecuteError::Store(Error::InvalidToken { .. })
+    ));
+}

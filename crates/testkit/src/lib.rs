@@ -4,6 +4,7 @@
 //!
 //! Tests never skip when a server is missing: they fail with the reason.
 
+pub mod counter;
 mod gwt;
 mod nats;
 mod postgres;
