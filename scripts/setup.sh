@@ -37,6 +37,9 @@ if ! "$NATS_BIN" --version 2>/dev/null | grep -q 'v2.15.1'; then
 fi
 "$NATS_BIN" --version >&2
 
+# --- openssl, for nats/gen-certs.sh and the TLS tests -----------------------
+command -v openssl >/dev/null || { log "installing openssl"; apt_install openssl; }
+
 # --- PostgreSQL: use the one answering on 127.0.0.1:5432, else start one ---
 pg_answers() { (exec 3<>/dev/tcp/127.0.0.1/5432) 2>/dev/null; }
 if ! pg_answers; then

@@ -40,6 +40,9 @@ pub struct EmbeddedConfig {
     pub extra_config: String,
     /// Name of the server (must be unique within a cluster).
     pub server_name: String,
+    /// Environment for the server process (config files read `$VARS` from it,
+    /// which keeps passwords out of files).
+    pub env: Vec<(String, String)>,
 }
 
 impl EmbeddedConfig {
@@ -52,6 +55,7 @@ impl EmbeddedConfig {
             bin: None,
             extra_config: String::new(),
             server_name: "sluice".to_owned(),
+            env: Vec::new(),
         }
     }
 }
@@ -174,6 +178,7 @@ impl EmbeddedServer {
         let child = Command::new(&self.bin)
             .arg("-c")
             .arg(&conf)
+            .envs(self.config.env.iter().map(|(k, v)| (k, v)))
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(Stdio::null())

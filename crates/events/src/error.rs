@@ -94,7 +94,7 @@ pub enum Error {
     JetStreamDisabled(String),
     /// Could not connect to NATS.
     #[error(
-        "cannot connect to NATS at {url}: {source}; is the server running? (`sluice up` starts one)"
+        "cannot connect to NATS at {url}: {source}; check that the server runs there (`sluice up` starts one) and the credentials/TLS settings"
     )]
     Connect {
         /// The URL tried.
@@ -139,6 +139,9 @@ pub enum Error {
     /// Any other JetStream or NATS failure.
     #[error("NATS request failed: {0}")]
     Nats(String),
+    /// Connection settings are invalid (missing files, conflicting options).
+    #[error("invalid NATS connection settings: {0}")]
+    Config(String),
     /// The embedded nats-server could not be started or stopped.
     #[error("embedded nats-server: {0}")]
     Embedded(String),

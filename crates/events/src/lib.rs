@@ -18,6 +18,7 @@
 #![warn(clippy::unwrap_used)]
 
 mod aggregate;
+mod connect;
 mod embedded;
 mod envelope;
 mod error;
@@ -27,6 +28,7 @@ mod server;
 mod store;
 
 pub use aggregate::{Aggregate, ExecuteError, ExecuteOutcome, execute, load};
+pub use connect::ConnectConfig;
 pub use embedded::{
     EmbeddedConfig, EmbeddedServer, NATS_SERVER_BIN_ENV, SyncInterval, binary_version,
     find_nats_server_bin,

@@ -14,6 +14,7 @@ use futures::stream::BoxStream;
 use serde::Deserialize;
 
 use crate::DEFAULT_MAX_PAYLOAD;
+use crate::connect::ConnectConfig;
 use crate::envelope::{Envelope, H_MSG_ID, NewEvent};
 use crate::error::Error;
 use crate::group_commit::{
@@ -221,33 +222,12 @@ struct BatchAck {
 impl EventStore {
     /// Connects to `url`, checks the server version and ensures the stream.
     pub async fn connect(url: &str, config: StoreConfig) -> Result<Self, Error> {
-        let addrs = url
-            .split(',')
-            .map(|u| u.trim().parse::<async_nats::ServerAddr>())
-            .collect::<Result<Vec<_>, _>>()
-            .map_err(|e| Error::Connect {
-                url: url.to_owned(),
-                source: e.into(),
-            })?;
-        let client = async_nats::ConnectOptions::new()
-            .name("sluice")
-            .retry_on_initial_connect()
-            .connection_timeout(Duration::from_secs(5))
-            .connect(addrs)
-            .await
-            .map_err(|source| Error::Connect {
-                url: url.to_owned(),
-                source,
-            })?;
-        // retry_on_initial_connect returns before the handshake: wait for it so
-        // the server's INFO (and version) is known.
-        let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
-        while client.connection_state() != async_nats::connection::State::Connected {
-            if tokio::time::Instant::now() > deadline {
-                return Err(Error::Timeout(Duration::from_secs(10)));
-            }
-            tokio::time::sleep(Duration::from_millis(10)).await;
-        }
+        Self::connect_with(&ConnectConfig::new(url), config).await
+    }
+
+    /// Connects with credentials/TLS, checks the server version and ensures the stream.
+    pub async fn connect_with(connect: &ConnectConfig, config: StoreConfig) -> Result<Self, Error> {
+        let client = connect.connect().await?;
         Self::new(client, config).await
     }
 

@@ -7,8 +7,8 @@ use anyhow::Context;
 use futures::StreamExt;
 use serde_json::json;
 use sluice_events::{
-    EventId, EventStore, ExpectedVersion, NewEvent, RecordedEvent, StoreConfig, StreamId,
-    validate_token,
+    ConnectConfig, EventId, EventStore, ExpectedVersion, NewEvent, RecordedEvent, StoreConfig,
+    StreamId, validate_token,
 };
 
 use crate::endpoint;
@@ -51,7 +51,8 @@ fn parse_expected(s: &str) -> Result<ExpectedVersion, String> {
 
 async fn connect(nats_url: Option<String>, home: &Path) -> anyhow::Result<EventStore> {
     let url = endpoint::resolve(nats_url, home)?;
-    Ok(EventStore::connect(&url, StoreConfig::default()).await?)
+    let connect = ConnectConfig::from_env(url)?;
+    Ok(EventStore::connect_with(&connect, StoreConfig::default()).await?)
 }
 
 fn load_data(data: &str) -> anyhow::Result<Vec<u8>> {

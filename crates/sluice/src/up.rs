@@ -6,7 +6,9 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use anyhow::Context;
-use sluice_events::{EmbeddedConfig, EmbeddedServer, EventStore, StoreConfig, SyncInterval};
+use sluice_events::{
+    ConnectConfig, EmbeddedConfig, EmbeddedServer, EventStore, StoreConfig, SyncInterval,
+};
 use tokio::signal::unix::{SignalKind, signal};
 
 use crate::endpoint::{self, Endpoint};
@@ -50,8 +52,8 @@ pub(crate) async fn run(
             url
         }
     };
-    let store = EventStore::connect(
-        &url,
+    let store = EventStore::connect_with(
+        &ConnectConfig::from_env(url.clone())?,
         StoreConfig {
             replicas: args.replicas,
             ..StoreConfig::default()

@@ -1,0 +1,211 @@
+//! How Sluice connects to NATS: one or more URLs, and any of user/password,
+//! nkey seed, `.creds` file, TLS with a private CA and client certificates.
+//! Secrets come from files or the environment, never from the repository.
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use async_nats::ConnectErrorKind;
+
+use crate::error::Error;
+
+/// Where and how to connect.
+#[derive(Debug, Clone, Default)]
+pub struct ConnectConfig {
+    /// Comma-separated server URLs.
+    pub url: String,
+    /// Client name shown in the server's monitoring.
+    pub name: Option<String>,
+    /// User for user/password authentication.
+    pub user: Option<String>,
+    /// Password (read from `SLUICE_NATS_PASSWORD` or a file by [`ConnectConfig::from_env`]).
+    pub password: Option<String>,
+    /// File holding an nkey seed (`SU...`).
+    pub nkey_seed_file: Option<PathBuf>,
+    /// A `.creds` file (JWT + nkey seed).
+    pub creds_file: Option<PathBuf>,
+    /// CA certificate to verify the server with (enables TLS).
+    pub tls_ca_file: Option<PathBuf>,
+    /// Client certificate for mutual TLS.
+    pub tls_cert_file: Option<PathBuf>,
+    /// Client key for mutual TLS.
+    pub tls_key_file: Option<PathBuf>,
+    /// How long to keep trying while the server is not (yet) reachable.
+    pub connect_timeout: Duration,
+}
+
+impl ConnectConfig {
+    /// Plain connection to `url`.
+    pub fn new(url: impl Into<String>) -> Self {
+        Self {
+            url: url.into(),
+            connect_timeout: Duration::from_secs(10),
+            ..Self::default()
+        }
+    }
+
+    /// `url` plus credentials and TLS from `SLUICE_NATS_USER`,
+    /// `SLUICE_NATS_PASSWORD` / `SLUICE_NATS_PASSWORD_FILE`,
+    /// `SLUICE_NATS_NKEY_FILE`, `SLUICE_NATS_CREDS`, `SLUICE_NATS_TLS_CA`,
+    /// `SLUICE_NATS_TLS_CERT`, `SLUICE_NATS_TLS_KEY`.
+    pub fn from_env(url: impl Into<String>) -> Result<Self, Error> {
+        let var = |name: &str| std::env::var(name).ok().filter(|v| !v.is_empty());
+        let path = |name: &str| var(name).map(PathBuf::from);
+        let password = match (
+            var("SLUICE_NATS_PASSWORD"),
+            path("SLUICE_NATS_PASSWORD_FILE"),
+        ) {
+            (Some(p), _) => Some(p),
+            (None, Some(file)) => Some(
+                std::fs::read_to_string(&file)
+                    .map_err(|e| {
+                        Error::Config(format!("SLUICE_NATS_PASSWORD_FILE={}: {e}", file.display()))
+                    })?
+                    .trim()
+                    .to_owned(),
+            ),
+            (None, None) => None,
+        };
+        Ok(Self {
+            user: var("SLUICE_NATS_USER"),
+            password,
+            nkey_seed_file: path("SLUICE_NATS_NKEY_FILE"),
+            creds_file: path("SLUICE_NATS_CREDS"),
+            tls_ca_file: path("SLUICE_NATS_TLS_CA"),
+            tls_cert_file: path("SLUICE_NATS_TLS_CERT"),
+            tls_key_file: path("SLUICE_NATS_TLS_KEY"),
+            ..Self::new(url)
+        })
+    }
+
+    /// Checks that the settings fit together and the files exist.
+    pub fn validate(&self) -> Result<(), Error> {
+        if self.user.is_some() != self.password.is_some() {
+            return Err(Error::Config(
+                "set both a NATS user and a password, or neither".into(),
+            ));
+        }
+        if self.tls_cert_file.is_some() != self.tls_key_file.is_some() {
+            return Err(Error::Config(
+                "a TLS client certificate needs its key (and vice versa)".into(),
+            ));
+        }
+        let methods = [
+            self.user.is_some(),
+            self.nkey_seed_file.is_some(),
+            self.creds_file.is_some(),
+        ];
+        if methods.iter().filter(|m| **m).count() > 1 {
+            return Err(Error::Config(
+                "choose one NATS authentication: user/password, nkey seed or creds file".into(),
+            ));
+        }
+        for file in [
+            &self.nkey_seed_file,
+            &self.creds_file,
+            &self.tls_ca_file,
+            &self.tls_cert_file,
+            &self.tls_key_file,
+        ]
+        .into_iter()
+        .flatten()
+        {
+            if !file.is_file() {
+                return Err(Error::Config(format!("{} does not exist", file.display())));
+            }
+        }
+        Ok(())
+    }
+
+    /// Connects, retrying while the server is unreachable (up to
+    /// `connect_timeout`), failing at once on authentication or TLS errors.
+    pub async fn connect(&self) -> Result<async_nats::Client, Error> {
+        self.validate()?;
+        let addrs = self
+            .url
+            .split(',')
+            .map(|u| u.trim().parse::<async_nats::ServerAddr>())
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(|e| Error::Connect {
+                url: self.url.clone(),
+                source: e.into(),
+            })?;
+        let deadline = tokio::time::Instant::now() + self.connect_timeout;
+        loop {
+            let options = self.options().await?;
+            match options.connect(addrs.clone()).await {
+                Ok(client) => return Ok(client),
+                Err(e)
+                    if matches!(e.kind(), ConnectErrorKind::Io | ConnectErrorKind::TimedOut)
+                        && tokio::time::Instant::now() < deadline =>
+                {
+                    tracing::debug!(url = %self.url, error = %e, "NATS not reachable yet; retrying");
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                }
+                Err(source) => {
+                    return Err(Error::Connect {
+                        url: self.url.clone(),
+                        source,
+                    });
+                }
+            }
+        }
+    }
+
+    async fn options(&self) -> Result<async_nats::ConnectOptions, Error> {
+        let mut o = async_nats::ConnectOptions::new()
+            .name(self.name.as_deref().unwrap_or("sluice"))
+            .connection_timeout(Duration::from_secs(5));
+        if let (Some(user), Some(password)) = (&self.user, &self.password) {
+            o = o.user_and_password(user.clone(), password.clone());
+        }
+        if let Some(file) = &self.nkey_seed_file {
+            let seed = std::fs::read_to_string(file)
+                .map_err(|e| Error::Config(format!("{}: {e}", file.display())))?;
+            o = o.nkey(seed.trim().to_owned());
+        }
+        if let Some(file) = &self.creds_file {
+            o = o
+                .credentials_file(file)
+                .await
+                .map_err(|e| Error::Config(format!("{}: {e}", file.display())))?;
+        }
+        if let Some(ca) = &self.tls_ca_file {
+            o = o.add_root_certificates(ca.clone()).require_tls(true);
+        }
+        if let (Some(cert), Some(key)) = (&self.tls_cert_file, &self.tls_key_file) {
+            o = o
+                .add_client_certificate(cert.clone(), key.clone())
+                .require_tls(true);
+        }
+        Ok(o)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn settings_must_fit_together() {
+        let mut c = ConnectConfig::new("nats://127.0.0.1:4222");
+        assert!(c.validate().is_ok());
+        c.user = Some("api".into());
+        assert!(matches!(c.validate(), Err(Error::Config(_))));
+        c.password = Some("secret".into());
+        assert!(c.validate().is_ok());
+        c.creds_file = Some("/nonexistent.creds".into());
+        assert!(c.validate().unwrap_err().to_string().contains("choose one"));
+        c.user = None;
+        c.password = None;
+        assert!(
+            c.validate()
+                .unwrap_err()
+                .to_string()
+                .contains("does not exist")
+        );
+        let mut c = ConnectConfig::new("nats://127.0.0.1:4222");
+        c.tls_cert_file = Some("/x.pem".into());
+        assert!(c.validate().unwrap_err().to_string().contains("key"));
+    }
+}
