@@ -1,0 +1,750 @@
+//! The pure saga model: definitions, state, events, and `react`.
+
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
+
+/// Builds a command's payload from the saga's data.
+type PayloadFn<D> = fn(&D) -> Value;
+/// Folds a step's reply into the saga's data.
+type ReplyFn<D> = fn(&mut D, &Value);
+
+/// One step: an action, its optional compensation, reply handling, deadline.
+struct Step<D> {
+    name: &'static str,
+    target: PayloadTarget<D>,
+    compensation: Option<PayloadTarget<D>>,
+    on_reply: Option<ReplyFn<D>>,
+    deadline: Duration,
+}
+
+struct PayloadTarget<D> {
+    command: &'static str,
+    payload: PayloadFn<D>,
+}
+
+/// A saga's steps, in order. Build with [`Definition::new`] and
+/// [`StepBuilder`].
+pub struct Definition<D> {
+    name: &'static str,
+    steps: Vec<Step<D>>,
+    default_deadline: Duration,
+}
+
+impl<D> std::fmt::Debug for Definition<D> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Definition")
+            .field("name", &self.name)
+            .field(
+                "steps",
+                &self.steps.iter().map(|s| s.name).collect::<Vec<_>>(),
+            )
+            .finish()
+    }
+}
+
+/// Why a definition is unusable.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum SagaError {
+    /// No steps.
+    #[error("saga {0} has no steps")]
+    Empty(&'static str),
+    /// Two steps share a name (command ids would collide).
+    #[error("saga {saga} has two steps named {step}")]
+    DuplicateStep {
+        /// The saga.
+        saga: &'static str,
+        /// The repeated name.
+        step: &'static str,
+    },
+}
+
+impl<D> Definition<D> {
+    /// A saga named `name` (its streams are `events.saga-<name>.<id>`).
+    pub fn new(name: &'static str) -> Self {
+        Self {
+            name,
+            steps: Vec::new(),
+            default_deadline: Duration::from_secs(30),
+        }
+    }
+
+    /// Starts describing the next step.
+    pub fn step(self, name: &'static str) -> StepBuilder<D> {
+        StepBuilder {
+            definition: self,
+            name,
+            compensation: None,
+            on_reply: None,
+            deadline: None,
+        }
+    }
+
+    /// Checks the definition (non-empty, unique step names).
+    pub fn build(self) -> Result<Self, SagaError> {
+        if self.steps.is_empty() {
+            return Err(SagaError::Empty(self.name));
+        }
+        for (i, s) in self.steps.iter().enumerate() {
+            if self.steps[..i].iter().any(|p| p.name == s.name) {
+                return Err(SagaError::DuplicateStep {
+                    saga: self.name,
+                    step: s.name,
+                });
+            }
+        }
+        Ok(self)
+    }
+
+    /// The saga's name.
+    pub fn name(&self) -> &'static str {
+        self.name
+    }
+
+    /// Step names in order.
+    pub fn step_names(&self) -> Vec<&'static str> {
+        self.steps.iter().map(|s| s.name).collect()
+    }
+}
+
+/// Describes one step; finish it with [`StepBuilder::invoke`].
+pub struct StepBuilder<D> {
+    definition: Definition<D>,
+    name: &'static str,
+    compensation: Option<PayloadTarget<D>>,
+    on_reply: Option<ReplyFn<D>>,
+    deadline: Option<Duration>,
+}
+
+impl<D> StepBuilder<D> {
+    /// How to undo this step once it succeeded and a later one fails.
+    pub fn with_compensation(mut self, command: &'static str, payload: PayloadFn<D>) -> Self {
+        self.compensation = Some(PayloadTarget { command, payload });
+        self
+    }
+
+    /// Folds the step's success reply into the saga's data.
+    pub fn on_reply(mut self, f: ReplyFn<D>) -> Self {
+        self.on_reply = Some(f);
+        self
+    }
+
+    /// How long the step may take before it counts as failed.
+    pub fn deadline(mut self, d: Duration) -> Self {
+        self.deadline = Some(d);
+        self
+    }
+
+    /// The step's action; returns the definition for the next step.
+    pub fn invoke(mut self, command: &'static str, payload: PayloadFn<D>) -> Definition<D> {
+        let deadline = self.deadline.unwrap_or(self.definition.default_deadline);
+        self.definition.steps.push(Step {
+            name: self.name,
+            target: PayloadTarget { command, payload },
+            compensation: self.compensation,
+            on_reply: self.on_reply,
+            deadline,
+        });
+        self.definition
+    }
+}
+
+/// Where a saga instance stands.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "status", rename_all = "snake_case")]
+pub enum Status {
+    /// Created, not started.
+    New,
+    /// Waiting for step `step`'s action.
+    Running {
+        /// Index of the current step.
+        step: usize,
+    },
+    /// Undoing: waiting for step `step`'s compensation.
+    Compensating {
+        /// Index of the step being compensated.
+        step: usize,
+        /// Why the saga is compensating.
+        reason: String,
+    },
+    /// Every step succeeded.
+    Completed,
+    /// A step failed and every completed step was undone.
+    Compensated {
+        /// Why.
+        reason: String,
+    },
+    /// A compensation failed permanently: an operator must look.
+    NeedsAttention {
+        /// Why.
+        reason: String,
+    },
+}
+
+impl Status {
+    /// True when nothing more will happen without an operator.
+    pub fn is_final(&self) -> bool {
+        matches!(
+            self,
+            Status::Completed | Status::Compensated { .. } | Status::NeedsAttention { .. }
+        )
+    }
+}
+
+/// A saga instance's state, folded from its events.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct SagaState<D> {
+    /// The instance id.
+    pub id: String,
+    /// The flow's data.
+    pub data: D,
+    /// Where it stands.
+    pub status: Status,
+    /// Attempt number of the command in flight (1-based).
+    pub attempt: u32,
+}
+
+impl<D> SagaState<D> {
+    /// A new instance with its data.
+    pub fn new(id: impl Into<String>, data: D) -> Self {
+        Self {
+            id: id.into(),
+            data,
+            status: Status::New,
+            attempt: 0,
+        }
+    }
+}
+
+/// What happened to a saga instance (stored, in order, on its stream).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "event", rename_all = "snake_case")]
+pub enum SagaEvent {
+    /// Start the flow.
+    Started,
+    /// The action of `step` succeeded.
+    StepSucceeded {
+        /// Step index.
+        step: usize,
+        /// Attempt the reply answers.
+        attempt: u32,
+        /// The reply body.
+        reply: Value,
+    },
+    /// The action of `step` failed permanently.
+    StepFailed {
+        /// Step index.
+        step: usize,
+        /// Attempt the reply answers.
+        attempt: u32,
+        /// Why.
+        reason: String,
+    },
+    /// The deadline of `step`'s attempt passed.
+    StepTimedOut {
+        /// Step index.
+        step: usize,
+        /// Attempt that timed out.
+        attempt: u32,
+    },
+    /// The compensation of `step` succeeded.
+    CompensationSucceeded {
+        /// Step index.
+        step: usize,
+        /// Attempt the reply answers.
+        attempt: u32,
+    },
+    /// The compensation of `step` failed.
+    CompensationFailed {
+        /// Step index.
+        step: usize,
+        /// Attempt the reply answers.
+        attempt: u32,
+        /// Why.
+        reason: String,
+        /// Retrying cannot help.
+        permanent: bool,
+    },
+}
+
+/// Whether a command does or undoes a step.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum CommandKind {
+    /// The step's action.
+    Action,
+    /// The step's compensation.
+    Compensation,
+}
+
+/// A command the runtime must send after persisting the transition.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Command {
+    /// Deterministic id `<saga-id>/<step>/<attempt>` (compensations add
+    /// `/undo`): the receiver dedups resends on it.
+    pub id: String,
+    /// Action or compensation.
+    pub kind: CommandKind,
+    /// Step index.
+    pub step: usize,
+    /// Step name.
+    pub step_name: String,
+    /// Attempt number.
+    pub attempt: u32,
+    /// Command name, e.g. `ledger.account.withdraw`.
+    pub command: String,
+    /// Command payload.
+    pub payload: Value,
+    /// When the reply is due (actions only; compensations retry until done).
+    #[serde(with = "duration_ms", default, skip_serializing_if = "Option::is_none")]
+    pub deadline: Option<Duration>,
+}
+
+mod duration_ms {
+    use std::time::Duration;
+
+    use serde::{Deserialize, Deserializer, Serializer};
+
+    pub(super) fn serialize<S: Serializer>(d: &Option<Duration>, s: S) -> Result<S::Ok, S::Error> {
+        match d {
+            Some(d) => s.serialize_u64(d.as_millis() as u64),
+            None => s.serialize_none(),
+        }
+    }
+
+    pub(super) fn deserialize<'de, D: Deserializer<'de>>(
+        d: D,
+    ) -> Result<Option<Duration>, D::Error> {
+        Ok(Option::<u64>::deserialize(d)?.map(Duration::from_millis))
+    }
+}
+
+fn action<D>(def: &Definition<D>, state: &SagaState<D>, step: usize, attempt: u32) -> Command {
+    let s = &def.steps[step];
+    Command {
+        id: format!("{}/{}/{}", state.id, s.name, attempt),
+        kind: CommandKind::Action,
+        step,
+        step_name: s.name.to_owned(),
+        attempt,
+        command: s.target.command.to_owned(),
+        payload: (s.target.payload)(&state.data),
+        deadline: Some(s.deadline),
+    }
+}
+
+/// The compensation command of `step`, if it has one.
+fn compensation<D>(
+    def: &Definition<D>,
+    state: &SagaState<D>,
+    step: usize,
+    attempt: u32,
+) -> Option<Command> {
+    let s = &def.steps[step];
+    let c = s.compensation.as_ref()?;
+    Some(Command {
+        id: format!("{}/{}/{}/undo", state.id, s.name, attempt),
+        kind: CommandKind::Compensation,
+        step,
+        step_name: s.name.to_owned(),
+        attempt,
+        command: c.command.to_owned(),
+        payload: (c.payload)(&state.data),
+        deadline: None,
+    })
+}
+
+/// Walks back from `from` (exclusive) to the nearest completed step with a
+/// compensation; none left means the saga is compensated.
+fn compensate_from<D: Clone>(
+    def: &Definition<D>,
+    mut state: SagaState<D>,
+    from: usize,
+    reason: String,
+) -> (SagaState<D>, Vec<Command>) {
+    for step in (0..from).rev() {
+        if let Some(cmd) = compensation(def, &state, step, 1) {
+            state.status = Status::Compensating { step, reason };
+            state.attempt = 1;
+            return (state, vec![cmd]);
+        }
+    }
+    state.status = Status::Compensated { reason };
+    state.attempt = 0;
+    (state, vec![])
+}
+
+/// The saga's reaction to one event: its next state and the commands to send
+/// (after the new state is persisted). Events that do not fit the current
+/// state (late replies, stale timeouts) change nothing.
+pub fn react<D: Clone>(
+    def: &Definition<D>,
+    state: &SagaState<D>,
+    event: &SagaEvent,
+) -> (SagaState<D>, Vec<Command>) {
+    let unchanged = || (state.clone(), vec![]);
+    let current = |step: usize, attempt: u32| {
+        state.attempt == attempt && matches!(state.status, Status::Running { step: s } if s == step)
+    };
+    let undoing = |step: usize, attempt: u32| {
+        state.attempt == attempt
+            && matches!(state.status, Status::Compensating { step: s, .. } if s == step)
+    };
+    match event {
+        SagaEvent::Started if state.status == Status::New => {
+            let mut next = state.clone();
+            next.status = Status::Running { step: 0 };
+            next.attempt = 1;
+            let cmd = action(def, &next, 0, 1);
+            (next, vec![cmd])
+        }
+        SagaEvent::StepSucceeded {
+            step,
+            attempt,
+            reply,
+        } if current(*step, *attempt) => {
+            let mut next = state.clone();
+            if let Some(f) = def.steps[*step].on_reply {
+                f(&mut next.data, reply);
+            }
+            let following = step + 1;
+            if following == def.steps.len() {
+                next.status = Status::Completed;
+                next.attempt = 0;
+                (next, vec![])
+            } else {
+                next.status = Status::Running { step: following };
+                next.attempt = 1;
+                let cmd = action(def, &next, following, 1);
+                (next, vec![cmd])
+            }
+        }
+        SagaEvent::StepFailed {
+            step,
+            attempt,
+            reason,
+        } if current(*step, *attempt) => compensate_from(
+            def,
+            state.clone(),
+            *step,
+            format!("step {} failed: {reason}", def.steps[*step].name),
+        ),
+        SagaEvent::StepTimedOut { step, attempt } if current(*step, *attempt) => compensate_from(
+            def,
+            state.clone(),
+            *step,
+            format!(
+                "step {} timed out after {:?}",
+                def.steps[*step].name, def.steps[*step].deadline
+            ),
+        ),
+        SagaEvent::CompensationSucceeded { step, attempt } if undoing(*step, *attempt) => {
+            let reason = match &state.status {
+                Status::Compensating { reason, .. } => reason.clone(),
+                _ => String::new(),
+            };
+            compensate_from(def, state.clone(), *step, reason)
+        }
+        SagaEvent::CompensationFailed {
+            step,
+            attempt,
+            reason,
+            permanent,
+        } if undoing(*step, *attempt) => {
+            let mut next = state.clone();
+            if *permanent {
+                next.status = Status::NeedsAttention {
+                    reason: format!(
+                        "compensation of step {} failed permanently: {reason}",
+                        def.steps[*step].name
+                    ),
+                };
+                (next, vec![])
+            } else {
+                next.attempt = attempt + 1;
+                let cmds = compensation(def, &next, *step, next.attempt)
+                    .into_iter()
+                    .collect();
+                (next, cmds)
+            }
+        }
+        _ => unchanged(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    #[derive(Debug, Clone, PartialEq)]
+    struct Transfer {
+        from: String,
+        to: String,
+        amount: u64,
+        reservation: Option<String>,
+    }
+
+    fn transfer() -> Definition<Transfer> {
+        Definition::<Transfer>::new("transfer")
+            .step("reserve")
+            .with_compensation(
+                "ledger.account.release",
+                |t| json!({"account": t.from, "amount": t.amount}),
+            )
+            .on_reply(|t, r| t.reservation = r["reservation"].as_str().map(str::to_owned))
+            .deadline(Duration::from_secs(5))
+            .invoke(
+                "ledger.account.reserve",
+                |t| json!({"account": t.from, "amount": t.amount}),
+            )
+            .step("deposit")
+            .invoke(
+                "ledger.account.deposit",
+                |t| json!({"account": t.to, "amount": t.amount}),
+            )
+            .step("complete")
+            .invoke(
+                "ledger.account.settle",
+                |t| json!({"reservation": t.reservation}),
+            )
+            .build()
+            .unwrap()
+    }
+
+    fn start() -> SagaState<Transfer> {
+        SagaState::new(
+            "t-1",
+            Transfer {
+                from: "a".into(),
+                to: "b".into(),
+                amount: 10,
+                reservation: None,
+            },
+        )
+    }
+
+    /// Given events, fold them; return the final state and all commands.
+    fn given(
+        def: &Definition<Transfer>,
+        events: &[SagaEvent],
+    ) -> (SagaState<Transfer>, Vec<Command>) {
+        let mut state = start();
+        let mut all = vec![];
+        for e in events {
+            let (s, cmds) = react(def, &state, e);
+            state = s;
+            all.extend(cmds);
+        }
+        (state, all)
+    }
+
+    fn ok(step: usize, reply: Value) -> SagaEvent {
+        SagaEvent::StepSucceeded {
+            step,
+            attempt: 1,
+            reply,
+        }
+    }
+
+    #[test]
+    fn happy_path_runs_each_step_once_with_deterministic_ids() {
+        let def = transfer();
+        let (state, cmds) = given(
+            &def,
+            &[
+                SagaEvent::Started,
+                ok(0, json!({"reservation": "r-9"})),
+                ok(1, json!({})),
+                ok(2, json!({})),
+            ],
+        );
+        assert_eq!(state.status, Status::Completed);
+        let ids: Vec<&str> = cmds.iter().map(|c| c.id.as_str()).collect();
+        assert_eq!(ids, ["t-1/reserve/1", "t-1/deposit/1", "t-1/complete/1"]);
+        assert_eq!(cmds[2].payload, json!({"reservation": "r-9"}));
+        assert_eq!(cmds[0].deadline, Some(Duration::from_secs(5)));
+    }
+
+    #[test]
+    fn a_failed_step_compensates_completed_steps_in_reverse() {
+        let def = transfer();
+        let (state, cmds) = given(
+            &def,
+            &[
+                SagaEvent::Started,
+                ok(0, json!({})),
+                SagaEvent::StepFailed {
+                    step: 1,
+                    attempt: 1,
+                    reason: "account b is closed".into(),
+                },
+            ],
+        );
+        assert!(matches!(state.status, Status::Compensating { step: 0, .. }));
+        let last = cmds.last().unwrap();
+        assert_eq!(last.kind, CommandKind::Compensation);
+        assert_eq!(last.command, "ledger.account.release");
+        assert_eq!(last.id, "t-1/reserve/1/undo");
+        let (state, cmds) = react(
+            &def,
+            &state,
+            &SagaEvent::CompensationSucceeded {
+                step: 0,
+                attempt: 1,
+            },
+        );
+        assert!(cmds.is_empty());
+        assert_eq!(
+            state.status,
+            Status::Compensated {
+                reason: "step deposit failed: account b is closed".into()
+            }
+        );
+    }
+
+    #[test]
+    fn the_first_step_failing_needs_no_compensation() {
+        let def = transfer();
+        let (state, cmds) = given(
+            &def,
+            &[
+                SagaEvent::Started,
+                SagaEvent::StepFailed {
+                    step: 0,
+                    attempt: 1,
+                    reason: "insufficient funds".into(),
+                },
+            ],
+        );
+        assert_eq!(cmds.len(), 1);
+        assert!(matches!(state.status, Status::Compensated { .. }));
+    }
+
+    #[test]
+    fn transient_compensation_failures_retry_and_permanent_ones_need_attention() {
+        let def = transfer();
+        let failing = [
+            SagaEvent::Started,
+            ok(0, json!({})),
+            SagaEvent::StepTimedOut {
+                step: 1,
+                attempt: 1,
+            },
+        ];
+        let (state, _) = given(&def, &failing);
+        let (state, cmds) = react(
+            &def,
+            &state,
+            &SagaEvent::CompensationFailed {
+                step: 0,
+                attempt: 1,
+                reason: "db down".into(),
+                permanent: false,
+            },
+        );
+        assert_eq!(cmds.len(), 1);
+        assert_eq!(cmds[0].id, "t-1/reserve/2/undo");
+        let (state, cmds) = react(
+            &def,
+            &state,
+            &SagaEvent::CompensationFailed {
+                step: 0,
+                attempt: 2,
+                reason: "account a was closed meanwhile".into(),
+                permanent: true,
+            },
+        );
+        assert!(cmds.is_empty());
+        match &state.status {
+            Status::NeedsAttention { reason } => assert!(reason.contains("closed meanwhile")),
+            other => panic!("{other:?}"),
+        }
+        assert!(state.status.is_final());
+    }
+
+    #[test]
+    fn late_replies_and_stale_timeouts_change_nothing() {
+        let def = transfer();
+        let (state, _) = given(&def, &[SagaEvent::Started, ok(0, json!({}))]);
+        // The deadline of step 0 fires after it completed: ignored.
+        let (same, cmds) = react(
+            &def,
+            &state,
+            &SagaEvent::StepTimedOut {
+                step: 0,
+                attempt: 1,
+            },
+        );
+        assert_eq!(same, state);
+        assert!(cmds.is_empty());
+        // A duplicate reply for step 0: ignored.
+        let (same, cmds) = react(&def, &state, &ok(0, json!({})));
+        assert_eq!(same, state);
+        assert!(cmds.is_empty());
+        // Started twice: ignored.
+        let (same, _) = react(&def, &state, &SagaEvent::Started);
+        assert_eq!(same, state);
+        // A completed saga ignores everything.
+        let (done, _) = given(
+            &def,
+            &[
+                SagaEvent::Started,
+                ok(0, json!({})),
+                ok(1, json!({})),
+                ok(2, json!({})),
+            ],
+        );
+        let (same, cmds) = react(
+            &def,
+            &done,
+            &SagaEvent::StepTimedOut {
+                step: 2,
+                attempt: 1,
+            },
+        );
+        assert_eq!(same.status, Status::Completed);
+        assert!(cmds.is_empty());
+    }
+
+    #[test]
+    fn definitions_are_checked() {
+        assert_eq!(
+            Definition::<Transfer>::new("x").build().unwrap_err(),
+            SagaError::Empty("x")
+        );
+        let dup = Definition::<Transfer>::new("x")
+            .step("a")
+            .invoke("c", |_| json!({}))
+            .step("a")
+            .invoke("c", |_| json!({}))
+            .build()
+            .unwrap_err();
+        assert!(matches!(dup, SagaError::DuplicateStep { step: "a", .. }));
+        assert_eq!(transfer().step_names(), ["reserve", "deposit", "complete"]);
+    }
+
+    #[test]
+    fn events_and_commands_serialize_for_the_log() {
+        let e = SagaEvent::StepFailed {
+            step: 1,
+            attempt: 1,
+            reason: "closed".into(),
+        };
+        let s = serde_json::to_string(&e).unwrap();
+        assert_eq!(
+            s,
+            r#"{"event":"step_failed","step":1,"attempt":1,"reason":"closed"}"#
+        );
+        assert_eq!(serde_json::from_str::<SagaEvent>(&s).unwrap(), e);
+        let st = Status::Compensating {
+            step: 0,
+            reason: "r".into(),
+        };
+        assert_eq!(
+            serde_json::to_string(&st).unwrap(),
+            r#"{"status":"compensating","step":0,"reason":"r"}"#
+        );
+    }
+}
