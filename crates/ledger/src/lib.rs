@@ -1,4 +1,38 @@
-//! The reference domain: accounts (open, deposit, withdraw, close), their
-//! read models, and the transfer saga, built only on the other Sluice crates.
+//! The reference domain: accounts (open, deposit, withdraw, close) and their
+//! read models, built only on the other Sluice crates.
 //!
-//! Not built yet: this crate reserves its place in the dependency order.
+//! Read models (see `docs/projections.md`):
+//! - `account_balances`: one row per account (id, owner, currency, balance
+//!   in minor units, version, status, updated_at), folded set-based per batch;
+//! - `account_activity`: one row per account event (account, position, type,
+//!   amount, time).
+//!
+//! Both run on the projection runtime of `sluice-projections`, so each event
+//! takes effect exactly once; events that make no sense (deposit to an
+//! unknown account, non-positive or non-integer amounts, unknown types,
+//! malformed data) are dead-lettered with the reason and park their account.
+#![warn(clippy::unwrap_used)]
+
+mod events;
+mod fold;
+mod read_models;
+mod service;
+
+pub use events::{ACCOUNT_CATEGORY, AccountEvent, CLOSED, DEPOSITED, OPENED, WITHDRAWN};
+pub use fold::{AccountRow, FoldInput, FoldOutput, STATUS_CLOSED, STATUS_OPEN, fold_balances};
+pub use read_models::{
+    ACCOUNT_ACTIVITY, ACCOUNT_BALANCES, AccountActivity, AccountBalances, WriteMode,
+};
+pub use service::{Projector, ReadSide, migrate};
+
+/// The one error type of the ledger crate.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum Error {
+    /// The projection runtime or its database failed.
+    #[error(transparent)]
+    Projections(#[from] sluice_projections::Error),
+    /// The event store failed.
+    #[error(transparent)]
+    Events(#[from] sluice_events::Error),
+}

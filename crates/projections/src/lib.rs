@@ -1,5 +1,72 @@
-//! Projections (issue: projections, queries and replay): batches of events
-//! applied to SQL read models (SQLite and PostgreSQL through sqlx) with the
-//! checkpoint in the same transaction, blue/green rebuild and read-your-writes.
+//! Projections: read models in SQL (SQLite, the embedded default in WAL
+//! mode, and PostgreSQL, through one sqlx code path) fed by the event log.
 //!
-//! Not built yet: this crate reserves its place in the dependency order.
+//! Guarantees:
+//! - **Exactly once in the read model.** A batch of events and the
+//!   checkpoint (the last stream sequence applied) are written in one SQL
+//!   transaction; the checkpoint update is a compare-and-set, so two runners
+//!   of one projection cannot both apply a batch. A crash at any point leaves
+//!   either the whole batch and its checkpoint, or neither.
+//! - **Resume from SQL, not from the broker.** On start a runner reads its
+//!   checkpoint and opens an ordered (ephemeral) consumer right after it.
+//! - **Never skip on database trouble.** Any database or broker error while
+//!   applying a batch blocks the projection and retries the same batch with
+//!   exponential backoff and jitter, forever; the status shows the error.
+//! - **Permanent failures** (an event breaks the envelope contract, or the
+//!   projection rejects it) follow the [`FailurePolicy`]: `dead_letter`
+//!   copies it to the `DLQ` stream with the reason and parks its aggregate
+//!   for this projection (later events of it are dead-lettered behind it,
+//!   never applied out of order; persisted in `sluice_parked`), or `halt`
+//!   stops the projection before it.
+//!
+//! The HTTP query API is [`http::app`].
+#![warn(clippy::unwrap_used)]
+
+mod db;
+mod dlq;
+mod error;
+pub mod http;
+mod projection;
+mod runner;
+mod status;
+
+pub use db::{Backend, Database, is_transient};
+pub use dlq::{DLQ_PREFIX, DLQ_STREAM, DeadLetterKind, DlqWriter, headers};
+pub use error::Error;
+pub use projection::{Page, ProjectedEvent, Projection, ReadModel, Rejection};
+pub use runner::{
+    FailurePolicy, Live, LiveStatus, RunState, Runner, RunnerConfig, consumer_name, read_checkpoint,
+};
+pub use status::{Halt, ProjectionStatus, projection_status};
+
+/// A projection running on a tokio task.
+#[derive(Debug)]
+pub struct RunningProjection {
+    /// Its name.
+    pub name: &'static str,
+    /// Its live status (for the HTTP API).
+    pub live: LiveStatus,
+    /// The task; ends on shutdown (`Ok`) or a halt (`Err(Error::Halted)`).
+    pub task: tokio::task::JoinHandle<Result<(), Error>>,
+}
+
+/// Starts a runner for `projection` on its own task.
+pub async fn spawn<P: Projection>(
+    projection: std::sync::Arc<P>,
+    db: Database,
+    store: sluice_events::EventStore,
+    config: RunnerConfig,
+    shutdown: tokio_util::sync::CancellationToken,
+) -> Result<RunningProjection, Error> {
+    let name = projection.name();
+    let runner = Runner::new(projection, db, store, config).await?;
+    let live = runner.live();
+    let task = tokio::spawn(async move {
+        let result = runner.run(shutdown).await;
+        if let Err(e) = &result {
+            tracing::error!(projection = name, error = %e, "projection stopped");
+        }
+        result
+    });
+    Ok(RunningProjection { name, live, task })
+}

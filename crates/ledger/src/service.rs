@@ -1,0 +1,102 @@
+//! Wiring for the binary: connect the read side, run the ledger projector,
+//! build the HTTP state.
+
+use std::sync::Arc;
+
+use sluice_events::{EventStore, StoreConfig};
+use sluice_projections::http::AppState;
+use sluice_projections::{Database, RunnerConfig, RunningProjection};
+use tokio_util::sync::CancellationToken;
+
+use crate::Error;
+use crate::read_models::{AccountActivity, AccountBalances};
+
+/// Schema of the ledger read models.
+static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./migrations");
+
+/// Applies the ledger's migrations (idempotent).
+pub async fn migrate(db: &Database) -> Result<(), Error> {
+    db.migrate(&MIGRATOR).await?;
+    Ok(())
+}
+
+/// The event store and the migrated read store.
+#[derive(Debug, Clone)]
+pub struct ReadSide {
+    /// The event log.
+    pub store: EventStore,
+    /// The read store.
+    pub db: Database,
+}
+
+impl ReadSide {
+    /// Connects to NATS (`nats_url`) and the read store (`database_url`:
+    /// `sqlite://<file>` or `postgres://...`) and migrates it.
+    pub async fn connect(nats_url: &str, database_url: &str) -> Result<Self, Error> {
+        let store = EventStore::connect(nats_url, StoreConfig::default()).await?;
+        let db = Database::connect(database_url).await?;
+        migrate(&db).await?;
+        Ok(Self { store, db })
+    }
+}
+
+/// The ledger projections running in this process.
+#[derive(Debug)]
+pub struct Projector {
+    /// One per projection.
+    pub running: Vec<RunningProjection>,
+}
+
+impl Projector {
+    /// Starts `account_balances` and `account_activity`.
+    pub async fn start(
+        side: &ReadSide,
+        config: RunnerConfig,
+        shutdown: CancellationToken,
+    ) -> Result<Self, Error> {
+        let balances = sluice_projections::spawn(
+            Arc::new(AccountBalances::new()),
+            side.db.clone(),
+            side.store.clone(),
+            config.clone(),
+            shutdown.clone(),
+        )
+        .await?;
+        let activity = sluice_projections::spawn(
+            Arc::new(AccountActivity),
+            side.db.clone(),
+            side.store.clone(),
+            config,
+            shutdown,
+        )
+        .await?;
+        Ok(Self {
+            running: vec![balances, activity],
+        })
+    }
+
+    /// The HTTP state serving the ledger read models with this projector's
+    /// live status.
+    pub fn app_state(&self, side: &ReadSide) -> AppState {
+        let live = |name: &str| {
+            self.running
+                .iter()
+                .find(|r| r.name == name)
+                .map(|r| r.live.clone())
+        };
+        AppState::builder(side.store.clone(), side.db.clone())
+            .read_model(
+                Arc::new(AccountBalances::new()),
+                live(crate::ACCOUNT_BALANCES),
+            )
+            .read_model(Arc::new(AccountActivity), live(crate::ACCOUNT_ACTIVITY))
+            .build()
+    }
+
+    /// Waits for every projection task to end (after shutdown).
+    pub async fn join(self) {
+        for r in self.running {
+            let _ = r.task.await;
+        }
+    }
+}

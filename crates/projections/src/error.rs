@@ -1,0 +1,49 @@
+//! The one error type of the projections crate.
+
+/// What went wrong in the projection runtime, its database or its HTTP state.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum Error {
+    /// The database URL is neither `sqlite:` nor `postgres:`.
+    #[error("unsupported database URL {0:?}: use sqlite://<file> or postgres://<host>/<db>")]
+    UnsupportedDatabaseUrl(String),
+    /// A database operation failed (after the runtime's own retries, if any).
+    #[error("database error: {0}")]
+    Database(#[from] sqlx::Error),
+    /// Applying the schema migrations failed.
+    #[error("database migration failed: {0}")]
+    Migrate(#[from] sqlx::migrate::MigrateError),
+    /// The event store failed.
+    #[error(transparent)]
+    Events(#[from] sluice_events::Error),
+    /// A NATS/JetStream operation failed.
+    #[error("NATS {op} failed: {detail}")]
+    Nats {
+        /// What was being done.
+        op: &'static str,
+        /// The client's message.
+        detail: String,
+    },
+    /// No projection of that name is registered.
+    #[error("unknown projection {0:?}")]
+    UnknownProjection(String),
+    /// The projection was stopped by its `halt` policy on a bad event.
+    #[error("projection {projection} halted at position {position}: {reason}")]
+    Halted {
+        /// The projection.
+        projection: String,
+        /// Stream sequence of the event it stopped on.
+        position: u64,
+        /// Why the event was rejected.
+        reason: String,
+    },
+}
+
+impl Error {
+    pub(crate) fn nats(op: &'static str, e: impl std::fmt::Display) -> Self {
+        Self::Nats {
+            op,
+            detail: e.to_string(),
+        }
+    }
+}

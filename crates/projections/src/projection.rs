@@ -1,0 +1,102 @@
+//! What a projection is: a constant name, the categories it reads, and a
+//! batch handler that writes inside the runtime's transaction.
+
+use std::future::Future;
+
+use futures::future::BoxFuture;
+use sluice_events::{Envelope, StreamId};
+use sqlx::AnyConnection;
+use time::OffsetDateTime;
+
+/// One event handed to a projection: decoded, of one of its categories,
+/// not parked.
+#[derive(Debug, Clone)]
+pub struct ProjectedEvent {
+    /// The aggregate (`events.<category>.<id>`).
+    pub stream_id: StreamId,
+    /// Its stream sequence (global position).
+    pub position: u64,
+    /// The decoded CloudEvents envelope.
+    pub envelope: Envelope,
+    /// When the server stored it.
+    pub appended_at: OffsetDateTime,
+}
+
+/// A projection's verdict that one event makes no sense for its read model
+/// (a permanent failure: retrying cannot help).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Rejection {
+    /// Stream sequence of the rejected event.
+    pub position: u64,
+    /// Why, for the dead letter and the status (no secrets, no internals).
+    pub reason: String,
+}
+
+impl Rejection {
+    /// A rejection of the event at `position`.
+    pub fn new(position: u64, reason: impl Into<String>) -> Self {
+        Self {
+            position,
+            reason: reason.into(),
+        }
+    }
+}
+
+/// A read model fed by the log.
+///
+/// The runtime calls [`apply`](Projection::apply) with a batch of events in
+/// log order inside one transaction that also advances the checkpoint, so
+/// each event takes effect exactly once. The handler either applies every
+/// event of the batch, or returns the ones it rejects: the runtime then rolls
+/// the transaction back, dead-letters (or halts on) the rejected events,
+/// holds back later events of the same aggregates, and calls it again with
+/// the rest. A database error from the handler is treated as transient: the
+/// batch is retried with backoff, never skipped.
+pub trait Projection: Send + Sync + 'static {
+    /// The constant name; also the checkpoint key. Renaming it rebuilds the
+    /// read model from position 1.
+    fn name(&self) -> &'static str;
+
+    /// The event categories (`events.<category>.>`) it reads; events of other
+    /// categories only move its checkpoint.
+    fn categories(&self) -> &'static [&'static str];
+
+    /// Applies a batch in log order, or returns the events it rejects
+    /// (writing nothing that must survive: the transaction is rolled back).
+    fn apply<'c>(
+        &'c self,
+        conn: &'c mut AnyConnection,
+        events: &'c [ProjectedEvent],
+    ) -> impl Future<Output = Result<Vec<Rejection>, sqlx::Error>> + Send + 'c;
+}
+
+/// One page of rows of a read model.
+#[derive(Debug, Clone, Default)]
+pub struct Page {
+    /// The rows, as JSON objects, in key order.
+    pub rows: Vec<serde_json::Value>,
+    /// Cursor of the next page (the last row's key), when there may be more.
+    pub next: Option<String>,
+}
+
+/// The query side of a projection, for the HTTP API and the CLI.
+/// Object-safe, so one registry serves every projection.
+pub trait ReadModel: Send + Sync + 'static {
+    /// The projection's name (the checkpoint key).
+    fn name(&self) -> &'static str;
+
+    /// One row by key, as a JSON object.
+    fn get<'a>(
+        &'a self,
+        conn: &'a mut AnyConnection,
+        key: &'a str,
+    ) -> BoxFuture<'a, Result<Option<serde_json::Value>, sqlx::Error>>;
+
+    /// Up to `limit` rows with keys after `after`, in key order.
+    fn list<'a>(
+        &'a self,
+        conn: &'a mut AnyConnection,
+        after: Option<&'a str>,
+        limit: u32,
+    ) -> BoxFuture<'a, Result<Page, sqlx::Error>>;
+}

@@ -1,0 +1,770 @@
+//! The projection runner: fetch a batch from the log, apply it and move the
+//! checkpoint in one transaction, retry database trouble forever with
+//! backoff, dead-letter (or halt on) events the projection rejects.
+
+use std::collections::{BTreeMap, HashMap};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use async_nats::HeaderMap;
+use async_nats::jetstream::consumer::{self, pull};
+use backon::{BackoffBuilder, ExponentialBuilder};
+use bytes::Bytes;
+use futures::{FutureExt, StreamExt};
+use serde::Serialize;
+use sluice_events::{Envelope, EventStore, StreamId};
+use sqlx::Row;
+use time::OffsetDateTime;
+use tokio_util::sync::CancellationToken;
+
+use crate::db::{Database, is_transient};
+use crate::dlq::{DeadLetter, DeadLetterKind, DlqWriter};
+use crate::error::Error;
+use crate::projection::{ProjectedEvent, Projection};
+
+/// What to do with an event the projection cannot apply (a permanent failure).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum FailurePolicy {
+    /// Dead-letter it, park its aggregate for this projection (later events
+    /// of it are dead-lettered behind it), keep applying everything else.
+    #[default]
+    DeadLetter,
+    /// Stop the projection before the event; the status says why. Nothing
+    /// after it is applied until the projection is restarted.
+    Halt,
+}
+
+/// Settings of one runner.
+#[derive(Debug, Clone)]
+pub struct RunnerConfig {
+    /// Largest batch (one transaction). Batches grow with the lag up to this.
+    pub max_batch: usize,
+    /// How long to wait for more events when the broker says more are
+    /// pending, before applying a partial batch.
+    pub linger: Duration,
+    /// Permanent-failure policy.
+    pub failure_policy: FailurePolicy,
+    /// First retry delay after a database or broker error.
+    pub backoff_min: Duration,
+    /// Longest retry delay (retries never stop: a projection never skips).
+    pub backoff_max: Duration,
+}
+
+impl Default for RunnerConfig {
+    fn default() -> Self {
+        Self {
+            max_batch: 1000,
+            linger: Duration::from_millis(20),
+            failure_policy: FailurePolicy::DeadLetter,
+            backoff_min: Duration::from_millis(50),
+            backoff_max: Duration::from_secs(5),
+        }
+    }
+}
+
+/// The runner's lifecycle state, as shown by the status.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum RunState {
+    /// Not started yet (or not running in this process).
+    Starting,
+    /// Applying events (or waiting for new ones).
+    Running,
+    /// Building a new version of its tables from position 1.
+    Rebuilding,
+    /// Stopped by the `halt` policy.
+    Halted,
+    /// Stopped on shutdown.
+    Stopped,
+}
+
+/// What the runner knows that the database does not (yet): shared with the
+/// HTTP status and read-your-writes.
+#[derive(Debug, Clone)]
+pub struct LiveStatus(Arc<Mutex<Live>>);
+
+/// A snapshot of a [`LiveStatus`].
+#[derive(Debug, Clone, Serialize)]
+pub struct Live {
+    /// Lifecycle state.
+    pub state: RunState,
+    /// Last committed checkpoint.
+    pub checkpoint: u64,
+    /// The transient error the runner is currently retrying, if any.
+    pub last_error: Option<String>,
+    /// Seconds it has been blocked on that error.
+    #[serde(skip)]
+    pub blocked_since: Option<Instant>,
+    /// Events applied by this process.
+    pub applied: u64,
+    /// Events dead-lettered (rejected or parked) by this process.
+    pub dead_lettered: u64,
+    /// Size of the last batch.
+    pub last_batch: usize,
+    /// Why the `halt` policy stopped it.
+    pub halted: Option<String>,
+}
+
+impl Default for LiveStatus {
+    fn default() -> Self {
+        Self(Arc::new(Mutex::new(Live {
+            state: RunState::Starting,
+            checkpoint: 0,
+            last_error: None,
+            blocked_since: None,
+            applied: 0,
+            dead_lettered: 0,
+            last_batch: 0,
+            halted: None,
+        })))
+    }
+}
+
+impl LiveStatus {
+    /// A copy of the current values.
+    pub fn snapshot(&self) -> Live {
+        match self.0.lock() {
+            Ok(g) => g.clone(),
+            Err(poisoned) => poisoned.into_inner().clone(),
+        }
+    }
+
+    pub(crate) fn update(&self, f: impl FnOnce(&mut Live)) {
+        match self.0.lock() {
+            Ok(mut g) => f(&mut g),
+            Err(poisoned) => f(&mut poisoned.into_inner()),
+        }
+    }
+}
+
+/// One message as fetched, kept raw so a dead letter carries the original.
+#[derive(Debug)]
+struct Raw {
+    position: u64,
+    subject: String,
+    headers: Option<HeaderMap>,
+    payload: Bytes,
+    appended_at: OffsetDateTime,
+    /// Messages the broker still holds for us after this one (the lag).
+    pending: u64,
+}
+
+/// A fetched message after classification.
+enum Item {
+    /// Not one of the projection's categories: only moves the checkpoint.
+    Skip,
+    /// Of its categories but breaks the contract.
+    Bad {
+        key: String,
+        category: String,
+        reason: String,
+    },
+    /// Decoded.
+    Event(Box<ProjectedEvent>),
+}
+
+/// Runs one projection until shutdown (or a halt).
+pub struct Runner<P: Projection> {
+    projection: Arc<P>,
+    db: Database,
+    store: EventStore,
+    dlq: DlqWriter,
+    config: RunnerConfig,
+    live: LiveStatus,
+    consumer_name: String,
+}
+
+impl<P: Projection> std::fmt::Debug for Runner<P> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Runner")
+            .field("projection", &self.projection.name())
+            .field("config", &self.config)
+            .finish()
+    }
+}
+
+/// The consumer name a projection uses in dead letters (`dlq.<consumer>.<category>`).
+pub fn consumer_name(projection: &str) -> String {
+    format!("projection-{projection}")
+}
+
+impl<P: Projection> Runner<P> {
+    /// A runner for `projection`; ensures the `DLQ` stream.
+    pub async fn new(
+        projection: Arc<P>,
+        db: Database,
+        store: EventStore,
+        config: RunnerConfig,
+    ) -> Result<Self, Error> {
+        let dlq = DlqWriter::new(store.jetstream().clone(), &store.config().stream).await?;
+        let consumer_name = consumer_name(projection.name());
+        Ok(Self {
+            projection,
+            db,
+            store,
+            dlq,
+            config,
+            live: LiveStatus::default(),
+            consumer_name,
+        })
+    }
+
+    /// The status it shares with the HTTP API.
+    pub fn live(&self) -> LiveStatus {
+        self.live.clone()
+    }
+
+    fn backoff(&self) -> impl Iterator<Item = Duration> {
+        ExponentialBuilder::default()
+            .with_min_delay(self.config.backoff_min)
+            .with_max_delay(self.config.backoff_max)
+            .with_jitter()
+            .without_max_times()
+            .build()
+    }
+
+    /// Applies events until `shutdown` is cancelled. Returns
+    /// [`Error::Halted`] when the `halt` policy stopped it.
+    pub async fn run(self, shutdown: CancellationToken) -> Result<(), Error> {
+        let name = self.projection.name();
+        let Some(mut checkpoint) = self.retrying(&shutdown, "start", || self.init()).await else {
+            self.live.update(|l| l.state = RunState::Stopped);
+            return Ok(());
+        };
+        tracing::info!(projection = name, checkpoint, "projection starting");
+        self.live.update(|l| {
+            l.state = RunState::Running;
+            l.checkpoint = checkpoint;
+        });
+        let mut backoff = self.backoff();
+        'consumer: loop {
+            // Resume from the checkpoint in SQL, never from broker state: an
+            // ordered (ephemeral) consumer starting right after it.
+            let messages = match self.open(checkpoint + 1).await {
+                Ok(m) => m,
+                Err(e) => {
+                    if self.pause(&shutdown, &mut backoff, &e.to_string()).await {
+                        break 'consumer;
+                    }
+                    continue 'consumer;
+                }
+            };
+            let mut messages = messages;
+            loop {
+                let batch = match self.next_batch(&mut messages, &shutdown).await {
+                    Ok(Some(b)) => b,
+                    Ok(None) => break 'consumer,
+                    Err(e) => {
+                        tracing::warn!(projection = name, error = %e, "event feed broke; reopening from the checkpoint");
+                        if self.pause(&shutdown, &mut backoff, &e.to_string()).await {
+                            break 'consumer;
+                        }
+                        continue 'consumer;
+                    }
+                };
+                backoff = self.backoff();
+                let batch: Vec<Raw> = batch
+                    .into_iter()
+                    .filter(|r| r.position > checkpoint)
+                    .collect();
+                if batch.is_empty() {
+                    continue;
+                }
+                match self.process(batch, checkpoint, &shutdown).await {
+                    Ok(Some(new)) => checkpoint = new,
+                    Ok(None) => break 'consumer,
+                    Err(e @ Error::Halted { .. }) => return Err(e),
+                    Err(e) => return Err(e),
+                }
+            }
+        }
+        self.live.update(|l| l.state = RunState::Stopped);
+        tracing::info!(projection = name, checkpoint, "projection stopped");
+        Ok(())
+    }
+
+    /// Creates the checkpoint row if missing, clears an old halt (a restart
+    /// is the operator's "try again"), and returns the checkpoint.
+    async fn init(&self) -> Result<u64, Error> {
+        let name = self.projection.name();
+        sqlx::query(
+            "INSERT INTO sluice_checkpoints (projection, position) VALUES ($1, 0) \
+             ON CONFLICT (projection) DO NOTHING",
+        )
+        .bind(name)
+        .execute(self.db.pool())
+        .await?;
+        sqlx::query(
+            "UPDATE sluice_checkpoints SET halted_at_position = NULL, halted_reason = NULL \
+             WHERE projection = $1",
+        )
+        .bind(name)
+        .execute(self.db.pool())
+        .await?;
+        read_checkpoint(&self.db, name).await
+    }
+
+    /// Runs `f` until it succeeds, backing off between tries; `None` on shutdown.
+    async fn retrying<T, F, Fut>(&self, shutdown: &CancellationToken, what: &str, f: F) -> Option<T>
+    where
+        F: Fn() -> Fut,
+        Fut: std::future::Future<Output = Result<T, Error>>,
+    {
+        let mut backoff = self.backoff();
+        loop {
+            match f().await {
+                Ok(v) => return Some(v),
+                Err(e) => {
+                    tracing::warn!(projection = self.projection.name(), what, error = %e, "retrying");
+                    if self.pause(shutdown, &mut backoff, &e.to_string()).await {
+                        return None;
+                    }
+                }
+            }
+        }
+    }
+
+    /// Records a transient error and sleeps the next backoff delay; true when
+    /// shutdown came first.
+    async fn pause(
+        &self,
+        shutdown: &CancellationToken,
+        backoff: &mut impl Iterator<Item = Duration>,
+        error: &str,
+    ) -> bool {
+        self.live.update(|l| {
+            l.last_error = Some(error.to_owned());
+            l.blocked_since.get_or_insert_with(Instant::now);
+        });
+        let delay = backoff.next().unwrap_or(self.config.backoff_max);
+        tokio::select! {
+            _ = shutdown.cancelled() => true,
+            _ = tokio::time::sleep(delay) => false,
+        }
+    }
+
+    async fn open(&self, from: u64) -> Result<pull::Ordered, Error> {
+        let cfg = self.store.config();
+        let stream = self
+            .store
+            .jetstream()
+            .get_stream(&cfg.stream)
+            .await
+            .map_err(|e| Error::nats("opening the event stream", e))?;
+        let consumer = stream
+            .create_consumer(pull::OrderedConfig {
+                // Every event, not only our categories: the checkpoint then
+                // is a global position, which `min_position` compares with.
+                filter_subject: format!("{}.>", cfg.subject_prefix),
+                deliver_policy: consumer::DeliverPolicy::ByStartSequence {
+                    start_sequence: from.max(1),
+                },
+                ..Default::default()
+            })
+            .await
+            .map_err(|e| Error::nats("creating an ordered consumer", e))?;
+        consumer
+            .messages()
+            .await
+            .map_err(|e| Error::nats("reading the event stream", e))
+    }
+
+    /// Waits for the next event, then takes as many more as the lag
+    /// suggests (up to `max_batch`). `None` on shutdown.
+    async fn next_batch(
+        &self,
+        messages: &mut pull::Ordered,
+        shutdown: &CancellationToken,
+    ) -> Result<Option<Vec<Raw>>, Error> {
+        let first = tokio::select! {
+            biased;
+            _ = shutdown.cancelled() => return Ok(None),
+            m = messages.next() => m,
+        };
+        let first = raw(first)?;
+        let pending = first.pending;
+        // Batch size follows the lag: one event when caught up (latency),
+        // up to max_batch when behind (throughput).
+        let want = usize::try_from(pending.saturating_add(1))
+            .unwrap_or(usize::MAX)
+            .clamp(1, self.config.max_batch.max(1));
+        let mut batch = Vec::with_capacity(want);
+        batch.push(first);
+        let deadline = tokio::time::Instant::now() + self.config.linger;
+        while batch.len() < want {
+            let next = if pending > 0 {
+                tokio::time::timeout_at(deadline, messages.next())
+                    .await
+                    .ok()
+                    .flatten()
+            } else {
+                messages.next().now_or_never().flatten()
+            };
+            match next {
+                Some(m) => match raw(Some(m)) {
+                    Ok(r) => batch.push(r),
+                    // Apply what we have; the next read reports the error.
+                    Err(_) => break,
+                },
+                None => break,
+            }
+        }
+        Ok(Some(batch))
+    }
+
+    fn classify(&self, r: &Raw) -> Item {
+        let prefix = &self.store.config().subject_prefix;
+        let categories = self.projection.categories();
+        let mut tokens = r
+            .subject
+            .strip_prefix(prefix.as_str())
+            .and_then(|s| s.strip_prefix('.'))
+            .unwrap_or("")
+            .split('.');
+        let category = tokens.next().unwrap_or("");
+        if !categories.contains(&category) {
+            return Item::Skip;
+        }
+        let stream_id = match StreamId::from_subject(prefix, &r.subject) {
+            Ok(s) => s,
+            Err(e) => {
+                return Item::Bad {
+                    key: r.subject.clone(),
+                    category: category.to_owned(),
+                    reason: e.to_string(),
+                };
+            }
+        };
+        match Envelope::decode(r.headers.as_ref(), &r.payload, usize::MAX) {
+            Ok(envelope) => Item::Event(Box::new(ProjectedEvent {
+                stream_id,
+                position: r.position,
+                envelope,
+                appended_at: r.appended_at,
+            })),
+            Err(e) => Item::Bad {
+                key: stream_id.to_string(),
+                category: category.to_owned(),
+                reason: e.to_string(),
+            },
+        }
+    }
+
+    /// Applies one batch exactly once; returns the new checkpoint, or `None`
+    /// on shutdown while blocked on a transient error.
+    async fn process(
+        &self,
+        batch: Vec<Raw>,
+        checkpoint: u64,
+        shutdown: &CancellationToken,
+    ) -> Result<Option<u64>, Error> {
+        let name = self.projection.name();
+        let items: Vec<Item> = batch.iter().map(|r| self.classify(r)).collect();
+        // Permanent failures found so far: position -> (kind, reason).
+        let mut rejected: BTreeMap<u64, (DeadLetterKind, String)> = BTreeMap::new();
+        for (r, item) in batch.iter().zip(&items) {
+            if let Item::Bad { reason, .. } = item {
+                rejected.insert(r.position, (DeadLetterKind::Decode, reason.clone()));
+            }
+        }
+        let mut expected = checkpoint;
+        let mut backoff = self.backoff();
+        // How much of the batch this attempt covers: under `halt`, only the
+        // events before the first rejected one are applied.
+        let mut len = batch.len();
+        let mut halt_at: Option<(u64, String)> = None;
+        loop {
+            if self.config.failure_policy == FailurePolicy::Halt {
+                if let Some((&position, (_, reason))) = rejected.iter().next() {
+                    halt_at = Some((position, reason.clone()));
+                    len = batch.iter().take_while(|r| r.position < position).count();
+                    rejected.clear();
+                }
+                if len == 0
+                    && let Some((position, reason)) = &halt_at
+                {
+                    return Err(self.halt(*position, reason, shutdown).await);
+                }
+            }
+            let (batch, items) = (&batch[..len], &items[..len]);
+            match self.attempt(batch, items, expected, &rejected).await {
+                Ok(Attempt::Committed { applied, dead }) => {
+                    let last = batch.last().map_or(expected, |r| r.position);
+                    let lag = batch.last().map_or(0, |r| r.pending);
+                    if let Some((position, reason)) = &halt_at {
+                        self.live.update(|l| {
+                            l.checkpoint = last;
+                            l.applied += applied as u64;
+                        });
+                        return Err(self.halt(*position, reason, shutdown).await);
+                    }
+                    self.live.update(|l| {
+                        l.checkpoint = last;
+                        l.applied += applied as u64;
+                        l.dead_lettered += dead as u64;
+                        l.last_batch = batch.len();
+                        l.last_error = None;
+                        l.blocked_since = None;
+                    });
+                    tracing::debug!(
+                        projection = name,
+                        checkpoint = last,
+                        applied,
+                        dead,
+                        lag,
+                        "batch applied"
+                    );
+                    return Ok(Some(last));
+                }
+                Ok(Attempt::Rejected(more)) => {
+                    for rej in more {
+                        tracing::warn!(projection = name, position = rej.position, reason = %rej.reason, "event rejected");
+                        rejected.insert(rej.position, (DeadLetterKind::Handler, rej.reason));
+                    }
+                }
+                Ok(Attempt::Moved(actual)) => {
+                    // Another runner of this projection got further: its
+                    // writes count, ours would be duplicates.
+                    tracing::warn!(
+                        projection = name,
+                        expected,
+                        actual,
+                        "checkpoint moved by another runner"
+                    );
+                    if batch.last().is_none_or(|r| r.position <= actual) {
+                        return Ok(Some(actual));
+                    }
+                    return Err(Error::Nats {
+                        op: "applying a batch",
+                        detail: format!(
+                            "checkpoint of {name} moved from {expected} to {actual} under us; restarting the feed"
+                        ),
+                    });
+                }
+                Err(e) => {
+                    let transient = match &e {
+                        Error::Database(db) => is_transient(db),
+                        _ => true,
+                    };
+                    // Every failure here is the database's or the broker's,
+                    // not the event's: block and retry, never skip.
+                    tracing::warn!(projection = name, error = %e, transient, "batch failed; retrying");
+                    if self.pause(shutdown, &mut backoff, &e.to_string()).await {
+                        return Ok(None);
+                    }
+                    if let Ok(actual) = read_checkpoint(&self.db, name).await {
+                        expected = expected.max(actual.min(checkpoint));
+                    }
+                }
+            }
+        }
+    }
+
+    /// One transaction: move the checkpoint (compare-and-set), apply the
+    /// events not rejected or parked, record dead letters, commit.
+    async fn attempt(
+        &self,
+        batch: &[Raw],
+        items: &[Item],
+        expected: u64,
+        rejected: &BTreeMap<u64, (DeadLetterKind, String)>,
+    ) -> Result<Attempt, Error> {
+        let name = self.projection.name();
+        let Some(last) = batch.last() else {
+            return Ok(Attempt::Moved(expected));
+        };
+        let now_ms = unix_ms(OffsetDateTime::now_utc());
+        let mut tx = self.db.pool().begin().await?;
+        // First statement is the write: it takes the row lock (PostgreSQL)
+        // or the write lock (SQLite) at once, so two runners serialize here.
+        let moved = sqlx::query(
+            "UPDATE sluice_checkpoints SET position = $1, event_time_ms = $2, updated_at_ms = $3 \
+             WHERE projection = $4 AND position = $5",
+        )
+        .bind(to_i64(last.position))
+        .bind(unix_ms(last.appended_at))
+        .bind(now_ms)
+        .bind(name)
+        .bind(to_i64(expected))
+        .execute(&mut *tx)
+        .await?;
+        if moved.rows_affected() != 1 {
+            drop(tx);
+            return Ok(Attempt::Moved(read_checkpoint(&self.db, name).await?));
+        }
+        let mut parked: HashMap<String, u64> = HashMap::new();
+        let rows =
+            sqlx::query("SELECT stream, behind_position FROM sluice_parked WHERE projection = $1")
+                .bind(name)
+                .fetch_all(&mut *tx)
+                .await?;
+        for row in rows {
+            parked.insert(row.try_get(0)?, to_u64(row.try_get(1)?));
+        }
+        let mut newly_parked: Vec<(String, u64)> = Vec::new();
+        let mut dead: Vec<DeadLetter<'_>> = Vec::new();
+        let mut keys: Vec<String> = Vec::new();
+        let mut apply: Vec<ProjectedEvent> = Vec::new();
+        for (r, item) in batch.iter().zip(items) {
+            let (key, category, event) = match item {
+                Item::Skip => continue,
+                Item::Bad { key, category, .. } => (key.clone(), category.as_str(), None),
+                Item::Event(e) => (e.stream_id.to_string(), e.stream_id.category(), Some(e)),
+            };
+            let mut letter = |kind, reason: String, behind| {
+                dead.push(DeadLetter {
+                    position: r.position,
+                    subject: &r.subject,
+                    category,
+                    headers: r.headers.as_ref(),
+                    payload: &r.payload,
+                    kind,
+                    reason,
+                    behind,
+                });
+                keys.push(key.clone());
+            };
+            if let Some(&behind) = parked.get(&key) {
+                let reason = format!(
+                    "parked behind the dead letter at position {behind} of the same aggregate"
+                );
+                letter(DeadLetterKind::Parked, reason, Some(behind));
+            } else if let Some((kind, reason)) = rejected.get(&r.position) {
+                letter(*kind, reason.clone(), None);
+                parked.insert(key.clone(), r.position);
+                newly_parked.push((key.clone(), r.position));
+            } else if let Some(e) = event {
+                apply.push(ProjectedEvent::clone(e));
+            }
+        }
+        let rejections = self.projection.apply(&mut tx, &apply).await?;
+        if !rejections.is_empty() {
+            tx.rollback().await?;
+            return Ok(Attempt::Rejected(rejections));
+        }
+        for (key, behind) in &newly_parked {
+            sqlx::query(
+                "INSERT INTO sluice_parked (projection, stream, behind_position, parked_at_ms) \
+                 VALUES ($1, $2, $3, $4) ON CONFLICT (projection, stream) DO NOTHING",
+            )
+            .bind(name)
+            .bind(key.as_str())
+            .bind(to_i64(*behind))
+            .bind(now_ms)
+            .execute(&mut *tx)
+            .await?;
+        }
+        for (d, key) in dead.iter().zip(&keys) {
+            sqlx::query(
+                "INSERT INTO sluice_dead_letters \
+                 (projection, position, stream, kind, reason, failed_at_ms) \
+                 VALUES ($1, $2, $3, $4, $5, $6) ON CONFLICT (projection, position) DO NOTHING",
+            )
+            .bind(name)
+            .bind(to_i64(d.position))
+            .bind(key.as_str())
+            .bind(d.kind.as_str())
+            .bind(d.reason.as_str())
+            .bind(now_ms)
+            .execute(&mut *tx)
+            .await?;
+        }
+        // Dead letters go out before the commit: if the commit fails the
+        // batch is retried and the DLQ dedups the copies by
+        // `<stream>:<consumer>:<seq>`; the other order could lose them.
+        for d in &dead {
+            self.dlq.write(&self.consumer_name, d).await?;
+        }
+        tx.commit().await?;
+        Ok(Attempt::Committed {
+            applied: apply.len(),
+            dead: dead.len(),
+        })
+    }
+
+    /// Records the halt (best effort: the database may be what is failing)
+    /// and returns the error the runner stops with.
+    async fn halt(&self, position: u64, reason: &str, shutdown: &CancellationToken) -> Error {
+        let name = self.projection.name();
+        tracing::error!(
+            projection = name,
+            position,
+            reason,
+            "projection halted by policy"
+        );
+        self.live.update(|l| {
+            l.state = RunState::Halted;
+            l.halted = Some(format!("position {position}: {reason}"));
+        });
+        let _ = self
+            .retrying(shutdown, "recording the halt", || async {
+                sqlx::query(
+                    "UPDATE sluice_checkpoints SET halted_at_position = $1, halted_reason = $2 \
+                     WHERE projection = $3",
+                )
+                .bind(to_i64(position))
+                .bind(reason)
+                .bind(name)
+                .execute(self.db.pool())
+                .await
+                .map_err(Error::from)
+            })
+            .await;
+        Error::Halted {
+            projection: name.to_owned(),
+            position,
+            reason: reason.to_owned(),
+        }
+    }
+}
+
+enum Attempt {
+    Committed { applied: usize, dead: usize },
+    Rejected(Vec<crate::projection::Rejection>),
+    Moved(u64),
+}
+
+fn raw(
+    m: Option<Result<async_nats::jetstream::Message, pull::OrderedError>>,
+) -> Result<Raw, Error> {
+    let m = m
+        .ok_or_else(|| Error::nats("reading the event stream", "the feed ended"))?
+        .map_err(|e| Error::nats("reading the event stream", e))?;
+    let info = m
+        .info()
+        .map_err(|e| Error::nats("reading message info", e))?;
+    let (position, pending, appended_at) = (info.stream_sequence, info.pending, info.published);
+    Ok(Raw {
+        position,
+        subject: m.subject.to_string(),
+        headers: m.headers.clone(),
+        payload: m.payload.clone(),
+        appended_at,
+        pending,
+    })
+}
+
+/// The stored checkpoint of `projection` (0 when it never ran).
+pub async fn read_checkpoint(db: &Database, projection: &str) -> Result<u64, Error> {
+    let row = sqlx::query("SELECT position FROM sluice_checkpoints WHERE projection = $1")
+        .bind(projection)
+        .fetch_optional(db.pool())
+        .await?;
+    Ok(match row {
+        Some(r) => to_u64(r.try_get(0)?),
+        None => 0,
+    })
+}
+
+pub(crate) fn to_i64(v: u64) -> i64 {
+    i64::try_from(v).unwrap_or(i64::MAX)
+}
+
+pub(crate) fn to_u64(v: i64) -> u64 {
+    u64::try_from(v).unwrap_or(0)
+}
+
+pub(crate) fn unix_ms(t: OffsetDateTime) -> i64 {
+    i64::try_from(t.unix_timestamp_nanos() / 1_000_000).unwrap_or(0)
+}

@@ -1,0 +1,124 @@
+//! A projection's status: checkpoint, lag in events and seconds, state.
+
+use serde::Serialize;
+use sluice_events::EventStore;
+use sqlx::Row;
+use time::OffsetDateTime;
+
+use crate::db::Database;
+use crate::error::Error;
+use crate::runner::{LiveStatus, RunState, to_u64};
+
+/// What `GET /v1/projections` and `sluice projection list` show.
+#[derive(Debug, Clone, Serialize)]
+pub struct ProjectionStatus {
+    /// The projection's constant name.
+    pub name: String,
+    /// `running`, `rebuilding`, `halted` (or `starting`/`stopped`).
+    pub state: RunState,
+    /// Last stream sequence whose effect is in the read model.
+    pub checkpoint: u64,
+    /// Last stream sequence of the log.
+    pub stream_last_position: u64,
+    /// Events appended after the checkpoint.
+    pub lag_events: u64,
+    /// Age of the oldest event not yet applied (0 when caught up).
+    pub lag_seconds: f64,
+    /// Where and why the `halt` policy stopped it.
+    pub halted: Option<Halt>,
+    /// The transient error it is retrying right now, if any.
+    pub last_error: Option<String>,
+    /// Events it dead-lettered (rejected or parked behind a rejected one).
+    pub dead_letters: u64,
+    /// Aggregates parked behind a dead letter.
+    pub parked_aggregates: u64,
+}
+
+/// A halt recorded by the `halt` policy.
+#[derive(Debug, Clone, Serialize)]
+pub struct Halt {
+    /// Stream sequence of the event it stopped before.
+    pub position: u64,
+    /// Why that event was rejected.
+    pub reason: String,
+}
+
+/// Reads the status of `name` from the database and the log, merged with
+/// what the in-process runner knows (`live`, when it runs here).
+pub async fn projection_status(
+    db: &Database,
+    store: &EventStore,
+    name: &str,
+    live: Option<&LiveStatus>,
+) -> Result<ProjectionStatus, Error> {
+    let row = sqlx::query(
+        "SELECT position, halted_at_position, halted_reason FROM sluice_checkpoints \
+         WHERE projection = $1",
+    )
+    .bind(name)
+    .fetch_optional(db.pool())
+    .await?;
+    let (checkpoint, halted) = match row {
+        Some(r) => {
+            let halted_at: Option<i64> = r.try_get(1)?;
+            let reason: Option<String> = r.try_get(2)?;
+            (
+                to_u64(r.try_get(0)?),
+                halted_at.map(|p| Halt {
+                    position: to_u64(p),
+                    reason: reason.unwrap_or_default(),
+                }),
+            )
+        }
+        None => (0, None),
+    };
+    let counts = sqlx::query(
+        "SELECT (SELECT COUNT(*) FROM sluice_dead_letters WHERE projection = $1), \
+                (SELECT COUNT(*) FROM sluice_parked WHERE projection = $1)",
+    )
+    .bind(name)
+    .fetch_one(db.pool())
+    .await?;
+    let dead_letters = to_u64(counts.try_get(0)?);
+    let parked_aggregates = to_u64(counts.try_get(1)?);
+    let live = live.map(LiveStatus::snapshot);
+    // The runner may be ahead of a read that raced its commit: take the max.
+    let checkpoint = checkpoint.max(live.as_ref().map_or(0, |l| l.checkpoint));
+    let stream_last_position = store.stream_state().await?.last_position;
+    let lag_events = stream_last_position.saturating_sub(checkpoint);
+    let lag_seconds = if lag_events == 0 {
+        0.0
+    } else {
+        oldest_unapplied_age(store, checkpoint + 1).await
+    };
+    let state = match (&halted, &live) {
+        (Some(_), _) => RunState::Halted,
+        (None, Some(l)) => l.state,
+        (None, None) => RunState::Running,
+    };
+    Ok(ProjectionStatus {
+        name: name.to_owned(),
+        state,
+        checkpoint,
+        stream_last_position,
+        lag_events,
+        lag_seconds,
+        halted,
+        last_error: live.and_then(|l| l.last_error),
+        dead_letters,
+        parked_aggregates,
+    })
+}
+
+/// Seconds since the event at `position` was appended (0 if unknown).
+async fn oldest_unapplied_age(store: &EventStore, position: u64) -> f64 {
+    let Ok(stream) = store.jetstream().get_stream(&store.config().stream).await else {
+        return 0.0;
+    };
+    match stream.get_raw_message(position).await {
+        Ok(m) => (OffsetDateTime::now_utc() - m.time)
+            .as_seconds_f64()
+            .max(0.0),
+        Err(_) => 0.0,
+    }
+}
