@@ -305,6 +305,10 @@ async fn kill_minus_nine_mid_run_keeps_every_ack_and_no_half_batch() {
         acked.extend(w.await.unwrap());
     }
     assert_eq!(acked.len(), WRITERS * PER_WRITER as usize);
+    eprintln!(
+        "kill -9: stats of the writing store {:?}",
+        store.group_commit_stats()
+    );
     assert!(
         stats_before.batches < stats_before.appends,
         "the run was not batched before the kill: {stats_before:?}"
@@ -452,6 +456,9 @@ async fn measure_naive_vs_group_commit_durable_throughput() {
             |q: f64| latencies[((latencies.len() as f64 * q) as usize).min(latencies.len() - 1)];
         (total as f64 / elapsed.as_secs_f64(), p(0.5), p(0.99))
     };
+    // Knobs to compare settings: SLUICE_GC_LINGER_US, SLUICE_GC_IN_FLIGHT,
+    // SLUICE_GC_NAIVE (appends in the naive run).
+    let env = |k: &str| std::env::var(k).ok().and_then(|v| v.parse::<u64>().ok());
     let naive_server = NatsServer::start();
     let naive = naive_server
         .store_with(StoreConfig {
@@ -462,11 +469,26 @@ async fn measure_naive_vs_group_commit_durable_throughput() {
             ..StoreConfig::default()
         })
         .await;
-    let (naive_rate, np50, np99) = run(naive, 10_000).await;
+    let (naive_rate, np50, np99) =
+        run(naive, env("SLUICE_GC_NAIVE").unwrap_or(10_000) as usize).await;
     drop(naive_server);
     let server = NatsServer::start();
-    let store = server.store().await;
-    let (rate, p50, p99) = run(store.clone(), 100_000).await;
+    let defaults = GroupCommitConfig::default();
+    let store = server
+        .store_with(StoreConfig {
+            group_commit: GroupCommitConfig {
+                linger: env("SLUICE_GC_LINGER_US")
+                    .map(Duration::from_micros)
+                    .unwrap_or(defaults.linger),
+                max_in_flight: env("SLUICE_GC_IN_FLIGHT")
+                    .map(|n| n as usize)
+                    .unwrap_or(defaults.max_in_flight),
+                ..defaults
+            },
+            ..StoreConfig::default()
+        })
+        .await;
+    let (rate, p50, p99) = run(store.clone(), 50_000).await;
     let stats = store.group_commit_stats();
     eprintln!(
         "one write per append, 64 writers: {naive_rate:.0} events/s, p50 {np50:?}, p99 {np99:?}"

@@ -72,8 +72,8 @@ impl Default for GroupCommitConfig {
             enabled: true,
             max_batch_events: MAX_BATCH,
             max_batch_bytes: 1024 * 1024,
-            linger: Duration::ZERO,
-            max_in_flight: 4,
+            linger: Duration::from_millis(1),
+            max_in_flight: 2,
             queue_capacity: 16 * 1024,
             queue_timeout: Duration::from_secs(5),
         }
@@ -193,6 +193,9 @@ pub(crate) struct Counters {
     requeued: AtomicU64,
     singles: AtomicU64,
     queue_timeouts: AtomicU64,
+    /// Appends accepted and not yet answered (queued or in flight): the
+    /// load the linger sizes batches by.
+    outstanding: AtomicU64,
 }
 
 fn add(c: &AtomicU64, n: u64) {
@@ -352,7 +355,8 @@ pub(crate) struct Pending {
 }
 
 impl Pending {
-    fn answer(self, result: Result<AppendResult, Error>) {
+    fn answer(self, counters: &Counters, result: Result<AppendResult, Error>) {
+        counters.outstanding.fetch_sub(1, Ordering::Relaxed);
         // The caller may have gone away (dropped future); the append's
         // outcome stands regardless.
         let _ = self.reply.send(result);
@@ -415,7 +419,12 @@ impl Appender {
     ) -> Result<AppendResult, Error> {
         let (reply, answer) = oneshot::channel();
         let pending = Pending { append, reply };
-        match self.tx.send_timeout(pending, self.queue_timeout).await {
+        add(&inner.counters.outstanding, 1);
+        let sent = self.tx.send_timeout(pending, self.queue_timeout).await;
+        if sent.is_err() {
+            inner.counters.outstanding.fetch_sub(1, Ordering::Relaxed);
+        }
+        match sent {
             Ok(()) => {}
             Err(mpsc::error::SendTimeoutError::Timeout(_)) => {
                 add(&inner.counters.queue_timeouts, 1);
@@ -478,16 +487,31 @@ async fn dispatch(
         };
         let others_in_flight = slots.available_permits() + 1 < config.max_in_flight;
         open = drain(&mut rx, &mut pending, cap) && open;
-        let queued_events: usize = pending.iter().map(Batchable::events).sum();
-        if open && others_in_flight && !config.linger.is_zero() && queued_events < limits.max_events
-        {
+        // Adaptive linger: only while other batches are in flight (an idle
+        // store sends at once), and only until this batch holds its fair
+        // share of the load. Without it, a slot freed by a finished batch
+        // would go to the first of that batch's writers to come back, and the
+        // pipe would fill up with tiny batches.
+        let mut queued_events: usize = pending.iter().map(Batchable::events).sum();
+        let outstanding = inner.counters.outstanding.load(Ordering::Relaxed) as usize;
+        let fair_share = outstanding
+            .div_ceil(config.max_in_flight)
+            .clamp(1, limits.max_events);
+        if open && others_in_flight && !config.linger.is_zero() && queued_events < fair_share {
             add(&inner.counters.lingered, 1);
             let deadline = tokio::time::Instant::now() + config.linger;
-            while pending.len() < cap {
+            while pending.len() < cap && queued_events < fair_share {
                 match tokio::time::timeout_at(deadline, rx.recv()).await {
                     Ok(Some(p)) => {
+                        queued_events += p.events();
                         pending.push_back(p);
+                        let before = pending.len();
                         open = drain(&mut rx, &mut pending, cap);
+                        queued_events += pending
+                            .iter()
+                            .skip(before)
+                            .map(Batchable::events)
+                            .sum::<usize>();
                         if !open {
                             break;
                         }
@@ -548,18 +572,21 @@ async fn run_batch(inner: &Inner, mut todo: Vec<Pending>) {
                                     )
                                 })
                             });
-                        p.answer(r);
+                        p.answer(&inner.counters, r);
                     }
                     return;
                 };
                 inner.counters.committed(todo.len(), sizes.iter().sum());
                 for (p, positions) in todo.into_iter().zip(positions) {
                     let version = positions.last().copied().unwrap_or_default();
-                    p.answer(Ok(AppendResult {
-                        version,
-                        positions,
-                        deduplicated: false,
-                    }));
+                    p.answer(
+                        &inner.counters,
+                        Ok(AppendResult {
+                            version,
+                            positions,
+                            deduplicated: false,
+                        }),
+                    );
                 }
                 return;
             }
@@ -577,7 +604,10 @@ async fn run_batch(inner: &Inner, mut todo: Vec<Pending>) {
                 // outcome is unknown, and a retry with the same ids is safe.
                 tracing::error!(appends = todo.len(), error = %msg, "batch gave up after retries");
                 for p in todo {
-                    p.answer(Err(Error::Timeout(inner.config.request_timeout)));
+                    p.answer(
+                        &inner.counters,
+                        Err(Error::Timeout(inner.config.request_timeout)),
+                    );
                 }
                 return;
             }
@@ -643,7 +673,7 @@ async fn split_stale(inner: &Inner, todo: Vec<Pending>) -> Option<Vec<Pending>> 
             .await
             .and_then(|r| r);
         add(&inner.counters.conflicts, 1);
-        p.answer(r);
+        p.answer(&inner.counters, r);
     }));
     let unsure_done = one_by_one(inner, unsure, true);
     tokio::join!(resolve, unsure_done);
@@ -661,7 +691,7 @@ async fn one_by_one(inner: &Inner, todo: Vec<Pending>, fallback: bool) {
     }
     futures::future::join_all(todo.into_iter().map(|p| async move {
         let r = inner.append_direct(&p.append).await;
-        p.answer(r);
+        p.answer(&inner.counters, r);
     }))
     .await;
 }
