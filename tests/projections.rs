@@ -345,7 +345,7 @@ async fn balances_equal_the_fold(backend: Backend) {
     let store = nats.store().await;
     let rs = Store::fresh(backend).await;
     let db = rs.connect().await;
-    let work = workload(100, 30, 7);
+    let work = workload(1000, 50, 7);
     let last = append_workload(&store, &work).await;
     let t0 = Instant::now();
     let running = start_ledger(&db, &store, config()).await;
@@ -380,7 +380,7 @@ async fn exactly_once_across_crashes(backend: Backend) {
     let store = nats.store().await;
     let rs = Store::fresh(backend).await;
     let db = rs.connect().await;
-    let work = workload(100, 30, 11);
+    let work = workload(1000, 50, 11);
     let writer = {
         let store = store.clone();
         let work = work.clone();
@@ -670,7 +670,7 @@ conformance!(
 async fn set_based_beats_row_at_a_time() {
     let nats = NatsServer::start();
     let store = nats.store().await;
-    let work = workload(200, 20, 9);
+    let work = workload(1000, 20, 9);
     let last = append_workload(&store, &work).await;
     for backend in [Backend::Sqlite, Backend::Postgres] {
         let mut rates = Vec::new();
@@ -720,4 +720,122 @@ async fn read_side_connects_from_urls() {
     let _state = projector.app_state(&side);
     shutdown.cancel();
     projector.join().await;
+}
+
+/// A TCP proxy in front of PostgreSQL that can be switched off (connections
+/// cut, port refusing) and on again: the database "goes away".
+struct Proxy {
+    addr: std::net::SocketAddr,
+    on: tokio::sync::watch::Sender<bool>,
+}
+
+impl Proxy {
+    async fn start(upstream: std::net::SocketAddr) -> Self {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let (on, mut rx) = tokio::sync::watch::channel(true);
+        tokio::spawn(async move {
+            let mut listener = Some(listener);
+            loop {
+                if *rx.borrow() {
+                    let l = match &listener {
+                        Some(l) => l,
+                        None => {
+                            listener = Some(tokio::net::TcpListener::bind(addr).await.unwrap());
+                            listener.as_ref().unwrap()
+                        }
+                    };
+                    tokio::select! {
+                        accepted = l.accept() => {
+                            let Ok((mut client, _)) = accepted else { continue };
+                            let mut off = rx.clone();
+                            tokio::spawn(async move {
+                                let Ok(mut server) = tokio::net::TcpStream::connect(upstream).await else { return };
+                                tokio::select! {
+                                    _ = tokio::io::copy_bidirectional(&mut client, &mut server) => {}
+                                    _ = off.wait_for(|on| !on) => {}
+                                }
+                            });
+                        }
+                        r = rx.changed() => if r.is_err() { return },
+                    }
+                } else {
+                    // Off: the port refuses connections.
+                    listener = None;
+                    if rx.changed().await.is_err() {
+                        return;
+                    }
+                }
+            }
+        });
+        Proxy { addr, on }
+    }
+
+    fn set(&self, on: bool) {
+        let _ = self.on.send(on);
+    }
+}
+
+/// PostgreSQL unreachable for a while mid-run (connections cut, port
+/// refusing): nothing is lost or reordered and the lag goes back to 0.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn postgres_unavailable_mid_run_loses_nothing() {
+    let nats = NatsServer::start();
+    let store = nats.store().await;
+    let rs = Store::fresh(Backend::Postgres).await;
+    // Migrate directly, then run the projector through the proxy.
+    rs.connect().await.close().await;
+    // postgres://user@host:port/db -> host:port
+    let (scheme, rest) = rs.url.split_once("://").unwrap();
+    let (authority, path) = rest.split_once('/').unwrap();
+    let (user, host) = authority.rsplit_once('@').unwrap_or(("", authority));
+    let host = if host.contains(':') {
+        host.to_owned()
+    } else {
+        format!("{host}:5432")
+    };
+    let upstream = tokio::net::lookup_host(host.as_str())
+        .await
+        .unwrap()
+        .next()
+        .unwrap();
+    let proxy = Proxy::start(upstream).await;
+    let at = if user.is_empty() {
+        String::new()
+    } else {
+        format!("{user}@")
+    };
+    let url = format!("{scheme}://{at}{}/{path}", proxy.addr);
+    let db = Database::connect(&url).await.unwrap();
+    let work = workload(200, 25, 13);
+    let writer = {
+        let store = store.clone();
+        let work = work.clone();
+        tokio::spawn(async move { append_workload(&store, &work).await })
+    };
+    let running = start_ledger(&db, &store, config()).await;
+    tokio::time::sleep(Duration::from_millis(150)).await;
+    proxy.set(false);
+    let last = writer.await.unwrap();
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let blocked = running.live[ACCOUNT_ACTIVITY].snapshot();
+    assert!(blocked.checkpoint < last, "{blocked:?}");
+    assert!(blocked.last_error.is_some(), "{blocked:?}");
+    proxy.set(true);
+    wait_checkpoint(&db, ACCOUNT_BALANCES, last, Duration::from_secs(60)).await;
+    wait_checkpoint(&db, ACCOUNT_ACTIVITY, last, Duration::from_secs(60)).await;
+    let status = sluice_projections::projection_status(
+        &db,
+        &store,
+        ACCOUNT_ACTIVITY,
+        Some(&running.live[ACCOUNT_ACTIVITY]),
+    )
+    .await
+    .unwrap();
+    assert_eq!(status.lag_events, 0);
+    assert!(status.last_error.is_none(), "{status:?}");
+    running.stop().await;
+    assert_eq!(activity_positions(&db).await, log_positions(&store).await);
+    assert_balances(&balances(&db).await, &work);
+    db.close().await;
 }

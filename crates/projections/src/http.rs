@@ -22,6 +22,7 @@ use std::time::Duration;
 
 use axum::Json;
 use axum::Router;
+use axum::extract::rejection::QueryRejection;
 use axum::extract::{Path, Query, State};
 use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
@@ -377,9 +378,10 @@ fn cached(checkpoint: u64, headers: &HeaderMap, body: impl Serialize) -> Respons
 async fn get_row(
     State(s): State<AppState>,
     Path((name, key)): Path<(String, String)>,
-    Query(q): Query<RowQuery>,
+    q: Result<Query<RowQuery>, QueryRejection>,
     headers: HeaderMap,
 ) -> Result<Response, Problem> {
+    let Query(q) = q.map_err(|e| Problem::bad_request(e.body_text()))?;
     let (m, _) = model(&s, &name)?;
     let m = m.clone();
     wait_for(&s, m.name(), min_position(q.min_position, &headers)?).await?;
@@ -400,9 +402,10 @@ async fn get_row(
 async fn list_rows(
     State(s): State<AppState>,
     Path(name): Path<String>,
-    Query(q): Query<RowsQuery>,
+    q: Result<Query<RowsQuery>, QueryRejection>,
     headers: HeaderMap,
 ) -> Result<Response, Problem> {
+    let Query(q) = q.map_err(|e| Problem::bad_request(e.body_text()))?;
     let (m, _) = model(&s, &name)?;
     let m = m.clone();
     let limit = q.limit.unwrap_or(DEFAULT_LIMIT);
@@ -455,8 +458,9 @@ struct StreamEvents {
 async fn get_stream(
     State(s): State<AppState>,
     Path((category, id)): Path<(String, String)>,
-    Query(q): Query<StreamQuery>,
+    q: Result<Query<StreamQuery>, QueryRejection>,
 ) -> Result<Json<StreamEvents>, Problem> {
+    let Query(q) = q.map_err(|e| Problem::bad_request(e.body_text()))?;
     let stream_id = StreamId::new(category, id).map_err(|e| Problem::bad_request(e.to_string()))?;
     let limit = q.limit.unwrap_or(1000);
     if limit == 0 || limit > 10_000 {
@@ -498,3 +502,6 @@ async fn get_stream(
         next,
     }))
 }
+
+#[cfg(test)]
+mod tests;

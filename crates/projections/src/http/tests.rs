@@ -1,0 +1,301 @@
+//! The router through `oneshot`, against a real nats-server and SQLite file.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::body::Body;
+use axum::http::{Request, StatusCode, header};
+use futures::FutureExt;
+use futures::future::BoxFuture;
+use http_body_util::BodyExt;
+use sluice_events::{EventStore, ExpectedVersion, NewEvent, StreamId};
+use sluice_testkit::NatsServer;
+use sqlx::{AnyConnection, Row};
+use tokio_util::sync::CancellationToken;
+use tower::ServiceExt;
+
+use super::{AppState, app};
+use crate::{Database, Page, ProjectedEvent, Projection, ReadModel, Rejection, RunnerConfig};
+
+/// Counts events per aggregate: the smallest projection with rows.
+struct Counts;
+
+impl Projection for Counts {
+    fn name(&self) -> &'static str {
+        "counts"
+    }
+
+    fn categories(&self) -> &'static [&'static str] {
+        &["thing"]
+    }
+
+    async fn apply(
+        &self,
+        conn: &mut AnyConnection,
+        events: &[ProjectedEvent],
+    ) -> Result<Vec<Rejection>, sqlx::Error> {
+        for e in events {
+            sqlx::query(
+                "INSERT INTO counts (id, n) VALUES ($1, 1) \
+                 ON CONFLICT (id) DO UPDATE SET n = counts.n + 1",
+            )
+            .bind(e.stream_id.id())
+            .execute(&mut *conn)
+            .await?;
+        }
+        Ok(Vec::new())
+    }
+}
+
+impl ReadModel for Counts {
+    fn name(&self) -> &'static str {
+        "counts"
+    }
+
+    fn get<'a>(
+        &'a self,
+        conn: &'a mut AnyConnection,
+        key: &'a str,
+    ) -> BoxFuture<'a, Result<Option<serde_json::Value>, sqlx::Error>> {
+        async move {
+            let row = sqlx::query("SELECT id, n FROM counts WHERE id = $1")
+                .bind(key)
+                .fetch_optional(conn)
+                .await?;
+            Ok(row.map(
+                |r| serde_json::json!({ "id": r.get::<String, _>(0), "n": r.get::<i64, _>(1) }),
+            ))
+        }
+        .boxed()
+    }
+
+    fn list<'a>(
+        &'a self,
+        conn: &'a mut AnyConnection,
+        after: Option<&'a str>,
+        limit: u32,
+    ) -> BoxFuture<'a, Result<Page, sqlx::Error>> {
+        async move {
+            let rows = sqlx::query("SELECT id, n FROM counts WHERE id > $1 ORDER BY id LIMIT $2")
+                .bind(after.unwrap_or(""))
+                .bind(i64::from(limit))
+                .fetch_all(conn)
+                .await?;
+            let ids: Vec<String> = rows.iter().map(|r| r.get(0)).collect();
+            Ok(Page {
+                rows: rows
+                    .iter()
+                    .map(|r| {
+                        serde_json::json!({ "id": r.get::<String, _>(0), "n": r.get::<i64, _>(1) })
+                    })
+                    .collect(),
+                next: (ids.len() == limit as usize)
+                    .then(|| ids.last().cloned())
+                    .flatten(),
+            })
+        }
+        .boxed()
+    }
+}
+
+struct Fixture {
+    _nats: NatsServer,
+    _dir: tempfile::TempDir,
+    store: EventStore,
+    db: Database,
+    state: AppState,
+    shutdown: CancellationToken,
+}
+
+async fn fixture() -> Fixture {
+    let nats = NatsServer::start();
+    let store = nats.store().await;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let db = Database::connect(&format!("sqlite://{}", dir.path().join("r.db").display()))
+        .await
+        .expect("db");
+    // Test-only table; real read models ship theirs as migrations.
+    sqlx::query("CREATE TABLE counts (id TEXT PRIMARY KEY, n BIGINT NOT NULL)")
+        .execute(db.pool())
+        .await
+        .expect("table");
+    let shutdown = CancellationToken::new();
+    let running = crate::spawn(
+        Arc::new(Counts),
+        db.clone(),
+        store.clone(),
+        RunnerConfig::default(),
+        shutdown.clone(),
+    )
+    .await
+    .expect("spawn");
+    let state = AppState::builder(store.clone(), db.clone())
+        .read_model(Arc::new(Counts), Some(running.live))
+        .wait_timeout(Duration::from_millis(300))
+        .build();
+    Fixture {
+        _nats: nats,
+        _dir: dir,
+        store,
+        db,
+        state,
+        shutdown,
+    }
+}
+
+async fn append(store: &EventStore, id: &str) -> u64 {
+    store
+        .append(
+            &StreamId::new("thing", id).expect("id"),
+            ExpectedVersion::Any,
+            vec![NewEvent::new(
+                "test.thing.counted.v1",
+                b"{\"x\":1}".to_vec(),
+            )],
+        )
+        .await
+        .expect("append")
+        .version
+}
+
+async fn get(
+    state: &AppState,
+    uri: &str,
+    headers: &[(&str, &str)],
+) -> (StatusCode, axum::http::HeaderMap, serde_json::Value) {
+    let mut req = Request::get(uri);
+    for (k, v) in headers {
+        req = req.header(*k, *v);
+    }
+    let resp = app(state.clone())
+        .oneshot(req.body(Body::empty()).expect("request"))
+        .await
+        .expect("response");
+    let status = resp.status();
+    let headers = resp.headers().clone();
+    let bytes = resp.into_body().collect().await.expect("body").to_bytes();
+    let json = if bytes.is_empty() {
+        serde_json::Value::Null
+    } else {
+        serde_json::from_slice(&bytes).expect("json body")
+    };
+    (status, headers, json)
+}
+
+#[tokio::test]
+async fn rows_by_key_and_page_with_etag_and_read_your_writes() {
+    let f = fixture().await;
+    for id in ["a", "b", "c"] {
+        append(&f.store, id).await;
+    }
+    let pos = append(&f.store, "a").await;
+
+    // Read-your-writes: waits for the projection, then answers.
+    let (status, h, body) = get(
+        &f.state,
+        &format!("/v1/projections/counts/rows/a?min_position={pos}"),
+        &[],
+    )
+    .await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    assert_eq!(body["n"], 2);
+    let etag = h[header::ETAG].to_str().expect("etag").to_owned();
+    assert_eq!(etag, format!("\"{pos}\""));
+    assert_eq!(h[header::CACHE_CONTROL], "no-cache");
+
+    // Same checkpoint: 304.
+    let (status, _, _) = get(
+        &f.state,
+        "/v1/projections/counts/rows/a",
+        &[("if-none-match", etag.as_str())],
+    )
+    .await;
+    assert_eq!(status, StatusCode::NOT_MODIFIED);
+
+    // Pages with a cursor.
+    let (status, _, page) = get(&f.state, "/v1/projections/counts/rows?limit=2", &[]).await;
+    assert_eq!(status, StatusCode::OK);
+    assert_eq!(page["rows"].as_array().map(Vec::len), Some(2));
+    assert_eq!(page["next"], "b");
+    let (_, _, page) = get(&f.state, "/v1/projections/counts/rows?limit=2&after=b", &[]).await;
+    assert_eq!(page["rows"][0]["id"], "c");
+    assert_eq!(page["next"], serde_json::Value::Null);
+
+    // A position the projection cannot reach in time: 503 + Retry-After.
+    let (status, h, body) = get(
+        &f.state,
+        "/v1/projections/counts/rows/a",
+        &[("sluice-min-position", &(pos + 100).to_string())],
+    )
+    .await;
+    assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE);
+    assert_eq!(h[header::RETRY_AFTER], "1");
+    assert_eq!(h[header::CONTENT_TYPE], "application/problem+json");
+    assert_eq!(body["status"], 503);
+
+    // Status list.
+    let (status, _, body) = get(&f.state, "/v1/projections", &[]).await;
+    assert_eq!(status, StatusCode::OK);
+    let p = &body["projections"][0];
+    assert_eq!(p["name"], "counts");
+    assert_eq!(p["checkpoint"], pos);
+    assert_eq!(p["stream_last_position"], pos);
+    assert_eq!(p["lag_events"], 0);
+    assert_eq!(p["state"], "running");
+    f.shutdown.cancel();
+}
+
+#[tokio::test]
+async fn streams_and_errors_are_problem_details_without_internals() {
+    let f = fixture().await;
+    let pos = append(&f.store, "s1").await;
+
+    let (status, _, body) = get(&f.state, "/v1/streams/thing/s1", &[]).await;
+    assert_eq!(status, StatusCode::OK);
+    assert_eq!(body["events"][0]["position"], pos);
+    assert_eq!(body["events"][0]["type"], "test.thing.counted.v1");
+    assert_eq!(body["events"][0]["data"]["x"], 1);
+
+    for (uri, want) in [
+        ("/v1/streams/thing/nope", StatusCode::NOT_FOUND),
+        ("/v1/streams/th*ng/x", StatusCode::BAD_REQUEST),
+        ("/v1/projections/nope/rows/a", StatusCode::NOT_FOUND),
+        ("/v1/projections/counts/rows/zzz", StatusCode::NOT_FOUND),
+        (
+            "/v1/projections/counts/rows?limit=0",
+            StatusCode::BAD_REQUEST,
+        ),
+        (
+            "/v1/projections/counts/rows?min_position=abc",
+            StatusCode::BAD_REQUEST,
+        ),
+        ("/nowhere", StatusCode::NOT_FOUND),
+    ] {
+        let resp = app(f.state.clone())
+            .oneshot(Request::get(uri).body(Body::empty()).expect("request"))
+            .await
+            .expect("response");
+        assert_eq!(resp.status(), want, "{uri}");
+        assert_eq!(
+            resp.headers()[header::CONTENT_TYPE],
+            "application/problem+json",
+            "{uri}"
+        );
+    }
+
+    // A broken read store: 503 problem, and nothing about SQL in the body.
+    f.shutdown.cancel();
+    sqlx::query("DROP TABLE counts")
+        .execute(f.db.pool())
+        .await
+        .expect("drop");
+    let (status, h, body) = get(&f.state, "/v1/projections/counts/rows/s1", &[]).await;
+    assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE);
+    assert!(h.contains_key(header::RETRY_AFTER));
+    let text = body.to_string().to_lowercase();
+    assert!(
+        !text.contains("counts") || !text.contains("table"),
+        "{text}"
+    );
+    assert!(!text.contains("sql"), "{text}");
+}
