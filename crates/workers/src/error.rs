@@ -1,0 +1,59 @@
+//! The one error type of the workers crate.
+
+/// What went wrong while running a worker or an operator command.
+///
+/// Handler failures are not errors of this type: a handler classifies its own
+/// failure as [`crate::HandlerError`], and the runtime turns it into an ack, a
+/// delayed retry or a dead letter.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum Error {
+    /// The worker configuration is inconsistent.
+    #[error("invalid worker configuration: {0}")]
+    InvalidConfig(String),
+    /// A consumer, category or similar name is not a safe subject token.
+    #[error(transparent)]
+    InvalidName(#[from] sluice_events::Error),
+    /// No dead letter with this id (it may have been redriven or discarded).
+    #[error("no dead letter with id {0}; it may already have been redriven or discarded")]
+    NotFound(u64),
+    /// The dead letter is parked behind an earlier one of the same aggregate.
+    #[error(
+        "dead letter {id} is parked behind dead letter {head} (an earlier event of the same aggregate); redrive or discard {head} first, or redrive the whole consumer"
+    )]
+    NotHead {
+        /// The dead letter asked for.
+        id: u64,
+        /// The dead letter that must go first.
+        head: u64,
+    },
+    /// A stored dead letter lacks a header Sluice writes.
+    #[error("dead letter {id} is malformed: {reason}")]
+    Malformed {
+        /// The dead letter.
+        id: u64,
+        /// What is missing or unreadable.
+        reason: String,
+    },
+    /// A discard was asked for without a reason.
+    #[error("a discard needs a reason (it is kept for audit)")]
+    MissingReason,
+    /// A JetStream or NATS request failed.
+    #[error("NATS request failed while {action}: {message}")]
+    Nats {
+        /// What the runtime was doing.
+        action: &'static str,
+        /// The client's error text (logged; never parsed).
+        message: String,
+    },
+}
+
+impl Error {
+    /// Wraps a client error with what was being done.
+    pub(crate) fn nats(action: &'static str, e: impl std::fmt::Display) -> Self {
+        Error::Nats {
+            action,
+            message: e.to_string(),
+        }
+    }
+}

@@ -1,0 +1,217 @@
+//! The JetStream resources the workers own: the `DLQ` stream, the redrive
+//! work queue, the audit log, the advisory capture and the parked-aggregate
+//! bucket; plus the header names of the dead-letter format.
+
+use std::time::Duration;
+
+use async_nats::jetstream::{self, kv, stream};
+
+use crate::error::Error;
+
+/// The dead-letter stream (contract: `DLQ` on `dlq.<consumer>.<category>`).
+pub const DLQ_STREAM: &str = "DLQ";
+/// Subject prefix of dead letters.
+pub const DLQ_PREFIX: &str = "dlq";
+/// Work queue that hands redriven dead letters back to one consumer
+/// (`sluice.redrive.<consumer>`); never `EVENTS`, so no event is appended twice.
+pub const REDRIVE_STREAM: &str = "DLQ_REDRIVE";
+/// Subject prefix of redriven messages.
+pub const REDRIVE_PREFIX: &str = "sluice.redrive";
+/// Audit log of operator actions on dead letters (redrive, discard + reason).
+pub const AUDIT_STREAM: &str = "DLQ_AUDIT";
+/// Subject prefix of audit records (`sluice.dlq.audit.<consumer>`).
+pub const AUDIT_PREFIX: &str = "sluice.dlq.audit";
+/// Stream capturing the server's `MAX_DELIVERIES` and `MSG_TERMINATED`
+/// advisories, so they survive while no worker is running.
+pub const ADVISORY_STREAM: &str = "SLUICE_ADVISORIES";
+/// KV bucket of parked aggregates, key `<consumer>.<category>.<id>`.
+pub const PARKED_BUCKET: &str = "SLUICE_PARKED";
+/// Category used for dead letters whose subject is not `events.<category>.<id>`.
+pub const INVALID_CATEGORY: &str = "_invalid";
+
+/// Dead-letter headers (the contract's format).
+pub mod headers {
+    /// Why the message was dead-lettered.
+    pub const REASON: &str = "Sluice-Dlq-Reason";
+    /// Stream the original lives in (`EVENTS`).
+    pub const STREAM: &str = "Sluice-Dlq-Stream";
+    /// Stream sequence of the original.
+    pub const SEQUENCE: &str = "Sluice-Dlq-Sequence";
+    /// Consumer (worker name) that failed on it.
+    pub const CONSUMER: &str = "Sluice-Dlq-Consumer";
+    /// Deliveries made before giving up.
+    pub const DELIVERIES: &str = "Sluice-Dlq-Deliveries";
+    /// When it was dead-lettered (RFC 3339).
+    pub const FAILED_AT: &str = "Sluice-Dlq-Failed-At";
+    /// Subject of the original (an addition to the contract's list: redrive
+    /// needs it to keep per-aggregate order).
+    pub const SUBJECT: &str = "Sluice-Dlq-Subject";
+    /// Kind of failure: `decode`, `handler`, `panic`, `exhausted`, `parked`,
+    /// `advisory` (for filtering; the reason has the detail).
+    pub const KIND: &str = "Sluice-Dlq-Kind";
+    /// For a parked message: stream sequence of the dead letter it waits behind.
+    pub const PARKED_BEHIND: &str = "Sluice-Dlq-Parked-Behind";
+    /// The original `Nats-Msg-Id` (replaced by the dedup id in the copy).
+    pub const ORIGINAL_MSG_ID: &str = "Sluice-Dlq-Original-Msg-Id";
+    /// On a redriven message: the dead-letter id it came from.
+    pub const REDRIVE_OF: &str = "Sluice-Redrive-Of";
+    /// On a redriven message: set on the last one of its aggregate in a
+    /// redrive run, so the worker knows when to release the aggregate.
+    pub const REDRIVE_LAST: &str = "Sluice-Redrive-Last";
+    /// NATS dedup header.
+    pub const MSG_ID: &str = "Nats-Msg-Id";
+}
+
+/// Prefix of the reason Sluice gives the server in `+TERM <reason>`; the
+/// advisory capture skips terminations carrying it (already dead-lettered).
+pub(crate) const TERM_MARKER: &str = "sluice-dlq";
+
+/// Priority group used for pinned-client consumers.
+pub(crate) const PIN_GROUP: &str = "sluice";
+
+/// Ensures every resource the workers and operator tools use.
+pub(crate) async fn ensure_all(js: &jetstream::Context, replicas: usize) -> Result<(), Error> {
+    let base = |name: &str, subjects: Vec<String>, description: &str| stream::Config {
+        name: name.to_owned(),
+        subjects,
+        storage: stream::StorageType::File,
+        num_replicas: replicas,
+        allow_direct: true,
+        description: Some(description.to_owned()),
+        ..Default::default()
+    };
+    let dlq = stream::Config {
+        // Dead letters are deduplicated by `<stream>:<consumer>:<seq>`; a day
+        // covers a worker that crash-loops for hours.
+        duplicate_window: Duration::from_secs(24 * 3600),
+        ..base(
+            DLQ_STREAM,
+            vec![format!("{DLQ_PREFIX}.>")],
+            "Sluice dead letters: original body and headers plus Sluice-Dlq-* headers",
+        )
+    };
+    let redrive = stream::Config {
+        retention: stream::RetentionPolicy::WorkQueue,
+        duplicate_window: Duration::from_secs(24 * 3600),
+        ..base(
+            REDRIVE_STREAM,
+            vec![format!("{REDRIVE_PREFIX}.>")],
+            "Sluice redriven dead letters, one subject per consumer",
+        )
+    };
+    let audit = base(
+        AUDIT_STREAM,
+        vec![format!("{AUDIT_PREFIX}.>")],
+        "Sluice operator actions on dead letters",
+    );
+    let advisories = stream::Config {
+        max_age: Duration::from_secs(7 * 24 * 3600),
+        ..base(
+            ADVISORY_STREAM,
+            ["MAX_DELIVERIES", "MSG_TERMINATED"]
+                .iter()
+                .flat_map(|kind| {
+                    [sluice_events::EVENTS_STREAM, REDRIVE_STREAM]
+                        .map(|s| format!("$JS.EVENT.ADVISORY.CONSUMER.{kind}.{s}.*"))
+                })
+                .collect(),
+            "Server advisories about Sluice consumers giving up on messages",
+        )
+    };
+    for config in [dlq, redrive, audit, advisories] {
+        ensure_stream(js, config).await?;
+    }
+    ensure_parked_bucket(js, replicas).await?;
+    Ok(())
+}
+
+async fn ensure_stream(js: &jetstream::Context, config: stream::Config) -> Result<(), Error> {
+    if js.get_stream(&config.name).await.is_ok() {
+        return Ok(());
+    }
+    match js.create_stream(config.clone()).await {
+        Ok(_) => Ok(()),
+        // Another replica created it between our check and our create.
+        Err(_) if js.get_stream(&config.name).await.is_ok() => Ok(()),
+        Err(e) => Err(Error::nats(
+            "creating a stream",
+            format!("{}: {e}", config.name),
+        )),
+    }
+}
+
+pub(crate) async fn ensure_parked_bucket(
+    js: &jetstream::Context,
+    replicas: usize,
+) -> Result<kv::Store, Error> {
+    if let Ok(store) = js.get_key_value(PARKED_BUCKET).await {
+        return Ok(store);
+    }
+    let created = js
+        .create_key_value(kv::Config {
+            bucket: PARKED_BUCKET.to_owned(),
+            description: "Sluice aggregates parked behind a dead letter, per consumer".to_owned(),
+            history: 1,
+            storage: stream::StorageType::File,
+            num_replicas: replicas,
+            ..Default::default()
+        })
+        .await;
+    match created {
+        Ok(store) => Ok(store),
+        Err(e) => js
+            .get_key_value(PARKED_BUCKET)
+            .await
+            .map_err(|_| Error::nats("creating the parked bucket", e)),
+    }
+}
+
+/// Stable 64-bit hash of a subject: FNV-1a, then MurmurHash3's finaliser
+/// (FNV alone mixes short, similar subjects poorly into the high bits).
+/// Stable across processes and versions (unlike `std`'s hasher), because
+/// partitions must agree; pinned by a test.
+pub fn subject_hash(subject: &str) -> u64 {
+    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+    for b in subject.as_bytes() {
+        h ^= u64::from(*b);
+        h = h.wrapping_mul(0x0000_0100_0000_01b3);
+    }
+    h ^= h >> 33;
+    h = h.wrapping_mul(0xff51_afd7_ed55_8ccd);
+    h ^= h >> 33;
+    h = h.wrapping_mul(0xc4ce_b9fe_1a85_ec53);
+    h ^ (h >> 33)
+}
+
+/// The partition (0-based) of a subject among `partitions`.
+pub fn partition_of(subject: &str, partitions: u16) -> u16 {
+    (subject_hash(subject) % u64::from(partitions.max(1))) as u16
+}
+
+/// The in-process lane of a subject among `lanes`; uses the high bits so it
+/// is independent of the partition choice.
+pub(crate) fn lane_of(subject: &str, lanes: usize) -> usize {
+    ((subject_hash(subject) >> 32) % lanes.max(1) as u64) as usize
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn hash_is_stable_and_spreads() {
+        // Pinned: changing the hash reshuffles partitions of running workers.
+        assert_eq!(subject_hash(""), 0xefd0_1f60_ba99_2926);
+        assert_eq!(subject_hash("a"), 0x82a2_a958_a9be_ce5b);
+        let mut counts = [0usize; 4];
+        for i in 0..4000 {
+            counts[partition_of(&format!("events.account.acc-{i}"), 4) as usize] += 1;
+        }
+        assert!(counts.iter().all(|c| *c > 800), "{counts:?}");
+        let mut lanes = [0usize; 8];
+        for i in 0..4000 {
+            lanes[lane_of(&format!("events.account.acc-{i}"), 8)] += 1;
+        }
+        assert!(lanes.iter().all(|c| *c > 400), "{lanes:?}");
+    }
+}

@@ -1,0 +1,1016 @@
+//! The worker runtime: durable pull consumers, per-aggregate lanes, acks,
+//! delayed retries, dead letters and parking.
+//!
+//! Shape of a running worker (one process, one replica):
+//!
+//! ```text
+//! EVENTS ──► consumer <name>[-p<i>-of-<P>] ─┐  (pinned client: one replica
+//! DLQ_REDRIVE ─► consumer <name>-redrive ───┤   per consumer at a time)
+//!                                           ▼
+//!                      route by hash(subject) to one of `concurrency` lanes
+//!                                           ▼
+//!        lane: per subject, strictly in stream order; a subject waiting for a
+//!        delayed retry holds its later messages (with in-progress acks);
+//!        other subjects of the lane keep flowing
+//! ```
+
+use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
+use std::panic::AssertUnwindSafe;
+use std::sync::Arc;
+use std::time::Duration;
+
+use async_nats::jetstream::{self, AckKind, consumer};
+use futures::{FutureExt, StreamExt};
+use sluice_events::{DEFAULT_MAX_PAYLOAD, EVENTS_STREAM, Envelope, EventStore, StreamId};
+use tokio::sync::mpsc;
+use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
+
+use crate::dlq::{self, Kind, NewDeadLetter};
+use crate::error::Error;
+use crate::handler::{Delivery, Handler, HandlerError};
+use crate::infra::{
+    self, PIN_GROUP, REDRIVE_PREFIX, REDRIVE_STREAM, TERM_MARKER, headers as h, lane_of,
+    partition_of,
+};
+use crate::park::Parks;
+use crate::policy::{Action, Outcome, RetryPolicy, decide, jitter_unit};
+
+/// Longest worker name: leaves room for the `-p<i>-of-<P>` and `-redrive`
+/// suffixes within NATS' consumer name limits.
+const MAX_NAME_LEN: usize = 64;
+
+/// Settings of one worker. `name` is the durable identity: renaming it
+/// re-consumes every event, so names are constants (listed in a test).
+#[derive(Debug, Clone)]
+pub struct WorkerConfig {
+    /// Durable name: consumer names, DLQ subjects and parked keys derive from it.
+    pub name: &'static str,
+    /// Subjects of `EVENTS` this worker handles (default `events.>`).
+    pub filter_subjects: Vec<String>,
+    /// Partition consumers (default 1). Replicas share partitions: each
+    /// partition is pinned to one replica at a time.
+    pub partitions: u16,
+    /// Lanes per process: how many aggregates are handled at once.
+    pub concurrency: usize,
+    /// Retry policy for transient failures.
+    pub retry: RetryPolicy,
+    /// The consumer's ack wait. In-progress acks keep long handlers and held
+    /// messages alive; a crashed worker's messages come back after it.
+    pub ack_wait: Duration,
+    /// How long a silent replica keeps its pin before another takes over.
+    /// Longer than `ack_wait`, so the crashed replica's unacked messages are
+    /// redelivered (first, in order) before the new replica gets new ones.
+    pub pin_timeout: Duration,
+    /// Messages delivered but not yet acked, per consumer.
+    pub max_ack_pending: i64,
+    /// Messages per pull request.
+    pub batch: usize,
+    /// A handler running longer is abandoned as a transient failure.
+    pub handler_timeout: Duration,
+    /// Largest accepted event payload.
+    pub max_payload: usize,
+    /// Replicas of the DLQ streams and parked bucket, when this worker creates them.
+    pub replicas: usize,
+    /// Capture the server's `MAX_DELIVERIES` / `MSG_TERMINATED` advisories.
+    pub capture_advisories: bool,
+    /// How long a subject with redelivered messages waits before its first
+    /// one is handled. After a replica crashes, the server redelivers its
+    /// messages in the order their ack waits expired, which is not always
+    /// stream order; waiting lets them gather so they are sorted.
+    pub redelivery_settle: Duration,
+}
+
+impl WorkerConfig {
+    /// Defaults for a worker called `name`.
+    pub fn new(name: &'static str) -> Self {
+        Self {
+            name,
+            filter_subjects: vec!["events.>".to_owned()],
+            partitions: 1,
+            concurrency: 8,
+            retry: RetryPolicy::default(),
+            ack_wait: Duration::from_secs(30),
+            pin_timeout: Duration::from_secs(90),
+            max_ack_pending: 1000,
+            batch: 200,
+            handler_timeout: Duration::from_secs(300),
+            max_payload: DEFAULT_MAX_PAYLOAD,
+            replicas: 1,
+            capture_advisories: true,
+            redelivery_settle: Duration::from_millis(500),
+        }
+    }
+
+    /// Checks the settings that ordering and redelivery depend on.
+    pub fn validate(&self) -> Result<(), Error> {
+        sluice_events::validate_token("worker name", self.name)?;
+        let bad = |m: String| Err(Error::InvalidConfig(m));
+        if self.name.len() > MAX_NAME_LEN {
+            return bad(format!(
+                "worker name is longer than {MAX_NAME_LEN} characters"
+            ));
+        }
+        if self.filter_subjects.is_empty() {
+            return bad("filter_subjects is empty".into());
+        }
+        if self.partitions == 0 || self.concurrency == 0 || self.batch == 0 {
+            return bad("partitions, concurrency and batch must be at least 1".into());
+        }
+        if self.retry.max_attempts == 0 {
+            return bad("retry.max_attempts must be at least 1".into());
+        }
+        if self.retry.cap >= self.ack_wait {
+            return bad(format!(
+                "retry.cap ({:?}) must be below ack_wait ({:?}), or a message held behind a delayed retry could be redelivered before it",
+                self.retry.cap, self.ack_wait
+            ));
+        }
+        if self.pin_timeout <= self.ack_wait {
+            return bad(format!(
+                "pin_timeout ({:?}) must exceed ack_wait ({:?}), or a new replica could see new messages before a crashed one's are redelivered",
+                self.pin_timeout, self.ack_wait
+            ));
+        }
+        if self.max_ack_pending < 1 {
+            return bad("max_ack_pending must be at least 1".into());
+        }
+        Ok(())
+    }
+
+    /// The durable consumer names on `EVENTS`, one per partition.
+    pub fn partition_consumers(&self) -> Vec<String> {
+        partition_consumer_names(self.name, self.partitions)
+    }
+}
+
+/// Durable consumer names on `EVENTS` of worker `name` with `partitions`:
+/// `name` alone for one partition, else `name-p<i>-of-<P>`.
+pub fn partition_consumer_names(name: &str, partitions: u16) -> Vec<String> {
+    if partitions <= 1 {
+        vec![name.to_owned()]
+    } else {
+        (0..partitions)
+            .map(|i| format!("{name}-p{i}-of-{partitions}"))
+            .collect()
+    }
+}
+
+/// Durable consumer name on `DLQ_REDRIVE` of worker `name`.
+pub fn redrive_consumer_name(name: &str) -> String {
+    format!("{name}-redrive")
+}
+
+/// Durable consumer name on `SLUICE_ADVISORIES` of worker `name`.
+pub fn advisory_consumer_name(name: &str) -> String {
+    format!("{name}-advisories")
+}
+
+fn consumer_config(
+    config: &WorkerConfig,
+    name: String,
+    filters: Vec<String>,
+    description: String,
+) -> consumer::pull::Config {
+    let (filter_subject, filter_subjects) = if filters.len() == 1 {
+        (filters[0].clone(), Vec::new())
+    } else {
+        (String::new(), filters)
+    };
+    consumer::pull::Config {
+        durable_name: Some(name.clone()),
+        name: Some(name),
+        description: Some(description),
+        deliver_policy: consumer::DeliverPolicy::All,
+        ack_policy: consumer::AckPolicy::Explicit,
+        ack_wait: config.ack_wait,
+        // The runtime dead-letters at `max_attempts` itself (and before
+        // running a handler again when a delivery had no outcome); the
+        // server's limit is the safety net that raises MAX_DELIVERIES.
+        max_deliver: i64::from(config.retry.max_attempts) + 2,
+        filter_subject,
+        filter_subjects,
+        max_ack_pending: config.max_ack_pending,
+        priority_policy: consumer::PriorityPolicy::PinnedClient,
+        priority_groups: vec![PIN_GROUP.to_owned()],
+        priority_timeout: config.pin_timeout,
+        ..Default::default()
+    }
+}
+
+/// Creates (or updates) the worker's durable consumers and the streams and
+/// bucket it uses. [`run`] calls it; tools may call it to set up ahead.
+pub async fn ensure_consumers(
+    js: &jetstream::Context,
+    config: &WorkerConfig,
+) -> Result<Vec<consumer::PullConsumer>, Error> {
+    config.validate()?;
+    infra::ensure_all(js, config.replicas).await?;
+    let events = js
+        .get_stream(EVENTS_STREAM)
+        .await
+        .map_err(|e| Error::nats("opening the EVENTS stream", e))?;
+    let mut out = Vec::new();
+    for (i, name) in config.partition_consumers().into_iter().enumerate() {
+        let c = consumer_config(
+            config,
+            name,
+            config.filter_subjects.clone(),
+            format!(
+                "Sluice worker {} partition {i} of {}",
+                config.name, config.partitions
+            ),
+        );
+        out.push(
+            events
+                .create_consumer(c)
+                .await
+                .map_err(|e| Error::nats("creating a worker consumer", e))?,
+        );
+    }
+    let redrive = js
+        .get_stream(REDRIVE_STREAM)
+        .await
+        .map_err(|e| Error::nats("opening the redrive stream", e))?;
+    let c = consumer_config(
+        config,
+        redrive_consumer_name(config.name),
+        vec![format!("{REDRIVE_PREFIX}.{}", config.name)],
+        format!("Sluice worker {} redriven dead letters", config.name),
+    );
+    out.push(
+        redrive
+            .create_consumer(c)
+            .await
+            .map_err(|e| Error::nats("creating a redrive consumer", e))?,
+    );
+    Ok(out)
+}
+
+/// Where a message came from.
+#[derive(Debug, Clone, Copy)]
+enum Source {
+    Live,
+    Redrive { dlq_id: u64, last: bool },
+}
+
+/// One message routed to a lane.
+struct Incoming {
+    msg: jetstream::Message,
+    /// The original event's subject (for a redrive: from its headers).
+    subject: String,
+    /// The original event's stream sequence.
+    seq: u64,
+    /// The server's delivery count of this message.
+    delivered: u64,
+    source: Source,
+}
+
+/// What processing a message ended with, as far as its lane cares.
+enum Step {
+    /// Finished (acked, dead-lettered, parked or skipped).
+    Done,
+    /// Negatively acknowledged: the subject waits for its redelivery.
+    Retrying(Duration),
+}
+
+struct Ctx<H> {
+    js: jetstream::Context,
+    client: async_nats::Client,
+    config: WorkerConfig,
+    handler: H,
+    parks: Parks,
+}
+
+/// Runs a worker until `cancel` fires, then stops fetching, lets handlers in
+/// flight finish and ack, hands unstarted messages back, and returns.
+///
+/// Delivery is at least once: the handler must be idempotent (keyed by the
+/// event id or [`Delivery::sequence`]).
+pub async fn run<H: Handler>(
+    store: &EventStore,
+    config: WorkerConfig,
+    handler: H,
+    cancel: CancellationToken,
+) -> Result<(), Error> {
+    let js = store.jetstream().clone();
+    let consumers = ensure_consumers(&js, &config).await?;
+    let kv = infra::ensure_parked_bucket(&js, config.replicas).await?;
+    // The watch task outlives `run` by at most this token.
+    let background = cancel.child_token();
+    let parks = Parks::cached(kv, config.name, background.clone()).await?;
+    let ctx = Arc::new(Ctx {
+        js: js.clone(),
+        client: store.client().clone(),
+        config: config.clone(),
+        handler,
+        parks,
+    });
+
+    // Every task lives in a JoinSet, and the background token is cancelled
+    // on drop: aborting `run` (a killed worker) stops everything at once.
+    let _stop_background = background.clone().drop_guard();
+    let mut lanes = Vec::with_capacity(config.concurrency);
+    let mut lane_tasks = tokio::task::JoinSet::new();
+    for lane in 0..config.concurrency {
+        let (tx, rx) = mpsc::channel(config.batch.max(16));
+        lanes.push(tx);
+        lane_tasks.spawn(run_lane(ctx.clone(), lane, rx, cancel.clone()));
+    }
+    let partitions = config.partitions;
+    let mut pullers = tokio::task::JoinSet::new();
+    let redrive_index = consumers.len() - 1;
+    for (i, consumer) in consumers.into_iter().enumerate() {
+        let kind = if i == redrive_index {
+            PullKind::Redrive
+        } else {
+            PullKind::Live {
+                partition: i as u16,
+                partitions,
+            }
+        };
+        pullers.spawn(pull_loop(
+            ctx.clone(),
+            consumer,
+            kind,
+            lanes.clone(),
+            cancel.clone(),
+        ));
+    }
+    drop(lanes);
+    let mut advisory = tokio::task::JoinSet::new();
+    if config.capture_advisories {
+        advisory.spawn(crate::advisory::capture(
+            js.clone(),
+            config.clone(),
+            ctx.parks.clone(),
+            cancel.clone(),
+        ));
+    }
+    tracing::info!(
+        worker = config.name,
+        partitions,
+        concurrency = config.concurrency,
+        "worker started"
+    );
+
+    cancel.cancelled().await;
+    pullers.join_all().await;
+    // Pullers are gone, so every lane's channel closes once drained.
+    lane_tasks.join_all().await;
+    advisory.join_all().await;
+    background.cancel();
+    // Acks are fire-and-forget publishes: push them out before returning.
+    if let Err(e) = ctx.client.flush().await {
+        tracing::warn!(worker = config.name, error = %e, "flush on shutdown failed");
+    }
+    tracing::info!(worker = config.name, "worker stopped");
+    Ok(())
+}
+
+#[derive(Debug, Clone, Copy)]
+enum PullKind {
+    Live { partition: u16, partitions: u16 },
+    Redrive,
+}
+
+async fn pull_loop<H: Handler>(
+    ctx: Arc<Ctx<H>>,
+    consumer: consumer::PullConsumer,
+    kind: PullKind,
+    lanes: Vec<mpsc::Sender<Incoming>>,
+    cancel: CancellationToken,
+) {
+    let name = ctx.config.name;
+    // Pulls expire well within the pin timeout, so an idle but healthy
+    // replica renews its pin.
+    let expires = (ctx.config.pin_timeout / 4).min(Duration::from_secs(30));
+    let heartbeat = (expires / 4).max(Duration::from_millis(100));
+    'outer: loop {
+        let stream = consumer
+            .stream()
+            .group(PIN_GROUP)
+            .max_messages_per_batch(ctx.config.batch)
+            .expires(expires)
+            .heartbeat(heartbeat)
+            .messages()
+            .await;
+        let mut stream = match stream {
+            Ok(s) => s,
+            Err(e) => {
+                tracing::warn!(worker = name, error = %e, "cannot start pulling; retrying");
+                tokio::select! {
+                    _ = cancel.cancelled() => break 'outer,
+                    _ = tokio::time::sleep(Duration::from_secs(1)) => continue 'outer,
+                }
+            }
+        };
+        loop {
+            let next = tokio::select! {
+                _ = cancel.cancelled() => break 'outer,
+                next = stream.next() => next,
+            };
+            let msg = match next {
+                Some(Ok(m)) => m,
+                Some(Err(e)) => {
+                    tracing::debug!(worker = name, error = %e, "pull stream error");
+                    continue;
+                }
+                None => continue 'outer,
+            };
+            let Some(incoming) = classify(&msg, kind) else {
+                if let PullKind::Live { .. } = kind {
+                    // Another partition's message: not ours to handle.
+                    if let Err(e) = msg.ack().await {
+                        tracing::warn!(worker = name, error = %e, "ack of a foreign-partition message failed");
+                    }
+                } else {
+                    let reason = "redriven message without Sluice-Dlq-Subject/Sequence headers";
+                    tracing::error!(worker = name, "{reason}; terminating it");
+                    term(&ctx.client, &msg, reason).await;
+                }
+                continue;
+            };
+            let Incoming {
+                msg,
+                subject,
+                seq,
+                delivered,
+                source,
+            } = incoming;
+            let lane = lane_of(&subject, lanes.len());
+            let sent = lanes[lane]
+                .send(Incoming {
+                    msg,
+                    subject,
+                    seq,
+                    delivered,
+                    source,
+                })
+                .await;
+            if sent.is_err() {
+                break 'outer;
+            }
+        }
+    }
+}
+
+/// Reads where a message belongs. `None`: a live message of another
+/// partition, or a redriven message without our headers.
+fn classify(msg: &jetstream::Message, kind: PullKind) -> Option<Incoming> {
+    let info = msg.info().ok()?;
+    let delivered = u64::try_from(info.delivered).unwrap_or(1).max(1);
+    match kind {
+        PullKind::Live {
+            partition,
+            partitions,
+        } => {
+            let subject = msg.subject.to_string();
+            if partitions > 1 && partition_of(&subject, partitions) != partition {
+                return None;
+            }
+            Some(Incoming {
+                seq: info.stream_sequence,
+                msg: msg.clone(),
+                subject,
+                delivered,
+                source: Source::Live,
+            })
+        }
+        PullKind::Redrive => {
+            let headers = msg.headers.as_ref()?;
+            let subject = headers.get(h::SUBJECT)?.as_str().to_owned();
+            let seq = headers.get(h::SEQUENCE)?.as_str().parse().ok()?;
+            let dlq_id = headers
+                .get(h::REDRIVE_OF)
+                .and_then(|v| v.as_str().parse().ok())
+                .unwrap_or(0);
+            let last = headers.get(h::REDRIVE_LAST).is_some();
+            Some(Incoming {
+                msg: msg.clone(),
+                subject,
+                seq,
+                delivered,
+                source: Source::Redrive { dlq_id, last },
+            })
+        }
+    }
+}
+
+/// Messages of one subject inside a lane, in stream order.
+#[derive(Default)]
+struct SubjectQueue {
+    pending: BTreeMap<u64, Incoming>,
+    /// Waiting for the redelivery of this sequence (a delayed retry) until
+    /// the deadline; later messages of the subject are held meanwhile.
+    waiting: Option<(u64, Instant)>,
+    /// Redeliveries of a crashed replica's messages arrive in the order they
+    /// expired, not in stream order: hold the subject until this instant so
+    /// its redelivered messages gather and are sorted before any is handled.
+    settle_until: Option<Instant>,
+}
+
+/// What to do with a message arriving in a lane.
+enum Arrival {
+    /// Queued for handling.
+    Queued,
+    /// A redelivery of a message this lane already handled: ack it again.
+    Duplicate(Incoming),
+    /// An earlier event of a subject arriving after a later one was handled
+    /// (the server redelivered out of order): never applied silently.
+    Late(Incoming),
+}
+
+struct LaneState {
+    queues: HashMap<String, SubjectQueue>,
+    /// Subjects that may have a runnable message.
+    ready: VecDeque<String>,
+    /// Highest live stream sequence handled per subject.
+    done: HashMap<String, u64>,
+    /// Recently handled live stream sequences (bounded, oldest evicted):
+    /// tells a duplicate redelivery from a late predecessor.
+    handled: HashSet<u64>,
+    handled_order: VecDeque<u64>,
+    settle: Duration,
+}
+
+/// How many handled sequences and subjects a lane remembers.
+const MEMORY_LIMIT: usize = 100_000;
+
+impl LaneState {
+    fn new(settle: Duration) -> Self {
+        Self {
+            queues: HashMap::new(),
+            ready: VecDeque::new(),
+            done: HashMap::new(),
+            handled: HashSet::new(),
+            handled_order: VecDeque::new(),
+            settle,
+        }
+    }
+
+    fn enqueue(&mut self, m: Incoming) -> Arrival {
+        if let Source::Live = m.source {
+            if self.handled.contains(&m.seq) {
+                return Arrival::Duplicate(m);
+            }
+            if self.done.get(&m.subject).is_some_and(|d| m.seq < *d) {
+                return Arrival::Late(m);
+            }
+        }
+        let q = self.queues.entry(m.subject.clone()).or_default();
+        let awaited = q.waiting.is_some_and(|(seq, _)| seq == m.seq);
+        if m.delivered > 1 && !awaited {
+            q.settle_until = Some(Instant::now() + self.settle);
+        }
+        let subject = m.subject.clone();
+        // A newer delivery of a queued message replaces it (fresh ack subject).
+        q.pending.insert(m.seq, m);
+        self.ready.push_back(subject);
+        Arrival::Queued
+    }
+
+    /// The next message to handle, or when to look again (a settling subject).
+    fn next_runnable(&mut self) -> (Option<Incoming>, Option<Instant>) {
+        let now = Instant::now();
+        let mut wake: Option<Instant> = None;
+        let mut settling = Vec::new();
+        let mut found = None;
+        while let Some(subject) = self.ready.pop_front() {
+            let Some(q) = self.queues.get_mut(&subject) else {
+                continue;
+            };
+            if let Some(until) = q.settle_until {
+                if until > now {
+                    wake = Some(wake.map_or(until, |w| w.min(until)));
+                    settling.push(subject);
+                    continue;
+                }
+                q.settle_until = None;
+            }
+            let next = match q.waiting {
+                Some((seq, _)) => q.pending.remove(&seq),
+                None => q.pending.pop_first().map(|(_, m)| m),
+            };
+            if let Some(m) = next {
+                q.waiting = None;
+                found = Some(m);
+                break;
+            }
+            if q.pending.is_empty() && q.waiting.is_none() {
+                self.queues.remove(&subject);
+            }
+        }
+        for s in settling.into_iter().rev() {
+            self.ready.push_front(s);
+        }
+        (found, wake)
+    }
+
+    fn finished(&mut self, subject: &str, seq: u64, live: bool, step: Step, ack_wait: Duration) {
+        match step {
+            Step::Done => {
+                if live {
+                    if self.done.len() > MEMORY_LIMIT {
+                        self.done.clear();
+                    }
+                    let d = self.done.entry(subject.to_owned()).or_insert(0);
+                    *d = (*d).max(seq);
+                    if self.handled.insert(seq) {
+                        self.handled_order.push_back(seq);
+                    }
+                    while self.handled_order.len() > MEMORY_LIMIT {
+                        if let Some(old) = self.handled_order.pop_front() {
+                            self.handled.remove(&old);
+                        }
+                    }
+                }
+            }
+            Step::Retrying(delay) => {
+                let q = self.queues.entry(subject.to_owned()).or_default();
+                q.waiting = Some((seq, Instant::now() + delay + ack_wait * 2));
+            }
+        }
+        if self
+            .queues
+            .get(subject)
+            .is_some_and(|q| !q.pending.is_empty())
+        {
+            self.ready.push_back(subject.to_owned());
+        }
+    }
+
+    /// Gives up waiting for redeliveries that never came (the message went to
+    /// another replica, or the server gave up on it): the held messages are
+    /// dropped unacked, so the server redelivers them after the ack wait,
+    /// behind the one we waited for.
+    fn expire_waits(&mut self, worker: &str) {
+        let now = Instant::now();
+        let expired: Vec<String> = self
+            .queues
+            .iter()
+            .filter(|(_, q)| q.waiting.is_some_and(|(_, deadline)| deadline <= now))
+            .map(|(s, _)| s.clone())
+            .collect();
+        for subject in expired {
+            if let Some(q) = self.queues.remove(&subject) {
+                tracing::warn!(worker, subject = %subject, held = q.pending.len(), "retry redelivery did not come back; releasing held messages to the server");
+            }
+        }
+    }
+}
+
+async fn arrive<H: Handler>(ctx: &Ctx<H>, state: &mut LaneState, m: Incoming) {
+    match state.enqueue(m) {
+        Arrival::Queued => {}
+        Arrival::Duplicate(m) => ack_stale(&m).await,
+        Arrival::Late(m) => late(ctx, &m).await,
+    }
+}
+
+async fn run_lane<H: Handler>(
+    ctx: Arc<Ctx<H>>,
+    lane: usize,
+    mut rx: mpsc::Receiver<Incoming>,
+    cancel: CancellationToken,
+) {
+    let worker = ctx.config.name;
+    let mut state = LaneState::new(ctx.config.redelivery_settle);
+    let mut tick = tokio::time::interval(ctx.config.ack_wait / 3);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut open = true;
+    while !cancel.is_cancelled() {
+        let (next, wake) = state.next_runnable();
+        if let Some(m) = next {
+            let subject = m.subject.clone();
+            let seq = m.seq;
+            let live = matches!(m.source, Source::Live);
+            let reply = m.msg.reply.clone();
+            let work = process(&ctx, m);
+            tokio::pin!(work);
+            // While the handler runs, keep receiving (other subjects queue
+            // up) and keep every held message and the running one alive.
+            let step = loop {
+                tokio::select! {
+                    step = &mut work => break step,
+                    _ = tick.tick() => {
+                        if let Some(r) = &reply {
+                            progress(&ctx.client, r).await;
+                        }
+                        keep_alive(&ctx.client, &state).await;
+                    }
+                    m = rx.recv(), if open => match m {
+                        Some(m) => arrive(&ctx, &mut state, m).await,
+                        None => open = false,
+                    },
+                }
+            };
+            state.finished(&subject, seq, live, step, ctx.config.ack_wait);
+            continue;
+        }
+        if !open {
+            break;
+        }
+        let wake = wake.unwrap_or_else(|| Instant::now() + ctx.config.ack_wait);
+        tokio::select! {
+            _ = cancel.cancelled() => {}
+            m = rx.recv() => match m {
+                Some(m) => arrive(&ctx, &mut state, m).await,
+                None => open = false,
+            },
+            _ = tokio::time::sleep_until(wake) => {}
+            _ = tick.tick() => {
+                keep_alive(&ctx.client, &state).await;
+                state.expire_waits(worker);
+            }
+        }
+    }
+    // Shutdown: take in what the pullers still send (they stop at once),
+    // then hand back unstarted messages of subjects not waiting for a
+    // delayed retry, in order, so they are redelivered at once. Held
+    // messages stay unacked: they must not overtake their delayed head.
+    while open {
+        match rx.recv().await {
+            Some(m) => arrive(&ctx, &mut state, m).await,
+            None => open = false,
+        }
+    }
+    let mut handed_back = 0usize;
+    for q in state.queues.values() {
+        if q.waiting.is_some() {
+            continue;
+        }
+        for m in q.pending.values() {
+            if m.msg.ack_with(AckKind::Nak(None)).await.is_ok() {
+                handed_back += 1;
+            }
+        }
+    }
+    tracing::debug!(worker, lane, handed_back, "lane stopped");
+}
+
+/// An earlier event arrived after a later event of the same aggregate was
+/// handled: it cannot be applied in order any more. Dead-letter it (and park
+/// the aggregate) so an operator decides, rather than drop or misapply it.
+async fn late<H: Handler>(ctx: &Ctx<H>, m: &Incoming) {
+    let reason = format!(
+        "redelivered after a later event of the same aggregate was handled (out-of-order redelivery of stream sequence {}); redrive to apply it late, or discard",
+        m.seq
+    );
+    let result = async {
+        dlq::write(
+            &ctx.js,
+            NewDeadLetter {
+                consumer: ctx.config.name,
+                subject: &m.subject,
+                stream: EVENTS_STREAM,
+                sequence: m.seq,
+                deliveries: m.delivered,
+                reason: &reason,
+                kind: Kind::Late,
+                headers: m.msg.headers.as_ref(),
+                payload: m.msg.payload.clone(),
+                parked_behind: None,
+                redrive_of: None,
+            },
+        )
+        .await?;
+        if let Ok(stream_id) = StreamId::from_subject("events", &m.subject) {
+            ctx.parks.park_head(&stream_id, m.seq).await?;
+        }
+        Ok::<(), Error>(())
+    }
+    .await;
+    match result {
+        Ok(()) => term(&ctx.client, &m.msg, &reason).await,
+        Err(e) => {
+            tracing::error!(worker = ctx.config.name, subject = %m.subject, seq = m.seq, error = %e, "could not dead-letter a late event; it will be redelivered");
+        }
+    }
+}
+
+async fn ack_stale(m: &Incoming) {
+    tracing::debug!(subject = %m.subject, seq = m.seq, "stale redelivery of a handled message; acking");
+    let _ = m.msg.ack().await;
+}
+
+async fn progress(client: &async_nats::Client, reply: &async_nats::Subject) {
+    let _ = client.publish(reply.clone(), "+WPI".into()).await;
+}
+
+async fn keep_alive(client: &async_nats::Client, state: &LaneState) {
+    for q in state.queues.values() {
+        for m in q.pending.values() {
+            if let Some(r) = &m.msg.reply {
+                progress(client, r).await;
+            }
+        }
+    }
+}
+
+/// `+TERM <reason>`: the server stops redelivering and puts the reason in
+/// its MSG_TERMINATED advisory. The client has no reason-carrying Term, so
+/// the ack payload is sent by hand.
+async fn term(client: &async_nats::Client, msg: &jetstream::Message, reason: &str) {
+    if let Some(reply) = &msg.reply {
+        let short: String = reason
+            .chars()
+            .filter(|c| !c.is_control())
+            .take(200)
+            .collect();
+        let payload = format!("+TERM {TERM_MARKER}: {short}");
+        if let Err(e) = client.publish(reply.clone(), payload.into()).await {
+            tracing::warn!(error = %e, "term failed; the message will be redelivered and dead-lettered again (deduplicated)");
+        }
+    }
+}
+
+/// Handles one message end to end and says what its lane should do next.
+async fn process<H: Handler>(ctx: &Ctx<H>, m: Incoming) -> Step {
+    match process_inner(ctx, &m).await {
+        Ok(step) => step,
+        Err(e) => {
+            // The DLQ or the parked bucket could not be written: retry the
+            // whole message later rather than lose or reorder it.
+            let delay = ctx.config.retry.delay(m.delivered, jitter_unit());
+            tracing::error!(worker = ctx.config.name, subject = %m.subject, seq = m.seq, error = %e, retry_in = ?delay, "could not record the outcome; retrying the message");
+            let _ = m.msg.ack_with(AckKind::Nak(Some(delay))).await;
+            Step::Retrying(delay)
+        }
+    }
+}
+
+async fn process_inner<H: Handler>(ctx: &Ctx<H>, m: &Incoming) -> Result<Step, Error> {
+    let cfg = &ctx.config;
+    let redrive_of = match m.source {
+        Source::Live => None,
+        Source::Redrive { dlq_id, .. } => Some(dlq_id),
+    };
+    let write = |reason: String, kind: Kind, parked_behind: Option<u64>| async move {
+        dlq::write(
+            &ctx.js,
+            NewDeadLetter {
+                consumer: cfg.name,
+                subject: &m.subject,
+                stream: EVENTS_STREAM,
+                sequence: m.seq,
+                deliveries: m.delivered,
+                reason: &reason,
+                kind,
+                headers: m.msg.headers.as_ref(),
+                payload: m.msg.payload.clone(),
+                parked_behind,
+                redrive_of,
+            },
+        )
+        .await
+    };
+
+    let stream_id = match StreamId::from_subject("events", &m.subject) {
+        Ok(s) => s,
+        Err(e) => {
+            let reason = format!("decode: {e}");
+            write(reason.clone(), Kind::Decode, None).await?;
+            term(&ctx.client, &m.msg, &reason).await;
+            return Ok(Step::Done);
+        }
+    };
+
+    // Sequence-aware dead-lettering: a live event of a parked aggregate goes
+    // behind its head instead of being applied out of order.
+    if let Source::Live = m.source
+        && ctx.parks.maybe_parked(&stream_id).await?
+        && let Some(head) = ctx.parks.park_behind(&stream_id, m.seq).await?
+    {
+        let reason = if head == m.seq {
+            format!("dead-lettered earlier (redelivered head of parked aggregate {stream_id})")
+        } else {
+            format!(
+                "parked behind sequence {head}: an earlier event of {stream_id} is dead-lettered for consumer {}",
+                cfg.name
+            )
+        };
+        write(
+            reason.clone(),
+            Kind::Parked,
+            (head != m.seq).then_some(head),
+        )
+        .await?;
+        term(&ctx.client, &m.msg, &reason).await;
+        return Ok(Step::Done);
+    }
+
+    let max = u64::from(cfg.retry.max_attempts);
+    if m.delivered > max {
+        // The previous delivery had no outcome: the worker crashed or hung
+        // on it. Running it again could crash again; dead-letter it.
+        let reason = format!(
+            "delivered {} times without an outcome (limit {max} attempts): the worker crashed, hung or lost its connection while handling it",
+            m.delivered
+        );
+        return dead_letter(ctx, m, &stream_id, reason, Kind::Exhausted, &write).await;
+    }
+
+    let envelope = match Envelope::decode(m.msg.headers.as_ref(), &m.msg.payload, cfg.max_payload) {
+        Ok(e) => e,
+        Err(e) => {
+            return dead_letter(
+                ctx,
+                m,
+                &stream_id,
+                format!("decode: {e}"),
+                Kind::Decode,
+                &write,
+            )
+            .await;
+        }
+    };
+    let delivery = Delivery {
+        stream_id: stream_id.clone(),
+        sequence: m.seq,
+        envelope,
+        attempt: m.delivered,
+        redriven: redrive_of.is_some(),
+    };
+    let handled = tokio::time::timeout(
+        cfg.handler_timeout,
+        AssertUnwindSafe(ctx.handler.handle(delivery)).catch_unwind(),
+    )
+    .await;
+    let (outcome, kind) = match handled {
+        Ok(Ok(Ok(()))) => (Outcome::Ok, Kind::Handler),
+        Ok(Ok(Err(HandlerError::Transient(e)))) => {
+            (Outcome::Transient(e.to_string()), Kind::Exhausted)
+        }
+        Ok(Ok(Err(HandlerError::Permanent(e)))) => {
+            (Outcome::Permanent(format!("handler: {e}")), Kind::Handler)
+        }
+        Ok(Err(panic)) => {
+            let text = panic
+                .downcast_ref::<&str>()
+                .map(|s| (*s).to_owned())
+                .or_else(|| panic.downcast_ref::<String>().cloned())
+                .unwrap_or_else(|| "non-text panic payload".to_owned());
+            (
+                Outcome::Permanent(format!("handler panicked: {text}")),
+                Kind::Panic,
+            )
+        }
+        Err(_) => (
+            Outcome::Transient(format!("handler timed out after {:?}", cfg.handler_timeout)),
+            Kind::Exhausted,
+        ),
+    };
+    match decide(&outcome, m.delivered, &cfg.retry, jitter_unit()) {
+        Action::Ack => {
+            m.msg
+                .ack()
+                .await
+                .map_err(|e| Error::nats("acknowledging a message", e))?;
+            if let Source::Redrive { last, .. } = m.source {
+                let released = ctx.parks.release_after(&stream_id, m.seq).await?;
+                if !released && last {
+                    // Events of the aggregate were parked while this redrive
+                    // ran: hand them back too, behind it.
+                    let js = ctx.js.clone();
+                    let (consumer, subject) = (cfg.name.to_owned(), m.subject.clone());
+                    tokio::spawn(async move {
+                        if let Err(e) = dlq::redrive_aggregate(&js, &consumer, &subject).await {
+                            tracing::warn!(consumer = %consumer, subject = %subject, error = %e, "could not continue the redrive of a parked aggregate");
+                        }
+                    });
+                }
+            }
+            Ok(Step::Done)
+        }
+        Action::Retry(delay) => {
+            tracing::info!(worker = cfg.name, subject = %m.subject, seq = m.seq, attempt = m.delivered, retry_in = ?delay, "transient failure; retrying");
+            m.msg
+                .ack_with(AckKind::Nak(Some(delay)))
+                .await
+                .map_err(|e| Error::nats("negatively acknowledging a message", e))?;
+            Ok(Step::Retrying(delay))
+        }
+        Action::DeadLetter(reason) => dead_letter(ctx, m, &stream_id, reason, kind, &write).await,
+    }
+}
+
+/// Copy to the DLQ (awaited), park the aggregate, then `+TERM` the original.
+async fn dead_letter<H, W, F>(
+    ctx: &Ctx<H>,
+    m: &Incoming,
+    stream_id: &StreamId,
+    reason: String,
+    kind: Kind,
+    write: &W,
+) -> Result<Step, Error>
+where
+    H: Handler,
+    W: Fn(String, Kind, Option<u64>) -> F,
+    F: Future<Output = Result<u64, Error>>,
+{
+    write(reason.clone(), kind, None).await?;
+    ctx.parks.park_head(stream_id, m.seq).await?;
+    term(&ctx.client, &m.msg, &reason).await;
+    Ok(Step::Done)
+}
