@@ -6,7 +6,7 @@ use std::fmt::Write as _;
 
 use futures::FutureExt;
 use futures::future::BoxFuture;
-use sluice_projections::{Page, ProjectedEvent, Projection, ReadModel, Rejection};
+use sluice_projections::{Page, ProjectedEvent, Projection, ReadModel, Rejection, Tables};
 use sqlx::any::AnyRow;
 use sqlx::{AnyConnection, Row};
 use time::format_description::well_known::Rfc3339;
@@ -105,13 +105,14 @@ const BALANCE_COLUMNS: &str = "id, owner, currency, balance, version, status, up
 
 async fn load_accounts(
     conn: &mut AnyConnection,
+    table: &str,
     ids: &[&str],
 ) -> Result<BTreeMap<String, AccountRow>, sqlx::Error> {
     let mut out = BTreeMap::new();
     for chunk in ids.chunks(CHUNK) {
         let params: Vec<String> = (1..=chunk.len()).map(|i| format!("${i}")).collect();
         let sql = format!(
-            "SELECT {BALANCE_COLUMNS} FROM account_balances WHERE id IN ({})",
+            "SELECT {BALANCE_COLUMNS} FROM {table} WHERE id IN ({})",
             params.join(",")
         );
         let mut q = sqlx::query(&sql);
@@ -128,11 +129,12 @@ async fn load_accounts(
 
 async fn upsert_accounts(
     conn: &mut AnyConnection,
+    table: &str,
     rows: &[&AccountRow],
 ) -> Result<(), sqlx::Error> {
     for chunk in rows.chunks(CHUNK) {
         let sql = format!(
-            "INSERT INTO account_balances ({BALANCE_COLUMNS}) VALUES {} \
+            "INSERT INTO {table} ({BALANCE_COLUMNS}) VALUES {} \
              ON CONFLICT (id) DO UPDATE SET owner = excluded.owner, \
              currency = excluded.currency, balance = excluded.balance, \
              version = excluded.version, status = excluded.status, \
@@ -158,6 +160,7 @@ async fn upsert_accounts(
 impl AccountBalances {
     async fn apply_set_based(
         conn: &mut AnyConnection,
+        table: &str,
         events: &[ProjectedEvent],
     ) -> Result<Vec<Rejection>, sqlx::Error> {
         let times: Vec<String> = events.iter().map(event_time).collect();
@@ -174,7 +177,7 @@ impl AccountBalances {
         let mut ids: Vec<&str> = inputs.iter().map(|i| i.account).collect();
         ids.sort_unstable();
         ids.dedup();
-        let existing = load_accounts(conn, &ids).await?;
+        let existing = load_accounts(conn, table, &ids).await?;
         let out = fold_balances(&existing, &inputs);
         if !out.rejected.is_empty() {
             return Ok(out
@@ -184,12 +187,13 @@ impl AccountBalances {
                 .collect());
         }
         let rows: Vec<&AccountRow> = out.changed.values().collect();
-        upsert_accounts(conn, &rows).await?;
+        upsert_accounts(conn, table, &rows).await?;
         Ok(Vec::new())
     }
 
     async fn apply_row_at_a_time(
         conn: &mut AnyConnection,
+        table: &str,
         events: &[ProjectedEvent],
     ) -> Result<Vec<Rejection>, sqlx::Error> {
         for e in events {
@@ -200,13 +204,13 @@ impl AccountBalances {
                 time: &time,
                 event: AccountEvent::decode(&e.envelope),
             };
-            let existing = load_accounts(conn, &[input.account]).await?;
+            let existing = load_accounts(conn, table, &[input.account]).await?;
             let out = fold_balances(&existing, std::slice::from_ref(&input));
             if let Some((p, r)) = out.rejected.into_iter().next() {
                 return Ok(vec![Rejection::new(p, r)]);
             }
             let rows: Vec<&AccountRow> = out.changed.values().collect();
-            upsert_accounts(conn, &rows).await?;
+            upsert_accounts(conn, table, &rows).await?;
         }
         Ok(Vec::new())
     }
@@ -221,15 +225,21 @@ impl Projection for AccountBalances {
         &[ACCOUNT_CATEGORY]
     }
 
+    fn tables(&self) -> &'static [&'static str] {
+        &[ACCOUNT_BALANCES]
+    }
+
     async fn apply(
         &self,
         conn: &mut AnyConnection,
+        tables: &Tables,
         events: &[ProjectedEvent],
     ) -> Result<Vec<Rejection>, sqlx::Error> {
         {
+            let table = tables.name(ACCOUNT_BALANCES);
             match self.mode {
-                WriteMode::SetBased => Self::apply_set_based(conn, events).await,
-                WriteMode::RowAtATime => Self::apply_row_at_a_time(conn, events).await,
+                WriteMode::SetBased => Self::apply_set_based(conn, &table, events).await,
+                WriteMode::RowAtATime => Self::apply_row_at_a_time(conn, &table, events).await,
             }
         }
     }
@@ -246,12 +256,18 @@ impl Projection for AccountActivity {
 
     /// Rejects only what is nonsense on its own (unknown type, malformed
     /// data, bad amounts): the activity log has no account state to check.
+    fn tables(&self) -> &'static [&'static str] {
+        &[ACCOUNT_ACTIVITY]
+    }
+
     async fn apply(
         &self,
         conn: &mut AnyConnection,
+        tables: &Tables,
         events: &[ProjectedEvent],
     ) -> Result<Vec<Rejection>, sqlx::Error> {
         {
+            let table = tables.name(ACCOUNT_ACTIVITY);
             let mut rows = Vec::with_capacity(events.len());
             let mut rejected = Vec::new();
             for e in events {
@@ -265,7 +281,7 @@ impl Projection for AccountActivity {
             }
             for chunk in rows.chunks(CHUNK) {
                 let sql = format!(
-                    "INSERT INTO account_activity (position, account, event_type, amount, time) \
+                    "INSERT INTO {table} (position, account, event_type, amount, time) \
                      VALUES {}",
                     values_list(chunk.len(), 5)
                 );
@@ -326,7 +342,7 @@ impl ReadModel for AccountBalances {
         key: &'a str,
     ) -> BoxFuture<'a, Result<Option<serde_json::Value>, sqlx::Error>> {
         async move {
-            let rows = load_accounts(conn, &[key]).await?;
+            let rows = load_accounts(conn, ACCOUNT_BALANCES, &[key]).await?;
             Ok(rows.get(key).map(account_json))
         }
         .boxed()

@@ -27,13 +27,17 @@ mod dlq;
 mod error;
 pub mod http;
 mod projection;
+mod rebuild;
 mod runner;
 mod status;
 
 pub use db::{Backend, Database, is_transient};
 pub use dlq::{DLQ_PREFIX, DLQ_STREAM, DeadLetterKind, DlqWriter, headers};
 pub use error::Error;
-pub use projection::{Page, ProjectedEvent, Projection, ReadModel, Rejection};
+pub use projection::{
+    Page, ProjectedEvent, Projection, REBUILD_SUFFIX, ReadModel, Rejection, Tables,
+};
+pub use rebuild::{RebuildProgress, RebuildReport, rebuild};
 pub use runner::{
     FailurePolicy, Live, LiveStatus, RunState, Runner, RunnerConfig, consumer_name, read_checkpoint,
 };

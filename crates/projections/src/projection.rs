@@ -61,13 +61,46 @@ pub trait Projection: Send + Sync + 'static {
     /// categories only move its checkpoint.
     fn categories(&self) -> &'static [&'static str];
 
+    /// The tables it writes (their schema lives in migrations). A rebuild
+    /// builds copies of them and swaps them in; [`Tables::name`] gives the
+    /// physical name to write to.
+    fn tables(&self) -> &'static [&'static str];
+
     /// Applies a batch in log order, or returns the events it rejects
     /// (writing nothing that must survive: the transaction is rolled back).
+    /// Writes go to `tables.name(<table>)`, never to a fixed name.
     fn apply<'c>(
         &'c self,
         conn: &'c mut AnyConnection,
+        tables: &'c Tables,
         events: &'c [ProjectedEvent],
     ) -> impl Future<Output = Result<Vec<Rejection>, sqlx::Error>> + Send + 'c;
+}
+
+/// Suffix of the tables a rebuild writes before they replace the live ones.
+pub const REBUILD_SUFFIX: &str = "__rebuild";
+
+/// Which physical tables a batch is written to: the live ones, or the copies
+/// a blue/green rebuild is building.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct Tables {
+    rebuild: bool,
+}
+
+impl Tables {
+    /// The live tables.
+    pub const LIVE: Self = Self { rebuild: false };
+    /// The tables of a rebuild in progress.
+    pub const REBUILD: Self = Self { rebuild: true };
+
+    /// The physical name of `table`.
+    pub fn name(&self, table: &str) -> String {
+        if self.rebuild {
+            format!("{table}{REBUILD_SUFFIX}")
+        } else {
+            table.to_owned()
+        }
+    }
 }
 
 /// One page of rows of a read model.

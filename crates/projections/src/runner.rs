@@ -20,7 +20,7 @@ use tokio_util::sync::CancellationToken;
 use crate::db::{Database, is_transient};
 use crate::dlq::{DeadLetter, DeadLetterKind, DlqWriter};
 use crate::error::Error;
-use crate::projection::{ProjectedEvent, Projection};
+use crate::projection::{ProjectedEvent, Projection, REBUILD_SUFFIX, Tables};
 
 /// What to do with an event the projection cannot apply (a permanent failure).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize)]
@@ -173,6 +173,11 @@ pub struct Runner<P: Projection> {
     config: RunnerConfig,
     live: LiveStatus,
     consumer_name: String,
+    /// Checkpoint (and parked / dead-letter) key: the projection's name, or
+    /// `<name>__rebuild` for a rebuild.
+    key: String,
+    /// Where batches are written.
+    tables: Tables,
 }
 
 impl<P: Projection> std::fmt::Debug for Runner<P> {
@@ -200,14 +205,25 @@ impl<P: Projection> Runner<P> {
         let dlq = DlqWriter::new(store.jetstream().clone(), &store.config().stream).await?;
         let consumer_name = consumer_name(projection.name());
         Ok(Self {
-            projection,
+            projection: projection.clone(),
             db,
             store,
             dlq,
             config,
             live: LiveStatus::default(),
             consumer_name,
+            key: projection.name().to_owned(),
+            tables: Tables::LIVE,
         })
+    }
+
+    /// Makes this runner build the rebuild tables from its own checkpoint
+    /// (`<name>__rebuild`) instead of the live ones. Dead letters are only
+    /// recorded in SQL: the live projection already sent them to the DLQ.
+    pub(crate) fn for_rebuild(mut self) -> Self {
+        self.key = format!("{}{REBUILD_SUFFIX}", self.projection.name());
+        self.tables = Tables::REBUILD;
+        self
     }
 
     /// The status it shares with the HTTP API.
@@ -233,8 +249,13 @@ impl<P: Projection> Runner<P> {
             return Ok(());
         };
         tracing::info!(projection = name, checkpoint, "projection starting");
+        let state = if self.tables == Tables::REBUILD {
+            RunState::Rebuilding
+        } else {
+            RunState::Running
+        };
         self.live.update(|l| {
-            l.state = RunState::Running;
+            l.state = state;
             l.checkpoint = checkpoint;
         });
         let mut backoff = self.backoff();
@@ -271,11 +292,13 @@ impl<P: Projection> Runner<P> {
                 if batch.is_empty() {
                     continue;
                 }
-                match self.process(batch, checkpoint, &shutdown).await {
-                    Ok(Some(new)) => checkpoint = new,
-                    Ok(None) => break 'consumer,
-                    Err(e @ Error::Halted { .. }) => return Err(e),
-                    Err(e) => return Err(e),
+                match self.process(batch, checkpoint, &shutdown).await? {
+                    Progress::Advanced(new) => checkpoint = new,
+                    Progress::Reopen(new) => {
+                        checkpoint = new;
+                        continue 'consumer;
+                    }
+                    Progress::Stopped => break 'consumer,
                 }
             }
         }
@@ -287,7 +310,7 @@ impl<P: Projection> Runner<P> {
     /// Creates the checkpoint row if missing, clears an old halt (a restart
     /// is the operator's "try again"), and returns the checkpoint.
     async fn init(&self) -> Result<u64, Error> {
-        let name = self.projection.name();
+        let name = self.key.as_str();
         sqlx::query(
             "INSERT INTO sluice_checkpoints (projection, position) VALUES ($1, 0) \
              ON CONFLICT (projection) DO NOTHING",
@@ -458,7 +481,7 @@ impl<P: Projection> Runner<P> {
         batch: Vec<Raw>,
         checkpoint: u64,
         shutdown: &CancellationToken,
-    ) -> Result<Option<u64>, Error> {
+    ) -> Result<Progress, Error> {
         let name = self.projection.name();
         let items: Vec<Item> = batch.iter().map(|r| self.classify(r)).collect();
         // Permanent failures found so far: position -> (kind, reason).
@@ -515,7 +538,7 @@ impl<P: Projection> Runner<P> {
                         lag,
                         "batch applied"
                     );
-                    return Ok(Some(last));
+                    return Ok(Progress::Advanced(last));
                 }
                 Ok(Attempt::Rejected(more)) => {
                     for rej in more {
@@ -524,23 +547,17 @@ impl<P: Projection> Runner<P> {
                     }
                 }
                 Ok(Attempt::Moved(actual)) => {
-                    // Another runner of this projection got further: its
-                    // writes count, ours would be duplicates.
+                    // Another runner (or a rebuild switching in its tables)
+                    // moved the checkpoint: its writes count, ours would be
+                    // duplicates or gaps. Follow the stored checkpoint.
                     tracing::warn!(
                         projection = name,
                         expected,
                         actual,
-                        "checkpoint moved by another runner"
+                        "checkpoint moved by another writer; following it"
                     );
-                    if batch.last().is_none_or(|r| r.position <= actual) {
-                        return Ok(Some(actual));
-                    }
-                    return Err(Error::Nats {
-                        op: "applying a batch",
-                        detail: format!(
-                            "checkpoint of {name} moved from {expected} to {actual} under us; restarting the feed"
-                        ),
-                    });
+                    self.live.update(|l| l.checkpoint = actual);
+                    return Ok(Progress::Reopen(actual));
                 }
                 Err(e) => {
                     let transient = match &e {
@@ -551,9 +568,9 @@ impl<P: Projection> Runner<P> {
                     // not the event's: block and retry, never skip.
                     tracing::warn!(projection = name, error = %e, transient, "batch failed; retrying");
                     if self.pause(shutdown, &mut backoff, &e.to_string()).await {
-                        return Ok(None);
+                        return Ok(Progress::Stopped);
                     }
-                    if let Ok(actual) = read_checkpoint(&self.db, name).await {
+                    if let Ok(actual) = read_checkpoint(&self.db, &self.key).await {
                         expected = expected.max(actual.min(checkpoint));
                     }
                 }
@@ -570,7 +587,7 @@ impl<P: Projection> Runner<P> {
         expected: u64,
         rejected: &BTreeMap<u64, (DeadLetterKind, String)>,
     ) -> Result<Attempt, Error> {
-        let name = self.projection.name();
+        let name = self.key.as_str();
         let Some(last) = batch.last() else {
             return Ok(Attempt::Moved(expected));
         };
@@ -638,7 +655,7 @@ impl<P: Projection> Runner<P> {
                 apply.push(ProjectedEvent::clone(e));
             }
         }
-        let rejections = self.projection.apply(&mut tx, &apply).await?;
+        let rejections = self.projection.apply(&mut tx, &self.tables, &apply).await?;
         if !rejections.is_empty() {
             tx.rollback().await?;
             return Ok(Attempt::Rejected(rejections));
@@ -673,8 +690,10 @@ impl<P: Projection> Runner<P> {
         // Dead letters go out before the commit: if the commit fails the
         // batch is retried and the DLQ dedups the copies by
         // `<stream>:<consumer>:<seq>`; the other order could lose them.
-        for d in &dead {
-            self.dlq.write(&self.consumer_name, d).await?;
+        if self.tables == Tables::LIVE {
+            for d in &dead {
+                self.dlq.write(&self.consumer_name, d).await?;
+            }
         }
         tx.commit().await?;
         Ok(Attempt::Committed {
@@ -705,7 +724,7 @@ impl<P: Projection> Runner<P> {
                 )
                 .bind(to_i64(position))
                 .bind(reason)
-                .bind(name)
+                .bind(self.key.as_str())
                 .execute(self.db.pool())
                 .await
                 .map_err(Error::from)
@@ -717,6 +736,16 @@ impl<P: Projection> Runner<P> {
             reason: reason.to_owned(),
         }
     }
+}
+
+/// What processing a batch led to.
+enum Progress {
+    /// Applied up to this checkpoint.
+    Advanced(u64),
+    /// The stored checkpoint moved under us: reopen the feed after it.
+    Reopen(u64),
+    /// Shutdown while blocked.
+    Stopped,
 }
 
 enum Attempt {

@@ -7,6 +7,7 @@ use time::OffsetDateTime;
 
 use crate::db::Database;
 use crate::error::Error;
+use crate::projection::REBUILD_SUFFIX;
 use crate::runner::{LiveStatus, RunState, to_u64};
 
 /// What `GET /v1/projections` and `sluice projection list` show.
@@ -32,6 +33,8 @@ pub struct ProjectionStatus {
     pub dead_letters: u64,
     /// Aggregates parked behind a dead letter.
     pub parked_aggregates: u64,
+    /// Position a blue/green rebuild in progress has reached.
+    pub rebuild_position: Option<u64>,
 }
 
 /// A halt recorded by the `halt` policy.
@@ -81,6 +84,14 @@ pub async fn projection_status(
     .await?;
     let dead_letters = to_u64(counts.try_get(0)?);
     let parked_aggregates = to_u64(counts.try_get(1)?);
+    let rebuild_position =
+        sqlx::query("SELECT position FROM sluice_checkpoints WHERE projection = $1")
+            .bind(format!("{name}{REBUILD_SUFFIX}"))
+            .fetch_optional(db.pool())
+            .await?
+            .map(|r| r.try_get::<i64, _>(0))
+            .transpose()?
+            .map(to_u64);
     let live = live.map(LiveStatus::snapshot);
     // The runner may be ahead of a read that raced its commit: take the max.
     let checkpoint = checkpoint.max(live.as_ref().map_or(0, |l| l.checkpoint));
@@ -93,6 +104,7 @@ pub async fn projection_status(
     };
     let state = match (&halted, &live) {
         (Some(_), _) => RunState::Halted,
+        (None, _) if rebuild_position.is_some() => RunState::Rebuilding,
         (None, Some(l)) => l.state,
         (None, None) => RunState::Running,
     };
@@ -107,6 +119,7 @@ pub async fn projection_status(
         last_error: live.and_then(|l| l.last_error),
         dead_letters,
         parked_aggregates,
+        rebuild_position,
     })
 }
 

@@ -15,7 +15,9 @@ use tokio_util::sync::CancellationToken;
 use tower::ServiceExt;
 
 use super::{AppState, app};
-use crate::{Database, Page, ProjectedEvent, Projection, ReadModel, Rejection, RunnerConfig};
+use crate::{
+    Database, Page, ProjectedEvent, Projection, ReadModel, Rejection, RunnerConfig, Tables,
+};
 
 /// Counts events per aggregate: the smallest projection with rows.
 struct Counts;
@@ -29,16 +31,22 @@ impl Projection for Counts {
         &["thing"]
     }
 
+    fn tables(&self) -> &'static [&'static str] {
+        &["counts"]
+    }
+
     async fn apply(
         &self,
         conn: &mut AnyConnection,
+        tables: &Tables,
         events: &[ProjectedEvent],
     ) -> Result<Vec<Rejection>, sqlx::Error> {
+        let t = tables.name("counts");
         for e in events {
-            sqlx::query(
-                "INSERT INTO counts (id, n) VALUES ($1, 1) \
-                 ON CONFLICT (id) DO UPDATE SET n = counts.n + 1",
-            )
+            sqlx::query(&format!(
+                "INSERT INTO {t} (id, n) VALUES ($1, 1) \
+                 ON CONFLICT (id) DO UPDATE SET n = {t}.n + 1"
+            ))
             .bind(e.stream_id.id())
             .execute(&mut *conn)
             .await?;
