@@ -31,6 +31,7 @@ const DISCARD: &str = "test-discard";
 const ADVISORY: &str = "test-advisory";
 const SHUTDOWN: &str = "test-shutdown";
 const LONG_HANDLER: &str = "test-long-handler";
+const PAUSED: &str = "test-paused";
 
 const EVENT_TYPE: &str = "test.counted.v1";
 
@@ -156,6 +157,7 @@ fn durable_consumer_names_are_constants() {
         ADVISORY,
         SHUTDOWN,
         LONG_HANDLER,
+        PAUSED,
     ];
     assert_eq!(
         names.iter().collect::<HashSet<_>>().len(),
@@ -915,4 +917,63 @@ async fn long_handlers_are_kept_alive_with_progress_acks() {
     cancel.cancel();
     task.await.unwrap();
     assert_eq!(*calls.lock().unwrap(), vec![1]);
+}
+
+/// The kill switch: pausing a worker stops deliveries at the server (the
+/// listing shows the backlog), resuming lets it continue where it stopped.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pause_and_resume_a_worker() {
+    let server = NatsServer::start();
+    let store = server.store().await;
+    let js = store.jetstream().clone();
+    let log: Log = Arc::default();
+    let l2 = log.clone();
+    let mut c = config(PAUSED);
+    c.partitions = 2;
+    let (cancel, task) = spawn_worker(&store, c, move |d: Delivery| {
+        let log = l2.clone();
+        async move {
+            record(&log, &d);
+            Ok(())
+        }
+    });
+    append(&store, "z-1", 1).await;
+    wait_until("first handled", Duration::from_secs(10), async || {
+        handled(&log) == 1
+    })
+    .await;
+    let paused = sluice_workers::consumers::pause(&js, PAUSED, Duration::from_secs(60))
+        .await
+        .unwrap();
+    assert_eq!(
+        paused,
+        vec![
+            "test-paused-p0-of-2",
+            "test-paused-p1-of-2",
+            "test-paused-redrive"
+        ]
+    );
+    append_many(&store, "z-1", 2, 6).await;
+    tokio::time::sleep(Duration::from_millis(700)).await;
+    assert_eq!(handled(&log), 1, "a paused consumer delivered");
+    let list = sluice_workers::consumers::list(&js).await.unwrap();
+    let p0 = list
+        .iter()
+        .find(|c| c.name == "test-paused-p0-of-2")
+        .unwrap();
+    assert!(p0.paused);
+    assert_eq!(p0.lag, 5);
+    assert!(p0.pause_remaining_secs.is_some());
+    sluice_workers::consumers::resume(&js, PAUSED)
+        .await
+        .unwrap();
+    wait_until("rest handled", Duration::from_secs(10), async || {
+        handled(&log) == 6
+    })
+    .await;
+    cancel.cancel();
+    task.await.unwrap();
+    assert_eq!(log.lock().unwrap()["z-1"], (1..=6).collect::<Vec<u64>>());
+    let list = sluice_workers::consumers::list(&js).await.unwrap();
+    assert!(list.iter().all(|c| !c.paused && c.lag == 0), "{list:?}");
 }

@@ -35,6 +35,9 @@ pub enum Error {
         /// What is missing or unreadable.
         reason: String,
     },
+    /// No durable consumer or worker has this name.
+    #[error("no consumer or worker named {0:?}; see `sluice consumer list`")]
+    UnknownConsumer(String),
     /// A discard was asked for without a reason.
     #[error("a discard needs a reason (it is kept for audit)")]
     MissingReason,

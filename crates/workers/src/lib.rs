@@ -24,6 +24,7 @@
 #![warn(clippy::unwrap_used)]
 
 mod advisory;
+pub mod consumers;
 pub mod dlq;
 mod error;
 mod handler;
