@@ -424,16 +424,19 @@ async fn an_idle_append_goes_out_at_once_in_a_batch_of_one() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 #[ignore = "measurement, not a check; run on demand"]
 async fn measure_naive_vs_group_commit_durable_throughput() {
-    const WRITERS: usize = 64;
     const AGGREGATES: usize = 10_000;
+    // Knobs to compare settings: SLUICE_GC_LINGER_US, SLUICE_GC_IN_FLIGHT,
+    // SLUICE_GC_NAIVE (appends in the naive run), SLUICE_GC_WRITERS.
+    let env = |k: &str| std::env::var(k).ok().and_then(|v| v.parse::<u64>().ok());
+    let writers = env("SLUICE_GC_WRITERS").unwrap_or(64) as usize;
     let run = |store: EventStore, total: usize| async move {
         let started = Instant::now();
-        let tasks: Vec<_> = (0..WRITERS)
+        let tasks: Vec<_> = (0..writers)
             .map(|w| {
                 let store = store.clone();
                 tokio::spawn(async move {
                     let mut latencies = Vec::new();
-                    for i in (w..total).step_by(WRITERS) {
+                    for i in (w..total).step_by(writers) {
                         let id = StreamId::new("bench", format!("a{}", i % AGGREGATES)).unwrap();
                         let t = Instant::now();
                         store
@@ -456,9 +459,6 @@ async fn measure_naive_vs_group_commit_durable_throughput() {
             |q: f64| latencies[((latencies.len() as f64 * q) as usize).min(latencies.len() - 1)];
         (total as f64 / elapsed.as_secs_f64(), p(0.5), p(0.99))
     };
-    // Knobs to compare settings: SLUICE_GC_LINGER_US, SLUICE_GC_IN_FLIGHT,
-    // SLUICE_GC_NAIVE (appends in the naive run).
-    let env = |k: &str| std::env::var(k).ok().and_then(|v| v.parse::<u64>().ok());
     let naive_server = NatsServer::start();
     let naive = naive_server
         .store_with(StoreConfig {
@@ -491,8 +491,10 @@ async fn measure_naive_vs_group_commit_durable_throughput() {
     let (rate, p50, p99) = run(store.clone(), 50_000).await;
     let stats = store.group_commit_stats();
     eprintln!(
-        "one write per append, 64 writers: {naive_rate:.0} events/s, p50 {np50:?}, p99 {np99:?}"
+        "one write per append, {writers} writers: {naive_rate:.0} events/s, p50 {np50:?}, p99 {np99:?}"
     );
-    eprintln!("group commit, 64 writers:         {rate:.0} events/s, p50 {p50:?}, p99 {p99:?}");
+    eprintln!(
+        "group commit, {writers} writers:         {rate:.0} events/s, p50 {p50:?}, p99 {p99:?}"
+    );
     eprintln!("ratio {:.1}x; {stats:?}", rate / naive_rate);
 }
