@@ -540,6 +540,19 @@ async fn dead_letters_park_the_account_only(backend: Backend) {
         .await
         .unwrap();
     let broken = ack.sequence;
+    // Two events in one atomic append: stored with `Nats-Batch-*` headers,
+    // which must not leak into the dead-letter publish.
+    store
+        .append(
+            &StreamId::new("account", "ghost2").unwrap(),
+            ExpectedVersion::Any,
+            vec![
+                AccountEvent::Deposited { amount: 1 }.to_new_event(),
+                AccountEvent::Deposited { amount: 2 }.to_new_event(),
+            ],
+        )
+        .await
+        .unwrap();
     let last = append_one(&store, "good", &AccountEvent::Deposited { amount: 9 }).await;
 
     let running = start_ledger(&db, &store, config()).await;
@@ -587,6 +600,18 @@ async fn dead_letters_park_the_account_only(backend: Backend) {
         .parse()
         .unwrap();
     assert!(dead.contains_key(&seq));
+    // One DLQ message per dead-letter row: ghost, negative, parked,
+    // broken, and both events of the atomic ghost2 append.
+    assert_eq!(dead.len(), 6, "{dead:?}");
+    let mut subjects = dlq
+        .info_with_subjects("dlq.projection-account_balances.account")
+        .await
+        .unwrap();
+    let mut in_dlq = 0;
+    while let Some(item) = subjects.next().await {
+        in_dlq += item.unwrap().1;
+    }
+    assert_eq!(in_dlq, 6);
 
     // Parking survives a restart: a later event of `bad` is held too.
     let later = append_one(&store, "bad", &AccountEvent::Deposited { amount: 1 }).await;
@@ -598,8 +623,8 @@ async fn dead_letters_park_the_account_only(backend: Backend) {
         .await
         .unwrap();
     assert_eq!(
-        status.parked_aggregates, 3,
-        "bad, ghost, broken: {status:?}"
+        status.parked_aggregates, 4,
+        "bad, ghost, ghost2, broken: {status:?}"
     );
     assert_eq!(status.lag_events, 0);
     db.close().await;

@@ -2,8 +2,9 @@
 //! `dlq.<consumer>.<category>`, the original body and headers plus the
 //! `Sluice-Dlq-*` headers, deduplicated by `<stream>:<consumer>:<seq>`.
 //!
-//! The workers crate owns the same format for workers; this writer is the
-//! projections' own until that crate exposes a reusable one.
+//! The header names and stream settings are the workers crate's (the
+//! operator tools behind `sluice dlq` read both); its writer is private to
+//! it, so projections publish through this one, which follows it.
 
 use std::time::Duration;
 
@@ -15,34 +16,8 @@ use time::format_description::well_known::Rfc3339;
 
 use crate::error::Error;
 
-/// The dead-letter stream.
-pub const DLQ_STREAM: &str = "DLQ";
-/// Subject prefix of dead letters.
-pub const DLQ_PREFIX: &str = "dlq";
-
-/// Header names of the dead-letter format.
-pub mod headers {
-    /// Why the message was dead-lettered.
-    pub const REASON: &str = "Sluice-Dlq-Reason";
-    /// Stream the original lives in (`EVENTS`).
-    pub const STREAM: &str = "Sluice-Dlq-Stream";
-    /// Stream sequence of the original.
-    pub const SEQUENCE: &str = "Sluice-Dlq-Sequence";
-    /// Consumer (here: `projection-<name>`) that gave up on it.
-    pub const CONSUMER: &str = "Sluice-Dlq-Consumer";
-    /// Deliveries made before giving up.
-    pub const DELIVERIES: &str = "Sluice-Dlq-Deliveries";
-    /// When it was dead-lettered (RFC 3339).
-    pub const FAILED_AT: &str = "Sluice-Dlq-Failed-At";
-    /// Subject of the original.
-    pub const SUBJECT: &str = "Sluice-Dlq-Subject";
-    /// `decode`, `handler` or `parked`.
-    pub const KIND: &str = "Sluice-Dlq-Kind";
-    /// For a parked message: the dead letter it waits behind.
-    pub const PARKED_BEHIND: &str = "Sluice-Dlq-Parked-Behind";
-    /// The original `Nats-Msg-Id` (the copy carries the dedup id instead).
-    pub const ORIGINAL_MSG_ID: &str = "Sluice-Dlq-Original-Msg-Id";
-}
+// The format is the workers' (one contract, one set of names): reuse them.
+pub use sluice_workers::{DLQ_PREFIX, DLQ_STREAM, INVALID_CATEGORY, headers};
 
 /// Why an event was not applied.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -123,10 +98,19 @@ impl DlqWriter {
         if let Some(original) = dl.headers {
             for (name, values) in original.iter() {
                 let name: &str = name.as_ref();
-                if name.eq_ignore_ascii_case("Nats-Msg-Id") {
-                    for v in values {
-                        h.insert(headers::ORIGINAL_MSG_ID, v.as_str());
+                // The server's control headers must not be replayed: a stored
+                // event of an atomic append still carries `Nats-Batch-*`
+                // (which would make this publish a batch), and
+                // `Nats-Msg-Id` is replaced by the dedup id (kept aside).
+                if name.len() > 5 && name[..5].eq_ignore_ascii_case("Nats-") {
+                    if name.eq_ignore_ascii_case(headers::MSG_ID) {
+                        for v in values {
+                            h.insert(headers::ORIGINAL_MSG_ID, v.as_str());
+                        }
                     }
+                    continue;
+                }
+                if name.starts_with("Sluice-Dlq-") {
                     continue;
                 }
                 for v in values {
@@ -156,9 +140,9 @@ impl DlqWriter {
             h.insert(headers::PARKED_BEHIND, behind.to_string().as_str());
         }
         let dedup = format!("{}:{consumer}:{}", self.events_stream, dl.position);
-        h.insert("Nats-Msg-Id", dedup.as_str());
+        h.insert(headers::MSG_ID, dedup.as_str());
         let category = if dl.category.is_empty() {
-            "_invalid"
+            INVALID_CATEGORY
         } else {
             dl.category
         };

@@ -24,6 +24,14 @@ pub enum Error {
         /// The client's message.
         detail: String,
     },
+    /// Binding or serving the HTTP listener failed.
+    #[error("HTTP {op} failed: {source}")]
+    Io {
+        /// What was being done.
+        op: &'static str,
+        /// The cause.
+        source: std::io::Error,
+    },
     /// No projection of that name is registered.
     #[error("unknown projection {0:?}")]
     UnknownProjection(String),

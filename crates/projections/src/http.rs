@@ -139,10 +139,10 @@ pub async fn serve(
 ) -> Result<(), Error> {
     let listener = tokio::net::TcpListener::bind(addr)
         .await
-        .map_err(|e| Error::nats("binding the HTTP listener", e))?;
+        .map_err(|source| Error::Io { op: "bind", source })?;
     let local = listener
         .local_addr()
-        .map_err(|e| Error::nats("binding the HTTP listener", e))?;
+        .map_err(|source| Error::Io { op: "bind", source })?;
     tracing::info!(addr = %local, "HTTP API listening");
     if let Some(tx) = bound {
         let _ = tx.send(local);
@@ -150,7 +150,10 @@ pub async fn serve(
     axum::serve(listener, app(state))
         .with_graceful_shutdown(async move { shutdown.cancelled().await })
         .await
-        .map_err(|e| Error::nats("serving HTTP", e))
+        .map_err(|source| Error::Io {
+            op: "serve",
+            source,
+        })
 }
 
 /// An RFC 9457 problem details response.

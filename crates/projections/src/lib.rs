@@ -32,7 +32,7 @@ mod runner;
 mod status;
 
 pub use db::{Backend, Database, is_transient};
-pub use dlq::{DLQ_PREFIX, DLQ_STREAM, DeadLetterKind, DlqWriter, headers};
+pub use dlq::{DLQ_PREFIX, DLQ_STREAM, DeadLetterKind, DlqWriter, INVALID_CATEGORY, headers};
 pub use error::Error;
 pub use projection::{
     Page, ProjectedEvent, Projection, REBUILD_SUFFIX, ReadModel, Rejection, Tables,
