@@ -426,9 +426,16 @@ async fn an_idle_append_goes_out_at_once_in_a_batch_of_one() {
 async fn measure_naive_vs_group_commit_durable_throughput() {
     const AGGREGATES: usize = 10_000;
     // Knobs to compare settings: SLUICE_GC_LINGER_US, SLUICE_GC_IN_FLIGHT,
-    // SLUICE_GC_NAIVE (appends in the naive run), SLUICE_GC_WRITERS.
+    // SLUICE_GC_NAIVE (appends in the naive run), SLUICE_GC_WRITERS,
+    // SLUICE_GC_ENABLED=0 (both runs one write per append).
     let env = |k: &str| std::env::var(k).ok().and_then(|v| v.parse::<u64>().ok());
     let writers = env("SLUICE_GC_WRITERS").unwrap_or(64) as usize;
+    // SLUICE_GC_SYNC_DEFAULT=1: the server's default fsync policy instead.
+    let sync = if env("SLUICE_GC_SYNC_DEFAULT") == Some(1) {
+        sluice_events::SyncInterval::ServerDefault
+    } else {
+        sluice_events::SyncInterval::Always
+    };
     let run = |store: EventStore, total: usize| async move {
         let started = Instant::now();
         let tasks: Vec<_> = (0..writers)
@@ -459,7 +466,7 @@ async fn measure_naive_vs_group_commit_durable_throughput() {
             |q: f64| latencies[((latencies.len() as f64 * q) as usize).min(latencies.len() - 1)];
         (total as f64 / elapsed.as_secs_f64(), p(0.5), p(0.99))
     };
-    let naive_server = NatsServer::start();
+    let naive_server = NatsServer::start_with(sync);
     let naive = naive_server
         .store_with(StoreConfig {
             group_commit: GroupCommitConfig {
@@ -472,7 +479,7 @@ async fn measure_naive_vs_group_commit_durable_throughput() {
     let (naive_rate, np50, np99) =
         run(naive, env("SLUICE_GC_NAIVE").unwrap_or(10_000) as usize).await;
     drop(naive_server);
-    let server = NatsServer::start();
+    let server = NatsServer::start_with(sync);
     let defaults = GroupCommitConfig::default();
     let store = server
         .store_with(StoreConfig {
@@ -483,6 +490,7 @@ async fn measure_naive_vs_group_commit_durable_throughput() {
                 max_in_flight: env("SLUICE_GC_IN_FLIGHT")
                     .map(|n| n as usize)
                     .unwrap_or(defaults.max_in_flight),
+                enabled: env("SLUICE_GC_ENABLED") != Some(0),
                 ..defaults
             },
             ..StoreConfig::default()

@@ -45,7 +45,10 @@ const MAX_SPLIT_ROUNDS: usize = 3;
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct GroupCommitConfig {
     /// Gather concurrent appends into shared batches. When off, every append
-    /// is its own write (one fsync each).
+    /// is its own write (one fsync each). Worth it when the server fsyncs
+    /// every write (`sync_interval: always`); with the server's default fsync
+    /// policy a batch costs more than the single writes it replaces, so turn
+    /// it off there.
     pub enabled: bool,
     /// Most messages (events) in one batch; at most the server's atomic
     /// batch limit of 1000.
