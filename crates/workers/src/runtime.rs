@@ -418,36 +418,24 @@ async fn pull_loop<H: Handler>(
                 }
                 None => continue 'outer,
             };
-            let Some(incoming) = classify(&msg, kind) else {
-                if let PullKind::Live { .. } = kind {
-                    // Another partition's message: not ours to handle.
-                    if let Err(e) = msg.ack().await {
-                        tracing::warn!(worker = name, error = %e, "ack of a foreign-partition message failed");
+            let incoming = match classify(msg, kind) {
+                Classified::Ours(incoming) => incoming,
+                Classified::NotOurs(msg) => {
+                    if let PullKind::Live { .. } = kind {
+                        // Another partition's message: not ours to handle.
+                        if let Err(e) = msg.ack().await {
+                            tracing::warn!(worker = name, error = %e, "ack of a foreign-partition message failed");
+                        }
+                    } else {
+                        let reason = "redriven message without Sluice-Dlq-Subject/Sequence headers";
+                        tracing::error!(worker = name, "{reason}; terminating it");
+                        term(&ctx.client, &msg, reason).await;
                     }
-                } else {
-                    let reason = "redriven message without Sluice-Dlq-Subject/Sequence headers";
-                    tracing::error!(worker = name, "{reason}; terminating it");
-                    term(&ctx.client, &msg, reason).await;
+                    continue;
                 }
-                continue;
             };
-            let Incoming {
-                msg,
-                subject,
-                seq,
-                delivered,
-                source,
-            } = incoming;
-            let lane = lane_of(&subject, lanes.len());
-            let sent = lanes[lane]
-                .send(Incoming {
-                    msg,
-                    subject,
-                    seq,
-                    delivered,
-                    source,
-                })
-                .await;
+            let lane = lane_of(&incoming.subject, lanes.len());
+            let sent = lanes[lane].send(incoming).await;
             if sent.is_err() {
                 break 'outer;
             }
@@ -455,11 +443,22 @@ async fn pull_loop<H: Handler>(
     }
 }
 
-/// Reads where a message belongs. `None`: a live message of another
-/// partition, or a redriven message without our headers.
-fn classify(msg: &jetstream::Message, kind: PullKind) -> Option<Incoming> {
-    let info = msg.info().ok()?;
+/// Where a pulled message belongs.
+enum Classified {
+    /// Ours: route it to its lane.
+    Ours(Incoming),
+    /// A live message of another partition, or a redriven message without
+    /// our headers.
+    NotOurs(jetstream::Message),
+}
+
+/// Reads where a message belongs.
+fn classify(msg: jetstream::Message, kind: PullKind) -> Classified {
+    let Ok(info) = msg.info() else {
+        return Classified::NotOurs(msg);
+    };
     let delivered = u64::try_from(info.delivered).unwrap_or(1).max(1);
+    let seq = info.stream_sequence;
     match kind {
         PullKind::Live {
             partition,
@@ -467,32 +466,38 @@ fn classify(msg: &jetstream::Message, kind: PullKind) -> Option<Incoming> {
         } => {
             let subject = msg.subject.to_string();
             if partitions > 1 && partition_of(&subject, partitions) != partition {
-                return None;
+                return Classified::NotOurs(msg);
             }
-            Some(Incoming {
-                seq: info.stream_sequence,
-                msg: msg.clone(),
+            Classified::Ours(Incoming {
+                seq,
+                msg,
                 subject,
                 delivered,
                 source: Source::Live,
             })
         }
         PullKind::Redrive => {
-            let headers = msg.headers.as_ref()?;
-            let subject = headers.get(h::SUBJECT)?.as_str().to_owned();
-            let seq = headers.get(h::SEQUENCE)?.as_str().parse().ok()?;
-            let dlq_id = headers
-                .get(h::REDRIVE_OF)
-                .and_then(|v| v.as_str().parse().ok())
-                .unwrap_or(0);
-            let last = headers.get(h::REDRIVE_LAST).is_some();
-            Some(Incoming {
-                msg: msg.clone(),
-                subject,
-                seq,
-                delivered,
-                source: Source::Redrive { dlq_id, last },
-            })
+            let read = |msg: &jetstream::Message| {
+                let headers = msg.headers.as_ref()?;
+                let subject = headers.get(h::SUBJECT)?.as_str().to_owned();
+                let seq: u64 = headers.get(h::SEQUENCE)?.as_str().parse().ok()?;
+                let dlq_id = headers
+                    .get(h::REDRIVE_OF)
+                    .and_then(|v| v.as_str().parse().ok())
+                    .unwrap_or(0);
+                let last = headers.get(h::REDRIVE_LAST).is_some();
+                Some((subject, seq, dlq_id, last))
+            };
+            match read(&msg) {
+                Some((subject, seq, dlq_id, last)) => Classified::Ours(Incoming {
+                    msg,
+                    subject,
+                    seq,
+                    delivered,
+                    source: Source::Redrive { dlq_id, last },
+                }),
+                None => Classified::NotOurs(msg),
+            }
         }
     }
 }
@@ -614,8 +619,12 @@ impl LaneState {
                     if self.done.len() > MEMORY_LIMIT {
                         self.done.clear();
                     }
-                    let d = self.done.entry(subject.to_owned()).or_insert(0);
-                    *d = (*d).max(seq);
+                    match self.done.get_mut(subject) {
+                        Some(d) => *d = (*d).max(seq),
+                        None => {
+                            self.done.insert(subject.to_owned(), seq);
+                        }
+                    }
                     if self.handled.insert(seq) {
                         self.handled_order.push_back(seq);
                     }
