@@ -784,6 +784,60 @@ async fn rebuild_switches_blue_green_under_load(backend: Backend) {
     db.close().await;
 }
 
+/// Losing the read store (SQLite file deleted, PostgreSQL schema dropped)
+/// and starting again rebuilds every projection from the log; `reset`
+/// does the same online.
+async fn recovers_from_losing_the_read_store(backend: Backend) {
+    let nats = NatsServer::start();
+    let store = nats.store().await;
+    let rs = Store::fresh(backend).await;
+    let db = rs.connect().await;
+    let work = workload(50, 10, 23);
+    let last = append_workload(&store, &work).await;
+    let running = start_ledger(&db, &store, config()).await;
+    wait_checkpoint(&db, ACCOUNT_BALANCES, last, Duration::from_secs(30)).await;
+    wait_checkpoint(&db, ACCOUNT_ACTIVITY, last, Duration::from_secs(30)).await;
+
+    // Online reset: the running projector replays from position 1.
+    sluice_projections::reset(&db, &AccountBalances::new())
+        .await
+        .unwrap();
+    wait_checkpoint(&db, ACCOUNT_BALANCES, last, Duration::from_secs(30)).await;
+    assert_balances(&balances(&db).await, &work);
+    running.stop().await;
+
+    // Data loss.
+    match backend {
+        Backend::Sqlite => {
+            db.close().await;
+            let path = rs.url.trim_start_matches("sqlite://").to_owned();
+            for suffix in ["", "-wal", "-shm"] {
+                let _ = std::fs::remove_file(format!("{path}{suffix}"));
+            }
+        }
+        Backend::Postgres => {
+            sqlx::query("DROP SCHEMA public CASCADE")
+                .execute(db.pool())
+                .await
+                .unwrap();
+            sqlx::query("CREATE SCHEMA public")
+                .execute(db.pool())
+                .await
+                .unwrap();
+            db.close().await;
+        }
+    }
+    let db = rs.connect().await;
+    assert!(balances(&db).await.is_empty());
+    let running = start_ledger(&db, &store, config()).await;
+    wait_checkpoint(&db, ACCOUNT_BALANCES, last, Duration::from_secs(30)).await;
+    wait_checkpoint(&db, ACCOUNT_ACTIVITY, last, Duration::from_secs(30)).await;
+    running.stop().await;
+    assert_balances(&balances(&db).await, &work);
+    assert_eq!(activity_positions(&db).await, log_positions(&store).await);
+    db.close().await;
+}
+
 macro_rules! conformance {
     ($($test:ident),* $(,)?) => {
         mod sqlite {
@@ -813,6 +867,7 @@ conformance!(
     dead_letters_park_the_account_only,
     halt_policy_stops_before_the_bad_event,
     rebuild_switches_blue_green_under_load,
+    recovers_from_losing_the_read_store,
 );
 
 /// Set-based vs row-at-a-time `account_balances` on the same events (the
@@ -847,6 +902,62 @@ async fn set_based_beats_row_at_a_time() {
         }
         assert!(rates[0] > rates[1], "{backend:?}: set-based {rates:?}");
     }
+}
+
+/// `run_read_side` (what `sluice up` calls) serves the HTTP API over a
+/// real socket with the projector running in-process.
+#[tokio::test]
+async fn run_read_side_serves_http() {
+    let nats = NatsServer::start();
+    let store = nats.store().await;
+    let rs = Store::fresh(Backend::Sqlite).await;
+    let shutdown = CancellationToken::new();
+    let (tx, rx) = tokio::sync::oneshot::channel();
+    let task = {
+        let (url, db_url, shutdown) = (nats.url(), rs.url.clone(), shutdown.clone());
+        tokio::spawn(async move {
+            sluice_ledger::run_read_side(
+                &url,
+                &db_url,
+                "127.0.0.1:0".parse().unwrap(),
+                shutdown,
+                Some(tx),
+            )
+            .await
+        })
+    };
+    let addr = rx.await.unwrap();
+    let pos = append_one(
+        &store,
+        "web",
+        &AccountEvent::Opened {
+            owner: "w".into(),
+            currency: "EUR".into(),
+        },
+    )
+    .await;
+    // Plain HTTP/1.1 over TCP: no client dependency needed.
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut conn = tokio::net::TcpStream::connect(addr).await.unwrap();
+    conn.write_all(
+        format!(
+            "GET /v1/projections/account_balances/rows/web?min_position={pos} HTTP/1.1\r\n\
+             Host: localhost\r\nConnection: close\r\n\r\n"
+        )
+        .as_bytes(),
+    )
+    .await
+    .unwrap();
+    let mut resp = String::new();
+    conn.read_to_string(&mut resp).await.unwrap();
+    assert!(resp.starts_with("HTTP/1.1 200"), "{resp}");
+    assert!(resp.contains("\"owner\":\"w\""), "{resp}");
+    assert!(
+        resp.to_lowercase().contains(&format!("etag: \"{pos}\"")),
+        "{resp}"
+    );
+    shutdown.cancel();
+    task.await.unwrap().unwrap();
 }
 
 /// `ReadSide::connect` wires NATS and the read store from URLs.

@@ -23,7 +23,10 @@ pub use fold::{AccountRow, FoldInput, FoldOutput, STATUS_CLOSED, STATUS_OPEN, fo
 pub use read_models::{
     ACCOUNT_ACTIVITY, ACCOUNT_BALANCES, AccountActivity, AccountBalances, WriteMode,
 };
-pub use service::{Projector, ReadSide, migrate};
+pub use service::{
+    DATABASE_URL_ENV, DEFAULT_HTTP_ADDR, HTTP_ADDR_ENV, Projector, ReadSide, default_database_url,
+    migrate, run_read_side,
+};
 
 /// The one error type of the ledger crate.
 #[derive(Debug, thiserror::Error)]

@@ -100,3 +100,39 @@ impl Projector {
         }
     }
 }
+
+/// Environment variable choosing the read store (`sqlite://...` or
+/// `postgres://...`).
+pub const DATABASE_URL_ENV: &str = "SLUICE_DATABASE_URL";
+/// Environment variable choosing the HTTP API address.
+pub const HTTP_ADDR_ENV: &str = "SLUICE_HTTP_ADDR";
+/// Default HTTP API address (loopback only).
+pub const DEFAULT_HTTP_ADDR: &str = "127.0.0.1:8080";
+
+/// The embedded default read store: a SQLite file under the Sluice home.
+pub fn default_database_url(home: &std::path::Path) -> String {
+    format!("sqlite://{}", home.join("read.db").display())
+}
+
+/// Runs the whole read side until `shutdown`: connects NATS and the read
+/// store, starts the ledger projector, serves the HTTP API on `addr`
+/// (reporting the bound address through `bound`, useful with port 0), then
+/// waits for the projections to stop.
+pub async fn run_read_side(
+    nats_url: &str,
+    database_url: &str,
+    addr: std::net::SocketAddr,
+    shutdown: CancellationToken,
+    bound: Option<tokio::sync::oneshot::Sender<std::net::SocketAddr>>,
+) -> Result<(), Error> {
+    let side = ReadSide::connect(nats_url, database_url).await?;
+    let projector = Projector::start(&side, RunnerConfig::default(), shutdown.clone()).await?;
+    let state = projector.app_state(&side);
+    let served = sluice_projections::http::serve(addr, state, shutdown.clone(), bound).await;
+    // Whatever ended the server, stop the projections with it.
+    shutdown.cancel();
+    projector.join().await;
+    side.db.close().await;
+    served?;
+    Ok(())
+}

@@ -37,7 +37,7 @@ pub use error::Error;
 pub use projection::{
     Page, ProjectedEvent, Projection, REBUILD_SUFFIX, ReadModel, Rejection, Tables,
 };
-pub use rebuild::{RebuildProgress, RebuildReport, rebuild};
+pub use rebuild::{RebuildProgress, RebuildReport, rebuild, reset};
 pub use runner::{
     FailurePolicy, Live, LiveStatus, RunState, Runner, RunnerConfig, consumer_name, read_checkpoint,
 };

@@ -135,6 +135,43 @@ pub async fn rebuild<P: Projection>(
     }
 }
 
+/// Empties `projection`'s tables and sets its checkpoint to 0 in one
+/// transaction, forgetting its parked aggregates and dead-letter records: a
+/// running runner follows the moved checkpoint and replays the log from
+/// position 1 (queries see empty, then filling tables: prefer [`rebuild`]
+/// to stay online). Dead letters already in the `DLQ` stream are not
+/// written twice within its duplicate window.
+pub async fn reset<P: Projection>(db: &Database, projection: &P) -> Result<(), Error> {
+    let name = projection.name();
+    let mut tx = db.pool().begin().await?;
+    // The checkpoint row first: it is what a running runner locks.
+    sqlx::query(
+        "UPDATE sluice_checkpoints SET position = 0, event_time_ms = 0, updated_at_ms = $1, \
+         halted_at_position = NULL, halted_reason = NULL WHERE projection = $2",
+    )
+    .bind(unix_ms(OffsetDateTime::now_utc()))
+    .bind(name)
+    .execute(&mut *tx)
+    .await?;
+    for table in projection.tables() {
+        sqlx::query(&format!("DELETE FROM {table}"))
+            .execute(&mut *tx)
+            .await?;
+    }
+    for t in ["sluice_parked", "sluice_dead_letters"] {
+        sqlx::query(&format!("DELETE FROM {t} WHERE projection = $1"))
+            .bind(name)
+            .execute(&mut *tx)
+            .await?;
+    }
+    tx.commit().await?;
+    tracing::warn!(
+        projection = name,
+        "projection reset: replaying from position 1"
+    );
+    Ok(())
+}
+
 /// Creates the rebuild copies of `tables` (same columns, keys and indexes)
 /// unless they exist; forgets a rebuild checkpoint whose tables are gone.
 async fn prepare_tables(db: &Database, tables: &[&str], key: &str) -> Result<(), Error> {

@@ -49,6 +49,9 @@ pub struct RunnerConfig {
     pub backoff_min: Duration,
     /// Longest retry delay (retries never stop: a projection never skips).
     pub backoff_max: Duration,
+    /// How often an idle runner checks that its stored checkpoint was not
+    /// moved (by a reset or a rebuild switch).
+    pub idle_check: Duration,
 }
 
 impl Default for RunnerConfig {
@@ -59,6 +62,7 @@ impl Default for RunnerConfig {
             failure_policy: FailurePolicy::DeadLetter,
             backoff_min: Duration::from_millis(50),
             backoff_max: Duration::from_secs(5),
+            idle_check: Duration::from_secs(1),
         }
     }
 }
@@ -274,8 +278,26 @@ impl<P: Projection> Runner<P> {
             let mut messages = messages;
             loop {
                 let batch = match self.next_batch(&mut messages, &shutdown).await {
-                    Ok(Some(b)) => b,
-                    Ok(None) => break 'consumer,
+                    Ok(Fetched::Batch(b)) => b,
+                    Ok(Fetched::Shutdown) => break 'consumer,
+                    Ok(Fetched::Idle) => {
+                        // Nothing new: make sure nobody moved the checkpoint
+                        // (a reset, a rebuild switch) while we waited.
+                        match read_checkpoint(&self.db, &self.key).await {
+                            Ok(stored) if stored != checkpoint => {
+                                tracing::info!(
+                                    projection = name,
+                                    checkpoint,
+                                    stored,
+                                    "checkpoint moved while idle; following it"
+                                );
+                                checkpoint = stored;
+                                self.live.update(|l| l.checkpoint = stored);
+                                continue 'consumer;
+                            }
+                            _ => continue,
+                        }
+                    }
                     Err(e) => {
                         tracing::warn!(projection = name, error = %e, "event feed broke; reopening from the checkpoint");
                         if self.pause(&shutdown, &mut backoff, &e.to_string()).await {
@@ -399,11 +421,12 @@ impl<P: Projection> Runner<P> {
         &self,
         messages: &mut pull::Ordered,
         shutdown: &CancellationToken,
-    ) -> Result<Option<Vec<Raw>>, Error> {
+    ) -> Result<Fetched, Error> {
         let first = tokio::select! {
             biased;
-            _ = shutdown.cancelled() => return Ok(None),
+            _ = shutdown.cancelled() => return Ok(Fetched::Shutdown),
             m = messages.next() => m,
+            _ = tokio::time::sleep(self.config.idle_check) => return Ok(Fetched::Idle),
         };
         let first = raw(first)?;
         let pending = first.pending;
@@ -433,7 +456,7 @@ impl<P: Projection> Runner<P> {
                 None => break,
             }
         }
-        Ok(Some(batch))
+        Ok(Fetched::Batch(batch))
     }
 
     fn classify(&self, r: &Raw) -> Item {
@@ -736,6 +759,14 @@ impl<P: Projection> Runner<P> {
             reason: reason.to_owned(),
         }
     }
+}
+
+/// What waiting for events gave.
+enum Fetched {
+    Batch(Vec<Raw>),
+    /// Nothing for `idle_check`.
+    Idle,
+    Shutdown,
 }
 
 /// What processing a batch led to.
