@@ -972,10 +972,9 @@ async fn process_inner<H: Handler>(ctx: &Ctx<H>, m: &Incoming) -> Result<Step, E
     };
     match decide(&outcome, m.delivered, &cfg.retry, jitter_unit()) {
         Action::Ack => {
-            m.msg
-                .ack()
-                .await
-                .map_err(|e| Error::nats("acknowledging a message", e))?;
+            // A redriven event releases its aggregate before the ack: if the
+            // release fails, the redelivery retries it (the handler is
+            // idempotent); acking first could leave the aggregate parked.
             if let Source::Redrive { last, .. } = m.source {
                 let released = ctx.parks.release_after(&stream_id, m.seq).await?;
                 if !released && last {
@@ -990,6 +989,10 @@ async fn process_inner<H: Handler>(ctx: &Ctx<H>, m: &Incoming) -> Result<Step, E
                     });
                 }
             }
+            m.msg
+                .ack()
+                .await
+                .map_err(|e| Error::nats("acknowledging a message", e))?;
             Ok(Step::Done)
         }
         Action::Retry(delay) => {
