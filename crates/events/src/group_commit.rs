@@ -143,9 +143,10 @@ pub struct GroupCommitStats {
     /// Committed server writes (batches, including batches of one append):
     /// with `sync_interval: always`, one fsync each.
     pub batches: u64,
-    /// Appends acknowledged.
+    /// Appends acknowledged as written (a retry found already stored is
+    /// not counted again).
     pub appends: u64,
-    /// Events acknowledged.
+    /// Events acknowledged as written.
     pub events: u64,
     /// Largest committed batch, in events.
     pub max_batch_events: u64,
@@ -537,6 +538,23 @@ impl Recent {
     }
 }
 
+/// Frees the batch's in-flight slot and wakes the dispatcher when the batch
+/// task ends, also if it panics, so the dispatcher never waits for a batch
+/// that is gone.
+struct BatchDone {
+    recent: Arc<Recent>,
+    appends: usize,
+    slot: Option<tokio::sync::OwnedSemaphorePermit>,
+}
+
+impl Drop for BatchDone {
+    fn drop(&mut self) {
+        // The slot first: the dispatcher, once woken, checks the free slots.
+        drop(self.slot.take());
+        self.recent.finished(self.appends);
+    }
+}
+
 /// Receives one more append into `pending` (plus whatever else is queued).
 /// Returns false once the queue is closed.
 fn accept(
@@ -628,12 +646,14 @@ async fn dispatch(
         }
         let batch = take_batch(&mut pending, limits);
         let inner = inner.clone();
-        let recent = recent.clone();
+        let done = BatchDone {
+            recent: recent.clone(),
+            appends: batch.len(),
+            slot: Some(slot),
+        };
         tokio::spawn(async move {
-            let appends = batch.len();
             run_batch(&inner, batch).await;
-            drop(slot);
-            recent.finished(appends);
+            drop(done);
         });
     }
     tracing::debug!("group commit stopped");
