@@ -838,6 +838,73 @@ async fn recovers_from_losing_the_read_store(backend: Backend) {
     db.close().await;
 }
 
+/// Set in the environment of the child process that
+/// `exactly_once_across_process_kills` starts: "<nats url> <database url>".
+const CHILD_ENV: &str = "SLUICE_TEST_CHILD_PROJECTOR";
+
+/// Not a test on its own (returns at once without [`CHILD_ENV`]): the body
+/// of the projector process that gets killed with SIGKILL.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn child_projector_process() {
+    let Ok(spec) = std::env::var(CHILD_ENV) else {
+        return;
+    };
+    let (nats_url, db_url) = spec.split_once(' ').unwrap();
+    let store = EventStore::connect(nats_url, sluice_events::StoreConfig::default())
+        .await
+        .unwrap();
+    let db = Database::connect(db_url).await.unwrap();
+    let small = RunnerConfig {
+        max_batch: 64,
+        ..config()
+    };
+    let _running = start_ledger(&db, &store, small).await;
+    std::future::pending::<()>().await;
+}
+
+/// The projector runs in a child process killed with SIGKILL at random
+/// points while events flow: no duplicates, no gaps, the same balances.
+async fn exactly_once_across_process_kills(backend: Backend) {
+    let nats = NatsServer::start();
+    let store = nats.store().await;
+    let rs = Store::fresh(backend).await;
+    let db = rs.connect().await;
+    let work = workload(500, 40, 29);
+    let writer = {
+        let store = store.clone();
+        let work = work.clone();
+        tokio::spawn(async move { append_workload(&store, &work).await })
+    };
+    let mut rng = Lcg(31);
+    let mut progress = Vec::new();
+    for _ in 0..5 {
+        let mut child = std::process::Command::new(std::env::current_exe().unwrap())
+            .args(["--exact", "child_projector_process", "--nocapture"])
+            .env(CHILD_ENV, format!("{} {}", nats.url(), rs.url))
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .unwrap();
+        tokio::time::sleep(Duration::from_millis(300 + rng.next() % 300)).await;
+        child.kill().unwrap(); // SIGKILL: no destructor, no rollback by us
+        child.wait().unwrap();
+        progress.push(read_checkpoint(&db, ACCOUNT_ACTIVITY).await.unwrap());
+    }
+    assert!(
+        progress.iter().any(|p| *p > 0),
+        "children never applied anything"
+    );
+    let last = writer.await.unwrap();
+    let running = start_ledger(&db, &store, config()).await;
+    wait_checkpoint(&db, ACCOUNT_BALANCES, last, Duration::from_secs(60)).await;
+    wait_checkpoint(&db, ACCOUNT_ACTIVITY, last, Duration::from_secs(60)).await;
+    running.stop().await;
+    eprintln!("{backend:?}: checkpoints after each kill {progress:?}, final {last}");
+    assert_eq!(activity_positions(&db).await, log_positions(&store).await);
+    assert_balances(&balances(&db).await, &work);
+    db.close().await;
+}
+
 macro_rules! conformance {
     ($($test:ident),* $(,)?) => {
         mod sqlite {
@@ -868,6 +935,7 @@ conformance!(
     halt_policy_stops_before_the_bad_event,
     rebuild_switches_blue_green_under_load,
     recovers_from_losing_the_read_store,
+    exactly_once_across_process_kills,
 );
 
 /// Set-based vs row-at-a-time `account_balances` on the same events (the
