@@ -154,6 +154,9 @@ pub struct GroupCommitStats {
     pub batch_sizes: Vec<BatchSizeBucket>,
     /// Batches that waited for the linger.
     pub lingered_batches: u64,
+    /// Lingers that ran out before the expected appends came (the load
+    /// dropped, or writers were slow to come back).
+    pub linger_expired: u64,
     /// Batches refused for a stale expectation and split.
     pub split_batches: u64,
     /// Appends found stale in a refused batch and answered with a conflict
@@ -196,6 +199,7 @@ pub(crate) struct Counters {
     max_batch: AtomicU64,
     buckets: [AtomicU64; BATCH_SIZE_BUCKETS.len()],
     lingered: AtomicU64,
+    linger_expired: AtomicU64,
     split: AtomicU64,
     conflicts: AtomicU64,
     requeued: AtomicU64,
@@ -246,6 +250,7 @@ impl Counters {
             max_batch_events: get(&self.max_batch),
             batch_sizes,
             lingered_batches: get(&self.lingered),
+            linger_expired: get(&self.linger_expired),
             split_batches: get(&self.split),
             conflicts_resolved: get(&self.conflicts),
             requeued_appends: get(&self.requeued),
@@ -637,7 +642,10 @@ async fn dispatch(
                     while open && pending.len() < target.min(cap) {
                         match tokio::time::timeout_at(deadline, rx.recv()).await {
                             Ok(p) => open = accept(p, &mut rx, &mut pending, cap),
-                            Err(_) => break,
+                            Err(_) => {
+                                add(&inner.counters.linger_expired, 1);
+                                break;
+                            }
                         }
                     }
                     break;
