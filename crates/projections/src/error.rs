@@ -32,9 +32,12 @@ pub enum Error {
         /// The cause.
         source: std::io::Error,
     },
-    /// No projection of that name is registered.
-    #[error("unknown projection {0:?}")]
-    UnknownProjection(String),
+    /// A setting is out of range.
+    #[error("invalid projection runner config: {0}")]
+    InvalidConfig(&'static str),
+    /// A background task panicked or was cancelled.
+    #[error("{0} task failed: {1}")]
+    Task(&'static str, String),
     /// The projection was stopped by its `halt` policy on a bad event.
     #[error("projection {projection} halted at position {position}: {reason}")]
     Halted {

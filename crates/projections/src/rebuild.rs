@@ -102,10 +102,7 @@ pub async fn rebuild<P: Projection>(
             Ok(Ok(())) => {}
             Ok(Err(e)) => return Err(e),
             Err(join) => {
-                return Err(Error::Nats {
-                    op: "rebuilding",
-                    detail: format!("rebuild task failed: {join}"),
-                });
+                return Err(Error::Task("rebuild", join.to_string()));
             }
         }
         if !caught_up || shutdown.is_cancelled() {

@@ -54,6 +54,24 @@ pub struct RunnerConfig {
     pub idle_check: Duration,
 }
 
+impl RunnerConfig {
+    /// Checks the settings make sense.
+    pub fn validate(&self) -> Result<(), Error> {
+        if self.max_batch == 0 {
+            return Err(Error::InvalidConfig("max_batch must be at least 1"));
+        }
+        if self.backoff_min > self.backoff_max {
+            return Err(Error::InvalidConfig(
+                "backoff_min must not exceed backoff_max",
+            ));
+        }
+        if self.idle_check.is_zero() {
+            return Err(Error::InvalidConfig("idle_check must be positive"));
+        }
+        Ok(())
+    }
+}
+
 impl Default for RunnerConfig {
     fn default() -> Self {
         Self {
@@ -206,6 +224,7 @@ impl<P: Projection> Runner<P> {
         store: EventStore,
         config: RunnerConfig,
     ) -> Result<Self, Error> {
+        config.validate()?;
         let dlq = DlqWriter::new(store.jetstream().clone(), &store.config().stream).await?;
         let consumer_name = consumer_name(projection.name());
         Ok(Self {
@@ -514,7 +533,7 @@ impl<P: Projection> Runner<P> {
                 rejected.insert(r.position, (DeadLetterKind::Decode, reason.clone()));
             }
         }
-        let mut expected = checkpoint;
+        let expected = checkpoint;
         let mut backoff = self.backoff();
         // How much of the batch this attempt covers: under `halt`, only the
         // events before the first rejected one are applied.
@@ -593,9 +612,9 @@ impl<P: Projection> Runner<P> {
                     if self.pause(shutdown, &mut backoff, &e.to_string()).await {
                         return Ok(Progress::Stopped);
                     }
-                    if let Ok(actual) = read_checkpoint(&self.db, &self.key).await {
-                        expected = expected.max(actual.min(checkpoint));
-                    }
+                    // A commit whose answer was lost may have landed: the
+                    // next attempt's compare-and-set then fails and the
+                    // runner follows the stored checkpoint (no duplicate).
                 }
             }
         }
