@@ -29,6 +29,7 @@ pub mod dlq;
 mod error;
 mod handler;
 mod infra;
+mod lane;
 mod park;
 mod policy;
 mod runtime;

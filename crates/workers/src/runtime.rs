@@ -14,7 +14,6 @@
 //!        other subjects of the lane keep flowing
 //! ```
 
-use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
 use std::panic::AssertUnwindSafe;
 use std::sync::Arc;
 use std::time::Duration;
@@ -33,6 +32,7 @@ use crate::infra::{
     self, PIN_GROUP, REDRIVE_PREFIX, REDRIVE_STREAM, TERM_MARKER, headers as h, lane_of,
     partition_of,
 };
+use crate::lane::{Arrival, LaneState, Queued, Step};
 use crate::park::Parks;
 use crate::policy::{Action, Outcome, RetryPolicy, decide, jitter_unit};
 
@@ -266,14 +266,6 @@ struct Incoming {
     source: Source,
 }
 
-/// What processing a message ended with, as far as its lane cares.
-enum Step {
-    /// Finished (acked, dead-lettered, parked or skipped).
-    Done,
-    /// Negatively acknowledged: the subject waits for its redelivery.
-    Retrying(Duration),
-}
-
 struct Ctx<H> {
     js: jetstream::Context,
     client: async_nats::Client,
@@ -502,174 +494,7 @@ fn classify(msg: jetstream::Message, kind: PullKind) -> Classified {
     }
 }
 
-/// Messages of one subject inside a lane, in stream order.
-#[derive(Default)]
-struct SubjectQueue {
-    pending: BTreeMap<u64, Incoming>,
-    /// Waiting for the redelivery of this sequence (a delayed retry) until
-    /// the deadline; later messages of the subject are held meanwhile.
-    waiting: Option<(u64, Instant)>,
-    /// Redeliveries of a crashed replica's messages arrive in the order they
-    /// expired, not in stream order: hold the subject until this instant so
-    /// its redelivered messages gather and are sorted before any is handled.
-    settle_until: Option<Instant>,
-}
-
-/// What to do with a message arriving in a lane.
-enum Arrival {
-    /// Queued for handling.
-    Queued,
-    /// A redelivery of a message this lane already handled: ack it again.
-    Duplicate(Incoming),
-    /// An earlier event of a subject arriving after a later one was handled
-    /// (the server redelivered out of order): never applied silently.
-    Late(Incoming),
-}
-
-struct LaneState {
-    queues: HashMap<String, SubjectQueue>,
-    /// Subjects that may have a runnable message.
-    ready: VecDeque<String>,
-    /// Highest live stream sequence handled per subject.
-    done: HashMap<String, u64>,
-    /// Recently handled live stream sequences (bounded, oldest evicted):
-    /// tells a duplicate redelivery from a late predecessor.
-    handled: HashSet<u64>,
-    handled_order: VecDeque<u64>,
-    settle: Duration,
-}
-
-/// How many handled sequences and subjects a lane remembers.
-const MEMORY_LIMIT: usize = 100_000;
-
-impl LaneState {
-    fn new(settle: Duration) -> Self {
-        Self {
-            queues: HashMap::new(),
-            ready: VecDeque::new(),
-            done: HashMap::new(),
-            handled: HashSet::new(),
-            handled_order: VecDeque::new(),
-            settle,
-        }
-    }
-
-    fn enqueue(&mut self, m: Incoming) -> Arrival {
-        if let Source::Live = m.source {
-            if self.handled.contains(&m.seq) {
-                return Arrival::Duplicate(m);
-            }
-            if self.done.get(&m.subject).is_some_and(|d| m.seq < *d) {
-                return Arrival::Late(m);
-            }
-        }
-        let q = self.queues.entry(m.subject.clone()).or_default();
-        let awaited = q.waiting.is_some_and(|(seq, _)| seq == m.seq);
-        if m.delivered > 1 && !awaited {
-            q.settle_until = Some(Instant::now() + self.settle);
-        }
-        let subject = m.subject.clone();
-        // A newer delivery of a queued message replaces it (fresh ack subject).
-        q.pending.insert(m.seq, m);
-        self.ready.push_back(subject);
-        Arrival::Queued
-    }
-
-    /// The next message to handle, or when to look again (a settling subject).
-    fn next_runnable(&mut self) -> (Option<Incoming>, Option<Instant>) {
-        let now = Instant::now();
-        let mut wake: Option<Instant> = None;
-        let mut settling = Vec::new();
-        let mut found = None;
-        while let Some(subject) = self.ready.pop_front() {
-            let Some(q) = self.queues.get_mut(&subject) else {
-                continue;
-            };
-            if let Some(until) = q.settle_until {
-                if until > now {
-                    wake = Some(wake.map_or(until, |w| w.min(until)));
-                    settling.push(subject);
-                    continue;
-                }
-                q.settle_until = None;
-            }
-            let next = match q.waiting {
-                Some((seq, _)) => q.pending.remove(&seq),
-                None => q.pending.pop_first().map(|(_, m)| m),
-            };
-            if let Some(m) = next {
-                q.waiting = None;
-                found = Some(m);
-                break;
-            }
-            if q.pending.is_empty() && q.waiting.is_none() {
-                self.queues.remove(&subject);
-            }
-        }
-        for s in settling.into_iter().rev() {
-            self.ready.push_front(s);
-        }
-        (found, wake)
-    }
-
-    fn finished(&mut self, subject: &str, seq: u64, live: bool, step: Step, ack_wait: Duration) {
-        match step {
-            Step::Done => {
-                if live {
-                    if self.done.len() > MEMORY_LIMIT {
-                        self.done.clear();
-                    }
-                    match self.done.get_mut(subject) {
-                        Some(d) => *d = (*d).max(seq),
-                        None => {
-                            self.done.insert(subject.to_owned(), seq);
-                        }
-                    }
-                    if self.handled.insert(seq) {
-                        self.handled_order.push_back(seq);
-                    }
-                    while self.handled_order.len() > MEMORY_LIMIT {
-                        if let Some(old) = self.handled_order.pop_front() {
-                            self.handled.remove(&old);
-                        }
-                    }
-                }
-            }
-            Step::Retrying(delay) => {
-                let q = self.queues.entry(subject.to_owned()).or_default();
-                q.waiting = Some((seq, Instant::now() + delay + ack_wait * 2));
-            }
-        }
-        if self
-            .queues
-            .get(subject)
-            .is_some_and(|q| !q.pending.is_empty())
-        {
-            self.ready.push_back(subject.to_owned());
-        }
-    }
-
-    /// Gives up waiting for redeliveries that never came (the message went to
-    /// another replica, or the server gave up on it): the held messages are
-    /// dropped unacked, so the server redelivers them after the ack wait,
-    /// behind the one we waited for.
-    fn expire_waits(&mut self, worker: &str) {
-        let now = Instant::now();
-        let expired: Vec<String> = self
-            .queues
-            .iter()
-            .filter(|(_, q)| q.waiting.is_some_and(|(_, deadline)| deadline <= now))
-            .map(|(s, _)| s.clone())
-            .collect();
-        for subject in expired {
-            if let Some(q) = self.queues.remove(&subject) {
-                tracing::warn!(worker, subject = %subject, held = q.pending.len(), "retry redelivery did not come back; releasing held messages to the server");
-            }
-        }
-    }
-}
-
-async fn arrive<H: Handler>(ctx: &Ctx<H>, state: &mut LaneState, m: Incoming) {
+async fn arrive<H: Handler>(ctx: &Ctx<H>, state: &mut LaneState<Incoming>, m: Incoming) {
     match state.enqueue(m) {
         Arrival::Queued => {}
         Arrival::Duplicate(m) => ack_stale(&m).await,
@@ -684,7 +509,7 @@ async fn run_lane<H: Handler>(
     cancel: CancellationToken,
 ) {
     let worker = ctx.config.name;
-    let mut state = LaneState::new(ctx.config.redelivery_settle);
+    let mut state: LaneState<Incoming> = LaneState::new(ctx.config.redelivery_settle);
     let mut tick = tokio::time::interval(ctx.config.ack_wait / 3);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut open = true;
@@ -745,14 +570,9 @@ async fn run_lane<H: Handler>(
         }
     }
     let mut handed_back = 0usize;
-    for q in state.queues.values() {
-        if q.waiting.is_some() {
-            continue;
-        }
-        for m in q.pending.values() {
-            if m.msg.ack_with(AckKind::Nak(None)).await.is_ok() {
-                handed_back += 1;
-            }
+    for m in state.handback() {
+        if m.msg.ack_with(AckKind::Nak(None)).await.is_ok() {
+            handed_back += 1;
         }
     }
     tracing::debug!(worker, lane, handed_back, "lane stopped");
@@ -807,13 +627,26 @@ async fn progress(client: &async_nats::Client, reply: &async_nats::Subject) {
     let _ = client.publish(reply.clone(), "+WPI".into()).await;
 }
 
-async fn keep_alive(client: &async_nats::Client, state: &LaneState) {
-    for q in state.queues.values() {
-        for m in q.pending.values() {
-            if let Some(r) = &m.msg.reply {
-                progress(client, r).await;
-            }
+async fn keep_alive(client: &async_nats::Client, state: &LaneState<Incoming>) {
+    for m in state.queued() {
+        if let Some(r) = &m.msg.reply {
+            progress(client, r).await;
         }
+    }
+}
+
+impl Queued for Incoming {
+    fn subject(&self) -> &str {
+        &self.subject
+    }
+    fn seq(&self) -> u64 {
+        self.seq
+    }
+    fn delivered(&self) -> u64 {
+        self.delivered
+    }
+    fn is_live(&self) -> bool {
+        matches!(self.source, Source::Live)
     }
 }
 
