@@ -1171,3 +1171,24 @@ async fn postgres_unavailable_mid_run_loses_nothing() {
     assert_balances(&balances(&db).await, &work);
     db.close().await;
 }
+
+/// `sluice bench projections` in small: (a) raw batched upserts, (b) catch-up
+/// of both ledger projections, (c) rebuild, on both backends.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bench_projections_small() {
+    let nats = NatsServer::start();
+    let store = nats.store().await;
+    let work = sluice_ledger::bench::workload(1000, 20);
+    let last = sluice_ledger::bench::append(&store, &work).await.unwrap();
+    for backend in [Backend::Sqlite, Backend::Postgres] {
+        let rs = Store::fresh(backend).await;
+        let db = rs.connect().await;
+        let report = sluice_ledger::bench::run(&store, &db, &work, last)
+            .await
+            .unwrap();
+        eprintln!("{}", serde_json::to_string(&report).unwrap());
+        assert_eq!(report.events, 20_000);
+        assert!(report.catch_up_events_per_s > 0.0);
+        db.close().await;
+    }
+}

@@ -13,6 +13,7 @@
 //! malformed data) are dead-lettered with the reason and park their account.
 #![warn(clippy::unwrap_used)]
 
+pub mod bench;
 mod events;
 mod fold;
 mod read_models;
