@@ -32,6 +32,7 @@ const ADVISORY: &str = "test-advisory";
 const SHUTDOWN: &str = "test-shutdown";
 const LONG_HANDLER: &str = "test-long-handler";
 const PAUSED: &str = "test-paused";
+const REPARTITIONED: &str = "test-repartitioned";
 
 const EVENT_TYPE: &str = "test.counted.v1";
 
@@ -158,6 +159,7 @@ fn durable_consumer_names_are_constants() {
         SHUTDOWN,
         LONG_HANDLER,
         PAUSED,
+        REPARTITIONED,
     ];
     assert_eq!(
         names.iter().collect::<HashSet<_>>().len(),
@@ -976,4 +978,72 @@ async fn pause_and_resume_a_worker() {
     assert_eq!(log.lock().unwrap()["z-1"], (1..=6).collect::<Vec<u64>>());
     let list = sluice_workers::consumers::list(&js).await.unwrap();
     assert!(list.iter().all(|c| !c.paused && c.lag == 0), "{list:?}");
+}
+
+/// Changing the partition count: stop, repartition (new consumers start at
+/// the lowest old ack floor), restart; every aggregate stays in order with
+/// nothing lost.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn repartition_keeps_order_and_loses_nothing() {
+    let server = NatsServer::start();
+    let store = server.store().await;
+    let js = store.jetstream().clone();
+    for a in 0..10 {
+        append_many(&store, &format!("r-{a}"), 1, 20).await;
+    }
+    let log: Log = Arc::default();
+    let handler = |log: Log| {
+        move |d: Delivery| {
+            let log = log.clone();
+            async move {
+                record(&log, &d);
+                Ok(())
+            }
+        }
+    };
+    let mut two = config(REPARTITIONED);
+    two.partitions = 2;
+    let (cancel, task) = spawn_worker(&store, two, handler(log.clone()));
+    wait_until("first part handled", Duration::from_secs(10), async || {
+        handled(&log) >= 200
+    })
+    .await;
+    cancel.cancel();
+    task.await.unwrap();
+
+    let mut three = config(REPARTITIONED);
+    three.partitions = 3;
+    let deadline = Instant::now() + Duration::from_secs(5);
+    let report = loop {
+        match sluice_workers::repartition(&js, &three).await {
+            Ok(r) => break r,
+            // The stopped worker's last pull requests expire first.
+            Err(e) if Instant::now() < deadline => {
+                let _ = e;
+                tokio::time::sleep(Duration::from_millis(200)).await;
+            }
+            Err(e) => panic!("{e}"),
+        }
+    };
+    assert_eq!(
+        report.removed,
+        vec!["test-repartitioned-p0-of-2", "test-repartitioned-p1-of-2"]
+    );
+    assert_eq!(report.created.len(), 3);
+    assert_eq!(report.start_sequence, 201);
+    for a in 0..10 {
+        append_many(&store, &format!("r-{a}"), 21, 30).await;
+    }
+    let (cancel, task) = spawn_worker(&store, three, handler(log.clone()));
+    wait_until("rest handled", Duration::from_secs(10), async || {
+        handled(&log) >= 300
+    })
+    .await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    cancel.cancel();
+    task.await.unwrap();
+    let log = log.lock().unwrap();
+    for a in 0..10 {
+        assert_eq!(log[&format!("r-{a}")], (1..=30).collect::<Vec<u64>>());
+    }
 }

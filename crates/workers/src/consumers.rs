@@ -94,7 +94,7 @@ pub async fn list(js: &jetstream::Context) -> Result<Vec<ConsumerStatus>, Error>
 
 /// The consumers `name` designates: that consumer, or every consumer of the
 /// worker called `name` (its partitions and its redrive consumer).
-fn designates(name: &str, consumer: &str) -> bool {
+pub(crate) fn designates(name: &str, consumer: &str) -> bool {
     if consumer == name || consumer == format!("{name}-redrive") {
         return true;
     }

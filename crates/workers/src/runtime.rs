@@ -212,15 +212,20 @@ pub async fn ensure_consumers(
         .map_err(|e| Error::nats("opening the EVENTS stream", e))?;
     let mut out = Vec::new();
     for (i, name) in config.partition_consumers().into_iter().enumerate() {
-        let c = consumer_config(
+        let mut c = consumer_config(
             config,
-            name,
+            name.clone(),
             config.filter_subjects.clone(),
             format!(
                 "Sluice worker {} partition {i} of {}",
                 config.name, config.partitions
             ),
         );
+        // An existing consumer keeps its start position (the server refuses
+        // to change it; `repartition` creates consumers that start mid-log).
+        if let Ok(existing) = events.get_consumer::<consumer::pull::Config>(&name).await {
+            c.deliver_policy = existing.cached_info().config.deliver_policy;
+        }
         out.push(
             events
                 .create_consumer(c)
@@ -858,4 +863,99 @@ where
     ctx.parks.park_head(stream_id, m.seq).await?;
     term(&ctx.client, &m.msg, &reason).await;
     Ok(Step::Done)
+}
+
+/// What [`repartition`] did.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Repartitioned {
+    /// Consumers removed.
+    pub removed: Vec<String>,
+    /// Consumers created.
+    pub created: Vec<String>,
+    /// Stream sequence the new consumers start at (the lowest old ack floor + 1).
+    pub start_sequence: u64,
+}
+
+/// Moves worker `config.name` to `config.partitions` partition consumers
+/// without losing order. Every replica must be stopped (gracefully) first.
+///
+/// The new consumers start right after the lowest ack floor of the old ones:
+/// everything at or below it was handled by its old partition; events above
+/// it may be delivered again (at least once), in stream order per aggregate.
+pub async fn repartition(
+    js: &jetstream::Context,
+    config: &WorkerConfig,
+) -> Result<Repartitioned, Error> {
+    config.validate()?;
+    infra::ensure_all(js, config.replicas).await?;
+    let events = js
+        .get_stream(EVENTS_STREAM)
+        .await
+        .map_err(|e| Error::nats("opening the EVENTS stream", e))?;
+    let wanted = config.partition_consumers();
+    let mut old = Vec::new();
+    let mut names = events.consumer_names();
+    while let Some(n) = names.next().await {
+        let n = n.map_err(|e| Error::nats("listing consumers", e))?;
+        let ours = crate::consumers::designates(config.name, &n)
+            && n != redrive_consumer_name(config.name);
+        if ours && !wanted.contains(&n) {
+            old.push(n);
+        }
+    }
+    old.sort();
+    let mut floor = u64::MAX;
+    for name in &old {
+        let info = events
+            .consumer_info(name)
+            .await
+            .map_err(|e| Error::nats("reading consumer info", e))?;
+        // A waiting pull request means a replica is still running (or
+        // stopped less than a pull expiry ago). Unacked messages are fine:
+        // they lie above the floor and are delivered again.
+        if info.num_waiting > 0 {
+            return Err(Error::InvalidConfig(format!(
+                "consumer {name} has {} pull requests waiting: stop every replica of {} before repartitioning (or retry in a few seconds)",
+                info.num_waiting, config.name
+            )));
+        }
+        floor = floor.min(info.ack_floor.stream_sequence);
+    }
+    if old.is_empty() {
+        ensure_consumers(js, config).await?;
+        return Ok(Repartitioned {
+            removed: Vec::new(),
+            created: wanted,
+            start_sequence: 1,
+        });
+    }
+    let start_sequence = floor + 1;
+    for (i, name) in wanted.iter().enumerate() {
+        let mut c = consumer_config(
+            config,
+            name.clone(),
+            config.filter_subjects.clone(),
+            format!(
+                "Sluice worker {} partition {i} of {}",
+                config.name, config.partitions
+            ),
+        );
+        c.deliver_policy = consumer::DeliverPolicy::ByStartSequence { start_sequence };
+        events
+            .create_consumer(c)
+            .await
+            .map_err(|e| Error::nats("creating a worker consumer", e))?;
+    }
+    for name in &old {
+        events
+            .delete_consumer(name)
+            .await
+            .map_err(|e| Error::nats("deleting an old partition consumer", e))?;
+    }
+    tracing::warn!(worker = config.name, removed = ?old, created = ?wanted, start_sequence, "repartitioned");
+    Ok(Repartitioned {
+        removed: old,
+        created: wanted,
+        start_sequence,
+    })
 }
