@@ -293,8 +293,8 @@ pub struct Group {
     pub oldest_age_secs: u64,
 }
 
-/// The result of [`list`].
-#[derive(Debug, Clone)]
+/// The result of [`list`] (serialisable as is for the HTTP API).
+#[derive(Debug, Clone, Serialize)]
 pub struct Listing {
     /// Matching dead letters, oldest first.
     pub entries: Vec<DeadLetter>,
