@@ -59,6 +59,11 @@ pub struct GroupCommitConfig {
     /// How long a batch may wait for the writers of the batch that just
     /// finished to come back, 0..=2 ms. An idle store never waits.
     pub linger: Duration,
+    /// Smallest group written as one atomic batch; smaller groups are
+    /// written as single appends, concurrently. An atomic batch costs the
+    /// server a fixed ~2.5 ms on an R1 file stream (measured on 2.15.1),
+    /// which a few single writes with one fsync each undercut.
+    pub min_batch_appends: usize,
     /// Batches written concurrently; the server allows 50 per stream. Only
     /// full batches are pipelined: a partial batch waits for the one in
     /// flight, since the server writes batches one after another at a fixed
@@ -78,6 +83,7 @@ impl Default for GroupCommitConfig {
             max_batch_events: MAX_BATCH,
             max_batch_bytes: 1024 * 1024,
             linger: Duration::from_millis(1),
+            min_batch_appends: 8,
             max_in_flight: 2,
             queue_capacity: 16 * 1024,
             queue_timeout: Duration::from_secs(5),
@@ -95,6 +101,12 @@ impl GroupCommitConfig {
             return Err(bad(format!(
                 "max_batch_events {} must be 1..={MAX_BATCH}",
                 self.max_batch_events
+            )));
+        }
+        if self.min_batch_appends == 0 || self.min_batch_appends > self.max_batch_events {
+            return Err(bad(format!(
+                "min_batch_appends {} must be 1..=max_batch_events",
+                self.min_batch_appends
             )));
         }
         if self.max_batch_bytes == 0 {
@@ -670,9 +682,10 @@ async fn dispatch(
 /// Writes one batch and answers every append in it exactly.
 async fn run_batch(inner: &Inner, mut todo: Vec<Pending>) {
     for round in 0.. {
-        if todo.len() <= 1 {
-            // A lone append needs no coordination: the direct path is the
-            // same single write (and cheaper for one event).
+        if todo.len() < inner.config.group_commit.min_batch_appends.max(2) {
+            // A lone append, or a handful: an atomic batch has a fixed server
+            // cost that a few concurrent single writes undercut, and the
+            // single path's outcomes are exact as they are.
             one_by_one(inner, todo, false).await;
             return;
         }
@@ -1017,6 +1030,10 @@ mod tests {
             },
             GroupCommitConfig {
                 queue_capacity: 0,
+                ..Default::default()
+            },
+            GroupCommitConfig {
+                min_batch_appends: 0,
                 ..Default::default()
             },
         ] {
