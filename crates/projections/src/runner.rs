@@ -314,7 +314,18 @@ impl<P: Projection> Runner<P> {
                                 self.live.update(|l| l.checkpoint = stored);
                                 continue 'consumer;
                             }
-                            _ => continue,
+                            Ok(_) => {
+                                // Healthy and idle: an error from before is over.
+                                self.live.update(|l| {
+                                    l.last_error = None;
+                                    l.blocked_since = None;
+                                });
+                                continue;
+                            }
+                            Err(e) => {
+                                self.live.update(|l| l.last_error = Some(e.to_string()));
+                                continue;
+                            }
                         }
                     }
                     Err(e) => {
