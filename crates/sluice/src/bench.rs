@@ -19,6 +19,8 @@ use sluice_events::{
 pub(crate) enum BenchCommand {
     /// Append throughput: raw async-nats pipelined publish vs Sluice `append`.
     Append(AppendArgs),
+    /// Worker runtime throughput vs a raw JetStream consumer.
+    Workers(crate::bench_workers::WorkersArgs),
 }
 
 /// Options of `sluice bench append`.
@@ -196,7 +198,10 @@ fn ms(d: Duration) -> f64 {
 }
 
 pub(crate) async fn run(cmd: BenchCommand) -> anyhow::Result<()> {
-    let BenchCommand::Append(args) = cmd;
+    let args = match cmd {
+        BenchCommand::Append(args) => args,
+        BenchCommand::Workers(args) => return crate::bench_workers::run(args).await,
+    };
     if args.events == 0 || args.aggregates == 0 {
         anyhow::bail!("--events and --aggregates must be at least 1");
     }

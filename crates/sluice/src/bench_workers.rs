@@ -85,7 +85,12 @@ async fn seed(store: &EventStore, events: usize, aggregates: usize) -> anyhow::R
 }
 
 /// A raw durable pull consumer acking every message, `concurrency` acks in flight.
-async fn raw(store: &EventStore, name: &str, events: usize, concurrency: usize) -> anyhow::Result<f64> {
+async fn raw(
+    store: &EventStore,
+    name: &str,
+    events: usize,
+    concurrency: usize,
+) -> anyhow::Result<f64> {
     use async_nats::jetstream::consumer;
     let stream = store.jetstream().get_stream("EVENTS").await?;
     let c: consumer::PullConsumer = stream
@@ -173,10 +178,7 @@ async fn worker(
 
 /// Runs `sluice bench workers`.
 pub(crate) async fn run(args: WorkersArgs) -> anyhow::Result<()> {
-    let dir = TempDir(std::env::temp_dir().join(format!(
-        "sluice-bench-workers-{}",
-        uuid_like()
-    )));
+    let dir = TempDir(std::env::temp_dir().join(format!("sluice-bench-workers-{}", uuid_like())));
     std::fs::create_dir_all(&dir.0)?;
     let mut config = EmbeddedConfig::new(&dir.0);
     config.sync = SyncInterval::Always;

@@ -42,7 +42,11 @@ fn parse_duration(s: &str) -> Result<Duration, String> {
         "m" => n * 60,
         "h" => n * 3600,
         "d" => n * 86_400,
-        _ => return Err(format!("{s:?} is not a duration: use e.g. 30s, 10m, 2h, 7d")),
+        _ => {
+            return Err(format!(
+                "{s:?} is not a duration: use e.g. 30s, 10m, 2h, 7d"
+            ));
+        }
     };
     Ok(Duration::from_secs(secs))
 }
@@ -94,11 +98,7 @@ pub(crate) async fn run(
                     json!({ "paused": paused, "for_secs": duration.as_secs() })
                 );
             } else {
-                println!(
-                    "paused for {}s: {}",
-                    duration.as_secs(),
-                    paused.join(", ")
-                );
+                println!("paused for {}s: {}", duration.as_secs(), paused.join(", "));
             }
         }
         ConsumerCommand::Resume { name } => {

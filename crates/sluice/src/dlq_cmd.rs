@@ -60,11 +60,7 @@ pub(crate) enum DlqCommand {
 
 /// Runs one `sluice dlq` command against the server at `nats_url`.
 /// `json` prints one JSON object per line instead of a human table.
-pub(crate) async fn run(
-    cmd: DlqCommand,
-    nats_url: &str,
-    json: bool,
-) -> anyhow::Result<ExitCode> {
+pub(crate) async fn run(cmd: DlqCommand, nats_url: &str, json: bool) -> anyhow::Result<ExitCode> {
     let connect = ConnectConfig::from_env(nats_url)?;
     let store = EventStore::connect_with(&connect, StoreConfig::default())
         .await

@@ -8,7 +8,10 @@ use std::process::ExitCode;
 use clap::{Parser, Subcommand};
 
 mod bench;
+mod bench_workers;
 mod commands;
+mod consumer_cmd;
+mod dlq_cmd;
 mod endpoint;
 mod up;
 
@@ -42,9 +45,33 @@ enum Command {
     Tail(commands::TailArgs),
     /// Server version, stream state and a durability check.
     Status(commands::StatusArgs),
+    /// Dead letters: list, show, redrive, discard.
+    Dlq(DlqArgs),
+    /// Durable consumers: list, pause (kill switch), resume.
+    Consumer(ConsumerArgs),
     /// Benchmarks against a freshly started server.
     #[command(subcommand)]
     Bench(bench::BenchCommand),
+}
+
+/// `sluice dlq ...`.
+#[derive(Debug, clap::Args)]
+struct DlqArgs {
+    #[command(subcommand)]
+    cmd: dlq_cmd::DlqCommand,
+    /// One JSON object per line instead of a table.
+    #[arg(long, global = true)]
+    json: bool,
+}
+
+/// `sluice consumer ...`.
+#[derive(Debug, clap::Args)]
+struct ConsumerArgs {
+    #[command(subcommand)]
+    cmd: consumer_cmd::ConsumerCommand,
+    /// One JSON object per line instead of a table.
+    #[arg(long, global = true)]
+    json: bool,
 }
 
 fn init_tracing(default: &str) {
@@ -66,15 +93,33 @@ async fn main() -> ExitCode {
     let is_up = matches!(cli.command, Command::Up(_));
     init_tracing(if is_up { "info" } else { "warn" });
     let result = match cli.command {
-        Command::Up(args) => up::run(args, cli.nats_url, cli.home).await,
-        Command::Publish(args) => commands::publish(args, cli.nats_url, &cli.home).await,
-        Command::Read(args) => commands::read(args, cli.nats_url, &cli.home).await,
-        Command::Tail(args) => commands::tail(args, cli.nats_url, &cli.home).await,
-        Command::Status(args) => commands::status(args, cli.nats_url, &cli.home).await,
-        Command::Bench(cmd) => bench::run(cmd).await,
+        Command::Up(args) => up::run(args, cli.nats_url, cli.home)
+            .await
+            .map(|()| ExitCode::SUCCESS),
+        Command::Publish(args) => commands::publish(args, cli.nats_url, &cli.home)
+            .await
+            .map(|()| ExitCode::SUCCESS),
+        Command::Read(args) => commands::read(args, cli.nats_url, &cli.home)
+            .await
+            .map(|()| ExitCode::SUCCESS),
+        Command::Tail(args) => commands::tail(args, cli.nats_url, &cli.home)
+            .await
+            .map(|()| ExitCode::SUCCESS),
+        Command::Status(args) => commands::status(args, cli.nats_url, &cli.home)
+            .await
+            .map(|()| ExitCode::SUCCESS),
+        Command::Bench(cmd) => bench::run(cmd).await.map(|()| ExitCode::SUCCESS),
+        Command::Dlq(a) => match endpoint::resolve(cli.nats_url, &cli.home) {
+            Ok(url) => dlq_cmd::run(a.cmd, &url, a.json).await,
+            Err(e) => Err(e),
+        },
+        Command::Consumer(a) => match endpoint::resolve(cli.nats_url, &cli.home) {
+            Ok(url) => consumer_cmd::run(a.cmd, &url, a.json).await,
+            Err(e) => Err(e),
+        },
     };
     match result {
-        Ok(()) => ExitCode::SUCCESS,
+        Ok(code) => code,
         Err(e) => {
             // One line for people; the chain for the curious.
             let chain: Vec<String> = e.chain().map(ToString::to_string).collect();

@@ -186,6 +186,22 @@ fn up_publish_read_tail_status_and_clean_shutdown() {
     let (out, _) = text(&o);
     assert!(out.contains("production needs 3"), "{out}");
 
+    // The operator commands reach the same server.
+    for args in [
+        &["dlq", "list", "--json"][..],
+        &["dlq", "list"],
+        &["consumer", "list", "--json"],
+    ] {
+        let o = sluice(home.path(), args);
+        let (out, err) = text(&o);
+        assert!(o.status.success(), "{args:?}: {out}{err}");
+    }
+    let o = sluice(home.path(), &["dlq", "show", "no-such-id"]);
+    assert!(
+        !o.status.success(),
+        "showing a missing dead letter must fail"
+    );
+
     // SIGTERM: clean exit, endpoint removed, the nats-server child gone.
     let pid = up.0.id();
     Command::new("kill")
