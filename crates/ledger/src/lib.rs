@@ -26,7 +26,7 @@ pub use read_models::{
 };
 pub use service::{
     DATABASE_URL_ENV, DEFAULT_HTTP_ADDR, HTTP_ADDR_ENV, Projector, ReadSide, default_database_url,
-    migrate, run_read_side,
+    migrate, run_read_side, serve_read_side,
 };
 
 /// The one error type of the ledger crate.

@@ -34,6 +34,12 @@ impl ReadSide {
     /// `sqlite://<file>` or `postgres://...`) and migrates it.
     pub async fn connect(nats_url: &str, database_url: &str) -> Result<Self, Error> {
         let store = EventStore::connect(nats_url, StoreConfig::default()).await?;
+        Self::with_store(store, database_url).await
+    }
+
+    /// Uses an already connected event store (with the caller's NATS
+    /// credentials, TLS and stream settings) and connects the read store.
+    pub async fn with_store(store: EventStore, database_url: &str) -> Result<Self, Error> {
         let db = Database::connect(database_url).await?;
         migrate(&db).await?;
         Ok(Self { store, db })
@@ -126,6 +132,17 @@ pub async fn run_read_side(
     bound: Option<tokio::sync::oneshot::Sender<std::net::SocketAddr>>,
 ) -> Result<(), Error> {
     let side = ReadSide::connect(nats_url, database_url).await?;
+    serve_read_side(side, addr, shutdown, bound).await
+}
+
+/// [`run_read_side`] over an already connected [`ReadSide`] (e.g. from
+/// [`ReadSide::with_store`] with the binary's own NATS connection).
+pub async fn serve_read_side(
+    side: ReadSide,
+    addr: std::net::SocketAddr,
+    shutdown: CancellationToken,
+    bound: Option<tokio::sync::oneshot::Sender<std::net::SocketAddr>>,
+) -> Result<(), Error> {
     let projector = Projector::start(&side, RunnerConfig::default(), shutdown.clone()).await?;
     let state = projector.app_state(&side);
     let served = sluice_projections::http::serve(addr, state, shutdown.clone(), bound).await;
