@@ -162,6 +162,10 @@ pub struct GroupCommitStats {
     pub events: u64,
     /// Largest committed batch, in events.
     pub max_batch_events: u64,
+    /// Mean events per committed batch (0 when nothing was written).
+    pub mean_batch_events: f64,
+    /// fsyncs saved compared with one write per event: `events - batches`.
+    pub fsyncs_saved: u64,
     /// Batch-size distribution (events per committed batch).
     pub batch_sizes: Vec<BatchSizeBucket>,
     /// Batches that waited for the linger.
@@ -184,22 +188,6 @@ pub struct GroupCommitStats {
     pub queue_timeouts: u64,
     /// Appends queued or in flight at the time of the snapshot.
     pub outstanding_appends: u64,
-}
-
-impl GroupCommitStats {
-    /// fsyncs saved compared with one write per event: `events - batches`.
-    pub fn fsyncs_saved(&self) -> u64 {
-        self.events.saturating_sub(self.batches)
-    }
-
-    /// Mean events per committed batch (0 when nothing was written).
-    pub fn mean_batch_events(&self) -> f64 {
-        if self.batches == 0 {
-            0.0
-        } else {
-            self.events as f64 / self.batches as f64
-        }
-    }
 }
 
 /// Live counters behind [`GroupCommitStats`].
@@ -252,14 +240,21 @@ impl Counters {
                 b
             })
             .collect();
+        let (batches, events) = (get(&self.batches), get(&self.events));
         GroupCommitStats {
             enabled: config.enabled,
             fallback_single: fallback,
             linger_us: u64::try_from(config.linger.as_micros()).unwrap_or(u64::MAX),
-            batches: get(&self.batches),
+            batches,
             appends: get(&self.appends),
-            events: get(&self.events),
+            events,
             max_batch_events: get(&self.max_batch),
+            mean_batch_events: if batches == 0 {
+                0.0
+            } else {
+                events as f64 / batches as f64
+            },
+            fsyncs_saved: events.saturating_sub(batches),
             batch_sizes,
             lingered_batches: get(&self.lingered),
             linger_expired: get(&self.linger_expired),
@@ -993,7 +988,7 @@ mod tests {
         c.committed(1, 1);
         let s = c.snapshot(&GroupCommitConfig::default(), false);
         assert_eq!(
-            (s.batches, s.appends, s.events, s.fsyncs_saved()),
+            (s.batches, s.appends, s.events, s.fsyncs_saved),
             (2, 4, 6, 4)
         );
         assert_eq!(s.batch_sizes[0].batches, 1);
@@ -1006,6 +1001,10 @@ mod tests {
             (4, 7, 1)
         );
         assert_eq!(s.max_batch_events, 5);
+        assert_eq!(s.mean_batch_events, 3.0);
+        let json = serde_json::to_value(&s).unwrap();
+        assert_eq!(json["fsyncs_saved"], 4);
+        assert_eq!(json["batch_sizes"][0]["batches"], 1);
     }
 
     #[test]
