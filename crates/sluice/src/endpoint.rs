@@ -15,6 +15,9 @@ pub(crate) struct Endpoint {
     pub(crate) pid: u32,
     /// Whether the embedded server fsyncs every write.
     pub(crate) sync_always: bool,
+    /// Where the HTTP API listens, if this process serves it.
+    #[serde(default)]
+    pub(crate) http_addr: Option<String>,
 }
 
 pub(crate) fn path(home: &Path) -> PathBuf {

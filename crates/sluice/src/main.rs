@@ -10,6 +10,7 @@ use clap::{Parser, Subcommand};
 mod bench;
 mod bench_workers;
 mod commands;
+mod config;
 mod consumer_cmd;
 mod dlq_cmd;
 mod endpoint;
@@ -37,6 +38,9 @@ struct Cli {
 enum Command {
     /// Run Sluice: the embedded nats-server (unless --nats-url) and every role.
     Up(up::UpArgs),
+    /// Run chosen roles (`--role api,projector,worker,saga`) against
+    /// configured NATS and database servers.
+    Serve(up::ServeArgs),
     /// Append one event to an aggregate.
     Publish(commands::PublishArgs),
     /// Print an aggregate's events.
@@ -90,10 +94,13 @@ fn init_tracing(default: &str) {
 #[tokio::main]
 async fn main() -> ExitCode {
     let cli = Cli::parse();
-    let is_up = matches!(cli.command, Command::Up(_));
+    let is_up = matches!(cli.command, Command::Up(_) | Command::Serve(_));
     init_tracing(if is_up { "info" } else { "warn" });
     let result = match cli.command {
-        Command::Up(args) => up::run(args, cli.nats_url, cli.home)
+        Command::Up(args) => up::up(args, cli.nats_url, cli.home)
+            .await
+            .map(|()| ExitCode::SUCCESS),
+        Command::Serve(args) => up::serve(args, cli.nats_url, cli.home)
             .await
             .map(|()| ExitCode::SUCCESS),
         Command::Publish(args) => commands::publish(args, cli.nats_url, &cli.home)

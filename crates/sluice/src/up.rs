@@ -1,16 +1,26 @@
-//! `sluice up`: the embedded default. Starts nats-server as a child process
-//! (JetStream, fsync always, store under `.sluice/nats`), ensures the streams,
-//! and runs until Ctrl-C or SIGTERM, then stops the child cleanly.
+//! `sluice up` and `sluice serve`.
+//!
+//! `up` is the embedded default: every role in one process, a nats-server
+//! child process (JetStream, fsync always, store under `.sluice/nats`) unless
+//! a NATS URL is configured, and a SQLite read store under `.sluice/`.
+//! `serve --role ...` runs any subset of roles against configured NATS and
+//! database servers, for running roles as separate, horizontally scaled
+//! services. Both stop cleanly on Ctrl-C or SIGTERM.
 
-use std::path::PathBuf;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::Context;
-use sluice_events::{
-    ConnectConfig, EmbeddedConfig, EmbeddedServer, EventStore, StoreConfig, SyncInterval,
-};
+use sluice_events::{EmbeddedConfig, EmbeddedServer, EventStore, StoreConfig, SyncInterval};
+use sluice_ledger::{AccountActivity, AccountBalances, Projector, ReadSide};
+use sluice_projections::RunnerConfig;
+use sluice_projections::http::AppState;
 use tokio::signal::unix::{SignalKind, signal};
+use tokio_util::sync::CancellationToken;
 
+use crate::config::{Config, Role};
 use crate::endpoint::{self, Endpoint};
 
 /// Options of `sluice up`.
@@ -19,18 +29,58 @@ pub(crate) struct UpArgs {
     /// Port for the embedded nats-server on 127.0.0.1 (default: a free one).
     #[arg(long, env = "SLUICE_NATS_PORT")]
     nats_port: Option<u16>,
-    /// Stream replicas (1 for the embedded server; 3 on a production cluster).
-    #[arg(long, env = "SLUICE_REPLICAS", default_value_t = 1)]
-    replicas: usize,
+    #[command(flatten)]
+    common: CommonArgs,
 }
 
-pub(crate) async fn run(
+/// Options of `sluice serve`.
+#[derive(Debug, clap::Args)]
+pub(crate) struct ServeArgs {
+    /// Roles to run, comma-separated (default: all, or `roles` in the config).
+    #[arg(long = "role", value_delimiter = ',', value_enum)]
+    roles: Vec<Role>,
+    #[command(flatten)]
+    common: CommonArgs,
+}
+
+/// Options shared by `up` and `serve`.
+#[derive(Debug, clap::Args)]
+pub(crate) struct CommonArgs {
+    /// Configuration file (TOML); `SLUICE_*` variables override it.
+    #[arg(long, env = "SLUICE_CONFIG")]
+    config: Option<PathBuf>,
+    /// HTTP API address (default 127.0.0.1:8080; port 0 picks a free one).
+    #[arg(long, env = "SLUICE_HTTP_ADDR")]
+    http: Option<SocketAddr>,
+    /// Read store: `sqlite://<file>` or `postgres://...` (default: SQLite
+    /// under the home directory).
+    #[arg(long, env = "SLUICE_DATABASE_URL")]
+    database_url: Option<String>,
+}
+
+fn load_config(common: &CommonArgs, nats_url: Option<String>) -> anyhow::Result<Config> {
+    let mut config = Config::load(common.config.as_deref())?;
+    if nats_url.is_some() {
+        config.nats.url = nats_url;
+    }
+    if let Some(addr) = common.http {
+        config.http.addr = Some(addr);
+    }
+    if let Some(db) = &common.database_url {
+        config.database.url = Some(db.clone());
+    }
+    config.validate()?;
+    Ok(config)
+}
+
+pub(crate) async fn up(
     args: UpArgs,
     nats_url: Option<String>,
     home: PathBuf,
 ) -> anyhow::Result<()> {
+    let config = load_config(&args.common, nats_url)?;
     let mut embedded = None;
-    let url = match nats_url {
+    let url = match config.nats.url.clone() {
         Some(url) => url,
         None => {
             if let Some(existing) = endpoint::read(&home)
@@ -42,39 +92,134 @@ pub(crate) async fn run(
                     existing.nats_url
                 );
             }
-            let mut config = EmbeddedConfig::new(home.join("nats"));
-            config.port = args.nats_port;
-            config.sync = SyncInterval::Always;
-            let server =
-                EmbeddedServer::start(config).context("starting the embedded nats-server")?;
+            let mut ec = EmbeddedConfig::new(home.join("nats"));
+            ec.port = args.nats_port;
+            ec.sync = SyncInterval::Always;
+            let server = EmbeddedServer::start(ec).context("starting the embedded nats-server")?;
             let url = server.url();
             embedded = Some(server);
             url
         }
     };
+    let result = run(&config, &url, &Role::ALL, &home, embedded.is_some()).await;
+    if let Some(mut server) = embedded {
+        server.stop(Duration::from_secs(10));
+    }
+    result
+}
+
+pub(crate) async fn serve(
+    args: ServeArgs,
+    nats_url: Option<String>,
+    home: PathBuf,
+) -> anyhow::Result<()> {
+    let mut config = load_config(&args.common, nats_url)?;
+    if !args.roles.is_empty() {
+        config.roles = args.roles;
+    }
+    let url = config.nats.url.clone().context(
+        "sluice serve needs a NATS server: set SLUICE_NATS_URL, --nats-url or nats.url (use `sluice up` for the embedded one)",
+    )?;
+    let roles = config.roles();
+    run(&config, &url, &roles, &home, false).await
+}
+
+async fn run(
+    config: &Config,
+    url: &str,
+    roles: &[Role],
+    home: &Path,
+    embedded: bool,
+) -> anyhow::Result<()> {
     let store = EventStore::connect_with(
-        &ConnectConfig::from_env(url.clone())?,
+        &config.connect(url)?,
         StoreConfig {
-            replicas: args.replicas,
+            replicas: config.nats.replicas.unwrap_or(1),
             ..StoreConfig::default()
         },
     )
     .await
     .context("connecting to NATS")?;
-    endpoint::write(
-        &home,
-        &Endpoint {
-            nats_url: url.clone(),
-            pid: std::process::id(),
-            sync_always: embedded.is_some(),
-        },
-    )?;
+    let shutdown = CancellationToken::new();
+    let has = |r: Role| roles.contains(&r);
+
+    // The read side: projector and/or API.
+    let mut http_addr = None;
+    let mut tasks: Vec<tokio::task::JoinHandle<anyhow::Result<()>>> = Vec::new();
+    if has(Role::Api) || has(Role::Projector) {
+        let db_url = config
+            .database
+            .url
+            .clone()
+            .unwrap_or_else(|| sluice_ledger::default_database_url(home));
+        std::fs::create_dir_all(home)?;
+        let side = ReadSide::with_store(store.clone(), &db_url)
+            .await
+            .with_context(|| format!("opening the read store {db_url}"))?;
+        let projector = if has(Role::Projector) {
+            Some(Projector::start(&side, RunnerConfig::default(), shutdown.clone()).await?)
+        } else {
+            None
+        };
+        if has(Role::Api) {
+            let state = match &projector {
+                Some(p) => p.app_state(&side),
+                // API-only replicas read checkpoints from the database.
+                None => AppState::builder(side.store.clone(), side.db.clone())
+                    .read_model(Arc::new(AccountBalances::new()), None)
+                    .read_model(Arc::new(AccountActivity), None)
+                    .build(),
+            };
+            let (tx, rx) = tokio::sync::oneshot::channel();
+            let addr = config.http_addr();
+            let sd = shutdown.clone();
+            tasks.push(tokio::spawn(async move {
+                sluice_projections::http::serve(addr, state, sd, Some(tx))
+                    .await
+                    .context("HTTP API")
+            }));
+            http_addr = Some(
+                rx.await
+                    .with_context(|| format!("binding the HTTP API on {addr}"))?,
+            );
+        }
+        if let Some(p) = projector {
+            let sd = shutdown.clone();
+            tasks.push(tokio::spawn(async move {
+                sd.cancelled().await;
+                p.join().await;
+                Ok(())
+            }));
+        }
+    }
+    if has(Role::Worker) || has(Role::Saga) {
+        tracing::info!(roles = ?roles, "worker and saga roles have no ledger handlers to run yet");
+    }
+
+    if embedded || endpoint::read(home).is_none() {
+        endpoint::write(
+            home,
+            &Endpoint {
+                nats_url: url.to_owned(),
+                pid: std::process::id(),
+                sync_always: embedded,
+                http_addr: http_addr.map(|a| a.to_string()),
+            },
+        )?;
+    }
     let state = store.stream_state().await?;
     println!("sluice is up");
+    println!(
+        "  roles:   {}",
+        roles
+            .iter()
+            .map(|r| format!("{r:?}").to_lowercase())
+            .collect::<Vec<_>>()
+            .join(",")
+    );
     println!("  nats:    {url}  (nats-server {})", store.server_version());
-    if let Some(server) = &embedded {
-        println!("  data:    {}", server.config().dir.display());
-        println!("  log:     {}", server.log_path().display());
+    if let Some(addr) = http_addr {
+        println!("  http:    http://{addr}/v1/projections");
     }
     println!(
         "  stream:  {} ({} events, last position {})",
@@ -82,27 +227,40 @@ pub(crate) async fn run(
         state.messages,
         state.last_position
     );
-    println!(
-        "  connect: SLUICE_NATS_URL={url}  (commands run in this directory find it by themselves)"
-    );
-    println!(
-        "  try:     sluice publish account/acc-1 --type ledger.account.opened.v1 --data '{{\"owner\":\"ann\",\"currency\":\"EUR\"}}'"
-    );
+    if embedded {
+        println!("  data:    {}", home.display());
+        println!(
+            "  connect: SLUICE_NATS_URL={url}  (commands run in this directory find it by themselves)"
+        );
+    }
     println!("Press Ctrl-C to stop.");
 
     let mut term = signal(SignalKind::terminate())?;
+    let mut first_failure = None;
     tokio::select! {
         _ = tokio::signal::ctrl_c() => {}
         _ = term.recv() => {}
+        _ = shutdown.cancelled() => {}
     }
     tracing::info!("shutting down");
-    drop(store);
-    endpoint::remove(&home);
-    if let Some(mut server) = embedded {
-        server.stop(Duration::from_secs(10));
+    shutdown.cancel();
+    for t in tasks {
+        match t.await {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => {
+                tracing::error!(error = %format!("{e:#}"), "role stopped with an error");
+                first_failure.get_or_insert(e);
+            }
+            Err(e) => {
+                first_failure.get_or_insert(anyhow::anyhow!("a role panicked: {e}"));
+            }
+        }
+    }
+    if embedded {
+        endpoint::remove(home);
     }
     println!("sluice stopped");
-    Ok(())
+    first_failure.map_or(Ok(()), Err)
 }
 
 fn process_alive(pid: u32) -> bool {

@@ -23,6 +23,30 @@ fn text(o: &Output) -> (String, String) {
     )
 }
 
+/// A plain HTTP/1.1 GET over loopback: (status, body).
+fn http_get(addr: &str, path: &str) -> (u16, String) {
+    use std::io::{Read, Write};
+    let mut s = std::net::TcpStream::connect(addr).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    write!(
+        s,
+        "GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n"
+    )
+    .unwrap();
+    let mut raw = String::new();
+    s.read_to_string(&mut raw).unwrap();
+    let status = raw
+        .split(' ')
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .unwrap_or(0);
+    let body = raw
+        .split_once("\r\n\r\n")
+        .map(|(_, b)| b.to_owned())
+        .unwrap_or_default();
+    (status, body)
+}
+
 struct Up(Child);
 
 impl Drop for Up {
@@ -36,6 +60,8 @@ fn start_up(home: &Path) -> Up {
     let child = Command::new(BIN)
         .arg("up")
         .env("SLUICE_HOME", home)
+        .env("SLUICE_HTTP_ADDR", "127.0.0.1:0")
+        .env_remove("SLUICE_DATABASE_URL")
         .env_remove("SLUICE_NATS_URL")
         .stdout(Stdio::null())
         .stderr(Stdio::null())
@@ -185,6 +211,21 @@ fn up_publish_read_tail_status_and_clean_shutdown() {
     let o = sluice(home.path(), &["status", "--production"]);
     let (out, _) = text(&o);
     assert!(out.contains("production needs 3"), "{out}");
+
+    // The HTTP API serves the read models, with read-your-writes.
+    let http = endpoint["http_addr"].as_str().unwrap().to_owned();
+    let (status, body) = http_get(
+        &http,
+        "/v1/projections/account_balances/rows/acc-1?min_position=2",
+    );
+    assert_eq!(status, 200, "{body}");
+    assert!(
+        body.contains("\"balance\":5") && body.contains("ann"),
+        "{body}"
+    );
+    let (status, body) = http_get(&http, "/v1/projections");
+    assert_eq!(status, 200, "{body}");
+    assert!(body.contains("account_activity"), "{body}");
 
     // The operator commands reach the same server.
     for args in [

@@ -1,0 +1,319 @@
+//! Configuration of `sluice up` / `sluice serve`: a TOML file
+//! (`--config` / `SLUICE_CONFIG`) overridden by `SLUICE_*` environment
+//! variables, validated at start. Secrets come only from files or the
+//! environment; a password in the file is refused.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+
+use anyhow::{Context, bail};
+use serde::Deserialize;
+use sluice_events::ConnectConfig;
+
+/// A role a process runs; any subset, `sluice up` runs all.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub(crate) enum Role {
+    /// HTTP API.
+    Api,
+    /// Projection runners.
+    Projector,
+    /// Durable consumers (command handlers).
+    Worker,
+    /// Saga orchestrators.
+    Saga,
+}
+
+impl Role {
+    pub(crate) const ALL: [Role; 4] = [Role::Api, Role::Projector, Role::Worker, Role::Saga];
+
+    fn parse(s: &str) -> anyhow::Result<Role> {
+        Ok(match s.trim() {
+            "api" => Role::Api,
+            "projector" => Role::Projector,
+            "worker" => Role::Worker,
+            "saga" => Role::Saga,
+            other => bail!("unknown role {other:?}: use api, projector, worker or saga"),
+        })
+    }
+}
+
+/// NATS connection settings.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub(crate) struct NatsSection {
+    /// Comma-separated URLs; empty = the embedded server (`sluice up` only).
+    pub(crate) url: Option<String>,
+    /// User for user/password authentication.
+    pub(crate) user: Option<String>,
+    /// File holding the password.
+    pub(crate) password_file: Option<PathBuf>,
+    /// File holding an nkey seed.
+    pub(crate) nkey_seed_file: Option<PathBuf>,
+    /// `.creds` file.
+    pub(crate) creds_file: Option<PathBuf>,
+    /// CA to verify the server with.
+    pub(crate) tls_ca_file: Option<PathBuf>,
+    /// Client certificate (mTLS).
+    pub(crate) tls_cert_file: Option<PathBuf>,
+    /// Client key (mTLS).
+    pub(crate) tls_key_file: Option<PathBuf>,
+    /// Stream replicas: 1 (embedded/dev) or 3/5 (cluster).
+    pub(crate) replicas: Option<usize>,
+}
+
+/// Read-store settings.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub(crate) struct DatabaseSection {
+    /// `sqlite://path` or `postgres://...`; default: SQLite under the home dir.
+    pub(crate) url: Option<String>,
+}
+
+/// HTTP settings.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub(crate) struct HttpSection {
+    /// Listen address; default 127.0.0.1:8080.
+    pub(crate) addr: Option<SocketAddr>,
+}
+
+/// The whole configuration.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub(crate) struct Config {
+    pub(crate) nats: NatsSection,
+    pub(crate) database: DatabaseSection,
+    pub(crate) http: HttpSection,
+    /// Roles to run (`serve`); default all.
+    pub(crate) roles: Vec<Role>,
+}
+
+impl Config {
+    /// Reads the file (if any), applies `SLUICE_*` overrides, validates.
+    pub(crate) fn load(file: Option<&Path>) -> anyhow::Result<Self> {
+        let env = |k: &str| std::env::var(k).ok().filter(|v| !v.is_empty());
+        Self::load_with(file, env)
+    }
+
+    fn load_with(
+        file: Option<&Path>,
+        env: impl Fn(&str) -> Option<String>,
+    ) -> anyhow::Result<Self> {
+        let mut c = match file {
+            Some(path) => {
+                let text = std::fs::read_to_string(path)
+                    .with_context(|| format!("reading config file {}", path.display()))?;
+                Self::parse(&text).with_context(|| format!("config file {}", path.display()))?
+            }
+            None => Config::default(),
+        };
+        if let Some(v) = env("SLUICE_NATS_URL") {
+            c.nats.url = Some(v);
+        }
+        if let Some(v) = env("SLUICE_NATS_USER") {
+            c.nats.user = Some(v);
+        }
+        if let Some(v) = env("SLUICE_NATS_PASSWORD_FILE") {
+            c.nats.password_file = Some(v.into());
+        }
+        if let Some(v) = env("SLUICE_NATS_NKEY_FILE") {
+            c.nats.nkey_seed_file = Some(v.into());
+        }
+        if let Some(v) = env("SLUICE_NATS_CREDS") {
+            c.nats.creds_file = Some(v.into());
+        }
+        if let Some(v) = env("SLUICE_NATS_TLS_CA") {
+            c.nats.tls_ca_file = Some(v.into());
+        }
+        if let Some(v) = env("SLUICE_NATS_TLS_CERT") {
+            c.nats.tls_cert_file = Some(v.into());
+        }
+        if let Some(v) = env("SLUICE_NATS_TLS_KEY") {
+            c.nats.tls_key_file = Some(v.into());
+        }
+        if let Some(v) = env("SLUICE_REPLICAS") {
+            c.nats.replicas = Some(
+                v.parse()
+                    .with_context(|| format!("SLUICE_REPLICAS={v:?} is not a number"))?,
+            );
+        }
+        if let Some(v) = env("SLUICE_DATABASE_URL") {
+            c.database.url = Some(v);
+        }
+        if let Some(v) = env("SLUICE_HTTP_ADDR") {
+            c.http.addr = Some(
+                v.parse()
+                    .with_context(|| format!("SLUICE_HTTP_ADDR={v:?} is not host:port"))?,
+            );
+        }
+        if let Some(v) = env("SLUICE_ROLES") {
+            c.roles = v
+                .split(',')
+                .map(Role::parse)
+                .collect::<anyhow::Result<_>>()?;
+        }
+        c.validate()?;
+        Ok(c)
+    }
+
+    fn parse(text: &str) -> anyhow::Result<Self> {
+        // A clearer word than serde's "unknown field" for the one mistake
+        // that leaks secrets.
+        if let Ok(table) = text.parse::<toml::Table>()
+            && table
+                .get("nats")
+                .and_then(|n| n.as_table())
+                .is_some_and(|n| n.contains_key("password"))
+        {
+            bail!(
+                "nats.password is not allowed in a config file: use nats.password_file or SLUICE_NATS_PASSWORD"
+            );
+        }
+        Ok(toml::from_str(text)?)
+    }
+
+    /// Checks values that parse but cannot work.
+    pub(crate) fn validate(&self) -> anyhow::Result<()> {
+        if let Some(r) = self.nats.replicas
+            && !matches!(r, 1 | 3 | 5)
+        {
+            bail!("nats.replicas = {r}: use 1 (single server), 3 or 5 (cluster)");
+        }
+        if let Some(url) = &self.database.url
+            && !(url.starts_with("sqlite:")
+                || url.starts_with("postgres://")
+                || url.starts_with("postgresql://"))
+        {
+            bail!("database.url {url:?}: use sqlite://<file> or postgres://user@host/db");
+        }
+        if self.nats.user.is_some()
+            && self.nats.password_file.is_none()
+            && std::env::var("SLUICE_NATS_PASSWORD").is_err()
+        {
+            bail!(
+                "nats.user is set but no password: set nats.password_file or SLUICE_NATS_PASSWORD"
+            );
+        }
+        for (what, file) in [
+            ("nats.password_file", &self.nats.password_file),
+            ("nats.nkey_seed_file", &self.nats.nkey_seed_file),
+            ("nats.creds_file", &self.nats.creds_file),
+            ("nats.tls_ca_file", &self.nats.tls_ca_file),
+            ("nats.tls_cert_file", &self.nats.tls_cert_file),
+            ("nats.tls_key_file", &self.nats.tls_key_file),
+        ] {
+            if let Some(f) = file
+                && !f.is_file()
+            {
+                bail!("{what} = {}: no such file", f.display());
+            }
+        }
+        Ok(())
+    }
+
+    /// Roles to run: the configured ones, or all.
+    pub(crate) fn roles(&self) -> Vec<Role> {
+        if self.roles.is_empty() {
+            Role::ALL.to_vec()
+        } else {
+            self.roles.clone()
+        }
+    }
+
+    /// The HTTP listen address.
+    pub(crate) fn http_addr(&self) -> SocketAddr {
+        self.http
+            .addr
+            .unwrap_or_else(|| SocketAddr::from(([127, 0, 0, 1], 8080)))
+    }
+
+    /// NATS connection settings for `url`.
+    pub(crate) fn connect(&self, url: &str) -> anyhow::Result<ConnectConfig> {
+        let mut c = ConnectConfig::from_env(url)?;
+        let n = &self.nats;
+        if n.user.is_some() {
+            c.user = n.user.clone();
+        }
+        if let Some(f) = &n.password_file {
+            c.password = Some(
+                std::fs::read_to_string(f)
+                    .with_context(|| format!("reading {}", f.display()))?
+                    .trim()
+                    .to_owned(),
+            );
+        }
+        for (dst, src) in [
+            (&mut c.nkey_seed_file, &n.nkey_seed_file),
+            (&mut c.creds_file, &n.creds_file),
+            (&mut c.tls_ca_file, &n.tls_ca_file),
+            (&mut c.tls_cert_file, &n.tls_cert_file),
+            (&mut c.tls_key_file, &n.tls_key_file),
+        ] {
+            if src.is_some() {
+                dst.clone_from(src);
+            }
+        }
+        Ok(c)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn none(_: &str) -> Option<String> {
+        None
+    }
+
+    #[test]
+    fn file_then_env_then_validation() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("sluice.toml");
+        std::fs::write(
+            &path,
+            "roles = [\"api\", \"projector\"]\n[nats]\nurl = \"nats://10.0.0.1:4222\"\nreplicas = 3\n[database]\nurl = \"postgres://sluice@db/sluice\"\n[http]\naddr = \"0.0.0.0:9000\"\n",
+        )
+        .unwrap();
+        let c = Config::load_with(Some(&path), none).unwrap();
+        assert_eq!(c.roles(), vec![Role::Api, Role::Projector]);
+        assert_eq!(c.nats.replicas, Some(3));
+        assert_eq!(c.http_addr().port(), 9000);
+
+        let env = |k: &str| match k {
+            "SLUICE_DATABASE_URL" => Some("sqlite://x.db".to_owned()),
+            "SLUICE_ROLES" => Some("worker,saga".to_owned()),
+            _ => None,
+        };
+        let c = Config::load_with(Some(&path), env).unwrap();
+        assert_eq!(c.database.url.as_deref(), Some("sqlite://x.db"));
+        assert_eq!(c.roles(), vec![Role::Worker, Role::Saga]);
+        assert_eq!(
+            Config::load_with(None, none).unwrap().roles(),
+            Role::ALL.to_vec()
+        );
+    }
+
+    #[test]
+    fn bad_configs_say_what_to_fix() {
+        let cases = [
+            ("[nats]\npassword = \"hunter2\"\n", "password_file"),
+            ("[nats]\nreplicas = 2\n", "use 1"),
+            ("[database]\nurl = \"mysql://x\"\n", "sqlite://"),
+            ("[nats]\ncreds_file = \"/nope.creds\"\n", "no such file"),
+            ("[nats]\nuser = \"api\"\n", "no password"),
+            ("colour = \"blue\"\n", "unknown field"),
+            ("roles = [\"janitor\"]\n", "unknown variant"),
+        ];
+        let dir = tempfile::tempdir().unwrap();
+        for (text, expected) in cases {
+            let path = dir.path().join("c.toml");
+            std::fs::write(&path, text).unwrap();
+            let err = format!("{:#}", Config::load_with(Some(&path), none).unwrap_err());
+            assert!(err.contains(expected), "{text:?}: {err}");
+        }
+        let env = |k: &str| (k == "SLUICE_ROLES").then(|| "api,janitor".to_owned());
+        let err = Config::load_with(None, env).unwrap_err().to_string();
+        assert!(err.contains("unknown role \"janitor\""), "{err}");
+    }
+}
