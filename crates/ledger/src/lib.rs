@@ -13,12 +13,14 @@
 //! malformed data) are dead-lettered with the reason and park their account.
 #![warn(clippy::unwrap_used)]
 
+mod account;
 pub mod bench;
 mod events;
 mod fold;
 mod read_models;
 mod service;
 
+pub use account::{Account, AccountCommand, AccountRejection};
 pub use events::{ACCOUNT_CATEGORY, AccountEvent, CLOSED, DEPOSITED, OPENED, WITHDRAWN};
 pub use fold::{AccountRow, FoldInput, FoldOutput, STATUS_CLOSED, STATUS_OPEN, fold_balances};
 pub use read_models::{
