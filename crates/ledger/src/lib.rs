@@ -19,12 +19,19 @@ mod events;
 mod fold;
 mod read_models;
 mod service;
+mod transfer;
 
 pub use account::{Account, AccountCommand, AccountRejection};
 pub use events::{ACCOUNT_CATEGORY, AccountEvent, CLOSED, DEPOSITED, OPENED, WITHDRAWN};
 pub use fold::{AccountRow, FoldInput, FoldOutput, STATUS_CLOSED, STATUS_OPEN, fold_balances};
 pub use read_models::{
     ACCOUNT_ACTIVITY, ACCOUNT_BALANCES, AccountActivity, AccountBalances, WriteMode,
+};
+pub use transfer::{
+    ACCOUNT_COMMANDS, CMD_DEPOSIT, CMD_WITHDRAW, StartedTransfer, TRANSFER_ORCHESTRATOR,
+    TRANSFER_SAGA, Transfer, TransferRoleConfig, TransferView, account_command, account_reply,
+    run_account_commands, run_transfer_orchestrator, run_transfer_role, start_transfer,
+    transfer_definition, transfer_state, transfer_status, transfer_view,
 };
 pub use service::{
     DATABASE_URL_ENV, DEFAULT_HTTP_ADDR, HTTP_ADDR_ENV, Projector, ReadSide, default_database_url,

@@ -5,7 +5,7 @@ use std::sync::Arc;
 
 use sluice_events::{EventStore, StoreConfig};
 use sluice_projections::http::AppState;
-use sluice_projections::{Database, RunnerConfig, RunningProjection};
+use sluice_projections::{Database, Member, RunnerConfig, RunningGroup};
 use tokio_util::sync::CancellationToken;
 
 use crate::Error;
@@ -46,11 +46,12 @@ impl ReadSide {
     }
 }
 
-/// The ledger projections running in this process.
+/// The ledger projections running in this process: `account_balances` and
+/// `account_activity` as one group (one feed, one transaction per batch).
 #[derive(Debug)]
 pub struct Projector {
-    /// One per projection.
-    pub running: Vec<RunningProjection>,
+    /// The runner of the group.
+    pub group: RunningGroup,
 }
 
 impl Projector {
@@ -60,32 +61,26 @@ impl Projector {
         config: RunnerConfig,
         shutdown: CancellationToken,
     ) -> Result<Self, Error> {
-        let balances = sluice_projections::spawn(
-            Arc::new(AccountBalances::new()),
-            side.db.clone(),
-            side.store.clone(),
-            config.clone(),
-            shutdown.clone(),
-        )
-        .await?;
-        let activity = sluice_projections::spawn(
-            Arc::new(AccountActivity),
+        let group = sluice_projections::spawn_group(
+            vec![
+                Member::from(Arc::new(AccountBalances::new())),
+                Member::from(Arc::new(AccountActivity)),
+            ],
             side.db.clone(),
             side.store.clone(),
             config,
             shutdown,
         )
         .await?;
-        Ok(Self {
-            running: vec![balances, activity],
-        })
+        Ok(Self { group })
     }
 
     /// The HTTP state serving the ledger read models with this projector's
     /// live status.
     pub fn app_state(&self, side: &ReadSide) -> AppState {
         let live = |name: &str| {
-            self.running
+            self.group
+                .projections
                 .iter()
                 .find(|r| r.name == name)
                 .map(|r| r.live.clone())
@@ -99,11 +94,9 @@ impl Projector {
             .build()
     }
 
-    /// Waits for every projection task to end (after shutdown).
+    /// Waits for the runner to end (after shutdown).
     pub async fn join(self) {
-        for r in self.running {
-            let _ = r.task.await;
-        }
+        let _ = self.group.task.await;
     }
 }
 

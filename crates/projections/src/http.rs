@@ -169,7 +169,13 @@ pub struct Problem {
 }
 
 impl Problem {
-    fn new(status: StatusCode, slug: &str, title: &'static str, detail: impl Into<String>) -> Self {
+    /// A problem with a status, a type slug, a title and a detail for people.
+    pub fn new(
+        status: StatusCode,
+        slug: &str,
+        title: &'static str,
+        detail: impl Into<String>,
+    ) -> Self {
         Self {
             kind: format!("https://sluice.invalid/problems/{slug}"),
             title,
@@ -193,7 +199,7 @@ impl Problem {
     }
 
     /// Logs the cause and answers without it.
-    fn internal(e: impl std::fmt::Display) -> Self {
+    pub fn internal(e: impl std::fmt::Display) -> Self {
         tracing::error!(error = %e, "HTTP request failed");
         let mut p = Self::new(
             StatusCode::SERVICE_UNAVAILABLE,
@@ -203,6 +209,12 @@ impl Problem {
         );
         p.retry_after = Some(1);
         p
+    }
+
+    /// Adds a `Retry-After` header (seconds).
+    pub fn with_retry_after(mut self, secs: u64) -> Self {
+        self.retry_after = Some(secs);
+        self
     }
 }
 

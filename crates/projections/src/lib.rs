@@ -39,38 +39,61 @@ pub use projection::{
 };
 pub use rebuild::{RebuildProgress, RebuildReport, rebuild, reset};
 pub use runner::{
-    FailurePolicy, Live, LiveStatus, RunState, Runner, RunnerConfig, consumer_name, read_checkpoint,
+    FailurePolicy, Live, LiveStatus, Member, RunState, Runner, RunnerConfig, consumer_name,
+    read_checkpoint,
 };
 pub use status::{Halt, ProjectionStatus, projection_status};
 
-/// A projection running on a tokio task.
-#[derive(Debug)]
+/// A projection running on a tokio task (alone or in a group).
+#[derive(Debug, Clone)]
 pub struct RunningProjection {
     /// Its name.
     pub name: &'static str,
     /// Its live status (for the HTTP API).
     pub live: LiveStatus,
+}
+
+/// A runner on its own task: one projection or a group.
+#[derive(Debug)]
+pub struct RunningGroup {
+    /// The projections it runs.
+    pub projections: Vec<RunningProjection>,
     /// The task; ends on shutdown (`Ok`) or a halt (`Err(Error::Halted)`).
     pub task: tokio::task::JoinHandle<Result<(), Error>>,
 }
 
-/// Starts a runner for `projection` on its own task.
+/// Starts a runner for one `projection` on its own task.
 pub async fn spawn<P: Projection>(
     projection: std::sync::Arc<P>,
     db: Database,
     store: sluice_events::EventStore,
     config: RunnerConfig,
     shutdown: tokio_util::sync::CancellationToken,
-) -> Result<RunningProjection, Error> {
-    let name = projection.name();
-    let runner = Runner::new(projection, db, store, config).await?;
-    let live = runner.live();
+) -> Result<RunningGroup, Error> {
+    spawn_group(vec![Member::from(projection)], db, store, config, shutdown).await
+}
+
+/// Starts one runner feeding several projections (one feed, one decode,
+/// one transaction per batch; each keeps its own checkpoint and status).
+pub async fn spawn_group(
+    members: Vec<Member>,
+    db: Database,
+    store: sluice_events::EventStore,
+    config: RunnerConfig,
+    shutdown: tokio_util::sync::CancellationToken,
+) -> Result<RunningGroup, Error> {
+    let runner = Runner::group(members, db, store, config).await?;
+    let projections = runner
+        .lives()
+        .into_iter()
+        .map(|(name, live)| RunningProjection { name, live })
+        .collect();
     let task = tokio::spawn(async move {
         let result = runner.run(shutdown).await;
         if let Err(e) = &result {
-            tracing::error!(projection = name, error = %e, "projection stopped");
+            tracing::error!(error = %e, "projection runner stopped");
         }
         result
     });
-    Ok(RunningProjection { name, live, task })
+    Ok(RunningGroup { projections, task })
 }

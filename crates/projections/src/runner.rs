@@ -20,7 +20,7 @@ use tokio_util::sync::CancellationToken;
 use crate::db::{Database, is_transient};
 use crate::dlq::{DeadLetter, DeadLetterKind, DlqWriter};
 use crate::error::Error;
-use crate::projection::{ProjectedEvent, Projection, REBUILD_SUFFIX, Tables};
+use crate::projection::{ProjectedEvent, Projection, REBUILD_SUFFIX, Rejection, Tables};
 
 /// What to do with an event the projection cannot apply (a permanent failure).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize)]
@@ -172,11 +172,12 @@ struct Raw {
     pending: u64,
 }
 
-/// A fetched message after classification.
+/// A fetched message after classification (once per batch, shared by the
+/// members of a group).
 enum Item {
-    /// Not one of the projection's categories: only moves the checkpoint.
+    /// Of no member's categories: only moves the checkpoints.
     Skip,
-    /// Of its categories but breaks the contract.
+    /// Of some member's categories but breaks the contract.
     Bad {
         key: String,
         category: String,
@@ -186,26 +187,97 @@ enum Item {
     Event(Box<ProjectedEvent>),
 }
 
-/// Runs one projection until shutdown (or a halt).
-pub struct Runner<P: Projection> {
-    projection: Arc<P>,
+impl Item {
+    fn category(&self) -> Option<&str> {
+        match self {
+            Item::Skip => None,
+            Item::Bad { category, .. } => Some(category),
+            Item::Event(e) => Some(e.stream_id.category()),
+        }
+    }
+}
+
+/// Object-safe view of a [`Projection`], so one runner can drive several.
+pub(crate) trait DynProjection: Send + Sync + 'static {
+    fn dyn_name(&self) -> &'static str;
+    fn dyn_categories(&self) -> &'static [&'static str];
+    fn dyn_apply<'c>(
+        &'c self,
+        conn: &'c mut sqlx::AnyConnection,
+        tables: &'c Tables,
+        events: &'c [ProjectedEvent],
+    ) -> futures::future::BoxFuture<'c, Result<Vec<Rejection>, sqlx::Error>>;
+}
+
+impl<P: Projection> DynProjection for P {
+    fn dyn_name(&self) -> &'static str {
+        self.name()
+    }
+
+    fn dyn_categories(&self) -> &'static [&'static str] {
+        self.categories()
+    }
+
+    fn dyn_apply<'c>(
+        &'c self,
+        conn: &'c mut sqlx::AnyConnection,
+        tables: &'c Tables,
+        events: &'c [ProjectedEvent],
+    ) -> futures::future::BoxFuture<'c, Result<Vec<Rejection>, sqlx::Error>> {
+        Box::pin(self.apply(conn, tables, events))
+    }
+}
+
+/// One projection of a group, type-erased: `Member::from(Arc::new(p))`.
+#[derive(Clone)]
+pub struct Member(Arc<dyn DynProjection>);
+
+impl std::fmt::Debug for Member {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_tuple("Member").field(&self.0.dyn_name()).finish()
+    }
+}
+
+impl<P: Projection> From<Arc<P>> for Member {
+    fn from(p: Arc<P>) -> Self {
+        Self(p)
+    }
+}
+
+/// A member's runtime state.
+struct Slot {
+    projection: Arc<dyn DynProjection>,
+    name: &'static str,
+    /// Checkpoint (and parked / dead-letter) key: the projection's name, or
+    /// `<name>__rebuild` for a rebuild.
+    key: String,
+    consumer_name: String,
+    live: LiveStatus,
+}
+
+/// Permanent failures found so far, per member: position -> (kind, reason).
+type Rejected = Vec<BTreeMap<u64, (DeadLetterKind, String)>>;
+
+/// Runs one projection, or a *group* of projections sharing one feed, one
+/// decode and one transaction per batch (each with its own checkpoint row,
+/// parked set and dead letters), until shutdown or a halt.
+pub struct Runner {
+    slots: Vec<Slot>,
     db: Database,
     store: EventStore,
     dlq: DlqWriter,
     config: RunnerConfig,
-    live: LiveStatus,
-    consumer_name: String,
-    /// Checkpoint (and parked / dead-letter) key: the projection's name, or
-    /// `<name>__rebuild` for a rebuild.
-    key: String,
     /// Where batches are written.
     tables: Tables,
 }
 
-impl<P: Projection> std::fmt::Debug for Runner<P> {
+impl std::fmt::Debug for Runner {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Runner")
-            .field("projection", &self.projection.name())
+            .field(
+                "projections",
+                &self.slots.iter().map(|s| s.name).collect::<Vec<_>>(),
+            )
             .field("config", &self.config)
             .finish()
     }
@@ -216,42 +288,94 @@ pub fn consumer_name(projection: &str) -> String {
     format!("projection-{projection}")
 }
 
-impl<P: Projection> Runner<P> {
-    /// A runner for `projection`; ensures the `DLQ` stream.
-    pub async fn new(
+impl Runner {
+    /// A runner for one projection; ensures the `DLQ` stream.
+    pub async fn new<P: Projection>(
         projection: Arc<P>,
         db: Database,
         store: EventStore,
         config: RunnerConfig,
     ) -> Result<Self, Error> {
+        Self::group(vec![Member::from(projection)], db, store, config).await
+    }
+
+    /// A runner for several projections fed together (one feed, one decode,
+    /// one transaction per batch). A `halt` of one stops the whole group.
+    pub async fn group(
+        members: Vec<Member>,
+        db: Database,
+        store: EventStore,
+        config: RunnerConfig,
+    ) -> Result<Self, Error> {
         config.validate()?;
+        if members.is_empty() {
+            return Err(Error::InvalidConfig(
+                "a runner needs at least one projection",
+            ));
+        }
         let dlq = DlqWriter::new(store.jetstream().clone(), &store.config().stream).await?;
-        let consumer_name = consumer_name(projection.name());
+        let slots = members
+            .into_iter()
+            .map(|Member(projection)| {
+                let name = projection.dyn_name();
+                Slot {
+                    projection,
+                    name,
+                    key: name.to_owned(),
+                    consumer_name: consumer_name(name),
+                    live: LiveStatus::default(),
+                }
+            })
+            .collect();
         Ok(Self {
-            projection: projection.clone(),
+            slots,
             db,
             store,
             dlq,
             config,
-            live: LiveStatus::default(),
-            consumer_name,
-            key: projection.name().to_owned(),
             tables: Tables::LIVE,
         })
     }
 
-    /// Makes this runner build the rebuild tables from its own checkpoint
+    /// Makes this runner build the rebuild tables from their own checkpoints
     /// (`<name>__rebuild`) instead of the live ones. Dead letters are only
     /// recorded in SQL: the live projection already sent them to the DLQ.
     pub(crate) fn for_rebuild(mut self) -> Self {
-        self.key = format!("{}{REBUILD_SUFFIX}", self.projection.name());
+        for s in &mut self.slots {
+            s.key = format!("{}{REBUILD_SUFFIX}", s.name);
+        }
         self.tables = Tables::REBUILD;
         self
     }
 
-    /// The status it shares with the HTTP API.
+    /// The status of its (first) projection, shared with the HTTP API.
     pub fn live(&self) -> LiveStatus {
-        self.live.clone()
+        self.slots
+            .first()
+            .map(|s| s.live.clone())
+            .unwrap_or_default()
+    }
+
+    /// The status of each projection it runs.
+    pub fn lives(&self) -> Vec<(&'static str, LiveStatus)> {
+        self.slots
+            .iter()
+            .map(|s| (s.name, s.live.clone()))
+            .collect()
+    }
+
+    fn names(&self) -> String {
+        self.slots
+            .iter()
+            .map(|s| s.name)
+            .collect::<Vec<_>>()
+            .join(",")
+    }
+
+    fn update_all(&self, f: impl Fn(&mut Live)) {
+        for s in &self.slots {
+            s.live.update(&f);
+        }
     }
 
     fn backoff(&self) -> impl Iterator<Item = Duration> {
@@ -266,26 +390,29 @@ impl<P: Projection> Runner<P> {
     /// Applies events until `shutdown` is cancelled. Returns
     /// [`Error::Halted`] when the `halt` policy stopped it.
     pub async fn run(self, shutdown: CancellationToken) -> Result<(), Error> {
-        let name = self.projection.name();
-        let Some(mut checkpoint) = self.retrying(&shutdown, "start", || self.init()).await else {
-            self.live.update(|l| l.state = RunState::Stopped);
+        let names = self.names();
+        let Some(mut checkpoints) = self.retrying(&shutdown, "start", || self.init()).await else {
+            self.update_all(|l| l.state = RunState::Stopped);
             return Ok(());
         };
-        tracing::info!(projection = name, checkpoint, "projection starting");
+        tracing::info!(projection = %names, ?checkpoints, "projection starting");
         let state = if self.tables == Tables::REBUILD {
             RunState::Rebuilding
         } else {
             RunState::Running
         };
-        self.live.update(|l| {
-            l.state = state;
-            l.checkpoint = checkpoint;
-        });
+        for (s, cp) in self.slots.iter().zip(&checkpoints) {
+            s.live.update(|l| {
+                l.state = state;
+                l.checkpoint = *cp;
+            });
+        }
         let mut backoff = self.backoff();
         'consumer: loop {
-            // Resume from the checkpoint in SQL, never from broker state: an
-            // ordered (ephemeral) consumer starting right after it.
-            let messages = match self.open(checkpoint + 1).await {
+            // Resume from the checkpoints in SQL, never from broker state: an
+            // ordered (ephemeral) consumer right after the lowest one.
+            let low = checkpoints.iter().copied().min().unwrap_or(0);
+            let mut messages = match self.open(low + 1).await {
                 Ok(m) => m,
                 Err(e) => {
                     if self.pause(&shutdown, &mut backoff, &e.to_string()).await {
@@ -294,42 +421,37 @@ impl<P: Projection> Runner<P> {
                     continue 'consumer;
                 }
             };
-            let mut messages = messages;
             loop {
                 let batch = match self.next_batch(&mut messages, &shutdown).await {
                     Ok(Fetched::Batch(b)) => b,
                     Ok(Fetched::Shutdown) => break 'consumer,
                     Ok(Fetched::Idle) => {
-                        // Nothing new: make sure nobody moved the checkpoint
+                        // Nothing new: make sure nobody moved a checkpoint
                         // (a reset, a rebuild switch) while we waited.
-                        match read_checkpoint(&self.db, &self.key).await {
-                            Ok(stored) if stored != checkpoint => {
-                                tracing::info!(
-                                    projection = name,
-                                    checkpoint,
-                                    stored,
-                                    "checkpoint moved while idle; following it"
-                                );
-                                checkpoint = stored;
-                                self.live.update(|l| l.checkpoint = stored);
+                        match self.read_checkpoints().await {
+                            Ok(stored) if stored != checkpoints => {
+                                tracing::info!(projection = %names, ?checkpoints, ?stored, "checkpoint moved while idle; following it");
+                                self.set_checkpoints(&stored);
+                                checkpoints = stored;
                                 continue 'consumer;
                             }
                             Ok(_) => {
                                 // Healthy and idle: an error from before is over.
-                                self.live.update(|l| {
+                                self.update_all(|l| {
                                     l.last_error = None;
                                     l.blocked_since = None;
                                 });
                                 continue;
                             }
                             Err(e) => {
-                                self.live.update(|l| l.last_error = Some(e.to_string()));
+                                let e = e.to_string();
+                                self.update_all(|l| l.last_error = Some(e.clone()));
                                 continue;
                             }
                         }
                     }
                     Err(e) => {
-                        tracing::warn!(projection = name, error = %e, "event feed broke; reopening from the checkpoint");
+                        tracing::warn!(projection = %names, error = %e, "event feed broke; reopening from the checkpoint");
                         if self.pause(&shutdown, &mut backoff, &e.to_string()).await {
                             break 'consumer;
                         }
@@ -337,47 +459,61 @@ impl<P: Projection> Runner<P> {
                     }
                 };
                 backoff = self.backoff();
-                let batch: Vec<Raw> = batch
-                    .into_iter()
-                    .filter(|r| r.position > checkpoint)
-                    .collect();
+                let low = checkpoints.iter().copied().min().unwrap_or(0);
+                let batch: Vec<Raw> = batch.into_iter().filter(|r| r.position > low).collect();
                 if batch.is_empty() {
                     continue;
                 }
-                match self.process(batch, checkpoint, &shutdown).await? {
-                    Progress::Advanced(new) => checkpoint = new,
+                match self.process(batch, &checkpoints, &shutdown).await? {
+                    Progress::Advanced(new) => checkpoints = new,
                     Progress::Reopen(new) => {
-                        checkpoint = new;
+                        self.set_checkpoints(&new);
+                        checkpoints = new;
                         continue 'consumer;
                     }
                     Progress::Stopped => break 'consumer,
                 }
             }
         }
-        self.live.update(|l| l.state = RunState::Stopped);
-        tracing::info!(projection = name, checkpoint, "projection stopped");
+        self.update_all(|l| l.state = RunState::Stopped);
+        tracing::info!(projection = %names, ?checkpoints, "projection stopped");
         Ok(())
     }
 
-    /// Creates the checkpoint row if missing, clears an old halt (a restart
-    /// is the operator's "try again"), and returns the checkpoint.
-    async fn init(&self) -> Result<u64, Error> {
-        let name = self.key.as_str();
-        sqlx::query(
-            "INSERT INTO sluice_checkpoints (projection, position) VALUES ($1, 0) \
-             ON CONFLICT (projection) DO NOTHING",
-        )
-        .bind(name)
-        .execute(self.db.pool())
-        .await?;
-        sqlx::query(
-            "UPDATE sluice_checkpoints SET halted_at_position = NULL, halted_reason = NULL \
-             WHERE projection = $1",
-        )
-        .bind(name)
-        .execute(self.db.pool())
-        .await?;
-        read_checkpoint(&self.db, name).await
+    fn set_checkpoints(&self, checkpoints: &[u64]) {
+        for (s, cp) in self.slots.iter().zip(checkpoints) {
+            s.live.update(|l| l.checkpoint = *cp);
+        }
+    }
+
+    async fn read_checkpoints(&self) -> Result<Vec<u64>, Error> {
+        let mut out = Vec::with_capacity(self.slots.len());
+        for s in &self.slots {
+            out.push(read_checkpoint(&self.db, &s.key).await?);
+        }
+        Ok(out)
+    }
+
+    /// Creates the checkpoint rows if missing, clears old halts (a restart
+    /// is the operator's "try again"), and returns the checkpoints.
+    async fn init(&self) -> Result<Vec<u64>, Error> {
+        for s in &self.slots {
+            sqlx::query(
+                "INSERT INTO sluice_checkpoints (projection, position) VALUES ($1, 0) \
+                 ON CONFLICT (projection) DO NOTHING",
+            )
+            .bind(s.key.as_str())
+            .execute(self.db.pool())
+            .await?;
+            sqlx::query(
+                "UPDATE sluice_checkpoints SET halted_at_position = NULL, halted_reason = NULL \
+                 WHERE projection = $1",
+            )
+            .bind(s.key.as_str())
+            .execute(self.db.pool())
+            .await?;
+        }
+        self.read_checkpoints().await
     }
 
     /// Runs `f` until it succeeds, backing off between tries; `None` on shutdown.
@@ -391,7 +527,7 @@ impl<P: Projection> Runner<P> {
             match f().await {
                 Ok(v) => return Some(v),
                 Err(e) => {
-                    tracing::warn!(projection = self.projection.name(), what, error = %e, "retrying");
+                    tracing::warn!(projection = %self.names(), what, error = %e, "retrying");
                     if self.pause(shutdown, &mut backoff, &e.to_string()).await {
                         return None;
                     }
@@ -408,7 +544,7 @@ impl<P: Projection> Runner<P> {
         backoff: &mut impl Iterator<Item = Duration>,
         error: &str,
     ) -> bool {
-        self.live.update(|l| {
+        self.update_all(|l| {
             l.last_error = Some(error.to_owned());
             l.blocked_since.get_or_insert_with(Instant::now);
         });
@@ -446,7 +582,7 @@ impl<P: Projection> Runner<P> {
     }
 
     /// Waits for the next event, then takes as many more as the lag
-    /// suggests (up to `max_batch`). `None` on shutdown.
+    /// suggests (up to `max_batch`).
     async fn next_batch(
         &self,
         messages: &mut pull::Ordered,
@@ -489,17 +625,22 @@ impl<P: Projection> Runner<P> {
         Ok(Fetched::Batch(batch))
     }
 
+    /// Decodes a message once if any member reads its category.
     fn classify(&self, r: &Raw) -> Item {
         let prefix = &self.store.config().subject_prefix;
-        let categories = self.projection.categories();
-        let mut tokens = r
+        let category = r
             .subject
             .strip_prefix(prefix.as_str())
             .and_then(|s| s.strip_prefix('.'))
             .unwrap_or("")
-            .split('.');
-        let category = tokens.next().unwrap_or("");
-        if !categories.contains(&category) {
+            .split('.')
+            .next()
+            .unwrap_or("");
+        if !self
+            .slots
+            .iter()
+            .any(|s| s.projection.dyn_categories().contains(&category))
+        {
             return Item::Skip;
         }
         let stream_id = match StreamId::from_subject(prefix, &r.subject) {
@@ -527,89 +668,96 @@ impl<P: Projection> Runner<P> {
         }
     }
 
-    /// Applies one batch exactly once; returns the new checkpoint, or `None`
-    /// on shutdown while blocked on a transient error.
+    /// Applies one batch exactly once for every member.
     async fn process(
         &self,
         batch: Vec<Raw>,
-        checkpoint: u64,
+        checkpoints: &[u64],
         shutdown: &CancellationToken,
     ) -> Result<Progress, Error> {
-        let name = self.projection.name();
         let items: Vec<Item> = batch.iter().map(|r| self.classify(r)).collect();
-        // Permanent failures found so far: position -> (kind, reason).
-        let mut rejected: BTreeMap<u64, (DeadLetterKind, String)> = BTreeMap::new();
+        let mut rejected: Rejected = vec![BTreeMap::new(); self.slots.len()];
         for (r, item) in batch.iter().zip(&items) {
-            if let Item::Bad { reason, .. } = item {
-                rejected.insert(r.position, (DeadLetterKind::Decode, reason.clone()));
+            if let Item::Bad {
+                reason, category, ..
+            } = item
+            {
+                for (i, s) in self.slots.iter().enumerate() {
+                    if s.projection.dyn_categories().contains(&category.as_str())
+                        && r.position > checkpoints[i]
+                    {
+                        rejected[i].insert(r.position, (DeadLetterKind::Decode, reason.clone()));
+                    }
+                }
             }
         }
-        let expected = checkpoint;
         let mut backoff = self.backoff();
         // How much of the batch this attempt covers: under `halt`, only the
         // events before the first rejected one are applied.
         let mut len = batch.len();
-        let mut halt_at: Option<(u64, String)> = None;
+        let mut halt_at: Option<(usize, u64, String)> = None;
         loop {
             if self.config.failure_policy == FailurePolicy::Halt {
-                if let Some((&position, (_, reason))) = rejected.iter().next() {
-                    halt_at = Some((position, reason.clone()));
+                let first = rejected
+                    .iter()
+                    .enumerate()
+                    .filter_map(|(i, m)| m.iter().next().map(|(p, (_, r))| (*p, i, r.clone())))
+                    .min_by_key(|(p, _, _)| *p);
+                if let Some((position, member, reason)) = first {
+                    halt_at = Some((member, position, reason));
                     len = batch.iter().take_while(|r| r.position < position).count();
-                    rejected.clear();
+                    for m in &mut rejected {
+                        m.clear();
+                    }
                 }
                 if len == 0
-                    && let Some((position, reason)) = &halt_at
+                    && let Some((member, position, reason)) = &halt_at
                 {
-                    return Err(self.halt(*position, reason, shutdown).await);
+                    return Err(self.halt(*member, *position, reason, shutdown).await);
                 }
             }
             let (batch, items) = (&batch[..len], &items[..len]);
-            match self.attempt(batch, items, expected, &rejected).await {
+            match self.attempt(batch, items, checkpoints, &rejected).await {
                 Ok(Attempt::Committed { applied, dead }) => {
-                    let last = batch.last().map_or(expected, |r| r.position);
+                    let last = batch.last().map_or(0, |r| r.position);
                     let lag = batch.last().map_or(0, |r| r.pending);
-                    if let Some((position, reason)) = &halt_at {
-                        self.live.update(|l| {
-                            l.checkpoint = last;
-                            l.applied += applied as u64;
+                    let mut new = checkpoints.to_vec();
+                    for (i, s) in self.slots.iter().enumerate() {
+                        new[i] = new[i].max(last);
+                        s.live.update(|l| {
+                            l.checkpoint = new[i];
+                            l.applied += applied[i] as u64;
+                            l.dead_lettered += dead[i] as u64;
+                            l.last_batch = batch.len();
+                            l.last_error = None;
+                            l.blocked_since = None;
                         });
-                        return Err(self.halt(*position, reason, shutdown).await);
                     }
-                    self.live.update(|l| {
-                        l.checkpoint = last;
-                        l.applied += applied as u64;
-                        l.dead_lettered += dead as u64;
-                        l.last_batch = batch.len();
-                        l.last_error = None;
-                        l.blocked_since = None;
-                    });
                     tracing::debug!(
-                        projection = name,
+                        projection = %self.names(),
                         checkpoint = last,
-                        applied,
-                        dead,
+                        ?applied,
+                        ?dead,
                         lag,
                         "batch applied"
                     );
-                    return Ok(Progress::Advanced(last));
+                    if let Some((member, position, reason)) = &halt_at {
+                        return Err(self.halt(*member, *position, reason, shutdown).await);
+                    }
+                    return Ok(Progress::Advanced(new));
                 }
-                Ok(Attempt::Rejected(more)) => {
+                Ok(Attempt::Rejected(member, more)) => {
                     for rej in more {
-                        tracing::warn!(projection = name, position = rej.position, reason = %rej.reason, "event rejected");
-                        rejected.insert(rej.position, (DeadLetterKind::Handler, rej.reason));
+                        tracing::warn!(projection = self.slots[member].name, position = rej.position, reason = %rej.reason, "event rejected");
+                        rejected[member]
+                            .insert(rej.position, (DeadLetterKind::Handler, rej.reason));
                     }
                 }
                 Ok(Attempt::Moved(actual)) => {
-                    // Another runner (or a rebuild switching in its tables)
-                    // moved the checkpoint: its writes count, ours would be
-                    // duplicates or gaps. Follow the stored checkpoint.
-                    tracing::warn!(
-                        projection = name,
-                        expected,
-                        actual,
-                        "checkpoint moved by another writer; following it"
-                    );
-                    self.live.update(|l| l.checkpoint = actual);
+                    // Another writer (a second runner, a reset, a rebuild
+                    // switching in its tables) moved a checkpoint: its writes
+                    // count, ours would be duplicates or gaps. Follow it.
+                    tracing::warn!(projection = %self.names(), ?checkpoints, ?actual, "checkpoint moved by another writer; following it");
                     return Ok(Progress::Reopen(actual));
                 }
                 Err(e) => {
@@ -618,72 +766,89 @@ impl<P: Projection> Runner<P> {
                         _ => true,
                     };
                     // Every failure here is the database's or the broker's,
-                    // not the event's: block and retry, never skip.
-                    tracing::warn!(projection = name, error = %e, transient, "batch failed; retrying");
+                    // not the event's: block and retry, never skip. A commit
+                    // whose answer was lost may have landed: the next
+                    // attempt's compare-and-set then fails and the runner
+                    // follows the stored checkpoint (no duplicate).
+                    tracing::warn!(projection = %self.names(), error = %e, transient, "batch failed; retrying");
                     if self.pause(shutdown, &mut backoff, &e.to_string()).await {
                         return Ok(Progress::Stopped);
                     }
-                    // A commit whose answer was lost may have landed: the
-                    // next attempt's compare-and-set then fails and the
-                    // runner follows the stored checkpoint (no duplicate).
                 }
             }
         }
     }
 
-    /// One transaction: move the checkpoint (compare-and-set), apply the
-    /// events not rejected or parked, record dead letters, commit.
+    /// One transaction: move every member's checkpoint (compare-and-set),
+    /// apply what each may apply, record dead letters, commit.
     async fn attempt(
         &self,
         batch: &[Raw],
         items: &[Item],
-        expected: u64,
-        rejected: &BTreeMap<u64, (DeadLetterKind, String)>,
+        checkpoints: &[u64],
+        rejected: &Rejected,
     ) -> Result<Attempt, Error> {
-        let name = self.key.as_str();
         let Some(last) = batch.last() else {
-            return Ok(Attempt::Moved(expected));
+            return Ok(Attempt::Moved(checkpoints.to_vec()));
         };
         let now_ms = unix_ms(OffsetDateTime::now_utc());
         let mut tx = self.db.pool().begin().await?;
-        // First statement is the write: it takes the row lock (PostgreSQL)
-        // or the write lock (SQLite) at once, so two runners serialize here.
-        let moved = sqlx::query(
-            "UPDATE sluice_checkpoints SET position = $1, event_time_ms = $2, updated_at_ms = $3 \
-             WHERE projection = $4 AND position = $5",
-        )
-        .bind(to_i64(last.position))
-        .bind(unix_ms(last.appended_at))
-        .bind(now_ms)
-        .bind(name)
-        .bind(to_i64(expected))
-        .execute(&mut *tx)
-        .await?;
-        if moved.rows_affected() != 1 {
-            drop(tx);
-            return Ok(Attempt::Moved(read_checkpoint(&self.db, name).await?));
+        // The checkpoint writes come first: they take the row locks
+        // (PostgreSQL) or the write lock (SQLite) at once, so two runners of
+        // one projection serialize here.
+        for (s, &expected) in self.slots.iter().zip(checkpoints) {
+            if last.position <= expected {
+                continue;
+            }
+            let moved = sqlx::query(
+                "UPDATE sluice_checkpoints SET position = $1, event_time_ms = $2, updated_at_ms = $3 \
+                 WHERE projection = $4 AND position = $5",
+            )
+            .bind(to_i64(last.position))
+            .bind(unix_ms(last.appended_at))
+            .bind(now_ms)
+            .bind(s.key.as_str())
+            .bind(to_i64(expected))
+            .execute(&mut *tx)
+            .await?;
+            if moved.rows_affected() != 1 {
+                drop(tx);
+                return Ok(Attempt::Moved(self.read_checkpoints().await?));
+            }
         }
-        let mut parked: HashMap<String, u64> = HashMap::new();
-        let rows =
-            sqlx::query("SELECT stream, behind_position FROM sluice_parked WHERE projection = $1")
-                .bind(name)
-                .fetch_all(&mut *tx)
-                .await?;
-        for row in rows {
-            parked.insert(row.try_get(0)?, to_u64(row.try_get(1)?));
-        }
-        let mut newly_parked: Vec<(String, u64)> = Vec::new();
-        let mut dead: Vec<DeadLetter<'_>> = Vec::new();
-        let mut keys: Vec<String> = Vec::new();
-        let mut apply: Vec<ProjectedEvent> = Vec::new();
-        for (r, item) in batch.iter().zip(items) {
-            let (key, category, event) = match item {
-                Item::Skip => continue,
-                Item::Bad { key, category, .. } => (key.clone(), category.as_str(), None),
-                Item::Event(e) => (e.stream_id.to_string(), e.stream_id.category(), Some(e)),
-            };
-            let mut letter = |kind, reason: String, behind| {
-                dead.push(DeadLetter {
+        let mut newly_parked: Vec<Vec<(String, u64)>> = vec![Vec::new(); self.slots.len()];
+        let mut dead: Vec<Vec<(DeadLetter<'_>, String)>> =
+            (0..self.slots.len()).map(|_| Vec::new()).collect();
+        let mut applied = vec![0usize; self.slots.len()];
+        for (i, s) in self.slots.iter().enumerate() {
+            let categories = s.projection.dyn_categories();
+            let mut parked: HashMap<String, u64> = HashMap::new();
+            let rows = sqlx::query(
+                "SELECT stream, behind_position FROM sluice_parked WHERE projection = $1",
+            )
+            .bind(s.key.as_str())
+            .fetch_all(&mut *tx)
+            .await?;
+            for row in rows {
+                parked.insert(row.try_get(0)?, to_u64(row.try_get(1)?));
+            }
+            let mut apply: Vec<ProjectedEvent> = Vec::new();
+            for (r, item) in batch.iter().zip(items) {
+                if r.position <= checkpoints[i] {
+                    continue;
+                }
+                let Some(category) = item.category() else {
+                    continue;
+                };
+                if !categories.contains(&category) {
+                    continue;
+                }
+                let (key, event) = match item {
+                    Item::Skip => continue,
+                    Item::Bad { key, .. } => (key.clone(), None),
+                    Item::Event(e) => (e.stream_id.to_string(), Some(e)),
+                };
+                let letter = |kind, reason: String, behind| DeadLetter {
                     position: r.position,
                     subject: &r.subject,
                     category,
@@ -692,83 +857,104 @@ impl<P: Projection> Runner<P> {
                     kind,
                     reason,
                     behind,
-                });
-                keys.push(key.clone());
-            };
-            if let Some(&behind) = parked.get(&key) {
-                let reason = format!(
-                    "parked behind the dead letter at position {behind} of the same aggregate"
-                );
-                letter(DeadLetterKind::Parked, reason, Some(behind));
-            } else if let Some((kind, reason)) = rejected.get(&r.position) {
-                letter(*kind, reason.clone(), None);
-                parked.insert(key.clone(), r.position);
-                newly_parked.push((key.clone(), r.position));
-            } else if let Some(e) = event {
-                apply.push(ProjectedEvent::clone(e));
+                };
+                if let Some(&behind) = parked.get(&key) {
+                    let reason = format!(
+                        "parked behind the dead letter at position {behind} of the same aggregate"
+                    );
+                    dead[i].push((letter(DeadLetterKind::Parked, reason, Some(behind)), key));
+                } else if let Some((kind, reason)) = rejected[i].get(&r.position) {
+                    dead[i].push((letter(*kind, reason.clone(), None), key.clone()));
+                    parked.insert(key.clone(), r.position);
+                    newly_parked[i].push((key, r.position));
+                } else if let Some(e) = event {
+                    apply.push(ProjectedEvent::clone(e));
+                }
             }
+            let rejections = s
+                .projection
+                .dyn_apply(&mut tx, &self.tables, &apply)
+                .await?;
+            if !rejections.is_empty() {
+                tx.rollback().await?;
+                return Ok(Attempt::Rejected(i, rejections));
+            }
+            applied[i] = apply.len();
         }
-        let rejections = self.projection.apply(&mut tx, &self.tables, &apply).await?;
-        if !rejections.is_empty() {
-            tx.rollback().await?;
-            return Ok(Attempt::Rejected(rejections));
-        }
-        for (key, behind) in &newly_parked {
-            sqlx::query(
-                "INSERT INTO sluice_parked (projection, stream, behind_position, parked_at_ms) \
-                 VALUES ($1, $2, $3, $4) ON CONFLICT (projection, stream) DO NOTHING",
-            )
-            .bind(name)
-            .bind(key.as_str())
-            .bind(to_i64(*behind))
-            .bind(now_ms)
-            .execute(&mut *tx)
-            .await?;
-        }
-        for (d, key) in dead.iter().zip(&keys) {
-            sqlx::query(
-                "INSERT INTO sluice_dead_letters \
-                 (projection, position, stream, kind, reason, failed_at_ms) \
-                 VALUES ($1, $2, $3, $4, $5, $6) ON CONFLICT (projection, position) DO NOTHING",
-            )
-            .bind(name)
-            .bind(to_i64(d.position))
-            .bind(key.as_str())
-            .bind(d.kind.as_str())
-            .bind(d.reason.as_str())
-            .bind(now_ms)
-            .execute(&mut *tx)
-            .await?;
+        for (i, s) in self.slots.iter().enumerate() {
+            for (key, behind) in &newly_parked[i] {
+                sqlx::query(
+                    "INSERT INTO sluice_parked (projection, stream, behind_position, parked_at_ms) \
+                     VALUES ($1, $2, $3, $4) ON CONFLICT (projection, stream) DO NOTHING",
+                )
+                .bind(s.key.as_str())
+                .bind(key.as_str())
+                .bind(to_i64(*behind))
+                .bind(now_ms)
+                .execute(&mut *tx)
+                .await?;
+            }
+            for (d, key) in &dead[i] {
+                sqlx::query(
+                    "INSERT INTO sluice_dead_letters \
+                     (projection, position, stream, kind, reason, failed_at_ms) \
+                     VALUES ($1, $2, $3, $4, $5, $6) ON CONFLICT (projection, position) DO NOTHING",
+                )
+                .bind(s.key.as_str())
+                .bind(to_i64(d.position))
+                .bind(key.as_str())
+                .bind(d.kind.as_str())
+                .bind(d.reason.as_str())
+                .bind(now_ms)
+                .execute(&mut *tx)
+                .await?;
+            }
         }
         // Dead letters go out before the commit: if the commit fails the
         // batch is retried and the DLQ dedups the copies by
         // `<stream>:<consumer>:<seq>`; the other order could lose them.
         if self.tables == Tables::LIVE {
-            for d in &dead {
-                self.dlq.write(&self.consumer_name, d).await?;
+            for (i, s) in self.slots.iter().enumerate() {
+                for (d, _) in &dead[i] {
+                    self.dlq.write(&s.consumer_name, d).await?;
+                }
             }
         }
         tx.commit().await?;
         Ok(Attempt::Committed {
-            applied: apply.len(),
-            dead: dead.len(),
+            applied,
+            dead: dead.iter().map(Vec::len).collect(),
         })
     }
 
     /// Records the halt (best effort: the database may be what is failing)
     /// and returns the error the runner stops with.
-    async fn halt(&self, position: u64, reason: &str, shutdown: &CancellationToken) -> Error {
-        let name = self.projection.name();
+    async fn halt(
+        &self,
+        member: usize,
+        position: u64,
+        reason: &str,
+        shutdown: &CancellationToken,
+    ) -> Error {
+        let slot = &self.slots[member];
         tracing::error!(
-            projection = name,
+            projection = slot.name,
             position,
             reason,
             "projection halted by policy"
         );
-        self.live.update(|l| {
-            l.state = RunState::Halted;
-            l.halted = Some(format!("position {position}: {reason}"));
-        });
+        for (i, s) in self.slots.iter().enumerate() {
+            s.live.update(|l| {
+                if i == member {
+                    l.state = RunState::Halted;
+                    l.halted = Some(format!("position {position}: {reason}"));
+                } else {
+                    // Its group-mate stopped the shared feed.
+                    l.state = RunState::Stopped;
+                    l.last_error = Some(format!("stopped with its group: {} halted", slot.name));
+                }
+            });
+        }
         let _ = self
             .retrying(shutdown, "recording the halt", || async {
                 sqlx::query(
@@ -777,14 +963,14 @@ impl<P: Projection> Runner<P> {
                 )
                 .bind(to_i64(position))
                 .bind(reason)
-                .bind(self.key.as_str())
+                .bind(slot.key.as_str())
                 .execute(self.db.pool())
                 .await
                 .map_err(Error::from)
             })
             .await;
         Error::Halted {
-            projection: name.to_owned(),
+            projection: slot.name.to_owned(),
             position,
             reason: reason.to_owned(),
         }
@@ -801,18 +987,21 @@ enum Fetched {
 
 /// What processing a batch led to.
 enum Progress {
-    /// Applied up to this checkpoint.
-    Advanced(u64),
-    /// The stored checkpoint moved under us: reopen the feed after it.
-    Reopen(u64),
+    /// Applied up to these checkpoints (one per member).
+    Advanced(Vec<u64>),
+    /// The stored checkpoints moved under us: reopen the feed after them.
+    Reopen(Vec<u64>),
     /// Shutdown while blocked.
     Stopped,
 }
 
 enum Attempt {
-    Committed { applied: usize, dead: usize },
-    Rejected(Vec<crate::projection::Rejection>),
-    Moved(u64),
+    Committed {
+        applied: Vec<usize>,
+        dead: Vec<usize>,
+    },
+    Rejected(usize, Vec<Rejection>),
+    Moved(Vec<u64>),
 }
 
 fn raw(

@@ -138,7 +138,7 @@ async fn fixture() -> Fixture {
     .await
     .expect("spawn");
     let state = AppState::builder(store.clone(), db.clone())
-        .read_model(Arc::new(Counts), Some(running.live))
+        .read_model(Arc::new(Counts), Some(running.projections[0].live.clone()))
         .wait_timeout(Duration::from_millis(300))
         .build();
     Fixture {
