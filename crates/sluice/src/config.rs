@@ -76,6 +76,13 @@ pub(crate) struct DatabaseSection {
 pub(crate) struct HttpSection {
     /// Listen address; default 127.0.0.1:8080.
     pub(crate) addr: Option<SocketAddr>,
+    /// File with the bearer token for mutating and admin endpoints; default
+    /// `<home>/token`, created with a random token when missing.
+    pub(crate) token_file: Option<PathBuf>,
+    /// Origins allowed by CORS; empty (default) = CORS off.
+    pub(crate) cors_origins: Vec<String>,
+    /// Sustained requests per second per client address (default 200).
+    pub(crate) rate_per_sec: Option<u32>,
 }
 
 /// The whole configuration.
@@ -146,6 +153,9 @@ impl Config {
                 v.parse()
                     .with_context(|| format!("SLUICE_HTTP_ADDR={v:?} is not host:port"))?,
             );
+        }
+        if let Some(v) = env("SLUICE_HTTP_TOKEN_FILE") {
+            c.http.token_file = Some(v.into());
         }
         if let Some(v) = env("SLUICE_ROLES") {
             c.roles = v

@@ -14,6 +14,7 @@ mod config;
 mod consumer_cmd;
 mod dlq_cmd;
 mod endpoint;
+mod http;
 mod up;
 
 /// Exit code for an optimistic-concurrency conflict.

@@ -22,6 +22,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::config::{Config, Role};
 use crate::endpoint::{self, Endpoint};
+use crate::http;
 
 /// Options of `sluice up`.
 #[derive(Debug, clap::Args)]
@@ -145,6 +146,7 @@ async fn run(
 
     // The read side: projector and/or API.
     let mut http_addr = None;
+    let mut token_file: Option<PathBuf> = None;
     let mut tasks: Vec<tokio::task::JoinHandle<anyhow::Result<()>>> = Vec::new();
     if has(Role::Api) || has(Role::Projector) {
         let db_url = config
@@ -162,22 +164,58 @@ async fn run(
             None
         };
         if has(Role::Api) {
-            let state = match &projector {
-                Some(p) => p.app_state(&side),
+            let (state, live) = match &projector {
+                Some(p) => (
+                    p.app_state(&side),
+                    p.group
+                        .projections
+                        .iter()
+                        .map(|r| (r.name, r.live.clone()))
+                        .collect(),
+                ),
                 // API-only replicas read checkpoints from the database.
-                None => AppState::builder(side.store.clone(), side.db.clone())
-                    .read_model(Arc::new(AccountBalances::new()), None)
-                    .read_model(Arc::new(AccountActivity), None)
-                    .build(),
+                None => (
+                    AppState::builder(side.store.clone(), side.db.clone())
+                        .read_model(Arc::new(AccountBalances::new()), None)
+                        .read_model(Arc::new(AccountActivity), None)
+                        .build(),
+                    Vec::new(),
+                ),
             };
+            let token_path = config
+                .http
+                .token_file
+                .clone()
+                .unwrap_or_else(|| home.join("token"));
+            let (token, created) = http::load_or_create_token(&token_path)?;
+            if created {
+                println!(
+                    "  token:   a new API token was written to {} (mode 0600)",
+                    token_path.display()
+                );
+            }
+            token_file = Some(token_path);
+            let mut opts = http::HttpOptions::with_token(token);
+            opts.cors_origins = config.http.cors_origins.clone();
+            if let Some(r) = config.http.rate_per_sec {
+                opts.rate_per_sec = r;
+                opts.burst = r.saturating_mul(2);
+            }
+            let app = http::router(
+                sluice_projections::http::app(state),
+                http::Parts {
+                    store: store.clone(),
+                    db: Some(side.db.clone()),
+                    live,
+                },
+                &opts,
+            );
             let (tx, rx) = tokio::sync::oneshot::channel();
             let addr = config.http_addr();
             let sd = shutdown.clone();
-            tasks.push(tokio::spawn(async move {
-                sluice_projections::http::serve(addr, state, sd, Some(tx))
-                    .await
-                    .context("HTTP API")
-            }));
+            tasks.push(tokio::spawn(
+                async move { http::serve(addr, app, sd, tx).await },
+            ));
             http_addr = Some(
                 rx.await
                     .with_context(|| format!("binding the HTTP API on {addr}"))?,
@@ -219,7 +257,9 @@ async fn run(
     );
     println!("  nats:    {url}  (nats-server {})", store.server_version());
     if let Some(addr) = http_addr {
-        println!("  http:    http://{addr}/v1/projections");
+        println!(
+            "  http:    http://{addr}/v1/projections  (openapi: /openapi.json, metrics: /metrics)"
+        );
     }
     println!(
         "  stream:  {} ({} events, last position {})",
@@ -227,6 +267,12 @@ async fn run(
         state.messages,
         state.last_position
     );
+    if let Some(t) = &token_file {
+        println!(
+            "  auth:    appends and /v1/dlq need Authorization: Bearer $(cat {})",
+            t.display()
+        );
+    }
     if embedded {
         println!("  data:    {}", home.display());
         println!(

@@ -25,12 +25,24 @@ fn text(o: &Output) -> (String, String) {
 
 /// A plain HTTP/1.1 GET over loopback: (status, body).
 fn http_get(addr: &str, path: &str) -> (u16, String) {
+    http_call(addr, "GET", path, "", "")
+}
+
+/// A plain HTTP/1.1 request over loopback: (status, body).
+fn http_call(
+    addr: &str,
+    method: &str,
+    path: &str,
+    extra_headers: &str,
+    body: &str,
+) -> (u16, String) {
     use std::io::{Read, Write};
     let mut s = std::net::TcpStream::connect(addr).unwrap();
     s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
     write!(
         s,
-        "GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n"
+        "{method} {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\nContent-Type: application/json\r\nContent-Length: {}\r\n{extra_headers}\r\n{body}",
+        body.len()
     )
     .unwrap();
     let mut raw = String::new();
@@ -227,6 +239,21 @@ fn up_publish_read_tail_status_and_clean_shutdown() {
     assert_eq!(status, 200, "{body}");
     assert!(body.contains("account_activity"), "{body}");
 
+    // Appending over HTTP needs the token `sluice up` wrote.
+    let token = std::fs::read_to_string(home.path().join("token")).unwrap();
+    let deposit = r#"{"expected_version":2,"events":[{"type":"ledger.account.deposited.v1","data":{"amount":7}}]}"#;
+    let (status, _) = http_call(&http, "POST", "/v1/streams/account/acc-1", "", deposit);
+    assert_eq!(status, 401);
+    let auth = format!("Authorization: Bearer {}\r\n", token.trim());
+    let (status, body) = http_call(&http, "POST", "/v1/streams/account/acc-1", &auth, deposit);
+    assert_eq!(status, 201, "{body}");
+    let (status, body) = http_get(
+        &http,
+        "/v1/projections/account_balances/rows/acc-1?min_position=3",
+    );
+    assert_eq!(status, 200, "{body}");
+    assert!(body.contains("\"balance\":12"), "{body}");
+
     // The operator commands reach the same server.
     for args in [
         &["dlq", "list", "--json"][..],
@@ -269,7 +296,7 @@ fn up_publish_read_tail_status_and_clean_shutdown() {
     // Data survives: a new `up` on the same home sees the events.
     let _up = start_up(home.path());
     let o = sluice(home.path(), &["read", "account/acc-1", "--json"]);
-    assert_eq!(text(&o).0.lines().count(), 2);
+    assert_eq!(text(&o).0.lines().count(), 3);
 }
 
 #[test]

@@ -1,0 +1,800 @@
+//! The HTTP API as served by the binary: the projections' query API plus
+//! appends, dead-letter operations, health, readiness, metrics and the
+//! OpenAPI document, behind bearer-token authentication for everything that
+//! changes state or touches dead letters, per-client rate limiting, body size
+//! limits and timeouts. CORS is off unless origins are configured.
+
+use std::net::{IpAddr, SocketAddr};
+use std::num::NonZeroU32;
+use std::path::Path;
+use std::sync::{Arc, OnceLock};
+use std::time::{Duration, Instant};
+
+use anyhow::Context;
+use axum::extract::{ConnectInfo, MatchedPath, Path as UrlPath, Query, Request, State};
+use axum::http::{HeaderValue, Method, StatusCode, header};
+use axum::middleware::{self, Next};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::{Json, Router};
+use governor::{DefaultKeyedRateLimiter, Quota, RateLimiter};
+use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle};
+use serde::Deserialize;
+use serde_json::{Value, json};
+use sluice_events::{
+    Error as EventsError, EventId, EventStore, ExpectedVersion, NewEvent, StreamId,
+};
+use sluice_projections::LiveStatus;
+use sluice_projections::http::Problem;
+use sluice_workers::dlq::{self, Filter, RedriveTarget};
+use subtle::ConstantTimeEq;
+use tokio_util::sync::CancellationToken;
+use tower_http::cors::CorsLayer;
+use tower_http::limit::RequestBodyLimitLayer;
+use tower_http::timeout::TimeoutLayer;
+
+/// Limits and security of the HTTP API.
+#[derive(Debug, Clone)]
+pub(crate) struct HttpOptions {
+    /// The bearer token mutating and admin endpoints require.
+    pub(crate) token: Arc<str>,
+    /// Sustained requests per second per client address.
+    pub(crate) rate_per_sec: u32,
+    /// Burst per client address.
+    pub(crate) burst: u32,
+    /// Largest request body.
+    pub(crate) body_limit: usize,
+    /// Longest request (read-your-writes waits count).
+    pub(crate) timeout: Duration,
+    /// Origins allowed by CORS; empty = CORS off.
+    pub(crate) cors_origins: Vec<String>,
+}
+
+impl HttpOptions {
+    /// Defaults around a token.
+    pub(crate) fn with_token(token: impl Into<Arc<str>>) -> Self {
+        Self {
+            token: token.into(),
+            rate_per_sec: 200,
+            burst: 400,
+            body_limit: 1024 * 1024,
+            timeout: Duration::from_secs(30),
+            cors_origins: Vec::new(),
+        }
+    }
+}
+
+/// Reads the API token from `path`, creating a random one (mode 0600) when
+/// the file does not exist, so a new user is never locked out nor left open.
+pub(crate) fn load_or_create_token(path: &Path) -> anyhow::Result<(String, bool)> {
+    if path.exists() {
+        let token = std::fs::read_to_string(path)
+            .with_context(|| format!("reading the API token {}", path.display()))?
+            .trim()
+            .to_owned();
+        anyhow::ensure!(
+            token.len() >= 16,
+            "the API token in {} is shorter than 16 characters",
+            path.display()
+        );
+        return Ok((token, false));
+    }
+    if let Some(dir) = path.parent() {
+        std::fs::create_dir_all(dir)?;
+    }
+    let token = format!(
+        "{}{}",
+        uuid::Uuid::new_v4().simple(),
+        uuid::Uuid::new_v4().simple()
+    );
+    use std::os::unix::fs::OpenOptionsExt;
+    let mut f = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(path)
+        .with_context(|| format!("creating the API token {}", path.display()))?;
+    std::io::Write::write_all(&mut f, token.as_bytes())?;
+    Ok((token, true))
+}
+
+/// The process-wide Prometheus recorder (installed once).
+pub(crate) fn metrics_handle() -> PrometheusHandle {
+    static HANDLE: OnceLock<PrometheusHandle> = OnceLock::new();
+    HANDLE
+        .get_or_init(|| {
+            let recorder = PrometheusBuilder::new().build_recorder();
+            let handle = recorder.handle();
+            if metrics::set_global_recorder(recorder).is_err() {
+                tracing::warn!("a metrics recorder was already installed");
+            }
+            handle
+        })
+        .clone()
+}
+
+#[derive(Clone)]
+struct Ctx {
+    store: EventStore,
+    db: Option<sluice_projections::Database>,
+    live: Vec<(&'static str, LiveStatus)>,
+    metrics: PrometheusHandle,
+    token: Arc<str>,
+    limiter: Arc<DefaultKeyedRateLimiter<IpAddr>>,
+    started: Instant,
+}
+
+/// Everything the extra endpoints need.
+pub(crate) struct Parts {
+    /// The event log.
+    pub(crate) store: EventStore,
+    /// The read store, when this process has one (for readiness).
+    pub(crate) db: Option<sluice_projections::Database>,
+    /// Projections running in this process (for readiness and metrics).
+    pub(crate) live: Vec<(&'static str, LiveStatus)>,
+}
+
+/// The full router: `queries` (the projections' API) plus the rest, with
+/// the security layers around it.
+pub(crate) fn router(queries: Router, parts: Parts, opts: &HttpOptions) -> Router {
+    let quota =
+        Quota::per_second(NonZeroU32::new(opts.rate_per_sec.max(1)).unwrap_or(NonZeroU32::MIN))
+            .allow_burst(NonZeroU32::new(opts.burst.max(1)).unwrap_or(NonZeroU32::MIN));
+    let ctx = Ctx {
+        store: parts.store,
+        db: parts.db,
+        live: parts.live,
+        metrics: metrics_handle(),
+        token: opts.token.clone(),
+        limiter: Arc::new(RateLimiter::keyed(quota)),
+        started: Instant::now(),
+    };
+    let protected = Router::new()
+        .route("/v1/streams/{category}/{id}", post(append))
+        .route("/v1/dlq", get(dlq_list))
+        .route("/v1/dlq/{id}", get(dlq_show))
+        .route("/v1/dlq/{id}/redrive", post(dlq_redrive))
+        .route("/v1/dlq/{id}/discard", post(dlq_discard))
+        .route_layer(middleware::from_fn_with_state(ctx.clone(), require_token));
+    let open = Router::new()
+        .route("/healthz", get(healthz))
+        .route("/readyz", get(readyz))
+        .route("/metrics", get(prometheus))
+        .route("/openapi.json", get(openapi));
+    let mut app = protected
+        .merge(open)
+        .with_state(ctx.clone())
+        .merge(queries)
+        .layer(middleware::from_fn_with_state(ctx.clone(), rate_limit))
+        .layer(middleware::from_fn(record_metrics))
+        .layer(RequestBodyLimitLayer::new(opts.body_limit))
+        .layer(TimeoutLayer::with_status_code(
+            StatusCode::REQUEST_TIMEOUT,
+            opts.timeout,
+        ));
+    if !opts.cors_origins.is_empty() {
+        let origins: Vec<HeaderValue> = opts
+            .cors_origins
+            .iter()
+            .filter_map(|o| HeaderValue::from_str(o).ok())
+            .collect();
+        app = app.layer(
+            CorsLayer::new()
+                .allow_origin(origins)
+                .allow_methods([Method::GET, Method::POST])
+                .allow_headers([header::AUTHORIZATION, header::CONTENT_TYPE]),
+        );
+    }
+    app
+}
+
+/// Serves `app` on `addr` until `shutdown`, with client addresses for the
+/// rate limiter; reports the bound address.
+pub(crate) async fn serve(
+    addr: SocketAddr,
+    app: Router,
+    shutdown: CancellationToken,
+    bound: tokio::sync::oneshot::Sender<SocketAddr>,
+) -> anyhow::Result<()> {
+    let listener = tokio::net::TcpListener::bind(addr)
+        .await
+        .with_context(|| format!("binding the HTTP API on {addr}"))?;
+    let local = listener.local_addr()?;
+    tracing::info!(addr = %local, "HTTP API listening");
+    let _ = bound.send(local);
+    axum::serve(
+        listener,
+        app.into_make_service_with_connect_info::<SocketAddr>(),
+    )
+    .with_graceful_shutdown(async move { shutdown.cancelled().await })
+    .await?;
+    Ok(())
+}
+
+fn problem(
+    status: StatusCode,
+    slug: &str,
+    title: &'static str,
+    detail: impl Into<String>,
+) -> Response {
+    Problem::new(status, slug, title, detail).into_response()
+}
+
+async fn require_token(State(ctx): State<Ctx>, req: Request, next: Next) -> Response {
+    let given = req
+        .headers()
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "))
+        .unwrap_or("");
+    // Constant time, so the comparison does not leak the token's prefix.
+    if bool::from(given.as_bytes().ct_eq(ctx.token.as_bytes())) {
+        return next.run(req).await;
+    }
+    let mut resp = problem(
+        StatusCode::UNAUTHORIZED,
+        "unauthorized",
+        "Unauthorized",
+        "this endpoint needs `Authorization: Bearer <token>`; `sluice up` writes the token to .sluice/token",
+    );
+    resp.headers_mut()
+        .insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
+    resp
+}
+
+async fn rate_limit(State(ctx): State<Ctx>, req: Request, next: Next) -> Response {
+    let ip = req
+        .extensions()
+        .get::<ConnectInfo<SocketAddr>>()
+        .map(|c| c.0.ip())
+        .unwrap_or(IpAddr::from([0, 0, 0, 0]));
+    match ctx.limiter.check_key(&ip) {
+        Ok(()) => next.run(req).await,
+        Err(not_until) => {
+            let wait = not_until.wait_time_from(governor::clock::Clock::now(
+                &governor::clock::DefaultClock::default(),
+            ));
+            let secs = wait.as_secs().max(1);
+            Problem::new(
+                StatusCode::TOO_MANY_REQUESTS,
+                "rate-limited",
+                "Too many requests",
+                format!("slow down: retry in {secs} s"),
+            )
+            .with_retry_after(secs)
+            .into_response()
+        }
+    }
+}
+
+async fn record_metrics(req: Request, next: Next) -> Response {
+    let route = req
+        .extensions()
+        .get::<MatchedPath>()
+        .map(|p| p.as_str().to_owned())
+        .unwrap_or_else(|| "unmatched".to_owned());
+    let method = req.method().to_string();
+    let started = Instant::now();
+    let resp = next.run(req).await;
+    let status = resp.status().as_u16().to_string();
+    metrics::counter!("sluice_http_requests_total", "route" => route.clone(), "method" => method.clone(), "status" => status)
+        .increment(1);
+    metrics::histogram!("sluice_http_request_duration_seconds", "route" => route, "method" => method)
+        .record(started.elapsed().as_secs_f64());
+    resp
+}
+
+async fn healthz(State(ctx): State<Ctx>) -> Json<Value> {
+    Json(json!({"status": "ok", "uptime_secs": ctx.started.elapsed().as_secs()}))
+}
+
+async fn readyz(State(ctx): State<Ctx>) -> Response {
+    let mut checks = serde_json::Map::new();
+    let nats = ctx.store.client().connection_state() == async_nats::connection::State::Connected;
+    checks.insert("nats".into(), json!(nats));
+    let stream = ctx.store.stream_state().await.is_ok();
+    checks.insert("stream".into(), json!(stream));
+    let mut ok = nats && stream;
+    if let Some(db) = &ctx.db {
+        let reachable = sqlx_ping(db).await;
+        checks.insert("database".into(), json!(reachable));
+        ok &= reachable;
+    }
+    for (name, live) in &ctx.live {
+        let halted = live.snapshot().halted.is_some();
+        checks.insert(
+            format!("projection:{name}"),
+            json!(if halted { "halted" } else { "ok" }),
+        );
+        ok &= !halted;
+    }
+    let status = if ok {
+        StatusCode::OK
+    } else {
+        StatusCode::SERVICE_UNAVAILABLE
+    };
+    (status, Json(json!({"ready": ok, "checks": checks}))).into_response()
+}
+
+async fn sqlx_ping(db: &sluice_projections::Database) -> bool {
+    tokio::time::timeout(Duration::from_secs(2), sqlx_ping_inner(db))
+        .await
+        .unwrap_or(false)
+}
+
+async fn sqlx_ping_inner(db: &sluice_projections::Database) -> bool {
+    db.pool().acquire().await.is_ok()
+}
+
+async fn prometheus(State(ctx): State<Ctx>) -> Response {
+    // Gauges read at scrape time, from the sources of truth.
+    if let Ok(state) = ctx.store.stream_state().await {
+        metrics::gauge!("sluice_stream_last_position").set(state.last_position as f64);
+        metrics::gauge!("sluice_stream_events").set(state.messages as f64);
+        for (name, live) in &ctx.live {
+            let snap = live.snapshot();
+            metrics::gauge!("sluice_projection_checkpoint", "projection" => *name)
+                .set(snap.checkpoint as f64);
+            metrics::gauge!("sluice_projection_lag_events", "projection" => *name)
+                .set(state.last_position.saturating_sub(snap.checkpoint) as f64);
+            metrics::gauge!("sluice_projection_halted", "projection" => *name)
+                .set(if snap.halted.is_some() { 1.0 } else { 0.0 });
+        }
+    }
+    let gc = ctx.store.group_commit_stats();
+    metrics::gauge!("sluice_group_commit_batches").set(gc.batches as f64);
+    metrics::gauge!("sluice_group_commit_events").set(gc.events as f64);
+    metrics::gauge!("sluice_group_commit_fsyncs_saved").set(gc.fsyncs_saved as f64);
+    metrics::gauge!("sluice_group_commit_conflicts_resolved").set(gc.conflicts_resolved as f64);
+    if let Ok(listing) = dlq::list(ctx.store.jetstream(), &Filter::default()).await {
+        for g in &listing.groups {
+            metrics::gauge!("sluice_dlq_depth", "consumer" => g.consumer.clone(), "category" => g.category.clone())
+                .set(g.count as f64);
+        }
+    }
+    metrics::gauge!("sluice_nats_connected").set(
+        if ctx.store.client().connection_state() == async_nats::connection::State::Connected {
+            1.0
+        } else {
+            0.0
+        },
+    );
+    (
+        [(header::CONTENT_TYPE, "text/plain; version=0.0.4")],
+        ctx.metrics.render(),
+    )
+        .into_response()
+}
+
+/// Body of `POST /v1/streams/{category}/{id}`.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct AppendBody {
+    /// Expected version: a number, "none" or "any" (default).
+    #[serde(default)]
+    expected_version: Option<Value>,
+    events: Vec<AppendEvent>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct AppendEvent {
+    #[serde(rename = "type")]
+    event_type: String,
+    data: Value,
+    #[serde(default)]
+    id: Option<String>,
+    #[serde(default)]
+    source: Option<String>,
+    #[serde(default)]
+    correlationid: Option<String>,
+    #[serde(default)]
+    causationid: Option<String>,
+}
+
+fn bad_request(detail: impl Into<String>) -> Response {
+    problem(
+        StatusCode::BAD_REQUEST,
+        "bad-request",
+        "Bad request",
+        detail,
+    )
+}
+
+async fn append(
+    State(ctx): State<Ctx>,
+    UrlPath((category, id)): UrlPath<(String, String)>,
+    body: Result<Json<AppendBody>, axum::extract::rejection::JsonRejection>,
+) -> Response {
+    let Json(body) = match body {
+        Ok(b) => b,
+        Err(e) => {
+            return bad_request(format!(
+                "the body must be {{\"events\": [{{\"type\", \"data\"}}], \"expected_version\"?}}: {}",
+                e.body_text()
+            ));
+        }
+    };
+    let stream = match StreamId::new(category, id) {
+        Ok(s) => s,
+        Err(e) => return bad_request(e.to_string()),
+    };
+    let expected = match &body.expected_version {
+        None => ExpectedVersion::Any,
+        Some(Value::String(s)) if s == "any" => ExpectedVersion::Any,
+        Some(Value::String(s)) if s == "none" => ExpectedVersion::NoStream,
+        Some(Value::Number(n)) if n.as_u64().is_some() => {
+            ExpectedVersion::from_version(n.as_u64().unwrap_or(0))
+        }
+        Some(other) => {
+            return bad_request(format!(
+                "expected_version {other} must be a number, \"none\" or \"any\""
+            ));
+        }
+    };
+    let mut events = Vec::with_capacity(body.events.len());
+    for e in body.events {
+        let data = match serde_json::to_vec(&e.data) {
+            Ok(d) => d,
+            Err(err) => return bad_request(err.to_string()),
+        };
+        let mut ev = NewEvent::new(e.event_type, data)
+            .with_source(e.source.unwrap_or_else(|| "urn:sluice:http".into()));
+        if let Some(id) = e.id {
+            match EventId::parse(&id) {
+                Ok(id) => ev = ev.with_id(id),
+                Err(err) => return bad_request(err.to_string()),
+            }
+        }
+        if let Some(c) = e.correlationid {
+            ev = ev.with_correlation_id(c);
+        }
+        if let Some(c) = e.causationid {
+            ev = ev.with_causation_id(c);
+        }
+        events.push(ev);
+    }
+    let started = Instant::now();
+    let result = ctx.store.append(&stream, expected, events).await;
+    metrics::histogram!("sluice_append_duration_seconds").record(started.elapsed().as_secs_f64());
+    match result {
+        Ok(r) => {
+            metrics::counter!("sluice_appends_total", "outcome" => "ok").increment(1);
+            (
+                StatusCode::CREATED,
+                Json(json!({"stream": stream.to_string(), "positions": r.positions, "version": r.version, "deduplicated": r.deduplicated})),
+            )
+                .into_response()
+        }
+        Err(EventsError::Conflict {
+            expected, actual, ..
+        }) => {
+            metrics::counter!("sluice_appends_total", "outcome" => "conflict").increment(1);
+            problem(
+                StatusCode::CONFLICT,
+                "conflict",
+                "Version conflict",
+                format!(
+                    "expected version {expected}, actual {actual}: reload the aggregate and retry"
+                ),
+            )
+        }
+        Err(e) if e.is_invalid_input() => {
+            metrics::counter!("sluice_appends_total", "outcome" => "invalid").increment(1);
+            bad_request(e.to_string())
+        }
+        Err(e) => {
+            metrics::counter!("sluice_appends_total", "outcome" => "error").increment(1);
+            Problem::internal(e).into_response()
+        }
+    }
+}
+
+#[derive(Debug, Deserialize)]
+struct DlqQuery {
+    consumer: Option<String>,
+    category: Option<String>,
+    reason: Option<String>,
+}
+
+fn dlq_error(e: sluice_workers::Error) -> Response {
+    match e {
+        sluice_workers::Error::NotFound(id) => problem(
+            StatusCode::NOT_FOUND,
+            "not-found",
+            "Not found",
+            format!("no dead letter {id}"),
+        ),
+        other => Problem::internal(other).into_response(),
+    }
+}
+
+async fn dlq_list(State(ctx): State<Ctx>, Query(q): Query<DlqQuery>) -> Response {
+    let filter = Filter {
+        consumer: q.consumer,
+        category: q.category,
+        reason: q.reason,
+    };
+    match dlq::list(ctx.store.jetstream(), &filter).await {
+        Ok(listing) => Json(listing).into_response(),
+        Err(e) => dlq_error(e),
+    }
+}
+
+async fn dlq_show(State(ctx): State<Ctx>, UrlPath(id): UrlPath<u64>) -> Response {
+    match dlq::show(ctx.store.jetstream(), id).await {
+        Ok(d) => Json(d).into_response(),
+        Err(e) => dlq_error(e),
+    }
+}
+
+async fn dlq_redrive(State(ctx): State<Ctx>, UrlPath(id): UrlPath<u64>) -> Response {
+    match dlq::redrive(ctx.store.jetstream(), RedriveTarget::Id(id)).await {
+        Ok(r) => Json(r).into_response(),
+        Err(e) => dlq_error(e),
+    }
+}
+
+#[derive(Debug, Deserialize)]
+struct DiscardBody {
+    reason: String,
+}
+
+async fn dlq_discard(
+    State(ctx): State<Ctx>,
+    UrlPath(id): UrlPath<u64>,
+    body: Option<Json<DiscardBody>>,
+) -> Response {
+    let Some(Json(DiscardBody { reason })) = body.filter(|b| !b.reason.trim().is_empty()) else {
+        return bad_request("discarding needs {\"reason\": \"...\"}, kept for audit");
+    };
+    match dlq::discard(ctx.store.jetstream(), id, &reason).await {
+        Ok(d) => Json(d).into_response(),
+        Err(e) => dlq_error(e),
+    }
+}
+
+/// The OpenAPI 3.1 document of this router (kept next to the routes; a test
+/// checks every documented path is served).
+pub(crate) fn openapi_document() -> Value {
+    let problem = json!({"$ref": "#/components/schemas/Problem"});
+    let err = |d: &str| json!({"description": d, "content": {"application/problem+json": {"schema": problem}}});
+    let ok = |d: &str| json!({"description": d, "content": {"application/json": {"schema": {"type": "object"}}}});
+    let secured = json!([{"bearer": []}]);
+    json!({
+        "openapi": "3.1.0",
+        "info": {"title": "Sluice", "version": env!("CARGO_PKG_VERSION"),
+                 "description": "Event log, read models and operator API of Sluice."},
+        "components": {
+            "securitySchemes": {"bearer": {"type": "http", "scheme": "bearer"}},
+            "schemas": {"Problem": {"type": "object", "properties": {
+                "type": {"type": "string"}, "title": {"type": "string"},
+                "status": {"type": "integer"}, "detail": {"type": "string"}}}}
+        },
+        "paths": {
+            "/v1/projections": {"get": {"summary": "Projections with checkpoint, lag and state", "responses": {"200": ok("projection list")}}},
+            "/v1/projections/{name}": {"get": {"summary": "One projection's status", "responses": {"200": ok("status"), "404": err("unknown projection")}}},
+            "/v1/projections/{name}/rows": {"get": {"summary": "Rows, cursor-paginated (limit, after, min_position)", "responses": {"200": ok("page of rows"), "503": err("min_position not reached in time")}}},
+            "/v1/projections/{name}/rows/{key}": {"get": {"summary": "One row (ETag = checkpoint; min_position waits for read-your-writes)", "responses": {"200": ok("row"), "404": err("no such row"), "503": err("min_position not reached in time")}}},
+            "/v1/streams/{category}/{id}": {
+                "get": {"summary": "An aggregate's events", "responses": {"200": ok("events"), "400": err("invalid id")}},
+                "post": {"summary": "Append events (atomic, optimistic concurrency)", "security": secured,
+                         "requestBody": {"content": {"application/json": {"schema": {"type": "object", "required": ["events"],
+                            "properties": {"expected_version": {"oneOf": [{"type": "integer"}, {"enum": ["none", "any"]}]},
+                                           "events": {"type": "array", "items": {"type": "object", "required": ["type", "data"]}}}}}}},
+                         "responses": {"201": ok("appended"), "400": err("invalid input"), "401": err("no or wrong token"), "409": err("version conflict"), "413": err("body too large")}}
+            },
+            "/v1/dlq": {"get": {"summary": "Dead letters (filter consumer, category, reason)", "security": secured, "responses": {"200": ok("listing"), "401": err("no or wrong token")}}},
+            "/v1/dlq/{id}": {"get": {"summary": "One dead letter", "security": secured, "responses": {"200": ok("dead letter"), "404": err("unknown id")}}},
+            "/v1/dlq/{id}/redrive": {"post": {"summary": "Hand a dead letter back to its consumer (idempotent)", "security": secured, "responses": {"200": ok("redrive report")}}},
+            "/v1/dlq/{id}/discard": {"post": {"summary": "Discard a dead letter, with a reason kept for audit", "security": secured, "responses": {"200": ok("discarded"), "400": err("no reason")}}},
+            "/healthz": {"get": {"summary": "Process alive", "responses": {"200": ok("alive")}}},
+            "/readyz": {"get": {"summary": "NATS, streams, database and projections ready", "responses": {"200": ok("ready"), "503": ok("not ready")}}},
+            "/metrics": {"get": {"summary": "Prometheus metrics", "responses": {"200": {"description": "text exposition format"}}}},
+            "/openapi.json": {"get": {"summary": "This document", "responses": {"200": ok("OpenAPI 3.1")}}}
+        }
+    })
+}
+
+async fn openapi() -> Json<Value> {
+    Json(openapi_document())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use axum::body::Body;
+    use tower::ServiceExt;
+
+    const TOKEN: &str = "test-token-0123456789abcdef";
+
+    async fn app(opts: HttpOptions) -> (Router, sluice_testkit::NatsServer) {
+        let server = sluice_testkit::NatsServer::start();
+        let store = server.store().await;
+        let router = router(
+            Router::new(),
+            Parts {
+                store,
+                db: None,
+                live: Vec::new(),
+            },
+            &opts,
+        );
+        (router, server)
+    }
+
+    async fn call(
+        app: &Router,
+        method: &str,
+        uri: &str,
+        token: Option<&str>,
+        body: Option<String>,
+    ) -> (StatusCode, axum::http::HeaderMap, String) {
+        let mut req = axum::http::Request::builder().method(method).uri(uri);
+        if let Some(t) = token {
+            req = req.header(header::AUTHORIZATION, format!("Bearer {t}"));
+        }
+        let req = match body {
+            Some(b) => req
+                .header(header::CONTENT_TYPE, "application/json")
+                .header(header::CONTENT_LENGTH, b.len())
+                .body(Body::from(b)),
+            None => req.body(Body::empty()),
+        }
+        .unwrap();
+        let resp = app.clone().oneshot(req).await.unwrap();
+        let status = resp.status();
+        let headers = resp.headers().clone();
+        let bytes = axum::body::to_bytes(resp.into_body(), 1 << 20)
+            .await
+            .unwrap();
+        (
+            status,
+            headers,
+            String::from_utf8_lossy(&bytes).into_owned(),
+        )
+    }
+
+    fn opened() -> String {
+        r#"{"expected_version":"none","events":[{"type":"ledger.account.opened.v1","data":{"owner":"ann","currency":"EUR"}}]}"#.to_owned()
+    }
+
+    #[tokio::test]
+    async fn appends_need_the_token_and_report_conflicts_and_bad_input_as_problems() {
+        let mut opts = HttpOptions::with_token(TOKEN);
+        opts.body_limit = 4096;
+        let (app, _server) = app(opts).await;
+        let url = "/v1/streams/account/acc-1";
+
+        let (status, headers, body) = call(&app, "POST", url, None, Some(opened())).await;
+        assert_eq!(status, StatusCode::UNAUTHORIZED, "{body}");
+        assert_eq!(headers[header::WWW_AUTHENTICATE], "Bearer");
+        assert_eq!(headers[header::CONTENT_TYPE], "application/problem+json");
+        let (status, _, _) = call(
+            &app,
+            "POST",
+            url,
+            Some("wrong-token-0123456789abcdef"),
+            Some(opened()),
+        )
+        .await;
+        assert_eq!(status, StatusCode::UNAUTHORIZED);
+
+        let (status, _, body) = call(&app, "POST", url, Some(TOKEN), Some(opened())).await;
+        assert_eq!(status, StatusCode::CREATED, "{body}");
+        let v: Value = serde_json::from_str(&body).unwrap();
+        assert_eq!(v["positions"], json!([1]));
+
+        let (status, _, body) = call(&app, "POST", url, Some(TOKEN), Some(opened())).await;
+        assert_eq!(status, StatusCode::CONFLICT, "{body}");
+        assert!(body.contains("expected version 0, actual 1"), "{body}");
+
+        for (uri, body) in [
+            ("/v1/streams/account/acc.1", opened()),
+            (url, "{not json".to_owned()),
+            (url, r#"{"events":[{"type":"t.v1"}]}"#.to_owned()),
+            (
+                url,
+                r#"{"expected_version":-3,"events":[{"type":"t.v1","data":{}}]}"#.to_owned(),
+            ),
+            (
+                url,
+                r#"{"events":[{"type":"bad type","data":{}}]}"#.to_owned(),
+            ),
+            (url, r#"{"events":[]}"#.to_owned()),
+        ] {
+            let (status, headers, text) =
+                call(&app, "POST", uri, Some(TOKEN), Some(body.clone())).await;
+            assert_eq!(status, StatusCode::BAD_REQUEST, "{uri} {body}: {text}");
+            assert_eq!(headers[header::CONTENT_TYPE], "application/problem+json");
+            assert!(!text.contains("sqlx") && !text.contains("nats:"), "{text}");
+        }
+        let huge = format!(
+            r#"{{"events":[{{"type":"t.v1","data":"{}"}}]}}"#,
+            "x".repeat(8192)
+        );
+        let (status, _, text) = call(&app, "POST", url, Some(TOKEN), Some(huge)).await;
+        assert_eq!(status, StatusCode::PAYLOAD_TOO_LARGE, "{text}");
+    }
+
+    #[tokio::test]
+    async fn dead_letters_are_admin_only_and_rate_limits_answer_429() {
+        let mut opts = HttpOptions::with_token(TOKEN);
+        opts.rate_per_sec = 1;
+        opts.burst = 3;
+        let (app, _server) = app(opts).await;
+        let (status, _, _) = call(&app, "GET", "/v1/dlq", None, None).await;
+        assert_eq!(status, StatusCode::UNAUTHORIZED);
+        let (status, _, body) = call(&app, "GET", "/v1/dlq", Some(TOKEN), None).await;
+        assert_eq!(status, StatusCode::OK, "{body}");
+        let (status, _, _) = call(&app, "GET", "/v1/dlq/999", Some(TOKEN), None).await;
+        assert_eq!(status, StatusCode::NOT_FOUND);
+        let (status, headers, _) = call(&app, "GET", "/healthz", None, None).await;
+        assert_eq!(status, StatusCode::TOO_MANY_REQUESTS);
+        assert!(
+            headers[header::RETRY_AFTER]
+                .to_str()
+                .unwrap()
+                .parse::<u64>()
+                .unwrap()
+                >= 1
+        );
+    }
+
+    #[tokio::test]
+    async fn health_readiness_metrics_and_openapi() {
+        let (app, _server) = app(HttpOptions::with_token(TOKEN)).await;
+        let (status, _, _) = call(&app, "GET", "/healthz", None, None).await;
+        assert_eq!(status, StatusCode::OK);
+        let (status, _, body) = call(&app, "GET", "/readyz", None, None).await;
+        assert_eq!(status, StatusCode::OK, "{body}");
+        assert!(body.contains(r#""nats":true"#), "{body}");
+        let (status, _, body) = call(&app, "GET", "/metrics", None, None).await;
+        assert_eq!(status, StatusCode::OK);
+        assert!(
+            body.contains("sluice_http_requests_total")
+                && body.contains("sluice_stream_last_position"),
+            "{body}"
+        );
+        let (status, _, body) = call(&app, "GET", "/openapi.json", None, None).await;
+        assert_eq!(status, StatusCode::OK);
+        let doc: Value = serde_json::from_str(&body).unwrap();
+        assert_eq!(doc["openapi"], "3.1.0");
+        // Every documented route outside the projections' own is served here.
+        for path in doc["paths"].as_object().unwrap().keys() {
+            if path.starts_with("/v1/projections") || path == "/v1/streams/{category}/{id}" {
+                continue;
+            }
+            let uri = path.replace("{id}", "1");
+            let method = if uri.ends_with("redrive") || uri.ends_with("discard") {
+                "POST"
+            } else {
+                "GET"
+            };
+            let (status, _, _) = call(&app, method, &uri, Some(TOKEN), None).await;
+            assert_ne!(status, StatusCode::METHOD_NOT_ALLOWED, "{path}");
+            assert!(
+                status != StatusCode::NOT_FOUND || uri.starts_with("/v1/dlq/"),
+                "{path}: {status}"
+            );
+        }
+    }
+
+    #[test]
+    fn tokens_are_created_private_and_reused() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("token");
+        let (t1, created) = load_or_create_token(&path).unwrap();
+        assert!(created && t1.len() >= 32);
+        assert_eq!(
+            std::fs::metadata(&path).unwrap().permissions().mode() & 0o777,
+            0o600
+        );
+        let (t2, created) = load_or_create_token(&path).unwrap();
+        assert!(!created);
+        assert_eq!(t1, t2);
+        std::fs::write(&path, "short").unwrap();
+        assert!(load_or_create_token(&path).is_err());
+    }
+}
