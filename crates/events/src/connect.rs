@@ -155,7 +155,21 @@ impl ConnectConfig {
     async fn options(&self) -> Result<async_nats::ConnectOptions, Error> {
         let mut o = async_nats::ConnectOptions::new()
             .name(self.name.as_deref().unwrap_or("sluice"))
-            .connection_timeout(Duration::from_secs(5));
+            .connection_timeout(Duration::from_secs(5))
+            .event_callback(|event| async move {
+                // Connection changes are rare and worth a log line and a metric.
+                match &event {
+                    async_nats::Event::Connected => {
+                        metrics::counter!("sluice_nats_connects_total").increment(1);
+                        tracing::info!("NATS connected");
+                    }
+                    async_nats::Event::Disconnected => {
+                        metrics::counter!("sluice_nats_disconnects_total").increment(1);
+                        tracing::warn!("NATS disconnected; reconnecting");
+                    }
+                    other => tracing::warn!(event = %other, "NATS client event"),
+                }
+            });
         if let (Some(user), Some(password)) = (&self.user, &self.password) {
             o = o.user_and_password(user.clone(), password.clone());
         }

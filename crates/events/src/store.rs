@@ -307,13 +307,27 @@ impl EventStore {
         expected: ExpectedVersion,
         events: Vec<NewEvent>,
     ) -> Result<AppendResult, Error> {
-        let append = self.encode(stream_id, expected, events)?;
-        match &self.appender {
-            Some(appender) if !self.inner.atomic_disabled() => {
-                appender.submit(&self.inner, append).await
+        let started = std::time::Instant::now();
+        let result = async {
+            let append = self.encode(stream_id, expected, events)?;
+            match &self.appender {
+                Some(appender) if !self.inner.atomic_disabled() => {
+                    appender.submit(&self.inner, append).await
+                }
+                _ => self.inner.append_direct(&append).await,
             }
-            _ => self.inner.append_direct(&append).await,
         }
+        .await;
+        let outcome = match &result {
+            Ok(_) => "ok",
+            Err(e) if e.is_conflict() => "conflict",
+            Err(e) if e.is_invalid_input() => "invalid",
+            Err(_) => "error",
+        };
+        metrics::counter!("sluice_appends_total", "outcome" => outcome).increment(1);
+        metrics::histogram!("sluice_append_duration_seconds")
+            .record(started.elapsed().as_secs_f64());
+        result
     }
 
     /// Validates the events and turns them into messages, before anything

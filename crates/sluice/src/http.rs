@@ -454,39 +454,22 @@ async fn append(
         }
         events.push(ev);
     }
-    let started = Instant::now();
-    let result = ctx.store.append(&stream, expected, events).await;
-    metrics::histogram!("sluice_append_duration_seconds").record(started.elapsed().as_secs_f64());
-    match result {
-        Ok(r) => {
-            metrics::counter!("sluice_appends_total", "outcome" => "ok").increment(1);
-            (
-                StatusCode::CREATED,
-                Json(json!({"stream": stream.to_string(), "positions": r.positions, "version": r.version, "deduplicated": r.deduplicated})),
-            )
-                .into_response()
-        }
+    match ctx.store.append(&stream, expected, events).await {
+        Ok(r) => (
+            StatusCode::CREATED,
+            Json(json!({"stream": stream.to_string(), "positions": r.positions, "version": r.version, "deduplicated": r.deduplicated})),
+        )
+            .into_response(),
         Err(EventsError::Conflict {
             expected, actual, ..
-        }) => {
-            metrics::counter!("sluice_appends_total", "outcome" => "conflict").increment(1);
-            problem(
-                StatusCode::CONFLICT,
-                "conflict",
-                "Version conflict",
-                format!(
-                    "expected version {expected}, actual {actual}: reload the aggregate and retry"
-                ),
-            )
-        }
-        Err(e) if e.is_invalid_input() => {
-            metrics::counter!("sluice_appends_total", "outcome" => "invalid").increment(1);
-            bad_request(e.to_string())
-        }
-        Err(e) => {
-            metrics::counter!("sluice_appends_total", "outcome" => "error").increment(1);
-            Problem::internal(e).into_response()
-        }
+        }) => problem(
+            StatusCode::CONFLICT,
+            "conflict",
+            "Version conflict",
+            format!("expected version {expected}, actual {actual}: reload the aggregate and retry"),
+        ),
+        Err(e) if e.is_invalid_input() => bad_request(e.to_string()),
+        Err(e) => Problem::internal(e).into_response(),
     }
 }
 
@@ -749,8 +732,22 @@ mod tests {
         let (status, _, body) = call(&app, "GET", "/readyz", None, None).await;
         assert_eq!(status, StatusCode::OK, "{body}");
         assert!(body.contains(r#""nats":true"#), "{body}");
+        let (status, _, _) = call(
+            &app,
+            "POST",
+            "/v1/streams/account/m-1",
+            Some(TOKEN),
+            Some(opened()),
+        )
+        .await;
+        assert_eq!(status, StatusCode::CREATED);
         let (status, _, body) = call(&app, "GET", "/metrics", None, None).await;
         assert_eq!(status, StatusCode::OK);
+        assert!(
+            body.contains(r#"sluice_appends_total{outcome="ok"} 1"#),
+            "{body}"
+        );
+        assert!(body.contains("sluice_append_duration_seconds"), "{body}");
         assert!(
             body.contains("sluice_http_requests_total")
                 && body.contains("sluice_stream_last_position"),
