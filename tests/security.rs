@@ -220,3 +220,34 @@ async fn mutual_tls_refuses_clients_without_a_valid_certificate() {
     };
     assert!(refused, "a certificate from a foreign CA got in");
 }
+
+#[test]
+fn every_shipped_nats_config_is_valid() {
+    let bin = sluice_events::find_nats_server_bin().unwrap();
+    let nats = repo().join("nats");
+    let files = [
+        "dev.conf",
+        "cluster/n1.conf",
+        "cluster/n2.conf",
+        "cluster/n3.conf",
+        "cluster/compose.conf",
+    ];
+    for f in files {
+        let out = std::process::Command::new(&bin)
+            .args(["-t", "-c", f])
+            .current_dir(&nats)
+            .envs(
+                ROLES
+                    .iter()
+                    .map(|r| (format!("SLUICE_{}_PASSWORD", r.to_uppercase()), password(r))),
+            )
+            .output()
+            .unwrap();
+        let text = String::from_utf8_lossy(&out.stderr).into_owned()
+            + &String::from_utf8_lossy(&out.stdout);
+        assert!(
+            out.status.success() && text.contains("is valid"),
+            "{f}: {text}"
+        );
+    }
+}
