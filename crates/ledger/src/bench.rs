@@ -7,7 +7,7 @@ use std::time::Instant;
 use futures::StreamExt;
 use serde::Serialize;
 use sluice_events::{EventStore, ExpectedVersion, NewEvent, StreamId};
-use sluice_projections::{Database, RunnerConfig, read_checkpoint};
+use sluice_projections::{Database, Member, RunnerConfig, read_checkpoint};
 use tokio_util::sync::CancellationToken;
 
 use crate::Error;
@@ -25,7 +25,8 @@ pub struct BenchReport {
     /// transaction, no log: the limit.
     pub raw_upsert_events_per_s: f64,
     /// (b) Catch-up of `account_balances` + `account_activity` from
-    /// position 1 (both projections running, fed from nats-server).
+    /// position 1 (one group: one feed from nats-server, one transaction
+    /// per batch).
     pub catch_up_events_per_s: f64,
     /// (b) / (a); the target is >= 0.7.
     pub catch_up_ratio: f64,
@@ -212,16 +213,12 @@ pub async fn run(
     let shutdown = CancellationToken::new();
     let t0 = Instant::now();
     let config = RunnerConfig::default();
-    let b = sluice_projections::spawn(
-        Arc::new(AccountBalances::new()),
-        db.clone(),
-        store.clone(),
-        config.clone(),
-        shutdown.clone(),
-    )
-    .await?;
-    let a = sluice_projections::spawn(
-        Arc::new(AccountActivity),
+    // As `sluice up` runs them: one group, one feed, one transaction.
+    let group = sluice_projections::spawn_group(
+        vec![
+            Member::from(Arc::new(AccountBalances::new())),
+            Member::from(Arc::new(AccountActivity)),
+        ],
         db.clone(),
         store.clone(),
         config.clone(),
@@ -260,8 +257,7 @@ pub async fn run(
     .await?;
     let rebuild = 2.0 * events as f64 / t0.elapsed().as_secs_f64().max(1e-6);
     shutdown.cancel();
-    let _ = b.task.await;
-    let _ = a.task.await;
+    let _ = group.task.await;
     for table in ["bench_raw_balances", "bench_raw_activity"] {
         sqlx::query(&format!("DROP TABLE IF EXISTS {table}"))
             .execute(db.pool())
