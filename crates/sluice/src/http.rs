@@ -392,6 +392,17 @@ struct AppendEvent {
     causationid: Option<String>,
 }
 
+/// `00-<32 hex>-<16 hex>-<2 hex>`, the W3C trace context format.
+fn is_traceparent(v: &str) -> bool {
+    let parts: Vec<&str> = v.split('-').collect();
+    let hex = |s: &str, n: usize| s.len() == n && s.bytes().all(|b| b.is_ascii_hexdigit());
+    parts.len() == 4
+        && hex(parts[0], 2)
+        && hex(parts[1], 32)
+        && hex(parts[2], 16)
+        && hex(parts[3], 2)
+}
+
 fn bad_request(detail: impl Into<String>) -> Response {
     problem(
         StatusCode::BAD_REQUEST,
@@ -404,8 +415,16 @@ fn bad_request(detail: impl Into<String>) -> Response {
 async fn append(
     State(ctx): State<Ctx>,
     UrlPath((category, id)): UrlPath<(String, String)>,
+    headers: axum::http::HeaderMap,
     body: Result<Json<AppendBody>, axum::extract::rejection::JsonRejection>,
 ) -> Response {
+    // W3C trace context travels on with the events (`ce-traceparent`), so
+    // consumers can continue the caller's trace.
+    let traceparent = headers
+        .get("traceparent")
+        .and_then(|v| v.to_str().ok())
+        .filter(|v| is_traceparent(v))
+        .map(str::to_owned);
     let Json(body) = match body {
         Ok(b) => b,
         Err(e) => {
@@ -451,6 +470,9 @@ async fn append(
         }
         if let Some(c) = e.causationid {
             ev = ev.with_causation_id(c);
+        }
+        if ev.traceparent.is_none() {
+            ev.traceparent.clone_from(&traceparent);
         }
         events.push(ev);
     }
@@ -775,6 +797,31 @@ mod tests {
                 "{path}: {status}"
             );
         }
+    }
+
+    #[tokio::test]
+    async fn a_traceparent_header_travels_with_the_appended_events() {
+        let (app, server) = app(HttpOptions::with_token(TOKEN)).await;
+        let tp = "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01";
+        let req = axum::http::Request::builder()
+            .method("POST")
+            .uri("/v1/streams/account/tp-1")
+            .header(header::AUTHORIZATION, format!("Bearer {TOKEN}"))
+            .header(header::CONTENT_TYPE, "application/json")
+            .header("traceparent", tp)
+            .body(Body::from(opened()))
+            .unwrap();
+        assert_eq!(
+            app.clone().oneshot(req).await.unwrap().status(),
+            StatusCode::CREATED
+        );
+        let store = server.store().await;
+        let id = StreamId::new("account", "tp-1").unwrap();
+        let events: Vec<_> = futures::TryStreamExt::try_collect(store.read(&id, 1).await.unwrap())
+            .await
+            .unwrap();
+        assert_eq!(events[0].envelope.traceparent.as_deref(), Some(tp));
+        assert!(!is_traceparent("00-xyz"));
     }
 
     #[test]
