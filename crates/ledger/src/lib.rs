@@ -27,15 +27,15 @@ pub use fold::{AccountRow, FoldInput, FoldOutput, STATUS_CLOSED, STATUS_OPEN, fo
 pub use read_models::{
     ACCOUNT_ACTIVITY, ACCOUNT_BALANCES, AccountActivity, AccountBalances, WriteMode,
 };
+pub use service::{
+    DATABASE_URL_ENV, DEFAULT_HTTP_ADDR, HTTP_ADDR_ENV, Projector, ReadSide, default_database_url,
+    migrate, run_read_side, serve_read_side,
+};
 pub use transfer::{
     ACCOUNT_COMMANDS, CMD_DEPOSIT, CMD_WITHDRAW, StartedTransfer, TRANSFER_ORCHESTRATOR,
     TRANSFER_SAGA, Transfer, TransferRoleConfig, TransferView, account_command, account_reply,
     run_account_commands, run_transfer_orchestrator, run_transfer_role, start_transfer,
     transfer_definition, transfer_state, transfer_status, transfer_view,
-};
-pub use service::{
-    DATABASE_URL_ENV, DEFAULT_HTTP_ADDR, HTTP_ADDR_ENV, Projector, ReadSide, default_database_url,
-    migrate, run_read_side, serve_read_side,
 };
 
 /// The one error type of the ledger crate.

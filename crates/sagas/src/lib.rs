@@ -18,13 +18,41 @@
 //! - Late replies and timeouts for a step that is no longer current are
 //!   ignored (they change nothing and send nothing).
 //!
-//! The durable runtime (every transition appended to
-//! `events.saga-<name>.<saga-id>` before its commands are sent, commands and
-//! replies over NATS, timeouts that fire with every orchestrator down) builds
-//! on this model and on `sluice-workers`.
+//! The durable runtime (details in `docs/sagas.md`):
+//! - Each instance is its own aggregate stream `events.saga-<name>.<saga-id>`
+//!   ([`saga_stream`]); every transition (start, claim, reply, timeout) is an
+//!   event appended with optimistic concurrency against the log it extends
+//!   ([`append_guarded`]), so concurrent writers never advance an instance
+//!   twice: the loser reloads and finds the question answered.
+//! - Commands are events on `events.cmd-<category>.<target-id>` with the
+//!   command id as event id ([`send_command`]); a worker per aggregate type
+//!   ([`run_command_handler`]) loads the target, decides, claims, appends and
+//!   replies into the saga's stream. Durable both ways: a command waits in
+//!   `EVENTS` while its handler is down, and the reply is an appended event.
+//! - The orchestrator ([`run_orchestrator`]) is a worker on the saga's
+//!   streams: for every stored transition it sends that transition's
+//!   commands, so they always go out *after* the transition is durable, and
+//!   again (deduplicated) after a crash.
+//! - Deadlines are scheduled messages on `SAGA_TIMERS` (nats-server message
+//!   scheduling): they fire with every orchestrator down and are handled by
+//!   the next one; a claim or a reply makes a later timeout a no-op.
 
+mod commands;
+mod log;
 mod model;
+mod orchestrator;
 
+pub use commands::{CommandMapper, Handled, ReplyBuilder, handle_command, run_command_handler};
+pub use log::{
+    COMMAND, COMMAND_CATEGORY_PREFIX, COMPENSATION_FAILED, COMPENSATION_SUCCEEDED, CommandMessage,
+    CommandStatus, Guarded, SAGA_CATEGORY_PREFIX, STARTED, STEP_CLAIMED, STEP_FAILED,
+    STEP_SUCCEEDED, STEP_TIMED_OUT, SagaLog, SagaRecord, Started, append_guarded, command_target,
+    event_type, read_log, saga_stream, start,
+};
 pub use model::{
     Command, CommandKind, Definition, SagaError, SagaEvent, SagaState, Status, StepBuilder, react,
+};
+pub use orchestrator::{
+    H_SCHEDULE, H_SCHEDULE_TARGET, OrchestratorConfig, TIMERS_PREFIX, TIMERS_STREAM,
+    ensure_timers_stream, record_timeout, run_orchestrator, send_command,
 };

@@ -44,8 +44,10 @@ impl<D> std::fmt::Debug for Definition<D> {
     }
 }
 
-/// Why a definition is unusable.
-#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+/// Why a definition is unusable, or the durable runtime failed (the one
+/// error type of this crate).
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
 pub enum SagaError {
     /// No steps.
     #[error("saga {0} has no steps")]
@@ -58,6 +60,31 @@ pub enum SagaError {
         /// The repeated name.
         step: &'static str,
     },
+    /// The event store failed (including a conflict that outlasted retries).
+    #[error(transparent)]
+    Events(#[from] sluice_events::Error),
+    /// The worker runtime failed.
+    #[error(transparent)]
+    Workers(#[from] sluice_workers::Error),
+    /// A NATS request outside the event store failed (timers).
+    #[error("NATS request failed while {doing}: {reason}")]
+    Nats {
+        /// What the runtime was doing.
+        doing: &'static str,
+        /// The client's error.
+        reason: String,
+    },
+    /// A stored saga event or command cannot be read back.
+    #[error("cannot decode {what}: {reason}")]
+    Decode {
+        /// What was decoded.
+        what: &'static str,
+        /// Why it failed.
+        reason: String,
+    },
+    /// A saga id, step or command target is not usable.
+    #[error("invalid saga input: {0}")]
+    Invalid(String),
 }
 
 impl<D> Definition<D> {
@@ -100,6 +127,11 @@ impl<D> Definition<D> {
     /// The saga's name.
     pub fn name(&self) -> &'static str {
         self.name
+    }
+
+    /// The deadline of step `step` (None past the last step).
+    pub fn step_deadline(&self, step: usize) -> Option<Duration> {
+        self.steps.get(step).map(|s| s.deadline)
     }
 
     /// Step names in order.
@@ -248,6 +280,17 @@ pub enum SagaEvent {
         /// Attempt that timed out.
         attempt: u32,
     },
+    /// A command handler took `step`'s action (attempt `attempt`) and is
+    /// about to apply it: from now on the step's deadline can no longer
+    /// cancel it; only the handler's reply decides. `react` ignores it; the
+    /// runtime appends it (with optimistic concurrency) only while neither a
+    /// reply nor a timeout is recorded, and a timeout only while no claim is.
+    StepClaimed {
+        /// Step index.
+        step: usize,
+        /// Attempt claimed.
+        attempt: u32,
+    },
     /// The compensation of `step` succeeded.
     CompensationSucceeded {
         /// Step index.
@@ -299,6 +342,20 @@ pub struct Command {
     /// When the reply is due (actions only; compensations retry until done).
     #[serde(with = "duration_ms", default, skip_serializing_if = "Option::is_none")]
     pub deadline: Option<Duration>,
+}
+
+impl Command {
+    /// The idempotency key of the command's effect on its target: the id
+    /// without the attempt (`<saga-id>/<step>` or `<saga-id>/<step>/undo`).
+    /// A retried compensation (attempt 2, 3, ...) must not apply twice when
+    /// an earlier attempt's write landed but its reply was lost, so handlers
+    /// look for this key, not the attempt's id.
+    pub fn effect_key(&self, saga_id: &str) -> String {
+        match self.kind {
+            CommandKind::Action => format!("{saga_id}/{}", self.step_name),
+            CommandKind::Compensation => format!("{saga_id}/{}/undo", self.step_name),
+        }
+    }
 }
 
 mod duration_ms {
@@ -710,10 +767,10 @@ mod tests {
 
     #[test]
     fn definitions_are_checked() {
-        assert_eq!(
+        assert!(matches!(
             Definition::<Transfer>::new("x").build().unwrap_err(),
             SagaError::Empty("x")
-        );
+        ));
         let dup = Definition::<Transfer>::new("x")
             .step("a")
             .invoke("c", |_| json!({}))

@@ -1,0 +1,311 @@
+//! Command handlers: workers on `events.cmd-<category>.>` that load the
+//! target aggregate, decide, append, and reply to the saga's log.
+//!
+//! Exactly-once effect per command, across resends, redeliveries, crashes
+//! and late arrivals:
+//! 1. A command whose reply (or, for an action, whose timeout) is already in
+//!    the saga's log is acknowledged and ignored.
+//! 2. An accepted action is *claimed* in the saga's log before its effect is
+//!    appended (guarded append): a claim and a timeout exclude each other, so
+//!    a late command never takes effect after its saga compensated.
+//! 3. The effect's events carry `ce-causationid` = the command's effect key
+//!    (`<saga-id>/<step>[/undo]`, no attempt); a handler that finds it on the
+//!    target replies success without appending again.
+//! 4. The reply is a guarded append too; a duplicate reply is refused.
+
+use std::sync::Arc;
+
+use futures::TryStreamExt;
+use serde_json::Value;
+use sluice_events::{Aggregate, EventId, EventStore, ExpectedVersion, StreamId};
+use sluice_workers::{Delivery, HandlerError, WorkerConfig};
+use tokio_util::sync::CancellationToken;
+
+use crate::log::{
+    COMMAND, COMMAND_CATEGORY_PREFIX, CommandMessage, CommandStatus, Guarded, append_guarded,
+};
+use crate::model::{CommandKind, SagaError, SagaEvent};
+
+/// Turns a saga command into the aggregate's command (the target id comes
+/// from the payload's `target`); `Err` is a permanent rejection reason.
+pub type CommandMapper<A> = fn(&crate::model::Command) -> Result<<A as Aggregate>::Command, String>;
+/// Builds the success reply from the aggregate's state after the command.
+pub type ReplyBuilder<A> = fn(&A) -> Value;
+
+/// Transient failures of a compensation handled by the worker's own backoff
+/// before the handler records one in the saga's log (which sends the next
+/// attempt as a fresh command, so retries go on with no attempt limit).
+const TRANSIENT_ATTEMPTS_PER_COMPENSATION: u64 = 3;
+/// Conflicts on the target aggregate before giving up as transient.
+const MAX_CONFLICTS: usize = 16;
+
+/// What handling one command amounted to (for logs and tests).
+#[derive(Debug, Clone, PartialEq)]
+pub enum Handled {
+    /// Already answered, timed out, or unknown saga: nothing done.
+    Ignored(&'static str),
+    /// Applied (or found applied) and answered with success.
+    Succeeded,
+    /// Refused by the aggregate and answered with that reason.
+    Rejected(String),
+}
+
+/// Handles one command message for aggregate `A`.
+pub async fn handle_command<A: Aggregate>(
+    store: &EventStore,
+    msg: &CommandMessage,
+    map: CommandMapper<A>,
+    reply: ReplyBuilder<A>,
+) -> Result<Handled, SagaError> {
+    let cmd = &msg.command;
+    let (saga, saga_id) = (msg.saga.as_str(), msg.saga_id.as_str());
+    let status = crate::log::read_log(store, saga, saga_id)
+        .await?
+        .command_status(cmd.kind, cmd.step, cmd.attempt);
+    match status {
+        CommandStatus::Answered => return Ok(Handled::Ignored("already answered")),
+        CommandStatus::TimedOut => return Ok(Handled::Ignored("timed out before it was taken")),
+        CommandStatus::Open | CommandStatus::Claimed => {}
+    }
+    let target = crate::log::command_target(cmd)?;
+    if target.category() != A::CATEGORY {
+        return Err(SagaError::Invalid(format!(
+            "command {} targets {} but this handler serves {}",
+            cmd.id,
+            target.category(),
+            A::CATEGORY
+        )));
+    }
+    let effect_key = cmd.effect_key(saga_id);
+    let outcome = match map(cmd) {
+        Err(reason) => Err(reason),
+        Ok(command) => apply::<A>(store, &target, msg, &command, &effect_key, reply).await?,
+    };
+    let outcome = match outcome {
+        Ok(Some(reply)) => Ok(reply),
+        Ok(None) => return Ok(Handled::Ignored("timed out before it was claimed")),
+        Err(reason) => Err(reason),
+    };
+    let (kind, step, attempt) = (cmd.kind, cmd.step, cmd.attempt);
+    let reply_event = match (&outcome, kind) {
+        (Ok(reply), CommandKind::Action) => SagaEvent::StepSucceeded {
+            step,
+            attempt,
+            reply: reply.clone(),
+        },
+        (Err(reason), CommandKind::Action) => SagaEvent::StepFailed {
+            step,
+            attempt,
+            reason: reason.clone(),
+        },
+        (Ok(_), CommandKind::Compensation) => SagaEvent::CompensationSucceeded { step, attempt },
+        (Err(reason), CommandKind::Compensation) => SagaEvent::CompensationFailed {
+            step,
+            attempt,
+            reason: reason.clone(),
+            permanent: true,
+        },
+    };
+    let reply_id = format!("{}/reply", cmd.id);
+    let guarded = append_guarded(store, saga, saga_id, |log| {
+        match log.command_status(kind, step, attempt) {
+            CommandStatus::Open | CommandStatus::Claimed => {
+                Ok((reply_event.clone(), reply_id.clone()))
+            }
+            CommandStatus::Answered => Err("already answered"),
+            CommandStatus::TimedOut => Err("timed out"),
+        }
+    })
+    .await?;
+    if let Guarded::Refused(why) = guarded {
+        // A rejection after a timeout is harmless: nothing was applied.
+        return Ok(Handled::Ignored(why));
+    }
+    Ok(match outcome {
+        Ok(_) => Handled::Succeeded,
+        Err(reason) => Handled::Rejected(reason),
+    })
+}
+
+/// Load → (already applied?) → decide → claim → append, reloading on
+/// conflicts. `Ok(Ok(None))`: the action timed out before it was claimed.
+async fn apply<A: Aggregate>(
+    store: &EventStore,
+    target: &StreamId,
+    msg: &CommandMessage,
+    command: &A::Command,
+    effect_key: &str,
+    reply: ReplyBuilder<A>,
+) -> Result<Result<Option<Value>, String>, SagaError> {
+    let cmd = &msg.command;
+    for _ in 0..MAX_CONFLICTS {
+        let (state, version, applied) = load_with_key::<A>(store, target, effect_key).await?;
+        if applied {
+            return Ok(Ok(Some(reply(&state))));
+        }
+        let events = match state.decide(command) {
+            Ok(events) => events,
+            Err(rejection) => return Ok(Err(rejection.to_string())),
+        };
+        if cmd.kind == CommandKind::Action {
+            let claim_id = format!("{}/claim", cmd.id);
+            let (step, attempt) = (cmd.step, cmd.attempt);
+            let claimed = append_guarded(store, &msg.saga, &msg.saga_id, |log| {
+                match log.command_status(CommandKind::Action, step, attempt) {
+                    CommandStatus::Open => {
+                        Ok((SagaEvent::StepClaimed { step, attempt }, claim_id.clone()))
+                    }
+                    CommandStatus::Claimed => Err("claimed"),
+                    CommandStatus::TimedOut => Err("timed out"),
+                    CommandStatus::Answered => Err("answered"),
+                }
+            })
+            .await?;
+            match claimed {
+                Guarded::Appended(_) | Guarded::Refused("claimed") => {}
+                Guarded::Refused(_) => return Ok(Ok(None)),
+            }
+        }
+        let mut state = state;
+        let mut encoded = Vec::with_capacity(events.len());
+        for (i, e) in events.iter().enumerate() {
+            // Not the command's own id: the command is an event in the same
+            // stream, and the server would take the effect for its duplicate.
+            let id = format!("{}/effect/{i}", cmd.id);
+            encoded.push(
+                A::encode(e)?
+                    .with_id(EventId::parse(&id)?)
+                    .with_correlation_id(msg.saga_id.clone())
+                    .with_causation_id(effect_key),
+            );
+            state = state.evolve(e);
+        }
+        if encoded.is_empty() {
+            return Ok(Ok(Some(reply(&state))));
+        }
+        match store
+            .append(target, ExpectedVersion::from_version(version), encoded)
+            .await
+        {
+            Ok(_) => return Ok(Ok(Some(reply(&state)))),
+            Err(e) if e.is_conflict() => {
+                tracing::debug!(target = %target, command = %cmd.id, "target moved; deciding again");
+            }
+            Err(e) => return Err(e.into()),
+        }
+    }
+    Err(SagaError::Events(sluice_events::Error::Conflict {
+        stream: target.to_string(),
+        expected: 0,
+        actual: 0,
+    }))
+}
+
+/// Loads an aggregate and whether an event caused by `effect_key` is in it.
+async fn load_with_key<A: Aggregate>(
+    store: &EventStore,
+    target: &StreamId,
+    effect_key: &str,
+) -> Result<(A, u64, bool), SagaError> {
+    let mut events = store.read(target, 1).await?;
+    let mut state = A::default();
+    let mut version = 0;
+    let mut applied = false;
+    while let Some(recorded) = events.try_next().await? {
+        applied |= recorded.envelope.causation_id.as_deref() == Some(effect_key);
+        state = state.evolve(&A::decode(&recorded.envelope)?);
+        version = recorded.position;
+    }
+    Ok((state, version, applied))
+}
+
+/// Records a transient compensation failure in the saga's log, so the next
+/// attempt goes out as a fresh command.
+async fn record_transient(
+    store: &EventStore,
+    msg: &CommandMessage,
+    reason: String,
+) -> Result<(), SagaError> {
+    let (step, attempt) = (msg.command.step, msg.command.attempt);
+    let id = format!("{}/reply", msg.command.id);
+    append_guarded(store, &msg.saga, &msg.saga_id, |log| {
+        match log.command_status(CommandKind::Compensation, step, attempt) {
+            CommandStatus::Open => Ok((
+                SagaEvent::CompensationFailed {
+                    step,
+                    attempt,
+                    reason: reason.clone(),
+                    permanent: false,
+                },
+                id.clone(),
+            )),
+            _ => Err("already answered"),
+        }
+    })
+    .await?;
+    Ok(())
+}
+
+/// The worker handler for commands on aggregate `A`.
+async fn on_delivery<A: Aggregate>(
+    store: &EventStore,
+    d: Delivery,
+    map: CommandMapper<A>,
+    reply: ReplyBuilder<A>,
+) -> Result<(), HandlerError> {
+    if d.envelope.event_type != COMMAND {
+        return Err(HandlerError::unknown_type(&d.envelope));
+    }
+    let msg: CommandMessage = d
+        .envelope
+        .data_as()
+        .map_err(|e| HandlerError::permanent(format!("malformed saga command: {e}")))?;
+    match handle_command::<A>(store, &msg, map, reply).await {
+        Ok(handled) => {
+            tracing::info!(saga = %msg.saga, saga_id = %msg.saga_id, command = %msg.command.id, ?handled, "command handled");
+            Ok(())
+        }
+        Err(e @ (SagaError::Invalid(_) | SagaError::Decode { .. })) => {
+            Err(HandlerError::permanent(e))
+        }
+        Err(e)
+            if msg.command.kind == CommandKind::Compensation
+                && d.attempt >= TRANSIENT_ATTEMPTS_PER_COMPENSATION =>
+        {
+            tracing::warn!(saga = %msg.saga, saga_id = %msg.saga_id, command = %msg.command.id, error = %e, "compensation failing transiently; recording it so the next attempt goes out");
+            record_transient(store, &msg, e.to_string())
+                .await
+                .map_err(HandlerError::transient)
+        }
+        Err(e) => Err(HandlerError::transient(e)),
+    }
+}
+
+/// Runs the command handler of aggregate `A` until `cancel`: a worker on
+/// `events.cmd-<A::CATEGORY>.>` (the filter is set here; the worker name in
+/// `config` is its durable identity).
+pub async fn run_command_handler<A: Aggregate + 'static>(
+    store: &EventStore,
+    mut config: WorkerConfig,
+    map: CommandMapper<A>,
+    reply: ReplyBuilder<A>,
+    cancel: CancellationToken,
+) -> Result<(), SagaError> {
+    if config.filter_subjects == WorkerConfig::new(config.name).filter_subjects {
+        config.filter_subjects = vec![format!(
+            "{}.{COMMAND_CATEGORY_PREFIX}{}.>",
+            store.config().subject_prefix,
+            A::CATEGORY
+        )];
+    }
+    let store = Arc::new(store.clone());
+    let handler = {
+        let store = store.clone();
+        move |d: Delivery| {
+            let store = store.clone();
+            async move { on_delivery::<A>(&store, d, map, reply).await }
+        }
+    };
+    sluice_workers::run(&store, config, handler, cancel).await?;
+    Ok(())
+}

@@ -1,0 +1,327 @@
+//! A saga instance's durable log: `events.saga-<name>.<saga-id>` in `EVENTS`.
+//!
+//! Every transition is an event on that stream, appended with optimistic
+//! concurrency (`Exact(version)`), so the stream is the one arbiter between
+//! command handlers (replies, claims), the timer (timeouts) and any number of
+//! orchestrator replicas: whoever appends first wins, the others reload and
+//! find the question already answered.
+
+use futures::TryStreamExt;
+use serde::Serialize;
+use serde::de::DeserializeOwned;
+use serde_json::Value;
+use sluice_events::{EventId, EventStore, ExpectedVersion, NewEvent, StreamId};
+
+use crate::model::{Command, CommandKind, Definition, SagaError, SagaEvent, SagaState, react};
+
+/// Category prefix of saga streams: `saga-<name>`.
+pub const SAGA_CATEGORY_PREFIX: &str = "saga-";
+/// Category prefix of command subjects: `events.cmd-<category>.<target-id>`.
+pub const COMMAND_CATEGORY_PREFIX: &str = "cmd-";
+
+/// `sluice.saga.started.v1` `{ "data": <the flow's data> }`.
+pub const STARTED: &str = "sluice.saga.started.v1";
+/// `sluice.saga.step_claimed.v1` `{ "event": "step_claimed", "step", "attempt" }`.
+pub const STEP_CLAIMED: &str = "sluice.saga.step_claimed.v1";
+/// `sluice.saga.step_succeeded.v1`.
+pub const STEP_SUCCEEDED: &str = "sluice.saga.step_succeeded.v1";
+/// `sluice.saga.step_failed.v1`.
+pub const STEP_FAILED: &str = "sluice.saga.step_failed.v1";
+/// `sluice.saga.step_timed_out.v1`.
+pub const STEP_TIMED_OUT: &str = "sluice.saga.step_timed_out.v1";
+/// `sluice.saga.compensation_succeeded.v1`.
+pub const COMPENSATION_SUCCEEDED: &str = "sluice.saga.compensation_succeeded.v1";
+/// `sluice.saga.compensation_failed.v1`.
+pub const COMPENSATION_FAILED: &str = "sluice.saga.compensation_failed.v1";
+/// `sluice.saga.command.v1`: a [`CommandMessage`] on `events.cmd-<category>.<id>`.
+pub const COMMAND: &str = "sluice.saga.command.v1";
+
+/// How many times a guarded append reloads after losing a race.
+const MAX_RACES: usize = 32;
+
+/// The wire name of a saga event.
+pub fn event_type(event: &SagaEvent) -> &'static str {
+    match event {
+        SagaEvent::Started => STARTED,
+        SagaEvent::StepClaimed { .. } => STEP_CLAIMED,
+        SagaEvent::StepSucceeded { .. } => STEP_SUCCEEDED,
+        SagaEvent::StepFailed { .. } => STEP_FAILED,
+        SagaEvent::StepTimedOut { .. } => STEP_TIMED_OUT,
+        SagaEvent::CompensationSucceeded { .. } => COMPENSATION_SUCCEEDED,
+        SagaEvent::CompensationFailed { .. } => COMPENSATION_FAILED,
+    }
+}
+
+/// The stream of instance `id` of saga `name`.
+pub fn saga_stream(name: &str, id: &str) -> Result<StreamId, SagaError> {
+    Ok(StreamId::new(format!("{SAGA_CATEGORY_PREFIX}{name}"), id)?)
+}
+
+/// What travels on a command subject.
+#[derive(Debug, Clone, PartialEq, Serialize, serde::Deserialize)]
+pub struct CommandMessage {
+    /// The saga's name (which stream to reply to).
+    pub saga: String,
+    /// The saga instance.
+    pub saga_id: String,
+    /// The command.
+    pub command: Command,
+}
+
+/// The aggregate a command targets, from its payload's `target`
+/// (`{"category": "account", "id": "acc-1"}`).
+pub fn command_target(command: &Command) -> Result<StreamId, SagaError> {
+    let target = &command.payload["target"];
+    let (Some(category), Some(id)) = (target["category"].as_str(), target["id"].as_str()) else {
+        return Err(SagaError::Invalid(format!(
+            "command {} has no payload.target {{category, id}}",
+            command.id
+        )));
+    };
+    Ok(StreamId::new(category, id)?)
+}
+
+/// One stored transition.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct SagaRecord {
+    /// Its position in `EVENTS`.
+    pub position: u64,
+    /// Its event id.
+    pub id: String,
+    /// When it was appended (RFC 3339).
+    pub time: Option<String>,
+    /// The transition.
+    pub event: SagaEvent,
+}
+
+/// A saga instance's log as stored, read without its definition.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct SagaLog {
+    /// Saga name.
+    pub name: String,
+    /// Instance id.
+    pub id: String,
+    /// The flow's data from `Started` (`Null` if the instance is unknown).
+    pub data: Value,
+    /// Transitions in order.
+    pub records: Vec<SagaRecord>,
+    /// Position of the last transition (0 = unknown instance).
+    pub version: u64,
+}
+
+/// Where one command stands in a saga's log.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CommandStatus {
+    /// Neither claimed, answered nor timed out.
+    Open,
+    /// A handler claimed it (actions only).
+    Claimed,
+    /// Its deadline passed before anyone claimed it: it must not take effect.
+    TimedOut,
+    /// Its reply is recorded.
+    Answered,
+}
+
+impl SagaLog {
+    /// Where the command `(kind, step, attempt)` stands.
+    pub fn command_status(&self, kind: CommandKind, step: usize, attempt: u32) -> CommandStatus {
+        let mut status = CommandStatus::Open;
+        for r in &self.records {
+            let (s, a, st) = match (&r.event, kind) {
+                (SagaEvent::StepSucceeded { step, attempt, .. }, CommandKind::Action)
+                | (SagaEvent::StepFailed { step, attempt, .. }, CommandKind::Action)
+                | (SagaEvent::CompensationSucceeded { step, attempt }, CommandKind::Compensation)
+                | (
+                    SagaEvent::CompensationFailed { step, attempt, .. },
+                    CommandKind::Compensation,
+                ) => (*step, *attempt, CommandStatus::Answered),
+                (SagaEvent::StepTimedOut { step, attempt }, CommandKind::Action) => {
+                    (*step, *attempt, CommandStatus::TimedOut)
+                }
+                (SagaEvent::StepClaimed { step, attempt }, CommandKind::Action) => {
+                    (*step, *attempt, CommandStatus::Claimed)
+                }
+                _ => continue,
+            };
+            if s == step && a == attempt {
+                // Answered and TimedOut are final; a claim only upgrades Open.
+                match st {
+                    CommandStatus::Claimed if status == CommandStatus::Open => status = st,
+                    CommandStatus::Claimed => {}
+                    _ => return st,
+                }
+            }
+        }
+        status
+    }
+
+    /// Folds the log with its definition: the state, and for each record the
+    /// commands its transition produced (what must have been sent after it).
+    pub fn fold<D: DeserializeOwned + Clone>(
+        &self,
+        def: &Definition<D>,
+    ) -> Result<(SagaState<D>, Vec<Vec<Command>>), SagaError> {
+        let data: D = serde_json::from_value(self.data.clone()).map_err(|e| SagaError::Decode {
+            what: "saga data",
+            reason: e.to_string(),
+        })?;
+        let mut state = SagaState::new(self.id.clone(), data);
+        let mut commands = Vec::with_capacity(self.records.len());
+        for r in &self.records {
+            let (next, cmds) = react(def, &state, &r.event);
+            state = next;
+            commands.push(cmds);
+        }
+        Ok((state, commands))
+    }
+}
+
+/// Reads instance `id` of saga `name`.
+pub async fn read_log(store: &EventStore, name: &str, id: &str) -> Result<SagaLog, SagaError> {
+    let stream = saga_stream(name, id)?;
+    let mut events = store.read(&stream, 1).await?;
+    let mut log = SagaLog {
+        name: name.to_owned(),
+        id: id.to_owned(),
+        data: Value::Null,
+        records: Vec::new(),
+        version: 0,
+    };
+    while let Some(recorded) = events.try_next().await? {
+        let env = &recorded.envelope;
+        let event = if env.event_type == STARTED {
+            let v: Value = env.data_as()?;
+            log.data = v.get("data").cloned().unwrap_or(Value::Null);
+            SagaEvent::Started
+        } else {
+            serde_json::from_slice(&env.data).map_err(|e| SagaError::Decode {
+                what: "saga event",
+                reason: format!("{} at {}: {e}", env.event_type, recorded.position),
+            })?
+        };
+        log.version = recorded.position;
+        log.records.push(SagaRecord {
+            position: recorded.position,
+            id: env.id.as_str().to_owned(),
+            time: env.time_rfc3339(),
+            event,
+        });
+    }
+    Ok(log)
+}
+
+fn encode(event: &SagaEvent, id: &str, saga_id: &str) -> Result<NewEvent, SagaError> {
+    let data = serde_json::to_vec(event).map_err(|e| SagaError::Decode {
+        what: "saga event",
+        reason: e.to_string(),
+    })?;
+    Ok(NewEvent::new(event_type(event), data)
+        .with_id(EventId::parse(id)?)
+        .with_source("urn:sluice:saga")
+        .with_correlation_id(saga_id))
+}
+
+/// What the start of an instance did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Started {
+    /// Position of the `Started` event (pass it as `min_position`).
+    pub position: u64,
+    /// False when the instance already existed (a repeated start).
+    pub created: bool,
+}
+
+/// Starts instance `id` of `def` with `data`: appends `Started` to a new
+/// stream. Starting an existing id again is a no-op reporting the first
+/// start, so a client may retry with the same id.
+pub async fn start<D: Serialize>(
+    store: &EventStore,
+    def: &Definition<D>,
+    id: &str,
+    data: &D,
+) -> Result<Started, SagaError> {
+    if id.len() > 64 {
+        // Command ids embed the saga id and must stay within 128 characters.
+        return Err(SagaError::Invalid(format!(
+            "saga id {:?}... is longer than 64 characters",
+            id.chars().take(16).collect::<String>()
+        )));
+    }
+    let stream = saga_stream(def.name(), id)?;
+    let body = serde_json::to_vec(&serde_json::json!({ "data": data })).map_err(|e| {
+        SagaError::Decode {
+            what: "saga data",
+            reason: e.to_string(),
+        }
+    })?;
+    let event = NewEvent::new(STARTED, body)
+        .with_id(EventId::parse(&format!("{id}/started"))?)
+        .with_source("urn:sluice:saga")
+        .with_correlation_id(id);
+    match store
+        .append(&stream, ExpectedVersion::NoStream, vec![event])
+        .await
+    {
+        Ok(r) => Ok(Started {
+            position: r.positions.first().copied().unwrap_or(r.version),
+            created: !r.deduplicated,
+        }),
+        Err(e) if e.is_conflict() => {
+            let log = read_log(store, def.name(), id).await?;
+            Ok(Started {
+                position: log.records.first().map_or(log.version, |r| r.position),
+                created: false,
+            })
+        }
+        Err(e) => Err(e.into()),
+    }
+}
+
+/// What [`append_guarded`] did.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Guarded {
+    /// The event was appended at this position.
+    Appended(u64),
+    /// The guard said no (with why); nothing was appended.
+    Refused(&'static str),
+}
+
+/// Appends the event `decide` returns for the current log, with optimistic
+/// concurrency on the log's version; on a conflict it reloads and asks
+/// `decide` again. This is how every party writes to a saga: the guard runs
+/// against exactly the log the append extends.
+pub async fn append_guarded(
+    store: &EventStore,
+    name: &str,
+    saga_id: &str,
+    mut decide: impl FnMut(&SagaLog) -> Result<(SagaEvent, String), &'static str>,
+) -> Result<Guarded, SagaError> {
+    let stream = saga_stream(name, saga_id)?;
+    for _ in 0..MAX_RACES {
+        let log = read_log(store, name, saga_id).await?;
+        if log.version == 0 {
+            return Ok(Guarded::Refused("unknown saga instance"));
+        }
+        let (event, event_id) = match decide(&log) {
+            Ok(x) => x,
+            Err(why) => return Ok(Guarded::Refused(why)),
+        };
+        let new = encode(&event, &event_id, saga_id)?;
+        match store
+            .append(&stream, ExpectedVersion::Exact(log.version), vec![new])
+            .await
+        {
+            Ok(r) => return Ok(Guarded::Appended(r.version)),
+            Err(e) if e.is_conflict() => {
+                tracing::debug!(
+                    saga = name,
+                    saga_id,
+                    "lost a race on the saga log; reloading"
+                );
+            }
+            Err(e) => return Err(e.into()),
+        }
+    }
+    Err(SagaError::Invalid(format!(
+        "saga {name}/{saga_id}: still conflicting after {MAX_RACES} reloads"
+    )))
+}

@@ -1,0 +1,516 @@
+//! Sagas against a real nats-server: the ledger's transfer flow end to end,
+//! crashes of the orchestrator, replicas, timeouts that fire while no
+//! orchestrator runs, late timeouts and late commands, and compensations that
+//! cannot succeed.
+
+use std::time::{Duration, Instant};
+
+use futures::TryStreamExt;
+use sluice_events::{EventStore, StreamId, execute, load};
+use sluice_ledger::{
+    Account, AccountCommand, DEPOSITED, TRANSFER_SAGA, TransferRoleConfig, WITHDRAWN,
+    run_account_commands, run_transfer_orchestrator, run_transfer_role, start_transfer,
+    transfer_status,
+};
+use sluice_sagas::{SagaEvent, TIMERS_STREAM, read_log};
+use sluice_testkit::NatsServer;
+use sluice_workers::{RetryPolicy, WorkerConfig};
+use tokio::task::JoinHandle;
+use tokio_util::sync::CancellationToken;
+
+// Durable names used here (constants: renaming one re-consumes every event).
+const SRC_COMMANDS: &str = "test-src-commands";
+const DST_COMMANDS: &str = "test-dst-commands";
+
+/// Short timings so the suite stays fast; the ratios the worker runtime
+/// checks (retry cap < ack wait < pin timeout) still hold.
+fn fast(mut c: WorkerConfig) -> WorkerConfig {
+    c.ack_wait = Duration::from_secs(2);
+    c.pin_timeout = Duration::from_secs(3);
+    c.redelivery_settle = Duration::from_millis(100);
+    c.retry = RetryPolicy {
+        base: Duration::from_millis(50),
+        cap: Duration::from_secs(1),
+        max_attempts: 5,
+    };
+    c
+}
+
+fn role(deadline: Duration) -> TransferRoleConfig {
+    let mut c = TransferRoleConfig::default();
+    c.orchestrator.worker = fast(c.orchestrator.worker);
+    c.orchestrator.timer_retry = Duration::from_millis(200);
+    c.handler = fast(c.handler);
+    c.deadline = deadline;
+    c
+}
+
+/// A command handler serving only `account`'s commands (to stall others).
+fn handler_for(name: &'static str, account: &str) -> WorkerConfig {
+    let mut c = fast(WorkerConfig::new(name));
+    c.filter_subjects = vec![format!("events.cmd-account.{account}")];
+    c
+}
+
+struct Running {
+    cancel: CancellationToken,
+    task: JoinHandle<()>,
+}
+
+impl Running {
+    async fn stop(self) {
+        self.cancel.cancel();
+        let _ = self.task.await;
+    }
+}
+
+fn spawn<F, Fut>(f: F) -> Running
+where
+    F: FnOnce(CancellationToken) -> Fut,
+    Fut: Future<Output = Result<(), sluice_sagas::SagaError>> + Send + 'static,
+{
+    let cancel = CancellationToken::new();
+    let fut = f(cancel.clone());
+    let task = tokio::spawn(async move {
+        if let Err(e) = fut.await {
+            panic!("saga role failed: {e}");
+        }
+    });
+    Running { cancel, task }
+}
+
+fn role_task(store: &EventStore, config: TransferRoleConfig) -> Running {
+    let store = store.clone();
+    spawn(move |c| async move { run_transfer_role(&store, config, c).await })
+}
+
+fn orchestrator_task(store: &EventStore, config: TransferRoleConfig) -> Running {
+    let store = store.clone();
+    spawn(move |c| async move { run_transfer_orchestrator(&store, &config, c).await })
+}
+
+fn handler_task(store: &EventStore, config: WorkerConfig) -> Running {
+    let store = store.clone();
+    spawn(move |c| async move { run_account_commands(&store, config, c).await })
+}
+
+async fn open(store: &EventStore, id: &str, currency: &str, deposit: i64) {
+    execute::<Account>(
+        store,
+        id,
+        &AccountCommand::Open {
+            owner: format!("owner of {id}"),
+            currency: currency.into(),
+        },
+        3,
+    )
+    .await
+    .unwrap();
+    if deposit > 0 {
+        execute::<Account>(
+            store,
+            id,
+            &AccountCommand::Deposit {
+                amount: deposit,
+                currency: None,
+            },
+            3,
+        )
+        .await
+        .unwrap();
+    }
+}
+
+async fn close(store: &EventStore, id: &str) {
+    execute::<Account>(store, id, &AccountCommand::Close, 3)
+        .await
+        .unwrap();
+}
+
+async fn balance(store: &EventStore, id: &str) -> i64 {
+    let (a, _) = load::<Account>(store, &StreamId::new("account", id).unwrap())
+        .await
+        .unwrap();
+    a.balance()
+}
+
+/// Event types of a stream, in order.
+async fn types(store: &EventStore, category: &str, id: &str) -> Vec<String> {
+    store
+        .read(&StreamId::new(category, id).unwrap(), 1)
+        .await
+        .unwrap()
+        .map_ok(|e| e.envelope.event_type)
+        .try_collect()
+        .await
+        .unwrap()
+}
+
+async fn saga_events(store: &EventStore, id: &str) -> Vec<SagaEvent> {
+    read_log(store, TRANSFER_SAGA, id)
+        .await
+        .unwrap()
+        .records
+        .into_iter()
+        .map(|r| r.event)
+        .collect()
+}
+
+async fn wait_state(store: &EventStore, id: &str, state: &str, timeout: Duration) -> String {
+    let deadline = Instant::now() + timeout;
+    loop {
+        let view = transfer_status(store, id).await.unwrap();
+        if let Some(v) = view.as_ref().filter(|v| v.state == state) {
+            return v.reason.clone().unwrap_or_default();
+        }
+        assert!(
+            Instant::now() < deadline,
+            "transfer {id} not {state} after {timeout:?}: {view:?}\n{:?}",
+            saga_events(store, id).await
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+async fn wait_for(what: &str, timeout: Duration, mut check: impl AsyncFnMut() -> bool) {
+    let deadline = Instant::now() + timeout;
+    while !check().await {
+        assert!(Instant::now() < deadline, "timed out waiting for {what}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+fn kinds(events: &[SagaEvent]) -> Vec<&'static str> {
+    events.iter().map(sluice_sagas::event_type).collect()
+}
+
+const HAPPY: [&str; 5] = [
+    sluice_sagas::STARTED,
+    sluice_sagas::STEP_CLAIMED,
+    sluice_sagas::STEP_SUCCEEDED,
+    sluice_sagas::STEP_CLAIMED,
+    sluice_sagas::STEP_SUCCEEDED,
+];
+
+#[tokio::test]
+async fn a_transfer_moves_money_once_and_a_repeated_start_starts_nothing() {
+    let nats = NatsServer::start();
+    let store = nats.store().await;
+    open(&store, "a", "EUR", 100).await;
+    open(&store, "b", "EUR", 0).await;
+    let role = role_task(&store, role(Duration::from_secs(30)));
+
+    let t = start_transfer(&store, Some("t-1"), "a", "b", 40)
+        .await
+        .unwrap();
+    assert!(t.created);
+    let again = start_transfer(&store, Some("t-1"), "a", "b", 40)
+        .await
+        .unwrap();
+    assert_eq!((again.created, again.position), (false, t.position));
+    wait_state(&store, "t-1", "completed", Duration::from_secs(20)).await;
+
+    assert_eq!(
+        (balance(&store, "a").await, balance(&store, "b").await),
+        (60, 40)
+    );
+    assert_eq!(kinds(&saga_events(&store, "t-1").await), HAPPY);
+    let view = transfer_status(&store, "t-1").await.unwrap().unwrap();
+    assert_eq!(
+        (view.from.as_str(), view.to.as_str(), view.amount),
+        ("a", "b", 40)
+    );
+    // The money moved through the events the read models already know,
+    // tagged with the transfer.
+    let src: Vec<_> = store
+        .read(&StreamId::new("account", "a").unwrap(), 1)
+        .await
+        .unwrap()
+        .try_collect()
+        .await
+        .unwrap();
+    let debit = src.last().unwrap();
+    assert_eq!(debit.envelope.event_type, WITHDRAWN);
+    assert_eq!(debit.envelope.correlation_id.as_deref(), Some("t-1"));
+    assert_eq!(debit.envelope.causation_id.as_deref(), Some("t-1/debit"));
+    role.stop().await;
+}
+
+#[tokio::test]
+async fn refused_credits_refund_the_source() {
+    let nats = NatsServer::start();
+    let store = nats.store().await;
+    open(&store, "a", "EUR", 100).await;
+    open(&store, "closed", "EUR", 0).await;
+    close(&store, "closed").await;
+    open(&store, "usd", "USD", 0).await;
+    let role = role_task(&store, role(Duration::from_secs(30)));
+
+    for (id, to, why) in [
+        ("t-closed", "closed", "closed"),
+        ("t-usd", "usd", "currency mismatch"),
+        ("t-unknown", "nobody", "does not exist"),
+    ] {
+        start_transfer(&store, Some(id), "a", to, 30).await.unwrap();
+        let reason = wait_state(&store, id, "compensated", Duration::from_secs(20)).await;
+        assert!(reason.contains(why), "{id}: {reason}");
+    }
+    // Not enough money: the debit fails, nothing to undo.
+    start_transfer(&store, Some("t-poor"), "a", "usd", 1000)
+        .await
+        .unwrap();
+    let reason = wait_state(&store, "t-poor", "compensated", Duration::from_secs(20)).await;
+    assert!(reason.contains("insufficient funds"), "{reason}");
+
+    assert_eq!(balance(&store, "a").await, 100);
+    assert_eq!(balance(&store, "usd").await, 0);
+    // Three debits and three refunds, nothing else.
+    let a = types(&store, "account", "a").await;
+    assert_eq!(a.iter().filter(|t| *t == WITHDRAWN).count(), 3);
+    assert_eq!(a.iter().filter(|t| *t == DEPOSITED).count(), 1 + 3);
+    role.stop().await;
+}
+
+#[tokio::test]
+async fn a_transition_stored_but_not_sent_goes_out_once_after_restart() {
+    let nats = NatsServer::start();
+    let store = nats.store().await;
+    open(&store, "a", "EUR", 100).await;
+    open(&store, "b", "EUR", 0).await;
+    let handler = handler_task(
+        &store,
+        fast(WorkerConfig::new(sluice_ledger::ACCOUNT_COMMANDS)),
+    );
+
+    // No orchestrator runs: the transition is durable, its command unsent,
+    // which is exactly what a kill between the two leaves behind.
+    start_transfer(&store, Some("t-crash"), "a", "b", 25)
+        .await
+        .unwrap();
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert!(types(&store, "cmd-account", "a").await.is_empty());
+    assert_eq!(balance(&store, "a").await, 100);
+
+    // And a previous orchestrator that did send it but died before its ack:
+    // the restarted one sends the same command id again.
+    let log = read_log(&store, TRANSFER_SAGA, "t-crash").await.unwrap();
+    let def = sluice_ledger::transfer_definition(Duration::from_secs(30)).unwrap();
+    let (_, commands) = log.fold(&def).unwrap();
+    sluice_sagas::send_command(&store, TRANSFER_SAGA, "t-crash", &commands[0][0])
+        .await
+        .unwrap();
+
+    let config = role(Duration::from_secs(30));
+    let first = orchestrator_task(&store, config.clone());
+    // A second replica on the same instances, started at once.
+    let second = orchestrator_task(&store, config);
+    wait_state(&store, "t-crash", "completed", Duration::from_secs(30)).await;
+    assert_eq!(
+        types(&store, "cmd-account", "a").await.len(),
+        1,
+        "debit sent once"
+    );
+    assert_eq!(
+        types(&store, "cmd-account", "b").await.len(),
+        1,
+        "credit sent once"
+    );
+    assert_eq!(
+        (balance(&store, "a").await, balance(&store, "b").await),
+        (75, 25)
+    );
+    assert_eq!(kinds(&saga_events(&store, "t-crash").await), HAPPY);
+    first.stop().await;
+    second.stop().await;
+    handler.stop().await;
+}
+
+#[tokio::test]
+async fn two_replicas_advance_each_instance_once() {
+    let nats = NatsServer::start();
+    let store = nats.store().await;
+    let other = nats.store().await;
+    open(&store, "a", "EUR", 1_000).await;
+    open(&store, "b", "EUR", 0).await;
+    open(&store, "c", "EUR", 0).await;
+    close(&store, "c").await;
+    let config = role(Duration::from_secs(30));
+    let r1 = role_task(&store, config.clone());
+    let r2 = role_task(&other, config);
+
+    let n = 20;
+    for i in 0..n {
+        // Every fourth one compensates.
+        let to = if i % 4 == 3 { "c" } else { "b" };
+        start_transfer(&store, Some(&format!("t-{i}")), "a", to, 10)
+            .await
+            .unwrap();
+    }
+    let mut completed = 0;
+    for i in 0..n {
+        let id = format!("t-{i}");
+        let state = if i % 4 == 3 {
+            "compensated"
+        } else {
+            "completed"
+        };
+        wait_state(&store, &id, state, Duration::from_secs(40)).await;
+        let events = saga_events(&store, &id).await;
+        if state == "completed" {
+            completed += 1;
+            assert_eq!(kinds(&events), HAPPY, "{id}");
+        } else {
+            assert_eq!(
+                kinds(&events),
+                [
+                    sluice_sagas::STARTED,
+                    sluice_sagas::STEP_CLAIMED,
+                    sluice_sagas::STEP_SUCCEEDED,
+                    sluice_sagas::STEP_FAILED,
+                    sluice_sagas::COMPENSATION_SUCCEEDED,
+                ],
+                "{id}"
+            );
+        }
+    }
+    assert_eq!(balance(&store, "b").await, completed * 10);
+    assert_eq!(balance(&store, "a").await, 1_000 - completed * 10);
+    let a = types(&store, "account", "a").await;
+    assert_eq!(a.iter().filter(|t| *t == WITHDRAWN).count(), n);
+    r1.stop().await;
+    r2.stop().await;
+}
+
+#[tokio::test]
+async fn a_timeout_that_fires_while_no_orchestrator_runs_compensates_after_restart() {
+    let nats = NatsServer::start();
+    let store = nats.store().await;
+    open(&store, "src", "EUR", 100).await;
+    open(&store, "dst", "EUR", 0).await;
+    let config = role(Duration::from_secs(2));
+    // Only the source's commands are handled: the credit stalls.
+    let src = handler_task(&store, handler_for(SRC_COMMANDS, "src"));
+    let orchestrator = orchestrator_task(&store, config.clone());
+    start_transfer(&store, Some("t-late"), "src", "dst", 60)
+        .await
+        .unwrap();
+    wait_for("the credit command", Duration::from_secs(20), async || {
+        !types(&store, "cmd-account", "dst").await.is_empty()
+    })
+    .await;
+    orchestrator.stop().await;
+    assert_eq!(balance(&store, "src").await, 40);
+
+    // The deadline (2 s) passes while no orchestrator runs.
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    assert_eq!(
+        transfer_status(&store, "t-late")
+            .await
+            .unwrap()
+            .unwrap()
+            .state,
+        "pending"
+    );
+    let orchestrator = orchestrator_task(&store, config);
+    let reason = wait_state(&store, "t-late", "compensated", Duration::from_secs(20)).await;
+    assert!(reason.contains("timed out"), "{reason}");
+    assert_eq!(balance(&store, "src").await, 100);
+
+    // The target's handler comes back: the late credit must not apply.
+    let dst = handler_task(&store, handler_for(DST_COMMANDS, "dst"));
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    assert_eq!(balance(&store, "dst").await, 0);
+    assert!(
+        !types(&store, "account", "dst")
+            .await
+            .contains(&DEPOSITED.to_owned())
+    );
+    assert_eq!(
+        transfer_status(&store, "t-late")
+            .await
+            .unwrap()
+            .unwrap()
+            .state,
+        "compensated"
+    );
+    for r in [orchestrator, src, dst] {
+        r.stop().await;
+    }
+}
+
+#[tokio::test]
+async fn a_late_timeout_for_a_completed_step_is_ignored() {
+    let nats = NatsServer::start();
+    let store = nats.store().await;
+    open(&store, "a", "EUR", 100).await;
+    open(&store, "b", "EUR", 0).await;
+    let role = role_task(&store, role(Duration::from_secs(3)));
+    start_transfer(&store, Some("t-quick"), "a", "b", 10)
+        .await
+        .unwrap();
+    wait_state(&store, "t-quick", "completed", Duration::from_secs(20)).await;
+
+    // Both deadlines fire after their steps completed.
+    let js = store.jetstream();
+    wait_for(
+        "both deadlines to fire",
+        Duration::from_secs(10),
+        async || {
+            let mut stream = js.get_stream(TIMERS_STREAM).await.unwrap();
+            let info = stream.info().await.unwrap();
+            // The schedules are gone once fired.
+            let scheduled = info.state.messages;
+            let mut consumer: async_nats::jetstream::consumer::PullConsumer = stream
+                .get_consumer("ledger-transfer-saga-timers")
+                .await
+                .unwrap();
+            let c = consumer.info().await.unwrap();
+            c.delivered.consumer_sequence >= 2
+                && c.ack_floor.consumer_sequence >= 2
+                && scheduled == 2
+        },
+    )
+    .await;
+    let events = saga_events(&store, "t-quick").await;
+    assert_eq!(kinds(&events), HAPPY);
+    assert_eq!(balance(&store, "b").await, 10);
+    role.stop().await;
+}
+
+#[tokio::test]
+async fn a_refund_that_cannot_succeed_needs_attention() {
+    let nats = NatsServer::start();
+    let store = nats.store().await;
+    open(&store, "src", "EUR", 100).await;
+    open(&store, "dst", "EUR", 0).await;
+    close(&store, "dst").await;
+    let config = role(Duration::from_secs(30));
+    let orchestrator = orchestrator_task(&store, config);
+    let src = handler_task(&store, handler_for(SRC_COMMANDS, "src"));
+    start_transfer(&store, Some("t-stuck"), "src", "dst", 100)
+        .await
+        .unwrap();
+    wait_for("the debit", Duration::from_secs(20), async || {
+        balance(&store, "src").await == 0
+    })
+    .await;
+    // The source is closed while the money is in flight: the refund will
+    // be refused for good.
+    close(&store, "src").await;
+    let dst = handler_task(&store, handler_for(DST_COMMANDS, "dst"));
+    let reason = wait_state(
+        &store,
+        "t-stuck",
+        "needs_attention",
+        Duration::from_secs(20),
+    )
+    .await;
+    assert!(
+        reason.contains("compensation of step debit failed permanently"),
+        "{reason}"
+    );
+    assert!(reason.contains("closed"), "{reason}");
+    for r in [orchestrator, src, dst] {
+        r.stop().await;
+    }
+}
