@@ -895,7 +895,8 @@ async fn child_projector_process() {
         ..config()
     };
     let _running = start_ledger(&db, &store, small).await;
-    std::future::pending::<()>().await;
+    // Normally killed within a second; never outlive a parent that died.
+    tokio::time::sleep(Duration::from_secs(60)).await;
 }
 
 /// The projector runs in a child process killed with SIGKILL at random
