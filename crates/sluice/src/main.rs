@@ -15,6 +15,7 @@ mod consumer_cmd;
 mod dlq_cmd;
 mod endpoint;
 mod http;
+mod projection_cmd;
 mod up;
 
 /// Exit code for an optimistic-concurrency conflict.
@@ -50,6 +51,10 @@ enum Command {
     Tail(commands::TailArgs),
     /// Server version, stream state and a durability check.
     Status(commands::StatusArgs),
+    /// Rows of a projection (one by key, or a page).
+    Query(QueryCmd),
+    /// Projections: list, rebuild (blue/green), reset.
+    Projection(ProjectionArgs),
     /// Dead letters: list, show, redrive, discard.
     Dlq(DlqArgs),
     /// Durable consumers: list, pause (kill switch), resume.
@@ -57,6 +62,29 @@ enum Command {
     /// Benchmarks against a freshly started server.
     #[command(subcommand)]
     Bench(bench::BenchCommand),
+}
+
+/// `sluice query ...`.
+#[derive(Debug, clap::Args)]
+struct QueryCmd {
+    #[command(flatten)]
+    args: projection_cmd::QueryArgs,
+    /// Read store (default: SQLite under the home directory).
+    #[arg(long, env = "SLUICE_DATABASE_URL")]
+    database_url: Option<String>,
+}
+
+/// `sluice projection ...`.
+#[derive(Debug, clap::Args)]
+struct ProjectionArgs {
+    #[command(subcommand)]
+    cmd: projection_cmd::ProjectionCommand,
+    /// One JSON object per line instead of a table.
+    #[arg(long, global = true)]
+    json: bool,
+    /// Read store (default: SQLite under the home directory).
+    #[arg(long, global = true, env = "SLUICE_DATABASE_URL")]
+    database_url: Option<String>,
 }
 
 /// `sluice dlq ...`.
@@ -117,6 +145,14 @@ async fn main() -> ExitCode {
             .await
             .map(|()| ExitCode::SUCCESS),
         Command::Bench(cmd) => bench::run(cmd).await.map(|()| ExitCode::SUCCESS),
+        Command::Query(q) => projection_cmd::query(q.args, cli.nats_url, &cli.home, q.database_url)
+            .await
+            .map(|()| ExitCode::SUCCESS),
+        Command::Projection(p) => {
+            projection_cmd::projection(p.cmd, p.json, cli.nats_url, &cli.home, p.database_url)
+                .await
+                .map(|()| ExitCode::SUCCESS)
+        }
         Command::Dlq(a) => match endpoint::resolve(cli.nats_url, &cli.home) {
             Ok(url) => dlq_cmd::run(a.cmd, &url, a.json).await,
             Err(e) => Err(e),

@@ -254,6 +254,33 @@ fn up_publish_read_tail_status_and_clean_shutdown() {
     assert_eq!(status, 200, "{body}");
     assert!(body.contains("\"balance\":12"), "{body}");
 
+    // The read side from the command line.
+    let o = sluice(
+        home.path(),
+        &["query", "account_balances", "acc-1", "--json"],
+    );
+    let (out, err) = text(&o);
+    assert!(o.status.success(), "{err}");
+    assert!(out.contains("\"balance\":12"), "{out}");
+    let o = sluice(home.path(), &["projection", "list", "--json"]);
+    let (out, err) = text(&o);
+    assert!(o.status.success(), "{err}");
+    assert_eq!(out.lines().count(), 2, "{out}");
+    let o = sluice(
+        home.path(),
+        &["projection", "rebuild", "account_balances", "--json"],
+    );
+    let (out, err) = text(&o);
+    assert!(o.status.success(), "{out}{err}");
+    assert!(out.contains("\"position\":3"), "{out}");
+    let (status, body) = http_get(&http, "/v1/projections/account_balances/rows/acc-1");
+    assert_eq!(status, 200);
+    assert!(body.contains("\"balance\":12"), "after the switch: {body}");
+    let o = sluice(home.path(), &["projection", "reset", "account_activity"]);
+    assert_eq!(o.status.code(), Some(1), "reset without --yes must refuse");
+    let o = sluice(home.path(), &["query", "no_such_projection"]);
+    assert!(!o.status.success());
+
     // The operator commands reach the same server.
     for args in [
         &["dlq", "list", "--json"][..],
@@ -293,8 +320,31 @@ fn up_publish_read_tail_status_and_clean_shutdown() {
         "nats-server still listening"
     );
 
-    // Data survives: a new `up` on the same home sees the events.
+    // Data survives: a new `up` on the same home sees the events, and a lost
+    // read store is rebuilt from the log by itself.
+    for entry in std::fs::read_dir(home.path()).unwrap() {
+        let p = entry.unwrap().path();
+        if p.file_name()
+            .unwrap()
+            .to_string_lossy()
+            .starts_with("read.db")
+        {
+            std::fs::remove_file(p).unwrap();
+        }
+    }
     let _up = start_up(home.path());
+    let endpoint: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(home.path().join("endpoint.json")).unwrap()).unwrap();
+    let http = endpoint["http_addr"].as_str().unwrap().to_owned();
+    let (status, body) = http_get(
+        &http,
+        "/v1/projections/account_balances/rows/acc-1?min_position=3",
+    );
+    assert_eq!(status, 200, "{body}");
+    assert!(
+        body.contains("\"balance\":12"),
+        "rebuilt from the log: {body}"
+    );
     let o = sluice(home.path(), &["read", "account/acc-1", "--json"]);
     assert_eq!(text(&o).0.lines().count(), 3);
 }
