@@ -1229,3 +1229,71 @@ async fn bench_projections_small() {
         db.close().await;
     }
 }
+
+/// The CLI's read-side commands as library calls: query, list, rebuild
+/// (with progress), reset (refused without confirmation).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cli_commands_query_list_rebuild_reset() {
+    use sluice_ledger::cli;
+    let nats = NatsServer::start();
+    let rs = Store::fresh(Backend::Sqlite).await;
+    let side = ReadSide::connect(&nats.url(), &rs.url).await.unwrap();
+    let work = workload(5, 4, 41);
+    let last = append_workload(&side.store, &work).await;
+    let running = start_ledger(&side.db, &side.store, config()).await;
+    wait_checkpoint(&side.db, ACCOUNT_BALANCES, last, Duration::from_secs(20)).await;
+    wait_checkpoint(&side.db, ACCOUNT_ACTIVITY, last, Duration::from_secs(20)).await;
+
+    let mut out = Vec::new();
+    cli::query(&side, ACCOUNT_BALANCES, Some("acc-2"), 100, true, &mut out)
+        .await
+        .unwrap();
+    let row: serde_json::Value = serde_json::from_slice(&out).unwrap();
+    assert_eq!(row["balance"], work[2].2);
+
+    let mut out = Vec::new();
+    cli::query(&side, ACCOUNT_ACTIVITY, None, 3, false, &mut out)
+        .await
+        .unwrap();
+    assert_eq!(String::from_utf8(out).unwrap().lines().count(), 3);
+
+    let err = cli::query(&side, "nope", None, 3, false, &mut Vec::new())
+        .await
+        .unwrap_err();
+    assert_eq!(err.exit_code(), 2);
+
+    let mut out = Vec::new();
+    cli::list(&side, false, &mut out).await.unwrap();
+    let text = String::from_utf8(out).unwrap();
+    assert!(
+        text.contains("account_balances") && text.contains("running"),
+        "{text}"
+    );
+
+    let mut progress = Vec::new();
+    let done = cli::rebuild(
+        &side,
+        ACCOUNT_BALANCES,
+        &mut progress,
+        CancellationToken::new(),
+    )
+    .await
+    .unwrap();
+    assert!(done);
+    let text = String::from_utf8(progress).unwrap();
+    assert!(text.contains("switched to the rebuilt tables"), "{text}");
+
+    let err = cli::reset(&side, ACCOUNT_ACTIVITY, false)
+        .await
+        .unwrap_err();
+    assert_eq!(err.exit_code(), 2);
+    cli::reset(&side, ACCOUNT_ACTIVITY, true).await.unwrap();
+    // The running projector follows the reset and replays.
+    wait_checkpoint(&side.db, ACCOUNT_ACTIVITY, last, Duration::from_secs(20)).await;
+    running.stop().await;
+    assert_eq!(
+        activity_positions(&side.db).await,
+        log_positions(&side.store).await
+    );
+    assert_balances(&balances(&side.db).await, &work);
+}

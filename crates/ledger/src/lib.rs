@@ -15,6 +15,7 @@
 
 mod account;
 pub mod bench;
+pub mod cli;
 mod events;
 mod fold;
 mod read_models;
@@ -48,4 +49,31 @@ pub enum Error {
     /// The event store failed.
     #[error(transparent)]
     Events(#[from] sluice_events::Error),
+    /// No projection of that name (CLI).
+    #[error("unknown projection {0:?}; known: account_balances, account_activity")]
+    UnknownProjection(String),
+    /// No row with that key (CLI).
+    #[error("no row {key:?} in {projection}")]
+    NotFound {
+        /// The projection.
+        projection: String,
+        /// The key asked for.
+        key: String,
+    },
+    /// A destructive command without its confirmation flag (CLI).
+    #[error("{0}")]
+    NotConfirmed(&'static str),
+    /// Writing the output failed (CLI).
+    #[error("writing output: {0}")]
+    Io(#[from] std::io::Error),
+}
+
+impl Error {
+    /// The process exit code for the CLI: 2 for usage mistakes, 1 otherwise.
+    pub fn exit_code(&self) -> u8 {
+        match self {
+            Self::UnknownProjection(_) | Self::NotConfirmed(_) => 2,
+            _ => 1,
+        }
+    }
 }

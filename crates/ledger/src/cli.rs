@@ -1,0 +1,219 @@
+//! What the `sluice` CLI prints for the read side, as library functions the
+//! binary wires to its subcommands (`sluice query`, `sluice projection
+//! list|rebuild|reset`). Output goes to the writer given; progress of a
+//! rebuild goes to `progress` (stderr in the binary).
+
+use std::io::Write;
+use std::sync::Arc;
+
+use sluice_projections::{Projection, ReadModel, RebuildProgress, RunnerConfig, projection_status};
+use tokio_util::sync::CancellationToken;
+
+use crate::Error;
+use crate::read_models::{ACCOUNT_ACTIVITY, ACCOUNT_BALANCES, AccountActivity, AccountBalances};
+use crate::service::ReadSide;
+
+/// The projections the CLI knows, by constant name.
+pub const PROJECTIONS: [&str; 2] = [ACCOUNT_BALANCES, ACCOUNT_ACTIVITY];
+
+fn read_model(name: &str) -> Result<Arc<dyn ReadModel>, Error> {
+    match name {
+        ACCOUNT_BALANCES => Ok(Arc::new(AccountBalances::new())),
+        ACCOUNT_ACTIVITY => Ok(Arc::new(AccountActivity)),
+        other => Err(Error::UnknownProjection(other.chars().take(64).collect())),
+    }
+}
+
+/// `sluice query <projection> [<key>] [--json]`: one row, or the first
+/// `limit` rows.
+pub async fn query(
+    side: &ReadSide,
+    projection: &str,
+    key: Option<&str>,
+    limit: u32,
+    json: bool,
+    out: &mut (dyn Write + Send),
+) -> Result<(), Error> {
+    let model = read_model(projection)?;
+    let mut conn = side
+        .db
+        .pool()
+        .acquire()
+        .await
+        .map_err(sluice_projections::Error::from)?;
+    let rows = match key {
+        Some(k) => match model
+            .get(&mut conn, k)
+            .await
+            .map_err(sluice_projections::Error::from)?
+        {
+            Some(row) => vec![row],
+            None => {
+                return Err(Error::NotFound {
+                    projection: projection.to_owned(),
+                    key: k.to_owned(),
+                });
+            }
+        },
+        None => {
+            model
+                .list(&mut conn, None, limit.clamp(1, 10_000))
+                .await
+                .map_err(sluice_projections::Error::from)?
+                .rows
+        }
+    };
+    if json {
+        let value = if key.is_some() {
+            rows.into_iter().next().unwrap_or_default()
+        } else {
+            serde_json::Value::Array(rows)
+        };
+        writeln!(out, "{value}")?;
+    } else {
+        for row in rows {
+            let fields: Vec<String> = row
+                .as_object()
+                .map(|o| o.iter().map(|(k, v)| format!("{k}={v}")).collect())
+                .unwrap_or_default();
+            writeln!(out, "{}", fields.join("  "))?;
+        }
+    }
+    Ok(())
+}
+
+/// `sluice projection list [--json]`.
+pub async fn list(side: &ReadSide, json: bool, out: &mut (dyn Write + Send)) -> Result<(), Error> {
+    let mut all = Vec::new();
+    for name in PROJECTIONS {
+        all.push(projection_status(&side.db, &side.store, name, None).await?);
+    }
+    if json {
+        writeln!(
+            out,
+            "{}",
+            serde_json::to_string(&all).unwrap_or_else(|_| "[]".to_owned())
+        )?;
+        return Ok(());
+    }
+    writeln!(
+        out,
+        "{:<18} {:<10} {:>10} {:>10} {:>10} {:>8} {:>6}",
+        "PROJECTION", "STATE", "CHECKPOINT", "LAG", "LAG (s)", "DEAD", "PARKED"
+    )?;
+    for s in all {
+        let state = serde_json::to_value(s.state)
+            .ok()
+            .and_then(|v| v.as_str().map(str::to_owned))
+            .unwrap_or_default();
+        writeln!(
+            out,
+            "{:<18} {:<10} {:>10} {:>10} {:>10.1} {:>8} {:>6}",
+            s.name,
+            state,
+            s.checkpoint,
+            s.lag_events,
+            s.lag_seconds,
+            s.dead_letters,
+            s.parked_aggregates
+        )?;
+        if let Some(h) = s.halted {
+            writeln!(out, "  halted at {}: {}", h.position, h.reason)?;
+        }
+    }
+    Ok(())
+}
+
+/// `sluice projection rebuild <name>`: blue/green, resumable; a progress
+/// line (position/target, events/s, ETA) per report on `progress`. Returns
+/// `false` when `shutdown` interrupted it (run again to resume).
+pub async fn rebuild(
+    side: &ReadSide,
+    name: &str,
+    progress: &mut (dyn Write + Send),
+    shutdown: CancellationToken,
+) -> Result<bool, Error> {
+    let mut report = |p: &RebuildProgress| {
+        let pct = if p.target == 0 {
+            100.0
+        } else {
+            100.0 * p.position as f64 / p.target as f64
+        };
+        let eta = p
+            .eta_seconds
+            .map_or_else(|| "?".to_owned(), |s| format!("{s:.0}s"));
+        let _ = write!(
+            progress,
+            "\r{} {:>5.1}% {}/{}  {:.0} events/s  ETA {eta}   ",
+            p.projection, pct, p.position, p.target, p.events_per_second
+        );
+        let _ = progress.flush();
+    };
+    let config = RunnerConfig::default();
+    let done = match name {
+        ACCOUNT_BALANCES => {
+            run_rebuild(
+                Arc::new(AccountBalances::new()),
+                side,
+                config,
+                &mut report,
+                shutdown,
+            )
+            .await?
+        }
+        ACCOUNT_ACTIVITY => {
+            run_rebuild(
+                Arc::new(AccountActivity),
+                side,
+                config,
+                &mut report,
+                shutdown,
+            )
+            .await?
+        }
+        other => return Err(Error::UnknownProjection(other.chars().take(64).collect())),
+    };
+    match &done {
+        Some(r) => writeln!(
+            progress,
+            "\n{name}: switched to the rebuilt tables at position {} ({:.0} events/s)",
+            r.position, r.events_per_second
+        )?,
+        None => writeln!(progress, "\n{name}: interrupted; run it again to resume")?,
+    }
+    Ok(done.is_some())
+}
+
+async fn run_rebuild<P: Projection>(
+    projection: Arc<P>,
+    side: &ReadSide,
+    config: RunnerConfig,
+    report: &mut (dyn FnMut(&RebuildProgress) + Send),
+    shutdown: CancellationToken,
+) -> Result<Option<sluice_projections::RebuildReport>, Error> {
+    Ok(sluice_projections::rebuild(
+        projection,
+        side.db.clone(),
+        side.store.clone(),
+        config,
+        |p| report(p),
+        shutdown,
+    )
+    .await?)
+}
+
+/// `sluice projection reset <name> --yes`: empty the tables and replay
+/// from position 1 (a running projector follows at once).
+pub async fn reset(side: &ReadSide, name: &str, confirmed: bool) -> Result<(), Error> {
+    if !confirmed {
+        return Err(Error::NotConfirmed(
+            "reset empties the read model until it has replayed the log; pass --yes to confirm (or use `sluice projection rebuild` to stay online)",
+        ));
+    }
+    match name {
+        ACCOUNT_BALANCES => sluice_projections::reset(&side.db, &AccountBalances::new()).await?,
+        ACCOUNT_ACTIVITY => sluice_projections::reset(&side.db, &AccountActivity).await?,
+        other => return Err(Error::UnknownProjection(other.chars().take(64).collect())),
+    }
+    Ok(())
+}
