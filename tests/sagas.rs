@@ -3,15 +3,17 @@
 //! orchestrator runs, late timeouts and late commands, and compensations that
 //! cannot succeed.
 
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use futures::TryStreamExt;
 use sluice_events::{EventStore, StreamId, execute, load};
 use sluice_ledger::{
-    Account, AccountCommand, DEPOSITED, TRANSFER_SAGA, TransferRoleConfig, WITHDRAWN,
+    Account, AccountCommand, DEPOSITED, TRANSFER_SAGA, TransferRoleConfig, Transfers, WITHDRAWN,
     run_account_commands, run_transfer_orchestrator, run_transfer_role, start_transfer,
     transfer_status,
 };
+use sluice_projections::{Database, ReadModel, RunnerConfig};
 use sluice_sagas::{SagaEvent, TIMERS_STREAM, read_log};
 use sluice_testkit::NatsServer;
 use sluice_workers::{RetryPolicy, WorkerConfig};
@@ -269,6 +271,63 @@ async fn refused_credits_refund_the_source() {
     assert_eq!(a.iter().filter(|t| *t == WITHDRAWN).count(), 3);
     assert_eq!(a.iter().filter(|t| *t == DEPOSITED).count(), 1 + 3);
     role.stop().await;
+
+    // The `transfers` read model (SQLite) says the same.
+    let dir = tempfile::tempdir().unwrap();
+    let db = Database::connect(&format!(
+        "sqlite://{}",
+        dir.path().join("read.db").display()
+    ))
+    .await
+    .unwrap();
+    sluice_ledger::migrate(&db).await.unwrap();
+    let shutdown = CancellationToken::new();
+    let running = sluice_projections::spawn(
+        Arc::new(Transfers),
+        db.clone(),
+        store.clone(),
+        RunnerConfig::default(),
+        shutdown.clone(),
+    )
+    .await
+    .unwrap();
+    let mut conn = db.pool().acquire().await.unwrap();
+    wait_for(
+        "the transfers read model",
+        Duration::from_secs(20),
+        async || {
+            Transfers
+                .list(&mut conn, None, 10)
+                .await
+                .unwrap()
+                .rows
+                .len()
+                == 4
+        },
+    )
+    .await;
+    wait_for(
+        "every transfer compensated",
+        Duration::from_secs(20),
+        async || {
+            let rows = Transfers.list(&mut conn, None, 10).await.unwrap().rows;
+            rows.iter().all(|r| r["state"] == "compensated")
+        },
+    )
+    .await;
+    let row = Transfers.get(&mut conn, "t-closed").await.unwrap().unwrap();
+    assert_eq!(
+        (
+            row["from"].as_str(),
+            row["to"].as_str(),
+            row["amount"].as_i64()
+        ),
+        (Some("a"), Some("closed"), Some(30))
+    );
+    assert!(row["reason"].as_str().unwrap().contains("closed"), "{row}");
+    drop(conn);
+    shutdown.cancel();
+    let _ = running.task.await;
 }
 
 #[tokio::test]

@@ -21,6 +21,7 @@ mod fold;
 mod read_models;
 mod service;
 mod transfer;
+mod transfers;
 
 pub use account::{Account, AccountCommand, AccountRejection};
 pub use events::{ACCOUNT_CATEGORY, AccountEvent, CLOSED, DEPOSITED, OPENED, WITHDRAWN};
@@ -38,6 +39,7 @@ pub use transfer::{
     run_account_commands, run_transfer_orchestrator, run_transfer_role, start_transfer,
     transfer_definition, transfer_state, transfer_status, transfer_view,
 };
+pub use transfers::{TRANSFERS, Transfers, transfer_transition};
 
 /// The one error type of the ledger crate.
 #[derive(Debug, thiserror::Error)]

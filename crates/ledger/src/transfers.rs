@@ -1,0 +1,332 @@
+//! The `transfers` read model: one row per transfer saga (id, from, to,
+//! amount, state, reason, timestamps), folded from
+//! `events.saga-transfer.<id>` on the projection runtime, so each saga event
+//! takes effect exactly once.
+
+use futures::FutureExt;
+use futures::future::BoxFuture;
+use serde_json::{Value, json};
+use sluice_projections::{Page, ProjectedEvent, Projection, ReadModel, Rejection, Tables};
+use sluice_sagas::{SAGA_CATEGORY_PREFIX, STARTED, SagaEvent};
+use sqlx::{AnyConnection, Row};
+use time::format_description::well_known::Rfc3339;
+
+use crate::transfer::{TRANSFER_SAGA, Transfer};
+
+/// Projection (and table) name: a constant, the checkpoint key.
+pub const TRANSFERS: &str = "transfers";
+/// The saga stream category it reads.
+const CATEGORY: &str = "saga-transfer";
+
+/// What one saga event does to a transfer's row: the new state (if it
+/// changes) and the reason (if one is learnt). Mirrors what `react` does for
+/// the two-step transfer: a failure or timeout of the debit ends it
+/// compensated at once (nothing to undo), one of the credit starts the
+/// refund, the refund's outcome ends it.
+pub fn transfer_transition(event: &SagaEvent) -> (Option<&'static str>, Option<String>) {
+    let step_name = |s: usize| if s == 0 { "debit" } else { "credit" };
+    match event {
+        SagaEvent::StepSucceeded { step: 1, .. } => (Some("completed"), None),
+        SagaEvent::StepFailed { step, reason, .. } => (
+            Some(if *step == 0 { "compensated" } else { "pending" }),
+            Some(format!("step {} failed: {reason}", step_name(*step))),
+        ),
+        SagaEvent::StepTimedOut { step, .. } => (
+            Some(if *step == 0 { "compensated" } else { "pending" }),
+            Some(format!("step {} timed out", step_name(*step))),
+        ),
+        SagaEvent::CompensationSucceeded { .. } => (Some("compensated"), None),
+        SagaEvent::CompensationFailed {
+            step,
+            reason,
+            permanent: true,
+            ..
+        } => (
+            Some("needs_attention"),
+            Some(format!(
+                "compensation of step {} failed permanently: {reason}",
+                step_name(*step)
+            )),
+        ),
+        _ => (None, None),
+    }
+}
+
+/// The `transfers` projection.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Transfers;
+
+fn time_of(e: &ProjectedEvent) -> String {
+    e.envelope
+        .time
+        .unwrap_or(e.appended_at)
+        .format(&Rfc3339)
+        .unwrap_or_default()
+}
+
+fn to_i64(v: u64) -> i64 {
+    i64::try_from(v).unwrap_or(i64::MAX)
+}
+
+enum Change {
+    Start(Transfer),
+    Update(Option<&'static str>, Option<String>),
+}
+
+fn decode(e: &ProjectedEvent) -> Result<Change, String> {
+    if e.envelope.event_type == STARTED {
+        let v: Value = serde_json::from_slice(&e.envelope.data)
+            .map_err(|err| format!("malformed {STARTED} data: {err}"))?;
+        let t: Transfer = serde_json::from_value(v["data"].clone())
+            .map_err(|err| format!("malformed transfer data: {err}"))?;
+        return Ok(Change::Start(t));
+    }
+    let event: SagaEvent = serde_json::from_slice(&e.envelope.data).map_err(|err| {
+        format!(
+            "malformed saga event {:?}: {err}",
+            e.envelope.event_type.chars().take(64).collect::<String>()
+        )
+    })?;
+    let (state, reason) = transfer_transition(&event);
+    Ok(Change::Update(state, reason))
+}
+
+impl Projection for Transfers {
+    fn name(&self) -> &'static str {
+        TRANSFERS
+    }
+
+    fn categories(&self) -> &'static [&'static str] {
+        &[CATEGORY]
+    }
+
+    fn tables(&self) -> &'static [&'static str] {
+        &[TRANSFERS]
+    }
+
+    async fn apply(
+        &self,
+        conn: &mut AnyConnection,
+        tables: &Tables,
+        events: &[ProjectedEvent],
+    ) -> Result<Vec<Rejection>, sqlx::Error> {
+        let table = tables.name(TRANSFERS);
+        let mut changes = Vec::with_capacity(events.len());
+        let mut rejected = Vec::new();
+        for e in events {
+            match decode(e) {
+                Ok(c) => changes.push((e, c)),
+                Err(reason) => rejected.push(Rejection::new(e.position, reason)),
+            }
+        }
+        if !rejected.is_empty() {
+            return Ok(rejected);
+        }
+        // Row at a time: a transfer has a handful of events, and sagas are
+        // far fewer than account events.
+        for (e, change) in changes {
+            let at = time_of(e);
+            match change {
+                Change::Start(t) => {
+                    let sql = format!(
+                        "INSERT INTO {table} (id, from_account, to_account, amount, state, reason, \
+                         started_at, updated_at, version) \
+                         VALUES ($1, $2, $3, $4, 'pending', NULL, $5, $5, $6) \
+                         ON CONFLICT (id) DO NOTHING"
+                    );
+                    sqlx::query(&sql)
+                        .bind(e.stream_id.id())
+                        .bind(t.from.as_str())
+                        .bind(t.to.as_str())
+                        .bind(t.amount)
+                        .bind(at.as_str())
+                        .bind(to_i64(e.position))
+                        .execute(&mut *conn)
+                        .await?;
+                }
+                Change::Update(state, reason) => {
+                    let sql = format!(
+                        "UPDATE {table} SET state = COALESCE($1, state), \
+                         reason = COALESCE($2, reason), updated_at = $3, version = $4 \
+                         WHERE id = $5"
+                    );
+                    sqlx::query(&sql)
+                        .bind(state)
+                        .bind(reason)
+                        .bind(at.as_str())
+                        .bind(to_i64(e.position))
+                        .bind(e.stream_id.id())
+                        .execute(&mut *conn)
+                        .await?;
+                }
+            }
+        }
+        Ok(Vec::new())
+    }
+}
+
+const COLUMNS: &str =
+    "id, from_account, to_account, amount, state, reason, started_at, updated_at, version";
+
+fn row_json(r: &sqlx::any::AnyRow) -> Result<Value, sqlx::Error> {
+    Ok(json!({
+        "id": r.try_get::<String, _>(0)?,
+        "from": r.try_get::<String, _>(1)?,
+        "to": r.try_get::<String, _>(2)?,
+        "amount": r.try_get::<i64, _>(3)?,
+        "state": r.try_get::<String, _>(4)?,
+        "reason": r.try_get::<Option<String>, _>(5)?,
+        "started_at": r.try_get::<String, _>(6)?,
+        "updated_at": r.try_get::<String, _>(7)?,
+        "version": r.try_get::<i64, _>(8)?,
+    }))
+}
+
+impl ReadModel for Transfers {
+    fn name(&self) -> &'static str {
+        TRANSFERS
+    }
+
+    fn get<'a>(
+        &'a self,
+        conn: &'a mut AnyConnection,
+        key: &'a str,
+    ) -> BoxFuture<'a, Result<Option<Value>, sqlx::Error>> {
+        async move {
+            let sql = format!("SELECT {COLUMNS} FROM {TRANSFERS} WHERE id = $1");
+            let row = sqlx::query(&sql).bind(key).fetch_optional(conn).await?;
+            row.as_ref().map(row_json).transpose()
+        }
+        .boxed()
+    }
+
+    fn list<'a>(
+        &'a self,
+        conn: &'a mut AnyConnection,
+        after: Option<&'a str>,
+        limit: u32,
+    ) -> BoxFuture<'a, Result<Page, sqlx::Error>> {
+        async move {
+            let sql =
+                format!("SELECT {COLUMNS} FROM {TRANSFERS} WHERE id > $1 ORDER BY id LIMIT $2");
+            let rows = sqlx::query(&sql)
+                .bind(after.unwrap_or(""))
+                .bind(i64::from(limit))
+                .fetch_all(conn)
+                .await?;
+            let rows = rows.iter().map(row_json).collect::<Result<Vec<_>, _>>()?;
+            let next = (rows.len() == limit as usize)
+                .then(|| {
+                    rows.last()
+                        .and_then(|r| r["id"].as_str().map(str::to_owned))
+                })
+                .flatten();
+            Ok(Page { rows, next })
+        }
+        .boxed()
+    }
+}
+
+// The category is derived from the saga's name; keep them in step.
+const _: () = {
+    let a = CATEGORY.as_bytes();
+    let p = SAGA_CATEGORY_PREFIX.as_bytes();
+    let n = TRANSFER_SAGA.as_bytes();
+    assert!(a.len() == p.len() + n.len());
+};
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::time::Duration;
+
+    use sluice_sagas::{SagaState, react};
+
+    use crate::transfer::{transfer_definition, transfer_state};
+
+    /// The projection's transitions agree with the saga model's fold.
+    #[test]
+    fn transitions_agree_with_the_saga_model() {
+        let ok = |step, reply: Value| SagaEvent::StepSucceeded {
+            step,
+            attempt: 1,
+            reply,
+        };
+        let eur = json!({"currency": "EUR"});
+        let paths: Vec<Vec<SagaEvent>> = vec![
+            vec![SagaEvent::Started, ok(0, eur.clone()), ok(1, json!({}))],
+            vec![
+                SagaEvent::Started,
+                SagaEvent::StepFailed {
+                    step: 0,
+                    attempt: 1,
+                    reason: "insufficient funds".into(),
+                },
+            ],
+            vec![
+                SagaEvent::Started,
+                SagaEvent::StepTimedOut {
+                    step: 0,
+                    attempt: 1,
+                },
+            ],
+            vec![
+                SagaEvent::Started,
+                ok(0, eur.clone()),
+                SagaEvent::StepFailed {
+                    step: 1,
+                    attempt: 1,
+                    reason: "account is closed".into(),
+                },
+                SagaEvent::CompensationSucceeded {
+                    step: 0,
+                    attempt: 1,
+                },
+            ],
+            vec![
+                SagaEvent::Started,
+                ok(0, eur),
+                SagaEvent::StepTimedOut {
+                    step: 1,
+                    attempt: 1,
+                },
+                SagaEvent::CompensationFailed {
+                    step: 0,
+                    attempt: 1,
+                    reason: "db".into(),
+                    permanent: false,
+                },
+                SagaEvent::CompensationFailed {
+                    step: 0,
+                    attempt: 2,
+                    reason: "account is closed".into(),
+                    permanent: true,
+                },
+            ],
+        ];
+        let def = transfer_definition(Duration::from_secs(30)).unwrap();
+        for path in paths {
+            let data = Transfer {
+                from: "a".into(),
+                to: "b".into(),
+                amount: 1,
+                currency: None,
+            };
+            let mut model = SagaState::new("t", data);
+            let (mut state, mut reason) = ("pending", None::<String>);
+            for e in &path {
+                model = react(&def, &model, e).0;
+                let (s, r) = transfer_transition(e);
+                state = s.unwrap_or(state);
+                reason = r.or(reason);
+            }
+            let (want_state, want_reason) = transfer_state(&model.status);
+            assert_eq!(state, want_state, "{path:?}");
+            if want_state != "completed" {
+                let (got, want) = (reason.unwrap_or_default(), want_reason.unwrap_or_default());
+                // The model's timeout reason adds the deadline.
+                assert!(want.starts_with(&got), "{got:?} vs {want:?}");
+            }
+        }
+    }
+}
