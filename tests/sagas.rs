@@ -569,6 +569,103 @@ async fn a_refund_that_cannot_succeed_needs_attention() {
         "{reason}"
     );
     assert!(reason.contains("closed"), "{reason}");
+
+    // An operator retry sends the refund again (attempt 2); the source is
+    // still closed, so it needs attention again, with the money still out
+    // of reach (nothing half-done, nothing silent).
+    let retried = sluice_ledger::retry_transfer(&store, "t-stuck", "operator")
+        .await
+        .unwrap();
+    assert!(matches!(retried, sluice_sagas::Guarded::Appended(_)));
+    wait_for(
+        "the retried refund to fail",
+        Duration::from_secs(20),
+        async || {
+            saga_events(&store, "t-stuck").await.iter().any(|e| {
+                matches!(
+                    e,
+                    SagaEvent::CompensationFailed {
+                        attempt: 2,
+                        permanent: true,
+                        ..
+                    }
+                )
+            })
+        },
+    )
+    .await;
+    wait_state(&store, "t-stuck", "needs_attention", Duration::from_secs(5)).await;
+    assert_eq!(balance(&store, "src").await, 0);
+    // Retrying a saga that does not need attention is refused.
+    let done = sluice_ledger::retry_transfer(&store, "t-1-unknown", "operator")
+        .await
+        .unwrap();
+    assert!(matches!(done, sluice_sagas::Guarded::Refused(_)));
+    for r in [orchestrator, src, dst] {
+        r.stop().await;
+    }
+}
+
+#[tokio::test]
+async fn a_refund_failing_transiently_is_retried_and_applies_once() {
+    let nats = NatsServer::start();
+    let store = nats.store().await;
+    open(&store, "src", "EUR", 100).await;
+    open(&store, "dst", "EUR", 0).await;
+    close(&store, "dst").await;
+    let orchestrator = orchestrator_task(&store, role(Duration::from_secs(30)));
+    let src = handler_task(&store, handler_for(SRC_COMMANDS, "src"));
+    start_transfer(&store, Some("t-flaky"), "src", "dst", 100)
+        .await
+        .unwrap();
+    wait_for("the debit", Duration::from_secs(20), async || {
+        balance(&store, "src").await == 0
+    })
+    .await;
+    // The source's handler goes away; the credit is refused, the refund
+    // (attempt 1) waits on the source's command subject.
+    src.stop().await;
+    let dst = handler_task(&store, handler_for(DST_COMMANDS, "dst"));
+    wait_for("the first refund", Duration::from_secs(20), async || {
+        types(&store, "cmd-account", "src").await.len() == 2
+    })
+    .await;
+    // Two transient failures reported (what a handler records after its
+    // own retries ran out): each sends the next attempt.
+    for attempt in 1..=2 {
+        let guarded = sluice_sagas::append_guarded(&store, TRANSFER_SAGA, "t-flaky", |_| {
+            Ok((
+                SagaEvent::CompensationFailed {
+                    step: 0,
+                    attempt,
+                    reason: "database unavailable".into(),
+                    permanent: false,
+                },
+                format!("t-flaky/debit/{attempt}/undo/reply"),
+            ))
+        })
+        .await
+        .unwrap();
+        assert!(matches!(guarded, sluice_sagas::Guarded::Appended(_)));
+        wait_for(
+            "the next refund attempt",
+            Duration::from_secs(20),
+            async || types(&store, "cmd-account", "src").await.len() == 2 + attempt as usize,
+        )
+        .await;
+    }
+    // The source's handler is back: attempts 1 and 2 are answered already,
+    // attempt 3 refunds, once.
+    let src = handler_task(&store, handler_for(SRC_COMMANDS, "src"));
+    wait_state(&store, "t-flaky", "compensated", Duration::from_secs(20)).await;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert_eq!(balance(&store, "src").await, 100);
+    let deposits = types(&store, "account", "src")
+        .await
+        .into_iter()
+        .filter(|t| t == DEPOSITED)
+        .count();
+    assert_eq!(deposits, 2, "the first deposit and one refund");
     for r in [orchestrator, src, dst] {
         r.stop().await;
     }

@@ -223,6 +223,16 @@ pub async fn start_transfer(
     })
 }
 
+/// Retries the failed refund of transfer `id` in `needs_attention` (after the
+/// cause was fixed); `Refused` when it does not need attention.
+pub async fn retry_transfer(
+    store: &EventStore,
+    id: &str,
+    note: &str,
+) -> Result<sluice_sagas::Guarded, SagaError> {
+    sluice_sagas::retry(store, TRANSFER_SAGA, id, note).await
+}
+
 /// A transfer as operators and the HTTP API see it.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 pub struct TransferView {
@@ -253,7 +263,7 @@ pub fn transfer_state(status: &Status) -> (&'static str, Option<String>) {
         Status::Compensating { reason, .. } => ("pending", Some(reason.clone())),
         Status::Completed => ("completed", None),
         Status::Compensated { reason } => ("compensated", Some(reason.clone())),
-        Status::NeedsAttention { reason } => ("needs_attention", Some(reason.clone())),
+        Status::NeedsAttention { reason, .. } => ("needs_attention", Some(reason.clone())),
     }
 }
 

@@ -36,6 +36,7 @@ pub fn transfer_transition(event: &SagaEvent) -> (Option<&'static str>, Option<S
             Some(format!("step {} timed out", step_name(*step))),
         ),
         SagaEvent::CompensationSucceeded { .. } => (Some("compensated"), None),
+        SagaEvent::Retried { .. } => (Some("pending"), None),
         SagaEvent::CompensationFailed {
             step,
             reason,

@@ -29,6 +29,8 @@ pub const STEP_SUCCEEDED: &str = "sluice.saga.step_succeeded.v1";
 pub const STEP_FAILED: &str = "sluice.saga.step_failed.v1";
 /// `sluice.saga.step_timed_out.v1`.
 pub const STEP_TIMED_OUT: &str = "sluice.saga.step_timed_out.v1";
+/// `sluice.saga.retried.v1` (an operator's retry of a saga in `needs_attention`).
+pub const RETRIED: &str = "sluice.saga.retried.v1";
 /// `sluice.saga.compensation_succeeded.v1`.
 pub const COMPENSATION_SUCCEEDED: &str = "sluice.saga.compensation_succeeded.v1";
 /// `sluice.saga.compensation_failed.v1`.
@@ -47,6 +49,7 @@ pub fn event_type(event: &SagaEvent) -> &'static str {
         SagaEvent::StepSucceeded { .. } => STEP_SUCCEEDED,
         SagaEvent::StepFailed { .. } => STEP_FAILED,
         SagaEvent::StepTimedOut { .. } => STEP_TIMED_OUT,
+        SagaEvent::Retried { .. } => RETRIED,
         SagaEvent::CompensationSucceeded { .. } => COMPENSATION_SUCCEEDED,
         SagaEvent::CompensationFailed { .. } => COMPENSATION_FAILED,
     }
@@ -324,4 +327,40 @@ pub async fn append_guarded(
     Err(SagaError::Invalid(format!(
         "saga {name}/{saga_id}: still conflicting after {MAX_RACES} reloads"
     )))
+}
+
+/// Asks saga instance `id` in `needs_attention` to run its failed
+/// compensation again (after the operator fixed the cause). Refused unless
+/// the last transition is a permanent compensation failure, so a double
+/// click retries once.
+pub async fn retry(
+    store: &EventStore,
+    name: &str,
+    id: &str,
+    note: &str,
+) -> Result<Guarded, SagaError> {
+    append_guarded(store, name, id, |log| {
+        let last = log
+            .records
+            .iter()
+            .rev()
+            .find(|r| !matches!(r.event, SagaEvent::StepClaimed { .. }));
+        match last {
+            Some(SagaRecord {
+                event:
+                    SagaEvent::CompensationFailed {
+                        permanent: true, ..
+                    },
+                position,
+                ..
+            }) => Ok((
+                SagaEvent::Retried {
+                    note: note.to_owned(),
+                },
+                format!("{id}/retry/{position}"),
+            )),
+            _ => Err("the saga does not need attention"),
+        }
+    })
+    .await
 }

@@ -209,6 +209,10 @@ pub enum Status {
     },
     /// A compensation failed permanently: an operator must look.
     NeedsAttention {
+        /// Index of the step whose compensation failed (what a retry sends
+        /// again).
+        #[serde(default)]
+        step: usize,
         /// Why.
         reason: String,
     },
@@ -290,6 +294,12 @@ pub enum SagaEvent {
         step: usize,
         /// Attempt claimed.
         attempt: u32,
+    },
+    /// An operator asks a saga in `needs_attention` to run the failed
+    /// compensation again (after fixing its cause): the next attempt goes out.
+    Retried {
+        /// Who asked, or why (for the audit trail).
+        note: String,
     },
     /// The compensation of `step` succeeded.
     CompensationSucceeded {
@@ -512,6 +522,7 @@ pub fn react<D: Clone>(
             let mut next = state.clone();
             if *permanent {
                 next.status = Status::NeedsAttention {
+                    step: *step,
                     reason: format!(
                         "compensation of step {} failed permanently: {reason}",
                         def.steps[*step].name
@@ -526,6 +537,21 @@ pub fn react<D: Clone>(
                 (next, cmds)
             }
         }
+        SagaEvent::Retried { .. } => match &state.status {
+            Status::NeedsAttention { step, reason } => {
+                let mut next = state.clone();
+                next.status = Status::Compensating {
+                    step: *step,
+                    reason: reason.clone(),
+                };
+                next.attempt = state.attempt + 1;
+                let cmds = compensation(def, &next, *step, next.attempt)
+                    .into_iter()
+                    .collect();
+                (next, cmds)
+            }
+            _ => unchanged(),
+        },
         _ => unchanged(),
     }
 }
@@ -715,10 +741,56 @@ mod tests {
         );
         assert!(cmds.is_empty());
         match &state.status {
-            Status::NeedsAttention { reason } => assert!(reason.contains("closed meanwhile")),
+            Status::NeedsAttention { reason, .. } => assert!(reason.contains("closed meanwhile")),
             other => panic!("{other:?}"),
         }
         assert!(state.status.is_final());
+    }
+
+    #[test]
+    fn an_operator_retry_sends_the_failed_compensation_again() {
+        let def = transfer();
+        let (state, _) = given(
+            &def,
+            &[
+                SagaEvent::Started,
+                ok(0, json!({})),
+                SagaEvent::StepFailed {
+                    step: 1,
+                    attempt: 1,
+                    reason: "closed".into(),
+                },
+                SagaEvent::CompensationFailed {
+                    step: 0,
+                    attempt: 1,
+                    reason: "source closed".into(),
+                    permanent: true,
+                },
+            ],
+        );
+        assert!(matches!(
+            state.status,
+            Status::NeedsAttention { step: 0, .. }
+        ));
+        let retry = SagaEvent::Retried {
+            note: "source reopened".into(),
+        };
+        let (state, cmds) = react(&def, &state, &retry);
+        assert_eq!(cmds.len(), 1);
+        assert_eq!(cmds[0].id, "t-1/reserve/2/undo");
+        let (state, _) = react(
+            &def,
+            &state,
+            &SagaEvent::CompensationSucceeded {
+                step: 0,
+                attempt: 2,
+            },
+        );
+        assert!(matches!(state.status, Status::Compensated { .. }));
+        // A retry of a saga that does not need attention changes nothing.
+        let (same, cmds) = react(&def, &state, &retry);
+        assert_eq!(same, state);
+        assert!(cmds.is_empty());
     }
 
     #[test]
