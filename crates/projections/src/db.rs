@@ -54,6 +54,15 @@ impl Database {
                         conn.execute("PRAGMA journal_mode = WAL").await?;
                         conn.execute("PRAGMA synchronous = NORMAL").await?;
                         conn.execute("PRAGMA busy_timeout = 5000").await?;
+                    } else {
+                        // A transaction abandoned mid-flight (a runner task
+                        // aborted inside a query, a client that hung) would
+                        // hold the checkpoint row lock and block every other
+                        // writer forever: let the server end such sessions.
+                        // Our own transactions never idle this long; if one
+                        // did, its commit fails and the batch is retried.
+                        conn.execute("SET idle_in_transaction_session_timeout = '15s'")
+                            .await?;
                     }
                     Ok(())
                 })
