@@ -670,3 +670,109 @@ async fn a_refund_failing_transiently_is_retried_and_applies_once() {
         r.stop().await;
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn money_is_conserved_across_concurrent_transfers_and_orchestrator_restarts() {
+    let nats = NatsServer::start();
+    let store = nats.store().await;
+    let accounts: Vec<String> = (0..20).map(|i| format!("acc-{i}")).collect();
+    for a in &accounts {
+        open(&store, a, "EUR", 1_000).await;
+    }
+    open(&store, "gone", "EUR", 0).await;
+    close(&store, "gone").await;
+    let config = role(Duration::from_secs(30));
+    let handler = handler_task(&store, config.handler.clone());
+    let mut orchestrator = orchestrator_task(&store, config.clone());
+
+    // A small deterministic generator: the same run every time.
+    let mut seed: u64 = 0x5eed;
+    let mut next = move |n: u64| {
+        seed = seed
+            .wrapping_mul(6364136223846793005)
+            .wrapping_add(1442695040888963407);
+        (seed >> 33) % n
+    };
+    let n = 200;
+    let mut starts = Vec::new();
+    for i in 0..n {
+        let from = accounts[next(20) as usize].clone();
+        // One in ten fails at the credit step (closed target).
+        let to = if next(10) == 0 {
+            "gone".to_owned()
+        } else {
+            let mut to = accounts[next(20) as usize].clone();
+            if to == from {
+                to = accounts[(accounts.iter().position(|a| *a == from).unwrap() + 1) % 20].clone();
+            }
+            to
+        };
+        let amount = 1 + next(300) as i64;
+        let store = store.clone();
+        starts.push(tokio::spawn(async move {
+            start_transfer(&store, Some(&format!("c-{i}")), &from, &to, amount)
+                .await
+                .unwrap();
+        }));
+    }
+    // Restart the orchestrator twice while the transfers run.
+    for _ in 0..2 {
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        orchestrator.stop().await;
+        orchestrator = orchestrator_task(&store, config.clone());
+    }
+    for s in starts {
+        s.await.unwrap();
+    }
+    let mut states = std::collections::HashMap::new();
+    for i in 0..n {
+        let id = format!("c-{i}");
+        let deadline = Instant::now() + Duration::from_secs(40);
+        let state = loop {
+            let v = transfer_status(&store, &id).await.unwrap().unwrap();
+            if v.state == "completed" || v.state == "compensated" {
+                break v.state;
+            }
+            assert!(Instant::now() < deadline, "{id} stuck: {v:?}");
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        };
+        *states.entry(state).or_insert(0) += 1;
+    }
+    assert!(
+        states.get("completed").copied().unwrap_or(0) > n / 2,
+        "{states:?}"
+    );
+    assert!(
+        states.get("compensated").copied().unwrap_or(0) >= n / 20,
+        "{states:?}"
+    );
+
+    // Conservation, no negative balance at any event, no effect twice.
+    let mut total = 0;
+    let mut effects = std::collections::HashSet::new();
+    for a in accounts.iter().map(String::as_str).chain(["gone"]) {
+        let events: Vec<_> = store
+            .read(&StreamId::new("account", a).unwrap(), 1)
+            .await
+            .unwrap()
+            .try_collect()
+            .await
+            .unwrap();
+        let mut balance = 0i64;
+        for e in &events {
+            match sluice_ledger::AccountEvent::decode(&e.envelope).unwrap() {
+                sluice_ledger::AccountEvent::Deposited { amount } => balance += amount,
+                sluice_ledger::AccountEvent::Withdrawn { amount } => balance -= amount,
+                _ => {}
+            }
+            assert!(balance >= 0, "{a} went negative at {}", e.position);
+            if let Some(key) = &e.envelope.causation_id {
+                assert!(effects.insert(key.clone()), "{key} applied twice");
+            }
+        }
+        total += balance;
+    }
+    assert_eq!(total, 20 * 1_000);
+    orchestrator.stop().await;
+    handler.stop().await;
+}

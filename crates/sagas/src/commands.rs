@@ -15,7 +15,6 @@
 
 use std::sync::Arc;
 
-use futures::TryStreamExt;
 use serde_json::Value;
 use sluice_events::{Aggregate, EventId, EventStore, ExpectedVersion, StreamId};
 use sluice_workers::{Delivery, HandlerError, WorkerConfig};
@@ -207,11 +206,11 @@ async fn load_with_key<A: Aggregate>(
     target: &StreamId,
     effect_key: &str,
 ) -> Result<(A, u64, bool), SagaError> {
-    let mut events = store.read(target, 1).await?;
+    let events = crate::read::read_events(store, target).await?;
     let mut state = A::default();
     let mut version = 0;
     let mut applied = false;
-    while let Some(recorded) = events.try_next().await? {
+    for recorded in events {
         applied |= recorded.envelope.causation_id.as_deref() == Some(effect_key);
         state = state.evolve(&A::decode(&recorded.envelope)?);
         version = recorded.position;

@@ -41,6 +41,7 @@ mod commands;
 mod log;
 mod model;
 mod orchestrator;
+mod read;
 
 pub use commands::{CommandMapper, Handled, ReplyBuilder, handle_command, run_command_handler};
 pub use log::{

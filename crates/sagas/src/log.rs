@@ -6,7 +6,6 @@
 //! orchestrator replicas: whoever appends first wins, the others reload and
 //! find the question already answered.
 
-use futures::TryStreamExt;
 use serde::Serialize;
 use serde::de::DeserializeOwned;
 use serde_json::Value;
@@ -182,7 +181,7 @@ impl SagaLog {
 /// Reads instance `id` of saga `name`.
 pub async fn read_log(store: &EventStore, name: &str, id: &str) -> Result<SagaLog, SagaError> {
     let stream = saga_stream(name, id)?;
-    let mut events = store.read(&stream, 1).await?;
+    let events = crate::read::read_events(store, &stream).await?;
     let mut log = SagaLog {
         name: name.to_owned(),
         id: id.to_owned(),
@@ -190,7 +189,7 @@ pub async fn read_log(store: &EventStore, name: &str, id: &str) -> Result<SagaLo
         records: Vec::new(),
         version: 0,
     };
-    while let Some(recorded) = events.try_next().await? {
+    for recorded in events {
         let env = &recorded.envelope;
         let event = if env.event_type == STARTED {
             let v: Value = env.data_as()?;
