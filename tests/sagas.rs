@@ -315,6 +315,17 @@ async fn refused_credits_refund_the_source() {
         },
     )
     .await;
+    let listed = sluice_ledger::list_transfers(&store, Some("compensated"))
+        .await
+        .unwrap();
+    let ids: Vec<&str> = listed.iter().map(|v| v.id.as_str()).collect();
+    assert_eq!(ids, ["t-closed", "t-poor", "t-unknown", "t-usd"]);
+    assert!(
+        sluice_ledger::list_transfers(&store, Some("completed"))
+            .await
+            .unwrap()
+            .is_empty()
+    );
     let row = Transfers.get(&mut conn, "t-closed").await.unwrap().unwrap();
     assert_eq!(
         (

@@ -233,6 +233,25 @@ pub async fn retry_transfer(
     sluice_sagas::retry(store, TRANSFER_SAGA, id, note).await
 }
 
+/// Every transfer, optionally only those in `state` (`pending`,
+/// `completed`, `compensated`, `needs_attention`), folded from their saga
+/// logs (for `sluice saga list [--state needs_attention]`; reads one log per
+/// transfer, so prefer the `transfers` read model for large ledgers).
+pub async fn list_transfers(
+    store: &EventStore,
+    state: Option<&str>,
+) -> Result<Vec<TransferView>, SagaError> {
+    let mut out = Vec::new();
+    for id in sluice_sagas::list_instances(store, TRANSFER_SAGA).await? {
+        let log = sluice_sagas::read_log(store, TRANSFER_SAGA, &id).await?;
+        let view = transfer_view(&log)?;
+        if state.is_none_or(|s| s == view.state) {
+            out.push(view);
+        }
+    }
+    Ok(out)
+}
+
 /// A transfer as operators and the HTTP API see it.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 pub struct TransferView {

@@ -363,3 +363,35 @@ pub async fn retry(
     })
     .await
 }
+
+/// Ids of every instance of saga `name`, sorted (for `sluice saga list`).
+/// Asks the server for the subjects of `events.saga-<name>.>`: one request,
+/// paged by the server; filter by status with [`SagaLog::fold`].
+pub async fn list_instances(store: &EventStore, name: &str) -> Result<Vec<String>, SagaError> {
+    use futures::TryStreamExt;
+
+    let nats = |e: &dyn std::fmt::Display| SagaError::Nats {
+        doing: "listing saga instances",
+        reason: e.to_string(),
+    };
+    let config = store.config();
+    let prefix = format!("{}.{SAGA_CATEGORY_PREFIX}{name}.", config.subject_prefix);
+    let stream = store
+        .jetstream()
+        .get_stream_no_info(&config.stream)
+        .await
+        .map_err(|e| nats(&e))?;
+    let subjects: Vec<(String, usize)> = stream
+        .info_with_subjects(format!("{prefix}>"))
+        .await
+        .map_err(|e| nats(&e))?
+        .try_collect()
+        .await
+        .map_err(|e| nats(&e))?;
+    let mut ids: Vec<String> = subjects
+        .into_iter()
+        .filter_map(|(s, _)| s.strip_prefix(&prefix).map(str::to_owned))
+        .collect();
+    ids.sort();
+    Ok(ids)
+}
