@@ -1245,19 +1245,29 @@ async fn cli_commands_query_list_rebuild_reset() {
     wait_checkpoint(&side.db, ACCOUNT_ACTIVITY, last, Duration::from_secs(20)).await;
 
     let mut out = Vec::new();
-    cli::query(&side, ACCOUNT_BALANCES, Some("acc-2"), 100, true, &mut out)
-        .await
-        .unwrap();
+    cli::query(
+        &side,
+        ACCOUNT_BALANCES,
+        Some("acc-2"),
+        None,
+        100,
+        true,
+        &mut out,
+    )
+    .await
+    .unwrap();
     let row: serde_json::Value = serde_json::from_slice(&out).unwrap();
     assert_eq!(row["balance"], work[2].2);
 
     let mut out = Vec::new();
-    cli::query(&side, ACCOUNT_ACTIVITY, None, 3, false, &mut out)
+    cli::query(&side, ACCOUNT_ACTIVITY, None, None, 3, false, &mut out)
         .await
         .unwrap();
-    assert_eq!(String::from_utf8(out).unwrap().lines().count(), 3);
+    let text = String::from_utf8(out).unwrap();
+    assert_eq!(text.lines().count(), 4, "3 rows and the cursor: {text}");
+    assert!(text.contains("(more: --after"), "{text}");
 
-    let err = cli::query(&side, "nope", None, 3, false, &mut Vec::new())
+    let err = cli::query(&side, "nope", None, None, 3, false, &mut Vec::new())
         .await
         .unwrap_err();
     assert_eq!(err.exit_code(), 2);

@@ -24,12 +24,14 @@ fn read_model(name: &str) -> Result<Arc<dyn ReadModel>, Error> {
     }
 }
 
-/// `sluice query <projection> [<key>] [--json]`: one row, or the first
-/// `limit` rows.
+/// `sluice query <projection> [<key>] [--after <key>] [--json]`: one row,
+/// or a page of `limit` rows after the cursor `after` (JSON: one object per
+/// line).
 pub async fn query(
     side: &ReadSide,
     projection: &str,
     key: Option<&str>,
+    after: Option<&str>,
     limit: u32,
     json: bool,
     out: &mut (dyn Write + Send),
@@ -41,6 +43,7 @@ pub async fn query(
         .acquire()
         .await
         .map_err(sluice_projections::Error::from)?;
+    let mut next = None;
     let rows = match key {
         Some(k) => match model
             .get(&mut conn, k)
@@ -56,20 +59,18 @@ pub async fn query(
             }
         },
         None => {
-            model
-                .list(&mut conn, None, limit.clamp(1, 10_000))
+            let page = model
+                .list(&mut conn, after, limit.clamp(1, 10_000))
                 .await
-                .map_err(sluice_projections::Error::from)?
-                .rows
+                .map_err(sluice_projections::Error::from)?;
+            next = page.next;
+            page.rows
         }
     };
     if json {
-        let value = if key.is_some() {
-            rows.into_iter().next().unwrap_or_default()
-        } else {
-            serde_json::Value::Array(rows)
-        };
-        writeln!(out, "{value}")?;
+        for row in rows {
+            writeln!(out, "{row}")?;
+        }
     } else {
         for row in rows {
             let fields: Vec<String> = row
@@ -78,22 +79,27 @@ pub async fn query(
                 .unwrap_or_default();
             writeln!(out, "{}", fields.join("  "))?;
         }
+        if let Some(next) = next {
+            writeln!(out, "(more: --after {next})")?;
+        }
     }
     Ok(())
 }
 
-/// `sluice projection list [--json]`.
+/// `sluice projection list [--json]` (JSON: one object per line).
 pub async fn list(side: &ReadSide, json: bool, out: &mut (dyn Write + Send)) -> Result<(), Error> {
     let mut all = Vec::new();
     for name in PROJECTIONS {
         all.push(projection_status(&side.db, &side.store, name, None).await?);
     }
     if json {
-        writeln!(
-            out,
-            "{}",
-            serde_json::to_string(&all).unwrap_or_else(|_| "[]".to_owned())
-        )?;
+        for s in &all {
+            writeln!(
+                out,
+                "{}",
+                serde_json::to_string(s).unwrap_or_else(|_| "{}".to_owned())
+            )?;
+        }
         return Ok(());
     }
     writeln!(

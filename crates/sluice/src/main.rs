@@ -145,13 +145,11 @@ async fn main() -> ExitCode {
             .await
             .map(|()| ExitCode::SUCCESS),
         Command::Bench(cmd) => bench::run(cmd).await.map(|()| ExitCode::SUCCESS),
-        Command::Query(q) => projection_cmd::query(q.args, cli.nats_url, &cli.home, q.database_url)
-            .await
-            .map(|()| ExitCode::SUCCESS),
+        Command::Query(q) => {
+            projection_cmd::query(q.args, cli.nats_url, &cli.home, q.database_url).await
+        }
         Command::Projection(p) => {
-            projection_cmd::projection(p.cmd, p.json, cli.nats_url, &cli.home, p.database_url)
-                .await
-                .map(|()| ExitCode::SUCCESS)
+            projection_cmd::projection(p.cmd, p.json, cli.nats_url, &cli.home, p.database_url).await
         }
         Command::Dlq(a) => match endpoint::resolve(cli.nats_url, &cli.home) {
             Ok(url) => dlq_cmd::run(a.cmd, &url, a.json).await,

@@ -1,14 +1,14 @@
 //! `sluice query` and `sluice projection list|rebuild|reset`: the read side
-//! from the command line, straight against the read store and the log.
+//! from the command line, straight against the read store and the log (the
+//! work is in `sluice_ledger::cli`; this maps arguments and exit codes).
 
 use std::path::Path;
-use std::sync::Arc;
 
-use anyhow::{Context, bail};
+use anyhow::Context;
 use serde_json::json;
 use sluice_events::{ConnectConfig, EventStore, StoreConfig};
-use sluice_ledger::{AccountActivity, AccountBalances, ReadSide};
-use sluice_projections::{Projection, ReadModel, RunnerConfig, projection_status};
+use sluice_ledger::ReadSide;
+use sluice_ledger::cli;
 use tokio_util::sync::CancellationToken;
 
 use crate::endpoint;
@@ -54,22 +54,6 @@ pub(crate) struct QueryArgs {
     json: bool,
 }
 
-const NAMES: [&str; 2] = [
-    sluice_ledger::ACCOUNT_BALANCES,
-    sluice_ledger::ACCOUNT_ACTIVITY,
-];
-
-fn model(name: &str) -> anyhow::Result<Arc<dyn ReadModel>> {
-    Ok(match name {
-        sluice_ledger::ACCOUNT_BALANCES => Arc::new(AccountBalances::new()),
-        sluice_ledger::ACCOUNT_ACTIVITY => Arc::new(AccountActivity),
-        other => bail!(
-            "no projection {other:?}: known ones are {}",
-            NAMES.join(", ")
-        ),
-    })
-}
-
 async fn connect(
     nats_url: Option<String>,
     home: &Path,
@@ -84,36 +68,38 @@ async fn connect(
         .with_context(|| format!("opening the read store {db_url}"))
 }
 
+/// Usage mistakes (unknown projection, missing --yes) exit with 2.
+fn exit(result: Result<(), sluice_ledger::Error>) -> anyhow::Result<std::process::ExitCode> {
+    match result {
+        Ok(()) => Ok(std::process::ExitCode::SUCCESS),
+        Err(e) if e.exit_code() == 2 => {
+            eprintln!("error: {e}");
+            Ok(std::process::ExitCode::from(2))
+        }
+        Err(e) => Err(e.into()),
+    }
+}
+
 pub(crate) async fn query(
     args: QueryArgs,
     nats_url: Option<String>,
     home: &Path,
     database_url: Option<String>,
-) -> anyhow::Result<()> {
-    let model = model(&args.projection)?;
+) -> anyhow::Result<std::process::ExitCode> {
     let side = connect(nats_url, home, database_url).await?;
-    let mut conn = side.db.pool().acquire().await?;
-    match args.key {
-        Some(key) => match model.get(&mut conn, &key).await? {
-            Some(row) if args.json => println!("{row}"),
-            Some(row) => println!("{}", serde_json::to_string_pretty(&row)?),
-            None => bail!("no row {key:?} in {}", args.projection),
-        },
-        None => {
-            let page = model
-                .list(&mut conn, args.after.as_deref(), args.limit.clamp(1, 1000))
-                .await?;
-            for row in &page.rows {
-                println!("{row}");
-            }
-            if let Some(next) = page.next
-                && !args.json
-            {
-                println!("(more: --after {next})");
-            }
-        }
-    }
-    Ok(())
+    let mut out = std::io::stdout();
+    let r = cli::query(
+        &side,
+        &args.projection,
+        args.key.as_deref(),
+        args.after.as_deref(),
+        args.limit,
+        args.json,
+        &mut out,
+    )
+    .await;
+    side.db.close().await;
+    exit(r)
 }
 
 pub(crate) async fn projection(
@@ -122,127 +108,36 @@ pub(crate) async fn projection(
     nats_url: Option<String>,
     home: &Path,
     database_url: Option<String>,
-) -> anyhow::Result<()> {
+) -> anyhow::Result<std::process::ExitCode> {
     let side = connect(nats_url, home, database_url).await?;
-    match cmd {
-        ProjectionCommand::List => {
-            if !json {
-                println!(
-                    "{:<20} {:>10} {:>10} {:>10} {:>9}  STATE",
-                    "NAME", "CHECKPOINT", "HEAD", "LAG", "LAG s"
-                );
-            }
-            for name in NAMES {
-                let s = projection_status(&side.db, &side.store, name, None).await?;
+    let mut out = std::io::stdout();
+    let result = match cmd {
+        ProjectionCommand::List => cli::list(&side, json, &mut out).await,
+        ProjectionCommand::Rebuild { name } => {
+            let shutdown = CancellationToken::new();
+            let sd = shutdown.clone();
+            let ctrl_c = tokio::spawn(async move {
+                if tokio::signal::ctrl_c().await.is_ok() {
+                    sd.cancel();
+                }
+            });
+            // Progress goes to stderr, so --json output stays clean.
+            let r = cli::rebuild(&side, &name, &mut std::io::stderr(), shutdown).await;
+            ctrl_c.abort();
+            r.map(|done| {
                 if json {
-                    println!("{}", serde_json::to_string(&s)?);
-                } else {
-                    println!(
-                        "{:<20} {:>10} {:>10} {:>10} {:>9.1}  {}",
-                        s.name,
-                        s.checkpoint,
-                        s.stream_last_position,
-                        s.lag_events,
-                        s.lag_seconds,
-                        serde_json::to_value(s.state)?.as_str().unwrap_or("")
-                    );
+                    println!("{}", json!({"projection": name, "rebuilt": done}));
                 }
-            }
+            })
         }
-        ProjectionCommand::Rebuild { name } => match name.as_str() {
-            sluice_ledger::ACCOUNT_BALANCES => {
-                rebuild(Arc::new(AccountBalances::new()), &side, json).await?
-            }
-            sluice_ledger::ACCOUNT_ACTIVITY => {
-                rebuild(Arc::new(AccountActivity), &side, json).await?
-            }
-            other => bail!(
-                "no projection {other:?}: known ones are {}",
-                NAMES.join(", ")
-            ),
-        },
-        ProjectionCommand::Reset { name, yes } => {
-            if !yes {
-                bail!(
-                    "reset empties {name} and replays it from position 1; add --yes to confirm (or use `sluice projection rebuild {name}` to stay online)"
-                );
-            }
-            match name.as_str() {
-                sluice_ledger::ACCOUNT_BALANCES => {
-                    sluice_projections::reset(&side.db, &AccountBalances::new()).await?
-                }
-                sluice_ledger::ACCOUNT_ACTIVITY => {
-                    sluice_projections::reset(&side.db, &AccountActivity).await?
-                }
-                other => bail!(
-                    "no projection {other:?}: known ones are {}",
-                    NAMES.join(", ")
-                ),
-            }
+        ProjectionCommand::Reset { name, yes } => cli::reset(&side, &name, yes).await.map(|()| {
             if json {
                 println!("{}", json!({"projection": name, "reset": true}));
             } else {
                 println!("{name} reset: it replays from position 1 wherever its projector runs");
             }
-        }
-    }
-    side.db.close().await;
-    Ok(())
-}
-
-async fn rebuild<P: Projection>(
-    projection: Arc<P>,
-    side: &ReadSide,
-    json: bool,
-) -> anyhow::Result<()> {
-    let name = projection.name();
-    let bar = if json {
-        indicatif::ProgressBar::hidden()
-    } else {
-        let bar = indicatif::ProgressBar::new(0);
-        bar.set_style(
-            indicatif::ProgressStyle::with_template(
-                "{msg} [{bar:40}] {pos}/{len} {per_sec} eta {eta}",
-            )
-            .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
-        );
-        bar.set_message(format!("rebuilding {name}"));
-        bar
+        }),
     };
-    let shutdown = CancellationToken::new();
-    let sd = shutdown.clone();
-    let ctrl_c = tokio::spawn(async move {
-        if tokio::signal::ctrl_c().await.is_ok() {
-            sd.cancel();
-        }
-    });
-    let b = bar.clone();
-    let report = sluice_projections::rebuild(
-        projection,
-        side.db.clone(),
-        side.store.clone(),
-        RunnerConfig::default(),
-        move |p| {
-            b.set_length(p.target);
-            b.set_position(p.position);
-        },
-        shutdown,
-    )
-    .await?;
-    ctrl_c.abort();
-    bar.finish_and_clear();
-    match report {
-        Some(r) if json => println!(
-            "{}",
-            json!({"projection": name, "position": r.position, "seconds": r.elapsed.as_secs_f64(), "events_per_second": r.events_per_second})
-        ),
-        Some(r) => println!(
-            "{name} rebuilt up to position {} in {:.1} s ({:.0} events/s) and switched over",
-            r.position,
-            r.elapsed.as_secs_f64(),
-            r.events_per_second
-        ),
-        None => println!("{name} rebuild interrupted; run the same command again to resume"),
-    }
-    Ok(())
+    side.db.close().await;
+    exit(result)
 }

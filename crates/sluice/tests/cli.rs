@@ -272,12 +272,12 @@ fn up_publish_read_tail_status_and_clean_shutdown() {
     );
     let (out, err) = text(&o);
     assert!(o.status.success(), "{out}{err}");
-    assert!(out.contains("\"position\":3"), "{out}");
+    assert!(out.contains("\"rebuilt\":true"), "{out}");
     let (status, body) = http_get(&http, "/v1/projections/account_balances/rows/acc-1");
     assert_eq!(status, 200);
     assert!(body.contains("\"balance\":12"), "after the switch: {body}");
     let o = sluice(home.path(), &["projection", "reset", "account_activity"]);
-    assert_eq!(o.status.code(), Some(1), "reset without --yes must refuse");
+    assert_eq!(o.status.code(), Some(2), "reset without --yes must refuse");
     let o = sluice(home.path(), &["query", "no_such_projection"]);
     assert!(!o.status.success());
 
