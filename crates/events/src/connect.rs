@@ -167,6 +167,7 @@ impl ConnectConfig {
                         metrics::counter!("sluice_nats_disconnects_total").increment(1);
                         tracing::warn!("NATS disconnected; reconnecting");
                     }
+                    async_nats::Event::Closed => tracing::debug!("NATS connection closed"),
                     other => tracing::warn!(event = %other, "NATS client event"),
                 }
             });

@@ -21,6 +21,8 @@ pub(crate) enum BenchCommand {
     Append(AppendArgs),
     /// Worker runtime throughput vs a raw JetStream consumer.
     Workers(crate::bench_workers::WorkersArgs),
+    /// Projection catch-up and rebuild vs raw batched upserts (SQLite, PostgreSQL).
+    Projections(crate::bench_projections::ProjectionsArgs),
 }
 
 /// Options of `sluice bench append`.
@@ -201,6 +203,7 @@ pub(crate) async fn run(cmd: BenchCommand) -> anyhow::Result<()> {
     let args = match cmd {
         BenchCommand::Append(args) => args,
         BenchCommand::Workers(args) => return crate::bench_workers::run(args).await,
+        BenchCommand::Projections(args) => return crate::bench_projections::run(args).await,
     };
     if args.events == 0 || args.aggregates == 0 {
         anyhow::bail!("--events and --aggregates must be at least 1");

@@ -8,6 +8,7 @@ use std::process::ExitCode;
 use clap::{Parser, Subcommand};
 
 mod bench;
+mod bench_projections;
 mod bench_workers;
 mod commands;
 mod config;

@@ -1,0 +1,110 @@
+//! `sluice bench projections`: (a) raw batched upserts of the ledger rows,
+//! (b) catch-up of `account_balances` + `account_activity`, (c) blue/green
+//! rebuild, on SQLite and PostgreSQL, against a freshly started nats-server.
+
+use anyhow::Context;
+use serde_json::json;
+use sluice_events::{EmbeddedConfig, EmbeddedServer, EventStore, StoreConfig};
+use sluice_projections::Database;
+
+/// Options of `sluice bench projections`.
+#[derive(Debug, clap::Args)]
+pub(crate) struct ProjectionsArgs {
+    /// Accounts in the workload.
+    #[arg(long, default_value_t = 10_000)]
+    accounts: usize,
+    /// Events per account (total = accounts × this; 200,000 by default).
+    #[arg(long, default_value_t = 20)]
+    per_account: usize,
+    /// PostgreSQL admin URL; a fresh database is created and dropped
+    /// (default `$SLUICE_TEST_DATABASE_URL` or the local server).
+    #[arg(
+        long,
+        env = "SLUICE_TEST_DATABASE_URL",
+        default_value = "postgres://postgres@127.0.0.1:5432/postgres"
+    )]
+    postgres: String,
+    /// Skip PostgreSQL.
+    #[arg(long)]
+    sqlite_only: bool,
+    /// Print one JSON summary object.
+    #[arg(long)]
+    json: bool,
+}
+
+pub(crate) async fn run(args: ProjectionsArgs) -> anyhow::Result<()> {
+    let dir = std::env::temp_dir().join(format!("sluice-bench-proj-{}", std::process::id()));
+    std::fs::create_dir_all(&dir)?;
+    let result = run_in(&args, &dir).await;
+    let _ = std::fs::remove_dir_all(&dir);
+    result
+}
+
+async fn run_in(args: &ProjectionsArgs, dir: &std::path::Path) -> anyhow::Result<()> {
+    let server = EmbeddedServer::start(EmbeddedConfig::new(dir.join("nats")))?;
+    let store = EventStore::connect(&server.url(), StoreConfig::default()).await?;
+    let work = sluice_ledger::bench::workload(args.accounts, args.per_account);
+    if !args.json {
+        eprintln!("appending {} events...", args.accounts * args.per_account);
+    }
+    let last = sluice_ledger::bench::append(&store, &work).await?;
+    let mut reports = Vec::new();
+
+    let sqlite = Database::connect(&format!("sqlite://{}", dir.join("bench.db").display())).await?;
+    reports.push(sluice_ledger::bench::run(&store, &sqlite, &work, last).await?);
+    sqlite.close().await;
+
+    if !args.sqlite_only {
+        let admin = sqlx::PgPool::connect(&args.postgres)
+            .await
+            .with_context(|| {
+                format!(
+                    "connecting to PostgreSQL at {} (or pass --sqlite-only)",
+                    args.postgres
+                )
+            })?;
+        let name = format!("sluice_bench_{}", std::process::id());
+        sqlx::query(&format!("CREATE DATABASE {name}"))
+            .execute(&admin)
+            .await?;
+        let base = args
+            .postgres
+            .rsplit_once('/')
+            .map_or(args.postgres.as_str(), |(b, _)| b);
+        let pg = Database::connect(&format!("{base}/{name}")).await?;
+        let report = sluice_ledger::bench::run(&store, &pg, &work, last).await;
+        pg.close().await;
+        sqlx::query(&format!("DROP DATABASE IF EXISTS {name} WITH (FORCE)"))
+            .execute(&admin)
+            .await?;
+        reports.push(report?);
+    }
+
+    if args.json {
+        println!(
+            "{}",
+            json!({"bench": "projections", "events": last, "target_ratio": 0.7, "runs": reports})
+        );
+        return Ok(());
+    }
+    println!(
+        "projections: {} events over {} accounts, fresh nats-server",
+        last, args.accounts
+    );
+    println!(
+        "{:<10} {:>20} {:>20} {:>7} {:>16}",
+        "backend", "(a) raw upserts/s", "(b) catch-up ev/s", "b/a", "(c) rebuild ev/s"
+    );
+    for r in &reports {
+        println!(
+            "{:<10} {:>20.0} {:>20.0} {:>7.2} {:>16.0}",
+            r.backend,
+            r.raw_upsert_events_per_s,
+            r.catch_up_events_per_s,
+            r.catch_up_ratio,
+            r.rebuild_events_per_s
+        );
+    }
+    println!("target: b/a >= 0.7");
+    Ok(())
+}
