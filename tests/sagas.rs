@@ -758,7 +758,14 @@ async fn money_is_conserved_across_concurrent_transfers_and_orchestrator_restart
         "{states:?}"
     );
 
-    // Conservation, no negative balance at any event, no effect twice.
+    assert_conserved(&store, &accounts, 20 * 1_000).await;
+    orchestrator.stop().await;
+    handler.stop().await;
+}
+
+/// Money is conserved, no balance is negative at any event of the log, and
+/// no effect (causation key) was applied twice.
+async fn assert_conserved(store: &EventStore, accounts: &[String], expected: i64) {
     let mut total = 0;
     let mut effects = std::collections::HashSet::new();
     for a in accounts.iter().map(String::as_str).chain(["gone"]) {
@@ -783,7 +790,128 @@ async fn money_is_conserved_across_concurrent_transfers_and_orchestrator_restart
         }
         total += balance;
     }
-    assert_eq!(total, 20 * 1_000);
-    orchestrator.stop().await;
-    handler.stop().await;
+    assert_eq!(total, expected);
+}
+
+/// Waits until every transfer `<prefix><i>` is completed or compensated.
+async fn wait_all_final(
+    store: &EventStore,
+    prefix: &str,
+    n: usize,
+    timeout: Duration,
+) -> (usize, usize) {
+    let deadline = Instant::now() + timeout;
+    let (mut completed, mut compensated) = (0, 0);
+    for i in 0..n {
+        let id = format!("{prefix}{i}");
+        loop {
+            let v = transfer_status(store, &id).await.unwrap().unwrap();
+            match v.state {
+                "completed" => completed += 1,
+                "compensated" => compensated += 1,
+                _ => {
+                    assert!(Instant::now() < deadline, "{id} stuck: {v:?}");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    continue;
+                }
+            }
+            break;
+        }
+    }
+    (completed, compensated)
+}
+
+const CHILD_ENV: &str = "SLUICE_TEST_CHILD_SAGA_ROLE";
+
+/// Not a test on its own (returns at once without [`CHILD_ENV`]): the saga
+/// role in a child process that gets killed with SIGKILL.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn child_saga_role_process() {
+    let Ok(url) = std::env::var(CHILD_ENV) else {
+        return;
+    };
+    let store = EventStore::connect(&url, sluice_events::StoreConfig::default())
+        .await
+        .unwrap();
+    let _ = run_transfer_role(
+        &store,
+        role(Duration::from_secs(30)),
+        CancellationToken::new(),
+    )
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_saga_role_killed_with_sigkill_mid_run_applies_nothing_twice() {
+    let nats = NatsServer::start();
+    let store = nats.store().await;
+    let accounts: Vec<String> = (0..10).map(|i| format!("acc-{i}")).collect();
+    for a in &accounts {
+        open(&store, a, "EUR", 1_000).await;
+    }
+    open(&store, "gone", "EUR", 0).await;
+    close(&store, "gone").await;
+    let n = 120;
+    let writer = {
+        let store = store.clone();
+        let accounts = accounts.clone();
+        tokio::spawn(async move {
+            for i in 0..n {
+                let from = &accounts[i % 10];
+                let to = if i % 10 == 7 {
+                    "gone"
+                } else {
+                    &accounts[(i * 7 + 3) % 10]
+                };
+                let to = if to == from {
+                    &accounts[(i + 1) % 10]
+                } else {
+                    to
+                };
+                start_transfer(
+                    &store,
+                    Some(&format!("k-{i}")),
+                    from,
+                    to,
+                    1 + (i as i64 * 37) % 200,
+                )
+                .await
+                .unwrap();
+                tokio::time::sleep(Duration::from_millis(15)).await;
+            }
+        })
+    };
+    for round in 0..4u64 {
+        let mut child = std::process::Command::new(std::env::current_exe().unwrap())
+            .args(["--exact", "child_saga_role_process", "--nocapture"])
+            .env(CHILD_ENV, nats.url())
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .unwrap();
+        // Past the pin handover (3 s) of the previous child, then a bit.
+        tokio::time::sleep(Duration::from_millis(3_300 + round * 170)).await;
+        child.kill().unwrap(); // SIGKILL: mid-handler, mid-append, anywhere
+        child.wait().unwrap();
+    }
+    writer.await.unwrap();
+    let done_by_children = sluice_ledger::list_transfers(&store, Some("completed"))
+        .await
+        .unwrap()
+        .len();
+    assert!(
+        done_by_children > 0,
+        "the children never completed a transfer"
+    );
+    let role = role_task(&store, role(Duration::from_secs(30)));
+    let (completed, compensated) = wait_all_final(&store, "k-", n, Duration::from_secs(40)).await;
+    assert!(
+        completed > 0 && compensated > 0,
+        "{completed} / {compensated}"
+    );
+    assert_conserved(&store, &accounts, 10 * 1_000).await;
+    eprintln!(
+        "{done_by_children} completed before the last kill; {completed} completed, {compensated} compensated in the end"
+    );
+    role.stop().await;
 }
