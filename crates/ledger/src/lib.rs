@@ -19,6 +19,7 @@ pub mod cli;
 mod events;
 mod fold;
 mod read_models;
+mod saga_bench;
 mod service;
 mod transfer;
 mod transfers;
@@ -29,6 +30,7 @@ pub use fold::{AccountRow, FoldInput, FoldOutput, STATUS_CLOSED, STATUS_OPEN, fo
 pub use read_models::{
     ACCOUNT_ACTIVITY, ACCOUNT_BALANCES, AccountActivity, AccountBalances, WriteMode,
 };
+pub use saga_bench::{SagaBenchConfig, SagaBenchReport, bench_transfers};
 pub use service::{
     DATABASE_URL_ENV, DEFAULT_HTTP_ADDR, HTTP_ADDR_ENV, Projector, ReadSide, default_database_url,
     migrate, run_read_side, serve_read_side,
