@@ -133,6 +133,14 @@ impl Default for StoreConfig {
 }
 
 impl StoreConfig {
+    /// Longest time an append keeps retrying with the same event ids
+    /// (every attempt timing out, plus the capped backoff between them).
+    pub fn retry_horizon(&self) -> Duration {
+        let attempts = u32::try_from(self.max_attempts.max(1)).unwrap_or(u32::MAX);
+        self.request_timeout.saturating_mul(attempts)
+            + Duration::from_secs(2).saturating_mul(attempts)
+    }
+
     /// Checks the settings that have limits.
     pub fn validate(&self) -> Result<(), Error> {
         if self.max_attempts == 0 {
@@ -157,6 +165,71 @@ pub struct StreamState {
     pub replicas: usize,
     /// Distinct aggregates.
     pub aggregates: u64,
+    /// Age limit (zero = none): events older than this are deleted.
+    pub max_age: Duration,
+    /// Size limit in bytes (-1 = none).
+    pub max_bytes: i64,
+    /// Message-count limit (-1 = none).
+    pub max_messages: i64,
+    /// Per-aggregate message limit (-1 or 0 = none).
+    pub max_messages_per_subject: i64,
+    /// How long the server remembers event ids for dedup.
+    pub duplicate_window: Duration,
+}
+
+impl StreamState {
+    /// Ways the stream could lose or duplicate acknowledged events, for
+    /// `sluice status` and the start of `sluice up`/`serve`.
+    ///
+    /// `sync_always`: whether the server fsyncs every write, when known;
+    /// `production`: require replicas >= 3; `retry_horizon`: how long an
+    /// append may keep retrying with the same ids.
+    pub fn durability_warnings(
+        &self,
+        sync_always: Option<bool>,
+        production: bool,
+        retry_horizon: Duration,
+    ) -> Vec<String> {
+        let mut w = Vec::new();
+        match sync_always {
+            Some(true) => {}
+            Some(false) => w.push(
+                "sync_interval is not `always`: acknowledged events can be lost if the machine crashes".to_owned(),
+            ),
+            None if self.replicas < 3 => w.push(
+                "the server's sync_interval is not visible to clients: make sure it is `always` (or run replicas >= 3 across failure domains)".to_owned(),
+            ),
+            None => {}
+        }
+        if production && self.replicas < 3 {
+            w.push(format!(
+                "the event stream has {} replica(s): production needs 3 to survive a node loss",
+                self.replicas
+            ));
+        }
+        if !self.max_age.is_zero() {
+            w.push(format!(
+                "the event stream has max_age {:?}: older events are deleted",
+                self.max_age
+            ));
+        }
+        if self.max_bytes > 0 || self.max_messages > 0 {
+            w.push("the event stream has a size or message limit: old events are deleted when it is reached".to_owned());
+        }
+        if self.max_messages_per_subject > 0 {
+            w.push(format!(
+                "the event stream keeps only {} event(s) per aggregate",
+                self.max_messages_per_subject
+            ));
+        }
+        if self.duplicate_window < retry_horizon {
+            w.push(format!(
+                "the duplicate window ({:?}) is shorter than the append retry horizon ({retry_horizon:?}): a late retry could store an event twice",
+                self.duplicate_window
+            ));
+        }
+        w
+    }
 }
 
 /// What the store and its group-commit dispatcher share.
@@ -510,6 +583,11 @@ impl EventStore {
             last_position: info.state.last_sequence,
             replicas: info.config.num_replicas,
             aggregates: info.state.subjects_count,
+            max_age: info.config.max_age,
+            max_bytes: info.config.max_bytes,
+            max_messages: info.config.max_messages,
+            max_messages_per_subject: info.config.max_messages_per_subject,
+            duplicate_window: info.config.duplicate_window,
         })
     }
 }
@@ -966,5 +1044,61 @@ async fn ensure_stream(
                 })
         }
         Err(e) => Err(Error::Nats(e.to_string())),
+    }
+}
+
+#[cfg(test)]
+mod durability_tests {
+    use super::*;
+
+    fn safe() -> StreamState {
+        StreamState {
+            messages: 0,
+            bytes: 0,
+            first_position: 0,
+            last_position: 0,
+            replicas: 3,
+            aggregates: 0,
+            max_age: Duration::ZERO,
+            max_bytes: -1,
+            max_messages: -1,
+            max_messages_per_subject: -1,
+            duplicate_window: Duration::from_secs(120),
+        }
+    }
+
+    #[test]
+    fn each_risk_to_acknowledged_events_is_named() {
+        let horizon = StoreConfig::default().retry_horizon();
+        assert!(horizon < Duration::from_secs(120));
+        assert!(safe().durability_warnings(None, true, horizon).is_empty());
+        assert!(
+            safe()
+                .durability_warnings(Some(true), true, horizon)
+                .is_empty()
+        );
+        let one = StreamState {
+            replicas: 1,
+            ..safe()
+        };
+        assert!(
+            one.durability_warnings(Some(true), false, horizon)
+                .is_empty()
+        );
+        let w = one.durability_warnings(Some(true), true, horizon);
+        assert!(w[0].contains("production needs 3"), "{w:?}");
+        assert!(one.durability_warnings(None, false, horizon)[0].contains("sync_interval"));
+        assert!(
+            safe().durability_warnings(Some(false), false, horizon)[0].contains("machine crashes")
+        );
+        let limited = StreamState {
+            max_age: Duration::from_secs(3600),
+            max_bytes: 1 << 30,
+            max_messages_per_subject: 10,
+            duplicate_window: Duration::from_secs(5),
+            ..safe()
+        };
+        let w = limited.durability_warnings(Some(true), false, horizon);
+        assert_eq!(w.len(), 4, "{w:?}");
     }
 }

@@ -264,6 +264,9 @@ pub(crate) struct StatusArgs {
     /// Check durability as for production: warn on replicas < 3.
     #[arg(long, env = "SLUICE_PRODUCTION")]
     production: bool,
+    /// Exit with 1 when any durability warning applies.
+    #[arg(long)]
+    strict: bool,
     /// Print one JSON object instead of text.
     #[arg(long)]
     json: bool,
@@ -282,24 +285,9 @@ pub(crate) async fn status(
     let store = connect(nats_url, home).await?;
     let state = store.stream_state().await?;
     let info = store.client().server_info();
-    let mut warnings = Vec::new();
     let sync_always = embedded.as_ref().map(|e| e.sync_always);
-    match sync_always {
-        Some(true) => {}
-        Some(false) => warnings.push(
-            "sync_interval is not `always`: acknowledged events can be lost if the machine crashes".to_owned(),
-        ),
-        None => warnings.push(
-            "cannot see the server's sync_interval from a client: make sure it is `always` (or replicas >= 3 across failure domains)".to_owned(),
-        ),
-    }
-    if args.production && state.replicas < 3 {
-        warnings.push(format!(
-            "stream {} has {} replica(s): production needs 3 to survive a node loss",
-            store.config().stream,
-            state.replicas
-        ));
-    }
+    let warnings =
+        state.durability_warnings(sync_always, args.production, store.config().retry_horizon());
     if args.json {
         println!(
             "{}",
@@ -344,6 +332,9 @@ pub(crate) async fn status(
         for w in &warnings {
             println!("warning:     {w}");
         }
+    }
+    if args.strict && !warnings.is_empty() {
+        anyhow::bail!("{} durability warning(s) with --strict", warnings.len());
     }
     Ok(())
 }

@@ -57,6 +57,9 @@ pub(crate) struct CommonArgs {
     /// under the home directory).
     #[arg(long, env = "SLUICE_DATABASE_URL")]
     database_url: Option<String>,
+    /// Refuse to start when the event stream could lose acknowledged writes.
+    #[arg(long, env = "SLUICE_STRICT")]
+    strict: bool,
 }
 
 fn load_config(common: &CommonArgs, nats_url: Option<String>) -> anyhow::Result<Config> {
@@ -102,7 +105,15 @@ pub(crate) async fn up(
             url
         }
     };
-    let result = run(&config, &url, &Role::ALL, &home, embedded.is_some()).await;
+    let result = run(
+        &config,
+        &url,
+        &Role::ALL,
+        &home,
+        embedded.is_some(),
+        args.common.strict,
+    )
+    .await;
     if let Some(mut server) = embedded {
         server.stop(Duration::from_secs(10));
     }
@@ -122,7 +133,7 @@ pub(crate) async fn serve(
         "sluice serve needs a NATS server: set SLUICE_NATS_URL, --nats-url or nats.url (use `sluice up` for the embedded one)",
     )?;
     let roles = config.roles();
-    run(&config, &url, &roles, &home, false).await
+    run(&config, &url, &roles, &home, false, args.common.strict).await
 }
 
 async fn run(
@@ -131,6 +142,7 @@ async fn run(
     roles: &[Role],
     home: &Path,
     embedded: bool,
+    strict: bool,
 ) -> anyhow::Result<()> {
     let store = EventStore::connect_with(
         &config.connect(url)?,
@@ -141,6 +153,18 @@ async fn run(
     )
     .await
     .context("connecting to NATS")?;
+    // The embedded server fsyncs every write; `serve` is production.
+    let warnings = store.stream_state().await?.durability_warnings(
+        embedded.then_some(true),
+        !embedded,
+        store.config().retry_horizon(),
+    );
+    for w in &warnings {
+        tracing::warn!(warning = %w, "durability");
+    }
+    if strict && !warnings.is_empty() {
+        anyhow::bail!("refusing to start (--strict): {}", warnings.join("; "));
+    }
     let shutdown = CancellationToken::new();
     let has = |r: Role| roles.contains(&r);
 

@@ -223,6 +223,14 @@ fn up_publish_read_tail_status_and_clean_shutdown() {
     let o = sluice(home.path(), &["status", "--production"]);
     let (out, _) = text(&o);
     assert!(out.contains("production needs 3"), "{out}");
+    let o = sluice(home.path(), &["status", "--production", "--strict"]);
+    assert_eq!(o.status.code(), Some(1), "--strict must fail on warnings");
+    let o = sluice(home.path(), &["status", "--strict"]);
+    assert!(
+        o.status.success(),
+        "the embedded default has nothing to warn about: {:?}",
+        text(&o)
+    );
 
     // The HTTP API serves the read models, with read-your-writes.
     let http = endpoint["http_addr"].as_str().unwrap().to_owned();
