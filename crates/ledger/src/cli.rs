@@ -14,12 +14,13 @@ use crate::read_models::{ACCOUNT_ACTIVITY, ACCOUNT_BALANCES, AccountActivity, Ac
 use crate::service::ReadSide;
 
 /// The projections the CLI knows, by constant name.
-pub const PROJECTIONS: [&str; 2] = [ACCOUNT_BALANCES, ACCOUNT_ACTIVITY];
+pub const PROJECTIONS: [&str; 3] = [ACCOUNT_BALANCES, ACCOUNT_ACTIVITY, crate::TRANSFERS];
 
 fn read_model(name: &str) -> Result<Arc<dyn ReadModel>, Error> {
     match name {
         ACCOUNT_BALANCES => Ok(Arc::new(AccountBalances::new())),
         ACCOUNT_ACTIVITY => Ok(Arc::new(AccountActivity)),
+        crate::TRANSFERS => Ok(Arc::new(crate::Transfers)),
         other => Err(Error::UnknownProjection(other.chars().take(64).collect())),
     }
 }
@@ -177,6 +178,16 @@ pub async fn rebuild(
             )
             .await?
         }
+        crate::TRANSFERS => {
+            run_rebuild(
+                Arc::new(crate::Transfers),
+                side,
+                config,
+                &mut report,
+                shutdown,
+            )
+            .await?
+        }
         other => return Err(Error::UnknownProjection(other.chars().take(64).collect())),
     };
     match &done {
@@ -219,6 +230,7 @@ pub async fn reset(side: &ReadSide, name: &str, confirmed: bool) -> Result<(), E
     match name {
         ACCOUNT_BALANCES => sluice_projections::reset(&side.db, &AccountBalances::new()).await?,
         ACCOUNT_ACTIVITY => sluice_projections::reset(&side.db, &AccountActivity).await?,
+        crate::TRANSFERS => sluice_projections::reset(&side.db, &crate::Transfers).await?,
         other => return Err(Error::UnknownProjection(other.chars().take(64).collect())),
     }
     Ok(())

@@ -55,7 +55,7 @@ pub struct Projector {
 }
 
 impl Projector {
-    /// Starts `account_balances` and `account_activity`.
+    /// Starts `account_balances`, `account_activity` and `transfers`.
     pub async fn start(
         side: &ReadSide,
         config: RunnerConfig,
@@ -65,6 +65,7 @@ impl Projector {
             vec![
                 Member::from(Arc::new(AccountBalances::new())),
                 Member::from(Arc::new(AccountActivity)),
+                Member::from(Arc::new(crate::Transfers)),
             ],
             side.db.clone(),
             side.store.clone(),
@@ -91,6 +92,7 @@ impl Projector {
                 live(crate::ACCOUNT_BALANCES),
             )
             .read_model(Arc::new(AccountActivity), live(crate::ACCOUNT_ACTIVITY))
+            .read_model(Arc::new(crate::Transfers), live(crate::TRANSFERS))
             .build()
     }
 

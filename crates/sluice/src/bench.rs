@@ -147,7 +147,9 @@ async fn sluice_append(
             let mut versions: HashMap<usize, u64> = HashMap::new();
             for i in 0..per_writer {
                 let agg = owned[i % owned.len().max(1)];
-                let id = StreamId::new("bench", format!("s-{agg}"))?;
+                // Each run gets its own aggregates, so runs on one server
+                // start from empty streams.
+                let id = StreamId::new("bench", format!("c{concurrency}-{agg}"))?;
                 let v = versions.get(&agg).copied().unwrap_or(0);
                 let t = Instant::now();
                 let r = store

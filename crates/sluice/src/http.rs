@@ -151,12 +151,15 @@ pub(crate) fn router(queries: Router, parts: Parts, opts: &HttpOptions) -> Route
     };
     let protected = Router::new()
         .route("/v1/streams/{category}/{id}", post(append))
+        .route("/v1/transfers", post(start_transfer))
         .route("/v1/dlq", get(dlq_list))
         .route("/v1/dlq/{id}", get(dlq_show))
         .route("/v1/dlq/{id}/redrive", post(dlq_redrive))
         .route("/v1/dlq/{id}/discard", post(dlq_discard))
         .route_layer(middleware::from_fn_with_state(ctx.clone(), require_token));
     let open = Router::new()
+        .route("/v1/transfers", get(list_transfers))
+        .route("/v1/transfers/{id}", get(get_transfer))
         .route("/healthz", get(healthz))
         .route("/readyz", get(readyz))
         .route("/metrics", get(prometheus))
@@ -495,6 +498,83 @@ async fn append(
     }
 }
 
+/// Body of `POST /v1/transfers`.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct TransferBody {
+    from: String,
+    to: String,
+    amount: i64,
+    /// Transfer id and idempotency key (default: a new UUIDv7).
+    #[serde(default)]
+    id: Option<String>,
+}
+
+fn saga_error(e: sluice_sagas::SagaError) -> Response {
+    match e {
+        sluice_sagas::SagaError::Invalid(msg) => bad_request(msg),
+        sluice_sagas::SagaError::Events(e) if e.is_invalid_input() => bad_request(e.to_string()),
+        other => Problem::internal(other).into_response(),
+    }
+}
+
+async fn start_transfer(
+    State(ctx): State<Ctx>,
+    body: Result<Json<TransferBody>, axum::extract::rejection::JsonRejection>,
+) -> Response {
+    let Json(b) = match body {
+        Ok(b) => b,
+        Err(e) => {
+            return bad_request(format!(
+                "the body must be {{\"from\", \"to\", \"amount\", \"id\"?}}: {}",
+                e.body_text()
+            ));
+        }
+    };
+    match sluice_ledger::start_transfer(&ctx.store, b.id.as_deref(), &b.from, &b.to, b.amount).await
+    {
+        Ok(t) => (
+            if t.created {
+                StatusCode::ACCEPTED
+            } else {
+                StatusCode::OK
+            },
+            [(header::LOCATION, format!("/v1/transfers/{}", t.id))],
+            Json(json!({"id": t.id, "position": t.position, "created": t.created})),
+        )
+            .into_response(),
+        Err(e) => saga_error(e),
+    }
+}
+
+async fn get_transfer(State(ctx): State<Ctx>, UrlPath(id): UrlPath<String>) -> Response {
+    if let Err(e) = sluice_events::validate_token("transfer id", &id) {
+        return bad_request(e.to_string());
+    }
+    match sluice_ledger::transfer_status(&ctx.store, &id).await {
+        Ok(Some(v)) => Json(v).into_response(),
+        Ok(None) => problem(
+            StatusCode::NOT_FOUND,
+            "not-found",
+            "Not found",
+            format!("no transfer {id}"),
+        ),
+        Err(e) => saga_error(e),
+    }
+}
+
+#[derive(Debug, Deserialize)]
+struct TransferQuery {
+    state: Option<String>,
+}
+
+async fn list_transfers(State(ctx): State<Ctx>, Query(q): Query<TransferQuery>) -> Response {
+    match sluice_ledger::list_transfers(&ctx.store, q.state.as_deref()).await {
+        Ok(v) => Json(json!({"transfers": v})).into_response(),
+        Err(e) => saga_error(e),
+    }
+}
+
 #[derive(Debug, Deserialize)]
 struct DlqQuery {
     consumer: Option<String>,
@@ -589,6 +669,14 @@ pub(crate) fn openapi_document() -> Value {
                                            "events": {"type": "array", "items": {"type": "object", "required": ["type", "data"]}}}}}}},
                          "responses": {"201": ok("appended"), "400": err("invalid input"), "401": err("no or wrong token"), "409": err("version conflict"), "413": err("body too large")}}
             },
+            "/v1/transfers": {
+                "get": {"summary": "Transfers (filter state: pending, completed, compensated, needs_attention)", "responses": {"200": ok("transfers")}},
+                "post": {"summary": "Start a transfer saga (id = idempotency key)", "security": secured,
+                         "requestBody": {"content": {"application/json": {"schema": {"type": "object", "required": ["from", "to", "amount"],
+                            "properties": {"from": {"type": "string"}, "to": {"type": "string"}, "amount": {"type": "integer", "minimum": 1}, "id": {"type": "string"}}}}}},
+                         "responses": {"202": ok("started"), "200": ok("already started"), "400": err("invalid input"), "401": err("no or wrong token")}}
+            },
+            "/v1/transfers/{id}": {"get": {"summary": "One transfer's state", "responses": {"200": ok("transfer"), "404": err("unknown transfer")}}},
             "/v1/dlq": {"get": {"summary": "Dead letters (filter consumer, category, reason)", "security": secured, "responses": {"200": ok("listing"), "401": err("no or wrong token")}}},
             "/v1/dlq/{id}": {"get": {"summary": "One dead letter", "security": secured, "responses": {"200": ok("dead letter"), "404": err("unknown id")}}},
             "/v1/dlq/{id}/redrive": {"post": {"summary": "Hand a dead letter back to its consumer (idempotent)", "security": secured, "responses": {"200": ok("redrive report")}}},
@@ -793,7 +881,9 @@ mod tests {
             let (status, _, _) = call(&app, method, &uri, Some(TOKEN), None).await;
             assert_ne!(status, StatusCode::METHOD_NOT_ALLOWED, "{path}");
             assert!(
-                status != StatusCode::NOT_FOUND || uri.starts_with("/v1/dlq/"),
+                status != StatusCode::NOT_FOUND
+                    || uri.starts_with("/v1/dlq/")
+                    || uri.starts_with("/v1/transfers/"),
                 "{path}: {status}"
             );
         }

@@ -17,6 +17,7 @@ mod dlq_cmd;
 mod endpoint;
 mod http;
 mod projection_cmd;
+mod transfer_cmd;
 mod up;
 
 /// Exit code for an optimistic-concurrency conflict.
@@ -56,6 +57,10 @@ enum Command {
     Query(QueryCmd),
     /// Projections: list, rebuild (blue/green), reset.
     Projection(ProjectionArgs),
+    /// Move money between two ledger accounts (a saga that undoes itself).
+    Transfer(transfer_cmd::TransferArgs),
+    /// Transfer sagas: list, show, retry a failed compensation.
+    Saga(SagaArgs),
     /// Dead letters: list, show, redrive, discard.
     Dlq(DlqArgs),
     /// Durable consumers: list, pause (kill switch), resume.
@@ -86,6 +91,16 @@ struct ProjectionArgs {
     /// Read store (default: SQLite under the home directory).
     #[arg(long, global = true, env = "SLUICE_DATABASE_URL")]
     database_url: Option<String>,
+}
+
+/// `sluice saga ...`.
+#[derive(Debug, clap::Args)]
+struct SagaArgs {
+    #[command(subcommand)]
+    cmd: transfer_cmd::SagaCommand,
+    /// One JSON object per line instead of a table.
+    #[arg(long, global = true)]
+    json: bool,
 }
 
 /// `sluice dlq ...`.
@@ -152,6 +167,14 @@ async fn main() -> ExitCode {
         Command::Projection(p) => {
             projection_cmd::projection(p.cmd, p.json, cli.nats_url, &cli.home, p.database_url).await
         }
+        Command::Transfer(a) => match endpoint::resolve(cli.nats_url, &cli.home) {
+            Ok(url) => transfer_cmd::transfer(a, &url).await,
+            Err(e) => Err(e),
+        },
+        Command::Saga(a) => match endpoint::resolve(cli.nats_url, &cli.home) {
+            Ok(url) => transfer_cmd::saga(a.cmd, &url, a.json).await,
+            Err(e) => Err(e),
+        },
         Command::Dlq(a) => match endpoint::resolve(cli.nats_url, &cli.home) {
             Ok(url) => dlq_cmd::run(a.cmd, &url, a.json).await,
             Err(e) => Err(e),

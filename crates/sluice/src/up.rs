@@ -202,6 +202,7 @@ async fn run(
                     AppState::builder(side.store.clone(), side.db.clone())
                         .read_model(Arc::new(AccountBalances::new()), None)
                         .read_model(Arc::new(AccountActivity), None)
+                        .read_model(Arc::new(sluice_ledger::Transfers), None)
                         .build(),
                     Vec::new(),
                 ),
@@ -254,8 +255,23 @@ async fn run(
             }));
         }
     }
-    if has(Role::Worker) || has(Role::Saga) {
-        tracing::info!(roles = ?roles, "worker and saga roles have no ledger handlers to run yet");
+    // The ledger's command handlers (worker) and transfer orchestrator (saga).
+    let role_config = sluice_ledger::TransferRoleConfig::default();
+    if has(Role::Worker) {
+        let (st, sd, cfg) = (store.clone(), shutdown.clone(), role_config.handler.clone());
+        tasks.push(tokio::spawn(async move {
+            sluice_ledger::run_account_commands(&st, cfg, sd)
+                .await
+                .context("worker role")
+        }));
+    }
+    if has(Role::Saga) {
+        let (st, sd, cfg) = (store.clone(), shutdown.clone(), role_config);
+        tasks.push(tokio::spawn(async move {
+            sluice_ledger::run_transfer_orchestrator(&st, &cfg, sd)
+                .await
+                .context("saga role")
+        }));
     }
 
     if embedded || endpoint::read(home).is_none() {

@@ -273,7 +273,7 @@ fn up_publish_read_tail_status_and_clean_shutdown() {
     let o = sluice(home.path(), &["projection", "list", "--json"]);
     let (out, err) = text(&o);
     assert!(o.status.success(), "{err}");
-    assert_eq!(out.lines().count(), 2, "{out}");
+    assert_eq!(out.lines().count(), 3, "{out}");
     let o = sluice(
         home.path(),
         &["projection", "rebuild", "account_balances", "--json"],
@@ -355,6 +355,66 @@ fn up_publish_read_tail_status_and_clean_shutdown() {
     );
     let o = sluice(home.path(), &["read", "account/acc-1", "--json"]);
     assert_eq!(text(&o).0.lines().count(), 3);
+
+    // A transfer saga end to end through every role of `sluice up`.
+    let o = sluice(
+        home.path(),
+        &[
+            "publish",
+            "account/acc-2",
+            "--type",
+            "ledger.account.opened.v1",
+            "--data",
+            r#"{"owner":"bob","currency":"EUR"}"#,
+        ],
+    );
+    assert!(o.status.success(), "{:?}", text(&o));
+    let o = sluice(
+        home.path(),
+        &[
+            "transfer", "acc-1", "acc-2", "10", "--id", "t-1", "--wait", "30", "--json",
+        ],
+    );
+    let (out, err) = text(&o);
+    assert!(o.status.success(), "{out}{err}");
+    let v: serde_json::Value = serde_json::from_str(out.trim()).unwrap();
+    assert_eq!(v["transfer"]["state"], "completed", "{out}");
+    let o = sluice(
+        home.path(),
+        &[
+            "transfer", "acc-1", "nobody", "1", "--id", "t-2", "--wait", "30", "--json",
+        ],
+    );
+    let (out, _) = text(&o);
+    let v: serde_json::Value = serde_json::from_str(out.trim()).unwrap();
+    assert_eq!(v["transfer"]["state"], "compensated", "{out}");
+    let head = sluice(home.path(), &["status", "--json"]);
+    let s: serde_json::Value = serde_json::from_str(text(&head).0.trim()).unwrap();
+    let last = s["stream"]["last_position"].as_u64().unwrap();
+    let (status, body) = http_get(
+        &http,
+        &format!("/v1/projections/account_balances/rows/acc-1?min_position={last}"),
+    );
+    assert_eq!(status, 200, "{body}");
+    assert!(
+        body.contains("\"balance\":2,"),
+        "12 - 10, the failed transfer refunded: {body}"
+    );
+    let (status, body) = http_get(&http, "/v1/projections/transfers/rows/t-2");
+    assert_eq!(status, 200, "{body}");
+    assert!(body.contains("compensated"), "{body}");
+    let o = sluice(home.path(), &["saga", "list", "--json"]);
+    assert_eq!(text(&o).0.lines().count(), 2);
+    let token = std::fs::read_to_string(home.path().join("token")).unwrap();
+    let auth = format!("Authorization: Bearer {}\r\n", token.trim());
+    let (status, body) = http_call(
+        &http,
+        "POST",
+        "/v1/transfers",
+        &auth,
+        r#"{"from":"acc-2","to":"acc-1","amount":1}"#,
+    );
+    assert_eq!(status, 202, "{body}");
 }
 
 #[test]

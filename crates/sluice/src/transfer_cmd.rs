@@ -1,0 +1,139 @@
+//! `sluice transfer` and `sluice saga list|show|retry`: the ledger's transfer
+//! saga from the command line.
+
+use std::process::ExitCode;
+use std::time::{Duration, Instant};
+
+use serde_json::json;
+use sluice_events::{ConnectConfig, EventStore, StoreConfig};
+
+/// Options of `sluice transfer`.
+#[derive(Debug, clap::Args)]
+pub(crate) struct TransferArgs {
+    /// Source account id.
+    from: String,
+    /// Target account id.
+    to: String,
+    /// Amount in minor units (> 0).
+    amount: i64,
+    /// Transfer id; also the idempotency key (default: a new UUIDv7).
+    #[arg(long)]
+    id: Option<String>,
+    /// Wait up to this many seconds for the transfer to finish.
+    #[arg(long)]
+    wait: Option<u64>,
+    /// Print one JSON object.
+    #[arg(long)]
+    json: bool,
+}
+
+/// `sluice saga ...` (the ledger's transfer saga).
+#[derive(Debug, clap::Subcommand)]
+pub(crate) enum SagaCommand {
+    /// Transfers, optionally only those in one state.
+    List {
+        /// pending, completed, compensated or needs_attention.
+        #[arg(long)]
+        state: Option<String>,
+    },
+    /// One transfer.
+    Show {
+        /// Transfer id.
+        id: String,
+    },
+    /// Run a failed compensation again (after fixing its cause).
+    Retry {
+        /// Transfer id.
+        id: String,
+        /// Why, kept in the saga's log.
+        #[arg(long)]
+        note: String,
+    },
+}
+
+async fn connect(url: &str) -> anyhow::Result<EventStore> {
+    Ok(EventStore::connect_with(&ConnectConfig::from_env(url)?, StoreConfig::default()).await?)
+}
+
+fn print_view(v: &sluice_ledger::TransferView, json: bool) -> anyhow::Result<()> {
+    if json {
+        println!("{}", serde_json::to_string(v)?);
+    } else {
+        println!(
+            "{:<38} {:<12} {:<12} {:>10}  {:<16} {}",
+            v.id,
+            v.from,
+            v.to,
+            v.amount,
+            v.state,
+            v.reason.as_deref().unwrap_or("")
+        );
+    }
+    Ok(())
+}
+
+pub(crate) async fn transfer(args: TransferArgs, url: &str) -> anyhow::Result<ExitCode> {
+    let store = connect(url).await?;
+    let t = sluice_ledger::start_transfer(
+        &store,
+        args.id.as_deref(),
+        &args.from,
+        &args.to,
+        args.amount,
+    )
+    .await?;
+    let mut view = None;
+    if let Some(secs) = args.wait {
+        let deadline = Instant::now() + Duration::from_secs(secs);
+        loop {
+            let v = sluice_ledger::transfer_status(&store, &t.id).await?;
+            let done = v.as_ref().is_some_and(|v| v.state != "pending");
+            view = v;
+            if done || Instant::now() > deadline {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+    if args.json {
+        println!(
+            "{}",
+            json!({"id": t.id, "position": t.position, "created": t.created, "transfer": view})
+        );
+    } else {
+        println!(
+            "transfer {} {} at position {}",
+            t.id,
+            if t.created {
+                "started"
+            } else {
+                "already existed"
+            },
+            t.position
+        );
+        if let Some(v) = &view {
+            print_view(v, false)?;
+        }
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+pub(crate) async fn saga(cmd: SagaCommand, url: &str, json: bool) -> anyhow::Result<ExitCode> {
+    let store = connect(url).await?;
+    match cmd {
+        SagaCommand::List { state } => {
+            for v in sluice_ledger::list_transfers(&store, state.as_deref()).await? {
+                print_view(&v, json)?;
+            }
+        }
+        SagaCommand::Show { id } => match sluice_ledger::transfer_status(&store, &id).await? {
+            Some(v) => print_view(&v, json)?,
+            None => anyhow::bail!("no transfer {id}"),
+        },
+        SagaCommand::Retry { id, note } => {
+            sluice_ledger::retry_transfer(&store, &id, &note).await?;
+            println!("transfer {id}: compensation sent again");
+        }
+    }
+    Ok(ExitCode::SUCCESS)
+}
