@@ -915,37 +915,3 @@ async fn the_saga_role_killed_with_sigkill_mid_run_applies_nothing_twice() {
     );
     role.stop().await;
 }
-
-/// Throughput and latency of transfer sagas (run by hand:
-/// `cargo nextest run -p sluice-e2e --test sagas --run-ignored only --no-capture bench`).
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-#[ignore = "benchmark, run by hand"]
-async fn bench_transfer_sagas() {
-    for sync in [
-        sluice_events::SyncInterval::ServerDefault,
-        sluice_events::SyncInterval::Always,
-    ] {
-        let nats = NatsServer::start_with(sync);
-        let store = nats.store().await;
-        let mut config = role(Duration::from_secs(30));
-        config.orchestrator.worker.concurrency = 64;
-        config.handler.concurrency = 64;
-        let role = role_task(&store, config);
-        let report = sluice_ledger::bench_transfers(
-            &store,
-            &sluice_ledger::SagaBenchConfig {
-                transfers: 2_000,
-                accounts: 200,
-                in_flight: 256,
-                prefix: "b".into(),
-            },
-        )
-        .await
-        .unwrap();
-        eprintln!(
-            "BENCH {sync:?}: {}",
-            serde_json::to_string(&report).unwrap()
-        );
-        role.stop().await;
-    }
-}

@@ -23,6 +23,8 @@ pub(crate) enum BenchCommand {
     Workers(crate::bench_workers::WorkersArgs),
     /// Projection catch-up and rebuild vs raw batched upserts (SQLite, PostgreSQL).
     Projections(crate::bench_projections::ProjectionsArgs),
+    /// Transfer sagas per second and request-to-completed latency.
+    Sagas(crate::bench_sagas::SagasArgs),
 }
 
 /// Options of `sluice bench append`.
@@ -206,6 +208,7 @@ pub(crate) async fn run(cmd: BenchCommand) -> anyhow::Result<()> {
         BenchCommand::Append(args) => args,
         BenchCommand::Workers(args) => return crate::bench_workers::run(args).await,
         BenchCommand::Projections(args) => return crate::bench_projections::run(args).await,
+        BenchCommand::Sagas(args) => return crate::bench_sagas::run(args).await,
     };
     if args.events == 0 || args.aggregates == 0 {
         anyhow::bail!("--events and --aggregates must be at least 1");

@@ -9,6 +9,7 @@ use clap::{Parser, Subcommand};
 
 mod bench;
 mod bench_projections;
+mod bench_sagas;
 mod bench_workers;
 mod commands;
 mod config;
