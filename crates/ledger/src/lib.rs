@@ -18,6 +18,7 @@ pub mod bench;
 pub mod cli;
 mod events;
 mod fold;
+mod idempotent;
 mod read_models;
 mod saga_bench;
 mod service;
@@ -27,6 +28,7 @@ mod transfers;
 pub use account::{Account, AccountCommand, AccountRejection};
 pub use events::{ACCOUNT_CATEGORY, AccountEvent, CLOSED, DEPOSITED, OPENED, WITHDRAWN};
 pub use fold::{AccountRow, FoldInput, FoldOutput, STATUS_CLOSED, STATUS_OPEN, fold_balances};
+pub use idempotent::{CommandOutcome, account_command as run_account_command, account_state};
 pub use read_models::{
     ACCOUNT_ACTIVITY, ACCOUNT_BALANCES, AccountActivity, AccountBalances, WriteMode,
 };
@@ -68,6 +70,12 @@ pub enum Error {
     /// A destructive command without its confirmation flag (CLI).
     #[error("{0}")]
     NotConfirmed(&'static str),
+    /// The account refused the command.
+    #[error("command refused: {0}")]
+    Rejected(crate::account::AccountRejection),
+    /// An idempotency key was used before for a different request.
+    #[error("idempotency key {0:?} was already used for a different request")]
+    IdempotencyKeyReused(String),
     /// Writing the output failed (CLI).
     #[error("writing output: {0}")]
     Io(#[from] std::io::Error),

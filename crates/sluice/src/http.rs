@@ -152,6 +152,9 @@ pub(crate) fn router(queries: Router, parts: Parts, opts: &HttpOptions) -> Route
     let protected = Router::new()
         .route("/v1/streams/{category}/{id}", post(append))
         .route("/v1/transfers", post(start_transfer))
+        .route("/v1/accounts", post(open_account))
+        .route("/v1/accounts/{id}/deposits", post(deposit))
+        .route("/v1/accounts/{id}/withdrawals", post(withdraw))
         .route("/v1/dlq", get(dlq_list))
         .route("/v1/dlq/{id}", get(dlq_show))
         .route("/v1/dlq/{id}/redrive", post(dlq_redrive))
@@ -518,8 +521,25 @@ fn saga_error(e: sluice_sagas::SagaError) -> Response {
     }
 }
 
+fn idempotency_key(headers: &axum::http::HeaderMap) -> Option<String> {
+    headers
+        .get("idempotency-key")
+        .and_then(|v| v.to_str().ok())
+        .map(str::to_owned)
+}
+
+fn key_reused(key: &str) -> Response {
+    problem(
+        StatusCode::UNPROCESSABLE_ENTITY,
+        "idempotency-key-reused",
+        "Idempotency key reused",
+        format!("Idempotency-Key {key:?} was already used for a different request"),
+    )
+}
+
 async fn start_transfer(
     State(ctx): State<Ctx>,
+    headers: axum::http::HeaderMap,
     body: Result<Json<TransferBody>, axum::extract::rejection::JsonRejection>,
 ) -> Response {
     let Json(b) = match body {
@@ -531,8 +551,27 @@ async fn start_transfer(
             ));
         }
     };
-    match sluice_ledger::start_transfer(&ctx.store, b.id.as_deref(), &b.from, &b.to, b.amount).await
-    {
+    // The transfer id is the idempotency key; a key given both ways must agree.
+    let key = idempotency_key(&headers);
+    let id = match (b.id.as_deref(), key.as_deref()) {
+        (Some(a), Some(k)) if a != k => {
+            return bad_request("the body's id and the Idempotency-Key differ");
+        }
+        (a, k) => a.or(k).map(str::to_owned),
+    };
+    match sluice_ledger::start_transfer(&ctx.store, id.as_deref(), &b.from, &b.to, b.amount).await {
+        Ok(t) if !t.created => match sluice_ledger::transfer_status(&ctx.store, &t.id).await {
+            Ok(Some(v)) if v.from == b.from && v.to == b.to && v.amount == b.amount => (
+                StatusCode::OK,
+                [(header::LOCATION, format!("/v1/transfers/{}", t.id))],
+                Json(
+                    json!({"id": t.id, "position": t.position, "created": false, "state": v.state}),
+                ),
+            )
+                .into_response(),
+            Ok(_) => key_reused(&t.id),
+            Err(e) => saga_error(e),
+        },
         Ok(t) => (
             if t.created {
                 StatusCode::ACCEPTED
@@ -561,6 +600,121 @@ async fn get_transfer(State(ctx): State<Ctx>, UrlPath(id): UrlPath<String>) -> R
         ),
         Err(e) => saga_error(e),
     }
+}
+
+/// Body of `POST /v1/accounts`.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct OpenBody {
+    #[serde(default)]
+    id: Option<String>,
+    owner: String,
+    currency: String,
+}
+
+/// Body of deposits and withdrawals.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct AmountBody {
+    amount: i64,
+}
+
+async fn account_command(
+    ctx: &Ctx,
+    id: &str,
+    command: sluice_ledger::AccountCommand,
+    headers: &axum::http::HeaderMap,
+) -> Response {
+    let key = idempotency_key(headers);
+    match sluice_ledger::run_account_command(&ctx.store, id, &command, key.as_deref()).await {
+        Ok(o) => (
+            if o.replayed { StatusCode::OK } else { StatusCode::CREATED },
+            Json(json!({"id": o.account, "positions": o.positions, "position": o.version, "replayed": o.replayed})),
+        )
+            .into_response(),
+        Err(sluice_ledger::Error::IdempotencyKeyReused(k)) => key_reused(&k),
+        Err(sluice_ledger::Error::Rejected(r)) => problem(StatusCode::CONFLICT, "rejected", "Command refused", r.to_string()),
+        Err(sluice_ledger::Error::Events(e)) if e.is_invalid_input() => bad_request(e.to_string()),
+        Err(e) => Problem::internal(e).into_response(),
+    }
+}
+
+async fn open_account(
+    State(ctx): State<Ctx>,
+    headers: axum::http::HeaderMap,
+    body: Result<Json<OpenBody>, axum::extract::rejection::JsonRejection>,
+) -> Response {
+    let Json(b) = match body {
+        Ok(b) => b,
+        Err(e) => {
+            return bad_request(format!(
+                "the body must be {{\"owner\", \"currency\", \"id\"?}}: {}",
+                e.body_text()
+            ));
+        }
+    };
+    let id =
+        b.id.or_else(|| idempotency_key(&headers))
+            .unwrap_or_else(|| uuid::Uuid::now_v7().to_string());
+    let cmd = sluice_ledger::AccountCommand::Open {
+        owner: b.owner,
+        currency: b.currency,
+    };
+    account_command(&ctx, &id, cmd, &headers).await
+}
+
+async fn deposit(
+    State(ctx): State<Ctx>,
+    UrlPath(id): UrlPath<String>,
+    headers: axum::http::HeaderMap,
+    body: Result<Json<AmountBody>, axum::extract::rejection::JsonRejection>,
+) -> Response {
+    let Json(b) = match body {
+        Ok(b) => b,
+        Err(e) => {
+            return bad_request(format!(
+                "the body must be {{\"amount\": <minor units>}}: {}",
+                e.body_text()
+            ));
+        }
+    };
+    account_command(
+        &ctx,
+        &id,
+        sluice_ledger::AccountCommand::Deposit {
+            amount: b.amount,
+            currency: None,
+        },
+        &headers,
+    )
+    .await
+}
+
+async fn withdraw(
+    State(ctx): State<Ctx>,
+    UrlPath(id): UrlPath<String>,
+    headers: axum::http::HeaderMap,
+    body: Result<Json<AmountBody>, axum::extract::rejection::JsonRejection>,
+) -> Response {
+    let Json(b) = match body {
+        Ok(b) => b,
+        Err(e) => {
+            return bad_request(format!(
+                "the body must be {{\"amount\": <minor units>}}: {}",
+                e.body_text()
+            ));
+        }
+    };
+    account_command(
+        &ctx,
+        &id,
+        sluice_ledger::AccountCommand::Withdraw {
+            amount: b.amount,
+            currency: None,
+        },
+        &headers,
+    )
+    .await
 }
 
 #[derive(Debug, Deserialize)]
@@ -676,6 +830,9 @@ pub(crate) fn openapi_document() -> Value {
                             "properties": {"from": {"type": "string"}, "to": {"type": "string"}, "amount": {"type": "integer", "minimum": 1}, "id": {"type": "string"}}}}}},
                          "responses": {"202": ok("started"), "200": ok("already started"), "400": err("invalid input"), "401": err("no or wrong token")}}
             },
+            "/v1/accounts": {"post": {"summary": "Open an account (Idempotency-Key)", "security": secured, "responses": {"201": ok("opened"), "200": ok("replayed"), "409": err("refused"), "422": err("key reused")}}},
+            "/v1/accounts/{id}/deposits": {"post": {"summary": "Deposit (Idempotency-Key)", "security": secured, "responses": {"201": ok("deposited"), "200": ok("replayed"), "409": err("refused"), "422": err("key reused")}}},
+            "/v1/accounts/{id}/withdrawals": {"post": {"summary": "Withdraw, never below zero (Idempotency-Key)", "security": secured, "responses": {"201": ok("withdrawn"), "200": ok("replayed"), "409": err("refused"), "422": err("key reused")}}},
             "/v1/transfers/{id}": {"get": {"summary": "One transfer's state", "responses": {"200": ok("transfer"), "404": err("unknown transfer")}}},
             "/v1/dlq": {"get": {"summary": "Dead letters (filter consumer, category, reason)", "security": secured, "responses": {"200": ok("listing"), "401": err("no or wrong token")}}},
             "/v1/dlq/{id}": {"get": {"summary": "One dead letter", "security": secured, "responses": {"200": ok("dead letter"), "404": err("unknown id")}}},
@@ -873,10 +1030,10 @@ mod tests {
                 continue;
             }
             let uri = path.replace("{id}", "1");
-            let method = if uri.ends_with("redrive") || uri.ends_with("discard") {
-                "POST"
-            } else {
+            let method = if doc["paths"][path].get("get").is_some() {
                 "GET"
+            } else {
+                "POST"
             };
             let (status, _, _) = call(&app, method, &uri, Some(TOKEN), None).await;
             assert_ne!(status, StatusCode::METHOD_NOT_ALLOWED, "{path}");
@@ -912,6 +1069,89 @@ mod tests {
             .unwrap();
         assert_eq!(events[0].envelope.traceparent.as_deref(), Some(tp));
         assert!(!is_traceparent("00-xyz"));
+    }
+
+    async fn call_with_key(app: &Router, uri: &str, key: &str, body: &str) -> (StatusCode, String) {
+        let req = axum::http::Request::builder()
+            .method("POST")
+            .uri(uri)
+            .header(header::AUTHORIZATION, format!("Bearer {TOKEN}"))
+            .header(header::CONTENT_TYPE, "application/json")
+            .header("idempotency-key", key)
+            .body(Body::from(body.to_owned()))
+            .unwrap();
+        let resp = app.clone().oneshot(req).await.unwrap();
+        let status = resp.status();
+        let bytes = axum::body::to_bytes(resp.into_body(), 1 << 20)
+            .await
+            .unwrap();
+        (status, String::from_utf8_lossy(&bytes).into_owned())
+    }
+
+    #[tokio::test]
+    async fn idempotency_keys_make_retries_safe_and_refuse_reuse() {
+        let (app, server) = app(HttpOptions::with_token(TOKEN)).await;
+        let open = r#"{"id":"a-1","owner":"ann","currency":"EUR"}"#;
+        let (s1, b1) = call_with_key(&app, "/v1/accounts", "k-open", open).await;
+        assert_eq!(s1, StatusCode::CREATED, "{b1}");
+        let (s2, b2) = call_with_key(&app, "/v1/accounts", "k-open", open).await;
+        assert_eq!(s2, StatusCode::OK, "{b2}");
+        for _ in 0..3 {
+            let (s, b) = call_with_key(
+                &app,
+                "/v1/accounts/a-1/deposits",
+                "k-dep",
+                r#"{"amount":500}"#,
+            )
+            .await;
+            assert!(s == StatusCode::CREATED || s == StatusCode::OK, "{b}");
+        }
+        let (s, b) = call_with_key(
+            &app,
+            "/v1/accounts/a-1/deposits",
+            "k-dep",
+            r#"{"amount":900}"#,
+        )
+        .await;
+        assert_eq!(s, StatusCode::UNPROCESSABLE_ENTITY, "{b}");
+        let (s, b) = call_with_key(
+            &app,
+            "/v1/accounts/a-1/withdrawals",
+            "k-wd",
+            r#"{"amount":501}"#,
+        )
+        .await;
+        assert_eq!(s, StatusCode::CONFLICT, "overdraft refused: {b}");
+        let store = server.store().await;
+        let (account, _) = sluice_ledger::account_state(&store, "a-1").await.unwrap();
+        assert_eq!(
+            account.balance(),
+            500,
+            "three deposits with one key moved money once"
+        );
+
+        let transfer = r#"{"from":"a-1","to":"b-1","amount":100}"#;
+        let (s, b) = call_with_key(&app, "/v1/transfers", "t-key", transfer).await;
+        assert_eq!(s, StatusCode::ACCEPTED, "{b}");
+        for _ in 0..2 {
+            let (s, b) = call_with_key(&app, "/v1/transfers", "t-key", transfer).await;
+            assert_eq!(s, StatusCode::OK, "{b}");
+        }
+        let (s, _) = call_with_key(
+            &app,
+            "/v1/transfers",
+            "t-key",
+            r#"{"from":"a-1","to":"b-1","amount":101}"#,
+        )
+        .await;
+        assert_eq!(s, StatusCode::UNPROCESSABLE_ENTITY);
+        assert_eq!(
+            sluice_ledger::list_transfers(&store, None)
+                .await
+                .unwrap()
+                .len(),
+            1
+        );
     }
 
     #[test]
