@@ -58,6 +58,8 @@ enum Command {
     Query(QueryCmd),
     /// Projections: list, rebuild (blue/green), reset.
     Projection(ProjectionArgs),
+    /// Ledger accounts: open, deposit, withdraw, show.
+    Ledger(LedgerArgs),
     /// Move money between two ledger accounts (a saga that undoes itself).
     Transfer(transfer_cmd::TransferArgs),
     /// Transfer sagas: list, show, retry a failed compensation.
@@ -92,6 +94,19 @@ struct ProjectionArgs {
     /// Read store (default: SQLite under the home directory).
     #[arg(long, global = true, env = "SLUICE_DATABASE_URL")]
     database_url: Option<String>,
+}
+
+/// `sluice ledger ...`.
+#[derive(Debug, clap::Args)]
+struct LedgerArgs {
+    #[command(subcommand)]
+    cmd: transfer_cmd::LedgerCommand,
+    /// Idempotency key: the same key and command take effect once.
+    #[arg(long, global = true)]
+    idempotency_key: Option<String>,
+    /// One JSON object instead of text.
+    #[arg(long, global = true)]
+    json: bool,
 }
 
 /// `sluice saga ...`.
@@ -168,6 +183,10 @@ async fn main() -> ExitCode {
         Command::Projection(p) => {
             projection_cmd::projection(p.cmd, p.json, cli.nats_url, &cli.home, p.database_url).await
         }
+        Command::Ledger(a) => match endpoint::resolve(cli.nats_url, &cli.home) {
+            Ok(url) => transfer_cmd::ledger(a.cmd, a.idempotency_key, &url, a.json).await,
+            Err(e) => Err(e),
+        },
         Command::Transfer(a) => match endpoint::resolve(cli.nats_url, &cli.home) {
             Ok(url) => transfer_cmd::transfer(a, &url).await,
             Err(e) => Err(e),

@@ -137,3 +137,109 @@ pub(crate) async fn saga(cmd: SagaCommand, url: &str, json: bool) -> anyhow::Res
     }
     Ok(ExitCode::SUCCESS)
 }
+
+/// `sluice ledger ...`: account commands, decided by the account aggregate.
+#[derive(Debug, clap::Subcommand)]
+pub(crate) enum LedgerCommand {
+    /// Open an account.
+    Open {
+        /// Account id.
+        id: String,
+        /// Owner.
+        #[arg(long)]
+        owner: String,
+        /// Three-letter currency code.
+        #[arg(long, default_value = "EUR")]
+        currency: String,
+    },
+    /// Deposit minor units.
+    Deposit {
+        /// Account id.
+        id: String,
+        /// Minor units (> 0).
+        amount: i64,
+    },
+    /// Withdraw minor units (never below zero).
+    Withdraw {
+        /// Account id.
+        id: String,
+        /// Minor units (> 0).
+        amount: i64,
+    },
+    /// An account's balance and state, folded from its log.
+    Show {
+        /// Account id.
+        id: String,
+    },
+}
+
+pub(crate) async fn ledger(
+    cmd: LedgerCommand,
+    key: Option<String>,
+    url: &str,
+    json: bool,
+) -> anyhow::Result<ExitCode> {
+    use sluice_ledger::AccountCommand;
+    let store = connect(url).await?;
+    let (id, command) = match cmd {
+        LedgerCommand::Show { id } => {
+            let (account, version) = sluice_ledger::account_state(&store, &id).await?;
+            if !account.exists() {
+                anyhow::bail!("no account {id}");
+            }
+            let v = json!({
+                "id": id,
+                "balance": account.balance(),
+                "currency": account.currency(),
+                "open": account.is_open(),
+                "version": version,
+            });
+            if json {
+                println!("{v}");
+            } else {
+                println!(
+                    "{id}: balance {} {} ({}), version {version}",
+                    account.balance(),
+                    account.currency().unwrap_or(""),
+                    if account.is_open() { "open" } else { "closed" }
+                );
+            }
+            return Ok(ExitCode::SUCCESS);
+        }
+        LedgerCommand::Open {
+            id,
+            owner,
+            currency,
+        } => (id, AccountCommand::Open { owner, currency }),
+        LedgerCommand::Deposit { id, amount } => (
+            id,
+            AccountCommand::Deposit {
+                amount,
+                currency: None,
+            },
+        ),
+        LedgerCommand::Withdraw { id, amount } => (
+            id,
+            AccountCommand::Withdraw {
+                amount,
+                currency: None,
+            },
+        ),
+    };
+    let o = sluice_ledger::run_account_command(&store, &id, &command, key.as_deref()).await?;
+    if json {
+        println!("{}", serde_json::to_string(&o)?);
+    } else {
+        println!(
+            "{}: {} at position {}",
+            o.account,
+            if o.replayed {
+                "already done (same idempotency key)"
+            } else {
+                "done"
+            },
+            o.version
+        );
+    }
+    Ok(ExitCode::SUCCESS)
+}

@@ -357,18 +357,28 @@ fn up_publish_read_tail_status_and_clean_shutdown() {
     assert_eq!(text(&o).0.lines().count(), 3);
 
     // A transfer saga end to end through every role of `sluice up`.
-    let o = sluice(
-        home.path(),
-        &[
-            "publish",
-            "account/acc-2",
-            "--type",
-            "ledger.account.opened.v1",
-            "--data",
-            r#"{"owner":"bob","currency":"EUR"}"#,
-        ],
+    for _ in 0..2 {
+        let o = sluice(
+            home.path(),
+            &[
+                "ledger",
+                "open",
+                "acc-2",
+                "--owner",
+                "bob",
+                "--idempotency-key",
+                "open-2",
+            ],
+        );
+        assert!(o.status.success(), "{:?}", text(&o));
+    }
+    let o = sluice(home.path(), &["ledger", "show", "acc-2", "--json"]);
+    let (out, err) = text(&o);
+    assert!(o.status.success(), "{err}");
+    assert!(
+        out.contains("\"balance\":0") && out.contains("\"open\":true"),
+        "{out}"
     );
-    assert!(o.status.success(), "{:?}", text(&o));
     let o = sluice(
         home.path(),
         &[
