@@ -58,6 +58,8 @@ enum Command {
     Query(QueryCmd),
     /// Projections: list, rebuild (blue/green), reset.
     Projection(ProjectionArgs),
+    /// Open demo accounts and run transfers (some compensate) against `sluice up`.
+    Demo(transfer_cmd::DemoArgs),
     /// Ledger accounts: open, deposit, withdraw, show.
     Ledger(LedgerArgs),
     /// Move money between two ledger accounts (a saga that undoes itself).
@@ -183,6 +185,10 @@ async fn main() -> ExitCode {
         Command::Projection(p) => {
             projection_cmd::projection(p.cmd, p.json, cli.nats_url, &cli.home, p.database_url).await
         }
+        Command::Demo(a) => match endpoint::resolve(cli.nats_url, &cli.home) {
+            Ok(url) => transfer_cmd::demo(a, &url).await,
+            Err(e) => Err(e),
+        },
         Command::Ledger(a) => match endpoint::resolve(cli.nats_url, &cli.home) {
             Ok(url) => transfer_cmd::ledger(a.cmd, a.idempotency_key, &url, a.json).await,
             Err(e) => Err(e),

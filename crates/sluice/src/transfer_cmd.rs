@@ -243,3 +243,121 @@ pub(crate) async fn ledger(
     }
     Ok(ExitCode::SUCCESS)
 }
+
+/// Options of `sluice demo`.
+#[derive(Debug, clap::Args)]
+pub(crate) struct DemoArgs {
+    /// Transfers to run.
+    #[arg(long, default_value_t = 20)]
+    transfers: usize,
+    /// Print one JSON summary object.
+    #[arg(long)]
+    json: bool,
+}
+
+/// Opens a few accounts and runs transfers between them, some of which must
+/// compensate (other currency, unknown account), against a running
+/// `sluice up`; prints where they ended and the balances.
+pub(crate) async fn demo(args: DemoArgs, url: &str) -> anyhow::Result<ExitCode> {
+    use sluice_ledger::AccountCommand;
+    let store = connect(url).await?;
+    let accounts = [
+        ("demo-ann", "EUR"),
+        ("demo-bob", "EUR"),
+        ("demo-cid", "EUR"),
+        ("demo-dan", "USD"),
+    ];
+    for (id, currency) in accounts {
+        let open = AccountCommand::Open {
+            owner: id.trim_start_matches("demo-").into(),
+            currency: currency.into(),
+        };
+        // Keys make a second demo run reuse the same accounts and deposits.
+        sluice_ledger::run_account_command(&store, id, &open, Some(&format!("{id}-open"))).await?;
+        let deposit = AccountCommand::Deposit {
+            amount: 10_000,
+            currency: None,
+        };
+        sluice_ledger::run_account_command(&store, id, &deposit, Some(&format!("{id}-seed")))
+            .await?;
+    }
+    let targets = [
+        "demo-ann",
+        "demo-bob",
+        "demo-cid",
+        "demo-dan",
+        "demo-nobody",
+    ];
+    let mut ids = Vec::new();
+    for i in 0..args.transfers {
+        let from = accounts[i % 3].0;
+        let to = targets[(i * 7 + 1) % targets.len()];
+        let to = if to == from {
+            targets[(i + 2) % targets.len()]
+        } else {
+            to
+        };
+        let amount = 100 + (i as i64 * 37) % 900;
+        ids.push(
+            sluice_ledger::start_transfer(&store, None, from, to, amount)
+                .await?
+                .id,
+        );
+    }
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let mut views = Vec::new();
+    loop {
+        views.clear();
+        for id in &ids {
+            if let Some(v) = sluice_ledger::transfer_status(&store, id).await? {
+                views.push(v);
+            }
+        }
+        let pending =
+            views.iter().filter(|v| v.state == "pending").count() + ids.len() - views.len();
+        if pending == 0 || Instant::now() > deadline {
+            break;
+        }
+        if !args.json {
+            eprintln!("{pending} transfer(s) still pending... (is `sluice up` running?)");
+        }
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+    let count = |s: &str| views.iter().filter(|v| v.state == s).count();
+    let mut balances = serde_json::Map::new();
+    for (id, _) in accounts {
+        let (a, _) = sluice_ledger::account_state(&store, id).await?;
+        balances.insert(id.to_owned(), json!(a.balance()));
+    }
+    if args.json {
+        println!(
+            "{}",
+            json!({
+                "transfers": ids.len(),
+                "completed": count("completed"),
+                "compensated": count("compensated"),
+                "pending": count("pending"),
+                "needs_attention": count("needs_attention"),
+                "balances": balances,
+            })
+        );
+    } else {
+        for v in &views {
+            print_view(v, false)?;
+        }
+        println!(
+            "\n{} transfers: {} completed, {} compensated (refunded), {} pending",
+            ids.len(),
+            count("completed"),
+            count("compensated"),
+            count("pending")
+        );
+        for (id, b) in &balances {
+            println!("  {id:<10} {b}");
+        }
+        println!(
+            "See them in the read models: sluice query transfers; sluice query account_balances"
+        );
+    }
+    Ok(ExitCode::SUCCESS)
+}

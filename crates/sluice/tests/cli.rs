@@ -425,6 +425,27 @@ fn up_publish_read_tail_status_and_clean_shutdown() {
         r#"{"from":"acc-2","to":"acc-1","amount":1}"#,
     );
     assert_eq!(status, 202, "{body}");
+
+    // The demo: transfers that complete and ones that compensate, money conserved.
+    let o = sluice(home.path(), &["demo", "--transfers", "10", "--json"]);
+    let (out, err) = text(&o);
+    assert!(o.status.success(), "{out}{err}");
+    let d: serde_json::Value = serde_json::from_str(out.trim()).unwrap();
+    assert_eq!(d["pending"], 0, "{out}");
+    assert!(
+        d["completed"].as_u64().unwrap() > 0 && d["compensated"].as_u64().unwrap() > 0,
+        "{out}"
+    );
+    let total: i64 = d["balances"]
+        .as_object()
+        .unwrap()
+        .values()
+        .map(|v| v.as_i64().unwrap())
+        .sum();
+    assert_eq!(
+        total, 40_000,
+        "money is conserved across the demo accounts: {out}"
+    );
 }
 
 #[test]
