@@ -251,3 +251,60 @@ fn every_shipped_nats_config_is_valid() {
         );
     }
 }
+
+/// Docker is not on the test machines: check the compose file and the
+/// Dockerfile statically (the topology itself runs for real in
+/// tests/failover.rs and this file's server tests).
+#[test]
+fn compose_file_and_dockerfile_match_the_repository() {
+    let compose = std::fs::read_to_string(repo().join("docker-compose.yml")).unwrap();
+    for service in [
+        "nats-1:",
+        "nats-2:",
+        "nats-3:",
+        "postgres:",
+        "api:",
+        "projector:",
+        "worker:",
+        "saga:",
+    ] {
+        assert!(
+            compose.contains(&format!("\n  {service}")),
+            "service {service} missing"
+        );
+    }
+    for role in ["api", "projector", "worker", "saga"] {
+        assert!(
+            compose.contains(&format!(r#"command: ["serve", "--role", "{role}"]"#)),
+            "{role} not run as its own service"
+        );
+        assert!(
+            compose.contains(&format!("SLUICE_NATS_USER: {role}")),
+            "{role} without its own NATS user"
+        );
+    }
+    assert!(compose.matches("healthcheck:").count() >= 3);
+    // Every config path the compose file mounts or names exists.
+    assert!(compose.contains("./nats:/etc/nats:ro"));
+    for conf in compose.split('"').filter(|t| t.starts_with("/etc/nats/")) {
+        let local = repo()
+            .join("nats")
+            .join(conf.trim_start_matches("/etc/nats/"));
+        assert!(local.is_file(), "{conf} does not exist in nats/");
+    }
+    // No secret in the file: passwords come from the environment.
+    assert!(
+        !compose.to_lowercase().contains("password: \""),
+        "a literal password"
+    );
+    let docker = std::fs::read_to_string(repo().join("Dockerfile")).unwrap();
+    assert!(
+        docker.matches("\nFROM ").count() + usize::from(docker.starts_with("FROM ")) >= 2,
+        "multi-stage"
+    );
+    assert!(
+        docker.contains("USER sluice") && docker.contains("--uid 10001"),
+        "non-root"
+    );
+    assert!(docker.contains("--locked -p sluice"));
+}
