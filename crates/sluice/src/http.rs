@@ -343,6 +343,13 @@ async fn prometheus(State(ctx): State<Ctx>) -> Response {
                 .set(snap.checkpoint as f64);
             metrics::gauge!("sluice_projection_lag_events", "projection" => *name)
                 .set(state.last_position.saturating_sub(snap.checkpoint) as f64);
+            if let Some(db) = &ctx.db
+                && let Ok(st) =
+                    sluice_projections::projection_status(db, &ctx.store, name, Some(live)).await
+            {
+                metrics::gauge!("sluice_projection_lag_seconds", "projection" => *name)
+                    .set(st.lag_seconds);
+            }
             metrics::gauge!("sluice_projection_halted", "projection" => *name)
                 .set(if snap.halted.is_some() { 1.0 } else { 0.0 });
         }

@@ -446,6 +446,16 @@ fn up_publish_read_tail_status_and_clean_shutdown() {
         total, 40_000,
         "money is conserved across the demo accounts: {out}"
     );
+    let (status, body) = http_get(&http, "/metrics");
+    assert_eq!(status, 200);
+    for metric in [
+        "sluice_handler_outcomes_total",
+        "sluice_projection_lag_events",
+        "sluice_projection_lag_seconds",
+        "sluice_appends_total",
+    ] {
+        assert!(body.contains(metric), "{metric} missing from /metrics");
+    }
 }
 
 #[test]

@@ -831,9 +831,11 @@ async fn process_inner<H: Handler>(ctx: &Ctx<H>, m: &Incoming) -> Result<Step, E
                 .ack()
                 .await
                 .map_err(|e| Error::nats("acknowledging a message", e))?;
+            metrics::counter!("sluice_handler_outcomes_total", "worker" => cfg.name, "outcome" => "ok").increment(1);
             Ok(Step::Done)
         }
         Action::Retry(delay) => {
+            metrics::counter!("sluice_handler_outcomes_total", "worker" => cfg.name, "outcome" => "retry").increment(1);
             tracing::info!(worker = cfg.name, subject = %m.subject, seq = m.seq, attempt = m.delivered, retry_in = ?delay, "transient failure; retrying");
             m.msg
                 .ack_with(AckKind::Nak(Some(delay)))
@@ -841,7 +843,10 @@ async fn process_inner<H: Handler>(ctx: &Ctx<H>, m: &Incoming) -> Result<Step, E
                 .map_err(|e| Error::nats("negatively acknowledging a message", e))?;
             Ok(Step::Retrying(delay))
         }
-        Action::DeadLetter(reason) => dead_letter(ctx, m, &stream_id, reason, kind, &write).await,
+        Action::DeadLetter(reason) => {
+            metrics::counter!("sluice_handler_outcomes_total", "worker" => cfg.name, "outcome" => "dead_letter").increment(1);
+            dead_letter(ctx, m, &stream_id, reason, kind, &write).await
+        }
     }
 }
 
