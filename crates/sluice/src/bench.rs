@@ -98,7 +98,10 @@ fn start(sync: SyncInterval) -> anyhow::Result<Server> {
 }
 
 /// Raw async-nats: pipelined publishes with the same headers and payload.
-async fn raw_publish(url: &str, events: usize) -> anyhow::Result<f64> {
+/// With `occ`, every publish also carries the optimistic-concurrency check
+/// Sluice's appends carry (`Nats-Expected-Last-Subject-Sequence`; each to a
+/// new subject, expecting 0), so the server does the same work per event.
+async fn raw_publish(url: &str, events: usize, occ: bool) -> anyhow::Result<f64> {
     let client = async_nats::connect(url).await?;
     let js = async_nats::jetstream::new(client);
     let payload = Bytes::from_static(PAYLOAD);
@@ -106,8 +109,15 @@ async fn raw_publish(url: &str, events: usize) -> anyhow::Result<f64> {
     let mut inflight = FuturesUnordered::new();
     for i in 0..events {
         let event = NewEvent::new(EVENT_TYPE, payload.clone());
-        let agg = format!("raw-{}", i % 10_000);
-        let headers = event.headers(&agg);
+        let agg = if occ {
+            format!("rawocc-{i}")
+        } else {
+            format!("raw-{}", i % 10_000)
+        };
+        let mut headers = event.headers(&agg);
+        if occ {
+            headers.insert("Nats-Expected-Last-Subject-Sequence", "0");
+        }
         let ack = js
             .publish_with_headers(format!("events.bench.{agg}"), headers, payload.clone())
             .await?;
@@ -229,14 +239,17 @@ pub(crate) async fn run(cmd: BenchCommand) -> anyhow::Result<()> {
         let mut config = StoreConfig::default();
         config.group_commit.enabled = sync == SyncInterval::Always;
         let store = EventStore::connect(&url, config).await?;
-        let raw = raw_publish(&url, args.events).await?;
+        let raw = raw_publish(&url, args.events, false).await?;
+        let raw_occ = raw_publish(&url, args.events, true).await?;
         let s = sluice_append(&store, args.events, args.aggregates, concurrency).await?;
         runs.push(json!({
             "sync_interval": name,
             "group_commit": store.group_commit_stats().enabled,
             "raw_publish_per_s": raw.round() as u64,
+            "raw_occ_publish_per_s": raw_occ.round() as u64,
             "sluice_append_per_s": s.eps.round() as u64,
             "ratio": (s.eps / raw * 100.0).round() / 100.0,
+            "ratio_vs_raw_occ": (s.eps / raw_occ * 100.0).round() / 100.0,
             "append_p50_ms": ms(s.p50),
             "append_p99_ms": ms(s.p99),
         }));
@@ -257,18 +270,20 @@ pub(crate) async fn run(cmd: BenchCommand) -> anyhow::Result<()> {
             args.events, args.aggregates, concurrency
         );
         println!(
-            "{:<14} {:>6} {:>16} {:>18} {:>7} {:>9} {:>9}",
+            "{:<14} {:>6} {:>14} {:>18} {:>16} {:>7} {:>8} {:>8} {:>8}",
             "sync_interval",
             "group",
             "raw publish/s",
+            "raw+OCC publish/s",
             "sluice append/s",
             "ratio",
+            "vs OCC",
             "p50 ms",
             "p99 ms"
         );
         for r in &runs {
             println!(
-                "{:<14} {:>6} {:>16} {:>18} {:>7} {:>9.2} {:>9.2}",
+                "{:<14} {:>6} {:>14} {:>18} {:>16} {:>7} {:>8} {:>8.2} {:>8.2}",
                 r["sync_interval"].as_str().unwrap_or(""),
                 if r["group_commit"] == true {
                     "on"
@@ -276,8 +291,10 @@ pub(crate) async fn run(cmd: BenchCommand) -> anyhow::Result<()> {
                     "off"
                 },
                 r["raw_publish_per_s"],
+                r["raw_occ_publish_per_s"],
                 r["sluice_append_per_s"],
                 r["ratio"],
+                r["ratio_vs_raw_occ"],
                 r["append_p50_ms"].as_f64().unwrap_or(0.0),
                 r["append_p99_ms"].as_f64().unwrap_or(0.0),
             );
@@ -298,7 +315,7 @@ async fn durable(args: AppendArgs) -> anyhow::Result<()> {
         let store = EventStore::connect(&url, StoreConfig::default()).await?;
         idle_p50(&store, 200).await?
     };
-    let naive = raw_publish(&url, args.events).await?;
+    let naive = raw_publish(&url, args.events, false).await?;
     let mut runs = Vec::new();
     for writers in writer_counts {
         // A fresh connection per row, so the group-commit figures are its own.
