@@ -83,32 +83,53 @@ async fn killing_the_stream_leader_loses_no_acknowledged_append() {
     }
 
     let acked = acked.lock().unwrap().clone();
-    let after: Vec<u128> = acked
+    // The unavailability window: the longest pause between acknowledgements
+    // from the kill on (acks already in flight at the kill may still land).
+    let mut times: Vec<u128> = acked
         .iter()
         .map(|a| a.2)
-        .filter(|t| *t > killed_at)
+        .filter(|t| *t >= killed_at)
         .collect();
+    times.sort_unstable();
     assert!(
-        !after.is_empty(),
+        !times.is_empty(),
         "no append succeeded after the leader died"
     );
-    let resumed = *after.iter().min().unwrap();
-    let window = resumed - killed_at;
+    let mut window = times[0] - killed_at;
+    for pair in times.windows(2) {
+        window = window.max(pair[1] - pair[0]);
+    }
     eprintln!(
-        "{} acknowledged appends; appends resumed {window} ms after the kill",
+        "{} acknowledged appends; longest pause after the kill {window} ms",
         acked.len()
     );
     assert!(window < 20_000, "unavailable for {window} ms");
+    assert!(
+        *times.last().unwrap() > killed_at + 2_000,
+        "appends did not continue after the kill"
+    );
 
-    // Every acknowledged append is in the log, at its position, once.
-    let fresh = connect(&cluster).await;
-    let all: Vec<RecordedEvent> = fresh
-        .read_all(1)
-        .await
-        .unwrap()
-        .try_collect()
-        .await
-        .unwrap();
+    // Every acknowledged append is in the log, at its position, once. The
+    // cluster may still be settling: retry the read for a while.
+    let mut all: Vec<RecordedEvent> = Vec::new();
+    for attempt in 0..30 {
+        let fresh = connect(&cluster).await;
+        let read = match fresh.read_all(1).await {
+            Ok(events) => events.try_collect::<Vec<_>>().await,
+            Err(e) => Err(e),
+        };
+        match read {
+            Ok(events) => {
+                all = events;
+                break;
+            }
+            Err(e) if attempt < 29 => {
+                eprintln!("read after failover failed ({e}); retrying");
+                tokio::time::sleep(Duration::from_secs(1)).await;
+            }
+            Err(e) => panic!("cannot read the log after failover: {e}"),
+        }
+    }
     let stored: HashSet<(String, u64)> = all
         .iter()
         .map(|e| (e.envelope.id.to_string(), e.position))

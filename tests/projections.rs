@@ -436,10 +436,16 @@ async fn exactly_once_across_crashes(backend: Backend) {
     let mut rng = Lcg(3);
     for _ in 0..10 {
         // Separate runners here (the group path is crashed in the
-        // process-kill test), so both shapes are covered.
-        let running = start_ledger_separately(&db, &store, small.clone()).await;
+        // process-kill test), so both shapes are covered. Each crash gets its
+        // own pool and loses it, as a crashed process loses its connections:
+        // an aborted task's half-done transaction must not linger in a pool
+        // the next runner shares (the server rolls it back when its
+        // connection closes).
+        let crashed_db = rs.connect().await;
+        let running = start_ledger_separately(&crashed_db, &store, small.clone()).await;
         tokio::time::sleep(Duration::from_millis(20 + rng.next() % 120)).await;
         running.abort();
+        crashed_db.close().await;
     }
     let last = writer.await.unwrap();
     let running = start_ledger(&db, &store, config()).await;
