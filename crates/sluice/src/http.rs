@@ -670,30 +670,35 @@ async fn open_account(
     account_command(&ctx, &id, cmd, &headers).await
 }
 
+/// Deposits and withdrawals: one body shape, one path through the aggregate.
+async fn amount_command(
+    ctx: &Ctx,
+    id: &str,
+    headers: &axum::http::HeaderMap,
+    body: Result<Json<AmountBody>, axum::extract::rejection::JsonRejection>,
+    command: fn(i64) -> sluice_ledger::AccountCommand,
+) -> Response {
+    match body {
+        Ok(Json(b)) => account_command(ctx, id, command(b.amount), headers).await,
+        Err(e) => bad_request(format!(
+            "the body must be {{\"amount\": <minor units>}}: {}",
+            e.body_text()
+        )),
+    }
+}
+
 async fn deposit(
     State(ctx): State<Ctx>,
     UrlPath(id): UrlPath<String>,
     headers: axum::http::HeaderMap,
     body: Result<Json<AmountBody>, axum::extract::rejection::JsonRejection>,
 ) -> Response {
-    let Json(b) = match body {
-        Ok(b) => b,
-        Err(e) => {
-            return bad_request(format!(
-                "the body must be {{\"amount\": <minor units>}}: {}",
-                e.body_text()
-            ));
-        }
-    };
-    account_command(
-        &ctx,
-        &id,
+    amount_command(&ctx, &id, &headers, body, |amount| {
         sluice_ledger::AccountCommand::Deposit {
-            amount: b.amount,
+            amount,
             currency: None,
-        },
-        &headers,
-    )
+        }
+    })
     .await
 }
 
@@ -703,24 +708,12 @@ async fn withdraw(
     headers: axum::http::HeaderMap,
     body: Result<Json<AmountBody>, axum::extract::rejection::JsonRejection>,
 ) -> Response {
-    let Json(b) = match body {
-        Ok(b) => b,
-        Err(e) => {
-            return bad_request(format!(
-                "the body must be {{\"amount\": <minor units>}}: {}",
-                e.body_text()
-            ));
-        }
-    };
-    account_command(
-        &ctx,
-        &id,
+    amount_command(&ctx, &id, &headers, body, |amount| {
         sluice_ledger::AccountCommand::Withdraw {
-            amount: b.amount,
+            amount,
             currency: None,
-        },
-        &headers,
-    )
+        }
+    })
     .await
 }
 
