@@ -235,12 +235,10 @@ impl Projection for AccountBalances {
         tables: &Tables,
         events: &[ProjectedEvent],
     ) -> Result<Vec<Rejection>, sqlx::Error> {
-        {
-            let table = tables.name(ACCOUNT_BALANCES);
-            match self.mode {
-                WriteMode::SetBased => Self::apply_set_based(conn, &table, events).await,
-                WriteMode::RowAtATime => Self::apply_row_at_a_time(conn, &table, events).await,
-            }
+        let table = tables.name(ACCOUNT_BALANCES);
+        match self.mode {
+            WriteMode::SetBased => Self::apply_set_based(conn, &table, events).await,
+            WriteMode::RowAtATime => Self::apply_row_at_a_time(conn, &table, events).await,
         }
     }
 }
@@ -254,12 +252,12 @@ impl Projection for AccountActivity {
         &[ACCOUNT_CATEGORY]
     }
 
-    /// Rejects only what is nonsense on its own (unknown type, malformed
-    /// data, bad amounts): the activity log has no account state to check.
     fn tables(&self) -> &'static [&'static str] {
         &[ACCOUNT_ACTIVITY]
     }
 
+    /// Rejects only what is nonsense on its own (unknown type, malformed
+    /// data, bad amounts): the activity log has no account state to check.
     async fn apply(
         &self,
         conn: &mut AnyConnection,
