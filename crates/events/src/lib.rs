@@ -26,6 +26,7 @@ mod group_commit;
 mod ids;
 mod server;
 mod store;
+pub mod trace;
 
 pub use aggregate::{Aggregate, ExecuteError, ExecuteOutcome, execute, load};
 pub use connect::ConnectConfig;
@@ -45,3 +46,4 @@ pub use store::{
     AppendResult, EVENTS_STREAM, EventStore, ExpectedVersion, RecordedEvent, StoreConfig,
     StreamState,
 };
+pub use trace::TraceParent;

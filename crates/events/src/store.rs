@@ -378,9 +378,18 @@ impl EventStore {
         &self,
         stream_id: &StreamId,
         expected: ExpectedVersion,
-        events: Vec<NewEvent>,
+        mut events: Vec<NewEvent>,
     ) -> Result<AppendResult, Error> {
         let started = std::time::Instant::now();
+        // Events carry the context of the span appending them, so whoever
+        // handles them continues this trace (see `trace`).
+        if events.iter().any(|e| e.traceparent.is_none())
+            && let Some(tp) = crate::trace::current()
+        {
+            for e in events.iter_mut().filter(|e| e.traceparent.is_none()) {
+                e.traceparent = Some(tp.clone());
+            }
+        }
         let result = async {
             let append = self.encode(stream_id, expected, events)?;
             match &self.appender {

@@ -44,7 +44,7 @@ pub use transfer::{
     run_transfer_role, start_transfer, transfer_definition, transfer_state, transfer_status,
     transfer_view,
 };
-pub use transfers::{TRANSFERS, Transfers, transfer_transition};
+pub use transfers::{TRANSFER_STATES, TRANSFERS, Transfers, transfer_counts, transfer_transition};
 
 /// The one error type of the ledger crate.
 #[derive(Debug, thiserror::Error)]

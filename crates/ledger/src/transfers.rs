@@ -236,6 +236,35 @@ const _: () = {
     assert!(a.len() == p.len() + n.len());
 };
 
+/// Every state a transfer's row can be in, in the order metrics list them.
+pub const TRANSFER_STATES: [&str; 4] = ["pending", "completed", "compensated", "needs_attention"];
+
+/// How many transfers are in each state, from the read model: every state of
+/// [`TRANSFER_STATES`], with 0 for the empty ones.
+///
+/// The read model rather than the orchestrators' own counters: it holds one
+/// row per saga instance whatever replica advanced it, survives restarts,
+/// and `transfers_by_state` makes the count an index-only scan.
+pub async fn transfer_counts(
+    db: &sluice_projections::Database,
+) -> Result<Vec<(&'static str, u64)>, sluice_projections::Error> {
+    let rows = sqlx::query(&format!(
+        "SELECT state, COUNT(*) FROM {} GROUP BY state",
+        Tables::LIVE.name(TRANSFERS)
+    ))
+    .fetch_all(db.pool())
+    .await?;
+    let mut counts: Vec<(&'static str, u64)> = TRANSFER_STATES.iter().map(|s| (*s, 0)).collect();
+    for row in rows {
+        let state: String = row.try_get(0)?;
+        let n: i64 = row.try_get(1)?;
+        if let Some(c) = counts.iter_mut().find(|(s, _)| *s == state) {
+            c.1 = u64::try_from(n).unwrap_or(0);
+        }
+    }
+    Ok(counts)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

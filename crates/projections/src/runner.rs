@@ -676,6 +676,7 @@ impl Runner {
         shutdown: &CancellationToken,
     ) -> Result<Progress, Error> {
         let items: Vec<Item> = batch.iter().map(|r| self.classify(r)).collect();
+        let _spans = self.apply_spans(&items);
         let mut rejected: Rejected = vec![BTreeMap::new(); self.slots.len()];
         for (r, item) in batch.iter().zip(&items) {
             if let Item::Bad {
@@ -777,6 +778,31 @@ impl Runner {
                 }
             }
         }
+    }
+
+    /// A span per event that carries trace context, child of the span that
+    /// appended it: the projection's step of that trace, open until the
+    /// batch settles. Events without context get none (a trace of one span
+    /// each would be noise, and they cost nothing this way).
+    fn apply_spans(&self, items: &[Item]) -> Vec<tracing::Span> {
+        items
+            .iter()
+            .filter_map(|item| match item {
+                Item::Event(e) if e.envelope.traceparent.is_some() => Some(e),
+                _ => None,
+            })
+            .map(|e| {
+                let span = tracing::info_span!(
+                    "projection.apply",
+                    projection = %self.names(),
+                    position = e.position,
+                    stream = %e.stream_id,
+                    event_type = %e.envelope.event_type,
+                );
+                sluice_events::trace::set_parent(&span, e.envelope.traceparent.as_deref());
+                span
+            })
+            .collect()
     }
 
     /// One transaction: move every member's checkpoint (compare-and-set),

@@ -207,7 +207,9 @@ pub async fn record_timeout(
 }
 
 /// Handles one stored transition: sends its commands and schedules their
-/// deadlines.
+/// deadlines. Its span is a child of the worker's, which continues the
+/// transition's `ce-traceparent`; the commands it appends carry it on.
+#[tracing::instrument(name = "saga.step", skip_all, fields(saga = def.name(), saga_id = %saga_id, position = position))]
 async fn on_transition<D>(
     store: &EventStore,
     def: &Definition<D>,

@@ -22,7 +22,7 @@ use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle};
 use serde::Deserialize;
 use serde_json::{Value, json};
 use sluice_events::{
-    Error as EventsError, EventId, EventStore, ExpectedVersion, NewEvent, StreamId,
+    Error as EventsError, EventId, EventStore, ExpectedVersion, NewEvent, StreamId, TraceParent,
 };
 use sluice_projections::LiveStatus;
 use sluice_projections::http::Problem;
@@ -32,6 +32,7 @@ use tokio_util::sync::CancellationToken;
 use tower_http::cors::CorsLayer;
 use tower_http::limit::RequestBodyLimitLayer;
 use tower_http::timeout::TimeoutLayer;
+use tracing::Instrument;
 
 /// Limits and security of the HTTP API.
 #[derive(Debug, Clone)]
@@ -273,6 +274,9 @@ async fn rate_limit(State(ctx): State<Ctx>, req: Request, next: Next) -> Respons
     }
 }
 
+/// Metrics and the server span of every request. The span continues an
+/// incoming W3C `traceparent` header, else starts a trace; events appended
+/// while handling the request carry its context in `ce-traceparent`.
 async fn record_metrics(req: Request, next: Next) -> Response {
     let route = req
         .extensions()
@@ -280,8 +284,27 @@ async fn record_metrics(req: Request, next: Next) -> Response {
         .map(|p| p.as_str().to_owned())
         .unwrap_or_else(|| "unmatched".to_owned());
     let method = req.method().to_string();
+    let span = tracing::info_span!(
+        "http.request",
+        otel.name = %format!("{method} {route}"),
+        otel.kind = "server",
+        http.request.method = %method,
+        http.route = %route,
+        http.response.status_code = tracing::field::Empty,
+        otel.status_code = tracing::field::Empty,
+    );
+    sluice_events::trace::set_parent(
+        &span,
+        req.headers()
+            .get("traceparent")
+            .and_then(|v| v.to_str().ok()),
+    );
     let started = Instant::now();
-    let resp = next.run(req).await;
+    let resp = next.run(req).instrument(span.clone()).await;
+    span.record("http.response.status_code", resp.status().as_u16());
+    if resp.status().is_server_error() {
+        span.record("otel.status_code", "ERROR");
+    }
     let status = resp.status().as_u16().to_string();
     metrics::counter!("sluice_http_requests_total", "route" => route.clone(), "method" => method.clone(), "status" => status)
         .increment(1);
@@ -365,6 +388,17 @@ async fn prometheus(State(ctx): State<Ctx>) -> Response {
                 .set(g.count as f64);
         }
     }
+    if let Some(db) = &ctx.db {
+        match sluice_ledger::transfer_counts(db).await {
+            Ok(counts) => {
+                for (state, n) in counts {
+                    metrics::gauge!("sluice_sagas", "saga" => "transfer", "state" => state)
+                        .set(n as f64);
+                }
+            }
+            Err(e) => tracing::warn!(error = %e, "could not count transfers by state"),
+        }
+    }
     metrics::gauge!("sluice_nats_connected").set(
         if ctx.store.client().connection_state() == async_nats::connection::State::Connected {
             1.0
@@ -405,17 +439,6 @@ struct AppendEvent {
     causationid: Option<String>,
 }
 
-/// `00-<32 hex>-<16 hex>-<2 hex>`, the W3C trace context format.
-fn is_traceparent(v: &str) -> bool {
-    let parts: Vec<&str> = v.split('-').collect();
-    let hex = |s: &str, n: usize| s.len() == n && s.bytes().all(|b| b.is_ascii_hexdigit());
-    parts.len() == 4
-        && hex(parts[0], 2)
-        && hex(parts[1], 32)
-        && hex(parts[2], 16)
-        && hex(parts[3], 2)
-}
-
 fn bad_request(detail: impl Into<String>) -> Response {
     problem(
         StatusCode::BAD_REQUEST,
@@ -432,12 +455,15 @@ async fn append(
     body: Result<Json<AppendBody>, axum::extract::rejection::JsonRejection>,
 ) -> Response {
     // W3C trace context travels on with the events (`ce-traceparent`), so
-    // consumers can continue the caller's trace.
-    let traceparent = headers
-        .get("traceparent")
-        .and_then(|v| v.to_str().ok())
-        .filter(|v| is_traceparent(v))
-        .map(str::to_owned);
+    // consumers continue the trace: this request's span when traces are
+    // exported, else the caller's valid `traceparent` header as it came.
+    let traceparent = sluice_events::trace::current().or_else(|| {
+        headers
+            .get("traceparent")
+            .and_then(|v| v.to_str().ok())
+            .filter(|v| TraceParent::parse(v).is_some())
+            .map(str::to_owned)
+    });
     let Json(body) = match body {
         Ok(b) => b,
         Err(e) => {
@@ -1129,7 +1155,6 @@ mod tests {
             .await
             .unwrap();
         assert_eq!(events[0].envelope.traceparent.as_deref(), Some(tp));
-        assert!(!is_traceparent("00-xyz"));
     }
 
     async fn call_with_key(app: &Router, uri: &str, key: &str, body: &str) -> (StatusCode, String) {

@@ -18,6 +18,7 @@ mod dlq_cmd;
 mod endpoint;
 mod http;
 mod projection_cmd;
+mod telemetry;
 mod transfer_cmd;
 mod up;
 
@@ -141,24 +142,17 @@ struct ConsumerArgs {
     json: bool,
 }
 
-fn init_tracing(default: &str) {
-    use tracing_subscriber::EnvFilter;
-    let filter = EnvFilter::try_from_env("SLUICE_LOG").unwrap_or_else(|_| EnvFilter::new(default));
-    let builder = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr);
-    if std::env::var("SLUICE_LOG_FORMAT").as_deref() == Ok("json") {
-        builder.json().init();
-    } else {
-        builder.init();
-    }
-}
-
 #[tokio::main]
 async fn main() -> ExitCode {
     let cli = Cli::parse();
-    let is_up = matches!(cli.command, Command::Up(_) | Command::Serve(_));
-    init_tracing(if is_up { "info" } else { "warn" });
+    // Only the long-running commands export traces (their spans are the
+    // ones worth following); `up` runs every role in one process.
+    let service = match &cli.command {
+        Command::Up(_) => Some("sluice-up".to_owned()),
+        Command::Serve(args) => Some(args.service_name()),
+        _ => None,
+    };
+    let telemetry = telemetry::init(if service.is_some() { "info" } else { "warn" }, service);
     let result = match cli.command {
         Command::Up(args) => up::up(args, cli.nats_url, cli.home)
             .await
@@ -210,6 +204,7 @@ async fn main() -> ExitCode {
             Err(e) => Err(e),
         },
     };
+    telemetry.shutdown();
     match result {
         Ok(code) => code,
         Err(e) => {

@@ -44,6 +44,25 @@ pub(crate) struct ServeArgs {
     common: CommonArgs,
 }
 
+impl ServeArgs {
+    /// The default service name in traces: `sluice-<role>[-<role>...]`, from
+    /// `--role`, else the configuration (which `serve` validates later).
+    pub(crate) fn service_name(&self) -> String {
+        let roles = if self.roles.is_empty() {
+            Config::load(self.common.config.as_deref())
+                .map(|c| c.roles())
+                .unwrap_or_else(|_| Role::ALL.to_vec())
+        } else {
+            self.roles.clone()
+        };
+        let names: Vec<String> = roles
+            .iter()
+            .map(|r| format!("{r:?}").to_lowercase())
+            .collect();
+        format!("sluice-{}", names.join("-"))
+    }
+}
+
 /// Options shared by `up` and `serve`.
 #[derive(Debug, clap::Args)]
 pub(crate) struct CommonArgs {

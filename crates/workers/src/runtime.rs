@@ -24,6 +24,7 @@ use sluice_events::{DEFAULT_MAX_PAYLOAD, EVENTS_STREAM, Envelope, EventStore, St
 use tokio::sync::mpsc;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
+use tracing::Instrument;
 
 use crate::dlq::{self, Kind, NewDeadLetter};
 use crate::error::Error;
@@ -772,6 +773,17 @@ async fn process_inner<H: Handler>(ctx: &Ctx<H>, m: &Incoming) -> Result<Step, E
             .await;
         }
     };
+    // The handler's span continues the trace that appended the event, so
+    // whatever it appends (commands, replies) continues it too.
+    let span = tracing::info_span!(
+        "worker.handle",
+        worker = cfg.name,
+        subject = %m.subject,
+        seq = m.seq,
+        attempt = m.delivered,
+        event_type = %envelope.event_type,
+    );
+    sluice_events::trace::set_parent(&span, envelope.traceparent.as_deref());
     let delivery = Delivery {
         stream_id: stream_id.clone(),
         sequence: m.seq,
@@ -781,7 +793,7 @@ async fn process_inner<H: Handler>(ctx: &Ctx<H>, m: &Incoming) -> Result<Step, E
     };
     let handled = tokio::time::timeout(
         cfg.handler_timeout,
-        AssertUnwindSafe(ctx.handler.handle(delivery)).catch_unwind(),
+        AssertUnwindSafe(ctx.handler.handle(delivery).instrument(span)).catch_unwind(),
     )
     .await;
     let (outcome, kind) = match handled {
