@@ -254,7 +254,8 @@ fn every_shipped_nats_config_is_valid() {
 
 /// Docker is not on the test machines: check the compose file and the
 /// Dockerfile statically (the topology itself runs for real in
-/// tests/failover.rs and this file's server tests).
+/// crates/sluice/tests/topology.rs, tests/failover.rs and this file's server
+/// tests).
 #[test]
 fn compose_file_and_dockerfile_match_the_repository() {
     let compose = std::fs::read_to_string(repo().join("docker-compose.yml")).unwrap();
@@ -283,6 +284,13 @@ fn compose_file_and_dockerfile_match_the_repository() {
             "{role} without its own NATS user"
         );
     }
+    // The roles' users cannot create streams: admin provisions them first.
+    assert!(
+        compose.contains(r#"command: ["serve", "--provision-only"]"#)
+            && compose.contains("SLUICE_NATS_USER: admin")
+            && compose.contains("condition: service_completed_successfully"),
+        "no provisioning step before the roles"
+    );
     assert!(compose.matches("healthcheck:").count() >= 3);
     // Every config path the compose file mounts or names exists.
     assert!(compose.contains("./nats:/etc/nats:ro"));

@@ -18,6 +18,7 @@ mod dlq_cmd;
 mod endpoint;
 mod http;
 mod projection_cmd;
+mod provision;
 mod telemetry;
 mod transfer_cmd;
 mod up;

@@ -40,6 +40,10 @@ pub(crate) struct ServeArgs {
     /// Roles to run, comma-separated (default: all, or `roles` in the config).
     #[arg(long = "role", value_delimiter = ',', value_enum)]
     roles: Vec<Role>,
+    /// Create every stream and bucket the roles use (with `nats.replicas`),
+    /// then exit; run once with the admin NATS user before the roles start.
+    #[arg(long)]
+    provision_only: bool,
     #[command(flatten)]
     common: CommonArgs,
 }
@@ -151,6 +155,9 @@ pub(crate) async fn serve(
     let url = config.nats.url.clone().context(
         "sluice serve needs a NATS server: set SLUICE_NATS_URL, --nats-url or nats.url (use `sluice up` for the embedded one)",
     )?;
+    if args.provision_only {
+        return crate::provision::provision(&config, &url).await;
+    }
     let roles = config.roles();
     run(&config, &url, &roles, &home, false, args.common.strict).await
 }
@@ -275,7 +282,7 @@ async fn run(
         }
     }
     // The ledger's command handlers (worker) and transfer orchestrator (saga).
-    let role_config = sluice_ledger::TransferRoleConfig::default();
+    let role_config = crate::provision::role_config(config);
     if has(Role::Worker) {
         let (st, sd, cfg) = (store.clone(), shutdown.clone(), role_config.handler.clone());
         tasks.push(tokio::spawn(async move {

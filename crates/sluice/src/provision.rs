@@ -1,0 +1,61 @@
+//! `sluice serve --provision-only`: create every stream and bucket the roles
+//! use, with the configured replicas, then exit.
+//!
+//! With least-privilege NATS users (nats/accounts.conf) no role may create
+//! streams, so an operator runs this once with the admin user before the
+//! roles start (docker-compose.yml's `provision` service does). Each role
+//! still creates its own durable consumers: its user may, and the consumer
+//! configuration stays next to the code that reads from it.
+
+use anyhow::Context;
+use sluice_events::{EventStore, StoreConfig};
+use sluice_ledger::TransferRoleConfig;
+
+use crate::config::Config;
+
+/// The ledger roles' settings, with streams and buckets replicated like the
+/// event stream: a DLQ or parked-aggregates bucket on one node would make a
+/// single node loss stop every worker of an R3 cluster.
+pub(crate) fn role_config(config: &Config) -> TransferRoleConfig {
+    let replicas = config.nats.replicas.unwrap_or(1);
+    let mut c = TransferRoleConfig::default();
+    c.handler.replicas = replicas;
+    c.orchestrator.replicas = replicas;
+    c.orchestrator.worker.replicas = replicas;
+    c
+}
+
+/// Creates `EVENTS`, the workers' streams (`DLQ`, redrive, audit,
+/// advisories), the parked-aggregates bucket, the account command handler's
+/// consumers and `SAGA_TIMERS`; existing ones are left as they are.
+pub(crate) async fn provision(config: &Config, url: &str) -> anyhow::Result<()> {
+    let replicas = config.nats.replicas.unwrap_or(1);
+    let store = EventStore::connect_with(
+        &config.connect(url)?,
+        StoreConfig {
+            replicas,
+            ..StoreConfig::default()
+        },
+    )
+    .await
+    .context("connecting to NATS and creating the event stream (this needs the admin user)")?;
+    let roles = role_config(config);
+    sluice_workers::ensure_consumers(store.jetstream(), &roles.handler)
+        .await
+        .context("creating the workers' streams and bucket (this needs the admin user)")?;
+    sluice_sagas::ensure_timers_stream(store.jetstream(), roles.orchestrator.replicas)
+        .await
+        .context("creating the SAGA_TIMERS stream (this needs the admin user)")?;
+    let state = store.stream_state().await?;
+    tracing::info!(
+        stream = %store.config().stream,
+        replicas = state.replicas,
+        "provisioned streams and buckets"
+    );
+    println!(
+        "provisioned: {} (replicas {}), DLQ, redrive, audit, advisories, parked bucket, SAGA_TIMERS",
+        store.config().stream,
+        state.replicas
+    );
+    Ok(())
+}
