@@ -6,7 +6,9 @@
 use std::io::Write;
 use std::sync::Arc;
 
-use sluice_projections::{Projection, ReadModel, RebuildProgress, RunnerConfig, projection_status};
+use sluice_projections::{
+    Member, Projection, ReadModel, RebuildProgress, RunnerConfig, projection_status,
+};
 use tokio_util::sync::CancellationToken;
 
 use crate::Error;
@@ -21,6 +23,16 @@ fn read_model(name: &str) -> Result<Arc<dyn ReadModel>, Error> {
         ACCOUNT_BALANCES => Ok(Arc::new(AccountBalances::new())),
         ACCOUNT_ACTIVITY => Ok(Arc::new(AccountActivity)),
         crate::TRANSFERS => Ok(Arc::new(crate::Transfers)),
+        other => Err(Error::UnknownProjection(other.chars().take(64).collect())),
+    }
+}
+
+/// The projection named `name`, for the runtime's operator calls.
+fn member(name: &str) -> Result<Member, Error> {
+    match name {
+        ACCOUNT_BALANCES => Ok(Member::from(Arc::new(AccountBalances::new()))),
+        ACCOUNT_ACTIVITY => Ok(Member::from(Arc::new(AccountActivity))),
+        crate::TRANSFERS => Ok(Member::from(Arc::new(crate::Transfers))),
         other => Err(Error::UnknownProjection(other.chars().take(64).collect())),
     }
 }
@@ -232,6 +244,120 @@ pub async fn reset(side: &ReadSide, name: &str, confirmed: bool) -> Result<(), E
         ACCOUNT_ACTIVITY => sluice_projections::reset(&side.db, &AccountActivity).await?,
         crate::TRANSFERS => sluice_projections::reset(&side.db, &crate::Transfers).await?,
         other => return Err(Error::UnknownProjection(other.chars().take(64).collect())),
+    }
+    Ok(())
+}
+
+/// `sluice replay --projection <name> --from <seq>`: undo the events from
+/// `from` on and let the projector apply them again (exactly: refused for a
+/// projection that cannot undo exactly).
+pub async fn replay(
+    side: &ReadSide,
+    name: &str,
+    from: u64,
+    json: bool,
+    out: &mut (dyn Write + Send),
+) -> Result<(), Error> {
+    let report =
+        sluice_projections::replay(member(name)?, side.db.clone(), side.store.clone(), from)
+            .await?;
+    if json {
+        writeln!(
+            out,
+            "{}",
+            serde_json::to_string(&report).unwrap_or_else(|_| "{}".to_owned())
+        )?;
+    } else {
+        writeln!(
+            out,
+            "{name}: rewound to position {} (was {}); the projector applies {}..={} again{}",
+            from - 1,
+            report.previous_checkpoint,
+            from,
+            report.previous_checkpoint,
+            if report.aggregates_refolded > 0 {
+                format!(
+                    " ({} aggregate(s) re-folded from their earlier events)",
+                    report.aggregates_refolded
+                )
+            } else {
+                String::new()
+            }
+        )?;
+    }
+    Ok(())
+}
+
+/// `sluice projection dlq <name> list`: the events a projection did not
+/// apply, oldest first.
+pub async fn dead_letters(
+    side: &ReadSide,
+    name: &str,
+    json: bool,
+    out: &mut (dyn Write + Send),
+) -> Result<(), Error> {
+    let name = member(name)?.name();
+    let records = sluice_projections::dead_letters(&side.db, name).await?;
+    if json {
+        for r in &records {
+            writeln!(
+                out,
+                "{}",
+                serde_json::to_string(r).unwrap_or_else(|_| "{}".to_owned())
+            )?;
+        }
+        return Ok(());
+    }
+    if records.is_empty() {
+        writeln!(out, "{name}: no dead letters")?;
+        return Ok(());
+    }
+    writeln!(
+        out,
+        "{:>10}  {:<28}  {:<8}  REASON",
+        "POSITION", "STREAM", "KIND"
+    )?;
+    for r in &records {
+        writeln!(
+            out,
+            "{:>10}  {:<28}  {:<8}  {}",
+            r.position, r.stream, r.kind, r.reason
+        )?;
+    }
+    Ok(())
+}
+
+/// `sluice projection dlq <name> redrive`: apply its dead letters now that
+/// the cause is fixed, in order per aggregate, exactly once.
+pub async fn redrive(
+    side: &ReadSide,
+    name: &str,
+    json: bool,
+    out: &mut (dyn Write + Send),
+) -> Result<(), Error> {
+    let report =
+        sluice_projections::redrive(member(name)?, side.db.clone(), side.store.clone()).await?;
+    if json {
+        writeln!(
+            out,
+            "{}",
+            serde_json::to_string(&report).unwrap_or_else(|_| "{}".to_owned())
+        )?;
+        return Ok(());
+    }
+    writeln!(
+        out,
+        "{name}: applied {} dead letter(s), released {} aggregate(s), {} still dead",
+        report.applied.len(),
+        report.released.len(),
+        report.remaining.len()
+    )?;
+    for r in &report.remaining {
+        writeln!(
+            out,
+            "  {} {} {}: {}",
+            r.position, r.stream, r.kind, r.reason
+        )?;
     }
     Ok(())
 }

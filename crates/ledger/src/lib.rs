@@ -85,7 +85,12 @@ impl Error {
     /// The process exit code for the CLI: 2 for usage mistakes, 1 otherwise.
     pub fn exit_code(&self) -> u8 {
         match self {
-            Self::UnknownProjection(_) | Self::NotConfirmed(_) => 2,
+            Self::UnknownProjection(_)
+            | Self::NotConfirmed(_)
+            | Self::Projections(
+                sluice_projections::Error::RewindUnsupported { .. }
+                | sluice_projections::Error::ReplayOutOfRange { .. },
+            ) => 2,
             _ => 1,
         }
     }

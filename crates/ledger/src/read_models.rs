@@ -6,7 +6,10 @@ use std::fmt::Write as _;
 
 use futures::FutureExt;
 use futures::future::BoxFuture;
-use sluice_projections::{Page, ProjectedEvent, Projection, ReadModel, Rejection, Tables};
+use sluice_events::StreamId;
+use sluice_projections::{
+    Page, ProjectedEvent, Projection, ReadModel, Rejection, RewindSupport, Tables,
+};
 use sqlx::any::AnyRow;
 use sqlx::{AnyConnection, Row};
 use time::format_description::well_known::Rfc3339;
@@ -127,6 +130,28 @@ async fn load_accounts(
     Ok(out)
 }
 
+/// Deletes the rows keyed by the aggregates' ids (a by-aggregate rewind).
+pub(crate) async fn delete_ids(
+    conn: &mut AnyConnection,
+    table: &str,
+    key_column: &str,
+    aggregates: &[StreamId],
+) -> Result<(), sqlx::Error> {
+    for chunk in aggregates.chunks(CHUNK) {
+        let params: Vec<String> = (1..=chunk.len()).map(|i| format!("${i}")).collect();
+        let sql = format!(
+            "DELETE FROM {table} WHERE {key_column} IN ({})",
+            params.join(",")
+        );
+        let mut q = sqlx::query(&sql);
+        for s in chunk {
+            q = q.bind(s.id());
+        }
+        q.execute(&mut *conn).await?;
+    }
+    Ok(())
+}
+
 async fn upsert_accounts(
     conn: &mut AnyConnection,
     table: &str,
@@ -241,6 +266,23 @@ impl Projection for AccountBalances {
             WriteMode::RowAtATime => Self::apply_row_at_a_time(conn, &table, events).await,
         }
     }
+
+    /// A balance is the fold of its account's events alone: forget the
+    /// accounts touched from the replay position on, and the runtime folds
+    /// their earlier events again.
+    fn rewind_support(&self) -> RewindSupport {
+        RewindSupport::ByAggregate
+    }
+
+    async fn rewind(
+        &self,
+        conn: &mut AnyConnection,
+        tables: &Tables,
+        _from: u64,
+        aggregates: &[StreamId],
+    ) -> Result<(), sqlx::Error> {
+        delete_ids(conn, &tables.name(ACCOUNT_BALANCES), "id", aggregates).await
+    }
 }
 
 impl Projection for AccountActivity {
@@ -296,6 +338,26 @@ impl Projection for AccountActivity {
             }
             Ok(Vec::new())
         }
+    }
+
+    /// One row per event, keyed by its position.
+    fn rewind_support(&self) -> RewindSupport {
+        RewindSupport::ByPosition
+    }
+
+    async fn rewind(
+        &self,
+        conn: &mut AnyConnection,
+        tables: &Tables,
+        from: u64,
+        _aggregates: &[StreamId],
+    ) -> Result<(), sqlx::Error> {
+        let table = tables.name(ACCOUNT_ACTIVITY);
+        sqlx::query(&format!("DELETE FROM {table} WHERE position >= $1"))
+            .bind(to_i64(from))
+            .execute(&mut *conn)
+            .await?;
+        Ok(())
     }
 }
 

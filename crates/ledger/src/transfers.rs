@@ -6,7 +6,10 @@
 use futures::FutureExt;
 use futures::future::BoxFuture;
 use serde_json::{Value, json};
-use sluice_projections::{Page, ProjectedEvent, Projection, ReadModel, Rejection, Tables};
+use sluice_events::StreamId;
+use sluice_projections::{
+    Page, ProjectedEvent, Projection, ReadModel, Rejection, RewindSupport, Tables,
+};
 use sluice_sagas::{SAGA_CATEGORY_PREFIX, STARTED, SagaEvent};
 use sqlx::{AnyConnection, Row};
 use time::format_description::well_known::Rfc3339;
@@ -163,6 +166,24 @@ impl Projection for Transfers {
             }
         }
         Ok(Vec::new())
+    }
+
+    /// A row is the fold of its saga's events alone (an update overwrites
+    /// state and reason, so it cannot be undone by position): forget the
+    /// transfers touched from the replay position on; the runtime folds
+    /// their earlier events again.
+    fn rewind_support(&self) -> RewindSupport {
+        RewindSupport::ByAggregate
+    }
+
+    async fn rewind(
+        &self,
+        conn: &mut AnyConnection,
+        tables: &Tables,
+        _from: u64,
+        aggregates: &[StreamId],
+    ) -> Result<(), sqlx::Error> {
+        crate::read_models::delete_ids(conn, &tables.name(TRANSFERS), "id", aggregates).await
     }
 }
 

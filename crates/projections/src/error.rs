@@ -38,6 +38,50 @@ pub enum Error {
     /// A background task panicked or was cancelled.
     #[error("{0} task failed: {1}")]
     Task(&'static str, String),
+    /// `sluice replay` of a projection that cannot undo events exactly.
+    #[error(
+        "projection {projection} cannot be replayed from a position: it cannot remove exactly the effects of later events; use `sluice projection rebuild {projection}` (blue/green from position 1, stays online)"
+    )]
+    RewindUnsupported {
+        /// The projection.
+        projection: String,
+    },
+    /// A replay position the projection has not reached (or 0).
+    #[error(
+        "cannot replay {projection} from position {from}: it has applied events up to {checkpoint}; give a position from 1 to {checkpoint}"
+    )]
+    ReplayOutOfRange {
+        /// The projection.
+        projection: String,
+        /// The position asked for.
+        from: u64,
+        /// Its checkpoint.
+        checkpoint: u64,
+    },
+    /// Re-applying events a projection had applied before failed: its
+    /// handler is not deterministic (or changed), so a replay cannot be exact.
+    #[error(
+        "replaying {projection}: it now rejects the event at position {position} it had applied before ({reason}); nothing was changed; use `sluice projection rebuild {projection}`"
+    )]
+    ReplayRejected {
+        /// The projection.
+        projection: String,
+        /// The event.
+        position: u64,
+        /// Why the projection rejects it now.
+        reason: String,
+    },
+    /// The projection's checkpoint kept moving (a runner catching up fast)
+    /// while a replay or redrive tried to take its turn.
+    #[error(
+        "{op} of {projection} gave up: its checkpoint kept moving; try again (or when the projector has caught up)"
+    )]
+    Contended {
+        /// `replay` or `redrive`.
+        op: &'static str,
+        /// The projection.
+        projection: String,
+    },
     /// The projection was stopped by its `halt` policy on a bad event.
     #[error("projection {projection} halted at position {position}: {reason}")]
     Halted {

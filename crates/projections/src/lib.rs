@@ -28,6 +28,7 @@ mod error;
 pub mod http;
 mod projection;
 mod rebuild;
+mod replay;
 mod runner;
 mod status;
 
@@ -35,9 +36,10 @@ pub use db::{Backend, Database, is_transient};
 pub use dlq::{DLQ_PREFIX, DLQ_STREAM, DeadLetterKind, DlqWriter, INVALID_CATEGORY, headers};
 pub use error::Error;
 pub use projection::{
-    Page, ProjectedEvent, Projection, REBUILD_SUFFIX, ReadModel, Rejection, Tables,
+    Page, ProjectedEvent, Projection, REBUILD_SUFFIX, ReadModel, Rejection, RewindSupport, Tables,
 };
 pub use rebuild::{RebuildProgress, RebuildReport, rebuild, reset};
+pub use replay::{DeadLetterRecord, RedriveReport, ReplayReport, dead_letters, redrive, replay};
 pub use runner::{
     FailurePolicy, Live, LiveStatus, Member, RunState, Runner, RunnerConfig, consumer_name,
     read_checkpoint,

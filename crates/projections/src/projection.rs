@@ -75,6 +75,46 @@ pub trait Projection: Send + Sync + 'static {
         tables: &'c Tables,
         events: &'c [ProjectedEvent],
     ) -> impl Future<Output = Result<Vec<Rejection>, sqlx::Error>> + Send + 'c;
+
+    /// Whether, and how, [`rewind`](Projection::rewind) can remove exactly
+    /// the effects of the events from a position on (what `sluice replay`
+    /// needs). The default: it cannot, and replay refuses.
+    fn rewind_support(&self) -> RewindSupport {
+        RewindSupport::Unsupported
+    }
+
+    /// Removes effects from the read model, inside the transaction that also
+    /// moves the checkpoint back to `from - 1`. With
+    /// [`RewindSupport::ByPosition`]: exactly the effects of the events at
+    /// positions `>= from`. With [`RewindSupport::ByAggregate`]: every row of
+    /// `aggregates` (the ones with events `>= from`); the runtime then
+    /// re-applies their events before `from`. Writes go to
+    /// `tables.name(<table>)`.
+    fn rewind<'c>(
+        &'c self,
+        conn: &'c mut AnyConnection,
+        tables: &'c Tables,
+        from: u64,
+        aggregates: &'c [StreamId],
+    ) -> impl Future<Output = Result<(), sqlx::Error>> + Send + 'c {
+        let _ = (conn, tables, from, aggregates);
+        async { Ok(()) }
+    }
+}
+
+/// How a projection can undo the events from a position on.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RewindSupport {
+    /// It cannot undo exactly (e.g. rows that accumulate with no way to
+    /// tell which events touched them): only a rebuild from position 1 helps.
+    Unsupported,
+    /// Each event's effect is identifiable by its position (e.g. one row per
+    /// event): `rewind` deletes the effects of positions `>= from`.
+    ByPosition,
+    /// Rows are per aggregate: `rewind` deletes the rows of the aggregates
+    /// given, and the runtime re-applies their earlier events (the fold of
+    /// an aggregate depends on nothing else).
+    ByAggregate,
 }
 
 /// Suffix of the tables a rebuild writes before they replace the live ones.

@@ -20,7 +20,9 @@ use tokio_util::sync::CancellationToken;
 use crate::db::{Database, is_transient};
 use crate::dlq::{DeadLetter, DeadLetterKind, DlqWriter};
 use crate::error::Error;
-use crate::projection::{ProjectedEvent, Projection, REBUILD_SUFFIX, Rejection, Tables};
+use crate::projection::{
+    ProjectedEvent, Projection, REBUILD_SUFFIX, Rejection, RewindSupport, Tables,
+};
 
 /// What to do with an event the projection cannot apply (a permanent failure).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize)]
@@ -162,19 +164,19 @@ impl LiveStatus {
 
 /// One message as fetched, kept raw so a dead letter carries the original.
 #[derive(Debug)]
-struct Raw {
-    position: u64,
-    subject: String,
-    headers: Option<HeaderMap>,
-    payload: Bytes,
-    appended_at: OffsetDateTime,
+pub(crate) struct Raw {
+    pub(crate) position: u64,
+    pub(crate) subject: String,
+    pub(crate) headers: Option<HeaderMap>,
+    pub(crate) payload: Bytes,
+    pub(crate) appended_at: OffsetDateTime,
     /// Messages the broker still holds for us after this one (the lag).
-    pending: u64,
+    pub(crate) pending: u64,
 }
 
 /// A fetched message after classification (once per batch, shared by the
 /// members of a group).
-enum Item {
+pub(crate) enum Item {
     /// Of no member's categories: only moves the checkpoints.
     Skip,
     /// Of some member's categories but breaks the contract.
@@ -188,7 +190,7 @@ enum Item {
 }
 
 impl Item {
-    fn category(&self) -> Option<&str> {
+    pub(crate) fn category(&self) -> Option<&str> {
         match self {
             Item::Skip => None,
             Item::Bad { category, .. } => Some(category),
@@ -207,6 +209,14 @@ pub(crate) trait DynProjection: Send + Sync + 'static {
         tables: &'c Tables,
         events: &'c [ProjectedEvent],
     ) -> futures::future::BoxFuture<'c, Result<Vec<Rejection>, sqlx::Error>>;
+    fn dyn_rewind_support(&self) -> RewindSupport;
+    fn dyn_rewind<'c>(
+        &'c self,
+        conn: &'c mut sqlx::AnyConnection,
+        tables: &'c Tables,
+        from: u64,
+        aggregates: &'c [StreamId],
+    ) -> futures::future::BoxFuture<'c, Result<(), sqlx::Error>>;
 }
 
 impl<P: Projection> DynProjection for P {
@@ -226,15 +236,41 @@ impl<P: Projection> DynProjection for P {
     ) -> futures::future::BoxFuture<'c, Result<Vec<Rejection>, sqlx::Error>> {
         Box::pin(self.apply(conn, tables, events))
     }
+
+    fn dyn_rewind_support(&self) -> RewindSupport {
+        self.rewind_support()
+    }
+
+    fn dyn_rewind<'c>(
+        &'c self,
+        conn: &'c mut sqlx::AnyConnection,
+        tables: &'c Tables,
+        from: u64,
+        aggregates: &'c [StreamId],
+    ) -> futures::future::BoxFuture<'c, Result<(), sqlx::Error>> {
+        Box::pin(self.rewind(conn, tables, from, aggregates))
+    }
 }
 
 /// One projection of a group, type-erased: `Member::from(Arc::new(p))`.
 #[derive(Clone)]
-pub struct Member(Arc<dyn DynProjection>);
+pub struct Member(pub(crate) Arc<dyn DynProjection>);
 
 impl std::fmt::Debug for Member {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_tuple("Member").field(&self.0.dyn_name()).finish()
+    }
+}
+
+impl Member {
+    /// The projection's name.
+    pub fn name(&self) -> &'static str {
+        self.0.dyn_name()
+    }
+
+    /// How it can undo events (see [`Projection::rewind_support`]).
+    pub fn rewind_support(&self) -> RewindSupport {
+        self.0.dyn_rewind_support()
     }
 }
 
@@ -245,14 +281,14 @@ impl<P: Projection> From<Arc<P>> for Member {
 }
 
 /// A member's runtime state.
-struct Slot {
-    projection: Arc<dyn DynProjection>,
-    name: &'static str,
+pub(crate) struct Slot {
+    pub(crate) projection: Arc<dyn DynProjection>,
+    pub(crate) name: &'static str,
     /// Checkpoint (and parked / dead-letter) key: the projection's name, or
     /// `<name>__rebuild` for a rebuild.
-    key: String,
-    consumer_name: String,
-    live: LiveStatus,
+    pub(crate) key: String,
+    pub(crate) consumer_name: String,
+    pub(crate) live: LiveStatus,
 }
 
 /// Permanent failures found so far, per member: position -> (kind, reason).
@@ -262,10 +298,10 @@ type Rejected = Vec<BTreeMap<u64, (DeadLetterKind, String)>>;
 /// decode and one transaction per batch (each with its own checkpoint row,
 /// parked set and dead letters), until shutdown or a halt.
 pub struct Runner {
-    slots: Vec<Slot>,
-    db: Database,
-    store: EventStore,
-    dlq: DlqWriter,
+    pub(crate) slots: Vec<Slot>,
+    pub(crate) db: Database,
+    pub(crate) store: EventStore,
+    pub(crate) dlq: DlqWriter,
     config: RunnerConfig,
     /// Where batches are written.
     tables: Tables,
@@ -626,7 +662,7 @@ impl Runner {
     }
 
     /// Decodes a message once if any member reads its category.
-    fn classify(&self, r: &Raw) -> Item {
+    pub(crate) fn classify(&self, r: &Raw) -> Item {
         let prefix = &self.store.config().subject_prefix;
         let category = r
             .subject
@@ -1030,7 +1066,7 @@ enum Attempt {
     Moved(Vec<u64>),
 }
 
-fn raw(
+pub(crate) fn raw(
     m: Option<Result<async_nats::jetstream::Message, pull::OrderedError>>,
 ) -> Result<Raw, Error> {
     let m = m

@@ -58,8 +58,10 @@ enum Command {
     Status(commands::StatusArgs),
     /// Rows of a projection (one by key, or a page).
     Query(QueryCmd),
-    /// Projections: list, rebuild (blue/green), reset.
+    /// Projections: list, rebuild (blue/green), reset, dead letters.
     Projection(ProjectionArgs),
+    /// Apply a projection's events again from a position (partial recovery).
+    Replay(projection_cmd::ReplayArgs),
     /// Open demo accounts and run transfers (some compensate) against `sluice up`.
     Demo(transfer_cmd::DemoArgs),
     /// Ledger accounts: open, deposit, withdraw, show.
@@ -180,6 +182,7 @@ async fn main() -> ExitCode {
         Command::Projection(p) => {
             projection_cmd::projection(p.cmd, p.json, cli.nats_url, &cli.home, p.database_url).await
         }
+        Command::Replay(r) => projection_cmd::replay(r, cli.nats_url, &cli.home).await,
         Command::Demo(a) => match endpoint::resolve(cli.nats_url, &cli.home) {
             Ok(url) => transfer_cmd::demo(a, &url).await,
             Err(e) => Err(e),

@@ -25,6 +25,14 @@ pub(crate) enum ProjectionCommand {
         /// The projection.
         name: String,
     },
+    /// A projection's own dead letters: list them, or apply them once their
+    /// cause is fixed (`redrive`), releasing the aggregates parked behind.
+    Dlq {
+        /// The projection.
+        name: String,
+        #[command(subcommand)]
+        cmd: DlqCommand,
+    },
     /// Empty a projection and replay it from position 1 (queries see empty
     /// tables meanwhile; prefer `rebuild`).
     Reset {
@@ -34,6 +42,35 @@ pub(crate) enum ProjectionCommand {
         #[arg(long)]
         yes: bool,
     },
+}
+
+/// `sluice projection dlq <name> ...`.
+#[derive(Debug, clap::Subcommand)]
+pub(crate) enum DlqCommand {
+    /// Its dead letters, oldest first, with kind and reason.
+    List,
+    /// Apply them, in order per aggregate, exactly once; those it still
+    /// rejects stay (with the new reason), holding their aggregate.
+    Redrive,
+}
+
+/// `sluice replay --projection <name> --from <seq>`: undo the projection's
+/// events from `<seq>` on and let its projector apply them again. Safe while
+/// the projector runs; refused for a projection that cannot undo exactly.
+#[derive(Debug, clap::Args)]
+pub(crate) struct ReplayArgs {
+    /// The projection.
+    #[arg(long)]
+    projection: String,
+    /// First position (stream sequence) to apply again.
+    #[arg(long)]
+    from: u64,
+    /// One JSON object instead of a sentence.
+    #[arg(long)]
+    json: bool,
+    /// Read store (default: SQLite under the home directory).
+    #[arg(long, env = "SLUICE_DATABASE_URL")]
+    database_url: Option<String>,
 }
 
 /// Options of `sluice query`.
@@ -130,6 +167,10 @@ pub(crate) async fn projection(
                 }
             })
         }
+        ProjectionCommand::Dlq { name, cmd } => match cmd {
+            DlqCommand::List => cli::dead_letters(&side, &name, json, &mut out).await,
+            DlqCommand::Redrive => cli::redrive(&side, &name, json, &mut out).await,
+        },
         ProjectionCommand::Reset { name, yes } => cli::reset(&side, &name, yes).await.map(|()| {
             if json {
                 println!("{}", json!({"projection": name, "reset": true}));
@@ -140,4 +181,16 @@ pub(crate) async fn projection(
     };
     side.db.close().await;
     exit(result)
+}
+
+pub(crate) async fn replay(
+    args: ReplayArgs,
+    nats_url: Option<String>,
+    home: &Path,
+) -> anyhow::Result<std::process::ExitCode> {
+    let side = connect(nats_url, home, args.database_url).await?;
+    let mut out = std::io::stdout();
+    let r = cli::replay(&side, &args.projection, args.from, args.json, &mut out).await;
+    side.db.close().await;
+    exit(r)
 }

@@ -1,0 +1,595 @@
+//! Partial recovery of a live projection, safe while its runner runs:
+//! [`replay`] (undo the events from a position on and let the runner apply
+//! them again) and [`redrive`] (apply the events a projection dead-lettered,
+//! once their cause is fixed, releasing the aggregates parked behind them).
+//!
+//! Both take their turn through the projection's checkpoint row, like a
+//! runner's batch: a replay is a compare-and-set that moves it back, a
+//! redrive locks it. A runner whose next compare-and-set then fails follows
+//! the stored checkpoint, so no event is applied twice or skipped.
+
+use std::collections::{BTreeMap, BTreeSet, HashSet};
+use std::time::Duration;
+
+use async_nats::jetstream::consumer::{self, pull};
+use futures::StreamExt;
+use serde::Serialize;
+use sluice_events::{EventStore, StreamId};
+use sqlx::Row;
+use time::OffsetDateTime;
+
+use crate::db::Database;
+use crate::dlq::{DLQ_STREAM, DeadLetterKind};
+use crate::error::Error;
+use crate::projection::{ProjectedEvent, RewindSupport, Tables};
+use crate::runner::{
+    Item, Member, Raw, Runner, RunnerConfig, raw, read_checkpoint, to_i64, to_u64, unix_ms,
+};
+
+/// Compare-and-set attempts before a replay or redrive gives up on a
+/// checkpoint that keeps moving.
+const ATTEMPTS: usize = 20;
+
+/// Above this many aggregates, their earlier events are read with one scan
+/// of their categories rather than one read per aggregate.
+const PER_AGGREGATE_READS: usize = 64;
+
+/// What a [`replay`] did.
+#[derive(Debug, Clone, Serialize)]
+pub struct ReplayReport {
+    /// The projection.
+    pub projection: String,
+    /// The first position it applies again.
+    pub from: u64,
+    /// Its checkpoint before (it applies `from..=previous_checkpoint` again,
+    /// and whatever came after).
+    pub previous_checkpoint: u64,
+    /// Aggregates whose rows were re-folded from their earlier events (only
+    /// for projections that rewind by aggregate).
+    pub aggregates_refolded: usize,
+    /// Dead-letter records at `from` or later that were forgotten (the
+    /// runner decides about those events again).
+    pub dead_letters_cleared: u64,
+}
+
+/// Undoes the effects of the events at positions `>= from` in `member`'s
+/// live read model and moves its checkpoint back to `from - 1`, in one
+/// transaction; the runner (in this process or another) then applies them
+/// again. Refuses projections that cannot undo exactly
+/// ([`Error::RewindUnsupported`]: rebuild those).
+pub async fn replay(
+    member: Member,
+    db: Database,
+    store: EventStore,
+    from: u64,
+) -> Result<ReplayReport, Error> {
+    let runner = Runner::group(vec![member], db, store, RunnerConfig::default()).await?;
+    runner.replay(from).await
+}
+
+/// One event a projection did not apply (its SQL record; the `DLQ` stream
+/// holds the original).
+#[derive(Debug, Clone, Serialize)]
+pub struct DeadLetterRecord {
+    /// Its stream sequence.
+    pub position: u64,
+    /// Its aggregate (`<category>.<id>`, or the subject when that is invalid).
+    pub stream: String,
+    /// `decode`, `handler` or `parked`.
+    pub kind: String,
+    /// Why it was not applied.
+    pub reason: String,
+    /// When (Unix ms).
+    pub failed_at_ms: i64,
+}
+
+/// The dead letters of `projection`, oldest position first.
+pub async fn dead_letters(db: &Database, projection: &str) -> Result<Vec<DeadLetterRecord>, Error> {
+    let rows = sqlx::query(
+        "SELECT position, stream, kind, reason, failed_at_ms FROM sluice_dead_letters \
+         WHERE projection = $1 ORDER BY position",
+    )
+    .bind(projection)
+    .fetch_all(db.pool())
+    .await?;
+    rows.iter()
+        .map(|r| {
+            Ok(DeadLetterRecord {
+                position: to_u64(r.try_get(0)?),
+                stream: r.try_get(1)?,
+                kind: r.try_get(2)?,
+                reason: r.try_get(3)?,
+                failed_at_ms: r.try_get(4)?,
+            })
+        })
+        .collect::<Result<_, sqlx::Error>>()
+        .map_err(Error::from)
+}
+
+/// What a [`redrive`] did.
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct RedriveReport {
+    /// Positions applied now, in order per aggregate.
+    pub applied: Vec<u64>,
+    /// Aggregates no longer parked (their later events apply as they come).
+    pub released: Vec<String>,
+    /// Dead letters still there: rejected again, or parked behind one that is.
+    pub remaining: Vec<DeadLetterRecord>,
+}
+
+/// Applies `member`'s dead-lettered events to its live read model, per
+/// parked aggregate in log order, each aggregate in one transaction with the
+/// removal of its dead-letter records: exactly once. Where the projection
+/// still rejects an event, the events before it are applied and the
+/// aggregate stays parked behind it with the new reason. The copies in the
+/// `DLQ` stream of the applied events are discarded (with an audit record).
+pub async fn redrive(
+    member: Member,
+    db: Database,
+    store: EventStore,
+) -> Result<RedriveReport, Error> {
+    let runner = Runner::group(vec![member], db, store, RunnerConfig::default()).await?;
+    runner.redrive().await
+}
+
+impl Runner {
+    /// Events on `filter` at positions `from..=until`, in log order.
+    async fn fetch_range(&self, filter: String, from: u64, until: u64) -> Result<Vec<Raw>, Error> {
+        if until < from.max(1) {
+            return Ok(Vec::new());
+        }
+        let stream = self
+            .store
+            .jetstream()
+            .get_stream(&self.store.config().stream)
+            .await
+            .map_err(|e| Error::nats("opening the event stream", e))?;
+        let consumer = stream
+            .create_consumer(pull::OrderedConfig {
+                filter_subject: filter,
+                deliver_policy: consumer::DeliverPolicy::ByStartSequence {
+                    start_sequence: from.max(1),
+                },
+                ..Default::default()
+            })
+            .await
+            .map_err(|e| Error::nats("creating an ordered consumer", e))?;
+        let mut out = Vec::new();
+        if consumer.cached_info().num_pending == 0 {
+            return Ok(out);
+        }
+        let mut messages = consumer
+            .messages()
+            .await
+            .map_err(|e| Error::nats("reading the event stream", e))?;
+        loop {
+            let m = tokio::time::timeout(Duration::from_secs(30), messages.next())
+                .await
+                .map_err(|_| Error::nats("reading the event stream", "no event for 30 s"))?;
+            let r = raw(m)?;
+            let (position, pending) = (r.position, r.pending);
+            if position > until {
+                break;
+            }
+            out.push(r);
+            if position >= until || pending == 0 {
+                break;
+            }
+        }
+        Ok(out)
+    }
+
+    /// The events at `positions` (direct gets; a redrive's handful).
+    async fn fetch_positions(&self, positions: &[u64]) -> Result<Vec<Raw>, Error> {
+        let stream = self
+            .store
+            .jetstream()
+            .get_stream(&self.store.config().stream)
+            .await
+            .map_err(|e| Error::nats("opening the event stream", e))?;
+        let mut out = Vec::with_capacity(positions.len());
+        for &p in positions {
+            let m = stream
+                .get_raw_message(p)
+                .await
+                .map_err(|e| Error::nats("reading a dead-lettered event", e))?;
+            out.push(Raw {
+                position: m.sequence,
+                subject: m.subject.to_string(),
+                headers: Some(m.headers),
+                payload: m.payload,
+                appended_at: m.time,
+                pending: 0,
+            });
+        }
+        Ok(out)
+    }
+
+    pub(crate) async fn replay(&self, from: u64) -> Result<ReplayReport, Error> {
+        let slot = &self.slots[0];
+        let support = slot.projection.dyn_rewind_support();
+        if support == RewindSupport::Unsupported {
+            return Err(Error::RewindUnsupported {
+                projection: slot.name.to_owned(),
+            });
+        }
+        let categories = slot.projection.dyn_categories();
+        let prefix = self.store.config().subject_prefix.clone();
+        // The aggregates with events in `from..=checkpoint`: a superset is
+        // harmless (re-folding an untouched aggregate rebuilds the same
+        // rows), so the scan only ever grows as the checkpoint moves.
+        let mut affected: BTreeMap<String, StreamId> = BTreeMap::new();
+        let mut scanned = from.saturating_sub(1);
+        // Their events before `from`: immutable, read outside the transaction.
+        let mut earlier: BTreeMap<u64, Raw> = BTreeMap::new();
+        let mut read_for: HashSet<String> = HashSet::new();
+        for _ in 0..ATTEMPTS {
+            let checkpoint = read_checkpoint(&self.db, &slot.key).await?;
+            if from == 0 || from > checkpoint + 1 {
+                return Err(Error::ReplayOutOfRange {
+                    projection: slot.name.to_owned(),
+                    from,
+                    checkpoint,
+                });
+            }
+            if support == RewindSupport::ByAggregate {
+                if checkpoint > scanned {
+                    for r in self
+                        .fetch_range(format!("{prefix}.>"), scanned + 1, checkpoint)
+                        .await?
+                    {
+                        if let Item::Event(e) = self.classify(&r)
+                            && categories.contains(&e.stream_id.category())
+                        {
+                            affected.insert(e.stream_id.to_string(), e.stream_id.clone());
+                        }
+                    }
+                    scanned = checkpoint;
+                }
+                let missing: Vec<&StreamId> = affected
+                    .iter()
+                    .filter(|(k, _)| !read_for.contains(*k))
+                    .map(|(_, s)| s)
+                    .collect();
+                if missing.len() > PER_AGGREGATE_READS {
+                    for category in categories {
+                        for r in self
+                            .fetch_range(format!("{prefix}.{category}.>"), 1, from - 1)
+                            .await?
+                        {
+                            earlier.insert(r.position, r);
+                        }
+                    }
+                    read_for.extend(affected.keys().cloned());
+                } else {
+                    for s in missing {
+                        for r in self.fetch_range(s.subject(&prefix), 1, from - 1).await? {
+                            earlier.insert(r.position, r);
+                        }
+                        read_for.insert(s.to_string());
+                    }
+                }
+            }
+            match self
+                .rewind_tx(from, checkpoint, support, &affected, &earlier)
+                .await?
+            {
+                Some(report) => return Ok(report),
+                None => {
+                    tracing::debug!(
+                        projection = slot.name,
+                        checkpoint,
+                        "checkpoint moved during replay; again"
+                    );
+                }
+            }
+        }
+        Err(Error::Contended {
+            op: "replay",
+            projection: slot.name.to_owned(),
+        })
+    }
+
+    /// The replay's transaction; `None` when the checkpoint is no longer
+    /// `checkpoint` (a runner applied a batch meanwhile).
+    async fn rewind_tx(
+        &self,
+        from: u64,
+        checkpoint: u64,
+        support: RewindSupport,
+        affected: &BTreeMap<String, StreamId>,
+        earlier: &BTreeMap<u64, Raw>,
+    ) -> Result<Option<ReplayReport>, Error> {
+        let slot = &self.slots[0];
+        let mut tx = self.db.pool().begin().await?;
+        // The compare-and-set comes first: it takes the row lock (PostgreSQL)
+        // or the write lock (SQLite) a runner's batch takes too.
+        let moved = sqlx::query(
+            "UPDATE sluice_checkpoints SET position = $1, event_time_ms = 0, updated_at_ms = $2, \
+             halted_at_position = NULL, halted_reason = NULL \
+             WHERE projection = $3 AND position = $4",
+        )
+        .bind(to_i64(from - 1))
+        .bind(unix_ms(OffsetDateTime::now_utc()))
+        .bind(slot.key.as_str())
+        .bind(to_i64(checkpoint))
+        .execute(&mut *tx)
+        .await?;
+        if moved.rows_affected() != 1 {
+            tx.rollback().await?;
+            return Ok(None);
+        }
+        let aggregates: Vec<StreamId> = affected.values().cloned().collect();
+        slot.projection
+            .dyn_rewind(&mut tx, &Tables::LIVE, from, &aggregates)
+            .await?;
+        if support == RewindSupport::ByAggregate && !aggregates.is_empty() {
+            // Events it dead-lettered stay unapplied.
+            let dead: HashSet<u64> = sqlx::query(
+                "SELECT position FROM sluice_dead_letters WHERE projection = $1 AND position < $2",
+            )
+            .bind(slot.key.as_str())
+            .bind(to_i64(from))
+            .fetch_all(&mut *tx)
+            .await?
+            .iter()
+            .map(|r| r.try_get::<i64, _>(0).map(to_u64))
+            .collect::<Result<_, _>>()?;
+            let mut events: Vec<ProjectedEvent> = Vec::new();
+            for r in earlier.values() {
+                if dead.contains(&r.position) {
+                    continue;
+                }
+                if let Item::Event(e) = self.classify(r)
+                    && affected.contains_key(&e.stream_id.to_string())
+                {
+                    events.push(*e);
+                }
+            }
+            let rejected = slot
+                .projection
+                .dyn_apply(&mut tx, &Tables::LIVE, &events)
+                .await?;
+            if let Some(first) = rejected.into_iter().min_by_key(|r| r.position) {
+                tx.rollback().await?;
+                return Err(Error::ReplayRejected {
+                    projection: slot.name.to_owned(),
+                    position: first.position,
+                    reason: first.reason,
+                });
+            }
+        }
+        let cleared =
+            sqlx::query("DELETE FROM sluice_dead_letters WHERE projection = $1 AND position >= $2")
+                .bind(slot.key.as_str())
+                .bind(to_i64(from))
+                .execute(&mut *tx)
+                .await?
+                .rows_affected();
+        sqlx::query("DELETE FROM sluice_parked WHERE projection = $1 AND behind_position >= $2")
+            .bind(slot.key.as_str())
+            .bind(to_i64(from))
+            .execute(&mut *tx)
+            .await?;
+        tx.commit().await?;
+        tracing::warn!(
+            projection = slot.name,
+            from,
+            previous_checkpoint = checkpoint,
+            aggregates = aggregates.len(),
+            "projection rewound: the runner applies the events again from here"
+        );
+        slot.live.update(|l| l.checkpoint = from - 1);
+        Ok(Some(ReplayReport {
+            projection: slot.name.to_owned(),
+            from,
+            previous_checkpoint: checkpoint,
+            aggregates_refolded: if support == RewindSupport::ByAggregate {
+                aggregates.len()
+            } else {
+                0
+            },
+            dead_letters_cleared: cleared,
+        }))
+    }
+
+    pub(crate) async fn redrive(&self) -> Result<RedriveReport, Error> {
+        let slot = &self.slots[0];
+        let parked: Vec<String> = sqlx::query(
+            "SELECT stream FROM sluice_parked WHERE projection = $1 ORDER BY behind_position",
+        )
+        .bind(slot.key.as_str())
+        .fetch_all(self.db.pool())
+        .await?
+        .iter()
+        .map(|r| r.try_get(0))
+        .collect::<Result<_, _>>()?;
+        let mut report = RedriveReport::default();
+        for stream in parked {
+            let (applied, released) = self.redrive_aggregate(&stream).await?;
+            report.applied.extend(applied);
+            if released {
+                report.released.push(stream);
+            }
+        }
+        report.remaining = dead_letters(&self.db, &slot.key).await?;
+        if !report.applied.is_empty() {
+            self.discard_dlq_copies(&report.applied).await;
+        }
+        Ok(report)
+    }
+
+    /// Redrives one parked aggregate: `(positions applied, released)`.
+    async fn redrive_aggregate(&self, stream: &str) -> Result<(Vec<u64>, bool), Error> {
+        let slot = &self.slots[0];
+        // How many of its dead letters to apply: all, until the projection
+        // rejects one again (then only those before it).
+        let mut cap: Option<(u64, DeadLetterKind, String)> = None;
+        for _ in 0..ATTEMPTS {
+            let mut tx = self.db.pool().begin().await?;
+            // Lock the checkpoint row, as a runner's batch does: the runner
+            // applies nothing while the aggregate's fate changes.
+            sqlx::query("UPDATE sluice_checkpoints SET updated_at_ms = $1 WHERE projection = $2")
+                .bind(unix_ms(OffsetDateTime::now_utc()))
+                .bind(slot.key.as_str())
+                .execute(&mut *tx)
+                .await?;
+            let still_parked = sqlx::query(
+                "SELECT behind_position FROM sluice_parked WHERE projection = $1 AND stream = $2",
+            )
+            .bind(slot.key.as_str())
+            .bind(stream)
+            .fetch_optional(&mut *tx)
+            .await?
+            .is_some();
+            if !still_parked {
+                tx.rollback().await?;
+                return Ok((Vec::new(), false));
+            }
+            let positions: Vec<u64> = sqlx::query(
+                "SELECT position FROM sluice_dead_letters WHERE projection = $1 AND stream = $2 \
+                 ORDER BY position",
+            )
+            .bind(slot.key.as_str())
+            .bind(stream)
+            .fetch_all(&mut *tx)
+            .await?
+            .iter()
+            .map(|r| r.try_get::<i64, _>(0).map(to_u64))
+            .collect::<Result<_, _>>()?;
+            let raws = self.fetch_positions(&positions).await?;
+            let mut events: Vec<ProjectedEvent> = Vec::new();
+            let mut stop = cap.clone();
+            for r in &raws {
+                if stop.as_ref().is_some_and(|(p, _, _)| r.position >= *p) {
+                    break;
+                }
+                match self.classify(r) {
+                    Item::Event(e) => events.push(*e),
+                    Item::Bad { reason, .. } => {
+                        stop = Some((r.position, DeadLetterKind::Decode, reason));
+                        break;
+                    }
+                    Item::Skip => {
+                        stop = Some((
+                            r.position,
+                            DeadLetterKind::Decode,
+                            "not of this projection's categories".to_owned(),
+                        ));
+                        break;
+                    }
+                }
+            }
+            if !events.is_empty() {
+                let rejected = slot
+                    .projection
+                    .dyn_apply(&mut tx, &Tables::LIVE, &events)
+                    .await?;
+                if let Some(first) = rejected.into_iter().min_by_key(|r| r.position) {
+                    // Writes of a rejected batch must not survive: start
+                    // over, applying only what comes before it.
+                    tx.rollback().await?;
+                    cap = Some((first.position, DeadLetterKind::Handler, first.reason));
+                    continue;
+                }
+            }
+            let applied: Vec<u64> = events.iter().map(|e| e.position).collect();
+            for p in &applied {
+                sqlx::query(
+                    "DELETE FROM sluice_dead_letters WHERE projection = $1 AND position = $2",
+                )
+                .bind(slot.key.as_str())
+                .bind(to_i64(*p))
+                .execute(&mut *tx)
+                .await?;
+            }
+            let released = match &stop {
+                None => {
+                    sqlx::query("DELETE FROM sluice_parked WHERE projection = $1 AND stream = $2")
+                        .bind(slot.key.as_str())
+                        .bind(stream)
+                        .execute(&mut *tx)
+                        .await?;
+                    true
+                }
+                Some((head, kind, reason)) => {
+                    // Still stuck: park it behind the event that fails now,
+                    // with today's reason, and the rest behind that one.
+                    sqlx::query(
+                        "UPDATE sluice_parked SET behind_position = $1 \
+                         WHERE projection = $2 AND stream = $3",
+                    )
+                    .bind(to_i64(*head))
+                    .bind(slot.key.as_str())
+                    .bind(stream)
+                    .execute(&mut *tx)
+                    .await?;
+                    let behind = format!(
+                        "parked behind the dead letter at position {head} of the same aggregate"
+                    );
+                    sqlx::query(
+                        "UPDATE sluice_dead_letters SET kind = CASE WHEN position = $1 THEN $2 ELSE $3 END, \
+                         reason = CASE WHEN position = $1 THEN $4 ELSE $5 END \
+                         WHERE projection = $6 AND stream = $7",
+                    )
+                    .bind(to_i64(*head))
+                    .bind(kind.as_str())
+                    .bind(DeadLetterKind::Parked.as_str())
+                    .bind(reason.as_str())
+                    .bind(behind.as_str())
+                    .bind(slot.key.as_str())
+                    .bind(stream)
+                    .execute(&mut *tx)
+                    .await?;
+                    false
+                }
+            };
+            tx.commit().await?;
+            tracing::info!(
+                projection = slot.name,
+                stream,
+                applied = applied.len(),
+                released,
+                "dead letters redriven"
+            );
+            return Ok((applied, released));
+        }
+        Err(Error::Contended {
+            op: "redrive",
+            projection: slot.name.to_owned(),
+        })
+    }
+
+    /// Removes the `DLQ` stream copies of events now applied, so `sluice dlq
+    /// list` shows only what is still dead (best effort: the SQL records are
+    /// what the runtime goes by).
+    async fn discard_dlq_copies(&self, applied: &[u64]) {
+        let slot = &self.slots[0];
+        let js = self.store.jetstream();
+        if js.get_stream(DLQ_STREAM).await.is_err() {
+            return;
+        }
+        let applied: BTreeSet<u64> = applied.iter().copied().collect();
+        let filter = sluice_workers::dlq::Filter {
+            consumer: Some(slot.consumer_name.clone()),
+            category: None,
+            reason: None,
+        };
+        let listing = match sluice_workers::dlq::list(js, &filter).await {
+            Ok(l) => l,
+            Err(e) => {
+                tracing::warn!(projection = slot.name, error = %e, "could not list the DLQ copies of redriven events");
+                return;
+            }
+        };
+        let reason = format!("redriven into projection {}", slot.name);
+        for entry in listing.entries {
+            if entry.stream == self.store.config().stream
+                && applied.contains(&entry.sequence)
+                && let Err(e) = sluice_workers::dlq::discard(js, entry.id, &reason).await
+            {
+                tracing::warn!(projection = slot.name, id = entry.id, error = %e, "could not discard the DLQ copy of a redriven event");
+            }
+        }
+    }
+}
