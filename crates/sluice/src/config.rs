@@ -85,6 +85,17 @@ pub(crate) struct HttpSection {
     pub(crate) rate_per_sec: Option<u32>,
 }
 
+/// Durable worker settings (the worker and saga roles).
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub(crate) struct WorkersSection {
+    /// Seconds before an unacknowledged message is delivered again (default 30).
+    pub(crate) ack_wait_secs: Option<u64>,
+    /// Seconds a silent replica keeps its pin before another takes over
+    /// (default 90); must exceed `ack_wait_secs`.
+    pub(crate) pin_timeout_secs: Option<u64>,
+}
+
 /// The whole configuration.
 #[derive(Debug, Clone, Default, Deserialize)]
 #[serde(default, deny_unknown_fields)]
@@ -92,6 +103,7 @@ pub(crate) struct Config {
     pub(crate) nats: NatsSection,
     pub(crate) database: DatabaseSection,
     pub(crate) http: HttpSection,
+    pub(crate) workers: WorkersSection,
     /// Roles to run (`serve`); default all.
     pub(crate) roles: Vec<Role>,
 }
@@ -157,6 +169,20 @@ impl Config {
         if let Some(v) = env("SLUICE_HTTP_TOKEN_FILE") {
             c.http.token_file = Some(v.into());
         }
+        for (key, dst) in [
+            ("SLUICE_WORKER_ACK_WAIT_SECS", &mut c.workers.ack_wait_secs),
+            (
+                "SLUICE_WORKER_PIN_TIMEOUT_SECS",
+                &mut c.workers.pin_timeout_secs,
+            ),
+        ] {
+            if let Some(v) = env(key) {
+                *dst =
+                    Some(v.parse().with_context(|| {
+                        format!("{key}={v:?} is not a whole number of seconds")
+                    })?);
+            }
+        }
         if let Some(v) = env("SLUICE_ROLES") {
             c.roles = v
                 .split(',')
@@ -189,6 +215,14 @@ impl Config {
             && !matches!(r, 1 | 3 | 5)
         {
             bail!("nats.replicas = {r}: use 1 (single server), 3 or 5 (cluster)");
+        }
+        let (ack_wait, pin_timeout) = self.worker_timeouts();
+        if ack_wait.is_zero() || pin_timeout <= ack_wait {
+            bail!(
+                "workers.pin_timeout_secs ({}) must exceed workers.ack_wait_secs ({}), which must be at least 1: a new replica could otherwise take over before a crashed one's messages come back",
+                pin_timeout.as_secs(),
+                ack_wait.as_secs()
+            );
         }
         if let Some(url) = &self.database.url
             && !(url.starts_with("sqlite:")
@@ -229,6 +263,15 @@ impl Config {
         } else {
             self.roles.clone()
         }
+    }
+
+    /// Durable workers' ack wait and pin timeout (defaults 30 s and 90 s).
+    pub(crate) fn worker_timeouts(&self) -> (std::time::Duration, std::time::Duration) {
+        let secs = std::time::Duration::from_secs;
+        (
+            secs(self.workers.ack_wait_secs.unwrap_or(30)),
+            secs(self.workers.pin_timeout_secs.unwrap_or(90)),
+        )
     }
 
     /// The HTTP listen address.
@@ -298,6 +341,20 @@ mod tests {
         let c = Config::load_with(Some(&path), env).unwrap();
         assert_eq!(c.database.url.as_deref(), Some("sqlite://x.db"));
         assert_eq!(c.roles(), vec![Role::Worker, Role::Saga]);
+        assert_eq!(c.worker_timeouts().1.as_secs(), 90);
+        let env = |k: &str| match k {
+            "SLUICE_WORKER_ACK_WAIT_SECS" => Some("2".to_owned()),
+            "SLUICE_WORKER_PIN_TIMEOUT_SECS" => Some("5".to_owned()),
+            _ => None,
+        };
+        let c = Config::load_with(None, env).unwrap();
+        assert_eq!(
+            (
+                c.worker_timeouts().0.as_secs(),
+                c.worker_timeouts().1.as_secs()
+            ),
+            (2, 5)
+        );
         assert_eq!(
             Config::load_with(None, none).unwrap().roles(),
             Role::ALL.to_vec()
@@ -314,6 +371,11 @@ mod tests {
             ("[nats]\nuser = \"api\"\n", "no password"),
             ("colour = \"blue\"\n", "unknown field"),
             ("roles = [\"janitor\"]\n", "unknown variant"),
+            (
+                "[workers]\nack_wait_secs = 30\npin_timeout_secs = 20\n",
+                "must exceed",
+            ),
+            ("[workers]\nack_wait_secs = 0\n", "at least 1"),
         ];
         let dir = tempfile::tempdir().unwrap();
         for (text, expected) in cases {

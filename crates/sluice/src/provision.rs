@@ -13,15 +13,23 @@ use sluice_ledger::TransferRoleConfig;
 
 use crate::config::Config;
 
-/// The ledger roles' settings, with streams and buckets replicated like the
-/// event stream: a DLQ or parked-aggregates bucket on one node would make a
-/// single node loss stop every worker of an R3 cluster.
+/// The ledger roles' settings: streams and buckets replicated like the event
+/// stream (a DLQ or parked-aggregates bucket on one node would make a single
+/// node loss stop every worker of an R3 cluster), and the configured ack
+/// wait and pin timeout (how soon a replica takes over from a dead one).
 pub(crate) fn role_config(config: &Config) -> TransferRoleConfig {
     let replicas = config.nats.replicas.unwrap_or(1);
+    let (ack_wait, pin_timeout) = config.worker_timeouts();
     let mut c = TransferRoleConfig::default();
-    c.handler.replicas = replicas;
     c.orchestrator.replicas = replicas;
-    c.orchestrator.worker.replicas = replicas;
+    for worker in [&mut c.handler, &mut c.orchestrator.worker] {
+        worker.replicas = replicas;
+        worker.ack_wait = ack_wait;
+        worker.pin_timeout = pin_timeout;
+        // Retries must back off for less than the ack wait (ordering).
+        worker.retry.cap = worker.retry.cap.min(ack_wait / 2);
+        worker.retry.base = worker.retry.base.min(worker.retry.cap);
+    }
     c
 }
 
