@@ -819,8 +819,12 @@ impl Runner {
     /// A span per event that carries trace context, child of the span that
     /// appended it: the projection's step of that trace, open until the
     /// batch settles. Events without context get none (a trace of one span
-    /// each would be noise, and they cost nothing this way).
+    /// each would be noise, and they cost nothing this way), and neither
+    /// does a rebuild (replaying history would add spans to old traces).
     fn apply_spans(&self, items: &[Item]) -> Vec<tracing::Span> {
+        if self.tables != Tables::LIVE {
+            return Vec::new();
+        }
         items
             .iter()
             .filter_map(|item| match item {
