@@ -348,6 +348,82 @@ async fn replay_restores_what_came_after(backend: Backend) {
     clean.close().await;
 }
 
+// ---------------------------------------------------------------- group rebuild
+
+/// The members of a running group rebuilt together (one feed, one switch)
+/// while events keep coming: both damaged read models come back equal to a
+/// clean run, dead letters included, and no copy or rebuild checkpoint is
+/// left behind.
+async fn group_rebuild_switches_members_together(backend: Backend) {
+    let nats = NatsServer::start();
+    let store = nats.store().await;
+    let rs = Store::fresh(backend).await;
+    let db = rs.connect().await;
+    ledger_rounds(&store, 30, 0..6).await;
+    append(
+        &store,
+        "account",
+        "ghost",
+        raw_event("ledger.account.deposited.v1", r#"{"amount":5}"#),
+    )
+    .await;
+    let last = ledger_rounds(&store, 30, 6..10).await;
+    let running = Running::start(&db, &store, ledger()).await;
+    wait_checkpoint(&db, ACCOUNT_BALANCES, last).await;
+    wait_checkpoint(&db, ACCOUNT_ACTIVITY, last).await;
+    for q in [
+        "UPDATE account_balances SET balance = -1",
+        "DELETE FROM account_activity WHERE position % 7 = 0",
+    ] {
+        sqlx::query(q).execute(db.pool()).await.unwrap();
+    }
+    let writer = {
+        let store = store.clone();
+        tokio::spawn(async move { ledger_rounds(&store, 30, 10..13).await })
+    };
+    let report = sluice_projections::rebuild_group(
+        ledger(),
+        db.clone(),
+        store.clone(),
+        config(),
+        |_| {},
+        CancellationToken::new(),
+    )
+    .await
+    .unwrap()
+    .expect("finished");
+    assert!(report.position >= last, "{report:?}");
+    let last = writer.await.unwrap();
+    wait_checkpoint(&db, ACCOUNT_BALANCES, last).await;
+    wait_checkpoint(&db, ACCOUNT_ACTIVITY, last).await;
+    running.stop().await;
+    let leftovers: i64 =
+        sqlx::query("SELECT COUNT(*) FROM sluice_checkpoints WHERE projection LIKE '%rebuild'")
+            .fetch_one(db.pool())
+            .await
+            .unwrap()
+            .get(0);
+    assert_eq!(leftovers, 0);
+
+    let clean_rs = Store::fresh(backend).await;
+    let clean = clean_rs.connect().await;
+    let running = Running::start(&clean, &store, ledger()).await;
+    wait_checkpoint(&clean, ACCOUNT_BALANCES, last).await;
+    wait_checkpoint(&clean, ACCOUNT_ACTIVITY, last).await;
+    running.stop().await;
+    let (got, want) = (dump(&db).await, dump(&clean).await);
+    assert!(
+        want.iter().any(|l| l.starts_with("dead:account_balances")),
+        "{want:?}"
+    );
+    assert_eq!(got.len(), want.len());
+    for (g, w) in got.iter().zip(&want) {
+        assert_eq!(g, w);
+    }
+    db.close().await;
+    clean.close().await;
+}
+
 // ---------------------------------------------------------------- a test projection
 
 /// `notes`: one row per `note` event. Rejects bodies containing "evil"
@@ -624,5 +700,6 @@ macro_rules! both_backends {
 
 both_backends!(
     replay_restores_what_came_after,
-    redrive_applies_dead_letters_once
+    redrive_applies_dead_letters_once,
+    group_rebuild_switches_members_together,
 );

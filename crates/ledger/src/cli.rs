@@ -6,9 +6,7 @@
 use std::io::Write;
 use std::sync::Arc;
 
-use sluice_projections::{
-    Member, Projection, ReadModel, RebuildProgress, RunnerConfig, projection_status,
-};
+use sluice_projections::{Member, ReadModel, RebuildProgress, RunnerConfig, projection_status};
 use tokio_util::sync::CancellationToken;
 
 use crate::Error;
@@ -152,83 +150,64 @@ pub async fn rebuild(
     progress: &mut (dyn Write + Send),
     shutdown: CancellationToken,
 ) -> Result<bool, Error> {
-    let mut report = |p: &RebuildProgress| {
-        let pct = if p.target == 0 {
-            100.0
-        } else {
-            100.0 * p.position as f64 / p.target as f64
-        };
-        let eta = p
-            .eta_seconds
-            .map_or_else(|| "?".to_owned(), |s| format!("{s:.0}s"));
-        let _ = write!(
-            progress,
-            "\r{} {:>5.1}% {}/{}  {:.0} events/s  ETA {eta}   ",
-            p.projection, pct, p.position, p.target, p.events_per_second
-        );
-        let _ = progress.flush();
-    };
-    let config = RunnerConfig::default();
-    let done = match name {
-        ACCOUNT_BALANCES => {
-            run_rebuild(
-                Arc::new(AccountBalances::new()),
-                side,
-                config,
-                &mut report,
-                shutdown,
-            )
-            .await?
+    rebuild_together(side, &[name], progress, shutdown).await
+}
+
+/// `sluice projection rebuild <name>...`: several projections rebuilt with
+/// one feed and switched in one transaction (e.g. `account_balances
+/// account_activity`, which `sluice up` runs as one group), so they go live
+/// consistent with each other. Otherwise as [`rebuild`].
+pub async fn rebuild_together(
+    side: &ReadSide,
+    names: &[&str],
+    progress: &mut (dyn Write + Send),
+    shutdown: CancellationToken,
+) -> Result<bool, Error> {
+    let mut members: Vec<Member> = Vec::with_capacity(names.len());
+    for name in names {
+        let m = member(name)?;
+        if members.iter().all(|x| x.name() != m.name()) {
+            members.push(m);
         }
-        ACCOUNT_ACTIVITY => {
-            run_rebuild(
-                Arc::new(AccountActivity),
-                side,
-                config,
-                &mut report,
-                shutdown,
-            )
-            .await?
-        }
-        crate::TRANSFERS => {
-            run_rebuild(
-                Arc::new(crate::Transfers),
-                side,
-                config,
-                &mut report,
-                shutdown,
-            )
-            .await?
-        }
-        other => return Err(Error::UnknownProjection(other.chars().take(64).collect())),
-    };
+    }
+    let label = members
+        .iter()
+        .map(Member::name)
+        .collect::<Vec<_>>()
+        .join(",");
+    let done = sluice_projections::rebuild_group(
+        members,
+        side.db.clone(),
+        side.store.clone(),
+        RunnerConfig::default(),
+        |p: &RebuildProgress| {
+            let pct = if p.target == 0 {
+                100.0
+            } else {
+                100.0 * p.position as f64 / p.target as f64
+            };
+            let eta = p
+                .eta_seconds
+                .map_or_else(|| "?".to_owned(), |s| format!("{s:.0}s"));
+            let _ = write!(
+                progress,
+                "\r{} {:>5.1}% {}/{}  {:.0} events/s  ETA {eta}   ",
+                p.projection, pct, p.position, p.target, p.events_per_second
+            );
+            let _ = progress.flush();
+        },
+        shutdown,
+    )
+    .await?;
     match &done {
         Some(r) => writeln!(
             progress,
-            "\n{name}: switched to the rebuilt tables at position {} ({:.0} events/s)",
+            "\n{label}: switched to the rebuilt tables at position {} ({:.0} events/s)",
             r.position, r.events_per_second
         )?,
-        None => writeln!(progress, "\n{name}: interrupted; run it again to resume")?,
+        None => writeln!(progress, "\n{label}: interrupted; run it again to resume")?,
     }
     Ok(done.is_some())
-}
-
-async fn run_rebuild<P: Projection>(
-    projection: Arc<P>,
-    side: &ReadSide,
-    config: RunnerConfig,
-    report: &mut (dyn FnMut(&RebuildProgress) + Send),
-    shutdown: CancellationToken,
-) -> Result<Option<sluice_projections::RebuildReport>, Error> {
-    Ok(sluice_projections::rebuild(
-        projection,
-        side.db.clone(),
-        side.store.clone(),
-        config,
-        |p| report(p),
-        shutdown,
-    )
-    .await?)
 }
 
 /// `sluice projection reset <name> --yes`: empty the tables and replay

@@ -71,17 +71,6 @@ pub enum Error {
         /// Why the projection rejects it now.
         reason: String,
     },
-    /// The projection's checkpoint kept moving (a runner catching up fast)
-    /// while a replay or redrive tried to take its turn.
-    #[error(
-        "{op} of {projection} gave up: its checkpoint kept moving; try again (or when the projector has caught up)"
-    )]
-    Contended {
-        /// `replay` or `redrive`.
-        op: &'static str,
-        /// The projection.
-        projection: String,
-    },
     /// The projection was stopped by its `halt` policy on a bad event.
     #[error("projection {projection} halted at position {position}: {reason}")]
     Halted {

@@ -38,7 +38,7 @@ pub use error::Error;
 pub use projection::{
     Page, ProjectedEvent, Projection, REBUILD_SUFFIX, ReadModel, Rejection, RewindSupport, Tables,
 };
-pub use rebuild::{RebuildProgress, RebuildReport, rebuild, reset};
+pub use rebuild::{RebuildProgress, RebuildReport, rebuild, rebuild_group, reset};
 pub use replay::{DeadLetterRecord, RedriveReport, ReplayReport, dead_letters, redrive, replay};
 pub use runner::{
     FailurePolicy, Live, LiveStatus, Member, RunState, Runner, RunnerConfig, consumer_name,

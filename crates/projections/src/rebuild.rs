@@ -14,10 +14,11 @@ use sqlx::Row;
 use time::OffsetDateTime;
 use tokio_util::sync::CancellationToken;
 
+use crate::db::is_transient;
 use crate::db::{Backend, Database};
 use crate::error::Error;
 use crate::projection::{Projection, REBUILD_SUFFIX, Tables};
-use crate::runner::{Runner, RunnerConfig, read_checkpoint, to_u64, unix_ms};
+use crate::runner::{Member, Runner, RunnerConfig, read_checkpoint, to_u64, unix_ms};
 
 /// Where a rebuild is, for a progress bar.
 #[derive(Debug, Clone, Serialize)]
@@ -52,25 +53,65 @@ pub async fn rebuild<P: Projection>(
     db: Database,
     store: EventStore,
     config: RunnerConfig,
+    progress: impl FnMut(&RebuildProgress) + Send,
+    shutdown: CancellationToken,
+) -> Result<Option<RebuildReport>, Error> {
+    rebuild_group(
+        vec![Member::from(projection)],
+        db,
+        store,
+        config,
+        progress,
+        shutdown,
+    )
+    .await
+}
+
+/// Rebuilds several projections blue/green together: one feed builds all
+/// their copies, and one transaction switches them all, so they go live
+/// consistent with each other (e.g. the members of a projection group).
+/// Returns `None` when `shutdown` stopped it first (run it again to resume).
+pub async fn rebuild_group(
+    members: Vec<Member>,
+    db: Database,
+    store: EventStore,
+    config: RunnerConfig,
     mut progress: impl FnMut(&RebuildProgress) + Send,
     shutdown: CancellationToken,
 ) -> Result<Option<RebuildReport>, Error> {
-    let name = projection.name();
-    let key = format!("{name}{REBUILD_SUFFIX}");
-    prepare_tables(&db, projection.tables(), &key).await?;
+    if members.is_empty() {
+        return Err(Error::InvalidConfig(
+            "a rebuild needs at least one projection",
+        ));
+    }
+    let parts: Vec<Part> = members
+        .iter()
+        .map(|m| Part {
+            name: m.name(),
+            key: format!("{}{REBUILD_SUFFIX}", m.name()),
+            tables: m.0.dyn_tables(),
+        })
+        .collect();
+    let name = parts.iter().map(|p| p.name).collect::<Vec<_>>().join(",");
+    for p in &parts {
+        prepare_tables(&db, p.tables, &p.key).await?;
+    }
+    let copies_at = || async {
+        let mut low = u64::MAX;
+        for p in &parts {
+            low = low.min(read_checkpoint(&db, &p.key).await?);
+        }
+        Ok::<u64, Error>(low)
+    };
     let started = Instant::now();
-    let start_position = read_checkpoint(&db, &key).await?;
-    tracing::info!(projection = name, from = start_position, "rebuild starting");
+    let start_position = copies_at().await?;
+    tracing::info!(projection = %name, from = start_position, "rebuild starting");
+    let name = name.as_str();
     loop {
         let stop = shutdown.child_token();
-        let runner = Runner::new(
-            projection.clone(),
-            db.clone(),
-            store.clone(),
-            config.clone(),
-        )
-        .await?
-        .for_rebuild();
+        let runner = Runner::group(members.clone(), db.clone(), store.clone(), config.clone())
+            .await?
+            .for_rebuild();
         let task = tokio::spawn(runner.run(stop.clone()));
         let caught_up = loop {
             tokio::select! {
@@ -80,7 +121,7 @@ pub async fn rebuild<P: Projection>(
             if task.is_finished() {
                 break true;
             }
-            let position = read_checkpoint(&db, &key).await?;
+            let position = copies_at().await?;
             let target = store.stream_state().await?.last_position;
             let secs = started.elapsed().as_secs_f64().max(1e-3);
             let rate = position.saturating_sub(start_position) as f64 / secs;
@@ -112,7 +153,7 @@ pub async fn rebuild<P: Projection>(
             );
             return Ok(None);
         }
-        if let Some(position) = switch(&db, name, &key, projection.tables()).await? {
+        if let Some(position) = switch_retrying(&db, &parts).await? {
             let elapsed = started.elapsed();
             let report = RebuildReport {
                 position,
@@ -167,6 +208,32 @@ pub async fn reset<P: Projection>(db: &Database, projection: &P) -> Result<(), E
         "projection reset: replaying from position 1"
     );
     Ok(())
+}
+
+/// One projection of a rebuild: its name, the key of its copies'
+/// checkpoint, its tables.
+struct Part {
+    name: &'static str,
+    key: String,
+    tables: &'static [&'static str],
+}
+
+/// [`switch`], retried when the database gives up on it for a transient
+/// reason (a deadlock with a writer locking in another order, a
+/// serialization failure): nothing of a failed switch survives.
+async fn switch_retrying(db: &Database, parts: &[Part]) -> Result<Option<u64>, Error> {
+    let mut delay = Duration::from_millis(50);
+    for _ in 0..10 {
+        match switch(db, parts).await {
+            Err(Error::Database(e)) if is_transient(&e) => {
+                tracing::warn!(error = %e, "rebuild switch failed; retrying");
+                tokio::time::sleep(delay).await;
+                delay = (delay * 2).min(Duration::from_secs(2));
+            }
+            other => return other,
+        }
+    }
+    switch(db, parts).await
 }
 
 /// Creates the rebuild copies of `tables` (same columns, keys and indexes)
@@ -277,29 +344,33 @@ fn replace_ident(sql: &str, from: &str, to: &str) -> String {
     out
 }
 
-/// The atomic switch: if the copies are at least as far as the live tables,
-/// drop the live tables, rename the copies, move the checkpoint and the
-/// parked / dead-letter records. `None` when the live tables are ahead.
-async fn switch(
-    db: &Database,
-    name: &str,
-    key: &str,
-    tables: &[&str],
-) -> Result<Option<u64>, Error> {
-    sqlx::query(
-        "INSERT INTO sluice_checkpoints (projection, position) VALUES ($1, 0) \
-         ON CONFLICT (projection) DO NOTHING",
-    )
-    .bind(name)
-    .execute(db.pool())
-    .await?;
-    let mut tx = db.pool().begin().await?;
-    // Lock the live checkpoint first: the live runner's next batch waits
-    // (or fails its compare-and-set and follows the new checkpoint).
-    sqlx::query("UPDATE sluice_checkpoints SET position = position WHERE projection = $1")
-        .bind(name)
-        .execute(&mut *tx)
+/// The atomic switch: if every projection's copies are at least as far as
+/// its live tables, drop the live tables, rename the copies, move the
+/// checkpoints and the parked / dead-letter records, all in one
+/// transaction. `None` when some live tables are ahead. Returns the lowest
+/// position a projection went live at.
+async fn switch(db: &Database, parts: &[Part]) -> Result<Option<u64>, Error> {
+    for p in parts {
+        sqlx::query(
+            "INSERT INTO sluice_checkpoints (projection, position) VALUES ($1, 0) \
+             ON CONFLICT (projection) DO NOTHING",
+        )
+        .bind(p.name)
+        .execute(db.pool())
         .await?;
+    }
+    // Lock the live checkpoints first, in name order (as the runner does):
+    // a live runner's next batch waits (or fails its compare-and-set and
+    // follows the new checkpoint).
+    let mut ordered: Vec<&Part> = parts.iter().collect();
+    ordered.sort_by_key(|p| p.name);
+    let mut tx = db.pool().begin().await?;
+    for p in &ordered {
+        sqlx::query("UPDATE sluice_checkpoints SET position = position WHERE projection = $1")
+            .bind(p.name)
+            .execute(&mut *tx)
+            .await?;
+    }
     let position_of = |r: Option<sqlx::any::AnyRow>| -> Result<(i64, i64), sqlx::Error> {
         match r {
             Some(r) => Ok((r.try_get(0)?, r.try_get(1)?)),
@@ -307,62 +378,68 @@ async fn switch(
         }
     };
     let select = "SELECT position, event_time_ms FROM sluice_checkpoints WHERE projection = $1";
-    let (live, _) = position_of(
-        sqlx::query(select)
-            .bind(name)
-            .fetch_optional(&mut *tx)
-            .await?,
-    )?;
-    let (copy, copy_time) = position_of(
-        sqlx::query(select)
-            .bind(key)
-            .fetch_optional(&mut *tx)
-            .await?,
-    )?;
-    if copy < live {
-        tx.rollback().await?;
-        return Ok(None);
+    let mut copies = Vec::with_capacity(parts.len());
+    for p in parts {
+        let (live, _) = position_of(
+            sqlx::query(select)
+                .bind(p.name)
+                .fetch_optional(&mut *tx)
+                .await?,
+        )?;
+        let (copy, copy_time) = position_of(
+            sqlx::query(select)
+                .bind(p.key.as_str())
+                .fetch_optional(&mut *tx)
+                .await?,
+        )?;
+        if copy < live {
+            tx.rollback().await?;
+            return Ok(None);
+        }
+        copies.push((copy, copy_time));
     }
-    for table in tables {
-        sqlx::query(&format!("DROP TABLE {table}"))
+    for (p, (copy, copy_time)) in parts.iter().zip(&copies) {
+        for table in p.tables {
+            sqlx::query(&format!("DROP TABLE {table}"))
+                .execute(&mut *tx)
+                .await?;
+            sqlx::query(&format!(
+                "ALTER TABLE {} RENAME TO {table}",
+                Tables::REBUILD.name(table)
+            ))
             .execute(&mut *tx)
             .await?;
-        sqlx::query(&format!(
-            "ALTER TABLE {} RENAME TO {table}",
-            Tables::REBUILD.name(table)
-        ))
+        }
+        sqlx::query(
+            "UPDATE sluice_checkpoints SET position = $1, event_time_ms = $2, updated_at_ms = $3, \
+             halted_at_position = NULL, halted_reason = NULL WHERE projection = $4",
+        )
+        .bind(*copy)
+        .bind(*copy_time)
+        .bind(unix_ms(OffsetDateTime::now_utc()))
+        .bind(p.name)
         .execute(&mut *tx)
         .await?;
-    }
-    sqlx::query(
-        "UPDATE sluice_checkpoints SET position = $1, event_time_ms = $2, updated_at_ms = $3, \
-         halted_at_position = NULL, halted_reason = NULL WHERE projection = $4",
-    )
-    .bind(copy)
-    .bind(copy_time)
-    .bind(unix_ms(OffsetDateTime::now_utc()))
-    .bind(name)
-    .execute(&mut *tx)
-    .await?;
-    sqlx::query("DELETE FROM sluice_checkpoints WHERE projection = $1")
-        .bind(key)
-        .execute(&mut *tx)
-        .await?;
-    for t in ["sluice_parked", "sluice_dead_letters"] {
-        sqlx::query(&format!("DELETE FROM {t} WHERE projection = $1"))
-            .bind(name)
+        sqlx::query("DELETE FROM sluice_checkpoints WHERE projection = $1")
+            .bind(p.key.as_str())
             .execute(&mut *tx)
             .await?;
-        sqlx::query(&format!(
-            "UPDATE {t} SET projection = $1 WHERE projection = $2"
-        ))
-        .bind(name)
-        .bind(key)
-        .execute(&mut *tx)
-        .await?;
+        for t in ["sluice_parked", "sluice_dead_letters"] {
+            sqlx::query(&format!("DELETE FROM {t} WHERE projection = $1"))
+                .bind(p.name)
+                .execute(&mut *tx)
+                .await?;
+            sqlx::query(&format!(
+                "UPDATE {t} SET projection = $1 WHERE projection = $2"
+            ))
+            .bind(p.name)
+            .bind(p.key.as_str())
+            .execute(&mut *tx)
+            .await?;
+        }
     }
     tx.commit().await?;
-    Ok(Some(to_u64(copy)))
+    Ok(copies.iter().map(|(c, _)| to_u64(*c)).min())
 }
 
 #[cfg(test)]

@@ -4,9 +4,10 @@
 //! once their cause is fixed, releasing the aggregates parked behind them).
 //!
 //! Both take their turn through the projection's checkpoint row, like a
-//! runner's batch: a replay is a compare-and-set that moves it back, a
-//! redrive locks it. A runner whose next compare-and-set then fails follows
-//! the stored checkpoint, so no event is applied twice or skipped.
+//! runner's batch: they lock it first, so a runner's batch commits before or
+//! after them, never interleaved. A replay moves the checkpoint back: the
+//! runner's next compare-and-set fails and it follows the stored
+//! checkpoint, so no event is applied twice or skipped.
 
 use std::collections::{BTreeMap, BTreeSet, HashSet};
 use std::time::Duration;
@@ -25,10 +26,6 @@ use crate::projection::{ProjectedEvent, RewindSupport, Tables};
 use crate::runner::{
     Item, Member, Raw, Runner, RunnerConfig, raw, read_checkpoint, to_i64, to_u64, unix_ms,
 };
-
-/// Compare-and-set attempts before a replay or redrive gives up on a
-/// checkpoint that keeps moving.
-const ATTEMPTS: usize = 20;
 
 /// Above this many aggregates, their earlier events are read with one scan
 /// of their categories rather than one read per aggregate.
@@ -132,6 +129,19 @@ pub async fn redrive(
     runner.redrive().await
 }
 
+/// What a by-aggregate replay has read from the log so far.
+#[derive(Default)]
+struct Scan {
+    /// The log is scanned up to here.
+    scanned: u64,
+    /// Aggregates with events from the replay position on, by key.
+    affected: BTreeMap<String, StreamId>,
+    /// Their events before the replay position, by position.
+    earlier: BTreeMap<u64, Raw>,
+    /// Aggregates whose earlier events are in `earlier`.
+    read_for: HashSet<String>,
+}
+
 impl Runner {
     /// Events on `filter` at positions `from..=until`, in log order.
     async fn fetch_range(&self, filter: String, from: u64, until: u64) -> Result<Vec<Raw>, Error> {
@@ -213,113 +223,58 @@ impl Runner {
                 projection: slot.name.to_owned(),
             });
         }
-        let categories = slot.projection.dyn_categories();
-        let prefix = self.store.config().subject_prefix.clone();
-        // The aggregates with events in `from..=checkpoint`: a superset is
-        // harmless (re-folding an untouched aggregate rebuilds the same
-        // rows), so the scan only ever grows as the checkpoint moves.
-        let mut affected: BTreeMap<String, StreamId> = BTreeMap::new();
-        let mut scanned = from.saturating_sub(1);
-        // Their events before `from`: immutable, read outside the transaction.
-        let mut earlier: BTreeMap<u64, Raw> = BTreeMap::new();
-        let mut read_for: HashSet<String> = HashSet::new();
-        for _ in 0..ATTEMPTS {
-            let checkpoint = read_checkpoint(&self.db, &slot.key).await?;
-            if from == 0 || from > checkpoint + 1 {
-                return Err(Error::ReplayOutOfRange {
-                    projection: slot.name.to_owned(),
-                    from,
-                    checkpoint,
-                });
-            }
-            if support == RewindSupport::ByAggregate {
-                if checkpoint > scanned {
-                    for r in self
-                        .fetch_range(format!("{prefix}.>"), scanned + 1, checkpoint)
-                        .await?
-                    {
-                        if let Item::Event(e) = self.classify(&r)
-                            && categories.contains(&e.stream_id.category())
-                        {
-                            affected.insert(e.stream_id.to_string(), e.stream_id.clone());
-                        }
-                    }
-                    scanned = checkpoint;
-                }
-                let missing: Vec<&StreamId> = affected
-                    .iter()
-                    .filter(|(k, _)| !read_for.contains(*k))
-                    .map(|(_, s)| s)
-                    .collect();
-                if missing.len() > PER_AGGREGATE_READS {
-                    for category in categories {
-                        for r in self
-                            .fetch_range(format!("{prefix}.{category}.>"), 1, from - 1)
-                            .await?
-                        {
-                            earlier.insert(r.position, r);
-                        }
-                    }
-                    read_for.extend(affected.keys().cloned());
-                } else {
-                    for s in missing {
-                        for r in self.fetch_range(s.subject(&prefix), 1, from - 1).await? {
-                            earlier.insert(r.position, r);
-                        }
-                        read_for.insert(s.to_string());
-                    }
-                }
-            }
-            match self
-                .rewind_tx(from, checkpoint, support, &affected, &earlier)
-                .await?
-            {
-                Some(report) => return Ok(report),
-                None => {
-                    tracing::debug!(
-                        projection = slot.name,
-                        checkpoint,
-                        "checkpoint moved during replay; again"
-                    );
-                }
-            }
-        }
-        Err(Error::Contended {
-            op: "replay",
+        let out_of_range = |checkpoint| Error::ReplayOutOfRange {
             projection: slot.name.to_owned(),
-        })
-    }
-
-    /// The replay's transaction; `None` when the checkpoint is no longer
-    /// `checkpoint` (a runner applied a batch meanwhile).
-    async fn rewind_tx(
-        &self,
-        from: u64,
-        checkpoint: u64,
-        support: RewindSupport,
-        affected: &BTreeMap<String, StreamId>,
-        earlier: &BTreeMap<u64, Raw>,
-    ) -> Result<Option<ReplayReport>, Error> {
-        let slot = &self.slots[0];
+            from,
+            checkpoint,
+        };
+        let checkpoint = read_checkpoint(&self.db, &slot.key).await?;
+        if from == 0 || from > checkpoint + 1 {
+            return Err(out_of_range(checkpoint));
+        }
+        let mut scan = Scan {
+            scanned: from - 1,
+            ..Scan::default()
+        };
+        // Most of the reading happens before the transaction (the runner
+        // keeps applying meanwhile); inside it, only what the runner
+        // applied since.
+        if support == RewindSupport::ByAggregate {
+            self.scan_aggregates(from, checkpoint, &mut scan).await?;
+        }
         let mut tx = self.db.pool().begin().await?;
-        // The compare-and-set comes first: it takes the row lock (PostgreSQL)
-        // or the write lock (SQLite) a runner's batch takes too.
-        let moved = sqlx::query(
-            "UPDATE sluice_checkpoints SET position = $1, event_time_ms = 0, updated_at_ms = $2, \
-             halted_at_position = NULL, halted_reason = NULL \
-             WHERE projection = $3 AND position = $4",
+        // Take the lock a runner's batch takes (the checkpoint row in
+        // PostgreSQL, the write lock in SQLite) before reading the
+        // checkpoint: from here on it cannot move under us.
+        sqlx::query("UPDATE sluice_checkpoints SET updated_at_ms = $1 WHERE projection = $2")
+            .bind(unix_ms(OffsetDateTime::now_utc()))
+            .bind(slot.key.as_str())
+            .execute(&mut *tx)
+            .await?;
+        let checkpoint =
+            sqlx::query("SELECT position FROM sluice_checkpoints WHERE projection = $1")
+                .bind(slot.key.as_str())
+                .fetch_optional(&mut *tx)
+                .await?
+                .map(|r| r.try_get::<i64, _>(0).map(to_u64))
+                .transpose()?
+                .unwrap_or(0);
+        if from > checkpoint + 1 {
+            tx.rollback().await?;
+            return Err(out_of_range(checkpoint));
+        }
+        if support == RewindSupport::ByAggregate {
+            self.scan_aggregates(from, checkpoint, &mut scan).await?;
+        }
+        sqlx::query(
+            "UPDATE sluice_checkpoints SET position = $1, event_time_ms = 0, \
+             halted_at_position = NULL, halted_reason = NULL WHERE projection = $2",
         )
         .bind(to_i64(from - 1))
-        .bind(unix_ms(OffsetDateTime::now_utc()))
         .bind(slot.key.as_str())
-        .bind(to_i64(checkpoint))
         .execute(&mut *tx)
         .await?;
-        if moved.rows_affected() != 1 {
-            tx.rollback().await?;
-            return Ok(None);
-        }
-        let aggregates: Vec<StreamId> = affected.values().cloned().collect();
+        let aggregates: Vec<StreamId> = scan.affected.values().cloned().collect();
         slot.projection
             .dyn_rewind(&mut tx, &Tables::LIVE, from, &aggregates)
             .await?;
@@ -336,12 +291,12 @@ impl Runner {
             .map(|r| r.try_get::<i64, _>(0).map(to_u64))
             .collect::<Result<_, _>>()?;
             let mut events: Vec<ProjectedEvent> = Vec::new();
-            for r in earlier.values() {
+            for r in scan.earlier.values() {
                 if dead.contains(&r.position) {
                     continue;
                 }
                 if let Item::Event(e) = self.classify(r)
-                    && affected.contains_key(&e.stream_id.to_string())
+                    && scan.affected.contains_key(&e.stream_id.to_string())
                 {
                     events.push(*e);
                 }
@@ -380,17 +335,62 @@ impl Runner {
             "projection rewound: the runner applies the events again from here"
         );
         slot.live.update(|l| l.checkpoint = from - 1);
-        Ok(Some(ReplayReport {
+        Ok(ReplayReport {
             projection: slot.name.to_owned(),
             from,
             previous_checkpoint: checkpoint,
-            aggregates_refolded: if support == RewindSupport::ByAggregate {
-                aggregates.len()
-            } else {
-                0
-            },
+            aggregates_refolded: aggregates.len(),
             dead_letters_cleared: cleared,
-        }))
+        })
+    }
+
+    /// Extends `scan` to the aggregates with events in `from..=until` and
+    /// their events before `from`. A superset of aggregates is harmless
+    /// (re-folding an untouched aggregate rebuilds the same rows).
+    async fn scan_aggregates(&self, from: u64, until: u64, scan: &mut Scan) -> Result<(), Error> {
+        let categories = self.slots[0].projection.dyn_categories();
+        let prefix = self.store.config().subject_prefix.clone();
+        if until > scan.scanned {
+            for r in self
+                .fetch_range(format!("{prefix}.>"), scan.scanned + 1, until)
+                .await?
+            {
+                if let Item::Event(e) = self.classify(&r)
+                    && categories.contains(&e.stream_id.category())
+                {
+                    scan.affected
+                        .insert(e.stream_id.to_string(), e.stream_id.clone());
+                }
+            }
+            scan.scanned = until;
+        }
+        let missing: Vec<&StreamId> = scan
+            .affected
+            .iter()
+            .filter(|(k, _)| !scan.read_for.contains(*k))
+            .map(|(_, s)| s)
+            .collect();
+        let mut read = Vec::new();
+        if missing.len() > PER_AGGREGATE_READS {
+            for category in categories {
+                read.extend(
+                    self.fetch_range(format!("{prefix}.{category}.>"), 1, from - 1)
+                        .await?,
+                );
+            }
+            scan.read_for.extend(scan.affected.keys().cloned());
+        } else {
+            let mut done = Vec::new();
+            for s in missing {
+                read.extend(self.fetch_range(s.subject(&prefix), 1, from - 1).await?);
+                done.push(s.to_string());
+            }
+            scan.read_for.extend(done);
+        }
+        for r in read {
+            scan.earlier.insert(r.position, r);
+        }
+        Ok(())
     }
 
     pub(crate) async fn redrive(&self) -> Result<RedriveReport, Error> {
@@ -425,7 +425,8 @@ impl Runner {
         // How many of its dead letters to apply: all, until the projection
         // rejects one again (then only those before it).
         let mut cap: Option<(u64, DeadLetterKind, String)> = None;
-        for _ in 0..ATTEMPTS {
+        // Each pass either commits or lowers the cap: it ends.
+        loop {
             let mut tx = self.db.pool().begin().await?;
             // Lock the checkpoint row, as a runner's batch does: the runner
             // applies nothing while the aggregate's fate changes.
@@ -554,10 +555,6 @@ impl Runner {
             );
             return Ok((applied, released));
         }
-        Err(Error::Contended {
-            op: "redrive",
-            projection: slot.name.to_owned(),
-        })
     }
 
     /// Removes the `DLQ` stream copies of events now applied, so `sluice dlq

@@ -203,6 +203,7 @@ impl Item {
 pub(crate) trait DynProjection: Send + Sync + 'static {
     fn dyn_name(&self) -> &'static str;
     fn dyn_categories(&self) -> &'static [&'static str];
+    fn dyn_tables(&self) -> &'static [&'static str];
     fn dyn_apply<'c>(
         &'c self,
         conn: &'c mut sqlx::AnyConnection,
@@ -226,6 +227,10 @@ impl<P: Projection> DynProjection for P {
 
     fn dyn_categories(&self) -> &'static [&'static str] {
         self.categories()
+    }
+
+    fn dyn_tables(&self) -> &'static [&'static str] {
+        self.tables()
     }
 
     fn dyn_apply<'c>(
@@ -861,8 +866,12 @@ impl Runner {
         let mut tx = self.db.pool().begin().await?;
         // The checkpoint writes come first: they take the row locks
         // (PostgreSQL) or the write lock (SQLite) at once, so two runners of
-        // one projection serialize here.
-        for (s, &expected) in self.slots.iter().zip(checkpoints) {
+        // one projection serialize here. In name order, as every other
+        // writer of several rows (a group rebuild's switch) takes them, so
+        // overlapping groups never deadlock.
+        let mut order: Vec<usize> = (0..self.slots.len()).collect();
+        order.sort_by(|&a, &b| self.slots[a].key.cmp(&self.slots[b].key));
+        for (s, &expected) in order.iter().map(|&i| (&self.slots[i], &checkpoints[i])) {
             if last.position <= expected {
                 continue;
             }

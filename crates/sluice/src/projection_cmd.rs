@@ -22,8 +22,10 @@ pub(crate) enum ProjectionCommand {
     /// until the new ones have caught up, then they switch atomically.
     /// Resumable: run it again after an interruption.
     Rebuild {
-        /// The projection.
-        name: String,
+        /// The projection; several are rebuilt with one feed and switched
+        /// in one transaction (e.g. the members of a projection group).
+        #[arg(required = true, num_args = 1..)]
+        names: Vec<String>,
     },
     /// A projection's own dead letters: list them, or apply them once their
     /// cause is fixed (`redrive`), releasing the aggregates parked behind.
@@ -150,7 +152,7 @@ pub(crate) async fn projection(
     let mut out = std::io::stdout();
     let result = match cmd {
         ProjectionCommand::List => cli::list(&side, json, &mut out).await,
-        ProjectionCommand::Rebuild { name } => {
+        ProjectionCommand::Rebuild { names } => {
             let shutdown = CancellationToken::new();
             let sd = shutdown.clone();
             let ctrl_c = tokio::spawn(async move {
@@ -159,11 +161,15 @@ pub(crate) async fn projection(
                 }
             });
             // Progress goes to stderr, so --json output stays clean.
-            let r = cli::rebuild(&side, &name, &mut std::io::stderr(), shutdown).await;
+            let refs: Vec<&str> = names.iter().map(String::as_str).collect();
+            let r = cli::rebuild_together(&side, &refs, &mut std::io::stderr(), shutdown).await;
             ctrl_c.abort();
             r.map(|done| {
                 if json {
-                    println!("{}", json!({"projection": name, "rebuilt": done}));
+                    println!(
+                        "{}",
+                        json!({"projection": names.join(","), "rebuilt": done})
+                    );
                 }
             })
         }
