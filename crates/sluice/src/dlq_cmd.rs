@@ -58,6 +58,9 @@ pub(crate) enum DlqCommand {
     },
 }
 
+/// Consumer-name prefix of projections' dead letters (`projection-<name>`).
+const PROJECTION_PREFIX: &str = "projection-";
+
 /// Runs one `sluice dlq` command against the server at `nats_url`.
 /// `json` prints one JSON object per line instead of a human table.
 pub(crate) async fn run(cmd: DlqCommand, nats_url: &str, json: bool) -> anyhow::Result<ExitCode> {
@@ -113,6 +116,24 @@ pub(crate) async fn run(cmd: DlqCommand, nats_url: &str, json: bool) -> anyhow::
             category,
             limit,
         } => {
+            // A projection reads the log, not a redrive subject: handing its
+            // dead letters "back" would drop them. It has its own redrive.
+            let projection = match (id, consumer.as_deref()) {
+                (_, Some(c)) => c.strip_prefix(PROJECTION_PREFIX).map(str::to_owned),
+                (Some(id), None) => match dlq::show(js, id).await {
+                    Ok(e) => e
+                        .consumer
+                        .strip_prefix(PROJECTION_PREFIX)
+                        .map(str::to_owned),
+                    Err(_) => None,
+                },
+                (None, None) => None,
+            };
+            if let Some(name) = projection {
+                anyhow::bail!(
+                    "dead letters of projection {name} are redriven into it with `sluice projection dlq {name} redrive` (it applies them from the log, in order, exactly once)"
+                );
+            }
             let target = match (id, consumer) {
                 (Some(id), _) => RedriveTarget::Id(id),
                 (None, Some(consumer)) => RedriveTarget::Consumer {
