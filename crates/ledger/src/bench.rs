@@ -33,6 +33,17 @@ pub struct BenchReport {
     /// (c) Blue/green rebuild of both projections, one after the other
     /// (events applied per second, each projection counted).
     pub rebuild_events_per_s: f64,
+    /// (d) The same two rebuilt together (`rebuild_group`: one feed, one
+    /// switch), each projection counted.
+    pub group_rebuild_events_per_s: f64,
+    /// (e) Events in the last tenth of the log, replayed by both
+    /// projections (`replay --from`) while the live group runs.
+    pub replay_tail_events: u64,
+    /// (e) Accounts `account_balances` re-folded from their earlier events.
+    pub replay_accounts_refolded: usize,
+    /// (e) Wall time from the two replays to both projections caught up
+    /// again, in seconds.
+    pub replay_seconds: f64,
 }
 
 /// A deterministic ledger workload: `accounts` accounts, each opened and
@@ -250,12 +261,55 @@ pub async fn run(
         Arc::new(AccountActivity),
         db.clone(),
         store.clone(),
-        config,
+        config.clone(),
         |_| {},
         shutdown.child_token(),
     )
     .await?;
     let rebuild = 2.0 * events as f64 / t0.elapsed().as_secs_f64().max(1e-6);
+
+    // (d) Both rebuilt together.
+    let t0 = Instant::now();
+    sluice_projections::rebuild_group(
+        vec![
+            Member::from(Arc::new(AccountBalances::new())),
+            Member::from(Arc::new(AccountActivity)),
+        ],
+        db.clone(),
+        store.clone(),
+        config,
+        |_| {},
+        shutdown.child_token(),
+    )
+    .await?;
+    let group_rebuild = 2.0 * events as f64 / t0.elapsed().as_secs_f64().max(1e-6);
+
+    // (e) Replay the last tenth while the live group runs.
+    let from = (last - last / 10).max(1);
+    let t0 = Instant::now();
+    sluice_projections::replay(
+        Member::from(Arc::new(AccountActivity)),
+        db.clone(),
+        store.clone(),
+        from,
+    )
+    .await?;
+    let balances = sluice_projections::replay(
+        Member::from(Arc::new(AccountBalances::new())),
+        db.clone(),
+        store.clone(),
+        from,
+    )
+    .await?;
+    loop {
+        let done = read_checkpoint(db, ACCOUNT_BALANCES).await? >= last
+            && read_checkpoint(db, ACCOUNT_ACTIVITY).await? >= last;
+        if done {
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(5)).await;
+    }
+    let replay_seconds = t0.elapsed().as_secs_f64();
     shutdown.cancel();
     let _ = group.task.await;
     for table in ["bench_raw_balances", "bench_raw_activity"] {
@@ -271,6 +325,10 @@ pub async fn run(
         catch_up_events_per_s: catch_up,
         catch_up_ratio: catch_up / raw,
         rebuild_events_per_s: rebuild,
+        group_rebuild_events_per_s: group_rebuild,
+        replay_tail_events: last - from + 1,
+        replay_accounts_refolded: balances.aggregates_refolded,
+        replay_seconds,
     })
 }
 
