@@ -27,6 +27,10 @@ use crate::runner::{
     Item, Member, Raw, Runner, RunnerConfig, raw, read_checkpoint, to_i64, to_u64, unix_ms,
 };
 
+/// A by-aggregate replay scans the log outside its transaction until at
+/// most this many events are left for inside it.
+const IN_TX_SCAN: u64 = 1000;
+
 /// Above this many aggregates, their earlier events are read with one scan
 /// of their categories rather than one read per aggregate.
 const PER_AGGREGATE_READS: usize = 64;
@@ -240,7 +244,18 @@ impl Runner {
         // keeps applying meanwhile); inside it, only what the runner
         // applied since.
         if support == RewindSupport::ByAggregate {
-            self.scan_aggregates(from, checkpoint, &mut scan).await?;
+            // Catch up with a runner that is applying meanwhile, so that
+            // what is left for inside the transaction (which holds the lock
+            // the runner waits for) is small.
+            let mut until = checkpoint;
+            for _ in 0..5 {
+                self.scan_aggregates(from, until, &mut scan).await?;
+                let now = read_checkpoint(&self.db, &slot.key).await?;
+                if now <= scan.scanned + IN_TX_SCAN {
+                    break;
+                }
+                until = now;
+            }
         }
         let mut tx = self.db.pool().begin().await?;
         // Take the lock a runner's batch takes (the checkpoint row in
@@ -373,10 +388,20 @@ impl Runner {
         let mut read = Vec::new();
         if missing.len() > PER_AGGREGATE_READS {
             for category in categories {
-                read.extend(
-                    self.fetch_range(format!("{prefix}.{category}.>"), 1, from - 1)
-                        .await?,
-                );
+                for r in self
+                    .fetch_range(format!("{prefix}.{category}.>"), 1, from - 1)
+                    .await?
+                {
+                    // Keep only what may be re-folded: events of the
+                    // affected aggregates (an undecodable one never is).
+                    let keep = match self.classify(&r) {
+                        Item::Event(e) => scan.affected.contains_key(&e.stream_id.to_string()),
+                        _ => false,
+                    };
+                    if keep {
+                        read.push(r);
+                    }
+                }
             }
             scan.read_for.extend(scan.affected.keys().cloned());
         } else {
