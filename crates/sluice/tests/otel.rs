@@ -372,3 +372,103 @@ fn one_trace_from_the_http_request_to_the_projection_and_through_the_saga() {
         .expect("the credit to acc-b is projected in the transfer's trace");
     http_ancestor(credit, "/v1/transfers");
 }
+
+/// `sluice serve --role <roles>` with its own home, sharing NATS, the
+/// SQLite read store and the OTLP receiver with the other roles.
+fn serve(roles: &str, home: &Path, nats: &str, db: &str, otlp: &str) -> Up {
+    let child = Command::new(BIN)
+        .args(["serve", "--role", roles])
+        .env("SLUICE_HOME", home)
+        .env("SLUICE_NATS_URL", nats)
+        .env("SLUICE_DATABASE_URL", db)
+        .env("SLUICE_HTTP_ADDR", "127.0.0.1:0")
+        .env("OTEL_EXPORTER_OTLP_ENDPOINT", format!("http://{otlp}"))
+        .env_remove("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT")
+        .env_remove("OTEL_SERVICE_NAME")
+        .env_remove("OTEL_TRACES_SAMPLER")
+        .env_remove("SLUICE_CONFIG")
+        .env_remove("SLUICE_ROLES")
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("spawn sluice serve");
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while !home.join("endpoint.json").exists() {
+        assert!(
+            Instant::now() < deadline,
+            "sluice serve --role {roles} did not come up"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    Up(child)
+}
+
+fn stop(up: &mut Up) {
+    let pid = up.0.id().to_string();
+    assert!(
+        Command::new("kill")
+            .args(["-TERM", &pid])
+            .status()
+            .unwrap()
+            .success()
+    );
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while up.0.try_wait().unwrap().is_none() {
+        assert!(Instant::now() < deadline, "sluice did not stop on SIGTERM");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+#[test]
+fn the_trace_crosses_processes_in_ce_traceparent() {
+    let (otlp, spans) = receiver();
+    let nats = sluice_testkit::NatsServer::start();
+    let dir = tempfile::tempdir().unwrap();
+    let db = format!("sqlite://{}", dir.path().join("read.db").display());
+    // The projector first: it creates the read store the API then opens.
+    let mut projector = serve("projector", &dir.path().join("p"), &nats.url(), &db, &otlp);
+    let mut api = serve("api", &dir.path().join("a"), &nats.url(), &db, &otlp);
+    let endpoint: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(dir.path().join("a/endpoint.json")).unwrap())
+            .unwrap();
+    let addr = endpoint["http_addr"].as_str().unwrap().to_owned();
+    let token = std::fs::read_to_string(dir.path().join("a/token")).unwrap();
+    let auth = format!("Authorization: Bearer {}\r\n", token.trim());
+    let (status, body) = http(
+        &addr,
+        "POST",
+        "/v1/streams/account/acc-x",
+        &auth,
+        r#"{"events":[{"type":"ledger.account.opened.v1","data":{"owner":"xi","currency":"EUR"}}]}"#,
+    );
+    assert_eq!(status, 201, "{body}");
+    let pos = position(&body);
+    wait_for(
+        &addr,
+        "/v1/projections/account_balances/rows/acc-x",
+        "\"owner\":\"xi\"",
+    );
+    stop(&mut api);
+    stop(&mut projector);
+
+    let spans = spans.lock().unwrap().clone();
+    let p = spans
+        .iter()
+        .find(|s| s.span.name == "projection.apply" && s.attr("position") == Some(pos.to_string()))
+        .expect("the projector's span for the event");
+    let h = spans
+        .iter()
+        .find(|s| s.span.name == "POST /v1/streams/{category}/{id}")
+        .expect("the API's span for the request");
+    assert_eq!(p.service, "sluice-projector");
+    assert_eq!(h.service, "sluice-api");
+    assert_eq!(
+        hex(&p.span.trace_id),
+        hex(&h.span.trace_id),
+        "one trace across both processes"
+    );
+    assert_eq!(
+        p.span.parent_span_id, h.span.span_id,
+        "the projection span is a child of the HTTP span, through ce-traceparent"
+    );
+}
