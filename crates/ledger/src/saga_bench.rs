@@ -90,19 +90,29 @@ pub async fn bench_transfers(
                     return;
                 };
                 permit.forget();
-                let from = &accounts[i % accounts.len()];
-                let to = &accounts[(i + 1) % accounts.len()];
+                let from = accounts[i % accounts.len()].clone();
+                let to = accounts[(i + 1) % accounts.len()].clone();
                 let id = format!("{prefix}-t-{i}");
-                let at = Instant::now();
-                if start_transfer(&store, Some(&id), from, to, 1).await.is_ok() {
-                    let _ = tx.send((id, at));
-                }
+                let store = store.clone();
+                // Each request on its own task, as concurrent clients would
+                // send them: a serial loop would measure the start's round
+                // trip, not the sagas.
+                // The start time is queued before the request goes out, and
+                // the loop below drains the queue before it reads the feed,
+                // so a completion always finds its start.
+                let _ = tx.send((id.clone(), Instant::now()));
+                tokio::spawn(async move {
+                    if let Err(e) = start_transfer(&store, Some(&id), &from, &to, 1).await {
+                        tracing::warn!(transfer = %id, error = %e, "bench transfer not started");
+                    }
+                });
             }
         })
     };
     let mut last = begin;
     while latencies.len() < config.transfers {
         tokio::select! {
+            biased;
             Some((id, at)) = rx.recv() => { started.insert(id, at); }
             Some(ev) = feed.next() => {
                 let ev = ev?;
@@ -112,8 +122,6 @@ pub async fn bench_transfers(
                         Ok(SagaEvent::StepSucceeded { step: 1, .. })
                     );
                 if done {
-                    // The start may not be recorded yet (its ack raced the
-                    // completion); count it from the first request then.
                     let at = started.remove(ev.stream_id.id()).unwrap_or(begin);
                     last = Instant::now();
                     latencies.push(last - at);

@@ -13,6 +13,7 @@
 //!    target replies success without appending again.
 //! 4. The reply is a guarded append too; a duplicate reply is refused.
 
+use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
 
 use serde_json::Value;
@@ -49,6 +50,57 @@ pub enum Handled {
     Rejected(String),
 }
 
+/// Aggregates this handler folded, by stream: state, version and the effect
+/// keys found on them. A decision from the cache is only ever *written* with
+/// `Exact(version)`, so a stale entry costs a conflict and a reload, never a
+/// wrong write; a refusal (which writes nothing) is only trusted from a fresh
+/// load. Effect keys only ever accumulate, so "already applied" is true when
+/// the cache says so.
+pub(crate) struct AggregateCache<A> {
+    entries: std::sync::Mutex<HashMap<String, Cached<A>>>,
+}
+
+struct Cached<A> {
+    state: A,
+    version: u64,
+    keys: HashSet<String>,
+    /// Loaded by this very command (not from the cache).
+    fresh: bool,
+}
+
+/// Aggregates kept before the cache is emptied.
+const CACHED_AGGREGATES: usize = 10_000;
+
+impl<A> AggregateCache<A> {
+    pub(crate) fn new() -> Self {
+        Self {
+            entries: std::sync::Mutex::new(HashMap::new()),
+        }
+    }
+
+    // Commands for one target share a subject, which worker lanes handle one
+    // at a time: taking the entry out while deciding never races with
+    // another command for the same aggregate in this process.
+    fn take(&self, key: &str) -> Option<Cached<A>> {
+        let mut entry = self.entries.lock().ok()?.remove(key)?;
+        entry.fresh = false;
+        Some(entry)
+    }
+
+    fn put(&self, key: String, entry: Cached<A>) {
+        if let Ok(mut entries) = self.entries.lock() {
+            if entries.len() >= CACHED_AGGREGATES {
+                entries.clear();
+            }
+            entries.insert(key, entry);
+        }
+    }
+}
+
+/// What a handler knows of the saga's log without reading it: at `.0` the
+/// command stands at `.1`.
+type Known = Option<(u64, CommandStatus)>;
+
 /// Handles one command message for aggregate `A`.
 pub async fn handle_command<A: Aggregate>(
     store: &EventStore,
@@ -56,16 +108,36 @@ pub async fn handle_command<A: Aggregate>(
     map: CommandMapper<A>,
     reply: ReplyBuilder<A>,
 ) -> Result<Handled, SagaError> {
+    handle::<A>(store, msg, map, reply, &AggregateCache::new()).await
+}
+
+async fn handle<A: Aggregate>(
+    store: &EventStore,
+    msg: &CommandMessage,
+    map: CommandMapper<A>,
+    reply: ReplyBuilder<A>,
+    cache: &AggregateCache<A>,
+) -> Result<Handled, SagaError> {
     let cmd = &msg.command;
     let (saga, saga_id) = (msg.saga.as_str(), msg.saga_id.as_str());
-    let status = crate::log::read_log(store, saga, saga_id)
-        .await?
-        .command_status(cmd.kind, cmd.step, cmd.attempt);
-    match status {
-        CommandStatus::Answered => return Ok(Handled::Ignored("already answered")),
-        CommandStatus::TimedOut => return Ok(Handled::Ignored("timed out before it was taken")),
-        CommandStatus::Open | CommandStatus::Claimed => {}
-    }
+    let mut known: Known = match (cmd.kind, msg.log_version) {
+        // An action is open at the transition that issued it; if the log
+        // moved since (a timeout, an earlier delivery's claim or reply), the
+        // claim's append conflicts and the guard is checked on a fresh read.
+        (CommandKind::Action, Some(version)) => Some((version, CommandStatus::Open)),
+        _ => {
+            let log = crate::log::read_log(store, saga, saga_id).await?;
+            let status = log.command_status(cmd.kind, cmd.step, cmd.attempt);
+            match status {
+                CommandStatus::Answered => return Ok(Handled::Ignored("already answered")),
+                CommandStatus::TimedOut => {
+                    return Ok(Handled::Ignored("timed out before it was taken"));
+                }
+                CommandStatus::Open | CommandStatus::Claimed => {}
+            }
+            Some((log.version, status))
+        }
+    };
     let target = crate::log::command_target(cmd)?;
     if target.category() != A::CATEGORY {
         return Err(SagaError::Invalid(format!(
@@ -78,7 +150,19 @@ pub async fn handle_command<A: Aggregate>(
     let effect_key = cmd.effect_key(saga_id);
     let outcome = match map(cmd) {
         Err(reason) => Err(reason),
-        Ok(command) => apply::<A>(store, &target, msg, &command, &effect_key, reply).await?,
+        Ok(command) => {
+            apply::<A>(
+                store,
+                &target,
+                msg,
+                &command,
+                &effect_key,
+                reply,
+                cache,
+                &mut known,
+            )
+            .await?
+        }
     };
     let outcome = match outcome {
         Ok(Some(reply)) => Ok(reply),
@@ -106,14 +190,10 @@ pub async fn handle_command<A: Aggregate>(
         },
     };
     let reply_id = format!("{}/reply", cmd.id);
-    let guarded = append_guarded(store, saga, saga_id, |log| {
-        match log.command_status(kind, step, attempt) {
-            CommandStatus::Open | CommandStatus::Claimed => {
-                Ok((reply_event.clone(), reply_id.clone()))
-            }
-            CommandStatus::Answered => Err("already answered"),
-            CommandStatus::TimedOut => Err("timed out"),
-        }
+    let (guarded, _) = append_for(store, msg, known, |status| match status {
+        CommandStatus::Open | CommandStatus::Claimed => Ok((reply_event.clone(), reply_id.clone())),
+        CommandStatus::Answered => Err("already answered"),
+        CommandStatus::TimedOut => Err("timed out"),
     })
     .await?;
     if let Guarded::Refused(why) = guarded {
@@ -126,8 +206,43 @@ pub async fn handle_command<A: Aggregate>(
     })
 }
 
-/// Load → (already applied?) → decide → claim → append, reloading on
-/// conflicts. `Ok(Ok(None))`: the action timed out before it was claimed.
+/// Appends what `decide` says for the command's status to the saga's log:
+/// against the known version without a read when there is one, else (or
+/// when the log moved) as a guarded append. Also returns the log's new
+/// version when it is certain (a fresh append at the known version).
+async fn append_for(
+    store: &EventStore,
+    msg: &CommandMessage,
+    known: Known,
+    decide: impl Fn(CommandStatus) -> Result<(SagaEvent, String), &'static str>,
+) -> Result<(Guarded, Option<u64>), SagaError> {
+    let (saga, saga_id) = (msg.saga.as_str(), msg.saga_id.as_str());
+    let cmd = &msg.command;
+    if let Some((version, status)) = known {
+        let (event, id) = match decide(status) {
+            Ok(x) => x,
+            Err(why) => return Ok((Guarded::Refused(why), None)),
+        };
+        if let Some(r) = crate::log::append_at(store, saga, saga_id, version, &event, &id).await? {
+            // A deduplicated append says the event was there already, not
+            // where the log stands now.
+            let certain = (!r.deduplicated).then_some(r.version);
+            return Ok((Guarded::Appended(r.version), certain));
+        }
+        tracing::debug!(saga, saga_id, command = %cmd.id, "saga log moved; checking the guard on a fresh read");
+    }
+    let (kind, step, attempt) = (cmd.kind, cmd.step, cmd.attempt);
+    let guarded = append_guarded(store, saga, saga_id, |log| {
+        decide(log.command_status(kind, step, attempt))
+    })
+    .await?;
+    Ok((guarded, None))
+}
+
+/// Load (or take from the cache) → (already applied?) → decide → claim →
+/// append, reloading on conflicts. `Ok(Ok(None))`: the action timed out
+/// before it was claimed.
+#[allow(clippy::too_many_arguments)]
 async fn apply<A: Aggregate>(
     store: &EventStore,
     target: &StreamId,
@@ -135,37 +250,62 @@ async fn apply<A: Aggregate>(
     command: &A::Command,
     effect_key: &str,
     reply: ReplyBuilder<A>,
+    cache: &AggregateCache<A>,
+    known: &mut Known,
 ) -> Result<Result<Option<Value>, String>, SagaError> {
     let cmd = &msg.command;
+    let key = target.to_string();
+    let mut cached = cache.take(&key);
+    let mut claimed = false;
     for _ in 0..MAX_CONFLICTS {
-        let (state, version, applied) = load_with_key::<A>(store, target, effect_key).await?;
-        if applied {
-            return Ok(Ok(Some(reply(&state))));
-        }
-        let events = match state.decide(command) {
-            Ok(events) => events,
-            Err(rejection) => return Ok(Err(rejection.to_string())),
+        let entry = match cached.take() {
+            Some(e) => e,
+            None => load_with_keys::<A>(store, target).await?,
         };
-        if cmd.kind == CommandKind::Action {
+        if entry.keys.contains(effect_key) {
+            let value = reply(&entry.state);
+            cache.put(key, entry);
+            return Ok(Ok(Some(value)));
+        }
+        let events = match entry.state.decide(command) {
+            Ok(events) if !events.is_empty() => events,
+            // Refusing (or doing nothing) writes nothing, so no conflict
+            // would reveal a stale state: decide again on a fresh load.
+            _ if !entry.fresh => continue,
+            Ok(_) => {
+                let value = reply(&entry.state);
+                cache.put(key, entry);
+                return Ok(Ok(Some(value)));
+            }
+            Err(rejection) => {
+                cache.put(key, entry);
+                return Ok(Err(rejection.to_string()));
+            }
+        };
+        if cmd.kind == CommandKind::Action && !claimed {
             let claim_id = format!("{}/claim", cmd.id);
-            let (step, attempt) = (cmd.step, cmd.attempt);
-            let claimed = append_guarded(store, &msg.saga, &msg.saga_id, |log| {
-                match log.command_status(CommandKind::Action, step, attempt) {
-                    CommandStatus::Open => {
-                        Ok((SagaEvent::StepClaimed { step, attempt }, claim_id.clone()))
-                    }
-                    CommandStatus::Claimed => Err("claimed"),
-                    CommandStatus::TimedOut => Err("timed out"),
-                    CommandStatus::Answered => Err("answered"),
+            let step = cmd.step;
+            let attempt = cmd.attempt;
+            let (guarded, version) = append_for(store, msg, *known, |status| match status {
+                CommandStatus::Open => {
+                    Ok((SagaEvent::StepClaimed { step, attempt }, claim_id.clone()))
                 }
+                CommandStatus::Claimed => Err("claimed"),
+                CommandStatus::TimedOut => Err("timed out"),
+                CommandStatus::Answered => Err("answered"),
             })
             .await?;
-            match claimed {
-                Guarded::Appended(_) | Guarded::Refused("claimed") => {}
-                Guarded::Refused(_) => return Ok(Ok(None)),
+            match guarded {
+                Guarded::Appended(_) | Guarded::Refused("claimed") => {
+                    claimed = true;
+                    *known = version.map(|v| (v, CommandStatus::Claimed));
+                }
+                Guarded::Refused(_) => {
+                    cache.put(key, entry);
+                    return Ok(Ok(None));
+                }
             }
         }
-        let mut state = state;
         let mut encoded = Vec::with_capacity(events.len());
         for (i, e) in events.iter().enumerate() {
             // Not the command's own id: the command is an event in the same
@@ -177,16 +317,36 @@ async fn apply<A: Aggregate>(
                     .with_correlation_id(msg.saga_id.clone())
                     .with_causation_id(effect_key),
             );
-            state = state.evolve(e);
         }
-        if encoded.is_empty() {
-            return Ok(Ok(Some(reply(&state))));
-        }
+        let Cached {
+            state,
+            version,
+            mut keys,
+            ..
+        } = entry;
         match store
             .append(target, ExpectedVersion::from_version(version), encoded)
             .await
         {
-            Ok(_) => return Ok(Ok(Some(reply(&state)))),
+            Ok(r) => {
+                let state = events.iter().fold(state, |s, e| s.evolve(e));
+                let value = reply(&state);
+                // A deduplicated append means an earlier try landed; what
+                // is on the target then is unknown here: load it next time.
+                if !r.deduplicated {
+                    keys.insert(effect_key.to_owned());
+                    cache.put(
+                        key,
+                        Cached {
+                            state,
+                            version: r.version,
+                            keys,
+                            fresh: false,
+                        },
+                    );
+                }
+                return Ok(Ok(Some(value)));
+            }
             Err(e) if e.is_conflict() => {
                 tracing::debug!(target = %target, command = %cmd.id, "target moved; deciding again");
             }
@@ -200,22 +360,28 @@ async fn apply<A: Aggregate>(
     }))
 }
 
-/// Loads an aggregate and whether an event caused by `effect_key` is in it.
-async fn load_with_key<A: Aggregate>(
+/// Loads an aggregate with the effect keys (causation ids) found on it.
+async fn load_with_keys<A: Aggregate>(
     store: &EventStore,
     target: &StreamId,
-    effect_key: &str,
-) -> Result<(A, u64, bool), SagaError> {
+) -> Result<Cached<A>, SagaError> {
     let events = crate::read::read_events(store, target).await?;
     let mut state = A::default();
     let mut version = 0;
-    let mut applied = false;
+    let mut keys = HashSet::new();
     for recorded in events {
-        applied |= recorded.envelope.causation_id.as_deref() == Some(effect_key);
+        if let Some(key) = &recorded.envelope.causation_id {
+            keys.insert(key.clone());
+        }
         state = state.evolve(&A::decode(&recorded.envelope)?);
         version = recorded.position;
     }
-    Ok((state, version, applied))
+    Ok(Cached {
+        state,
+        version,
+        keys,
+        fresh: true,
+    })
 }
 
 /// Records a transient compensation failure in the saga's log, so the next
@@ -251,6 +417,7 @@ async fn on_delivery<A: Aggregate>(
     d: Delivery,
     map: CommandMapper<A>,
     reply: ReplyBuilder<A>,
+    cache: &AggregateCache<A>,
 ) -> Result<(), HandlerError> {
     if d.envelope.event_type != COMMAND {
         return Err(HandlerError::unknown_type(&d.envelope));
@@ -259,9 +426,9 @@ async fn on_delivery<A: Aggregate>(
         .envelope
         .data_as()
         .map_err(|e| HandlerError::permanent(format!("malformed saga command: {e}")))?;
-    match handle_command::<A>(store, &msg, map, reply).await {
+    match handle::<A>(store, &msg, map, reply, cache).await {
         Ok(handled) => {
-            tracing::info!(saga = %msg.saga, saga_id = %msg.saga_id, command = %msg.command.id, ?handled, "command handled");
+            tracing::debug!(saga = %msg.saga, saga_id = %msg.saga_id, command = %msg.command.id, ?handled, "command handled");
             Ok(())
         }
         Err(e @ (SagaError::Invalid(_) | SagaError::Decode { .. })) => {
@@ -298,11 +465,13 @@ pub async fn run_command_handler<A: Aggregate + 'static>(
         )];
     }
     let store = Arc::new(store.clone());
+    let cache = Arc::new(AggregateCache::<A>::new());
     let handler = {
         let store = store.clone();
         move |d: Delivery| {
             let store = store.clone();
-            async move { on_delivery::<A>(&store, d, map, reply).await }
+            let cache = cache.clone();
+            async move { on_delivery::<A>(&store, d, map, reply, &cache).await }
         }
     };
     sluice_workers::run(&store, config, handler, cancel).await?;

@@ -46,9 +46,9 @@ mod read;
 pub use commands::{CommandMapper, Handled, ReplyBuilder, handle_command, run_command_handler};
 pub use log::{
     COMMAND, COMMAND_CATEGORY_PREFIX, COMPENSATION_FAILED, COMPENSATION_SUCCEEDED, CommandMessage,
-    CommandStatus, Guarded, RETRIED, SAGA_CATEGORY_PREFIX, STARTED, STEP_CLAIMED, STEP_FAILED,
-    STEP_SUCCEEDED, STEP_TIMED_OUT, SagaLog, SagaRecord, Started, append_guarded, command_target,
-    event_type, list_instances, read_log, retry, saga_stream, start,
+    CommandStatus, Guarded, RETRIED, Reaction, SAGA_CATEGORY_PREFIX, STARTED, STEP_CLAIMED,
+    STEP_FAILED, STEP_SUCCEEDED, STEP_TIMED_OUT, SagaLog, SagaRecord, Started, append_guarded,
+    command_target, event_type, list_instances, read_log, retry, saga_stream, start,
 };
 pub use model::{
     Command, CommandKind, Definition, SagaError, SagaEvent, SagaState, Status, StepBuilder, react,

@@ -68,6 +68,11 @@ pub struct CommandMessage {
     pub saga_id: String,
     /// The command.
     pub command: Command,
+    /// The log version at which the command was issued (the position of the
+    /// transition that produced it). A handler appends its claim or reply
+    /// expecting exactly this version and reads the log only if it moved.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub log_version: Option<u64>,
 }
 
 /// The aggregate a command targets, from its payload's `target`
@@ -92,9 +97,47 @@ pub struct SagaRecord {
     pub id: String,
     /// When it was appended (RFC 3339).
     pub time: Option<String>,
+    /// The log version its writer checked its guard against (the position of
+    /// the transition before it; 0 for `Started`). `None` for events written
+    /// before this was recorded.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub after: Option<u64>,
     /// The transition.
     pub event: SagaEvent,
 }
+
+/// Decodes one stored saga event (and, for `Started`, the flow's data).
+pub(crate) fn decode_record(
+    env: &sluice_events::Envelope,
+    position: u64,
+) -> Result<(SagaRecord, Option<Value>), SagaError> {
+    let body: Value = serde_json::from_slice(&env.data).map_err(|e| SagaError::Decode {
+        what: "saga event",
+        reason: format!("{} at {position}: {e}", env.event_type),
+    })?;
+    let (event, after, data) = if env.event_type == STARTED {
+        let data = body.get("data").cloned().unwrap_or(Value::Null);
+        (SagaEvent::Started, Some(0), Some(data))
+    } else {
+        let after = body.get(AFTER).and_then(Value::as_u64);
+        let event = serde_json::from_value(body).map_err(|e| SagaError::Decode {
+            what: "saga event",
+            reason: format!("{} at {position}: {e}", env.event_type),
+        })?;
+        (event, after, None)
+    };
+    let record = SagaRecord {
+        position,
+        id: env.id.as_str().to_owned(),
+        time: env.time_rfc3339(),
+        after,
+        event,
+    };
+    Ok((record, data))
+}
+
+/// Field of a saga event's data naming the log version it extends.
+const AFTER: &str = "after";
 
 /// A saga instance's log as stored, read without its definition.
 #[derive(Debug, Clone, PartialEq, Serialize)]
@@ -176,7 +219,56 @@ impl SagaLog {
         }
         Ok((state, commands))
     }
+
+    /// The state right after the transition at `position` and the commands
+    /// that transition produced; `None` if no transition is there.
+    pub fn fold_to<D: DeserializeOwned + Clone>(
+        &self,
+        def: &Definition<D>,
+        position: u64,
+    ) -> Result<Option<Reaction<D>>, SagaError> {
+        let Some(index) = self.records.iter().position(|r| r.position == position) else {
+            return Ok(None);
+        };
+        let data: D = serde_json::from_value(self.data.clone()).map_err(|e| SagaError::Decode {
+            what: "saga data",
+            reason: e.to_string(),
+        })?;
+        let mut state = SagaState::new(self.id.clone(), data);
+        let mut commands = Vec::new();
+        for r in &self.records[..=index] {
+            (state, commands) = react(def, &state, &r.event);
+        }
+        Ok(Some((state, commands)))
+    }
 }
+
+/// Appends `event` if the log still stands at `after` (the caller knows
+/// the log at that version, so it checked its guard without reading).
+/// `Ok(None)`: the log moved on; check the guard against a fresh read
+/// ([`append_guarded`]).
+pub(crate) async fn append_at(
+    store: &EventStore,
+    name: &str,
+    saga_id: &str,
+    after: u64,
+    event: &SagaEvent,
+    event_id: &str,
+) -> Result<Option<sluice_events::AppendResult>, SagaError> {
+    let stream = saga_stream(name, saga_id)?;
+    let new = encode(event, event_id, saga_id, after)?;
+    match store
+        .append(&stream, ExpectedVersion::Exact(after), vec![new])
+        .await
+    {
+        Ok(r) => Ok(Some(r)),
+        Err(e) if e.is_conflict() => Ok(None),
+        Err(e) => Err(e.into()),
+    }
+}
+
+/// A saga's state after a transition and the commands the transition sent.
+pub type Reaction<D> = (SagaState<D>, Vec<Command>);
 
 /// Reads instance `id` of saga `name`.
 pub async fn read_log(store: &EventStore, name: &str, id: &str) -> Result<SagaLog, SagaError> {
@@ -190,33 +282,34 @@ pub async fn read_log(store: &EventStore, name: &str, id: &str) -> Result<SagaLo
         version: 0,
     };
     for recorded in events {
-        let env = &recorded.envelope;
-        let event = if env.event_type == STARTED {
-            let v: Value = env.data_as()?;
-            log.data = v.get("data").cloned().unwrap_or(Value::Null);
-            SagaEvent::Started
-        } else {
-            serde_json::from_slice(&env.data).map_err(|e| SagaError::Decode {
-                what: "saga event",
-                reason: format!("{} at {}: {e}", env.event_type, recorded.position),
-            })?
-        };
+        let (record, data) = decode_record(&recorded.envelope, recorded.position)?;
+        if let Some(data) = data {
+            log.data = data;
+        }
         log.version = recorded.position;
-        log.records.push(SagaRecord {
-            position: recorded.position,
-            id: env.id.as_str().to_owned(),
-            time: env.time_rfc3339(),
-            event,
-        });
+        log.records.push(record);
     }
     Ok(log)
 }
 
-fn encode(event: &SagaEvent, id: &str, saga_id: &str) -> Result<NewEvent, SagaError> {
-    let data = serde_json::to_vec(event).map_err(|e| SagaError::Decode {
+/// Encodes a transition appended with `Exact(after)`. The data carries
+/// `after`, so a reader that folded the log up to `after` (the orchestrator's
+/// cache) knows this event is the very next one and need not read the log.
+pub(crate) fn encode(
+    event: &SagaEvent,
+    id: &str,
+    saga_id: &str,
+    after: u64,
+) -> Result<NewEvent, SagaError> {
+    let bad = |e: serde_json::Error| SagaError::Decode {
         what: "saga event",
         reason: e.to_string(),
-    })?;
+    };
+    let mut body = serde_json::to_value(event).map_err(bad)?;
+    if let Value::Object(map) = &mut body {
+        map.insert(AFTER.to_owned(), Value::from(after));
+    }
+    let data = serde_json::to_vec(&body).map_err(bad)?;
     Ok(NewEvent::new(event_type(event), data)
         .with_id(EventId::parse(id)?)
         .with_source("urn:sluice:saga")
@@ -307,7 +400,7 @@ pub async fn append_guarded(
             Ok(x) => x,
             Err(why) => return Ok(Guarded::Refused(why)),
         };
-        let new = encode(&event, &event_id, saga_id)?;
+        let new = encode(&event, &event_id, saga_id, log.version)?;
         match store
             .append(&stream, ExpectedVersion::Exact(log.version), vec![new])
             .await

@@ -13,6 +13,7 @@
 //!   publishes them at the due time whether or not any orchestrator runs,
 //!   and a durable consumer hands them to the next orchestrator that starts.
 
+use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -29,9 +30,9 @@ use tokio_util::sync::CancellationToken;
 
 use crate::log::{
     COMMAND, COMMAND_CATEGORY_PREFIX, CommandMessage, CommandStatus, Guarded, SAGA_CATEGORY_PREFIX,
-    append_guarded, command_target, read_log,
+    append_guarded, command_target, decode_record, read_log,
 };
-use crate::model::{Command, CommandKind, Definition, SagaError, SagaEvent};
+use crate::model::{Command, CommandKind, Definition, SagaError, SagaEvent, SagaState, react};
 
 /// The stream holding scheduled deadlines and fired timeouts.
 pub const TIMERS_STREAM: &str = "SAGA_TIMERS";
@@ -115,6 +116,19 @@ pub async fn send_command(
     saga_id: &str,
     command: &Command,
 ) -> Result<(), SagaError> {
+    send_command_at(store, saga, saga_id, command, None).await
+}
+
+/// [`send_command`] telling the handler the log version the command was
+/// issued at (the transition's position), so it can append its claim and
+/// reply without reading the saga's log first.
+async fn send_command_at(
+    store: &EventStore,
+    saga: &str,
+    saga_id: &str,
+    command: &Command,
+    log_version: Option<u64>,
+) -> Result<(), SagaError> {
     let target = command_target(command)?;
     let subject = sluice_events::StreamId::new(
         format!("{COMMAND_CATEGORY_PREFIX}{}", target.category()),
@@ -124,6 +138,7 @@ pub async fn send_command(
         saga: saga.to_owned(),
         saga_id: saga_id.to_owned(),
         command: command.clone(),
+        log_version,
     };
     let event = NewEvent::json(COMMAND, &msg)?
         .with_id(EventId::parse(&command.id)?)
@@ -206,42 +221,113 @@ pub async fn record_timeout(
     .await
 }
 
+/// Saga states the orchestrator folded, by instance: (state after the
+/// transition at `version`, `version`). Each stored transition names the
+/// version it extends (`after`), so when it extends the cached one the
+/// orchestrator reacts to it alone instead of reading and folding the whole
+/// log. Anything else (a cold cache after a restart, a redelivery, a
+/// transition another replica handled) reads the log, as before.
+struct StateCache<D> {
+    states: std::sync::Mutex<HashMap<String, (SagaState<D>, u64)>>,
+}
+
+/// Instances kept before the cache is emptied (final sagas leave it at once;
+/// this bounds the ones that stall).
+const CACHED_SAGAS: usize = 50_000;
+
+impl<D> StateCache<D> {
+    fn new() -> Self {
+        Self {
+            states: std::sync::Mutex::new(HashMap::new()),
+        }
+    }
+
+    // One instance's transitions are handled one at a time (worker lanes
+    // keep a subject in order), so taking the entry out and putting it back
+    // never races with another transition of the same instance.
+    fn take(&self, id: &str) -> Option<(SagaState<D>, u64)> {
+        self.states.lock().ok()?.remove(id)
+    }
+
+    fn put(&self, id: &str, state: SagaState<D>, version: u64) {
+        if let Ok(mut states) = self.states.lock() {
+            if states.len() >= CACHED_SAGAS {
+                states.clear();
+            }
+            states.insert(id.to_owned(), (state, version));
+        }
+    }
+}
+
 /// Handles one stored transition: sends its commands and schedules their
 /// deadlines. Its span is a child of the worker's, which continues the
 /// transition's `ce-traceparent`; the commands it appends carry it on.
-#[tracing::instrument(name = "saga.step", skip_all, fields(saga = def.name(), saga_id = %saga_id, position = position))]
+#[tracing::instrument(name = "saga.step", skip_all, fields(saga = def.name(), saga_id = %d.stream_id.id(), position = d.sequence))]
 async fn on_transition<D>(
     store: &EventStore,
     def: &Definition<D>,
-    saga_id: &str,
-    position: u64,
+    cache: &StateCache<D>,
+    d: &Delivery,
 ) -> Result<(), SagaError>
 where
     D: DeserializeOwned + Clone,
 {
-    let log = read_log(store, def.name(), saga_id).await?;
-    let Some(index) = log.records.iter().position(|r| r.position == position) else {
-        return Ok(());
+    let saga_id = d.stream_id.id();
+    let position = d.sequence;
+    let (record, data) = decode_record(&d.envelope, position)?;
+    let cached = cache.take(saga_id);
+    let folded = match (cached, data, record.after) {
+        // The next transition after the cached state.
+        (Some((state, version)), None, Some(after)) if after == version => {
+            Some(react(def, &state, &record.event))
+        }
+        // The first transition: its data is all the state there is.
+        (_, Some(data), _) => {
+            let data: D = serde_json::from_value(data).map_err(|e| SagaError::Decode {
+                what: "saga data",
+                reason: e.to_string(),
+            })?;
+            Some(react(def, &SagaState::new(saga_id, data), &record.event))
+        }
+        _ => None,
     };
-    let (_, commands) = log.fold(def)?;
-    let record = &log.records[index];
+    let (state, commands) = match folded {
+        Some(f) => f,
+        None => {
+            tracing::debug!(
+                saga = def.name(),
+                saga_id,
+                position,
+                "saga state not cached; reading its log"
+            );
+            let log = read_log(store, def.name(), saga_id).await?;
+            match log.fold_to(def, position)? {
+                Some(f) => f,
+                None => return Ok(()),
+            }
+        }
+    };
     // Deadlines count from the transition, not from whenever an orchestrator
     // got to it, so a resend after a crash schedules the same due time.
-    let from = record
-        .time
-        .as_deref()
-        .and_then(|t| OffsetDateTime::parse(t, &Rfc3339).ok())
-        .unwrap_or_else(OffsetDateTime::now_utc);
-    for command in &commands[index] {
-        send_command(store, def.name(), saga_id, command).await?;
-        tracing::info!(saga = def.name(), saga_id, command = %command.id, kind = ?command.kind, "command sent");
-        if let (CommandKind::Action, Some(deadline)) = (command.kind, command.deadline) {
-            let now = OffsetDateTime::now_utc();
-            // A deadline already past (the orchestrator was down) fires at
-            // once; the server wants a time in the future.
-            let due = (from + deadline).max(now + Duration::from_secs(1));
-            schedule_timeout(store.jetstream(), def.name(), saga_id, command, due).await?;
-        }
+    let from = d.envelope.time.unwrap_or_else(OffsetDateTime::now_utc);
+    for command in &commands {
+        let send = send_command_at(store, def.name(), saga_id, command, Some(position));
+        let schedule = async {
+            if let (CommandKind::Action, Some(deadline)) = (command.kind, command.deadline) {
+                let now = OffsetDateTime::now_utc();
+                // A deadline already past (the orchestrator was down) fires
+                // at once; the server wants a time in the future.
+                let due = (from + deadline).max(now + Duration::from_secs(1));
+                schedule_timeout(store.jetstream(), def.name(), saga_id, command, due).await?;
+            }
+            Ok::<_, SagaError>(())
+        };
+        // Independent writes: the command and its deadline go out together.
+        futures::try_join!(send, schedule)?;
+        tracing::debug!(saga = def.name(), saga_id, command = %command.id, kind = ?command.kind, "command sent");
+    }
+    if !state.status.is_final() {
+        cache.put(saga_id, state, position);
     }
     Ok(())
 }
@@ -276,14 +362,16 @@ where
         store.config().subject_prefix,
         def.name()
     )];
+    let cache = Arc::new(StateCache::new());
     let handler = {
         let store = store.clone();
         let def = def.clone();
         move |d: Delivery| {
             let store = store.clone();
             let def = def.clone();
+            let cache = cache.clone();
             async move {
-                on_transition(&store, &def, d.stream_id.id(), d.sequence)
+                on_transition(&store, &def, &cache, &d)
                     .await
                     .map_err(classify)
             }
