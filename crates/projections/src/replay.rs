@@ -370,11 +370,11 @@ impl Runner {
                 .fetch_range(format!("{prefix}.>"), scan.scanned + 1, until)
                 .await?
             {
-                if let Item::Event(e) = self.classify(&r)
-                    && categories.contains(&e.stream_id.category())
+                // The subject names the aggregate: no need to decode.
+                if let Ok(id) = StreamId::from_subject(&prefix, &r.subject)
+                    && categories.contains(&id.category())
                 {
-                    scan.affected
-                        .insert(e.stream_id.to_string(), e.stream_id.clone());
+                    scan.affected.insert(id.to_string(), id);
                 }
             }
             scan.scanned = until;
@@ -392,12 +392,9 @@ impl Runner {
                     .fetch_range(format!("{prefix}.{category}.>"), 1, from - 1)
                     .await?
                 {
-                    // Keep only what may be re-folded: events of the
-                    // affected aggregates (an undecodable one never is).
-                    let keep = match self.classify(&r) {
-                        Item::Event(e) => scan.affected.contains_key(&e.stream_id.to_string()),
-                        _ => false,
-                    };
+                    // Keep only the affected aggregates' events.
+                    let keep = StreamId::from_subject(&prefix, &r.subject)
+                        .is_ok_and(|id| scan.affected.contains_key(&id.to_string()));
                     if keep {
                         read.push(r);
                     }
