@@ -462,8 +462,16 @@ impl Runner {
                     continue 'consumer;
                 }
             };
+            // The batch fetched and decoded while the previous one was being
+            // written: decoding (client CPU) and the transaction (database)
+            // overlap instead of taking turns.
+            let mut prefetched: Option<Result<Fetched, Error>> = None;
             loop {
-                let batch = match self.next_batch(&mut messages, &shutdown).await {
+                let fetched = match prefetched.take() {
+                    Some(f) => f,
+                    None => self.next_batch(&mut messages, &shutdown).await,
+                };
+                let batch = match fetched {
                     Ok(Fetched::Batch(b)) => b,
                     Ok(Fetched::Shutdown) => break 'consumer,
                     Ok(Fetched::Idle) => {
@@ -501,11 +509,22 @@ impl Runner {
                 };
                 backoff = self.backoff();
                 let low = checkpoints.iter().copied().min().unwrap_or(0);
-                let batch: Vec<Raw> = batch.into_iter().filter(|r| r.position > low).collect();
+                let batch: Vec<(Raw, Item)> = batch
+                    .into_iter()
+                    .filter(|(r, _)| r.position > low)
+                    .collect();
                 if batch.is_empty() {
                     continue;
                 }
-                match self.process(batch, &checkpoints, &shutdown).await? {
+                // A prefetched batch is only used after an `Advanced`: on
+                // `Reopen` the feed restarts from the stored checkpoints and
+                // the prefetched events are dropped with it.
+                let (progress, next) = tokio::join!(
+                    self.process(batch, &checkpoints, &shutdown),
+                    self.next_batch(&mut messages, &shutdown)
+                );
+                prefetched = Some(next);
+                match progress? {
                     Progress::Advanced(new) => checkpoints = new,
                     Progress::Reopen(new) => {
                         self.set_checkpoints(&new);
@@ -663,6 +682,13 @@ impl Runner {
                 None => break,
             }
         }
+        let batch = batch
+            .into_iter()
+            .map(|r| {
+                let item = self.classify(&r);
+                (r, item)
+            })
+            .collect();
         Ok(Fetched::Batch(batch))
     }
 
@@ -712,11 +738,11 @@ impl Runner {
     /// Applies one batch exactly once for every member.
     async fn process(
         &self,
-        batch: Vec<Raw>,
+        batch: Vec<(Raw, Item)>,
         checkpoints: &[u64],
         shutdown: &CancellationToken,
     ) -> Result<Progress, Error> {
-        let items: Vec<Item> = batch.iter().map(|r| self.classify(r)).collect();
+        let (batch, items): (Vec<Raw>, Vec<Item>) = batch.into_iter().unzip();
         let _spans = self.apply_spans(&items);
         let mut rejected: Rejected = vec![BTreeMap::new(); self.slots.len()];
         for (r, item) in batch.iter().zip(&items) {
@@ -1054,7 +1080,8 @@ impl Runner {
 
 /// What waiting for events gave.
 enum Fetched {
-    Batch(Vec<Raw>),
+    /// Messages with what they decoded to.
+    Batch(Vec<(Raw, Item)>),
     /// Nothing for `idle_check`.
     Idle,
     Shutdown,
