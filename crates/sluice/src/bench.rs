@@ -115,37 +115,63 @@ fn start(sync: SyncInterval) -> anyhow::Result<Server> {
 
 /// Raw async-nats: pipelined publishes with the same headers and payload.
 /// With `occ`, every publish also carries the optimistic-concurrency check
-/// Sluice's appends carry (`Nats-Expected-Last-Subject-Sequence`; each to a
-/// new subject, expecting 0), so the server does the same work per event.
+/// Sluice's appends carry (`Nats-Expected-Last-Subject-Sequence`), over the
+/// same number of aggregates as the Sluice row, each expecting the sequence
+/// its previous event got, so the server does the same work per event.
 /// At most `window` acks are outstanding at once.
-async fn raw_publish(url: &str, events: usize, occ: bool, window: usize) -> anyhow::Result<f64> {
+async fn raw_publish(
+    url: &str,
+    events: usize,
+    occ: bool,
+    window: usize,
+    aggregates: usize,
+) -> anyhow::Result<f64> {
     let client = async_nats::connect(url).await?;
     let js = async_nats::jetstream::new(client);
     let payload = Bytes::from_static(PAYLOAD);
+    let aggregates = aggregates.max(1);
+    // A fresh name per run, so every run starts from empty subjects.
+    let run = uuid::Uuid::now_v7().simple().to_string();
+    let mut last: Vec<u64> = vec![0; aggregates];
+    let mut outstanding: Vec<bool> = vec![false; aggregates];
     let started = Instant::now();
-    let mut inflight = FuturesUnordered::new();
+    let mut inflight: FuturesUnordered<_> = FuturesUnordered::new();
     for i in 0..events {
+        let a = i % aggregates;
         let event = NewEvent::new(EVENT_TYPE, payload.clone());
-        let agg = if occ {
-            format!("rawocc-{i}")
-        } else {
-            format!("raw-{}", i % 10_000)
-        };
+        let agg = format!("raw{}-{a}", &run[24..]);
         let mut headers = event.headers(&agg);
         if occ {
-            headers.insert("Nats-Expected-Last-Subject-Sequence", "0");
+            // The expectation is the sequence the previous event of this
+            // aggregate got: wait for its ack if it is still out.
+            while outstanding[a] {
+                match inflight.next().await {
+                    Some((b, r)) => {
+                        let ack: async_nats::jetstream::publish::PublishAck = r?;
+                        last[b] = ack.sequence;
+                        outstanding[b] = false;
+                    }
+                    None => break,
+                }
+            }
+            headers.insert(
+                "Nats-Expected-Last-Subject-Sequence",
+                last[a].to_string().as_str(),
+            );
         }
         let ack = js
             .publish_with_headers(format!("events.bench.{agg}"), headers, payload.clone())
             .await?;
-        inflight.push(ack.into_future());
+        outstanding[a] = true;
+        inflight.push(async move { (a, ack.await) });
         while inflight.len() >= window {
-            if let Some(r) = inflight.next().await {
-                r?;
+            if let Some((b, r)) = inflight.next().await {
+                last[b] = r?.sequence;
+                outstanding[b] = false;
             }
         }
     }
-    while let Some(r) = inflight.next().await {
+    while let Some((_, r)) = inflight.next().await {
         r?;
     }
     Ok(events as f64 / started.elapsed().as_secs_f64())
@@ -264,12 +290,23 @@ pub(crate) async fn run(cmd: BenchCommand) -> anyhow::Result<()> {
         let mut config = StoreConfig::default();
         config.group_commit.enabled = sync == SyncInterval::Always;
         let store = EventStore::connect(&url, config).await?;
-        let raw = raw_publish(&url, args.events, false, RAW_WINDOW).await?;
-        let raw_occ = raw_publish(&url, args.events, true, RAW_WINDOW).await?;
+        // Unmeasured: the first writes to a fresh server pay for creating
+        // its first block files, which would otherwise count against
+        // whichever row runs first.
+        raw_publish(
+            &url,
+            args.events.min(10_000),
+            false,
+            RAW_WINDOW,
+            args.aggregates,
+        )
+        .await?;
+        let raw = raw_publish(&url, args.events, false, RAW_WINDOW, args.aggregates).await?;
+        let raw_occ = raw_publish(&url, args.events, true, RAW_WINDOW, args.aggregates).await?;
         // The same number of publishes in flight as Sluice has appenders: the
         // server reads and acks in chunks, so a deeper pipeline alone is
         // worth throughput that has nothing to do with Sluice.
-        let raw_same = raw_publish(&url, args.events, false, concurrency).await?;
+        let raw_same = raw_publish(&url, args.events, false, concurrency, args.aggregates).await?;
         let s = sluice_append(&store, args.events, args.aggregates, concurrency).await?;
         runs.push(json!({
             "sync_interval": name,
@@ -346,7 +383,7 @@ async fn durable(args: AppendArgs) -> anyhow::Result<()> {
         let store = EventStore::connect(&url, StoreConfig::default()).await?;
         idle_p50(&store, 200).await?
     };
-    let naive = raw_publish(&url, args.events, false, RAW_WINDOW).await?;
+    let naive = raw_publish(&url, args.events, false, RAW_WINDOW, args.aggregates).await?;
     let mut runs = Vec::new();
     for writers in writer_counts {
         // A fresh connection per row, so the group-commit figures are its own.
