@@ -317,6 +317,31 @@ pub async fn transfer_status(
     Ok(Some(transfer_view(&log)?))
 }
 
+/// Transfer `id` and every transition of its saga (time, cause, status,
+/// commands sent), for `sluice saga show`; `None` if unknown.
+pub async fn transfer_history(
+    store: &EventStore,
+    id: &str,
+) -> Result<Option<(TransferView, Vec<sluice_sagas::Transition>)>, SagaError> {
+    let log = sluice_sagas::read_log(store, TRANSFER_SAGA, id).await?;
+    if log.version == 0 {
+        return Ok(None);
+    }
+    let def = transfer_definition(Duration::from_secs(30))?;
+    Ok(Some((
+        transfer_view(&log)?,
+        sluice_sagas::history(&def, &log)?,
+    )))
+}
+
+/// A transfer saga's status in words (`running credit`, ...).
+pub fn describe_transfer_status(status: &Status) -> String {
+    match transfer_definition(Duration::from_secs(30)) {
+        Ok(def) => sluice_sagas::describe_status(&def, status),
+        Err(_) => format!("{status:?}"),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

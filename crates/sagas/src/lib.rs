@@ -38,12 +38,14 @@
 //!   the next one; a claim or a reply makes a later timeout a no-op.
 
 mod commands;
+mod history;
 mod log;
 mod model;
 mod orchestrator;
 mod read;
 
 pub use commands::{CommandMapper, Handled, ReplyBuilder, handle_command, run_command_handler};
+pub use history::{IssuedCommand, Transition, describe_status, history};
 pub use log::{
     COMMAND, COMMAND_CATEGORY_PREFIX, COMPENSATION_FAILED, COMPENSATION_SUCCEEDED, CommandMessage,
     CommandStatus, Guarded, RETRIED, Reaction, SAGA_CATEGORY_PREFIX, STARTED, STEP_CLAIMED,

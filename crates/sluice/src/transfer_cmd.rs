@@ -36,7 +36,8 @@ pub(crate) enum SagaCommand {
         #[arg(long)]
         state: Option<String>,
     },
-    /// One transfer.
+    /// One transfer and every transition of its saga: time, cause (start,
+    /// claim, reply, deadline, retry), resulting status, commands sent.
     Show {
         /// Transfer id.
         id: String,
@@ -118,6 +119,51 @@ pub(crate) async fn transfer(args: TransferArgs, url: &str) -> anyhow::Result<Ex
     Ok(ExitCode::SUCCESS)
 }
 
+fn print_history(
+    view: &sluice_ledger::TransferView,
+    transitions: &[sluice_sagas::Transition],
+    json: bool,
+) -> anyhow::Result<()> {
+    if json {
+        println!("{}", json!({"transfer": view, "transitions": transitions}));
+        return Ok(());
+    }
+    print_view(view, false)?;
+    for t in transitions {
+        let kind = t
+            .event_type
+            .strip_prefix("sluice.saga.")
+            .and_then(|k| k.strip_suffix(".v1"))
+            .unwrap_or(t.event_type);
+        println!(
+            "  #{:<8} {:<32} {:<22} {}",
+            t.position,
+            t.time.as_deref().unwrap_or("-"),
+            kind,
+            t.cause
+        );
+        println!(
+            "  {:<42} -> {}",
+            "",
+            sluice_ledger::describe_transfer_status(&t.status)
+        );
+        for c in &t.commands {
+            let deadline = c
+                .deadline_ms
+                .map(|ms| format!(" (deadline {} s)", ms / 1000))
+                .unwrap_or_default();
+            println!(
+                "  {:<42}    sent {} {} to {}{deadline}",
+                "",
+                c.command,
+                c.id,
+                c.target.as_deref().unwrap_or("?")
+            );
+        }
+    }
+    Ok(())
+}
+
 pub(crate) async fn saga(cmd: SagaCommand, url: &str, json: bool) -> anyhow::Result<ExitCode> {
     let store = connect(url).await?;
     match cmd {
@@ -126,8 +172,8 @@ pub(crate) async fn saga(cmd: SagaCommand, url: &str, json: bool) -> anyhow::Res
                 print_view(&v, json)?;
             }
         }
-        SagaCommand::Show { id } => match sluice_ledger::transfer_status(&store, &id).await? {
-            Some(v) => print_view(&v, json)?,
+        SagaCommand::Show { id } => match sluice_ledger::transfer_history(&store, &id).await? {
+            Some((view, transitions)) => print_history(&view, &transitions, json)?,
             None => anyhow::bail!("no transfer {id}"),
         },
         SagaCommand::Retry { id, note } => {

@@ -398,6 +398,41 @@ fn up_publish_read_tail_status_and_clean_shutdown() {
     let (out, _) = text(&o);
     let v: serde_json::Value = serde_json::from_str(out.trim()).unwrap();
     assert_eq!(v["transfer"]["state"], "compensated", "{out}");
+    // Its history: every transition with its time, cause and commands.
+    let o = sluice(home.path(), &["saga", "show", "t-2", "--json"]);
+    let (out, err) = text(&o);
+    assert!(o.status.success(), "{out}{err}");
+    let h: serde_json::Value = serde_json::from_str(out.trim()).unwrap();
+    let steps = h["transitions"].as_array().unwrap();
+    let types: Vec<&str> = steps.iter().map(|t| t["type"].as_str().unwrap()).collect();
+    assert_eq!(
+        types,
+        [
+            "sluice.saga.started.v1",
+            "sluice.saga.step_claimed.v1",
+            "sluice.saga.step_succeeded.v1",
+            "sluice.saga.step_failed.v1",
+            "sluice.saga.compensation_succeeded.v1",
+        ],
+        "{out}"
+    );
+    assert!(steps.iter().all(|t| t["time"].is_string()), "{out}");
+    assert_eq!(steps[0]["commands"][0]["id"], "t-2/debit/1", "{out}");
+    assert_eq!(steps[0]["commands"][0]["target"], "account.acc-1", "{out}");
+    assert_eq!(steps[3]["command_id"], "t-2/credit/1", "{out}");
+    assert_eq!(steps[3]["commands"][0]["id"], "t-2/debit/1/undo", "{out}");
+    assert_eq!(steps[4]["status"]["status"], "compensated", "{out}");
+    let o = sluice(home.path(), &["saga", "show", "t-2"]);
+    let (out, _) = text(&o);
+    for needle in [
+        "start request",
+        "sent ledger.account.withdraw t-2/debit/1 to account.acc-1",
+        "reply to t-2/credit/1: refused: account does not exist",
+        "sent ledger.account.deposit t-2/debit/1/undo to account.acc-1",
+        "-> compensated: step credit failed",
+    ] {
+        assert!(out.contains(needle), "{needle:?} not in:\n{out}");
+    }
     let head = sluice(home.path(), &["status", "--json"]);
     let s: serde_json::Value = serde_json::from_str(text(&head).0.trim()).unwrap();
     let last = s["stream"]["last_position"].as_u64().unwrap();
