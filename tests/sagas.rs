@@ -793,6 +793,22 @@ async fn assert_conserved(store: &EventStore, accounts: &[String], expected: i64
     assert_eq!(total, expected);
 }
 
+/// Every dead letter: consumer, subject, deliveries and reason.
+async fn dead_letters(store: &EventStore) -> Vec<String> {
+    sluice_workers::dlq::list(store.jetstream(), &Default::default())
+        .await
+        .unwrap()
+        .entries
+        .iter()
+        .map(|d| {
+            format!(
+                "{} {} after {} deliveries: {}",
+                d.consumer, d.subject, d.deliveries, d.reason
+            )
+        })
+        .collect()
+}
+
 /// Waits until every transfer `<prefix><i>` is completed or compensated.
 async fn wait_all_final(
     store: &EventStore,
@@ -826,8 +842,9 @@ async fn wait_all_final(
                             .await
                             .unwrap();
                         panic!(
-                            "{id} stuck: {v:?}\nlog: {:?}\ncommands: {commands:?}",
-                            log.records
+                            "{id} stuck: {v:?}\nlog: {:?}\ncommands: {commands:?}\ndead letters: {:?}",
+                            log.records,
+                            dead_letters(store).await
                         );
                     }
                     tokio::time::sleep(Duration::from_millis(50)).await;
@@ -1012,6 +1029,7 @@ async fn the_orchestrator_killed_ten_times_during_2000_transfers_applies_nothing
         "{completed} completed, {compensated} compensated"
     );
     assert_conserved(&store, &accounts, ACCOUNTS as i64 * DEPOSIT).await;
+    assert_eq!(dead_letters(&store).await, Vec::<String>::new());
     eprintln!(
         "completed after each kill: {done_between_kills:?}; in the end {completed} completed, {compensated} compensated"
     );
