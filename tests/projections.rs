@@ -15,91 +15,14 @@ use sluice_projections::{
     Database, FailurePolicy, LiveStatus, Member, Projection, RunState, RunnerConfig,
     read_checkpoint,
 };
-use sluice_testkit::{NatsServer, TestDatabase};
+use sluice_testkit::NatsServer;
 use sqlx::Row;
 use tokio_util::sync::CancellationToken;
 
-// ---------------------------------------------------------------- backends
-
-#[derive(Debug, Clone, Copy)]
-enum Backend {
-    Sqlite,
-    Postgres,
-}
-
-/// A fresh read store; dropped (file removed / database dropped) on drop.
-struct Store {
-    url: String,
-    _dir: Option<tempfile::TempDir>,
-    pg: Option<TestDatabase>,
-}
-
-impl Store {
-    async fn fresh(backend: Backend) -> Self {
-        match backend {
-            Backend::Sqlite => {
-                let dir = tempfile::tempdir().unwrap();
-                let url = format!("sqlite://{}", dir.path().join("read.db").display());
-                Store {
-                    url,
-                    _dir: Some(dir),
-                    pg: None,
-                }
-            }
-            Backend::Postgres => {
-                let db = TestDatabase::fresh("sluice_proj");
-                let mut admin = admin().await;
-                sqlx::query(&format!("CREATE DATABASE \"{}\"", db.name))
-                    .execute(&mut admin)
-                    .await
-                    .unwrap();
-                Store {
-                    url: db.url.clone(),
-                    _dir: None,
-                    pg: Some(db),
-                }
-            }
-        }
-    }
-
-    async fn connect(&self) -> Database {
-        let db = Database::connect(&self.url).await.unwrap();
-        sluice_ledger::migrate(&db).await.unwrap();
-        db
-    }
-}
-
-async fn admin() -> sqlx::AnyConnection {
-    use sqlx::Connection;
-    sqlx::any::install_default_drivers();
-    sqlx::AnyConnection::connect(&TestDatabase::admin_url())
-        .await
-        .unwrap()
-}
-
-impl Drop for Store {
-    fn drop(&mut self) {
-        if let Some(db) = self.pg.take() {
-            // Async work in Drop: a short-lived runtime on its own thread.
-            let _ = std::thread::spawn(move || {
-                let rt = tokio::runtime::Builder::new_current_thread()
-                    .enable_all()
-                    .build()
-                    .unwrap();
-                rt.block_on(async {
-                    let mut admin = admin().await;
-                    let _ = sqlx::query(&format!(
-                        "DROP DATABASE IF EXISTS \"{}\" WITH (FORCE)",
-                        db.name
-                    ))
-                    .execute(&mut admin)
-                    .await;
-                });
-            })
-            .join();
-        }
-    }
-}
+#[macro_use]
+#[path = "support/read_store.rs"]
+mod read_store;
+use read_store::{Backend, Store};
 
 // ---------------------------------------------------------------- workload
 
@@ -386,7 +309,7 @@ fn assert_balances(
 async fn balances_equal_the_fold(backend: Backend) {
     let nats = NatsServer::start();
     let store = nats.store().await;
-    let rs = Store::fresh(backend).await;
+    let rs = Store::fresh(backend, "sluice_proj").await;
     let db = rs.connect().await;
     let work = workload(1000, 50, 7);
     let last = append_workload(&store, &work).await;
@@ -421,7 +344,7 @@ async fn balances_equal_the_fold(backend: Backend) {
 async fn exactly_once_across_crashes(backend: Backend) {
     let nats = NatsServer::start();
     let store = nats.store().await;
-    let rs = Store::fresh(backend).await;
+    let rs = Store::fresh(backend, "sluice_proj").await;
     let db = rs.connect().await;
     let work = workload(1000, 50, 11);
     let writer = {
@@ -463,7 +386,7 @@ async fn exactly_once_across_crashes(backend: Backend) {
 async fn resumes_from_the_checkpoint(backend: Backend) {
     let mut nats = NatsServer::start();
     let store = nats.store().await;
-    let rs = Store::fresh(backend).await;
+    let rs = Store::fresh(backend, "sluice_proj").await;
     let db = rs.connect().await;
     let first = workload(10, 5, 1);
     let last = append_workload(&store, &first).await;
@@ -494,7 +417,7 @@ async fn resumes_from_the_checkpoint(backend: Backend) {
 async fn transient_failure_blocks_without_skipping(backend: Backend) {
     let nats = NatsServer::start();
     let store = nats.store().await;
-    let rs = Store::fresh(backend).await;
+    let rs = Store::fresh(backend, "sluice_proj").await;
     let db = rs.connect().await;
     let work = workload(20, 5, 5);
     let before = append_workload(&store, &work[..10]).await;
@@ -562,7 +485,7 @@ async fn transient_failure_blocks_without_skipping(backend: Backend) {
 async fn dead_letters_park_the_account_only(backend: Backend) {
     let nats = NatsServer::start();
     let store = nats.store().await;
-    let rs = Store::fresh(backend).await;
+    let rs = Store::fresh(backend, "sluice_proj").await;
     let db = rs.connect().await;
     let open = |o: &str| AccountEvent::Opened {
         owner: o.into(),
@@ -676,7 +599,7 @@ async fn dead_letters_park_the_account_only(backend: Backend) {
 async fn halt_policy_stops_before_the_bad_event(backend: Backend) {
     let nats = NatsServer::start();
     let store = nats.store().await;
-    let rs = Store::fresh(backend).await;
+    let rs = Store::fresh(backend, "sluice_proj").await;
     let db = rs.connect().await;
     let ok = append_one(
         &store,
@@ -720,7 +643,7 @@ async fn rebuild_switches_blue_green_under_load(backend: Backend) {
     use sluice_projections::ReadModel;
     let nats = NatsServer::start();
     let store = nats.store().await;
-    let rs = Store::fresh(backend).await;
+    let rs = Store::fresh(backend, "sluice_proj").await;
     let db = rs.connect().await;
     let work = workload(300, 30, 17);
     let last = append_workload(&store, &work).await;
@@ -832,7 +755,7 @@ async fn rebuild_switches_blue_green_under_load(backend: Backend) {
 async fn recovers_from_losing_the_read_store(backend: Backend) {
     let nats = NatsServer::start();
     let store = nats.store().await;
-    let rs = Store::fresh(backend).await;
+    let rs = Store::fresh(backend, "sluice_proj").await;
     let db = rs.connect().await;
     let work = workload(50, 10, 23);
     let last = append_workload(&store, &work).await;
@@ -910,7 +833,7 @@ async fn child_projector_process() {
 async fn exactly_once_across_process_kills(backend: Backend) {
     let nats = NatsServer::start();
     let store = nats.store().await;
-    let rs = Store::fresh(backend).await;
+    let rs = Store::fresh(backend, "sluice_proj").await;
     let db = rs.connect().await;
     let work = workload(500, 40, 29);
     let writer = {
@@ -948,28 +871,7 @@ async fn exactly_once_across_process_kills(backend: Backend) {
     db.close().await;
 }
 
-macro_rules! conformance {
-    ($($test:ident),* $(,)?) => {
-        mod sqlite {
-            $(
-                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-                async fn $test() {
-                    super::$test(super::Backend::Sqlite).await;
-                }
-            )*
-        }
-        mod postgres {
-            $(
-                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-                async fn $test() {
-                    super::$test(super::Backend::Postgres).await;
-                }
-            )*
-        }
-    };
-}
-
-conformance!(
+both_backends!(
     balances_equal_the_fold,
     exactly_once_across_crashes,
     resumes_from_the_checkpoint,
@@ -993,7 +895,7 @@ async fn set_based_beats_row_at_a_time() {
     for backend in [Backend::Sqlite, Backend::Postgres] {
         let mut rates = Vec::new();
         for mode in [WriteMode::SetBased, WriteMode::RowAtATime] {
-            let rs = Store::fresh(backend).await;
+            let rs = Store::fresh(backend, "sluice_proj").await;
             let db = rs.connect().await;
             let t0 = Instant::now();
             let running = start_with(
@@ -1021,7 +923,7 @@ async fn set_based_beats_row_at_a_time() {
 async fn run_read_side_serves_http() {
     let nats = NatsServer::start();
     let store = nats.store().await;
-    let rs = Store::fresh(Backend::Sqlite).await;
+    let rs = Store::fresh(Backend::Sqlite, "sluice_proj").await;
     let shutdown = CancellationToken::new();
     let (tx, rx) = tokio::sync::oneshot::channel();
     let task = {
@@ -1075,7 +977,7 @@ async fn run_read_side_serves_http() {
 #[tokio::test]
 async fn read_side_connects_from_urls() {
     let nats = NatsServer::start();
-    let rs = Store::fresh(Backend::Sqlite).await;
+    let rs = Store::fresh(Backend::Sqlite, "sluice_proj").await;
     let side = ReadSide::connect(&nats.url(), &rs.url).await.unwrap();
     let shutdown = CancellationToken::new();
     let projector = sluice_ledger::Projector::start(&side, config(), shutdown.clone())
@@ -1156,7 +1058,7 @@ impl Proxy {
 async fn postgres_unavailable_mid_run_loses_nothing() {
     let nats = NatsServer::start();
     let store = nats.store().await;
-    let rs = Store::fresh(Backend::Postgres).await;
+    let rs = Store::fresh(Backend::Postgres, "sluice_proj").await;
     // Migrate directly, then run the projector through the proxy.
     rs.connect().await.close().await;
     // postgres://user@host:port/db -> host:port
@@ -1224,7 +1126,7 @@ async fn bench_projections_small() {
     let work = sluice_ledger::bench::workload(1000, 20);
     let last = sluice_ledger::bench::append(&store, &work).await.unwrap();
     for backend in [Backend::Sqlite, Backend::Postgres] {
-        let rs = Store::fresh(backend).await;
+        let rs = Store::fresh(backend, "sluice_proj").await;
         let db = rs.connect().await;
         let report = sluice_ledger::bench::run(&store, &db, &work, last)
             .await
@@ -1242,7 +1144,7 @@ async fn bench_projections_small() {
 async fn cli_commands_query_list_rebuild_reset() {
     use sluice_ledger::cli;
     let nats = NatsServer::start();
-    let rs = Store::fresh(Backend::Sqlite).await;
+    let rs = Store::fresh(Backend::Sqlite, "sluice_proj").await;
     let side = ReadSide::connect(&nats.url(), &rs.url).await.unwrap();
     let work = workload(5, 4, 41);
     let last = append_workload(&side.store, &work).await;

@@ -14,88 +14,14 @@ use sluice_projections::{
     Database, Member, ProjectedEvent, Projection, Rejection, RewindSupport, RunnerConfig, Tables,
     read_checkpoint,
 };
-use sluice_testkit::{NatsServer, TestDatabase};
+use sluice_testkit::NatsServer;
 use sqlx::{AnyConnection, Row};
 use tokio_util::sync::CancellationToken;
 
-// ---------------------------------------------------------------- backends
-
-#[derive(Debug, Clone, Copy)]
-enum Backend {
-    Sqlite,
-    Postgres,
-}
-
-/// A fresh read store; removed (file) or dropped (database) on drop.
-struct Store {
-    url: String,
-    _dir: Option<tempfile::TempDir>,
-    pg: Option<TestDatabase>,
-}
-
-async fn admin() -> AnyConnection {
-    use sqlx::Connection;
-    sqlx::any::install_default_drivers();
-    AnyConnection::connect(&TestDatabase::admin_url())
-        .await
-        .unwrap()
-}
-
-impl Store {
-    async fn fresh(backend: Backend) -> Self {
-        match backend {
-            Backend::Sqlite => {
-                let dir = tempfile::tempdir().unwrap();
-                let url = format!("sqlite://{}", dir.path().join("read.db").display());
-                Store {
-                    url,
-                    _dir: Some(dir),
-                    pg: None,
-                }
-            }
-            Backend::Postgres => {
-                let db = TestDatabase::fresh("sluice_replay");
-                sqlx::query(&format!("CREATE DATABASE \"{}\"", db.name))
-                    .execute(&mut admin().await)
-                    .await
-                    .unwrap();
-                Store {
-                    url: db.url.clone(),
-                    _dir: None,
-                    pg: Some(db),
-                }
-            }
-        }
-    }
-
-    async fn connect(&self) -> Database {
-        let db = Database::connect(&self.url).await.unwrap();
-        sluice_ledger::migrate(&db).await.unwrap();
-        db
-    }
-}
-
-impl Drop for Store {
-    fn drop(&mut self) {
-        if let Some(db) = self.pg.take() {
-            let _ = std::thread::spawn(move || {
-                let rt = tokio::runtime::Builder::new_current_thread()
-                    .enable_all()
-                    .build()
-                    .unwrap();
-                rt.block_on(async {
-                    let _ = sqlx::query(&format!(
-                        "DROP DATABASE IF EXISTS \"{}\" WITH (FORCE)",
-                        db.name
-                    ))
-                    .execute(&mut admin().await)
-                    .await;
-                });
-            })
-            .join();
-        }
-    }
-}
+#[macro_use]
+#[path = "support/read_store.rs"]
+mod read_store;
+use read_store::{Backend, Store};
 
 // ---------------------------------------------------------------- helpers
 
@@ -233,7 +159,7 @@ async fn dump(db: &Database) -> Vec<String> {
 async fn replay_restores_what_came_after(backend: Backend) {
     let nats = NatsServer::start();
     let store = nats.store().await;
-    let rs = Store::fresh(backend).await;
+    let rs = Store::fresh(backend, "sluice_replay").await;
     let db = rs.connect().await;
 
     ledger_rounds(&store, 70, 0..8).await;
@@ -325,7 +251,7 @@ async fn replay_restores_what_came_after(backend: Backend) {
         .unwrap();
 
     // A clean run over the same log.
-    let clean_rs = Store::fresh(backend).await;
+    let clean_rs = Store::fresh(backend, "sluice_replay").await;
     let clean = clean_rs.connect().await;
     let running = Running::start(&clean, &store, ledger()).await;
     wait_checkpoint(&clean, ACCOUNT_BALANCES, last).await;
@@ -355,7 +281,7 @@ async fn replay_restores_what_came_after(backend: Backend) {
 async fn replays_racing_a_busy_projector(backend: Backend) {
     let nats = NatsServer::start();
     let store = nats.store().await;
-    let rs = Store::fresh(backend).await;
+    let rs = Store::fresh(backend, "sluice_replay").await;
     let db = rs.connect().await;
     let first = ledger_rounds(&store, 40, 0..5).await;
     let running = Running::start(&db, &store, ledger()).await;
@@ -383,7 +309,7 @@ async fn replays_racing_a_busy_projector(backend: Backend) {
     wait_checkpoint(&db, ACCOUNT_ACTIVITY, last).await;
     running.stop().await;
 
-    let clean_rs = Store::fresh(backend).await;
+    let clean_rs = Store::fresh(backend, "sluice_replay").await;
     let clean = clean_rs.connect().await;
     let running = Running::start(&clean, &store, ledger()).await;
     wait_checkpoint(&clean, ACCOUNT_BALANCES, last).await;
@@ -407,7 +333,7 @@ async fn replays_racing_a_busy_projector(backend: Backend) {
 async fn group_rebuild_switches_members_together(backend: Backend) {
     let nats = NatsServer::start();
     let store = nats.store().await;
-    let rs = Store::fresh(backend).await;
+    let rs = Store::fresh(backend, "sluice_replay").await;
     let db = rs.connect().await;
     ledger_rounds(&store, 30, 0..6).await;
     append(
@@ -455,7 +381,7 @@ async fn group_rebuild_switches_members_together(backend: Backend) {
             .get(0);
     assert_eq!(leftovers, 0);
 
-    let clean_rs = Store::fresh(backend).await;
+    let clean_rs = Store::fresh(backend, "sluice_replay").await;
     let clean = clean_rs.connect().await;
     let running = Running::start(&clean, &store, ledger()).await;
     wait_checkpoint(&clean, ACCOUNT_BALANCES, last).await;
@@ -582,7 +508,7 @@ async fn note_positions(db: &Database) -> Vec<u64> {
 async fn replay_refuses_what_cannot_be_undone_exactly() {
     let nats = NatsServer::start();
     let store = nats.store().await;
-    let rs = Store::fresh(Backend::Sqlite).await;
+    let rs = Store::fresh(Backend::Sqlite, "sluice_replay").await;
     let db = rs.connect().await;
     notes_table(&db).await;
     let fixed = Arc::new(AtomicBool::new(true));
@@ -637,7 +563,7 @@ async fn replay_refuses_what_cannot_be_undone_exactly() {
 async fn redrive_applies_dead_letters_once(backend: Backend) {
     let nats = NatsServer::start();
     let store = nats.store().await;
-    let rs = Store::fresh(backend).await;
+    let rs = Store::fresh(backend, "sluice_replay").await;
     let db = rs.connect().await;
     notes_table(&db).await;
     let fixed = Arc::new(AtomicBool::new(false));
@@ -725,27 +651,6 @@ async fn redrive_applies_dead_letters_once(backend: Backend) {
     assert_eq!(in_dlq, vec![b2, b3, b4]);
     running.stop().await;
     db.close().await;
-}
-
-macro_rules! both_backends {
-    ($($test:ident),* $(,)?) => {
-        mod sqlite {
-            $(
-                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-                async fn $test() {
-                    super::$test(super::Backend::Sqlite).await;
-                }
-            )*
-        }
-        mod postgres {
-            $(
-                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-                async fn $test() {
-                    super::$test(super::Backend::Postgres).await;
-                }
-            )*
-        }
-    };
 }
 
 both_backends!(
