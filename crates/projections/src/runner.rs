@@ -921,6 +921,7 @@ impl Runner {
         let mut dead: Vec<Vec<(DeadLetter<'_>, String)>> =
             (0..self.slots.len()).map(|_| Vec::new()).collect();
         let mut applied = vec![0usize; self.slots.len()];
+        let mut shared: Option<(Vec<&ProjectedEvent>, Vec<ProjectedEvent>)> = None;
         for (i, s) in self.slots.iter().enumerate() {
             let categories = s.projection.dyn_categories();
             let mut parked: HashMap<String, u64> = HashMap::new();
@@ -933,7 +934,7 @@ impl Runner {
             for row in rows {
                 parked.insert(row.try_get(0)?, to_u64(row.try_get(1)?));
             }
-            let mut apply: Vec<ProjectedEvent> = Vec::new();
+            let mut selected: Vec<&ProjectedEvent> = Vec::new();
             for (r, item) in batch.iter().zip(items) {
                 if r.position <= checkpoints[i] {
                     continue;
@@ -942,6 +943,15 @@ impl Runner {
                     continue;
                 };
                 if !categories.contains(&category) {
+                    continue;
+                }
+                // The common case, without building the aggregate's key:
+                // nothing parked, nothing rejected here.
+                if let Item::Event(e) = item
+                    && parked.is_empty()
+                    && !rejected[i].contains_key(&r.position)
+                {
+                    selected.push(e);
                     continue;
                 }
                 let (key, event) = match item {
@@ -969,13 +979,20 @@ impl Runner {
                     parked.insert(key.clone(), r.position);
                     newly_parked[i].push((key, r.position));
                 } else if let Some(e) = event {
-                    apply.push(ProjectedEvent::clone(e));
+                    selected.push(e);
                 }
             }
-            let rejections = s
-                .projection
-                .dyn_apply(&mut tx, &self.tables, &apply)
-                .await?;
+            // Members of a group usually take the same events: copy them
+            // once for all of those, not once per member.
+            let reuse = matches!(&shared, Some((prev, _))
+                if prev.len() == selected.len()
+                    && prev.iter().zip(&selected).all(|(a, b)| std::ptr::eq(*a, *b)));
+            if !reuse {
+                let owned: Vec<ProjectedEvent> = selected.iter().copied().cloned().collect();
+                shared = Some((selected, owned));
+            }
+            let apply: &[ProjectedEvent] = shared.as_ref().map_or(&[], |(_, owned)| owned);
+            let rejections = s.projection.dyn_apply(&mut tx, &self.tables, apply).await?;
             if !rejections.is_empty() {
                 tx.rollback().await?;
                 return Ok(Attempt::Rejected(i, rejections));
