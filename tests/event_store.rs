@@ -563,3 +563,47 @@ async fn execute_reloads_and_retries_on_conflict_and_refuses_rejected_commands()
         ExecuteError::Store(Error::InvalidToken { .. })
     ));
 }
+
+/// `sluice up` killed with SIGKILL leaves its nats-server running; the next
+/// start on the same directory must stop it instead of running a second
+/// server on the same store, and the events written before are all there.
+#[tokio::test]
+async fn a_leftover_server_on_the_same_store_is_stopped_before_the_next_start() {
+    let dir = tempfile::tempdir().unwrap();
+    let first =
+        sluice_events::EmbeddedServer::start(sluice_events::EmbeddedConfig::new(dir.path()))
+            .unwrap();
+    let old_port = first.port();
+    let id = StreamId::new("leftover", "a").unwrap();
+    {
+        let store = EventStore::connect(&first.url(), StoreConfig::default())
+            .await
+            .unwrap();
+        store
+            .append(&id, ExpectedVersion::NoStream, vec![ev(1), ev(2)])
+            .await
+            .unwrap();
+    }
+    // The parent dies without stopping its server.
+    std::mem::forget(first);
+    assert!(std::net::TcpStream::connect(("127.0.0.1", old_port)).is_ok());
+
+    let second =
+        sluice_events::EmbeddedServer::start(sluice_events::EmbeddedConfig::new(dir.path()))
+            .unwrap();
+    assert!(
+        std::net::TcpStream::connect(("127.0.0.1", old_port)).is_err(),
+        "the leftover server still listens"
+    );
+    let store = EventStore::connect(&second.url(), StoreConfig::default())
+        .await
+        .unwrap();
+    let events = read_all_of(&store, &id).await;
+    assert_eq!(events.len(), 2);
+    let v = store
+        .append(&id, ExpectedVersion::Exact(events[1].position), vec![ev(3)])
+        .await
+        .unwrap();
+    assert_eq!(read_all_of(&store, &id).await.len(), 3);
+    assert!(v.version > events[1].position);
+}

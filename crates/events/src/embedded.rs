@@ -4,6 +4,7 @@
 
 use std::io::Write;
 use std::net::{TcpListener, TcpStream};
+use std::os::unix::ffi::OsStrExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
@@ -111,6 +112,16 @@ pub fn binary_version(bin: &Path) -> Result<ServerVersion, Error> {
     v.ensure_supported(&raw)
 }
 
+/// Whether `pid` is a process that has not exited (a zombie has).
+fn process_running(pid: u32) -> bool {
+    std::fs::read_to_string(format!("/proc/{pid}/stat")).is_ok_and(|stat| {
+        // "pid (comm) S ...": the state follows the last ')'.
+        stat.rsplit_once(')')
+            .and_then(|(_, rest)| rest.split_whitespace().next())
+            .is_some_and(|state| state != "Z" && state != "X")
+    })
+}
+
 fn free_port() -> Result<u16, Error> {
     let l = TcpListener::bind("127.0.0.1:0")
         .map_err(|e| Error::Embedded(format!("cannot find a free port: {e}")))?;
@@ -160,10 +171,11 @@ impl EmbeddedServer {
             SyncInterval::ServerDefault => "",
         };
         let text = format!(
-            "# Written by Sluice; regenerated at every start.\nserver_name: \"{name}\"\nlisten: \"127.0.0.1:{port}\"\nlog_file: \"{log}\"\njetstream {{\n  store_dir: \"{store}\"\n{sync}}}\n{extra}\n",
+            "# Written by Sluice; regenerated at every start.\nserver_name: \"{name}\"\nlisten: \"127.0.0.1:{port}\"\nlog_file: \"{log}\"\npid_file: \"{pid}\"\njetstream {{\n  store_dir: \"{store}\"\n{sync}}}\n{extra}\n",
             name = self.config.server_name,
             port = self.port,
             log = dir.join("nats-server.log").display(),
+            pid = self.pid_path().display(),
             store = dir.join("jetstream").display(),
             extra = self.config.extra_config,
         );
@@ -174,6 +186,7 @@ impl EmbeddedServer {
     }
 
     fn spawn(&mut self) -> Result<(), Error> {
+        self.stop_leftover();
         let conf = self.write_config()?;
         let child = Command::new(&self.bin)
             .arg("-c")
@@ -208,6 +221,45 @@ impl EmbeddedServer {
                     self.port,
                     self.log_path().display()
                 )));
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    fn pid_path(&self) -> PathBuf {
+        self.config.dir.join("nats-server.pid")
+    }
+
+    /// A server of this directory still running from an earlier start whose
+    /// parent died without stopping it (`sluice up` killed with SIGKILL): two
+    /// servers on one store would corrupt it, so stop that one first.
+    fn stop_leftover(&self) {
+        let Ok(text) = std::fs::read_to_string(self.pid_path()) else {
+            return;
+        };
+        let Ok(pid) = text.trim().parse::<u32>() else {
+            return;
+        };
+        let conf = self.config.dir.join("nats-server.conf");
+        let ours = std::fs::read(format!("/proc/{pid}/cmdline")).is_ok_and(|cmdline| {
+            cmdline
+                .split(|b| *b == 0)
+                .any(|arg| Path::new(std::ffi::OsStr::from_bytes(arg)) == conf)
+        });
+        if !ours || !process_running(pid) {
+            return;
+        }
+        tracing::warn!(pid, dir = %self.config.dir.display(), "a nats-server from an earlier start still runs on this store; stopping it");
+        let signal = |sig: &str| {
+            let _ = Command::new("kill").arg(sig).arg(pid.to_string()).status();
+        };
+        signal("-TERM");
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while process_running(pid) {
+            if Instant::now() > deadline {
+                signal("-KILL");
+                std::thread::sleep(Duration::from_millis(200));
+                break;
             }
             std::thread::sleep(Duration::from_millis(20));
         }
