@@ -306,38 +306,36 @@ impl Projection for AccountActivity {
         tables: &Tables,
         events: &[ProjectedEvent],
     ) -> Result<Vec<Rejection>, sqlx::Error> {
-        {
-            let table = tables.name(ACCOUNT_ACTIVITY);
-            let mut rows = Vec::with_capacity(events.len());
-            let mut rejected = Vec::new();
-            for e in events {
-                match AccountEvent::decode(&e.envelope) {
-                    Ok(ev) => rows.push((e, ev.amount(), event_time(e))),
-                    Err(reason) => rejected.push(Rejection::new(e.position, reason)),
-                }
+        let table = tables.name(ACCOUNT_ACTIVITY);
+        let mut rows = Vec::with_capacity(events.len());
+        let mut rejected = Vec::new();
+        for e in events {
+            match AccountEvent::decode(&e.envelope) {
+                Ok(ev) => rows.push((e, ev.amount(), event_time(e))),
+                Err(reason) => rejected.push(Rejection::new(e.position, reason)),
             }
-            if !rejected.is_empty() {
-                return Ok(rejected);
-            }
-            for chunk in rows.chunks(CHUNK) {
-                let sql = format!(
-                    "INSERT INTO {table} (position, account, event_type, amount, time) \
-                     VALUES {}",
-                    values_list(chunk.len(), 5)
-                );
-                let mut q = sqlx::query(&sql);
-                for (e, amount, time) in chunk {
-                    q = q
-                        .bind(to_i64(e.position))
-                        .bind(e.stream_id.id())
-                        .bind(e.envelope.event_type.as_str())
-                        .bind(*amount)
-                        .bind(time.as_str());
-                }
-                q.execute(&mut *conn).await?;
-            }
-            Ok(Vec::new())
         }
+        if !rejected.is_empty() {
+            return Ok(rejected);
+        }
+        for chunk in rows.chunks(CHUNK) {
+            let sql = format!(
+                "INSERT INTO {table} (position, account, event_type, amount, time) \
+                 VALUES {}",
+                values_list(chunk.len(), 5)
+            );
+            let mut q = sqlx::query(&sql);
+            for (e, amount, time) in chunk {
+                q = q
+                    .bind(to_i64(e.position))
+                    .bind(e.stream_id.id())
+                    .bind(e.envelope.event_type.as_str())
+                    .bind(*amount)
+                    .bind(time.as_str());
+            }
+            q.execute(&mut *conn).await?;
+        }
+        Ok(Vec::new())
     }
 
     /// One row per event, keyed by its position.

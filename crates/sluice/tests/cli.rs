@@ -2,7 +2,7 @@
 //! other commands finding it through the endpoint file.
 
 use std::path::Path;
-use std::process::{Command, Output, Stdio};
+use std::process::{Command, Output};
 use std::time::{Duration, Instant};
 
 mod support;
@@ -44,22 +44,7 @@ fn http_call(
 }
 
 fn start_up(home: &Path) -> Up {
-    let child = Command::new(BIN)
-        .arg("up")
-        .env("SLUICE_HOME", home)
-        .env("SLUICE_HTTP_ADDR", "127.0.0.1:0")
-        .env_remove("SLUICE_DATABASE_URL")
-        .env_remove("SLUICE_NATS_URL")
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .expect("spawn sluice up");
-    let deadline = Instant::now() + Duration::from_secs(30);
-    while !home.join("endpoint.json").exists() {
-        assert!(Instant::now() < deadline, "sluice up did not come up");
-        std::thread::sleep(Duration::from_millis(50));
-    }
-    Up(child)
+    support::start_up(BIN, home, |_| {})
 }
 
 #[test]

@@ -128,26 +128,12 @@ fn serve_otlp(conn: TcpStream, sink: &Mutex<Vec<Got>>) {
 }
 
 fn start_up(home: &Path, otlp: &str) -> Up {
-    let child = Command::new(BIN)
-        .arg("up")
-        .env("SLUICE_HOME", home)
-        .env("SLUICE_HTTP_ADDR", "127.0.0.1:0")
-        .env("OTEL_EXPORTER_OTLP_ENDPOINT", format!("http://{otlp}"))
-        .env_remove("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT")
-        .env_remove("OTEL_SERVICE_NAME")
-        .env_remove("OTEL_TRACES_SAMPLER")
-        .env_remove("SLUICE_DATABASE_URL")
-        .env_remove("SLUICE_NATS_URL")
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .expect("spawn sluice up");
-    let deadline = Instant::now() + Duration::from_secs(30);
-    while !home.join("endpoint.json").exists() {
-        assert!(Instant::now() < deadline, "sluice up did not come up");
-        std::thread::sleep(Duration::from_millis(50));
-    }
-    Up(child)
+    support::start_up(BIN, home, |cmd| {
+        cmd.env("OTEL_EXPORTER_OTLP_ENDPOINT", format!("http://{otlp}"))
+            .env_remove("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT")
+            .env_remove("OTEL_SERVICE_NAME")
+            .env_remove("OTEL_TRACES_SAMPLER");
+    })
 }
 
 /// Polls `GET path` until the body contains `want` (at most 30 s).

@@ -4,7 +4,8 @@
 
 use std::io::{Read, Write};
 use std::net::TcpStream;
-use std::process::{Child, Command};
+use std::path::Path;
+use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 /// A plain HTTP/1.1 request over loopback: (status, body). `headers` is
@@ -58,4 +59,27 @@ impl Drop for Up {
         let _ = self.0.kill();
         let _ = self.0.wait();
     }
+}
+
+/// Starts `sluice up` in `home` on the embedded default (any
+/// `SLUICE_DATABASE_URL` / `SLUICE_NATS_URL` of the caller removed), with
+/// `configure` adding to its environment, and waits for its endpoint file.
+pub(crate) fn start_up(bin: &str, home: &Path, configure: impl FnOnce(&mut Command)) -> Up {
+    let mut cmd = Command::new(bin);
+    cmd.arg("up")
+        .env("SLUICE_HOME", home)
+        .env("SLUICE_HTTP_ADDR", "127.0.0.1:0")
+        .env_remove("SLUICE_DATABASE_URL")
+        .env_remove("SLUICE_NATS_URL")
+        .stdout(Stdio::null())
+        .stderr(Stdio::null());
+    configure(&mut cmd);
+    let child = cmd.spawn().expect("spawn sluice up");
+    let up = Up(child);
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while !home.join("endpoint.json").exists() {
+        assert!(Instant::now() < deadline, "sluice up did not come up");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    up
 }
