@@ -260,6 +260,19 @@ async fn bad_input_is_refused_before_anything_is_written() {
         (NewEvent::new("t.v1", "{}").with_source(""), |e| {
             matches!(e, Error::MissingAttribute("source"))
         }),
+        // A line break would end the header early: refused, never a panic.
+        (
+            NewEvent::new("t.v1", "{}").with_correlation_id("flow-1\r\nX-Evil: 1"),
+            |e| {
+                matches!(
+                    e,
+                    Error::InvalidAttribute {
+                        name: "correlationid",
+                        ..
+                    }
+                )
+            },
+        ),
     ];
     for (event, check) in cases {
         let err = store

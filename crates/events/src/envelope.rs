@@ -2,6 +2,7 @@
 //! structured mode on input.
 
 use async_nats::HeaderMap;
+use async_nats::header::HeaderName;
 use bytes::Bytes;
 use serde::Deserialize;
 use time::OffsetDateTime;
@@ -109,6 +110,23 @@ impl NewEvent {
         if self.source.is_empty() {
             return Err(Error::MissingAttribute("source"));
         }
+        // Header values end at a line break, so one inside would cut the
+        // attribute short (and async-nats refuses it with a panic).
+        for (name, value) in [
+            ("source", Some(&self.source)),
+            ("correlationid", self.correlation_id.as_ref()),
+            ("causationid", self.causation_id.as_ref()),
+            ("traceparent", self.traceparent.as_ref()),
+        ] {
+            if let Some(v) = value
+                && v.bytes().any(|b| b == b'\r' || b == b'\n')
+            {
+                return Err(Error::InvalidAttribute {
+                    name,
+                    reason: "contains a line break (CR or LF), which NATS headers cannot carry",
+                });
+            }
+        }
         if self.data.len() > max_payload {
             return Err(Error::PayloadTooLarge {
                 size: self.data.len(),
@@ -144,13 +162,60 @@ impl NewEvent {
         h
     }
 
-    /// The binary-mode headers as a NATS header map.
+    /// The binary-mode headers as a NATS header map, with the same names and
+    /// values as [`header_pairs`](Self::header_pairs). Built straight from
+    /// the event with static names, since every append attempt builds one.
     pub fn headers(&self, aggregate_id: &str) -> HeaderMap {
+        let id = self.id.as_str();
         let mut map = HeaderMap::new();
-        for (name, value) in self.header_pairs(aggregate_id) {
-            map.insert(name, value.as_str());
+        map.insert(HeaderName::from_static(H_SPECVERSION), SPEC_VERSION);
+        map.insert(HeaderName::from_static(H_ID), id);
+        map.insert(HeaderName::from_static(H_SOURCE), self.source.as_str());
+        map.insert(HeaderName::from_static(H_TYPE), self.event_type.as_str());
+        map.insert(HeaderName::from_static(H_TIME), format_time(self.time));
+        map.insert(HeaderName::from_static(H_SUBJECT), aggregate_id);
+        map.insert(HeaderName::from_static(H_CONTENT_TYPE), CONTENT_TYPE_JSON);
+        for (name, value) in self.extensions() {
+            if let Some(v) = value {
+                map.insert(HeaderName::from_static(name), v.as_str());
+            }
         }
+        map.insert(HeaderName::from_static(H_MSG_ID), id);
         map
+    }
+
+    /// Bytes the headers take on the wire (`name: value\r\n` each), without
+    /// building them.
+    pub(crate) fn headers_len(&self, aggregate_id: &str) -> usize {
+        const TIME_LEN: usize = "2026-01-01T00:00:00.000000000Z".len();
+        let id = self.id.as_str().len();
+        let fixed = [
+            (H_SPECVERSION, SPEC_VERSION.len()),
+            (H_ID, id),
+            (H_SOURCE, self.source.len()),
+            (H_TYPE, self.event_type.len()),
+            (H_TIME, TIME_LEN),
+            (H_SUBJECT, aggregate_id.len()),
+            (H_CONTENT_TYPE, CONTENT_TYPE_JSON.len()),
+            (H_MSG_ID, id),
+        ];
+        let ext = self
+            .extensions()
+            .into_iter()
+            .filter_map(|(name, v)| v.map(|v| (name, v.len())));
+        fixed
+            .into_iter()
+            .chain(ext)
+            .map(|(name, len)| name.len() + len + 4)
+            .sum()
+    }
+
+    fn extensions(&self) -> [(&'static str, Option<&String>); 3] {
+        [
+            (H_CORRELATION, self.correlation_id.as_ref()),
+            (H_CAUSATION, self.causation_id.as_ref()),
+            (H_TRACEPARENT, self.traceparent.as_ref()),
+        ]
     }
 }
 
@@ -476,5 +541,42 @@ Nats-Msg-Id: 0193f2a0-7c1e-7d3a-9b2c-4f5e6a7b8c9d
                 .validate(DEFAULT_MAX_PAYLOAD)
                 .is_ok()
         );
+    }
+
+    #[test]
+    fn line_breaks_in_attributes_are_refused_before_nats() {
+        for ev in [
+            NewEvent::new("t.v1", "{}").with_source("urn:a\nb"),
+            NewEvent::new("t.v1", "{}").with_correlation_id("c\r1"),
+            NewEvent::new("t.v1", "{}").with_causation_id("c\n"),
+        ] {
+            let err = ev.validate(DEFAULT_MAX_PAYLOAD).unwrap_err();
+            assert!(matches!(err, Error::InvalidAttribute { .. }), "{err}");
+            assert!(err.is_invalid_input());
+            assert!(err.to_string().contains("line break"), "{err}");
+        }
+    }
+
+    /// The map an append sends holds exactly the pinned pairs.
+    #[test]
+    fn header_map_matches_the_pinned_pairs() {
+        let mut bare = sample();
+        bare.correlation_id = None;
+        bare.traceparent = None;
+        for ev in [sample(), bare] {
+            let map = ev.headers("acc-42");
+            let pairs = ev.header_pairs("acc-42");
+            assert_eq!(map.len(), pairs.len());
+            for (k, v) in &pairs {
+                assert_eq!(map.get(*k).map(|v| v.as_str()), Some(v.as_str()), "{k}");
+            }
+            // The estimate allows for the longest time format.
+            let exact: usize = pairs.iter().map(|(k, v)| k.len() + v.len() + 4).sum();
+            let estimate = ev.headers_len("acc-42");
+            assert!(
+                estimate >= exact && estimate <= exact + 10,
+                "{estimate} vs {exact}"
+            );
+        }
     }
 }

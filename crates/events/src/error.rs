@@ -37,6 +37,14 @@ pub enum Error {
     /// An event type is empty or has characters outside `[A-Za-z0-9._-]`.
     #[error("invalid event type {0:?}: use a dotted name like ledger.account.opened.v1")]
     InvalidEventType(String),
+    /// An attribute's value cannot be carried in a NATS header.
+    #[error("invalid CloudEvents attribute {name}: {reason}")]
+    InvalidAttribute {
+        /// The attribute.
+        name: &'static str,
+        /// Why it was rejected.
+        reason: &'static str,
+    },
     /// A header value cannot be read as text.
     #[error("header {0:?} is not valid text")]
     InvalidHeader(String),
@@ -159,6 +167,7 @@ impl Error {
                 | Error::UnsupportedSpecVersion(_)
                 | Error::InvalidTime(_)
                 | Error::InvalidEventType(_)
+                | Error::InvalidAttribute { .. }
                 | Error::InvalidHeader(_)
                 | Error::UnsupportedContentType(_)
                 | Error::InvalidJson(_)

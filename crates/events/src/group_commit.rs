@@ -28,11 +28,10 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
-use async_nats::HeaderMap;
-use bytes::Bytes;
 use serde::Serialize;
 use tokio::sync::{Semaphore, mpsc, oneshot};
 
+use crate::envelope::NewEvent;
 use crate::error::Error;
 use crate::ids::{EventId, StreamId};
 use crate::store::{AppendResult, Attempt, ExpectedVersion, Inner, MAX_BATCH};
@@ -283,8 +282,9 @@ pub(crate) struct Append {
     pub(crate) subject: String,
     pub(crate) expected: ExpectedVersion,
     pub(crate) ids: Vec<EventId>,
-    /// Headers (envelope and `Nats-Msg-Id`) and data of each event.
-    pub(crate) messages: Vec<(HeaderMap, Bytes)>,
+    /// The validated events; their headers are built per publish attempt,
+    /// which costs no more than cloning prebuilt ones.
+    pub(crate) events: Vec<NewEvent>,
     /// Estimated wire size: data, headers and batch headers.
     pub(crate) bytes: usize,
 }
@@ -388,7 +388,7 @@ impl Batchable for Pending {
         &self.append.subject
     }
     fn events(&self) -> usize {
-        self.append.messages.len()
+        self.append.events.len()
     }
     fn bytes(&self) -> usize {
         self.append.bytes
@@ -691,7 +691,7 @@ async fn run_batch(inner: &Inner, mut todo: Vec<Pending>) {
         let result = inner.publish_group(&todo).await;
         match result {
             Ok((last_seq, count)) => {
-                let sizes: Vec<usize> = todo.iter().map(|p| p.append.messages.len()).collect();
+                let sizes: Vec<usize> = todo.iter().map(|p| p.append.events.len()).collect();
                 let Some(positions) = assign_positions(last_seq, count, &sizes) else {
                     // Cannot happen with a conforming server; the events did
                     // land, so find them rather than guess.

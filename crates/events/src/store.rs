@@ -8,7 +8,6 @@ use std::time::Duration;
 use async_nats::HeaderMap;
 use async_nats::jetstream::{self, consumer, context::PublishErrorKind, stream};
 use backon::{ExponentialBuilder, Retryable};
-use bytes::Bytes;
 use futures::StreamExt;
 use futures::stream::BoxStream;
 use serde::Deserialize;
@@ -435,24 +434,13 @@ impl EventStore {
         }
         let subject = stream_id.subject(&cfg.subject_prefix);
         let ids: Vec<EventId> = events.iter().map(|e| e.id.clone()).collect();
-        let messages: Vec<(HeaderMap, Bytes)> = events
-            .into_iter()
-            .map(|e| (e.headers(stream_id.id()), e.data))
-            .collect();
-        let bytes = messages
+        let bytes = events
             .iter()
-            .map(|(h, data)| {
-                let headers: usize = h
-                    .iter()
-                    .map(|(name, values)| {
-                        let name: &str = name.as_ref();
-                        values
-                            .iter()
-                            .map(|v| name.len() + v.as_str().len() + 4)
-                            .sum::<usize>()
-                    })
-                    .sum();
-                data.len() + headers + subject.len() + BATCH_MESSAGE_OVERHEAD
+            .map(|e| {
+                e.data.len()
+                    + e.headers_len(stream_id.id())
+                    + subject.len()
+                    + BATCH_MESSAGE_OVERHEAD
             })
             .sum();
         Ok(Append {
@@ -460,7 +448,7 @@ impl EventStore {
             subject,
             expected,
             ids,
-            messages,
+            events,
             bytes,
         })
     }
@@ -601,13 +589,14 @@ impl EventStore {
     }
 }
 
-/// One message of an atomic batch, before the batch headers are added.
+/// One message of an atomic batch, before its headers are built.
 struct BatchMessage<'a> {
     subject: &'a str,
-    headers: &'a HeaderMap,
+    /// The aggregate id (`ce-subject`).
+    aggregate: &'a str,
+    event: &'a NewEvent,
     /// `Nats-Expected-Last-Subject-Sequence`, on an append's first message.
     expected: Option<u64>,
-    payload: &'a Bytes,
 }
 
 impl Inner {
@@ -643,14 +632,14 @@ impl Inner {
             stream_id,
             subject,
             ids,
-            messages,
+            events,
             ..
         } = append;
         // A batch is retried as a whole; with `Any` the server cannot tell a
         // retried batch from a new one, so pin the expectation to what we read
         // and let the wrong-last-sequence path recognise our own earlier write.
         let mut expected = append.expected;
-        let any_batch = expected == ExpectedVersion::Any && messages.len() > 1;
+        let any_batch = expected == ExpectedVersion::Any && events.len() > 1;
         let mut any_rounds = 0;
         loop {
             if any_batch {
@@ -658,10 +647,11 @@ impl Inner {
             }
             let exp = expected.as_sequence();
             let attempt = || async {
-                if messages.len() == 1 {
-                    self.publish_one(subject, exp, &messages[0]).await
+                if let [event] = events.as_slice() {
+                    self.publish_one(subject, stream_id.id(), exp, event).await
                 } else {
-                    self.publish_batch(subject, exp, messages).await
+                    self.publish_batch(subject, stream_id.id(), exp, events)
+                        .await
                 }
             };
             let result = attempt
@@ -725,16 +715,17 @@ impl Inner {
     async fn publish_one(
         &self,
         subject: &str,
+        aggregate: &str,
         expected: Option<u64>,
-        (headers, payload): &(HeaderMap, Bytes),
+        event: &NewEvent,
     ) -> Result<AppendResult, Attempt> {
-        let mut headers = headers.clone();
+        let mut headers = event.headers(aggregate);
         if let Some(v) = expected {
-            headers.insert(H_EXPECTED_LAST_SUBJECT_SEQ, v.to_string().as_str());
+            headers.insert(H_EXPECTED_LAST_SUBJECT_SEQ, v.to_string());
         }
         let ack = self
             .js
-            .publish_with_headers(subject.to_owned(), headers, payload.clone())
+            .publish_with_headers(subject.to_owned(), headers, event.data.clone())
             .await
             .map_err(classify_publish)?
             .await
@@ -749,17 +740,18 @@ impl Inner {
     async fn publish_batch(
         &self,
         subject: &str,
+        aggregate: &str,
         expected: Option<u64>,
-        messages: &[(HeaderMap, Bytes)],
+        events: &[NewEvent],
     ) -> Result<AppendResult, Attempt> {
-        let batch: Vec<BatchMessage<'_>> = messages
+        let batch: Vec<BatchMessage<'_>> = events
             .iter()
             .enumerate()
-            .map(|(i, (headers, payload))| BatchMessage {
+            .map(|(i, event)| BatchMessage {
                 subject,
-                headers,
+                aggregate,
+                event,
                 expected: if i == 0 { expected } else { None },
-                payload,
             })
             .collect();
         let (seq, count) = self.publish_atomic(&batch).await?;
@@ -779,18 +771,18 @@ impl Inner {
             .iter()
             .flat_map(|p| {
                 let a = &p.append;
-                a.messages
+                a.events
                     .iter()
                     .enumerate()
-                    .map(move |(i, (headers, payload))| BatchMessage {
+                    .map(move |(i, event)| BatchMessage {
                         subject: &a.subject,
-                        headers,
+                        aggregate: a.stream_id.id(),
+                        event,
                         expected: if i == 0 {
                             a.expected.as_sequence()
                         } else {
                             None
                         },
-                        payload,
                     })
             })
             .collect();
@@ -813,7 +805,7 @@ impl Inner {
         let client = &self.client;
         let last = messages.len();
         for (i, m) in messages.iter().enumerate() {
-            let mut h = m.headers.clone();
+            let mut h = m.event.headers(m.aggregate);
             h.insert(H_BATCH_ID, batch_id.as_str());
             h.insert(H_BATCH_SEQ, (i + 1).to_string().as_str());
             if let Some(v) = m.expected {
@@ -821,14 +813,14 @@ impl Inner {
             }
             if i + 1 < last {
                 client
-                    .publish_with_headers(m.subject.to_owned(), h, m.payload.clone())
+                    .publish_with_headers(m.subject.to_owned(), h, m.event.data.clone())
                     .await
                     .map_err(|e| Attempt::Transient(e.to_string()))?;
             } else {
                 h.insert(H_BATCH_COMMIT, "1");
                 let request = async_nats::Request::new()
                     .headers(h)
-                    .payload(m.payload.clone())
+                    .payload(m.event.data.clone())
                     .timeout(Some(self.config.request_timeout));
                 let reply = client
                     .send_request(m.subject.to_owned(), request)
