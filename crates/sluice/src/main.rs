@@ -145,6 +145,12 @@ struct ConsumerArgs {
     json: bool,
 }
 
+/// mimalloc: Sluice's hot paths (envelopes, NATS headers, acks) allocate many
+/// small, short-lived objects, which glibc's allocator handles poorly across
+/// threads.
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 #[tokio::main]
 async fn main() -> ExitCode {
     let cli = Cli::parse();
