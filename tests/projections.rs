@@ -1128,12 +1128,18 @@ async fn bench_projections_small() {
     for backend in [Backend::Sqlite, Backend::Postgres] {
         let rs = Store::fresh(backend, "sluice_proj").await;
         let db = rs.connect().await;
-        let report = sluice_ledger::bench::run(&store, &db, &work, last)
+        // Two rounds: the second catch-up starts from a reset projection.
+        let report = sluice_ledger::bench::run(&store, &db, &work, last, 2)
             .await
             .unwrap();
         eprintln!("{}", serde_json::to_string(&report).unwrap());
         assert_eq!(report.events, 20_000);
+        assert_eq!(report.rounds, 2);
         assert!(report.catch_up_events_per_s > 0.0);
+        assert!(
+            report.catch_up_ratio_min <= report.catch_up_ratio_max,
+            "{report:?}"
+        );
         db.close().await;
     }
 }

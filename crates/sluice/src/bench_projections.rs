@@ -28,6 +28,10 @@ pub(crate) struct ProjectionsArgs {
     /// Skip PostgreSQL.
     #[arg(long)]
     sqlite_only: bool,
+    /// Rounds of (a) and (b), interleaved; medians are reported, since a
+    /// shared 2-core machine swings between runs.
+    #[arg(long, default_value_t = 3)]
+    reps: usize,
     /// Print one JSON summary object.
     #[arg(long)]
     json: bool,
@@ -52,7 +56,7 @@ async fn run_in(args: &ProjectionsArgs, dir: &std::path::Path) -> anyhow::Result
     let mut reports = Vec::new();
 
     let sqlite = Database::connect(&format!("sqlite://{}", dir.join("bench.db").display())).await?;
-    reports.push(sluice_ledger::bench::run(&store, &sqlite, &work, last).await?);
+    reports.push(sluice_ledger::bench::run(&store, &sqlite, &work, last, args.reps).await?);
     sqlite.close().await;
 
     if !args.sqlite_only {
@@ -73,7 +77,7 @@ async fn run_in(args: &ProjectionsArgs, dir: &std::path::Path) -> anyhow::Result
             .rsplit_once('/')
             .map_or(args.postgres.as_str(), |(b, _)| b);
         let pg = Database::connect(&format!("{base}/{name}")).await?;
-        let report = sluice_ledger::bench::run(&store, &pg, &work, last).await;
+        let report = sluice_ledger::bench::run(&store, &pg, &work, last, args.reps).await;
         pg.close().await;
         sqlx::query(&format!("DROP DATABASE IF EXISTS {name} WITH (FORCE)"))
             .execute(&admin)
@@ -89,20 +93,25 @@ async fn run_in(args: &ProjectionsArgs, dir: &std::path::Path) -> anyhow::Result
         return Ok(());
     }
     println!(
-        "projections: {} events over {} accounts, fresh nats-server",
-        last, args.accounts
+        "projections: {} events over {} accounts, fresh nats-server; (a) and (b) are medians of {} interleaved rounds",
+        last,
+        args.accounts,
+        args.reps.max(1)
     );
     println!(
-        "{:<10} {:>20} {:>20} {:>7} {:>16}",
-        "backend", "(a) raw upserts/s", "(b) catch-up ev/s", "b/a", "(c) rebuild ev/s"
+        "{:<10} {:>20} {:>20} {:>18} {:>16}",
+        "backend", "(a) raw upserts/s", "(b) catch-up ev/s", "b/a (min-max)", "(c) rebuild ev/s"
     );
     for r in &reports {
         println!(
-            "{:<10} {:>20.0} {:>20.0} {:>7.2} {:>16.0}",
+            "{:<10} {:>20.0} {:>20.0} {:>18} {:>16.0}",
             r.backend,
             r.raw_upsert_events_per_s,
             r.catch_up_events_per_s,
-            r.catch_up_ratio,
+            format!(
+                "{:.2} ({:.2}-{:.2})",
+                r.catch_up_ratio, r.catch_up_ratio_min, r.catch_up_ratio_max
+            ),
             r.rebuild_events_per_s
         );
     }
