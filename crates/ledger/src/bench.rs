@@ -146,17 +146,7 @@ pub async fn run(
     // The live group for (e), resuming at the end of the log.
     let shutdown = CancellationToken::new();
     let config = RunnerConfig::default();
-    let group = sluice_projections::spawn_group(
-        vec![
-            Member::from(Arc::new(AccountBalances::new())),
-            Member::from(Arc::new(AccountActivity)),
-        ],
-        db.clone(),
-        store.clone(),
-        config.clone(),
-        shutdown.clone(),
-    )
-    .await?;
+    let group = ledger_group(store, db, &config, &shutdown).await?;
 
     // (c) Rebuild both while the live runners idle.
     let t0 = Instant::now();
@@ -369,16 +359,15 @@ async fn raw_upserts(
     Ok(raw)
 }
 
-/// (b) Both ledger projections from position 1, as `sluice up` runs them;
-/// events per second. Resets them first and stops them after.
-async fn catch_up(store: &EventStore, db: &Database, last: u64, events: u64) -> Result<f64, Error> {
-    sluice_projections::reset(db, &AccountBalances::new()).await?;
-    sluice_projections::reset(db, &AccountActivity).await?;
-    let shutdown = CancellationToken::new();
-    let t0 = Instant::now();
-    let config = RunnerConfig::default();
-    // As `sluice up` runs them: one group, one feed, one transaction.
-    let group = sluice_projections::spawn_group(
+/// Both ledger projections as one group, as `sluice up` runs them: one
+/// feed, one transaction per batch.
+async fn ledger_group(
+    store: &EventStore,
+    db: &Database,
+    config: &RunnerConfig,
+    shutdown: &CancellationToken,
+) -> Result<sluice_projections::RunningGroup, Error> {
+    Ok(sluice_projections::spawn_group(
         vec![
             Member::from(Arc::new(AccountBalances::new())),
             Member::from(Arc::new(AccountActivity)),
@@ -388,7 +377,18 @@ async fn catch_up(store: &EventStore, db: &Database, last: u64, events: u64) -> 
         config.clone(),
         shutdown.clone(),
     )
-    .await?;
+    .await?)
+}
+
+/// (b) Both ledger projections from position 1, as `sluice up` runs them;
+/// events per second. Resets them first and stops them after.
+async fn catch_up(store: &EventStore, db: &Database, last: u64, events: u64) -> Result<f64, Error> {
+    sluice_projections::reset(db, &AccountBalances::new()).await?;
+    sluice_projections::reset(db, &AccountActivity).await?;
+    let shutdown = CancellationToken::new();
+    let t0 = Instant::now();
+    let config = RunnerConfig::default();
+    let group = ledger_group(store, db, &config, &shutdown).await?;
     loop {
         let done = read_checkpoint(db, ACCOUNT_BALANCES).await? >= last
             && read_checkpoint(db, ACCOUNT_ACTIVITY).await? >= last;
