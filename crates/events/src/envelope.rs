@@ -271,9 +271,10 @@ impl Envelope {
     ///
     /// Every contract violation is a distinct [`Error`] variant, so a consumer
     /// can dead-letter it with a precise reason.
+    /// The payload is shared, not copied, into the envelope's data.
     pub fn decode(
         headers: Option<&HeaderMap>,
-        payload: &[u8],
+        payload: &Bytes,
         max_payload: usize,
     ) -> Result<Self, Error> {
         if payload.len() > max_payload {
@@ -282,8 +283,9 @@ impl Envelope {
                 limit: max_payload,
             });
         }
-        let get = |name: &str| -> Result<Option<String>, Error> {
-            match headers.and_then(|h| h.get(name)) {
+        // Static names: a `&str` lookup would allocate a header name each time.
+        let get = |name: &'static str| -> Result<Option<String>, Error> {
+            match headers.and_then(|h| h.get(HeaderName::from_static(name))) {
                 None => Ok(None),
                 Some(v) => Ok(Some(v.as_str().to_owned())),
             }
@@ -320,7 +322,7 @@ impl Envelope {
                     source,
                     time,
                     subject: get(H_SUBJECT)?,
-                    data: Bytes::copy_from_slice(payload),
+                    data: payload.clone(),
                     correlation_id: get(H_CORRELATION)?,
                     causation_id: get(H_CAUSATION)?,
                     traceparent: get(H_TRACEPARENT)?,
@@ -461,7 +463,8 @@ Nats-Msg-Id: 0193f2a0-7c1e-7d3a-9b2c-4f5e6a7b8c9d
         let mut h = HeaderMap::new();
         h.insert(H_CONTENT_TYPE, CONTENT_TYPE_STRUCTURED);
         let body = br#"{"specversion":"1.0","id":"e-1","source":"go-svc","type":"ledger.account.opened.v1","time":"2026-01-01T00:00:00Z","subject":"acc-1","datacontenttype":"application/json","data":{"owner":"ann","currency":"EUR"}}"#;
-        let env = Envelope::decode(Some(&h), body, DEFAULT_MAX_PAYLOAD).unwrap();
+        let env =
+            Envelope::decode(Some(&h), &Bytes::from_static(body), DEFAULT_MAX_PAYLOAD).unwrap();
         assert_eq!(env.id.as_str(), "e-1");
         assert_eq!(&env.data[..], br#"{"owner":"ann","currency":"EUR"}"#);
     }
@@ -488,9 +491,14 @@ Nats-Msg-Id: 0193f2a0-7c1e-7d3a-9b2c-4f5e6a7b8c9d
                 "{err}"
             );
         }
-        let err = Envelope::decode(Some(&full), b"{not json", DEFAULT_MAX_PAYLOAD).unwrap_err();
+        let err = Envelope::decode(
+            Some(&full),
+            &Bytes::from_static(b"{not json"),
+            DEFAULT_MAX_PAYLOAD,
+        )
+        .unwrap_err();
         assert!(matches!(err, Error::InvalidJson(_)));
-        let err = Envelope::decode(Some(&full), &[b' '; 64], 32).unwrap_err();
+        let err = Envelope::decode(Some(&full), &Bytes::from(vec![b' '; 64]), 32).unwrap_err();
         assert!(matches!(
             err,
             Error::PayloadTooLarge {

@@ -36,6 +36,8 @@ pub struct BenchReport {
     pub catch_up_ratio_min: f64,
     /// The highest (b) / (a) of one round.
     pub catch_up_ratio_max: f64,
+    /// (a) and (b) of every round, in order, events per second.
+    pub round_rates: Vec<(f64, f64)>,
     /// (c) Blue/green rebuild of both projections, one after the other
     /// (events applied per second, each projection counted).
     pub rebuild_events_per_s: f64,
@@ -228,6 +230,7 @@ pub async fn run(
         catch_up_events_per_s: catch_up,
         catch_up_ratio: catch_up / raw,
         rounds: rounds.len(),
+        round_rates: rounds.clone(),
         catch_up_ratio_min: ratios.iter().copied().fold(f64::INFINITY, f64::min),
         catch_up_ratio_max: ratios.iter().copied().fold(0.0, f64::max),
         rebuild_events_per_s: rebuild,
@@ -385,6 +388,15 @@ async fn ledger_group(
 async fn catch_up(store: &EventStore, db: &Database, last: u64, events: u64) -> Result<f64, Error> {
     sluice_projections::reset(db, &AccountBalances::new()).await?;
     sluice_projections::reset(db, &AccountActivity).await?;
+    // The reset's DELETEs leave the previous round's rows behind as dead
+    // tuples and index entries; the raw phase writes into fresh tables, so
+    // start from fresh files likewise (SQLite reuses free pages by itself).
+    if db.backend() == sluice_projections::Backend::Postgres {
+        sqlx::query(&format!("TRUNCATE {ACCOUNT_BALANCES}, {ACCOUNT_ACTIVITY}"))
+            .execute(db.pool())
+            .await
+            .map_err(sluice_projections::Error::from)?;
+    }
     let shutdown = CancellationToken::new();
     let t0 = Instant::now();
     let config = RunnerConfig::default();

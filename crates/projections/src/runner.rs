@@ -1133,11 +1133,18 @@ pub(crate) fn raw(
         .info()
         .map_err(|e| Error::nats("reading message info", e))?;
     let (position, pending, appended_at) = (info.stream_sequence, info.pending, info.published);
+    // Taken apart rather than cloned: a header map is ~20 allocations.
+    let async_nats::Message {
+        subject,
+        headers,
+        payload,
+        ..
+    } = m.message;
     Ok(Raw {
         position,
-        subject: m.subject.to_string(),
-        headers: m.headers.clone(),
-        payload: m.payload.clone(),
+        subject: subject.to_string(),
+        headers,
+        payload,
         appended_at,
         pending,
     })

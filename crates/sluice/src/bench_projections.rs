@@ -26,8 +26,11 @@ pub(crate) struct ProjectionsArgs {
     )]
     postgres: String,
     /// Skip PostgreSQL.
-    #[arg(long)]
+    #[arg(long, conflicts_with = "postgres_only")]
     sqlite_only: bool,
+    /// Skip SQLite (e.g. for the 1,000,000-event rebuild figure).
+    #[arg(long)]
+    postgres_only: bool,
     /// Rounds of (a) and (b), interleaved; medians are reported, since a
     /// shared 2-core machine swings between runs.
     #[arg(long, default_value_t = 3)]
@@ -55,9 +58,12 @@ async fn run_in(args: &ProjectionsArgs, dir: &std::path::Path) -> anyhow::Result
     let last = sluice_ledger::bench::append(&store, &work).await?;
     let mut reports = Vec::new();
 
-    let sqlite = Database::connect(&format!("sqlite://{}", dir.join("bench.db").display())).await?;
-    reports.push(sluice_ledger::bench::run(&store, &sqlite, &work, last, args.reps).await?);
-    sqlite.close().await;
+    if !args.postgres_only {
+        let url = format!("sqlite://{}", dir.join("bench.db").display());
+        let sqlite = Database::connect(&url).await?;
+        reports.push(sluice_ledger::bench::run(&store, &sqlite, &work, last, args.reps).await?);
+        sqlite.close().await;
+    }
 
     if !args.sqlite_only {
         let admin = sqlx::PgPool::connect(&args.postgres)
@@ -114,6 +120,14 @@ async fn run_in(args: &ProjectionsArgs, dir: &std::path::Path) -> anyhow::Result
             ),
             r.rebuild_events_per_s
         );
+    }
+    for r in &reports {
+        let rounds: Vec<String> = r
+            .round_rates
+            .iter()
+            .map(|(a, b)| format!("{a:.0}/{b:.0}"))
+            .collect();
+        println!("{:<10} rounds (a/b): {}", r.backend, rounds.join("  "));
     }
     println!(
         "{:<10} {:>24} {:>8}   (e) replay of the last tenth",
