@@ -22,7 +22,7 @@ use tokio_util::sync::CancellationToken;
 #[macro_use]
 #[path = "support/read_store.rs"]
 mod read_store;
-use read_store::{Backend, Store};
+use read_store::{Backend, Store, wait_checkpoint};
 
 // ---------------------------------------------------------------- workload
 
@@ -220,21 +220,6 @@ async fn start_ledger_separately(db: &Database, store: &EventStore, cfg: RunnerC
         sb.cancel();
     });
     a
-}
-
-async fn wait_checkpoint(db: &Database, name: &str, position: u64, timeout: Duration) {
-    let start = Instant::now();
-    loop {
-        let cp = read_checkpoint(db, name).await.unwrap_or(0);
-        if cp >= position {
-            return;
-        }
-        assert!(
-            start.elapsed() < timeout,
-            "{name} stuck at {cp}, want {position}"
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
 }
 
 /// The runner clears its error right after the commit that a checkpoint

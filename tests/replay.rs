@@ -4,7 +4,7 @@
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use sluice_events::{EventStore, ExpectedVersion, NewEvent, StreamId};
 use sluice_ledger::{
@@ -21,7 +21,7 @@ use tokio_util::sync::CancellationToken;
 #[macro_use]
 #[path = "support/read_store.rs"]
 mod read_store;
-use read_store::{Backend, Store};
+use read_store::{Backend, Store, wait_checkpoint};
 
 // ---------------------------------------------------------------- helpers
 
@@ -70,20 +70,8 @@ fn ledger() -> Vec<Member> {
     ]
 }
 
-async fn wait_checkpoint(db: &Database, name: &str, position: u64) {
-    let start = Instant::now();
-    loop {
-        let cp = read_checkpoint(db, name).await.unwrap_or(0);
-        if cp >= position {
-            return;
-        }
-        assert!(
-            start.elapsed() < Duration::from_secs(60),
-            "{name} stuck at {cp}, want {position}"
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-}
+/// How long a test waits for a projection to reach a position.
+const WAIT: Duration = Duration::from_secs(60);
 
 async fn append(store: &EventStore, category: &str, id: &str, event: NewEvent) -> u64 {
     let sid = StreamId::new(category, id).unwrap();
@@ -192,8 +180,8 @@ async fn replay_restores_what_came_after(backend: Backend) {
     let last = ledger_rounds(&store, 70, 12..14).await;
 
     let running = Running::start(&db, &store, ledger()).await;
-    wait_checkpoint(&db, ACCOUNT_BALANCES, last).await;
-    wait_checkpoint(&db, ACCOUNT_ACTIVITY, last).await;
+    wait_checkpoint(&db, ACCOUNT_BALANCES, last, WAIT).await;
+    wait_checkpoint(&db, ACCOUNT_ACTIVITY, last, WAIT).await;
     let before = dump(&db).await;
 
     // Damage everything from N on.
@@ -242,8 +230,8 @@ async fn replay_restores_what_came_after(backend: Backend) {
     assert!(balances.aggregates_refolded >= 71, "{balances:?}");
     assert!(balances.dead_letters_cleared >= 3, "{balances:?}");
     let last = writer.await.unwrap();
-    wait_checkpoint(&db, ACCOUNT_BALANCES, last).await;
-    wait_checkpoint(&db, ACCOUNT_ACTIVITY, last).await;
+    wait_checkpoint(&db, ACCOUNT_BALANCES, last, WAIT).await;
+    wait_checkpoint(&db, ACCOUNT_ACTIVITY, last, WAIT).await;
     running.stop().await;
     sqlx::query("DELETE FROM account_balances WHERE id = 'made-up'")
         .execute(db.pool())
@@ -254,8 +242,8 @@ async fn replay_restores_what_came_after(backend: Backend) {
     let clean_rs = Store::fresh(backend, "sluice_replay").await;
     let clean = clean_rs.connect().await;
     let running = Running::start(&clean, &store, ledger()).await;
-    wait_checkpoint(&clean, ACCOUNT_BALANCES, last).await;
-    wait_checkpoint(&clean, ACCOUNT_ACTIVITY, last).await;
+    wait_checkpoint(&clean, ACCOUNT_BALANCES, last, WAIT).await;
+    wait_checkpoint(&clean, ACCOUNT_ACTIVITY, last, WAIT).await;
     running.stop().await;
     let (got, want) = (dump(&db).await, dump(&clean).await);
     assert!(
@@ -305,15 +293,15 @@ async fn replays_racing_a_busy_projector(backend: Backend) {
     }
     assert!(replays >= 6, "only {replays} replays took effect");
     let last = writer.await.unwrap();
-    wait_checkpoint(&db, ACCOUNT_BALANCES, last).await;
-    wait_checkpoint(&db, ACCOUNT_ACTIVITY, last).await;
+    wait_checkpoint(&db, ACCOUNT_BALANCES, last, WAIT).await;
+    wait_checkpoint(&db, ACCOUNT_ACTIVITY, last, WAIT).await;
     running.stop().await;
 
     let clean_rs = Store::fresh(backend, "sluice_replay").await;
     let clean = clean_rs.connect().await;
     let running = Running::start(&clean, &store, ledger()).await;
-    wait_checkpoint(&clean, ACCOUNT_BALANCES, last).await;
-    wait_checkpoint(&clean, ACCOUNT_ACTIVITY, last).await;
+    wait_checkpoint(&clean, ACCOUNT_BALANCES, last, WAIT).await;
+    wait_checkpoint(&clean, ACCOUNT_ACTIVITY, last, WAIT).await;
     running.stop().await;
     let (got, want) = (dump(&db).await, dump(&clean).await);
     assert_eq!(got.len(), want.len());
@@ -345,8 +333,8 @@ async fn group_rebuild_switches_members_together(backend: Backend) {
     .await;
     let last = ledger_rounds(&store, 30, 6..10).await;
     let running = Running::start(&db, &store, ledger()).await;
-    wait_checkpoint(&db, ACCOUNT_BALANCES, last).await;
-    wait_checkpoint(&db, ACCOUNT_ACTIVITY, last).await;
+    wait_checkpoint(&db, ACCOUNT_BALANCES, last, WAIT).await;
+    wait_checkpoint(&db, ACCOUNT_ACTIVITY, last, WAIT).await;
     for q in [
         "UPDATE account_balances SET balance = -1",
         "DELETE FROM account_activity WHERE position % 7 = 0",
@@ -370,8 +358,8 @@ async fn group_rebuild_switches_members_together(backend: Backend) {
     .expect("finished");
     assert!(report.position >= last, "{report:?}");
     let last = writer.await.unwrap();
-    wait_checkpoint(&db, ACCOUNT_BALANCES, last).await;
-    wait_checkpoint(&db, ACCOUNT_ACTIVITY, last).await;
+    wait_checkpoint(&db, ACCOUNT_BALANCES, last, WAIT).await;
+    wait_checkpoint(&db, ACCOUNT_ACTIVITY, last, WAIT).await;
     running.stop().await;
     let leftovers: i64 =
         sqlx::query("SELECT COUNT(*) FROM sluice_checkpoints WHERE projection LIKE '%rebuild'")
@@ -384,8 +372,8 @@ async fn group_rebuild_switches_members_together(backend: Backend) {
     let clean_rs = Store::fresh(backend, "sluice_replay").await;
     let clean = clean_rs.connect().await;
     let running = Running::start(&clean, &store, ledger()).await;
-    wait_checkpoint(&clean, ACCOUNT_BALANCES, last).await;
-    wait_checkpoint(&clean, ACCOUNT_ACTIVITY, last).await;
+    wait_checkpoint(&clean, ACCOUNT_BALANCES, last, WAIT).await;
+    wait_checkpoint(&clean, ACCOUNT_ACTIVITY, last, WAIT).await;
     running.stop().await;
     let (got, want) = (dump(&db).await, dump(&clean).await);
     assert!(
@@ -521,7 +509,7 @@ async fn replay_refuses_what_cannot_be_undone_exactly() {
     note(&store, "a", "one").await;
     let last = note(&store, "a", "two").await;
     let running = Running::start(&db, &store, vec![member(false)]).await;
-    wait_checkpoint(&db, "notes", last).await;
+    wait_checkpoint(&db, "notes", last, WAIT).await;
 
     let err = sluice_projections::replay(member(false), db.clone(), store.clone(), 1)
         .await
@@ -581,7 +569,7 @@ async fn redrive_applies_dead_letters_once(backend: Backend) {
     let b3 = note(&store, "b", "ok").await;
     let c1 = note(&store, "c", "ok").await;
     let running = Running::start(&db, &store, vec![member()]).await;
-    wait_checkpoint(&db, "notes", c1).await;
+    wait_checkpoint(&db, "notes", c1, WAIT).await;
     assert_eq!(note_positions(&db).await, vec![a1, c1]);
     let dead = sluice_projections::dead_letters(&db, "notes")
         .await
@@ -617,7 +605,7 @@ async fn redrive_applies_dead_letters_once(backend: Backend) {
     // Released: a's next event applies; b's is parked behind b2.
     let a4 = note(&store, "a", "ok").await;
     let b4 = note(&store, "b", "ok").await;
-    wait_checkpoint(&db, "notes", b4).await;
+    wait_checkpoint(&db, "notes", b4, WAIT).await;
     assert_eq!(note_positions(&db).await, vec![a1, a2, a3, b1, c1, a4]);
 
     // Exactly once: a second redrive has nothing more to apply.

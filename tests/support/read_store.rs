@@ -1,7 +1,9 @@
 //! A fresh read store per test, on SQLite or PostgreSQL, for the test
 //! targets that run the same test against both backends.
 
-use sluice_projections::Database;
+use std::time::{Duration, Instant};
+
+use sluice_projections::{Database, read_checkpoint};
 use sluice_testkit::TestDatabase;
 use sqlx::AnyConnection;
 
@@ -108,4 +110,20 @@ macro_rules! both_backends {
             )*
         }
     };
+}
+
+/// Waits until `name`'s checkpoint reaches `position`; fails after `timeout`.
+pub(crate) async fn wait_checkpoint(db: &Database, name: &str, position: u64, timeout: Duration) {
+    let start = Instant::now();
+    loop {
+        let cp = read_checkpoint(db, name).await.unwrap_or(0);
+        if cp >= position {
+            return;
+        }
+        assert!(
+            start.elapsed() < timeout,
+            "{name} stuck at {cp}, want {position}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
 }

@@ -191,30 +191,22 @@ pub async fn run(
     // (e) Replay the last tenth while the live group runs, one projection
     // after the other.
     let from = (last - last / 10).max(1);
-    let t0 = Instant::now();
-    sluice_projections::replay(
+    let (_, replay_activity_seconds) = replay_tail(
+        store,
+        db,
         Member::from(Arc::new(AccountActivity)),
-        db.clone(),
-        store.clone(),
         from,
+        last,
     )
     .await?;
-    while read_checkpoint(db, ACCOUNT_ACTIVITY).await? < last {
-        tokio::time::sleep(std::time::Duration::from_millis(5)).await;
-    }
-    let replay_activity_seconds = t0.elapsed().as_secs_f64();
-    let t0 = Instant::now();
-    let balances = sluice_projections::replay(
+    let (balances, replay_balances_seconds) = replay_tail(
+        store,
+        db,
         Member::from(Arc::new(AccountBalances::new())),
-        db.clone(),
-        store.clone(),
         from,
+        last,
     )
     .await?;
-    while read_checkpoint(db, ACCOUNT_BALANCES).await? < last {
-        tokio::time::sleep(std::time::Duration::from_millis(5)).await;
-    }
-    let replay_balances_seconds = t0.elapsed().as_secs_f64();
     shutdown.cancel();
     let _ = group.task.await;
     for table in ["bench_raw_balances", "bench_raw_activity"] {
@@ -360,6 +352,24 @@ async fn raw_upserts(
     }
     let raw = events as f64 / t0.elapsed().as_secs_f64().max(1e-6);
     Ok(raw)
+}
+
+/// (e) Replays `member` from `from` and waits until the live group has
+/// brought it back to `last`: the report and the seconds it took.
+async fn replay_tail(
+    store: &EventStore,
+    db: &Database,
+    member: Member,
+    from: u64,
+    last: u64,
+) -> Result<(sluice_projections::ReplayReport, f64), Error> {
+    let name = member.name();
+    let t0 = Instant::now();
+    let report = sluice_projections::replay(member, db.clone(), store.clone(), from).await?;
+    while read_checkpoint(db, name).await? < last {
+        tokio::time::sleep(std::time::Duration::from_millis(5)).await;
+    }
+    Ok((report, t0.elapsed().as_secs_f64()))
 }
 
 /// Both ledger projections as one group, as `sluice up` runs them: one

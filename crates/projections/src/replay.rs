@@ -261,11 +261,7 @@ impl Runner {
         // Take the lock a runner's batch takes (the checkpoint row in
         // PostgreSQL, the write lock in SQLite) before reading the
         // checkpoint: from here on it cannot move under us.
-        sqlx::query("UPDATE sluice_checkpoints SET updated_at_ms = $1 WHERE projection = $2")
-            .bind(unix_ms(OffsetDateTime::now_utc()))
-            .bind(slot.key.as_str())
-            .execute(&mut *tx)
-            .await?;
+        lock_checkpoint(&mut tx, &slot.key).await?;
         let checkpoint =
             sqlx::query("SELECT position FROM sluice_checkpoints WHERE projection = $1")
                 .bind(slot.key.as_str())
@@ -452,11 +448,7 @@ impl Runner {
             let mut tx = self.db.pool().begin().await?;
             // Lock the checkpoint row, as a runner's batch does: the runner
             // applies nothing while the aggregate's fate changes.
-            sqlx::query("UPDATE sluice_checkpoints SET updated_at_ms = $1 WHERE projection = $2")
-                .bind(unix_ms(OffsetDateTime::now_utc()))
-                .bind(slot.key.as_str())
-                .execute(&mut *tx)
-                .await?;
+            lock_checkpoint(&mut tx, &slot.key).await?;
             let still_parked = sqlx::query(
                 "SELECT behind_position FROM sluice_parked WHERE projection = $1 AND stream = $2",
             )
@@ -611,4 +603,19 @@ impl Runner {
             }
         }
     }
+}
+
+/// Takes the lock a runner's batch takes (the checkpoint row in PostgreSQL,
+/// the write lock in SQLite): until `tx` ends, the checkpoint cannot move
+/// and the runner applies nothing.
+async fn lock_checkpoint(
+    tx: &mut sqlx::Transaction<'_, sqlx::Any>,
+    key: &str,
+) -> Result<(), Error> {
+    sqlx::query("UPDATE sluice_checkpoints SET updated_at_ms = $1 WHERE projection = $2")
+        .bind(unix_ms(OffsetDateTime::now_utc()))
+        .bind(key)
+        .execute(&mut **tx)
+        .await?;
+    Ok(())
 }

@@ -6,7 +6,8 @@
 //! own least-privilege user from `nats/accounts.conf`, sharing a fresh
 //! PostgreSQL database. Driven over HTTP like a client would.
 
-use std::io::{Read, Write};
+mod support;
+
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
@@ -209,7 +210,11 @@ impl Topology {
     }
 
     fn call(&self, method: &str, path: &str, headers: &[(&str, &str)], body: &str) -> (u16, Value) {
-        let (status, text) = http(&self.http, method, path, headers, body);
+        let headers: String = headers
+            .iter()
+            .map(|(k, v)| format!("{k}: {v}\r\n"))
+            .collect();
+        let (status, text) = support::http(&self.http, method, path, &headers, body);
         let v = serde_json::from_str(&text).unwrap_or(Value::String(text));
         (status, v)
     }
@@ -251,40 +256,6 @@ impl Topology {
             |v| v["balance"] == expected,
         );
     }
-}
-
-/// A plain HTTP/1.1 request over loopback: (status, body).
-fn http(
-    addr: &str,
-    method: &str,
-    path: &str,
-    headers: &[(&str, &str)],
-    body: &str,
-) -> (u16, String) {
-    let mut s = std::net::TcpStream::connect(addr).unwrap();
-    s.set_read_timeout(Some(Duration::from_secs(15))).unwrap();
-    let mut req = format!(
-        "{method} {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\nContent-Type: application/json\r\nContent-Length: {}\r\n",
-        body.len()
-    );
-    for (k, v) in headers {
-        req.push_str(&format!("{k}: {v}\r\n"));
-    }
-    req.push_str("\r\n");
-    req.push_str(body);
-    s.write_all(req.as_bytes()).unwrap();
-    let mut raw = String::new();
-    s.read_to_string(&mut raw).unwrap();
-    let status = raw
-        .split(' ')
-        .nth(1)
-        .and_then(|c| c.parse().ok())
-        .unwrap_or(0);
-    let body = raw
-        .split_once("\r\n\r\n")
-        .map(|(_, b)| b.to_owned())
-        .unwrap_or_default();
-    (status, body)
 }
 
 /// Starts the three nodes from `nats/cluster/n{1,2,3}.conf` and waits until
