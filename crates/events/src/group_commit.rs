@@ -33,7 +33,7 @@ use tokio::sync::{Semaphore, mpsc, oneshot};
 
 use crate::envelope::NewEvent;
 use crate::error::Error;
-use crate::ids::{EventId, StreamId};
+use crate::ids::StreamId;
 use crate::store::{AppendResult, Attempt, ExpectedVersion, Inner, MAX_BATCH};
 
 /// How often a batch refused for someone else's stale expectation is split
@@ -281,7 +281,6 @@ pub(crate) struct Append {
     pub(crate) stream_id: StreamId,
     pub(crate) subject: String,
     pub(crate) expected: ExpectedVersion,
-    pub(crate) ids: Vec<EventId>,
     /// The validated events; their headers are built per publish attempt,
     /// which costs no more than cloning prebuilt ones.
     pub(crate) events: Vec<NewEvent>,
@@ -703,7 +702,7 @@ async fn run_batch(inner: &Inner, mut todo: Vec<Pending>) {
                     );
                     for p in todo {
                         let r = inner
-                            .find_landed(&p.append.subject, &p.append.ids)
+                            .find_landed(&p.append.subject, &p.append.events)
                             .await
                             .and_then(|found| {
                                 found.ok_or_else(|| {
@@ -810,7 +809,7 @@ async fn split_stale(inner: &Inner, todo: Vec<Pending>) -> Option<Vec<Pending>> 
         let a = &p.append;
         let expected = a.expected.as_sequence().unwrap_or(0);
         let r = inner
-            .resolve_wrong_last(&a.stream_id, &a.subject, expected, &a.ids)
+            .resolve_wrong_last(&a.stream_id, &a.subject, expected, &a.events)
             .await
             .and_then(|r| r);
         add(&inner.counters.conflicts, 1);

@@ -19,7 +19,7 @@ use crate::error::Error;
 use crate::group_commit::{
     Append, Appender, Counters, GroupCommitConfig, GroupCommitStats, Pending,
 };
-use crate::ids::{EventId, StreamId};
+use crate::ids::StreamId;
 use crate::server::{ServerVersion, check_server_version};
 
 /// Name of the stream holding every domain event.
@@ -433,7 +433,6 @@ impl EventStore {
             e.validate(cfg.max_payload)?;
         }
         let subject = stream_id.subject(&cfg.subject_prefix);
-        let ids: Vec<EventId> = events.iter().map(|e| e.id.clone()).collect();
         let bytes = events
             .iter()
             .map(|e| {
@@ -447,7 +446,6 @@ impl EventStore {
             stream_id: stream_id.clone(),
             subject,
             expected,
-            ids,
             events,
             bytes,
         })
@@ -631,7 +629,6 @@ impl Inner {
         let Append {
             stream_id,
             subject,
-            ids,
             events,
             ..
         } = append;
@@ -666,7 +663,7 @@ impl Inner {
                 Err(Attempt::WrongLast) => {
                     let exp = exp.unwrap_or(0);
                     match self
-                        .resolve_wrong_last(stream_id, subject, exp, ids)
+                        .resolve_wrong_last(stream_id, subject, exp, events)
                         .await?
                     {
                         Ok(r) => Ok(r),
@@ -677,7 +674,7 @@ impl Inner {
                         Err(conflict) => Err(conflict),
                     }
                 }
-                Err(Attempt::Duplicate) => match self.find_landed(subject, ids).await? {
+                Err(Attempt::Duplicate) => match self.find_landed(subject, events).await? {
                     Some(r) => Ok(r),
                     None => Err(Error::Rejected {
                         code: ERR_BATCH_DUPLICATE_MSG_ID,
@@ -852,11 +849,11 @@ impl Inner {
         stream_id: &StreamId,
         subject: &str,
         expected: u64,
-        ids: &[EventId],
+        events: &[NewEvent],
     ) -> Result<Result<AppendResult, Error>, Error> {
-        let mut positions = Vec::with_capacity(ids.len());
+        let mut positions = Vec::with_capacity(events.len());
         let mut from = expected + 1;
-        for id in ids {
+        for NewEvent { id, .. } in events {
             match self
                 .stream
                 .direct_get_next_for_subject(subject, Some(from))
@@ -871,7 +868,7 @@ impl Inner {
                 Err(e) => return Err(Error::Nats(e.to_string())),
             }
         }
-        if positions.len() == ids.len() {
+        if positions.len() == events.len() {
             tracing::debug!(subject, "append was a retry of one that had landed");
             return Ok(Ok(AppendResult {
                 version: *positions.last().unwrap_or(&expected),
@@ -893,7 +890,7 @@ impl Inner {
     pub(crate) async fn find_landed(
         &self,
         subject: &str,
-        ids: &[EventId],
+        events: &[NewEvent],
     ) -> Result<Option<AppendResult>, Error> {
         let last = self.last_version_of(subject).await?;
         if last == 0 {
@@ -908,7 +905,7 @@ impl Inner {
                 consumer::DeliverPolicy::ByStartTime { start_time: since },
             )
             .await?;
-        let mut positions = Vec::with_capacity(ids.len());
+        let mut positions = Vec::with_capacity(events.len());
         while let Some(m) = messages.next().await {
             let m = m.map_err(|e| Error::Nats(e.to_string()))?;
             let seq = m
@@ -916,9 +913,9 @@ impl Inner {
                 .map_err(|e| Error::Nats(e.to_string()))?
                 .stream_sequence;
             let id = m.headers.as_ref().and_then(msg_id);
-            if id == Some(ids[positions.len()].as_str()) {
+            if id == Some(events[positions.len()].id.as_str()) {
                 positions.push(seq);
-                if positions.len() == ids.len() {
+                if positions.len() == events.len() {
                     return Ok(Some(AppendResult {
                         version: seq,
                         positions,
