@@ -33,6 +33,8 @@ const SHUTDOWN: &str = "test-shutdown";
 const LONG_HANDLER: &str = "test-long-handler";
 const PAUSED: &str = "test-paused";
 const REPARTITIONED: &str = "test-repartitioned";
+const LOST_ACK: &str = "test-lost-ack";
+const TAKEOVER: &str = "test-takeover";
 
 const EVENT_TYPE: &str = "test.counted.v1";
 
@@ -160,6 +162,8 @@ fn durable_consumer_names_are_constants() {
         LONG_HANDLER,
         PAUSED,
         REPARTITIONED,
+        LOST_ACK,
+        TAKEOVER,
     ];
     assert_eq!(
         names.iter().collect::<HashSet<_>>().len(),
@@ -1046,4 +1050,160 @@ async fn repartition_keeps_order_and_loses_nothing() {
     for a in 0..10 {
         assert_eq!(log[&format!("r-{a}")], (1..=30).collect::<Vec<u64>>());
     }
+}
+
+/// A handler whose effect is keyed by event id in `effects` (the durable
+/// state: it outlives the killed worker), counting every call in `seen`; on
+/// the delivery of `hang_on` (an `n`) it applies the effect and then hangs,
+/// as a process killed after its effect and before its ack would.
+fn effect_then_hang(
+    effects: Arc<Mutex<HashSet<String>>>,
+    seen: Log,
+    hang_on: Option<u64>,
+) -> impl Fn(Delivery) -> std::pin::Pin<Box<dyn Future<Output = Result<(), HandlerError>> + Send>>
++ Send
++ Sync
++ 'static {
+    move |d: Delivery| {
+        let (effects, seen) = (effects.clone(), seen.clone());
+        Box::pin(async move {
+            record(&seen, &d);
+            effects.lock().unwrap().insert(d.envelope.id.to_string());
+            if Some(n_of(&d)) == hang_on {
+                std::future::pending::<()>().await;
+            }
+            Ok(())
+        })
+    }
+}
+
+/// Issue 12, finding 1: a worker handles event 1 of an aggregate and is
+/// killed before its ack goes out; the nats-server restarts too (as `sluice
+/// up` always restarts it), so the pin is gone and the new worker gets event
+/// 2 at once, while event 1 comes back only after its ack wait, behind it.
+/// The new process has no memory of event 1: that redelivery used to be
+/// dead-lettered as `late` and the aggregate parked. Now the idempotent
+/// handler gets it (and finds its effect applied), nothing is dead-lettered
+/// or parked, and later events keep flowing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_lost_ack_redelivered_after_a_restart_is_not_dead_lettered_as_late() {
+    let mut server = NatsServer::start();
+    let mut c = config(LOST_ACK);
+    c.ack_wait = Duration::from_secs(4);
+    c.pin_timeout = Duration::from_secs(5);
+    let effects: Arc<Mutex<HashSet<String>>> = Arc::default();
+    let seen: Log = Arc::default();
+    {
+        let store = server.store().await;
+        append(&store, "a", 1).await;
+        let (_cancel, task) = spawn_worker(
+            &store,
+            c.clone(),
+            effect_then_hang(effects.clone(), seen.clone(), Some(1)),
+        );
+        wait_until("event 1 applied", Duration::from_secs(10), async || {
+            effects.lock().unwrap().len() == 1
+        })
+        .await;
+        // kill -9 of the worker (its connection goes with it) and the server.
+        task.abort();
+        let _ = task.await;
+    }
+    server.restart();
+    let store = server.store().await;
+    append(&store, "a", 2).await;
+    let (cancel, task) = spawn_worker(
+        &store,
+        c.clone(),
+        effect_then_hang(effects.clone(), seen.clone(), None),
+    );
+    wait_until(
+        "event 1 redelivered behind event 2",
+        Duration::from_secs(20),
+        async || seen.lock().unwrap().get("a").is_some_and(|v| v.len() >= 3),
+    )
+    .await;
+    append(&store, "a", 3).await;
+    wait_until("event 3 handled", Duration::from_secs(10), async || {
+        seen.lock().unwrap()["a"].contains(&3)
+    })
+    .await;
+    cancel.cancel();
+    task.await.unwrap();
+    let order = seen.lock().unwrap()["a"].clone();
+    // The restart is what made the redelivery late (else this test shows nothing).
+    assert_eq!(&order[..3], &[1, 2, 1], "{order:?}");
+    assert_eq!(effects.lock().unwrap().len(), 3);
+    assert_eq!(dlq_count(store.jetstream(), LOST_ACK).await, 0);
+    let sid = StreamId::new("acct", "a").unwrap();
+    assert_eq!(
+        dlq::parked(store.jetstream(), LOST_ACK, &sid)
+            .await
+            .unwrap(),
+        None
+    );
+}
+
+/// Issue 12, finding 8: a worker is killed with messages in flight, and
+/// restarted at once as the only consumer (`take_over_on_start`, what `sluice
+/// up` sets). With production timings (ack wait 30 s, pin timeout 90 s) the
+/// in-flight messages used to come back after the pin timeout, so a saga
+/// step waiting for them (deadline 30 s) compensated. The restarted worker
+/// takes the pin and resets the consumer to its ack floor: everything in
+/// flight is handled again within seconds, in stream order.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_restarted_sole_worker_takes_in_flight_messages_over_within_seconds() {
+    let server = NatsServer::start();
+    let mut c = WorkerConfig::new(TAKEOVER);
+    assert!(c.ack_wait >= Duration::from_secs(30) && c.pin_timeout >= Duration::from_secs(90));
+    c.take_over_on_start = true;
+    let effects: Arc<Mutex<HashSet<String>>> = Arc::default();
+    let seen: Log = Arc::default();
+    {
+        let store = server.store().await;
+        for agg in ["a", "b", "c"] {
+            append_many(&store, agg, 1, 3).await;
+        }
+        let (_cancel, task) = spawn_worker(
+            &store,
+            c.clone(),
+            effect_then_hang(effects.clone(), seen.clone(), Some(2)),
+        );
+        // Each aggregate hangs on its event 2 (applied, never acked); 3 is held.
+        wait_until(
+            "every event 2 applied",
+            Duration::from_secs(10),
+            async || effects.lock().unwrap().len() == 6,
+        )
+        .await;
+        task.abort();
+        let _ = task.await;
+    }
+    let store = server.store().await;
+    let restarted = Instant::now();
+    let (cancel, task) = spawn_worker(
+        &store,
+        c.clone(),
+        effect_then_hang(effects.clone(), seen.clone(), None),
+    );
+    wait_until(
+        "in-flight events taken over",
+        Duration::from_secs(10),
+        async || effects.lock().unwrap().len() == 9,
+    )
+    .await;
+    let took = restarted.elapsed();
+    cancel.cancel();
+    task.await.unwrap();
+    assert!(took < Duration::from_secs(10), "took {took:?}");
+    for agg in ["a", "b", "c"] {
+        let order = seen.lock().unwrap()[agg].clone();
+        // Before the kill 1, 2; after it, from the ack floor in stream order.
+        assert_eq!(&order[..2], &[1, 2], "{agg}: {order:?}");
+        let after: Vec<u64> = order[2..].to_vec();
+        assert!(after.ends_with(&[2, 3]), "{agg}: {order:?}");
+        assert!(after.windows(2).all(|w| w[0] < w[1]), "{agg}: {order:?}");
+    }
+    assert_eq!(dlq_count(store.jetstream(), TAKEOVER).await, 0);
+    eprintln!("took the in-flight messages over in {took:?}");
 }

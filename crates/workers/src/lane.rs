@@ -3,6 +3,12 @@
 //! waiting for a delayed retry holds its later messages; redelivered messages
 //! settle before running (a crashed replica's redeliveries come in expiry
 //! order, not stream order); duplicates and late predecessors are told apart.
+//!
+//! What a lane remembers lives in memory only. After a restart it knows
+//! nothing, so an event an earlier process handled but never saw
+//! acknowledged comes back as *late* (behind newer events of its aggregate)
+//! or as new; either way the handler, idempotent by durable state, is what
+//! recognises it ([`LaneState::new`]'s `handle_late`).
 
 use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
 use std::time::Duration;
@@ -48,8 +54,12 @@ pub(crate) enum Arrival<T> {
     /// A redelivery of a message this lane already handled: ack it again.
     Duplicate(T),
     /// An earlier event of a subject arriving after a later one was handled
-    /// (the server redelivered out of order): never applied silently.
+    /// (the server redelivered out of order), to be dead-lettered: the lane
+    /// was told not to hand late events to the handler.
     Late(T),
+    /// Such a late event, queued for the handler (which is idempotent by
+    /// durable state) ahead of the subject's other queued messages.
+    QueuedLate { subject: String, seq: u64 },
 }
 
 pub(crate) struct LaneState<T> {
@@ -63,13 +73,18 @@ pub(crate) struct LaneState<T> {
     handled: HashSet<u64>,
     handled_order: VecDeque<u64>,
     settle: Duration,
+    /// Hand late events to the handler instead of reporting them `Late`.
+    handle_late: bool,
 }
 
 /// How many handled sequences and subjects a lane remembers.
 const MEMORY_LIMIT: usize = 100_000;
 
 impl<T: Queued> LaneState<T> {
-    pub(crate) fn new(settle: Duration) -> Self {
+    /// `handle_late`: a late event (earlier than one this lane handled, and
+    /// not known as handled here) is queued for the handler rather than
+    /// returned as [`Arrival::Late`].
+    pub(crate) fn new(settle: Duration, handle_late: bool) -> Self {
         Self {
             queues: HashMap::new(),
             ready: VecDeque::new(),
@@ -77,28 +92,37 @@ impl<T: Queued> LaneState<T> {
             handled: HashSet::new(),
             handled_order: VecDeque::new(),
             settle,
+            handle_late,
         }
     }
 
     pub(crate) fn enqueue(&mut self, m: T) -> Arrival<T> {
+        let mut late = false;
         if m.is_live() {
             if self.handled.contains(&m.seq()) {
                 return Arrival::Duplicate(m);
             }
             if self.done.get(m.subject()).is_some_and(|d| m.seq() < *d) {
-                return Arrival::Late(m);
+                if !self.handle_late {
+                    return Arrival::Late(m);
+                }
+                late = true;
             }
         }
+        let (subject, seq) = (m.subject().to_owned(), m.seq());
         let q = self.queues.entry(m.subject().to_owned()).or_default();
         let awaited = q.waiting.is_some_and(|(seq, _)| seq == m.seq());
         if m.delivered() > 1 && !awaited {
             q.settle_until = Some(Instant::now() + self.settle);
         }
-        let subject = m.subject().to_owned();
         // A newer delivery of a queued message replaces it (fresh ack subject).
         q.pending.insert(m.seq(), m);
-        self.ready.push_back(subject);
-        Arrival::Queued
+        self.ready.push_back(subject.clone());
+        if late {
+            Arrival::QueuedLate { subject, seq }
+        } else {
+            Arrival::Queued
+        }
     }
 
     /// The next message to handle, or when to look again (a settling subject).
@@ -283,7 +307,7 @@ mod tests {
 
     #[tokio::test(start_paused = true)]
     async fn each_subject_runs_in_stream_order() {
-        let mut s = LaneState::new(SETTLE);
+        let mut s = LaneState::new(SETTLE, false);
         for (subject, seq) in [("a", 5), ("a", 3), ("b", 1), ("a", 4), ("b", 2)] {
             queue(&mut s, live(subject, seq, 1));
         }
@@ -301,7 +325,7 @@ mod tests {
 
     #[tokio::test(start_paused = true)]
     async fn a_delayed_retry_holds_its_subject_only() {
-        let mut s = LaneState::new(SETTLE);
+        let mut s = LaneState::new(SETTLE, false);
         queue(&mut s, live("a", 1, 1));
         queue(&mut s, live("a", 2, 1));
         queue(&mut s, live("b", 7, 1));
@@ -324,7 +348,7 @@ mod tests {
 
     #[tokio::test(start_paused = true)]
     async fn redeliveries_settle_and_are_sorted() {
-        let mut s = LaneState::new(SETTLE);
+        let mut s = LaneState::new(SETTLE, false);
         // A crashed replica's messages come back in expiry order: 8 before 5.
         queue(&mut s, live("a", 8, 2));
         let (none, wake) = s.next_runnable();
@@ -341,7 +365,7 @@ mod tests {
 
     #[tokio::test(start_paused = true)]
     async fn duplicates_are_told_from_late_predecessors() {
-        let mut s = LaneState::new(SETTLE);
+        let mut s = LaneState::new(SETTLE, false);
         queue(&mut s, live("a", 1, 1));
         queue(&mut s, live("a", 3, 1));
         assert_eq!(drain(&mut s), vec![("a", 1), ("a", 3)]);
@@ -360,9 +384,34 @@ mod tests {
         assert_eq!(drain(&mut s), vec![("a", 2)]);
     }
 
+    /// Issue 12, finding 1: after a restart a lane knows nothing. Event 1
+    /// was handled by the killed process, its ack lost; the new process
+    /// handles event 3 first, then event 1 comes back (delivery 2). It is a
+    /// redelivery to hand to the idempotent handler, not a reason to
+    /// dead-letter and park the aggregate.
+    #[tokio::test(start_paused = true)]
+    async fn after_a_restart_a_redelivery_behind_newer_events_goes_to_the_handler() {
+        let mut s = LaneState::new(SETTLE, true);
+        queue(&mut s, live("a", 3, 1));
+        assert_eq!(drain(&mut s), vec![("a", 3)]);
+        match s.enqueue(live("a", 1, 2)) {
+            Arrival::QueuedLate { subject, seq } => assert_eq!((subject.as_str(), seq), ("a", 1)),
+            _ => panic!("a late redelivery must be queued for the handler"),
+        }
+        tokio::time::advance(SETTLE).await;
+        assert_eq!(drain(&mut s), vec![("a", 1)]);
+        // Handled now: a further redelivery is a plain duplicate.
+        assert!(matches!(s.enqueue(live("a", 1, 3)), Arrival::Duplicate(_)));
+        // Where late events must not run, they are still reported.
+        let mut strict = LaneState::new(SETTLE, false);
+        queue(&mut strict, live("a", 3, 1));
+        assert_eq!(drain(&mut strict), vec![("a", 3)]);
+        assert!(matches!(strict.enqueue(live("a", 1, 2)), Arrival::Late(_)));
+    }
+
     #[tokio::test(start_paused = true)]
     async fn shutdown_hands_back_only_subjects_not_waiting() {
-        let mut s = LaneState::new(SETTLE);
+        let mut s = LaneState::new(SETTLE, false);
         queue(&mut s, live("a", 1, 1));
         queue(&mut s, live("a", 2, 1));
         queue(&mut s, live("b", 3, 1));
@@ -389,7 +438,7 @@ mod tests {
 
     #[tokio::test(start_paused = true)]
     async fn a_retry_that_never_returns_releases_its_held_events() {
-        let mut s = LaneState::new(SETTLE);
+        let mut s = LaneState::new(SETTLE, false);
         queue(&mut s, live("a", 1, 1));
         queue(&mut s, live("a", 2, 1));
         let _ = s.next_runnable();

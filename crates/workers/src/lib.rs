@@ -43,6 +43,6 @@ pub use infra::{
 pub use park::Parked;
 pub use policy::{Action, Outcome, RetryPolicy, decide};
 pub use runtime::{
-    Repartitioned, WorkerConfig, advisory_consumer_name, ensure_consumers,
-    partition_consumer_names, redrive_consumer_name, repartition, run,
+    LateRedelivery, Repartitioned, TakenOver, WorkerConfig, advisory_consumer_name,
+    ensure_consumers, partition_consumer_names, redrive_consumer_name, repartition, run, take_over,
 };

@@ -238,8 +238,9 @@ impl Parks {
     }
 
     /// Parks `seq` behind the aggregate's head. Returns the head, or `None`
-    /// when the aggregate is no longer parked (released meanwhile: handle the
-    /// event normally).
+    /// when the event is not to be parked: the aggregate is no longer parked
+    /// (released meanwhile), or the event precedes the head (a redelivery
+    /// of one handled before the head failed). Either way, handle it.
     pub(crate) async fn park_behind(
         &self,
         stream_id: &StreamId,
@@ -253,6 +254,14 @@ impl Parks {
             if p.head == seq {
                 // A redelivery of the head itself (crash after parking).
                 return Ok(Some(seq));
+            }
+            if seq < p.head {
+                // An event from before the head: it was handled before the
+                // head failed, and comes back because its ack was lost (a
+                // crash). It is no reason to wait behind the head: the
+                // idempotent handler takes it; parking it would dead-letter
+                // an event that succeeded.
+                return Ok(None);
             }
             let next = Parked {
                 through: p.through.max(seq),

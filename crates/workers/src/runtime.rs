@@ -80,6 +80,38 @@ pub struct WorkerConfig {
     /// messages in the order their ack waits expired, which is not always
     /// stream order; waiting lets them gather so they are sorted.
     pub redelivery_settle: Duration,
+    /// What to do with an event redelivered after a later event of its
+    /// aggregate was handled here (see [`LateRedelivery`]).
+    pub late_redelivery: LateRedelivery,
+    /// This process is the worker's only consumer (`sluice up`): at start,
+    /// take the consumers over from a dead predecessor (see [`take_over`])
+    /// instead of waiting `pin_timeout` and `ack_wait` for the server to
+    /// notice. Never set it where another replica may be running: its
+    /// in-flight messages would be delivered here too.
+    pub take_over_on_start: bool,
+}
+
+/// What a worker does with a *late* event: one the server delivers after a
+/// later event of the same aggregate was already handled by this process.
+///
+/// This happens only after a crash: a message an earlier owner (a killed
+/// process, a replica that lost its pin, a server that lost its ack state)
+/// received and never acknowledged comes back after its ack wait, behind
+/// newer events the new owner already handled. Whether the earlier owner
+/// applied it is unknown; only durable state can tell.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum LateRedelivery {
+    /// Hand it to the handler, which recognises it from durable state (it
+    /// is idempotent by event id, sequence or causation id, as every handler
+    /// must be) and either finds its effect already there or decides it
+    /// against the current state. The right choice when the handler checks
+    /// what it applies (a guarded append, an upsert with a version).
+    #[default]
+    Handle,
+    /// Dead-letter it (kind `late`) and park the aggregate, so an operator
+    /// decides. For handlers whose effects must follow stream order and
+    /// cannot check it themselves.
+    DeadLetter,
 }
 
 impl WorkerConfig {
@@ -100,6 +132,8 @@ impl WorkerConfig {
             replicas: 1,
             capture_advisories: true,
             redelivery_settle: Duration::from_millis(500),
+            late_redelivery: LateRedelivery::Handle,
+            take_over_on_start: false,
         }
     }
 
@@ -253,6 +287,67 @@ pub async fn ensure_consumers(
     Ok(out)
 }
 
+/// What [`take_over`] did to one consumer.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TakenOver {
+    /// The durable consumer.
+    pub consumer: String,
+    /// Messages it had delivered and not seen acknowledged (now redelivered).
+    pub in_flight: usize,
+    /// The stream sequence delivery restarts at (its ack floor + 1).
+    pub from_sequence: u64,
+}
+
+/// Takes the worker's consumers (`EVENTS` partitions and redrive) over from
+/// a process that is gone: releases the pin of its priority group (nats-server
+/// 2.11 unpin) and resets each consumer to its ack floor (2.14 consumer
+/// reset). Everything delivered and not acknowledged is then delivered again
+/// at once, in stream order and ahead of newer messages, instead of after
+/// `pin_timeout` and in the order the ack waits expire.
+///
+/// Only for a process that is the sole consumer (`sluice up`): a replica that
+/// is still running would see its in-flight messages delivered here too.
+/// Messages acknowledged above the ack floor are delivered again as well
+/// (handlers are idempotent), and the server's delivery counts start over.
+pub async fn take_over(
+    js: &jetstream::Context,
+    config: &WorkerConfig,
+) -> Result<Vec<TakenOver>, Error> {
+    let mut out = Vec::new();
+    let mut names: Vec<(&str, String)> = config
+        .partition_consumers()
+        .into_iter()
+        .map(|n| (EVENTS_STREAM, n))
+        .collect();
+    names.push((REDRIVE_STREAM, redrive_consumer_name(config.name)));
+    for (stream_name, name) in names {
+        let stream = js
+            .get_stream(stream_name)
+            .await
+            .map_err(|e| Error::nats("opening a stream to take its consumer over", e))?;
+        let before = stream
+            .consumer_info(&name)
+            .await
+            .map_err(|e| Error::nats("reading a consumer to take it over", e))?;
+        stream
+            .unpin_consumer(&name, PIN_GROUP)
+            .await
+            .map_err(|e| Error::nats("releasing the pin of a dead consumer", e))?;
+        let reset = stream
+            .reset_consumer(&name, None)
+            .await
+            .map_err(|e| Error::nats("resetting a consumer to its ack floor", e))?;
+        let taken = TakenOver {
+            consumer: name,
+            in_flight: before.num_ack_pending,
+            from_sequence: reset.reset_seq,
+        };
+        tracing::info!(worker = config.name, consumer = %taken.consumer, in_flight = taken.in_flight, from_sequence = taken.from_sequence, "took the consumer over: unacknowledged messages are redelivered now, in order");
+        out.push(taken);
+    }
+    Ok(out)
+}
+
 /// Where a message came from.
 #[derive(Debug, Clone, Copy)]
 enum Source {
@@ -293,6 +388,9 @@ pub async fn run<H: Handler>(
 ) -> Result<(), Error> {
     let js = store.jetstream().clone();
     let consumers = ensure_consumers(&js, &config).await?;
+    if config.take_over_on_start {
+        take_over(&js, &config).await?;
+    }
     let kv = infra::ensure_parked_bucket(&js, config.replicas).await?;
     // The watch task outlives `run` by at most this token.
     let background = cancel.child_token();
@@ -505,6 +603,11 @@ async fn arrive<H: Handler>(ctx: &Ctx<H>, state: &mut LaneState<Incoming>, m: In
         Arrival::Queued => {}
         Arrival::Duplicate(m) => ack_stale(&m).await,
         Arrival::Late(m) => late(ctx, &m).await,
+        Arrival::QueuedLate { subject, seq } => {
+            metrics::counter!("sluice_late_redeliveries_total", "worker" => ctx.config.name)
+                .increment(1);
+            tracing::warn!(worker = ctx.config.name, subject = %subject, seq, "late redelivery (an earlier owner received it and never acknowledged it; a later event of the aggregate was handled since): handing it to the idempotent handler");
+        }
     }
 }
 
@@ -515,7 +618,10 @@ async fn run_lane<H: Handler>(
     cancel: CancellationToken,
 ) {
     let worker = ctx.config.name;
-    let mut state: LaneState<Incoming> = LaneState::new(ctx.config.redelivery_settle);
+    let mut state: LaneState<Incoming> = LaneState::new(
+        ctx.config.redelivery_settle,
+        ctx.config.late_redelivery == LateRedelivery::Handle,
+    );
     let mut tick = tokio::time::interval(ctx.config.ack_wait / 3);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut open = true;
