@@ -25,8 +25,9 @@ fn read_model(name: &str) -> Result<Arc<dyn ReadModel>, Error> {
     }
 }
 
-/// The projection named `name`, for the runtime's operator calls.
-fn member(name: &str) -> Result<Member, Error> {
+/// The projection named `name`, for the runtime's operator calls (also the
+/// binary's dead-letter commands, which redrive a projection's dead letter).
+pub fn member(name: &str) -> Result<Member, Error> {
     match name {
         ACCOUNT_BALANCES => Ok(Member::from(Arc::new(AccountBalances::new()))),
         ACCOUNT_ACTIVITY => Ok(Member::from(Arc::new(AccountActivity))),

@@ -1,52 +1,32 @@
-//! Dead letters in the contract's format: stream `DLQ`, subject
-//! `dlq.<consumer>.<category>`, the original body and headers plus the
-//! `Sluice-Dlq-*` headers, deduplicated by `<stream>:<consumer>:<seq>`.
+//! A projection's dead letters in the one dead-letter model: written by the
+//! workers' writer ([`sluice_workers::dlq::write`], so the format and the
+//! always-fits rule are one), and settled by DLQ id ([`discard`],
+//! [`redrive_dead_letter`]) so that the `DLQ` stream copy, the projection's
+//! own record (`sluice_dead_letters`) and its parking (`sluice_parked`)
+//! always agree.
 //!
-//! The header names and stream settings are the workers crate's (the
-//! operator tools behind `sluice dlq` read both); its writer is private to
-//! it, so projections publish through this one, which follows it.
-
-use std::time::Duration;
+//! A projection's dead letters live on `dlq.projection-<name>.<category>`.
 
 use async_nats::HeaderMap;
-use async_nats::jetstream::{self, stream};
 use bytes::Bytes;
-use time::OffsetDateTime;
-use time::format_description::well_known::Rfc3339;
+use sluice_events::EventStore;
+use sluice_workers::dlq::{self as wdlq, NewDeadLetter};
+use sqlx::Row;
 
+use crate::db::Database;
 use crate::error::Error;
+use crate::replay::RedriveReport;
+use crate::runner::{Member, Runner, RunnerConfig, consumer_name, to_i64, to_u64};
 
 // The format is the workers' (one contract, one set of names): reuse them.
+pub use sluice_workers::dlq::Kind as DeadLetterKind;
 pub use sluice_workers::{DLQ_PREFIX, DLQ_STREAM, INVALID_CATEGORY, headers};
-
-/// Why an event was not applied.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum DeadLetterKind {
-    /// It breaks the envelope contract (or its subject is not valid).
-    Decode,
-    /// The projection rejected it.
-    Handler,
-    /// Held behind an earlier dead letter of the same aggregate.
-    Parked,
-}
-
-impl DeadLetterKind {
-    /// The wire name (`Sluice-Dlq-Kind`, `sluice_dead_letters.kind`).
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Self::Decode => "decode",
-            Self::Handler => "handler",
-            Self::Parked => "parked",
-        }
-    }
-}
 
 /// One event to dead-letter.
 #[derive(Debug, Clone)]
 pub(crate) struct DeadLetter<'a> {
     pub(crate) position: u64,
     pub(crate) subject: &'a str,
-    pub(crate) category: &'a str,
     pub(crate) headers: Option<&'a HeaderMap>,
     pub(crate) payload: &'a Bytes,
     pub(crate) kind: DeadLetterKind,
@@ -54,105 +34,199 @@ pub(crate) struct DeadLetter<'a> {
     pub(crate) behind: Option<u64>,
 }
 
-/// Publishes dead letters to the `DLQ` stream.
-#[derive(Debug, Clone)]
-pub struct DlqWriter {
-    js: jetstream::Context,
-    events_stream: String,
+impl DeadLetter<'_> {
+    /// The writer's input for `consumer`, the original living in `stream`.
+    pub(crate) fn to_new<'b>(&'b self, consumer: &'b str, stream: &'b str) -> NewDeadLetter<'b> {
+        NewDeadLetter {
+            consumer,
+            subject: self.subject,
+            stream,
+            sequence: self.position,
+            deliveries: 1,
+            reason: &self.reason,
+            kind: self.kind,
+            headers: self.headers,
+            payload: self.payload.clone(),
+            parked_behind: self.behind,
+            redrive_of: None,
+        }
+    }
 }
 
-impl DlqWriter {
-    /// Ensures the `DLQ` stream (same settings as the workers create).
-    pub async fn new(js: jetstream::Context, events_stream: &str) -> Result<Self, Error> {
-        if js.get_stream(DLQ_STREAM).await.is_err() {
-            let config = stream::Config {
-                name: DLQ_STREAM.to_owned(),
-                subjects: vec![format!("{DLQ_PREFIX}.>")],
-                storage: stream::StorageType::File,
-                allow_direct: true,
-                // Dedup by `<stream>:<consumer>:<seq>` for a day, so a batch
-                // retried after a crash never dead-letters an event twice.
-                duplicate_window: Duration::from_secs(24 * 3600),
-                description: Some(
-                    "Sluice dead letters: original body and headers plus Sluice-Dlq-* headers"
-                        .to_owned(),
-                ),
-                ..Default::default()
-            };
-            if let Err(e) = js.create_stream(config).await {
-                // Another process may have created it in the meantime.
-                if js.get_stream(DLQ_STREAM).await.is_err() {
-                    return Err(Error::nats("creating the DLQ stream", e));
-                }
-            }
-        }
-        Ok(Self {
-            js,
-            events_stream: events_stream.to_owned(),
-        })
-    }
+/// The projection a dead letter's consumer names (`projection-<name>`), if any.
+pub fn projection_of(consumer: &str) -> Option<&str> {
+    consumer.strip_prefix(&consumer_name(""))
+}
 
-    /// Publishes one dead letter and waits for the server's ack.
-    pub(crate) async fn write(&self, consumer: &str, dl: &DeadLetter<'_>) -> Result<(), Error> {
-        let mut h = HeaderMap::new();
-        if let Some(original) = dl.headers {
-            for (name, values) in original.iter() {
-                let name: &str = name.as_ref();
-                // The server's control headers must not be replayed: a stored
-                // event of an atomic append still carries `Nats-Batch-*`
-                // (which would make this publish a batch), and
-                // `Nats-Msg-Id` is replaced by the dedup id (kept aside).
-                if name.len() > 5 && name[..5].eq_ignore_ascii_case("Nats-") {
-                    if name.eq_ignore_ascii_case(headers::MSG_ID) {
-                        for v in values {
-                            h.insert(headers::ORIGINAL_MSG_ID, v.as_str());
-                        }
-                    }
-                    continue;
+/// Discards dead letter `id` for good, with `reason` kept in the audit log.
+///
+/// For a projection's dead letter this first drops the projection's record
+/// of it and its parking, in one transaction that takes the runner's lock:
+/// when it was the head of a parked aggregate, the next dead letter of that
+/// aggregate becomes the head; when none is left, the aggregate is released
+/// and its later events apply. Then the `DLQ` copy goes. Any other
+/// consumer's dead letter is discarded as the workers do it.
+pub async fn discard(
+    db: &Database,
+    store: &EventStore,
+    id: u64,
+    reason: &str,
+) -> Result<wdlq::DeadLetter, Error> {
+    let js = store.jetstream();
+    if reason.trim().is_empty() {
+        return Err(sluice_workers::Error::MissingReason.into());
+    }
+    let entry = wdlq::show(js, id).await?;
+    let Some(projection) = projection_of(&entry.consumer) else {
+        return Ok(wdlq::discard(js, id, reason).await?);
+    };
+    forget(db, projection, entry.sequence).await?;
+    wdlq::remove(js, &entry, "discard", reason).await?;
+    tracing::info!(
+        dlq_id = id,
+        projection,
+        position = entry.sequence,
+        reason,
+        "projection dead letter discarded"
+    );
+    Ok(entry)
+}
+
+/// Drops `projection`'s record of the dead letter at `position` and moves or
+/// releases the parking of its aggregate.
+async fn forget(db: &Database, projection: &str, position: u64) -> Result<(), Error> {
+    let mut tx = db.pool().begin().await?;
+    crate::replay::lock_checkpoint(&mut tx, projection).await?;
+    let stream: Option<String> = sqlx::query(
+        "SELECT stream FROM sluice_dead_letters WHERE projection = $1 AND position = $2",
+    )
+    .bind(projection)
+    .bind(to_i64(position))
+    .fetch_optional(&mut *tx)
+    .await?
+    .map(|r| r.try_get(0))
+    .transpose()?;
+    if let Some(stream) = stream {
+        sqlx::query("DELETE FROM sluice_dead_letters WHERE projection = $1 AND position = $2")
+            .bind(projection)
+            .bind(to_i64(position))
+            .execute(&mut *tx)
+            .await?;
+        let head: Option<u64> = sqlx::query(
+            "SELECT behind_position FROM sluice_parked WHERE projection = $1 AND stream = $2",
+        )
+        .bind(projection)
+        .bind(stream.as_str())
+        .fetch_optional(&mut *tx)
+        .await?
+        .map(|r| r.try_get::<i64, _>(0).map(to_u64))
+        .transpose()?;
+        if head == Some(position) {
+            let next: Option<i64> = sqlx::query(
+                "SELECT MIN(position) FROM sluice_dead_letters WHERE projection = $1 AND stream = $2",
+            )
+            .bind(projection)
+            .bind(stream.as_str())
+            .fetch_one(&mut *tx)
+            .await?
+            .try_get(0)?;
+            match next {
+                Some(next) => {
+                    sqlx::query(
+                        "UPDATE sluice_parked SET behind_position = $1 WHERE projection = $2 AND stream = $3",
+                    )
+                    .bind(next)
+                    .bind(projection)
+                    .bind(stream.as_str())
+                    .execute(&mut *tx)
+                    .await?;
                 }
-                if name.starts_with("Sluice-Dlq-") {
-                    continue;
-                }
-                for v in values {
-                    h.append(name, v.as_str());
+                None => {
+                    sqlx::query("DELETE FROM sluice_parked WHERE projection = $1 AND stream = $2")
+                        .bind(projection)
+                        .bind(stream.as_str())
+                        .execute(&mut *tx)
+                        .await?;
                 }
             }
         }
-        let failed_at = OffsetDateTime::now_utc()
-            .format(&Rfc3339)
-            .unwrap_or_default();
-        // Header values are one line: a reason never breaks the framing.
-        let reason: String = dl
-            .reason
-            .chars()
-            .map(|c| if c.is_control() { ' ' } else { c })
-            .take(1000)
-            .collect();
-        h.insert(headers::REASON, reason.as_str());
-        h.insert(headers::STREAM, self.events_stream.as_str());
-        h.insert(headers::SEQUENCE, dl.position.to_string().as_str());
-        h.insert(headers::CONSUMER, consumer);
-        h.insert(headers::DELIVERIES, "1");
-        h.insert(headers::FAILED_AT, failed_at.as_str());
-        h.insert(headers::SUBJECT, dl.subject);
-        h.insert(headers::KIND, dl.kind.as_str());
-        if let Some(behind) = dl.behind {
-            h.insert(headers::PARKED_BEHIND, behind.to_string().as_str());
-        }
-        let dedup = format!("{}:{consumer}:{}", self.events_stream, dl.position);
-        h.insert(headers::MSG_ID, dedup.as_str());
-        let category = if dl.category.is_empty() {
-            INVALID_CATEGORY
-        } else {
-            dl.category
-        };
-        let subject = format!("{DLQ_PREFIX}.{consumer}.{category}");
-        self.js
-            .publish_with_headers(subject, h, dl.payload.clone())
-            .await
-            .map_err(|e| Error::nats("publishing a dead letter", e))?
-            .await
-            .map_err(|e| Error::nats("publishing a dead letter", e))?;
-        Ok(())
     }
+    tx.commit().await?;
+    Ok(())
+}
+
+/// Redrives dead letter `id` of `member` (a projection): applies the events
+/// its aggregate dead-lettered, from the head on, in order and exactly once
+/// (the same as `sluice projection dlq <name> redrive` for that aggregate),
+/// releases the aggregate when all apply, and removes their `DLQ` copies.
+/// Refused ([`sluice_workers::Error::NotHead`]) for a dead letter parked
+/// behind an earlier one, as for workers. A dead letter an earlier redrive
+/// removed answers with `already_redriven`.
+pub async fn redrive_dead_letter(
+    member: Member,
+    db: Database,
+    store: EventStore,
+    id: u64,
+) -> Result<RedriveReport, Error> {
+    let js = store.jetstream().clone();
+    let entry = match wdlq::show(&js, id).await {
+        Ok(e) => e,
+        Err(sluice_workers::Error::NotFound(id)) => {
+            let trail = wdlq::audit_trail(&js, id).await?;
+            if trail.iter().any(|r| r["action"] == "redrive") {
+                return Ok(RedriveReport {
+                    already_redriven: vec![id],
+                    ..RedriveReport::default()
+                });
+            }
+            return Err(sluice_workers::Error::NotFound(id).into());
+        }
+        Err(e) => return Err(e.into()),
+    };
+    let name = member.name();
+    let stream: Option<(String, Option<u64>)> = sqlx::query(
+        "SELECT d.stream, p.behind_position FROM sluice_dead_letters d \
+         LEFT JOIN sluice_parked p ON p.projection = d.projection AND p.stream = d.stream \
+         WHERE d.projection = $1 AND d.position = $2",
+    )
+    .bind(name)
+    .bind(to_i64(entry.sequence))
+    .fetch_optional(db.pool())
+    .await?
+    .map(|r| Ok::<_, sqlx::Error>((r.try_get(0)?, r.try_get::<Option<i64>, _>(1)?.map(to_u64))))
+    .transpose()?;
+    let Some((stream, head)) = stream else {
+        // The projection has no record of it (applied by an earlier redrive
+        // or a replay): only the copy is left over.
+        wdlq::remove(
+            &js,
+            &entry,
+            "redrive",
+            "the projection has no record of it any more",
+        )
+        .await?;
+        return Ok(RedriveReport {
+            redriven: vec![id],
+            ..RedriveReport::default()
+        });
+    };
+    if let Some(head) = head.filter(|h| *h < entry.sequence) {
+        let listing = wdlq::list(
+            &js,
+            &wdlq::Filter {
+                consumer: Some(entry.consumer.clone()),
+                category: Some(entry.category.clone()),
+                reason: None,
+            },
+        )
+        .await?;
+        let head_id = listing
+            .entries
+            .iter()
+            .find(|e| e.subject == entry.subject && e.sequence == head)
+            .map_or(0, |e| e.id);
+        return Err(sluice_workers::Error::NotHead { id, head: head_id }.into());
+    }
+    let runner = Runner::group(vec![member], db, store, RunnerConfig::default()).await?;
+    runner.redrive_streams(vec![stream]).await
 }

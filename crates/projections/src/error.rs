@@ -71,6 +71,9 @@ pub enum Error {
         /// Why the projection rejects it now.
         reason: String,
     },
+    /// A dead-letter operation (the `DLQ` stream side) failed.
+    #[error(transparent)]
+    DeadLetters(#[from] sluice_workers::Error),
     /// The projection was stopped by its `halt` policy on a bad event.
     #[error("projection {projection} halted at position {position}: {reason}")]
     Halted {

@@ -33,7 +33,10 @@ mod runner;
 mod status;
 
 pub use db::{Backend, Database, is_transient};
-pub use dlq::{DLQ_PREFIX, DLQ_STREAM, DeadLetterKind, DlqWriter, INVALID_CATEGORY, headers};
+pub use dlq::{
+    DLQ_PREFIX, DLQ_STREAM, DeadLetterKind, INVALID_CATEGORY, discard, headers, projection_of,
+    redrive_dead_letter,
+};
 pub use error::Error;
 pub use projection::{
     Page, ProjectedEvent, Projection, REBUILD_SUFFIX, ReadModel, Rejection, RewindSupport, Tables,

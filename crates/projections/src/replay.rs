@@ -116,6 +116,10 @@ pub struct RedriveReport {
     pub released: Vec<String>,
     /// Dead letters still there: rejected again, or parked behind one that is.
     pub remaining: Vec<DeadLetterRecord>,
+    /// Ids of the `DLQ` copies removed because their event is applied now.
+    pub redriven: Vec<u64>,
+    /// Dead letters an earlier redrive had already settled (nothing applied twice).
+    pub already_redriven: Vec<u64>,
 }
 
 /// Applies `member`'s dead-lettered events to its live read model, per
@@ -203,8 +207,10 @@ impl Runner {
             .map_err(|e| Error::nats("opening the event stream", e))?;
         let mut out = Vec::with_capacity(positions.len());
         for &p in positions {
+            // A direct get: the message as stored, however large (the
+            // JSON API would base64 a near-`max_payload` body past it).
             let m = stream
-                .get_raw_message(p)
+                .direct_get(p)
                 .await
                 .map_err(|e| Error::nats("reading a dead-lettered event", e))?;
             out.push(Raw {
@@ -422,6 +428,15 @@ impl Runner {
         .iter()
         .map(|r| r.try_get(0))
         .collect::<Result<_, _>>()?;
+        self.redrive_streams(parked).await
+    }
+
+    /// Redrives the dead letters of these parked aggregates, in this order.
+    pub(crate) async fn redrive_streams(
+        &self,
+        parked: Vec<String>,
+    ) -> Result<RedriveReport, Error> {
+        let slot = &self.slots[0];
         let mut report = RedriveReport::default();
         for stream in parked {
             let (applied, released) = self.redrive_aggregate(&stream).await?;
@@ -432,7 +447,7 @@ impl Runner {
         }
         report.remaining = dead_letters(&self.db, &slot.key).await?;
         if !report.applied.is_empty() {
-            self.discard_dlq_copies(&report.applied).await;
+            report.redriven = self.discard_dlq_copies(&report.applied).await;
         }
         Ok(report)
     }
@@ -571,14 +586,15 @@ impl Runner {
         }
     }
 
-    /// Removes the `DLQ` stream copies of events now applied, so `sluice dlq
-    /// list` shows only what is still dead (best effort: the SQL records are
-    /// what the runtime goes by).
-    async fn discard_dlq_copies(&self, applied: &[u64]) {
+    /// Removes the `DLQ` stream copies of events now applied (audited as
+    /// redriven), so `sluice dlq list` shows only what is still dead; returns
+    /// their ids (best effort: the SQL records are what the runtime goes by).
+    async fn discard_dlq_copies(&self, applied: &[u64]) -> Vec<u64> {
         let slot = &self.slots[0];
         let js = self.store.jetstream();
+        let mut removed = Vec::new();
         if js.get_stream(DLQ_STREAM).await.is_err() {
-            return;
+            return removed;
         }
         let applied: BTreeSet<u64> = applied.iter().copied().collect();
         let filter = sluice_workers::dlq::Filter {
@@ -590,25 +606,29 @@ impl Runner {
             Ok(l) => l,
             Err(e) => {
                 tracing::warn!(projection = slot.name, error = %e, "could not list the DLQ copies of redriven events");
-                return;
+                return removed;
             }
         };
         let reason = format!("redriven into projection {}", slot.name);
         for entry in listing.entries {
-            if entry.stream == self.store.config().stream
-                && applied.contains(&entry.sequence)
-                && let Err(e) = sluice_workers::dlq::discard(js, entry.id, &reason).await
-            {
-                tracing::warn!(projection = slot.name, id = entry.id, error = %e, "could not discard the DLQ copy of a redriven event");
+            if entry.stream != self.store.config().stream || !applied.contains(&entry.sequence) {
+                continue;
+            }
+            match sluice_workers::dlq::remove(js, &entry, "redrive", &reason).await {
+                Ok(()) => removed.push(entry.id),
+                Err(e) => {
+                    tracing::warn!(projection = slot.name, id = entry.id, error = %e, "could not remove the DLQ copy of a redriven event");
+                }
             }
         }
+        removed
     }
 }
 
 /// Takes the lock a runner's batch takes (the checkpoint row in PostgreSQL,
 /// the write lock in SQLite): until `tx` ends, the checkpoint cannot move
 /// and the runner applies nothing.
-async fn lock_checkpoint(
+pub(crate) async fn lock_checkpoint(
     tx: &mut sqlx::Transaction<'_, sqlx::Any>,
     key: &str,
 ) -> Result<(), Error> {

@@ -18,7 +18,7 @@ use time::OffsetDateTime;
 use tokio_util::sync::CancellationToken;
 
 use crate::db::{Database, is_transient};
-use crate::dlq::{DeadLetter, DeadLetterKind, DlqWriter};
+use crate::dlq::{DeadLetter, DeadLetterKind};
 use crate::error::Error;
 use crate::projection::{
     ProjectedEvent, Projection, REBUILD_SUFFIX, Rejection, RewindSupport, Tables,
@@ -126,8 +126,12 @@ pub struct Live {
     pub dead_lettered: u64,
     /// Size of the last batch.
     pub last_batch: usize,
-    /// Why the `halt` policy stopped it.
+    /// Why it is halted: stopped by the `halt` policy, or held because a
+    /// dead letter cannot be stored (then it resumes once the DLQ takes it).
     pub halted: Option<String>,
+    /// The halt is a dead letter that cannot be stored (it clears itself).
+    #[serde(skip)]
+    pub dead_letter_blocked: bool,
 }
 
 impl Default for LiveStatus {
@@ -141,6 +145,7 @@ impl Default for LiveStatus {
             dead_lettered: 0,
             last_batch: 0,
             halted: None,
+            dead_letter_blocked: false,
         })))
     }
 }
@@ -306,7 +311,6 @@ pub struct Runner {
     pub(crate) slots: Vec<Slot>,
     pub(crate) db: Database,
     pub(crate) store: EventStore,
-    pub(crate) dlq: DlqWriter,
     config: RunnerConfig,
     /// Where batches are written.
     tables: Tables,
@@ -354,7 +358,7 @@ impl Runner {
                 "a runner needs at least one projection",
             ));
         }
-        let dlq = DlqWriter::new(store.jetstream().clone(), &store.config().stream).await?;
+        sluice_workers::dlq::ensure_streams(store.jetstream(), 1).await?;
         let slots = members
             .into_iter()
             .map(|Member(projection)| {
@@ -372,7 +376,6 @@ impl Runner {
             slots,
             db,
             store,
-            dlq,
             config,
             tables: Tables::LIVE,
         })
@@ -720,7 +723,10 @@ impl Runner {
                 };
             }
         };
-        match Envelope::decode(r.headers.as_ref(), &r.payload, usize::MAX) {
+        // The contract's size limit holds for every reader, not only the
+        // append: an oversized event a raw client published is refused here.
+        let limit = self.store.config().max_payload;
+        match Envelope::decode(r.headers.as_ref(), &r.payload, limit) {
             Ok(envelope) => Item::Event(Box::new(ProjectedEvent {
                 stream_id,
                 position: r.position,
@@ -730,7 +736,7 @@ impl Runner {
             Err(e) => Item::Bad {
                 key: stream_id.to_string(),
                 category: category.to_owned(),
-                reason: e.to_string(),
+                reason: sluice_workers::dlq::decode_reason(&e),
             },
         }
     }
@@ -793,6 +799,16 @@ impl Runner {
                     for (i, s) in self.slots.iter().enumerate() {
                         new[i] = new[i].max(last);
                         s.live.update(|l| {
+                            if l.dead_letter_blocked {
+                                // The DLQ took the letter: running again.
+                                l.dead_letter_blocked = false;
+                                l.halted = None;
+                                l.state = if self.tables == Tables::REBUILD {
+                                    RunState::Rebuilding
+                                } else {
+                                    RunState::Running
+                                };
+                            }
                             l.checkpoint = new[i];
                             l.applied += applied[i] as u64;
                             l.dead_lettered += dead[i] as u64;
@@ -827,6 +843,22 @@ impl Runner {
                     // count, ours would be duplicates or gaps. Follow it.
                     tracing::warn!(projection = %self.names(), ?checkpoints, ?actual, "checkpoint moved by another writer; following it");
                     return Ok(Progress::Reopen(actual));
+                }
+                Err(Error::DeadLetters(e)) if e.is_cannot_dead_letter() => {
+                    // Never silently: nothing after the event is applied
+                    // (the feed is shared, so the whole group waits), the
+                    // state, readiness and the halted gauge say why, and
+                    // the batch is retried until the DLQ takes the letter.
+                    let why = e.to_string();
+                    tracing::error!(projection = %self.names(), error = %why, "projection halted: a dead letter cannot be stored; fix the DLQ stream and it resumes by itself");
+                    self.update_all(|l| {
+                        l.state = RunState::Halted;
+                        l.halted = Some(why.clone());
+                        l.dead_letter_blocked = true;
+                    });
+                    if self.pause(shutdown, &mut backoff, &why).await {
+                        return Ok(Progress::Stopped);
+                    }
                 }
                 Err(e) => {
                     let transient = match &e {
@@ -962,7 +994,6 @@ impl Runner {
                 let letter = |kind, reason: String, behind| DeadLetter {
                     position: r.position,
                     subject: &r.subject,
-                    category,
                     headers: r.headers.as_ref(),
                     payload: &r.payload,
                     kind,
@@ -1034,7 +1065,12 @@ impl Runner {
         if self.tables == Tables::LIVE {
             for (i, s) in self.slots.iter().enumerate() {
                 for (d, _) in &dead[i] {
-                    self.dlq.write(&s.consumer_name, d).await?;
+                    let events = self.store.config().stream.as_str();
+                    sluice_workers::dlq::write(
+                        self.store.jetstream(),
+                        d.to_new(&s.consumer_name, events),
+                    )
+                    .await?;
                 }
             }
         }

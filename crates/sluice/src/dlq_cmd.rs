@@ -1,5 +1,10 @@
 //! `sluice dlq ...`: inspect, redrive and discard dead letters, through the
 //! `sluice_workers::dlq` library API (the HTTP API reuses the same calls).
+//! A projection's dead letter is settled through `sluice_projections`, which
+//! also updates the projection's own records and parking in the read store,
+//! so `sluice dlq` and `sluice projection dlq` always agree.
+
+use std::path::Path;
 
 use std::process::ExitCode;
 use std::time::Duration;
@@ -58,12 +63,17 @@ pub(crate) enum DlqCommand {
     },
 }
 
-/// Consumer-name prefix of projections' dead letters (`projection-<name>`).
-const PROJECTION_PREFIX: &str = "projection-";
-
 /// Runs one `sluice dlq` command against the server at `nats_url`.
-/// `json` prints one JSON object per line instead of a human table.
-pub(crate) async fn run(cmd: DlqCommand, nats_url: &str, json: bool) -> anyhow::Result<ExitCode> {
+/// `json` prints one JSON object per line instead of a human table. The
+/// read store (`database_url`, or the default under `home`) is opened only
+/// for a projection's dead letters.
+pub(crate) async fn run(
+    cmd: DlqCommand,
+    nats_url: &str,
+    json: bool,
+    home: &Path,
+    database_url: Option<String>,
+) -> anyhow::Result<ExitCode> {
     let connect = ConnectConfig::from_env(nats_url)?;
     let store = EventStore::connect_with(&connect, StoreConfig::default())
         .await
@@ -116,23 +126,56 @@ pub(crate) async fn run(cmd: DlqCommand, nats_url: &str, json: bool) -> anyhow::
             category,
             limit,
         } => {
-            // A projection reads the log, not a redrive subject: handing its
-            // dead letters "back" would drop them. It has its own redrive.
+            // A projection reads the log, not a redrive subject: its dead
+            // letters are applied into it from the log, in order, exactly once.
             let projection = match (id, consumer.as_deref()) {
-                (_, Some(c)) => c.strip_prefix(PROJECTION_PREFIX).map(str::to_owned),
+                (_, Some(c)) => sluice_projections::projection_of(c).map(str::to_owned),
                 (Some(id), None) => match dlq::show(js, id).await {
-                    Ok(e) => e
-                        .consumer
-                        .strip_prefix(PROJECTION_PREFIX)
-                        .map(str::to_owned),
+                    Ok(e) => sluice_projections::projection_of(&e.consumer).map(str::to_owned),
                     Err(_) => None,
                 },
                 (None, None) => None,
             };
             if let Some(name) = projection {
-                anyhow::bail!(
-                    "dead letters of projection {name} are redriven into it with `sluice projection dlq {name} redrive` (it applies them from the log, in order, exactly once)"
-                );
+                let member = sluice_ledger::cli::member(&name)?;
+                let side =
+                    crate::projection_cmd::connect(Some(nats_url.to_owned()), home, database_url)
+                        .await?;
+                let report = match id {
+                    Some(id) => {
+                        sluice_projections::redrive_dead_letter(
+                            member,
+                            side.db.clone(),
+                            side.store.clone(),
+                            id,
+                        )
+                        .await
+                    }
+                    None => {
+                        sluice_projections::redrive(member, side.db.clone(), side.store.clone())
+                            .await
+                    }
+                };
+                side.db.close().await;
+                let report = report?;
+                if json {
+                    println!("{}", serde_json::to_string(&report)?);
+                } else {
+                    println!(
+                        "redriven into projection {name}: applied {} event(s), released {} aggregate(s), {} still dead{}",
+                        report.applied.len(),
+                        report.released.len(),
+                        report.remaining.len(),
+                        ids_suffix(&report.redriven)
+                    );
+                    if !report.already_redriven.is_empty() {
+                        println!(
+                            "already redriven earlier (nothing applied twice):{}",
+                            ids_suffix(&report.already_redriven)
+                        );
+                    }
+                }
+                return Ok(ExitCode::SUCCESS);
             }
             let target = match (id, consumer) {
                 (Some(id), _) => RedriveTarget::Id(id),
@@ -162,7 +205,21 @@ pub(crate) async fn run(cmd: DlqCommand, nats_url: &str, json: bool) -> anyhow::
             }
         }
         DlqCommand::Discard { id, reason } => {
-            let e = dlq::discard(js, id, &reason).await?;
+            let projection = dlq::show(js, id)
+                .await
+                .ok()
+                .and_then(|e| sluice_projections::projection_of(&e.consumer).map(str::to_owned));
+            let e = if projection.is_some() {
+                // Its record and parking in the read store go with it.
+                let side =
+                    crate::projection_cmd::connect(Some(nats_url.to_owned()), home, database_url)
+                        .await?;
+                let r = sluice_projections::discard(&side.db, &side.store, id, &reason).await;
+                side.db.close().await;
+                r?
+            } else {
+                dlq::discard(js, id, &reason).await?
+            };
             if json {
                 println!(
                     "{}",

@@ -123,6 +123,9 @@ struct Ctx {
     token: Arc<str>,
     limiter: Arc<DefaultKeyedRateLimiter<IpAddr>>,
     started: Instant,
+    /// `(consumer, category)` pairs the DLQ depth gauge was set for, so a
+    /// pair whose dead letters are all gone is set back to 0.
+    dlq_seen: Arc<std::sync::Mutex<std::collections::BTreeSet<(String, String)>>>,
 }
 
 /// Everything the extra endpoints need.
@@ -149,6 +152,7 @@ pub(crate) fn router(queries: Router, parts: Parts, opts: &HttpOptions) -> Route
         token: opts.token.clone(),
         limiter: Arc::new(RateLimiter::keyed(quota)),
         started: Instant::now(),
+        dlq_seen: Arc::default(),
     };
     let protected = Router::new()
         .route("/v1/streams/{category}/{id}", post(append))
@@ -329,20 +333,37 @@ async fn readyz(State(ctx): State<Ctx>) -> Response {
         checks.insert("database".into(), json!(reachable));
         ok &= reachable;
     }
+    // What is wrong and what to do, per failing check, for people.
+    let mut reasons = serde_json::Map::new();
     for (name, live) in &ctx.live {
-        let halted = live.snapshot().halted.is_some();
+        let halted = live.snapshot().halted;
+        let check = format!("projection:{name}");
         checks.insert(
-            format!("projection:{name}"),
-            json!(if halted { "halted" } else { "ok" }),
+            check.clone(),
+            json!(if halted.is_some() { "halted" } else { "ok" }),
         );
-        ok &= !halted;
+        ok &= halted.is_none();
+        if let Some(why) = halted {
+            reasons.insert(check, json!(why));
+        }
+    }
+    // Workers of this process holding an aggregate they cannot dead-letter.
+    for halt in sluice_workers::worker_halts() {
+        let check = format!("worker:{}", halt.worker);
+        checks.insert(check.clone(), json!("halted"));
+        reasons.insert(check, json!(halt.reason));
+        ok = false;
     }
     let status = if ok {
         StatusCode::OK
     } else {
         StatusCode::SERVICE_UNAVAILABLE
     };
-    (status, Json(json!({"ready": ok, "checks": checks}))).into_response()
+    let mut body = json!({"ready": ok, "checks": checks});
+    if !reasons.is_empty() {
+        body["reasons"] = Value::Object(reasons);
+    }
+    (status, Json(body)).into_response()
 }
 
 async fn sqlx_ping(db: &sluice_projections::Database) -> bool {
@@ -383,10 +404,23 @@ async fn prometheus(State(ctx): State<Ctx>) -> Response {
     metrics::gauge!("sluice_group_commit_fsyncs_saved").set(gc.fsyncs_saved as f64);
     metrics::gauge!("sluice_group_commit_conflicts_resolved").set(gc.conflicts_resolved as f64);
     if let Ok(listing) = dlq::list(ctx.store.jetstream(), &Filter::default()).await {
+        let now: std::collections::BTreeSet<(String, String)> = listing
+            .groups
+            .iter()
+            .map(|g| (g.consumer.clone(), g.category.clone()))
+            .collect();
         for g in &listing.groups {
             metrics::gauge!("sluice_dlq_depth", "consumer" => g.consumer.clone(), "category" => g.category.clone())
                 .set(g.count as f64);
         }
+        // A group whose dead letters were all redriven or discarded is not
+        // in the listing any more: its gauge goes back to 0, not stale.
+        let mut seen = ctx.dlq_seen.lock().unwrap_or_else(|p| p.into_inner());
+        for (consumer, category) in seen.difference(&now) {
+            metrics::gauge!("sluice_dlq_depth", "consumer" => consumer.clone(), "category" => category.clone())
+                .set(0.0);
+        }
+        seen.extend(now);
     }
     if let Some(db) = &ctx.db {
         match sluice_ledger::transfer_counts(db).await {
@@ -770,8 +804,44 @@ fn dlq_error(e: sluice_workers::Error) -> Response {
             "Not found",
             format!("no dead letter {id}"),
         ),
+        e @ sluice_workers::Error::NotHead { .. } => problem(
+            StatusCode::CONFLICT,
+            "not-head",
+            "Not the head",
+            e.to_string(),
+        ),
+        e @ sluice_workers::Error::MissingReason => bad_request(e.to_string()),
         other => Problem::internal(other).into_response(),
     }
+}
+
+fn projection_dlq_error(e: sluice_projections::Error) -> Response {
+    match e {
+        sluice_projections::Error::DeadLetters(e) => dlq_error(e),
+        other => Problem::internal(other).into_response(),
+    }
+}
+
+/// The projection a dead letter belongs to, when it is a projection's:
+/// its record and parking live in the read store, so settling it needs that.
+async fn projection_dead_letter(ctx: &Ctx, id: u64) -> Result<Option<String>, Response> {
+    match dlq::show(ctx.store.jetstream(), id).await {
+        Ok(e) => Ok(sluice_projections::projection_of(&e.consumer).map(str::to_owned)),
+        // Let the caller's own call answer (404, or "already redriven").
+        Err(sluice_workers::Error::NotFound(_)) => Ok(None),
+        Err(e) => Err(dlq_error(e)),
+    }
+}
+
+fn no_read_store(projection: &str) -> Response {
+    problem(
+        StatusCode::CONFLICT,
+        "no-read-store",
+        "No read store here",
+        format!(
+            "this dead letter is projection {projection}'s, whose records live in the read store, and this process has none: ask an API replica that has the database, or use `sluice dlq` with --database-url"
+        ),
+    )
 }
 
 async fn dlq_list(State(ctx): State<Ctx>, Query(q): Query<DlqQuery>) -> Response {
@@ -793,7 +863,28 @@ async fn dlq_show(State(ctx): State<Ctx>, UrlPath(id): UrlPath<u64>) -> Response
     }
 }
 
+/// Hands a worker's dead letter back to it; applies a projection's from the
+/// log into the projection (releasing its aggregate): one model, one answer.
 async fn dlq_redrive(State(ctx): State<Ctx>, UrlPath(id): UrlPath<u64>) -> Response {
+    let projection = match projection_dead_letter(&ctx, id).await {
+        Ok(p) => p,
+        Err(r) => return r,
+    };
+    if let Some(name) = projection {
+        let Some(db) = ctx.db.clone() else {
+            return no_read_store(&name);
+        };
+        let member = match sluice_ledger::cli::member(&name) {
+            Ok(m) => m,
+            Err(e) => return Problem::internal(e).into_response(),
+        };
+        return match sluice_projections::redrive_dead_letter(member, db, ctx.store.clone(), id)
+            .await
+        {
+            Ok(r) => Json(r).into_response(),
+            Err(e) => projection_dlq_error(e),
+        };
+    }
     match dlq::redrive(ctx.store.jetstream(), RedriveTarget::Id(id)).await {
         Ok(r) => Json(r).into_response(),
         Err(e) => dlq_error(e),
@@ -813,6 +904,18 @@ async fn dlq_discard(
     let Some(Json(DiscardBody { reason })) = body.filter(|b| !b.reason.trim().is_empty()) else {
         return bad_request("discarding needs {\"reason\": \"...\"}, kept for audit");
     };
+    if let Some(db) = &ctx.db {
+        // Settles a projection's records too (and a worker's as usual).
+        return match sluice_projections::discard(db, &ctx.store, id, &reason).await {
+            Ok(d) => Json(d).into_response(),
+            Err(e) => projection_dlq_error(e),
+        };
+    }
+    match projection_dead_letter(&ctx, id).await {
+        Ok(Some(name)) => return no_read_store(&name),
+        Ok(None) => {}
+        Err(r) => return r,
+    }
     match dlq::discard(ctx.store.jetstream(), id, &reason).await {
         Ok(d) => Json(d).into_response(),
         Err(e) => dlq_error(e),

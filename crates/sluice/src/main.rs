@@ -133,6 +133,10 @@ struct DlqArgs {
     /// One JSON object per line instead of a table.
     #[arg(long, global = true)]
     json: bool,
+    /// Read store, where a projection's dead letters are recorded (default:
+    /// SQLite under the home directory); used only for those.
+    #[arg(long, global = true, env = "SLUICE_DATABASE_URL")]
+    database_url: Option<String>,
 }
 
 /// `sluice consumer ...`.
@@ -206,7 +210,7 @@ async fn main() -> ExitCode {
             Err(e) => Err(e),
         },
         Command::Dlq(a) => match endpoint::resolve(cli.nats_url, &cli.home) {
-            Ok(url) => dlq_cmd::run(a.cmd, &url, a.json).await,
+            Ok(url) => dlq_cmd::run(a.cmd, &url, a.json, &cli.home, a.database_url).await,
             Err(e) => Err(e),
         },
         Command::Consumer(a) => match endpoint::resolve(cli.nats_url, &cli.home) {

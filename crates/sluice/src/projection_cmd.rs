@@ -93,7 +93,8 @@ pub(crate) struct QueryArgs {
     json: bool,
 }
 
-async fn connect(
+/// The read side at `database_url` (or the default store under `home`).
+pub(crate) async fn connect(
     nats_url: Option<String>,
     home: &Path,
     database_url: Option<String>,

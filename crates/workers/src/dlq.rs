@@ -6,6 +6,13 @@
 //! on `dlq.<consumer>.<category>` in the `DLQ` stream, plus the
 //! `Sluice-Dlq-*` headers. Its id is its sequence in `DLQ`.
 //!
+//! A copy always fits: when body and headers together would exceed the
+//! server's `max_payload`, the dead letter is stored *by reference*, with an
+//! empty body and `Sluice-Dlq-Body: reference`; the original stays at
+//! `Sluice-Dlq-Stream` / `Sluice-Dlq-Sequence`, and [`show`] and redrive
+//! fetch it from there with a direct get. [`write`] is the one writer of
+//! dead letters: workers and projections both use it.
+//!
 //! Redrive hands messages back to the one consumer that failed on them,
 //! through the `DLQ_REDRIVE` work queue (`sluice.redrive.<consumer>`); it never
 //! appends to `EVENTS`. It publishes in original order, with a dedup id per
@@ -33,7 +40,7 @@ use crate::park::Parks;
 
 /// Why a message was dead-lettered, coarsely (the reason has the detail).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(crate) enum Kind {
+pub enum Kind {
     /// The message breaks the CloudEvents contract.
     Decode,
     /// The handler returned a permanent error.
@@ -51,7 +58,8 @@ pub(crate) enum Kind {
 }
 
 impl Kind {
-    pub(crate) fn as_str(self) -> &'static str {
+    /// The wire name (`Sluice-Dlq-Kind`, and projections' `sluice_dead_letters.kind`).
+    pub fn as_str(self) -> &'static str {
         match self {
             Kind::Decode => "decode",
             Kind::Handler => "handler",
@@ -65,22 +73,60 @@ impl Kind {
 }
 
 /// Everything needed to write one dead letter.
-pub(crate) struct NewDeadLetter<'a> {
-    pub(crate) consumer: &'a str,
-    pub(crate) subject: &'a str,
-    pub(crate) stream: &'a str,
-    pub(crate) sequence: u64,
-    pub(crate) deliveries: u64,
-    pub(crate) reason: &'a str,
-    pub(crate) kind: Kind,
-    pub(crate) headers: Option<&'a HeaderMap>,
-    pub(crate) payload: Bytes,
-    pub(crate) parked_behind: Option<u64>,
+#[derive(Debug, Clone)]
+pub struct NewDeadLetter<'a> {
+    /// The consumer (worker name, or `projection-<name>`) that failed on it.
+    pub consumer: &'a str,
+    /// Subject of the original message.
+    pub subject: &'a str,
+    /// Stream of the original (`EVENTS`): where a by-reference copy points.
+    pub stream: &'a str,
+    /// Stream sequence of the original.
+    pub sequence: u64,
+    /// Deliveries made before giving up.
+    pub deliveries: u64,
+    /// Why (one line; clipped to 1000 characters).
+    pub reason: &'a str,
+    /// Coarse kind of the failure.
+    pub kind: Kind,
+    /// The original headers, copied (without the server's control headers).
+    pub headers: Option<&'a HeaderMap>,
+    /// The original body, copied unless the copy would not fit.
+    pub payload: Bytes,
+    /// For a parked message: the sequence of the dead letter it waits behind.
+    pub parked_behind: Option<u64>,
     /// Set for a redriven message failing again: the first dead letter of
     /// `<stream>:<consumer>:<seq>` is gone, and the server must not dedup
     /// the new one against it.
-    pub(crate) redrive_of: Option<u64>,
+    pub redrive_of: Option<u64>,
 }
+
+/// The reason a dead letter gives for an event the decoder refused: the
+/// decoder's precise message, and for an oversized event the
+/// `PayloadTooLarge` code operators and tests filter on.
+pub fn decode_reason(e: &sluice_events::Error) -> String {
+    match e {
+        sluice_events::Error::PayloadTooLarge { .. } => format!("PayloadTooLarge: {e}"),
+        other => format!("decode: {other}"),
+    }
+}
+
+/// Bytes a header block takes on the wire (`NATS/1.0\r\n`, one
+/// `Name: value\r\n` per value, a blank line): what counts against the
+/// server's `max_payload` besides the body.
+fn header_len(headers: &HeaderMap) -> usize {
+    let mut n = "NATS/1.0\r\n\r\n".len();
+    for (name, values) in headers.iter() {
+        let name: &str = name.as_ref();
+        for v in values {
+            n += name.len() + 2 + v.as_str().len() + 2;
+        }
+    }
+    n
+}
+
+/// Room kept below `max_payload` for what the client adds to a publish.
+const PUBLISH_MARGIN: usize = 512;
 
 /// The category token of a subject, or [`INVALID_CATEGORY`].
 pub(crate) fn category_of(subject: &str) -> String {
@@ -96,7 +142,36 @@ fn now_rfc3339() -> String {
 }
 
 /// Writes a dead letter and waits for the server's ack. Returns its id.
-pub(crate) async fn write(js: &jetstream::Context, dl: NewDeadLetter<'_>) -> Result<u64, Error> {
+///
+/// The copy always fits the server's `max_payload`: when the original body
+/// and the headers would not, the body is left out and the dead letter
+/// refers to the original (`Sluice-Dlq-Body: reference`); when even the
+/// copied headers would not, only the `Sluice-Dlq-*` headers are kept.
+/// Any failure is [`Error::CannotDeadLetter`]: the caller must not move on.
+pub async fn write(js: &jetstream::Context, dl: NewDeadLetter<'_>) -> Result<u64, Error> {
+    let mut ours = HeaderMap::new();
+    let reason: String = dl
+        .reason
+        .chars()
+        .map(|c| if c.is_control() { ' ' } else { c })
+        .take(1000)
+        .collect();
+    ours.insert(h::REASON, reason.as_str());
+    ours.insert(h::STREAM, dl.stream);
+    ours.insert(h::SEQUENCE, dl.sequence.to_string().as_str());
+    ours.insert(h::CONSUMER, dl.consumer);
+    ours.insert(h::DELIVERIES, dl.deliveries.to_string().as_str());
+    ours.insert(h::FAILED_AT, now_rfc3339().as_str());
+    ours.insert(h::SUBJECT, dl.subject);
+    ours.insert(h::KIND, dl.kind.as_str());
+    if let Some(head) = dl.parked_behind {
+        ours.insert(h::PARKED_BEHIND, head.to_string().as_str());
+    }
+    let dedup = match dl.redrive_of {
+        None => format!("{}:{}:{}", dl.stream, dl.consumer, dl.sequence),
+        Some(r) => format!("{}:{}:{}:redrive-{r}", dl.stream, dl.consumer, dl.sequence),
+    };
+    ours.insert(h::MSG_ID, dedup.as_str());
     let mut headers = HeaderMap::new();
     if let Some(original) = dl.headers {
         for (name, values) in original.iter() {
@@ -122,35 +197,45 @@ pub(crate) async fn write(js: &jetstream::Context, dl: NewDeadLetter<'_>) -> Res
             headers.insert(h::ORIGINAL_MSG_ID, id.as_str());
         }
     }
-    let reason: String = dl
-        .reason
-        .chars()
-        .map(|c| if c.is_control() { ' ' } else { c })
-        .take(1000)
-        .collect();
-    headers.insert(h::REASON, reason.as_str());
-    headers.insert(h::STREAM, dl.stream);
-    headers.insert(h::SEQUENCE, dl.sequence.to_string().as_str());
-    headers.insert(h::CONSUMER, dl.consumer);
-    headers.insert(h::DELIVERIES, dl.deliveries.to_string().as_str());
-    headers.insert(h::FAILED_AT, now_rfc3339().as_str());
-    headers.insert(h::SUBJECT, dl.subject);
-    headers.insert(h::KIND, dl.kind.as_str());
-    if let Some(head) = dl.parked_behind {
-        headers.insert(h::PARKED_BEHIND, head.to_string().as_str());
+    for (name, values) in ours.iter() {
+        let name: &str = name.as_ref();
+        for v in values {
+            headers.insert(name, v.as_str());
+        }
     }
-    let dedup = match dl.redrive_of {
-        None => format!("{}:{}:{}", dl.stream, dl.consumer, dl.sequence),
-        Some(r) => format!("{}:{}:{}:redrive-{r}", dl.stream, dl.consumer, dl.sequence),
+    let max_payload = js.client().server_info().max_payload;
+    let fits = |hm: &HeaderMap, body: usize| {
+        max_payload == 0 || header_len(hm) + body + PUBLISH_MARGIN <= max_payload
     };
-    headers.insert(h::MSG_ID, dedup.as_str());
+    let size = dl.payload.len();
+    let (headers, payload, by_reference) = if fits(&headers, size) {
+        (headers, dl.payload, false)
+    } else {
+        let refer = |mut hm: HeaderMap| {
+            hm.insert(h::BODY, h::BODY_REFERENCE);
+            hm.insert(h::BODY_SIZE, size.to_string().as_str());
+            hm
+        };
+        let with_headers = refer(headers);
+        if fits(&with_headers, 0) {
+            (with_headers, Bytes::new(), true)
+        } else {
+            (refer(ours), Bytes::new(), true)
+        }
+    };
     let subject = format!("{DLQ_PREFIX}.{}.{}", dl.consumer, category_of(dl.subject));
+    let cannot = |e: &dyn std::fmt::Display| Error::CannotDeadLetter {
+        consumer: dl.consumer.to_owned(),
+        subject: dl.subject.to_owned(),
+        sequence: dl.sequence,
+        cause: e.to_string(),
+    };
     let ack = js
-        .publish_with_headers(subject, headers, dl.payload)
+        .publish_with_headers(subject, headers, payload)
         .await
-        .map_err(|e| Error::nats("writing a dead letter", e))?
+        .map_err(|e| cannot(&e))?
         .await
-        .map_err(|e| Error::nats("writing a dead letter", e))?;
+        .map_err(|e| cannot(&e))?;
     tracing::warn!(
         consumer = dl.consumer,
         subject = dl.subject,
@@ -158,10 +243,69 @@ pub(crate) async fn write(js: &jetstream::Context, dl: NewDeadLetter<'_>) -> Res
         kind = dl.kind.as_str(),
         dlq_id = ack.sequence,
         duplicate = ack.duplicate,
+        by_reference,
         reason = %reason,
         "dead-lettered"
     );
     Ok(ack.sequence)
+}
+
+/// The original message a by-reference dead letter (or a redriven message
+/// made from one) points to, read with a direct get; `None` when `headers`
+/// do not mark a by-reference body.
+///
+/// The headers returned are the original's plus every `Sluice-*` header of
+/// `headers`, so a redriven message keeps what the runtime routes it by.
+pub async fn resolve_reference(
+    js: &jetstream::Context,
+    headers: &HeaderMap,
+) -> Result<Option<(HeaderMap, Bytes)>, Error> {
+    if headers.get(h::BODY).map(|v| v.as_str()) != Some(h::BODY_REFERENCE) {
+        return Ok(None);
+    }
+    let get = |n: &str| headers.get(n).map(|v| v.as_str().to_owned());
+    let (Some(stream), Some(sequence)) = (
+        get(h::STREAM),
+        get(h::SEQUENCE).and_then(|s| s.parse::<u64>().ok()),
+    ) else {
+        return Err(Error::OriginalMissing {
+            stream: get(h::STREAM).unwrap_or_default(),
+            sequence: 0,
+            cause: "the reference has no Sluice-Dlq-Stream / Sluice-Dlq-Sequence".to_owned(),
+        });
+    };
+    let missing = |cause: String| Error::OriginalMissing {
+        stream: stream.clone(),
+        sequence,
+        cause,
+    };
+    let s = js
+        .get_stream_no_info(&stream)
+        .await
+        .map_err(|e| missing(e.to_string()))?;
+    let original = s
+        .direct_get(sequence)
+        .await
+        .map_err(|e| missing(e.to_string()))?;
+    let mut merged = HeaderMap::new();
+    for (name, values) in original.headers.iter() {
+        let name: &str = name.as_ref();
+        if name.len() > 5 && name[..5].eq_ignore_ascii_case("Nats-") {
+            continue;
+        }
+        for v in values {
+            merged.append(name, v.as_str());
+        }
+    }
+    for (name, values) in headers.iter() {
+        let name: &str = name.as_ref();
+        if name.starts_with("Sluice-") || name.eq_ignore_ascii_case(h::MSG_ID) {
+            for v in values {
+                merged.insert(name, v.as_str());
+            }
+        }
+    }
+    Ok(Some((merged, original.payload)))
 }
 
 /// One dead letter as the operator sees it.
@@ -198,6 +342,10 @@ pub struct DeadLetter {
     pub stored_at: OffsetDateTime,
     /// Every header, in name order.
     pub headers: BTreeMap<String, Vec<String>>,
+    /// The body is not in the dead letter (it would not have fitted): it is
+    /// the original at `stream`/`sequence`. [`show`] fills `body` from there;
+    /// [`list`] leaves it empty.
+    pub by_reference: bool,
     /// The original body (lossy UTF-8 when shown as text).
     #[serde(serialize_with = "body_as_text")]
     pub body: Bytes,
@@ -255,6 +403,7 @@ impl DeadLetter {
             parked_behind: get(h::PARKED_BEHIND).and_then(|v| v.parse().ok()),
             event_type: get("ce-type"),
             event_id: get("ce-id"),
+            by_reference: get(h::BODY).as_deref() == Some(h::BODY_REFERENCE),
             subject,
             stored_at,
             headers: all,
@@ -400,7 +549,8 @@ pub async fn list(js: &jetstream::Context, filter: &Filter) -> Result<Listing, E
     })
 }
 
-/// One dead letter with headers, body and reason.
+/// One dead letter with headers, body and reason. A by-reference dead
+/// letter gets the original's body (and headers it lacks) from the log.
 pub async fn show(js: &jetstream::Context, id: u64) -> Result<DeadLetter, Error> {
     let stream = dlq_stream(js).await?;
     let m = match stream.get_raw_message(id).await {
@@ -410,7 +560,23 @@ pub async fn show(js: &jetstream::Context, id: u64) -> Result<DeadLetter, Error>
         }
         Err(e) => return Err(Error::nats("reading a dead letter", e)),
     };
-    DeadLetter::parse(id, m.time, Some(&m.headers), m.payload)
+    let mut entry = DeadLetter::parse(id, m.time, Some(&m.headers), m.payload)?;
+    if entry.by_reference
+        && let Some((headers, body)) = resolve_reference(js, &m.headers).await?
+    {
+        for (name, values) in headers.iter() {
+            let name: &str = name.as_ref();
+            entry
+                .headers
+                .entry(name.to_owned())
+                .or_insert_with(|| values.iter().map(|v| v.as_str().to_owned()).collect());
+        }
+        let get = |n: &str| headers.get(n).map(|v| v.as_str().to_owned());
+        entry.event_type = entry.event_type.or_else(|| get("ce-type"));
+        entry.event_id = entry.event_id.or_else(|| get("ce-id"));
+        entry.body = body;
+    }
+    Ok(entry)
 }
 
 /// What [`redrive`] hands back.
@@ -663,6 +829,35 @@ async fn hand_back(
         report.redriven.push(entry.id);
     }
     Ok(())
+}
+
+/// Removes a dead letter whose fate its consumer has settled elsewhere (a
+/// projection applied it, or dropped it from its own records), with an
+/// audit record of `action` (`redrive` or `discard`) and `reason`. Parked
+/// state is the caller's. Removing one that is already gone is not an error.
+pub async fn remove(
+    js: &jetstream::Context,
+    entry: &DeadLetter,
+    action: &str,
+    reason: &str,
+) -> Result<(), Error> {
+    audit(js, action, entry, reason).await?;
+    let stream = dlq_stream(js).await?;
+    match stream.delete_message(entry.id).await {
+        Ok(_) => {}
+        Err(e)
+            if matches!(e.kind(), stream::DeleteMessageErrorKind::JetStream(j)
+                if j.error_code() == jetstream::ErrorCode::NO_MESSAGE_FOUND) => {}
+        Err(e) => return Err(Error::nats("removing a dead letter", e)),
+    }
+    tracing::info!(dlq_id = entry.id, consumer = %entry.consumer, subject = %entry.subject, action, reason, "dead letter removed");
+    Ok(())
+}
+
+/// Ensures the `DLQ` stream and the other dead-letter resources exist (a
+/// projection runner calls it before it may need to dead-letter).
+pub async fn ensure_streams(js: &jetstream::Context, replicas: usize) -> Result<(), Error> {
+    ensure_all(js, replicas).await
 }
 
 /// Removes a dead letter for good, keeping `reason` in the audit log. When it

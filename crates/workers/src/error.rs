@@ -41,6 +41,34 @@ pub enum Error {
     /// A discard was asked for without a reason.
     #[error("a discard needs a reason (it is kept for audit)")]
     MissingReason,
+    /// A dead letter could not be stored (the `DLQ` stream is missing, full,
+    /// or refuses it): the message is neither applied nor dropped, and the
+    /// consumer stops on its aggregate until the DLQ accepts it.
+    #[error(
+        "cannot dead-letter {subject} (stream sequence {sequence}) for {consumer}: {cause}; the consumer holds it and retries: check the DLQ stream (`nats stream info DLQ`: deleted, full or limited), free space or raise its limits"
+    )]
+    CannotDeadLetter {
+        /// The consumer that failed on the message.
+        consumer: String,
+        /// Subject of the message.
+        subject: String,
+        /// Its stream sequence.
+        sequence: u64,
+        /// What the server or client said.
+        cause: String,
+    },
+    /// A by-reference dead letter's original is no longer in its stream.
+    #[error(
+        "the original of a by-reference dead letter ({stream} sequence {sequence}) cannot be read: {cause}; it may have been removed from the log (limits or a purge), so only its headers are left"
+    )]
+    OriginalMissing {
+        /// Stream named by the dead letter.
+        stream: String,
+        /// Sequence named by the dead letter.
+        sequence: u64,
+        /// Why the read failed.
+        cause: String,
+    },
     /// A JetStream or NATS request failed.
     #[error("NATS request failed while {action}: {message}")]
     Nats {
@@ -52,6 +80,11 @@ pub enum Error {
 }
 
 impl Error {
+    /// True when a dead letter could not be stored ([`Error::CannotDeadLetter`]).
+    pub fn is_cannot_dead_letter(&self) -> bool {
+        matches!(self, Error::CannotDeadLetter { .. })
+    }
+
     /// Wraps a client error with what was being done.
     pub(crate) fn nats(action: &'static str, e: impl std::fmt::Display) -> Self {
         Error::Nats {

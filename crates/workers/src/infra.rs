@@ -51,6 +51,14 @@ pub mod headers {
     pub const KIND: &str = "Sluice-Dlq-Kind";
     /// For a parked message: stream sequence of the dead letter it waits behind.
     pub const PARKED_BEHIND: &str = "Sluice-Dlq-Parked-Behind";
+    /// `reference` when the dead letter's body is empty because the copy
+    /// would not have fitted the server's `max_payload`: the body is the
+    /// original at `Sluice-Dlq-Stream` / `Sluice-Dlq-Sequence`.
+    pub const BODY: &str = "Sluice-Dlq-Body";
+    /// The value of [`BODY`] for a by-reference dead letter.
+    pub const BODY_REFERENCE: &str = "reference";
+    /// For a by-reference dead letter: the original body's size in bytes.
+    pub const BODY_SIZE: &str = "Sluice-Dlq-Body-Size";
     /// The original `Nats-Msg-Id` (replaced by the dedup id in the copy).
     pub const ORIGINAL_MSG_ID: &str = "Sluice-Dlq-Original-Msg-Id";
     /// On a redriven message: the dead-letter id it came from.

@@ -28,6 +28,7 @@ pub mod consumers;
 pub mod dlq;
 mod error;
 mod handler;
+mod health;
 mod infra;
 mod lane;
 mod park;
@@ -36,6 +37,7 @@ mod runtime;
 
 pub use error::Error;
 pub use handler::{BoxError, Delivery, Handler, HandlerError, HandlerResult};
+pub use health::{WorkerHalt, worker_halts};
 pub use infra::{
     ADVISORY_STREAM, AUDIT_PREFIX, AUDIT_STREAM, DLQ_PREFIX, DLQ_STREAM, INVALID_CATEGORY,
     PARKED_BUCKET, REDRIVE_PREFIX, REDRIVE_STREAM, headers, partition_of, subject_hash,

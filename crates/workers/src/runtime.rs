@@ -514,6 +514,13 @@ async fn pull_loop<H: Handler>(
                 }
                 None => continue 'outer,
             };
+            let msg = match kind {
+                PullKind::Redrive => match resolve_redriven(&ctx.js, msg).await {
+                    Some(m) => m,
+                    None => continue,
+                },
+                PullKind::Live { .. } => msg,
+            };
             let incoming = match classify(msg, kind) {
                 Classified::Ours(incoming) => incoming,
                 Classified::NotOurs(msg) => {
@@ -535,6 +542,33 @@ async fn pull_loop<H: Handler>(
             if sent.is_err() {
                 break 'outer;
             }
+        }
+    }
+}
+
+/// A redriven by-reference dead letter carries no body: put the original's
+/// (read from the log) in. `None` when it cannot be read now (the message
+/// is handed back for a later try).
+async fn resolve_redriven(
+    js: &jetstream::Context,
+    mut msg: jetstream::Message,
+) -> Option<jetstream::Message> {
+    let Some(headers) = msg.headers.as_ref() else {
+        return Some(msg);
+    };
+    match dlq::resolve_reference(js, headers).await {
+        Ok(None) => Some(msg),
+        Ok(Some((headers, payload))) => {
+            msg.message.headers = Some(headers);
+            msg.message.payload = payload;
+            Some(msg)
+        }
+        Err(e) => {
+            tracing::error!(error = %e, "cannot read the original of a redriven by-reference dead letter; retrying it");
+            let _ = msg
+                .ack_with(AckKind::Nak(Some(Duration::from_secs(5))))
+                .await;
+            None
         }
     }
 }
@@ -782,7 +816,20 @@ async fn term(client: &async_nats::Client, msg: &jetstream::Message, reason: &st
 /// Handles one message end to end and says what its lane should do next.
 async fn process<H: Handler>(ctx: &Ctx<H>, m: Incoming) -> Step {
     match process_inner(ctx, &m).await {
-        Ok(step) => step,
+        Ok(step) => {
+            crate::health::progressed(ctx.config.name, &m.subject);
+            step
+        }
+        Err(e) if e.is_cannot_dead_letter() => {
+            // Never silently: the aggregate stops here (nothing after it is
+            // handled, nothing is dropped), readiness and the halted gauge
+            // say so, and the message is retried until the DLQ takes it.
+            let delay = ctx.config.retry.delay(m.delivered, jitter_unit());
+            tracing::error!(worker = ctx.config.name, subject = %m.subject, seq = m.seq, error = %e, retry_in = ?delay, "worker halted on an aggregate: its dead letter cannot be stored");
+            crate::health::halted(ctx.config.name, &m.subject, m.seq, e.to_string());
+            let _ = m.msg.ack_with(AckKind::Nak(Some(delay))).await;
+            Step::Retrying(delay)
+        }
         Err(e) => {
             // The DLQ or the parked bucket could not be written: retry the
             // whole message later rather than lose or reorder it.
@@ -823,7 +870,7 @@ async fn process_inner<H: Handler>(ctx: &Ctx<H>, m: &Incoming) -> Result<Step, E
     let stream_id = match StreamId::from_subject("events", &m.subject) {
         Ok(s) => s,
         Err(e) => {
-            let reason = format!("decode: {e}");
+            let reason = dlq::decode_reason(&e);
             write(reason.clone(), Kind::Decode, None).await?;
             term(&ctx.client, &m.msg, &reason).await;
             return Ok(Step::Done);
@@ -872,7 +919,7 @@ async fn process_inner<H: Handler>(ctx: &Ctx<H>, m: &Incoming) -> Result<Step, E
                 ctx,
                 m,
                 &stream_id,
-                format!("decode: {e}"),
+                dlq::decode_reason(&e),
                 Kind::Decode,
                 &write,
             )
