@@ -56,6 +56,19 @@ pub enum Error {
     /// The data (or a structured event) is not well-formed JSON.
     #[error("event data is not valid JSON: {0}")]
     InvalidJson(String),
+    /// An event in the log cannot be decoded (it was written around Sluice's
+    /// checks, e.g. by a raw NATS client). Carries its position, so the
+    /// error names the event to repair.
+    #[error("the event at position {position} on {subject} cannot be decoded: {source}")]
+    Undecodable {
+        /// Its stream sequence.
+        position: u64,
+        /// Its NATS subject.
+        subject: String,
+        /// Why decoding failed.
+        #[source]
+        source: Box<Error>,
+    },
     /// The payload exceeds the configured limit.
     #[error(
         "payload of {size} bytes exceeds the limit of {limit} bytes; store large blobs elsewhere and reference them"
@@ -174,6 +187,7 @@ impl Error {
                 | Error::PayloadTooLarge { .. }
                 | Error::EmptyAppend
                 | Error::TooManyEvents { .. }
+                | Error::Undecodable { .. }
         )
     }
 

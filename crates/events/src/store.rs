@@ -555,8 +555,15 @@ impl EventStore {
             .info()
             .map_err(|e| Error::Nats(e.to_string()))?
             .stream_sequence;
-        let stream_id = StreamId::from_subject(&self.inner.config.subject_prefix, &m.subject)?;
-        let envelope = Envelope::decode(m.headers.as_ref(), &m.payload, usize::MAX)?;
+        let undecodable = |source| Error::Undecodable {
+            position,
+            subject: m.subject.to_string(),
+            source: Box::new(source),
+        };
+        let stream_id = StreamId::from_subject(&self.inner.config.subject_prefix, &m.subject)
+            .map_err(undecodable)?;
+        let envelope =
+            Envelope::decode(m.headers.as_ref(), &m.payload, usize::MAX).map_err(undecodable)?;
         Ok(RecordedEvent {
             stream_id,
             position,

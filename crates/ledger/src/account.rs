@@ -103,6 +103,25 @@ pub enum AccountRejection {
     NotEmpty(i64),
 }
 
+impl AccountRejection {
+    /// A stable name of the rule that refused the command, for clients to
+    /// branch on (the HTTP problem's `rule`); the message is for people.
+    pub fn rule(&self) -> &'static str {
+        match self {
+            Self::AlreadyOpen => "account-already-open",
+            Self::NotFound => "account-must-exist",
+            Self::Closed => "account-must-be-open",
+            Self::InvalidAmount(_) => "amount-must-be-positive",
+            Self::InvalidOwner => "owner-length",
+            Self::InvalidCurrency(_) => "currency-code",
+            Self::CurrencyMismatch { .. } => "currency-must-match",
+            Self::InsufficientFunds { .. } => "sufficient-funds",
+            Self::Overflow => "balance-in-range",
+            Self::NotEmpty(_) => "close-only-empty",
+        }
+    }
+}
+
 impl Account {
     /// True once opened (also when closed since).
     pub fn exists(&self) -> bool {

@@ -25,6 +25,7 @@ use axum::Router;
 use axum::extract::rejection::QueryRejection;
 use axum::extract::{Path, Query, State};
 use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
+use axum::middleware;
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use futures::StreamExt;
@@ -125,8 +126,11 @@ pub fn app(state: AppState) -> Router {
         .route("/v1/projections/{name}/rows", get(list_rows))
         .route("/v1/projections/{name}/rows/{key}", get(get_row))
         .route("/v1/streams/{category}/{id}", get(get_stream))
-        .fallback(|| async { Problem::not_found("no such endpoint") })
+        .fallback(|| async {
+            Problem::not_found("no such endpoint: see /openapi.json for the routes")
+        })
         .with_state(state)
+        .layer(middleware::from_fn(problem_responses))
 }
 
 /// Serves [`app`] on `addr` until `shutdown` is cancelled. Prints nothing:
@@ -154,97 +158,6 @@ pub async fn serve(
             op: "serve",
             source,
         })
-}
-
-/// An RFC 9457 problem details response.
-#[derive(Debug, Serialize)]
-pub struct Problem {
-    #[serde(rename = "type")]
-    kind: String,
-    title: &'static str,
-    status: u16,
-    detail: String,
-    #[serde(skip)]
-    retry_after: Option<u64>,
-}
-
-impl Problem {
-    /// A problem with a status, a type slug, a title and a detail for people.
-    pub fn new(
-        status: StatusCode,
-        slug: &str,
-        title: &'static str,
-        detail: impl Into<String>,
-    ) -> Self {
-        Self {
-            kind: format!("https://sluice.invalid/problems/{slug}"),
-            title,
-            status: status.as_u16(),
-            detail: detail.into(),
-            retry_after: None,
-        }
-    }
-
-    fn not_found(detail: impl Into<String>) -> Self {
-        Self::new(StatusCode::NOT_FOUND, "not-found", "Not found", detail)
-    }
-
-    fn bad_request(detail: impl Into<String>) -> Self {
-        Self::new(
-            StatusCode::BAD_REQUEST,
-            "bad-request",
-            "Bad request",
-            detail,
-        )
-    }
-
-    /// Logs the cause and answers without it.
-    pub fn internal(e: impl std::fmt::Display) -> Self {
-        tracing::error!(error = %e, "HTTP request failed");
-        let mut p = Self::new(
-            StatusCode::SERVICE_UNAVAILABLE,
-            "unavailable",
-            "Service unavailable",
-            "the read store or the event log is unavailable; try again shortly",
-        );
-        p.retry_after = Some(1);
-        p
-    }
-
-    /// Adds a `Retry-After` header (seconds).
-    pub fn with_retry_after(mut self, secs: u64) -> Self {
-        self.retry_after = Some(secs);
-        self
-    }
-}
-
-impl IntoResponse for Problem {
-    fn into_response(self) -> Response {
-        let status = StatusCode::from_u16(self.status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
-        let retry = self.retry_after;
-        let mut resp = (status, Json(&self)).into_response();
-        resp.headers_mut().insert(
-            header::CONTENT_TYPE,
-            HeaderValue::from_static("application/problem+json"),
-        );
-        if let Some(secs) = retry {
-            resp.headers_mut()
-                .insert(header::RETRY_AFTER, HeaderValue::from(secs));
-        }
-        resp
-    }
-}
-
-impl From<Error> for Problem {
-    fn from(e: Error) -> Self {
-        Self::internal(e)
-    }
-}
-
-impl From<sqlx::Error> for Problem {
-    fn from(e: sqlx::Error) -> Self {
-        Self::internal(e)
-    }
 }
 
 #[derive(Serialize)]
@@ -328,14 +241,11 @@ async fn wait_for(s: &AppState, name: &str, min: Option<u64>) -> Result<(), Prob
             return Ok(());
         }
         if tokio::time::Instant::now() >= deadline {
-            let mut p = Problem::new(
-                StatusCode::SERVICE_UNAVAILABLE,
-                "not-caught-up",
-                "Projection not caught up",
+            return Err(Problem::of(
+                ProblemType::NotCaughtUp,
                 format!("projection {name} has not reached position {min} yet"),
-            );
-            p.retry_after = Some(1);
-            return Err(p);
+            )
+            .with_retry_after(1));
         }
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
@@ -485,11 +395,11 @@ async fn get_stream(
         s.0.store
             .read(&stream_id, q.from.unwrap_or(1))
             .await
-            .map_err(Problem::internal)?;
+            .map_err(Problem::from)?;
     let mut events = Vec::new();
     let mut next = None;
     while let Some(item) = feed.next().await {
-        let e = item.map_err(Problem::internal)?;
+        let e = item.map_err(Problem::from)?;
         if events.len() == limit {
             next = Some(e.position);
             break;
@@ -517,6 +427,13 @@ async fn get_stream(
         next,
     }))
 }
+
+mod problem;
+
+pub use problem::{
+    PROBLEM_BASE, PROBLEM_JSON, Problem, ProblemType, json_objects_only, json_rejection,
+    problem_responses,
+};
 
 #[cfg(test)]
 mod tests;

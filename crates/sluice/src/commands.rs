@@ -31,11 +31,25 @@ pub(crate) struct PublishArgs {
     #[arg(long, default_value = "urn:sluice:cli")]
     source: String,
     /// Event id, to make a retried publish idempotent (default: a new UUIDv7).
-    #[arg(long)]
-    id: Option<String>,
+    #[arg(long, value_parser = event_id_arg)]
+    id: Option<EventId>,
     /// Print one JSON object instead of text.
     #[arg(long)]
     json: bool,
+}
+
+/// Clap parser for an aggregate, account, transfer or consumer id: one
+/// subject token (`[A-Za-z0-9_-]{1,128}`), so a bad id is a usage error
+/// (exit 2) found before anything is sent.
+pub(crate) fn id_arg(s: &str) -> Result<String, String> {
+    validate_token("id", s)
+        .map(|()| s.to_owned())
+        .map_err(|e| e.to_string())
+}
+
+/// Clap parser for an event id (1-128 printable ASCII characters).
+fn event_id_arg(s: &str) -> Result<EventId, String> {
+    EventId::parse(s).map_err(|e| e.to_string())
 }
 
 fn parse_expected(s: &str) -> Result<ExpectedVersion, String> {
@@ -74,7 +88,7 @@ pub(crate) async fn publish(
 ) -> anyhow::Result<()> {
     let mut event = NewEvent::new(args.event_type, load_data(&args.data)?).with_source(args.source);
     if let Some(id) = args.id {
-        event = event.with_id(EventId::parse(&id)?);
+        event = event.with_id(id);
     }
     // Validate before connecting, so bad input fails fast and offline.
     event.validate(StoreConfig::default().max_payload)?;

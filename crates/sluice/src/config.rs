@@ -83,6 +83,10 @@ pub(crate) struct HttpSection {
     pub(crate) cors_origins: Vec<String>,
     /// Sustained requests per second per client address (default 200).
     pub(crate) rate_per_sec: Option<u32>,
+    /// Reverse proxies (addresses or CIDRs, e.g. `10.0.0.0/8`) whose
+    /// `X-Forwarded-For` the rate limiter believes; empty (default) = it
+    /// keys on the TCP peer only.
+    pub(crate) trusted_proxies: Vec<String>,
 }
 
 /// Durable worker settings (the worker and saga roles).
@@ -169,6 +173,13 @@ impl Config {
         if let Some(v) = env("SLUICE_HTTP_TOKEN_FILE") {
             c.http.token_file = Some(v.into());
         }
+        if let Some(v) = env("SLUICE_HTTP_TRUSTED_PROXIES") {
+            c.http.trusted_proxies = v
+                .split(',')
+                .map(|p| p.trim().to_owned())
+                .filter(|p| !p.is_empty())
+                .collect();
+        }
         for (key, dst) in [
             ("SLUICE_WORKER_ACK_WAIT_SECS", &mut c.workers.ack_wait_secs),
             (
@@ -239,6 +250,7 @@ impl Config {
                 "nats.user is set but no password: set nats.password_file or SLUICE_NATS_PASSWORD"
             );
         }
+        self.trusted_proxies()?;
         for (what, file) in [
             ("nats.password_file", &self.nats.password_file),
             ("nats.nkey_seed_file", &self.nats.nkey_seed_file),
@@ -272,6 +284,23 @@ impl Config {
             secs(self.workers.ack_wait_secs.unwrap_or(30)),
             secs(self.workers.pin_timeout_secs.unwrap_or(90)),
         )
+    }
+
+    /// `http.trusted_proxies` parsed: a bare address is a network of one.
+    pub(crate) fn trusted_proxies(&self) -> anyhow::Result<Vec<ipnet::IpNet>> {
+        self.http
+            .trusted_proxies
+            .iter()
+            .map(|p| {
+                p.parse::<ipnet::IpNet>()
+                    .or_else(|_| p.parse::<std::net::IpAddr>().map(ipnet::IpNet::from))
+                    .map_err(|_| {
+                        anyhow::anyhow!(
+                            "http.trusted_proxies entry {p:?} is not an IP address or CIDR like 10.0.0.0/8"
+                        )
+                    })
+            })
+            .collect()
     }
 
     /// The HTTP listen address.
@@ -362,6 +391,28 @@ mod tests {
     }
 
     #[test]
+    fn trusted_proxies_take_addresses_and_networks() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("sluice.toml");
+        std::fs::write(
+            &path,
+            "[http]\ntrusted_proxies = [\"10.0.0.0/8\", \"192.168.1.5\", \"::1\"]\n",
+        )
+        .unwrap();
+        let c = Config::load_with(Some(&path), none).unwrap();
+        let nets = c.trusted_proxies().unwrap();
+        assert_eq!(nets.len(), 3);
+        assert!(nets[0].contains(&"10.9.8.7".parse::<std::net::IpAddr>().unwrap()));
+        assert!(nets[1].contains(&"192.168.1.5".parse::<std::net::IpAddr>().unwrap()));
+        assert!(!nets[1].contains(&"192.168.1.6".parse::<std::net::IpAddr>().unwrap()));
+        let env = |k: &str| {
+            (k == "SLUICE_HTTP_TRUSTED_PROXIES").then(|| "127.0.0.1, 10.1.0.0/16".to_owned())
+        };
+        let c = Config::load_with(None, env).unwrap();
+        assert_eq!(c.trusted_proxies().unwrap().len(), 2);
+    }
+
+    #[test]
     fn bad_configs_say_what_to_fix() {
         let cases = [
             ("[nats]\npassword = \"hunter2\"\n", "password_file"),
@@ -376,6 +427,10 @@ mod tests {
                 "must exceed",
             ),
             ("[workers]\nack_wait_secs = 0\n", "at least 1"),
+            (
+                "[http]\ntrusted_proxies = [\"10.0.0.0/33\"]\n",
+                "not an IP address or CIDR",
+            ),
         ];
         let dir = tempfile::tempdir().unwrap();
         for (text, expected) in cases {

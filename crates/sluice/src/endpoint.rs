@@ -1,5 +1,12 @@
 //! The endpoint file `sluice up` writes, so other commands run in the same
-//! directory find the embedded server without configuration.
+//! directory find the embedded server and the read store without
+//! configuration.
+//!
+//! The file is private to its owner (mode 0600, like the API token beside
+//! it) and never holds a database password: the read store's URL is kept
+//! with the password removed, and operator commands take the password from
+//! `PGPASSWORD` or `~/.pgpass` (libpq's conventions, which the driver
+//! honours), or from a full `--database-url` / `SLUICE_DATABASE_URL`.
 
 use std::path::{Path, PathBuf};
 
@@ -18,17 +25,39 @@ pub(crate) struct Endpoint {
     /// Where the HTTP API listens, if this process serves it.
     #[serde(default)]
     pub(crate) http_addr: Option<String>,
+    /// The read store this process projects into, password removed (see
+    /// [`without_password`]); absent when it runs no read side.
+    #[serde(default)]
+    pub(crate) database_url: Option<String>,
+    /// True when a password was removed from `database_url`.
+    #[serde(default)]
+    pub(crate) database_password_removed: bool,
 }
 
 pub(crate) fn path(home: &Path) -> PathBuf {
     home.join("endpoint.json")
 }
 
+/// Writes the file atomically, readable and writable by its owner only.
 pub(crate) fn write(home: &Path, endpoint: &Endpoint) -> anyhow::Result<()> {
+    use std::io::Write as _;
+    use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
     std::fs::create_dir_all(home).with_context(|| format!("creating {}", home.display()))?;
     let tmp = home.join("endpoint.json.tmp");
-    std::fs::write(&tmp, serde_json::to_vec_pretty(endpoint)?)?;
-    std::fs::rename(&tmp, path(home))?;
+    let _ = std::fs::remove_file(&tmp);
+    let mut f = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(&tmp)
+        .with_context(|| format!("creating {}", tmp.display()))?;
+    // The umask cannot widen 0600, but a stricter one is kept as it is.
+    f.set_permissions(std::fs::Permissions::from_mode(0o600))?;
+    f.write_all(&serde_json::to_vec_pretty(endpoint)?)?;
+    f.sync_all()?;
+    drop(f);
+    std::fs::rename(&tmp, path(home))
+        .with_context(|| format!("writing {}", path(home).display()))?;
     Ok(())
 }
 
@@ -52,4 +81,149 @@ pub(crate) fn resolve(nats_url: Option<String>, home: &Path) -> anyhow::Result<S
             path(home).display()
         )
     })
+}
+
+/// `url` with the password of its user info removed (`postgres://u:pw@h/db`
+/// becomes `postgres://u@h/db`), and whether there was one.
+pub(crate) fn without_password(url: &str) -> (String, bool) {
+    let Some((scheme, rest)) = url.split_once("://") else {
+        return (url.to_owned(), false);
+    };
+    let authority_end = rest.find(['/', '?', '#']).unwrap_or(rest.len());
+    let (authority, tail) = rest.split_at(authority_end);
+    let Some((userinfo, host)) = authority.rsplit_once('@') else {
+        return (url.to_owned(), false);
+    };
+    match userinfo.split_once(':') {
+        Some((user, _password)) => (format!("{scheme}://{user}@{host}{tail}"), true),
+        None => (url.to_owned(), false),
+    }
+}
+
+/// `url` fit for messages and logs: the password replaced by `***`.
+pub(crate) fn redacted(url: &str) -> String {
+    match without_password(url) {
+        (stripped, true) => stripped.replacen('@', ":***@", 1),
+        (same, false) => same,
+    }
+}
+
+/// The read store to use and where it came from.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct ReadStore {
+    /// The URL to connect to.
+    pub(crate) url: String,
+    /// Said when connecting fails, so the user knows which store was tried.
+    pub(crate) origin: &'static str,
+}
+
+/// The read store: the flag or `SLUICE_DATABASE_URL`, else the one the
+/// endpoint file records, else the SQLite file `sluice up` makes under the
+/// home, which must exist (an operator command never creates an empty one
+/// and reports it as the truth).
+pub(crate) fn resolve_database(
+    database_url: Option<String>,
+    home: &Path,
+) -> anyhow::Result<ReadStore> {
+    if let Some(url) = database_url {
+        return Ok(ReadStore {
+            url,
+            origin: "--database-url / SLUICE_DATABASE_URL",
+        });
+    }
+    if let Some(Endpoint {
+        database_url: Some(url),
+        database_password_removed,
+        ..
+    }) = read(home)
+    {
+        return Ok(ReadStore {
+            url,
+            origin: if database_password_removed {
+                "the endpoint file, which keeps no password: set PGPASSWORD or ~/.pgpass, or give the full URL with --database-url"
+            } else {
+                "the endpoint file"
+            },
+        });
+    }
+    let file = home.join("read.db");
+    anyhow::ensure!(
+        file.exists(),
+        "no read store here: {} does not exist and no running `sluice up` records one in {}; run `sluice up` in this directory, or give --database-url / SLUICE_DATABASE_URL",
+        file.display(),
+        path(home).display()
+    );
+    Ok(ReadStore {
+        url: sluice_ledger::default_database_url(home),
+        origin: "the default SQLite file under the home",
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn passwords_never_reach_the_file_or_messages() {
+        for (url, stripped, had) in [
+            (
+                "postgres://sluice:s3cr:et@db.internal:5432/read?sslmode=require",
+                "postgres://sluice@db.internal:5432/read?sslmode=require",
+                true,
+            ),
+            (
+                "postgres://sluice@db/read",
+                "postgres://sluice@db/read",
+                false,
+            ),
+            ("postgres://db/read", "postgres://db/read", false),
+            (
+                "sqlite://.sluice/read.db",
+                "sqlite://.sluice/read.db",
+                false,
+            ),
+            ("postgres://u:p@h", "postgres://u@h", true),
+        ] {
+            assert_eq!(without_password(url), (stripped.to_owned(), had), "{url}");
+        }
+        assert_eq!(
+            redacted("postgres://u:hunter2@h:5432/db"),
+            "postgres://u:***@h:5432/db"
+        );
+        assert_eq!(redacted("postgres://u@h/db"), "postgres://u@h/db");
+    }
+
+    #[test]
+    fn the_file_is_private_and_records_the_read_store() {
+        use std::os::unix::fs::PermissionsExt;
+        let home = tempfile::tempdir().unwrap();
+        let err = resolve_database(None, home.path()).unwrap_err().to_string();
+        assert!(err.contains("no read store here"), "{err}");
+        assert!(!home.path().join("read.db").exists(), "no stray read.db");
+        let (url, removed) = without_password("postgres://u:pw@127.0.0.1/db");
+        write(
+            home.path(),
+            &Endpoint {
+                nats_url: "nats://127.0.0.1:1".into(),
+                pid: 1,
+                sync_always: true,
+                http_addr: None,
+                database_url: Some(url),
+                database_password_removed: removed,
+            },
+        )
+        .unwrap();
+        let mode = std::fs::metadata(path(home.path()))
+            .unwrap()
+            .permissions()
+            .mode();
+        assert_eq!(mode & 0o777, 0o600);
+        let text = std::fs::read_to_string(path(home.path())).unwrap();
+        assert!(!text.contains("pw"), "{text}");
+        let store = resolve_database(None, home.path()).unwrap();
+        assert_eq!(store.url, "postgres://u@127.0.0.1/db");
+        assert!(store.origin.contains("PGPASSWORD"), "{}", store.origin);
+        let flag = resolve_database(Some("sqlite://x.db".into()), home.path()).unwrap();
+        assert_eq!(flag.url, "sqlite://x.db", "an explicit flag wins");
+    }
 }

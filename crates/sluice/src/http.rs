@@ -2,7 +2,8 @@
 //! appends, dead-letter operations, health, readiness, metrics and the
 //! OpenAPI document, behind bearer-token authentication for everything that
 //! changes state or touches dead letters, per-client rate limiting, body size
-//! limits and timeouts. CORS is off unless origins are configured.
+//! limits and timeouts. CORS is off unless origins are configured. Every
+//! error is an RFC 9457 problem (see `sluice_projections::http::problem`).
 
 use std::net::{IpAddr, SocketAddr};
 use std::num::NonZeroU32;
@@ -18,6 +19,7 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
 use governor::{DefaultKeyedRateLimiter, Quota, RateLimiter};
+use ipnet::IpNet;
 use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle};
 use serde::Deserialize;
 use serde_json::{Value, json};
@@ -25,7 +27,9 @@ use sluice_events::{
     Error as EventsError, EventId, EventStore, ExpectedVersion, NewEvent, StreamId, TraceParent,
 };
 use sluice_projections::LiveStatus;
-use sluice_projections::http::Problem;
+use sluice_projections::http::{
+    Problem, ProblemType, json_objects_only, json_rejection, problem_responses,
+};
 use sluice_workers::dlq::{self, Filter, RedriveTarget};
 use subtle::ConstantTimeEq;
 use tokio_util::sync::CancellationToken;
@@ -49,6 +53,8 @@ pub(crate) struct HttpOptions {
     pub(crate) timeout: Duration,
     /// Origins allowed by CORS; empty = CORS off.
     pub(crate) cors_origins: Vec<String>,
+    /// Reverse proxies whose `X-Forwarded-For` the rate limiter believes.
+    pub(crate) trusted_proxies: Vec<IpNet>,
 }
 
 impl HttpOptions {
@@ -61,6 +67,7 @@ impl HttpOptions {
             body_limit: 1024 * 1024,
             timeout: Duration::from_secs(30),
             cors_origins: Vec::new(),
+            trusted_proxies: Vec::new(),
         }
     }
 }
@@ -122,6 +129,7 @@ struct Ctx {
     metrics: PrometheusHandle,
     token: Arc<str>,
     limiter: Arc<DefaultKeyedRateLimiter<IpAddr>>,
+    trusted_proxies: Arc<[IpNet]>,
     started: Instant,
     /// `(consumer, category)` pairs the DLQ depth gauge was set for, so a
     /// pair whose dead letters are all gone is set back to 0.
@@ -151,6 +159,7 @@ pub(crate) fn router(queries: Router, parts: Parts, opts: &HttpOptions) -> Route
         metrics: metrics_handle(),
         token: opts.token.clone(),
         limiter: Arc::new(RateLimiter::keyed(quota)),
+        trusted_proxies: opts.trusted_proxies.clone().into(),
         started: Instant::now(),
         dlq_seen: Arc::default(),
     };
@@ -176,13 +185,17 @@ pub(crate) fn router(queries: Router, parts: Parts, opts: &HttpOptions) -> Route
         .merge(open)
         .with_state(ctx.clone())
         .merge(queries)
+        .layer(middleware::from_fn(json_objects_only))
         .layer(middleware::from_fn_with_state(ctx.clone(), rate_limit))
         .layer(middleware::from_fn(record_metrics))
         .layer(RequestBodyLimitLayer::new(opts.body_limit))
         .layer(TimeoutLayer::with_status_code(
             StatusCode::REQUEST_TIMEOUT,
             opts.timeout,
-        ));
+        ))
+        // Outermost but CORS: whatever a layer inside answered on its own
+        // (404, 405, 408, 413, 415, rejections) leaves as a problem.
+        .layer(middleware::from_fn(problem_responses));
     if !opts.cors_origins.is_empty() {
         let origins: Vec<HeaderValue> = opts
             .cors_origins
@@ -199,20 +212,37 @@ pub(crate) fn router(queries: Router, parts: Parts, opts: &HttpOptions) -> Route
     app
 }
 
-/// Serves `app` on `addr` until `shutdown`, with client addresses for the
-/// rate limiter; reports the bound address.
-pub(crate) async fn serve(
-    addr: SocketAddr,
-    app: Router,
-    shutdown: CancellationToken,
-    bound: tokio::sync::oneshot::Sender<SocketAddr>,
-) -> anyhow::Result<()> {
-    let listener = tokio::net::TcpListener::bind(addr)
-        .await
-        .with_context(|| format!("binding the HTTP API on {addr}"))?;
+/// Binds the HTTP API's address, before anything is served, so a taken
+/// port is reported as such (with what to do) instead of surfacing later.
+pub(crate) async fn bind(addr: SocketAddr) -> anyhow::Result<tokio::net::TcpListener> {
+    use std::io::ErrorKind;
+    let listener = tokio::net::TcpListener::bind(addr).await.map_err(|e| {
+        let what = match e.kind() {
+            ErrorKind::AddrInUse => format!(
+                "the HTTP address {addr} is already in use (another sluice or another program listens there): stop that process, or choose another address with --http, SLUICE_HTTP_ADDR or http.addr in the config (port 0 picks a free one)"
+            ),
+            ErrorKind::PermissionDenied => format!(
+                "not allowed to listen on {addr}: use a port above 1023 (--http, SLUICE_HTTP_ADDR or http.addr)"
+            ),
+            ErrorKind::AddrNotAvailable => format!(
+                "{addr} is not an address of this machine: use one of its addresses, 127.0.0.1 or 0.0.0.0 (--http, SLUICE_HTTP_ADDR or http.addr)"
+            ),
+            _ => format!("binding the HTTP API on {addr}: {e}"),
+        };
+        anyhow::anyhow!(what)
+    })?;
     let local = listener.local_addr()?;
     tracing::info!(addr = %local, "HTTP API listening");
-    let _ = bound.send(local);
+    Ok(listener)
+}
+
+/// Serves `app` on a bound `listener` until `shutdown`, with client
+/// addresses for the rate limiter.
+pub(crate) async fn serve(
+    listener: tokio::net::TcpListener,
+    app: Router,
+    shutdown: CancellationToken,
+) -> anyhow::Result<()> {
     axum::serve(
         listener,
         app.into_make_service_with_connect_info::<SocketAddr>(),
@@ -231,12 +261,21 @@ fn problem(
     Problem::new(status, slug, title, detail).into_response()
 }
 
+/// The credentials of an `Authorization: Bearer <token>` header. The scheme
+/// is case-insensitive (RFC 9110 section 11.1), the token is not.
+fn bearer_token(value: &str) -> Option<&str> {
+    let (scheme, token) = value.trim().split_once(' ')?;
+    scheme
+        .eq_ignore_ascii_case("bearer")
+        .then(|| token.trim_start())
+}
+
 async fn require_token(State(ctx): State<Ctx>, req: Request, next: Next) -> Response {
     let given = req
         .headers()
         .get(header::AUTHORIZATION)
         .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.strip_prefix("Bearer "))
+        .and_then(bearer_token)
         .unwrap_or("");
     // Constant time, so the comparison does not leak the token's prefix.
     if bool::from(given.as_bytes().ct_eq(ctx.token.as_bytes())) {
@@ -253,12 +292,54 @@ async fn require_token(State(ctx): State<Ctx>, req: Request, next: Next) -> Resp
     resp
 }
 
+/// Paths the rate limiter never throttles: probes and scrapes must see a
+/// busy server as it is, not be refused by it.
+const UNLIMITED_PATHS: [&str; 3] = ["/healthz", "/readyz", "/metrics"];
+
+/// The address the rate limiter keys on: the TCP peer, unless the peer is a
+/// trusted proxy; then the rightmost `X-Forwarded-For` address that is not
+/// a trusted proxy (each proxy appends the address it saw, so everything to
+/// the left of the first untrusted hop may be forged by the client).
+fn client_address(peer: IpAddr, headers: &axum::http::HeaderMap, trusted: &[IpNet]) -> IpAddr {
+    let is_trusted = |ip: &IpAddr| trusted.iter().any(|net| net.contains(ip));
+    if !is_trusted(&peer) {
+        return peer;
+    }
+    let mut client = peer;
+    // Several header lines are one list, in order (RFC 9110 section 5.3).
+    let lines: Vec<&str> = headers
+        .get_all("x-forwarded-for")
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .collect();
+    for hop in lines.iter().rev().flat_map(|l| l.rsplit(',')) {
+        let hop = hop.trim();
+        let Some(ip) = hop
+            .parse::<IpAddr>()
+            .ok()
+            .or_else(|| hop.parse::<SocketAddr>().ok().map(|s| s.ip()))
+        else {
+            // Not an address: the last trusted hop is all we know.
+            return client;
+        };
+        client = ip;
+        if !is_trusted(&ip) {
+            return ip;
+        }
+    }
+    client
+}
+
 async fn rate_limit(State(ctx): State<Ctx>, req: Request, next: Next) -> Response {
-    let ip = req
+    if UNLIMITED_PATHS.contains(&req.uri().path()) {
+        return next.run(req).await;
+    }
+    let peer = req
         .extensions()
         .get::<ConnectInfo<SocketAddr>>()
         .map(|c| c.0.ip())
         .unwrap_or(IpAddr::from([0, 0, 0, 0]));
+    let ip = client_address(peer, req.headers(), &ctx.trusted_proxies);
     match ctx.limiter.check_key(&ip) {
         Ok(()) => next.run(req).await,
         Err(not_until) => {
@@ -501,10 +582,8 @@ async fn append(
     let Json(body) = match body {
         Ok(b) => b,
         Err(e) => {
-            return bad_request(format!(
-                "the body must be {{\"events\": [{{\"type\", \"data\"}}], \"expected_version\"?}}: {}",
-                e.body_text()
-            ));
+            return json_rejection(&e, r#"{"events": [{"type", "data"}], "expected_version"?}"#)
+                .into_response();
         }
     };
     let stream = match StreamId::new(category, id) {
@@ -582,7 +661,10 @@ struct TransferBody {
 
 fn saga_error(e: sluice_sagas::SagaError) -> Response {
     match e {
-        sluice_sagas::SagaError::Invalid(msg) => bad_request(msg),
+        // The transfer's own rules (a positive amount, two accounts).
+        sluice_sagas::SagaError::Invalid(msg) => Problem::of(ProblemType::Rejected, msg)
+            .with("rule", "transfer")
+            .into_response(),
         sluice_sagas::SagaError::Events(e) if e.is_invalid_input() => bad_request(e.to_string()),
         other => Problem::internal(other).into_response(),
     }
@@ -612,10 +694,7 @@ async fn start_transfer(
     let Json(b) = match body {
         Ok(b) => b,
         Err(e) => {
-            return bad_request(format!(
-                "the body must be {{\"from\", \"to\", \"amount\", \"id\"?}}: {}",
-                e.body_text()
-            ));
+            return json_rejection(&e, r#"{"from", "to", "amount", "id"?}"#).into_response();
         }
     };
     // The transfer id is the idempotency key; a key given both ways must agree.
@@ -700,10 +779,23 @@ async fn account_command(
         )
             .into_response(),
         Err(sluice_ledger::Error::IdempotencyKeyReused(k)) => key_reused(&k),
-        Err(sluice_ledger::Error::Rejected(r)) => problem(StatusCode::CONFLICT, "rejected", "Command refused", r.to_string()),
+        Err(sluice_ledger::Error::Rejected(r)) => rejected(&r),
         Err(sluice_ledger::Error::Events(e)) if e.is_invalid_input() => bad_request(e.to_string()),
         Err(e) => Problem::internal(e).into_response(),
     }
+}
+
+/// A refused account command: 422 naming the rule, except that an account
+/// that already exists is a conflict (409) and a missing one is 404.
+fn rejected(r: &sluice_ledger::AccountRejection) -> Response {
+    let kind = match r {
+        sluice_ledger::AccountRejection::AlreadyOpen => ProblemType::Conflict,
+        sluice_ledger::AccountRejection::NotFound => ProblemType::NotFound,
+        _ => ProblemType::Rejected,
+    };
+    Problem::of(kind, format!("command refused: {r}"))
+        .with("rule", r.rule())
+        .into_response()
 }
 
 async fn open_account(
@@ -714,10 +806,7 @@ async fn open_account(
     let Json(b) = match body {
         Ok(b) => b,
         Err(e) => {
-            return bad_request(format!(
-                "the body must be {{\"owner\", \"currency\", \"id\"?}}: {}",
-                e.body_text()
-            ));
+            return json_rejection(&e, r#"{"owner", "currency", "id"?}"#).into_response();
         }
     };
     let id =
@@ -740,10 +829,7 @@ async fn amount_command(
 ) -> Response {
     match body {
         Ok(Json(b)) => account_command(ctx, id, command(b.amount), headers).await,
-        Err(e) => bad_request(format!(
-            "the body must be {{\"amount\": <minor units>}}: {}",
-            e.body_text()
-        )),
+        Err(e) => json_rejection(&e, r#"{"amount": <minor units>}"#).into_response(),
     }
 }
 
@@ -935,9 +1021,11 @@ pub(crate) fn openapi_document() -> Value {
                  "description": "Event log, read models and operator API of Sluice."},
         "components": {
             "securitySchemes": {"bearer": {"type": "http", "scheme": "bearer"}},
-            "schemas": {"Problem": {"type": "object", "properties": {
+            "schemas": {"Problem": {"type": "object", "required": ["type", "title", "status", "detail"], "properties": {
                 "type": {"type": "string"}, "title": {"type": "string"},
-                "status": {"type": "integer"}, "detail": {"type": "string"}}}}
+                "status": {"type": "integer"}, "detail": {"type": "string"},
+                "rule": {"type": "string", "description": "the domain rule that refused the command (422 rejected)"},
+                "position": {"type": "integer", "description": "the stored event that cannot be decoded (500 undecodable-event)"}}}}
         },
         "paths": {
             "/v1/projections": {"get": {"summary": "Projections with checkpoint, lag and state", "responses": {"200": ok("projection list")}}},
@@ -957,11 +1045,11 @@ pub(crate) fn openapi_document() -> Value {
                 "post": {"summary": "Start a transfer saga (id = idempotency key)", "security": secured,
                          "requestBody": {"content": {"application/json": {"schema": {"type": "object", "required": ["from", "to", "amount"],
                             "properties": {"from": {"type": "string"}, "to": {"type": "string"}, "amount": {"type": "integer", "minimum": 1}, "id": {"type": "string"}}}}}},
-                         "responses": {"202": ok("started"), "200": ok("already started"), "400": err("invalid input"), "401": err("no or wrong token")}}
+                         "responses": {"202": ok("started"), "200": ok("already started"), "400": err("invalid input"), "401": err("no or wrong token"), "422": err("refused by a rule (positive amount, two accounts)")}}
             },
-            "/v1/accounts": {"post": {"summary": "Open an account (Idempotency-Key)", "security": secured, "responses": {"201": ok("opened"), "200": ok("replayed"), "409": err("refused"), "422": err("key reused")}}},
-            "/v1/accounts/{id}/deposits": {"post": {"summary": "Deposit (Idempotency-Key)", "security": secured, "responses": {"201": ok("deposited"), "200": ok("replayed"), "409": err("refused"), "422": err("key reused")}}},
-            "/v1/accounts/{id}/withdrawals": {"post": {"summary": "Withdraw, never below zero (Idempotency-Key)", "security": secured, "responses": {"201": ok("withdrawn"), "200": ok("replayed"), "409": err("refused"), "422": err("key reused")}}},
+            "/v1/accounts": {"post": {"summary": "Open an account (Idempotency-Key)", "security": secured, "responses": {"201": ok("opened"), "200": ok("replayed"), "409": err("already open"), "422": err("refused by a rule, or key reused")}}},
+            "/v1/accounts/{id}/deposits": {"post": {"summary": "Deposit (Idempotency-Key)", "security": secured, "responses": {"201": ok("deposited"), "200": ok("replayed"), "404": err("no such account"), "422": err("refused by a rule (rule), or key reused")}}},
+            "/v1/accounts/{id}/withdrawals": {"post": {"summary": "Withdraw, never below zero (Idempotency-Key)", "security": secured, "responses": {"201": ok("withdrawn"), "200": ok("replayed"), "404": err("no such account"), "422": err("refused by a rule (rule), or key reused")}}},
             "/v1/transfers/{id}": {"get": {"summary": "One transfer's state", "responses": {"200": ok("transfer"), "404": err("unknown transfer")}}},
             "/v1/dlq": {"get": {"summary": "Dead letters (filter consumer, category, reason)", "security": secured, "responses": {"200": ok("listing"), "401": err("no or wrong token")}}},
             "/v1/dlq/{id}": {"get": {"summary": "One dead letter", "security": secured, "responses": {"200": ok("dead letter"), "404": err("unknown id")}}},
@@ -1136,7 +1224,7 @@ mod tests {
         assert_eq!(status, StatusCode::OK, "{body}");
         let (status, _, _) = call(&app, "GET", "/v1/dlq/999", Some(TOKEN), None).await;
         assert_eq!(status, StatusCode::NOT_FOUND);
-        let (status, headers, _) = call(&app, "GET", "/healthz", None, None).await;
+        let (status, headers, _) = call(&app, "GET", "/openapi.json", None, None).await;
         assert_eq!(status, StatusCode::TOO_MANY_REQUESTS);
         assert!(
             headers[header::RETRY_AFTER]
@@ -1310,7 +1398,11 @@ mod tests {
             r#"{"amount":501}"#,
         )
         .await;
-        assert_eq!(s, StatusCode::CONFLICT, "overdraft refused: {b}");
+        assert_eq!(
+            s,
+            StatusCode::UNPROCESSABLE_ENTITY,
+            "overdraft refused: {b}"
+        );
         let store = server.store().await;
         let (account, _) = sluice_ledger::account_state(&store, "a-1").await.unwrap();
         assert_eq!(
@@ -1340,6 +1432,351 @@ mod tests {
                 .unwrap()
                 .len(),
             1
+        );
+    }
+
+    /// A request as `call` sends it, from `peer` (as `serve` records it),
+    /// with extra headers.
+    async fn call_from(
+        app: &Router,
+        method: &str,
+        uri: &str,
+        headers: &[(&str, String)],
+        body: Option<&str>,
+    ) -> (StatusCode, axum::http::HeaderMap, Value) {
+        let mut req = axum::http::Request::builder().method(method).uri(uri);
+        for (k, v) in headers {
+            req = req.header(*k, v);
+        }
+        let mut req = req
+            .body(body.map_or_else(Body::empty, |b| Body::from(b.to_owned())))
+            .unwrap();
+        let peer = headers
+            .iter()
+            .find(|(k, _)| *k == "x-test-peer")
+            .map_or("127.0.0.1:9", |(_, v)| v.as_str());
+        req.extensions_mut()
+            .insert(ConnectInfo(peer.parse::<SocketAddr>().unwrap()));
+        let resp = app.clone().oneshot(req).await.unwrap();
+        let status = resp.status();
+        let headers = resp.headers().clone();
+        let bytes = axum::body::to_bytes(resp.into_body(), 1 << 20)
+            .await
+            .unwrap();
+        let v = serde_json::from_slice(&bytes).unwrap_or(Value::Null);
+        (status, headers, v)
+    }
+
+    /// Asserts an RFC 9457 problem of `status` and `slug`.
+    fn assert_problem(
+        what: &str,
+        got: &(StatusCode, axum::http::HeaderMap, Value),
+        status: StatusCode,
+        slug: &str,
+    ) {
+        let (s, h, body) = got;
+        assert_eq!(*s, status, "{what}: {body}");
+        assert_eq!(
+            h.get(header::CONTENT_TYPE).map(|v| v.to_str().unwrap()),
+            Some("application/problem+json"),
+            "{what}: {body}"
+        );
+        assert_eq!(body["status"], status.as_u16(), "{what}: {body}");
+        assert_eq!(
+            body["type"],
+            format!("https://sluice.invalid/problems/{slug}"),
+            "{what}: {body}"
+        );
+        assert!(
+            body["title"].as_str().is_some_and(|t| !t.is_empty())
+                && body["detail"].as_str().is_some_and(|d| !d.is_empty()),
+            "{what}: {body}"
+        );
+    }
+
+    fn bearer() -> (&'static str, String) {
+        ("authorization", format!("Bearer {TOKEN}"))
+    }
+
+    fn json_type() -> (&'static str, String) {
+        ("content-type", "application/json".to_owned())
+    }
+
+    #[tokio::test]
+    async fn every_error_the_layers_answer_is_a_problem() {
+        let mut opts = HttpOptions::with_token(TOKEN);
+        opts.body_limit = 1024;
+        let (app, _server) = app(opts).await;
+        let auth = bearer();
+        let auth_only = std::slice::from_ref(&auth);
+        let got = call_from(&app, "GET", "/v1/nowhere", &[], None).await;
+        assert_problem("unknown route", &got, StatusCode::NOT_FOUND, "not-found");
+        let got = call_from(&app, "DELETE", "/v1/dlq", auth_only, None).await;
+        assert_problem(
+            "405",
+            &got,
+            StatusCode::METHOD_NOT_ALLOWED,
+            "method-not-allowed",
+        );
+        assert!(got.1[header::ALLOW].to_str().unwrap().contains("GET"));
+        let huge = format!(r#"{{"amount":1,"pad":"{}"}}"#, "x".repeat(4096));
+        let got = call_from(
+            &app,
+            "POST",
+            "/v1/accounts/a-1/deposits",
+            &[
+                auth.clone(),
+                json_type(),
+                ("content-length", huge.len().to_string()),
+            ],
+            Some(&huge),
+        )
+        .await;
+        assert_problem(
+            "body limit",
+            &got,
+            StatusCode::PAYLOAD_TOO_LARGE,
+            "payload-too-large",
+        );
+        let got = call_from(
+            &app,
+            "POST",
+            "/v1/accounts/a-1/deposits",
+            auth_only,
+            Some(r#"{"amount":1}"#),
+        )
+        .await;
+        assert_problem(
+            "no content type",
+            &got,
+            StatusCode::UNSUPPORTED_MEDIA_TYPE,
+            "unsupported-media-type",
+        );
+        let got = call_from(&app, "GET", "/v1/dlq/abc", auth_only, None).await;
+        assert_problem(
+            "path rejection",
+            &got,
+            StatusCode::BAD_REQUEST,
+            "bad-request",
+        );
+        let got = call_from(&app, "GET", "/v1/dlq/0", auth_only, None).await;
+        assert_problem("dead letter 0", &got, StatusCode::NOT_FOUND, "not-found");
+        for (uri, body) in [
+            ("/v1/accounts/a-1/deposits", "[5]"),
+            ("/v1/accounts", r#"["m2","y","EUR"]"#),
+            ("/v1/transfers", r#"["a","b",5]"#),
+            ("/v1/accounts/a-1/deposits", r#"{"amount":"five"}"#),
+            ("/v1/accounts/a-1/deposits", "5"),
+            ("/v1/streams/thing/t-1", r#"[{"type":"t.v1","data":{}}]"#),
+        ] {
+            let got = call_from(&app, "POST", uri, &[auth.clone(), json_type()], Some(body)).await;
+            assert_problem(
+                &format!("{uri} {body}"),
+                &got,
+                StatusCode::BAD_REQUEST,
+                "bad-request",
+            );
+        }
+        let store = _server.store().await;
+        assert_eq!(
+            store.stream_state().await.unwrap().messages,
+            0,
+            "nothing refused was written"
+        );
+    }
+
+    #[tokio::test]
+    async fn the_bearer_scheme_is_case_insensitive_the_token_is_not() {
+        let (app, _server) = app(HttpOptions::with_token(TOKEN)).await;
+        for scheme in ["Bearer", "bearer", "BEARER", "bEaReR"] {
+            let got = call_from(
+                &app,
+                "GET",
+                "/v1/dlq",
+                &[("authorization", format!("{scheme} {TOKEN}"))],
+                None,
+            )
+            .await;
+            assert_eq!(got.0, StatusCode::OK, "{scheme}: {}", got.2);
+        }
+        for value in [
+            format!("Basic {TOKEN}"),
+            format!("Bearer{TOKEN}"),
+            format!("Bearer {}", TOKEN.to_uppercase()),
+            TOKEN.to_owned(),
+        ] {
+            let got = call_from(
+                &app,
+                "GET",
+                "/v1/dlq",
+                &[("authorization", value.clone())],
+                None,
+            )
+            .await;
+            assert_problem(&value, &got, StatusCode::UNAUTHORIZED, "unauthorized");
+        }
+    }
+
+    #[tokio::test]
+    async fn refused_domain_commands_are_422_naming_their_rule() {
+        let (app, _server) = app(HttpOptions::with_token(TOKEN)).await;
+        let (auth, json) = (bearer(), json_type());
+        let post = |uri: &'static str, body: &'static str| {
+            let app = app.clone();
+            let headers = [auth.clone(), json.clone()];
+            async move { call_from(&app, "POST", uri, &headers, Some(body)).await }
+        };
+        let got = post(
+            "/v1/accounts",
+            r#"{"id":"r-1","owner":"ann","currency":"EUR"}"#,
+        )
+        .await;
+        assert_eq!(got.0, StatusCode::CREATED, "{}", got.2);
+        for (uri, body, rule) in [
+            (
+                "/v1/accounts/r-1/deposits",
+                r#"{"amount":0}"#,
+                "amount-must-be-positive",
+            ),
+            (
+                "/v1/accounts/r-1/deposits",
+                r#"{"amount":-1}"#,
+                "amount-must-be-positive",
+            ),
+            (
+                "/v1/accounts/r-1/withdrawals",
+                r#"{"amount":5}"#,
+                "sufficient-funds",
+            ),
+            (
+                "/v1/accounts",
+                r#"{"id":"r-2","owner":"","currency":"EUR"}"#,
+                "owner-length",
+            ),
+            (
+                "/v1/accounts",
+                r#"{"id":"r-3","owner":"bo","currency":"euro"}"#,
+                "currency-code",
+            ),
+        ] {
+            let got = post(uri, body).await;
+            assert_problem(
+                &format!("{uri} {body}"),
+                &got,
+                StatusCode::UNPROCESSABLE_ENTITY,
+                "rejected",
+            );
+            assert_eq!(got.2["rule"], rule, "{uri} {body}: {}", got.2);
+        }
+        for body in [
+            r#"{"from":"r-1","to":"r-9","amount":0}"#,
+            r#"{"from":"r-1","to":"r-1","amount":5}"#,
+        ] {
+            let got = post("/v1/transfers", body).await;
+            assert_problem(body, &got, StatusCode::UNPROCESSABLE_ENTITY, "rejected");
+        }
+        // A conflict stays a conflict; a missing account is not found.
+        let got = post(
+            "/v1/accounts",
+            r#"{"id":"r-1","owner":"ann","currency":"EUR"}"#,
+        )
+        .await;
+        assert_problem("open twice", &got, StatusCode::CONFLICT, "conflict");
+        assert_eq!(got.2["rule"], "account-already-open");
+        let got = post("/v1/accounts/nobody/deposits", r#"{"amount":5}"#).await;
+        assert_problem("no account", &got, StatusCode::NOT_FOUND, "not-found");
+    }
+
+    #[test]
+    fn the_client_address_comes_from_trusted_proxies_only() {
+        let trusted: Vec<IpNet> = vec!["10.0.0.0/8".parse().unwrap()];
+        let ip = |s: &str| s.parse::<IpAddr>().unwrap();
+        let xff = |v: &[&str]| {
+            let mut h = axum::http::HeaderMap::new();
+            for line in v {
+                h.append("x-forwarded-for", line.parse().unwrap());
+            }
+            h
+        };
+        // An untrusted peer's header is ignored.
+        assert_eq!(
+            client_address(ip("3.3.3.3"), &xff(&["4.4.4.4"]), &trusted),
+            ip("3.3.3.3")
+        );
+        // No proxies configured: the peer, always.
+        assert_eq!(
+            client_address(ip("10.0.0.1"), &xff(&["4.4.4.4"]), &[]),
+            ip("10.0.0.1")
+        );
+        // The rightmost address that is not a trusted proxy; what the client
+        // put to the left of it is not believed.
+        for (lines, want) in [
+            (&["1.1.1.1"][..], "1.1.1.1"),
+            (&["9.9.9.9, 1.1.1.1"], "1.1.1.1"),
+            (&["9.9.9.9, 1.1.1.1, 10.2.3.4"], "1.1.1.1"),
+            (&["9.9.9.9", "1.1.1.1, 10.2.3.4"], "1.1.1.1"),
+            (&["1.1.1.1:4711"], "1.1.1.1"),
+            (&["10.1.1.1, 10.2.2.2"], "10.1.1.1"),
+            (&["garbage, 10.2.2.2"], "10.2.2.2"),
+            (&[], "10.0.0.1"),
+        ] {
+            assert_eq!(
+                client_address(ip("10.0.0.1"), &xff(lines), &trusted),
+                ip(want),
+                "{lines:?}"
+            );
+        }
+    }
+
+    #[tokio::test]
+    async fn probes_are_never_throttled_and_forwarded_clients_have_their_own_budget() {
+        let mut opts = HttpOptions::with_token(TOKEN);
+        opts.rate_per_sec = 1;
+        opts.burst = 1;
+        opts.trusted_proxies = vec!["10.0.0.0/8".parse().unwrap()];
+        let (app, _server) = app(opts).await;
+        for _ in 0..5 {
+            for path in ["/healthz", "/readyz", "/metrics"] {
+                let got = call_from(&app, "GET", path, &[], None).await;
+                assert_eq!(got.0, StatusCode::OK, "{path}: {}", got.2);
+            }
+        }
+        let from = |peer: &str, xff: &str| {
+            vec![
+                ("x-test-peer", format!("{peer}:4000")),
+                ("x-forwarded-for", xff.to_owned()),
+            ]
+        };
+        let doc = "/openapi.json";
+        // Two clients behind one trusted proxy: one budget each.
+        let got = call_from(&app, "GET", doc, &from("10.0.0.1", "1.1.1.1"), None).await;
+        assert_eq!(got.0, StatusCode::OK);
+        let got = call_from(&app, "GET", doc, &from("10.0.0.1", "2.2.2.2"), None).await;
+        assert_eq!(got.0, StatusCode::OK);
+        // A forged left part does not buy a new budget.
+        let got = call_from(
+            &app,
+            "GET",
+            doc,
+            &from("10.0.0.1", "7.7.7.7, 1.1.1.1"),
+            None,
+        )
+        .await;
+        assert_problem(
+            "1.1.1.1 again",
+            &got,
+            StatusCode::TOO_MANY_REQUESTS,
+            "rate-limited",
+        );
+        // An untrusted peer is keyed on itself, whatever it forwards.
+        let got = call_from(&app, "GET", doc, &from("3.3.3.3", "4.4.4.4"), None).await;
+        assert_eq!(got.0, StatusCode::OK);
+        let got = call_from(&app, "GET", doc, &from("3.3.3.3", "5.5.5.5"), None).await;
+        assert_problem(
+            "3.3.3.3 again",
+            &got,
+            StatusCode::TOO_MANY_REQUESTS,
+            "rate-limited",
         );
     }
 

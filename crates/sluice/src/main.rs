@@ -84,7 +84,8 @@ enum Command {
 struct QueryCmd {
     #[command(flatten)]
     args: projection_cmd::QueryArgs,
-    /// Read store (default: SQLite under the home directory).
+    /// Read store (default: the one `sluice up` here records, else SQLite
+    /// under the home directory).
     #[arg(long, env = "SLUICE_DATABASE_URL")]
     database_url: Option<String>,
 }
@@ -97,7 +98,8 @@ struct ProjectionArgs {
     /// One JSON object per line instead of a table.
     #[arg(long, global = true)]
     json: bool,
-    /// Read store (default: SQLite under the home directory).
+    /// Read store (default: the one `sluice up` here records, else SQLite
+    /// under the home directory).
     #[arg(long, global = true, env = "SLUICE_DATABASE_URL")]
     database_url: Option<String>,
 }

@@ -62,7 +62,7 @@ pub(crate) enum DlqCommand {
 #[derive(Debug, clap::Args)]
 pub(crate) struct ReplayArgs {
     /// The projection.
-    #[arg(long)]
+    #[arg(long, value_parser = crate::commands::id_arg)]
     projection: String,
     /// First position (stream sequence) to apply again.
     #[arg(long)]
@@ -70,7 +70,8 @@ pub(crate) struct ReplayArgs {
     /// One JSON object instead of a sentence.
     #[arg(long)]
     json: bool,
-    /// Read store (default: SQLite under the home directory).
+    /// Read store (default: the one `sluice up` here records, else SQLite
+    /// under the home directory).
     #[arg(long, env = "SLUICE_DATABASE_URL")]
     database_url: Option<String>,
 }
@@ -79,6 +80,7 @@ pub(crate) struct ReplayArgs {
 #[derive(Debug, clap::Args)]
 pub(crate) struct QueryArgs {
     /// The projection, e.g. `account_balances`.
+    #[arg(value_parser = crate::commands::id_arg)]
     projection: String,
     /// One row by key; without it, a page of rows.
     key: Option<String>,
@@ -102,10 +104,14 @@ pub(crate) async fn connect(
     let url = endpoint::resolve(nats_url, home)?;
     let store =
         EventStore::connect_with(&ConnectConfig::from_env(url)?, StoreConfig::default()).await?;
-    let db_url = database_url.unwrap_or_else(|| sluice_ledger::default_database_url(home));
-    ReadSide::with_store(store, &db_url)
-        .await
-        .with_context(|| format!("opening the read store {db_url}"))
+    let db = endpoint::resolve_database(database_url, home)?;
+    ReadSide::with_store(store, &db.url).await.with_context(|| {
+        format!(
+            "opening the read store {} (from {})",
+            endpoint::redacted(&db.url),
+            db.origin
+        )
+    })
 }
 
 /// Usage mistakes (unknown projection, missing --yes) exit with 2.

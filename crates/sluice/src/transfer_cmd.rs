@@ -11,13 +11,15 @@ use sluice_events::{ConnectConfig, EventStore, StoreConfig};
 #[derive(Debug, clap::Args)]
 pub(crate) struct TransferArgs {
     /// Source account id.
+    #[arg(value_parser = crate::commands::id_arg)]
     from: String,
     /// Target account id.
+    #[arg(value_parser = crate::commands::id_arg)]
     to: String,
     /// Amount in minor units (> 0).
     amount: i64,
     /// Transfer id; also the idempotency key (default: a new UUIDv7).
-    #[arg(long)]
+    #[arg(long, value_parser = crate::commands::id_arg)]
     id: Option<String>,
     /// Wait up to this many seconds for the transfer to finish.
     #[arg(long)]
@@ -40,11 +42,13 @@ pub(crate) enum SagaCommand {
     /// claim, reply, deadline, retry), resulting status, commands sent.
     Show {
         /// Transfer id.
+        #[arg(value_parser = crate::commands::id_arg)]
         id: String,
     },
     /// Run a failed compensation again (after fixing its cause).
     Retry {
         /// Transfer id.
+        #[arg(value_parser = crate::commands::id_arg)]
         id: String,
         /// Why, kept in the saga's log.
         #[arg(long)]
@@ -190,6 +194,7 @@ pub(crate) enum LedgerCommand {
     /// Open an account.
     Open {
         /// Account id.
+        #[arg(value_parser = crate::commands::id_arg)]
         id: String,
         /// Owner.
         #[arg(long)]
@@ -201,6 +206,7 @@ pub(crate) enum LedgerCommand {
     /// Deposit minor units.
     Deposit {
         /// Account id.
+        #[arg(value_parser = crate::commands::id_arg)]
         id: String,
         /// Minor units (> 0).
         amount: i64,
@@ -208,6 +214,7 @@ pub(crate) enum LedgerCommand {
     /// Withdraw minor units (never below zero).
     Withdraw {
         /// Account id.
+        #[arg(value_parser = crate::commands::id_arg)]
         id: String,
         /// Minor units (> 0).
         amount: i64,
@@ -215,6 +222,7 @@ pub(crate) enum LedgerCommand {
     /// An account's balance and state, folded from its log.
     Show {
         /// Account id.
+        #[arg(value_parser = crate::commands::id_arg)]
         id: String,
     },
 }

@@ -196,6 +196,7 @@ async fn run(
 
     // The read side: projector and/or API.
     let mut http_addr = None;
+    let mut read_store: Option<String> = None;
     let mut token_file: Option<PathBuf> = None;
     let mut tasks: Vec<tokio::task::JoinHandle<anyhow::Result<()>>> = Vec::new();
     if has(Role::Api) || has(Role::Projector) {
@@ -207,7 +208,8 @@ async fn run(
         std::fs::create_dir_all(home)?;
         let side = ReadSide::with_store(store.clone(), &db_url)
             .await
-            .with_context(|| format!("opening the read store {db_url}"))?;
+            .with_context(|| format!("opening the read store {}", endpoint::redacted(&db_url)))?;
+        read_store = Some(db_url);
         let projector = if has(Role::Projector) {
             Some(Projector::start(&side, RunnerConfig::default(), shutdown.clone()).await?)
         } else {
@@ -248,6 +250,7 @@ async fn run(
             token_file = Some(token_path);
             let mut opts = http::HttpOptions::with_token(token);
             opts.cors_origins = config.http.cors_origins.clone();
+            opts.trusted_proxies = config.trusted_proxies()?;
             if let Some(r) = config.http.rate_per_sec {
                 opts.rate_per_sec = r;
                 opts.burst = r.saturating_mul(2);
@@ -261,16 +264,13 @@ async fn run(
                 },
                 &opts,
             );
-            let (tx, rx) = tokio::sync::oneshot::channel();
-            let addr = config.http_addr();
+            // Bound here, so a taken port stops the start with its reason.
+            let listener = http::bind(config.http_addr()).await?;
+            http_addr = Some(listener.local_addr()?);
             let sd = shutdown.clone();
             tasks.push(tokio::spawn(
-                async move { http::serve(addr, app, sd, tx).await },
+                async move { http::serve(listener, app, sd).await },
             ));
-            http_addr = Some(
-                rx.await
-                    .with_context(|| format!("binding the HTTP API on {addr}"))?,
-            );
         }
         if let Some(p) = projector {
             let sd = shutdown.clone();
@@ -301,6 +301,13 @@ async fn run(
     }
 
     if embedded || endpoint::read(home).is_none() {
+        let (database_url, database_password_removed) = match &read_store {
+            Some(u) => {
+                let (u, removed) = endpoint::without_password(u);
+                (Some(u), removed)
+            }
+            None => (None, false),
+        };
         endpoint::write(
             home,
             &Endpoint {
@@ -308,6 +315,8 @@ async fn run(
                 pid: std::process::id(),
                 sync_always: embedded,
                 http_addr: http_addr.map(|a| a.to_string()),
+                database_url,
+                database_password_removed,
             },
         )?;
     }

@@ -16,6 +16,7 @@ fn sluice(home: &Path, args: &[&str]) -> Output {
         .args(args)
         .env("SLUICE_HOME", home)
         .env_remove("SLUICE_NATS_URL")
+        .env_remove("SLUICE_DATABASE_URL")
         .output()
         .expect("run sluice")
 }
@@ -618,4 +619,274 @@ fn replay_projection_dead_letters_and_group_rebuild() {
         o.contains("\"balance\":7")
     });
     wait_query(h, &["account_activity"], |o| o.lines().count() == 3);
+}
+
+/// A fresh PostgreSQL database for one test, dropped afterwards.
+struct Db {
+    rt: tokio::runtime::Runtime,
+    db: sluice_testkit::TestDatabase,
+}
+
+impl Db {
+    fn create() -> Db {
+        use sqlx::Connection;
+        let rt = tokio::runtime::Runtime::new().unwrap();
+        let db = sluice_testkit::TestDatabase::fresh("sluice_cli");
+        rt.block_on(async {
+            let mut admin = sqlx::PgConnection::connect(&sluice_testkit::TestDatabase::admin_url())
+                .await
+                .expect("PostgreSQL on 127.0.0.1:5432 (run scripts/setup.sh)");
+            sqlx::query(&format!("CREATE DATABASE \"{}\"", db.name))
+                .execute(&mut admin)
+                .await
+                .unwrap();
+        });
+        Db { rt, db }
+    }
+}
+
+impl Drop for Db {
+    fn drop(&mut self) {
+        use sqlx::Connection;
+        let name = self.db.name.clone();
+        self.rt.block_on(async {
+            if let Ok(mut admin) =
+                sqlx::PgConnection::connect(&sluice_testkit::TestDatabase::admin_url()).await
+            {
+                let _ = sqlx::query(&format!("DROP DATABASE IF EXISTS \"{name}\" WITH (FORCE)"))
+                    .execute(&mut admin)
+                    .await;
+            }
+        });
+    }
+}
+
+/// `up --database-url postgres://...`: `query`, `projection list` and
+/// `replay` run in the same directory use that read store (they used to
+/// open an empty SQLite file next to it and answer from it), the endpoint
+/// file is private and keeps no password, and an explicit flag still wins.
+#[test]
+fn operator_commands_use_the_read_store_up_records() {
+    use std::os::unix::fs::PermissionsExt;
+    let db = Db::create();
+    // Trust authentication ignores the password; it must still stay secret.
+    let url = db
+        .db
+        .url
+        .replacen("postgres@", "postgres:not-a-secret-pw@", 1);
+    assert!(url.contains(":not-a-secret-pw@"), "{url}");
+    let home = tempfile::tempdir().unwrap();
+    let h = home.path();
+    let _up = support::start_up(BIN, h, |c| {
+        c.args(["--database-url", &url]);
+    });
+    for (stream, event_type, data) in [
+        (
+            "account/acc-1",
+            "ledger.account.opened.v1",
+            r#"{"owner":"ann","currency":"EUR"}"#,
+        ),
+        (
+            "account/acc-1",
+            "ledger.account.deposited.v1",
+            r#"{"amount":5}"#,
+        ),
+    ] {
+        let o = sluice(
+            h,
+            &["publish", stream, "--type", event_type, "--data", data],
+        );
+        assert!(o.status.success(), "{:?}", text(&o));
+    }
+    let out = wait_query(h, &["account_balances", "acc-1"], |o| {
+        o.contains("\"balance\":5")
+    });
+    assert!(out.contains("ann"), "{out}");
+
+    let o = sluice(h, &["projection", "list", "--json"]);
+    let (out, err) = text(&o);
+    assert!(o.status.success(), "{err}");
+    let balances: serde_json::Value = out
+        .lines()
+        .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap())
+        .find(|v| v["name"] == "account_balances")
+        .expect("account_balances listed");
+    assert!(
+        balances["checkpoint"].as_u64().unwrap() >= 2,
+        "the checkpoint in PostgreSQL, not an empty file's 0: {out}"
+    );
+    let o = sluice(
+        h,
+        &[
+            "replay",
+            "--projection",
+            "account_activity",
+            "--from",
+            "1",
+            "--json",
+        ],
+    );
+    assert!(o.status.success(), "{:?}", text(&o));
+    assert!(
+        std::fs::read_dir(h).unwrap().all(|e| !e
+            .unwrap()
+            .file_name()
+            .to_string_lossy()
+            .starts_with("read.db")),
+        "no stray read.db beside a PostgreSQL read store"
+    );
+
+    let file = h.join("endpoint.json");
+    let mode = std::fs::metadata(&file).unwrap().permissions().mode();
+    assert_eq!(mode & 0o777, 0o600, "endpoint file mode {mode:o}");
+    let recorded: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(&file).unwrap()).unwrap();
+    assert_eq!(recorded["database_url"], db.db.url, "{recorded}");
+    assert_eq!(recorded["database_password_removed"], true);
+    assert!(
+        !std::fs::read_to_string(&file)
+            .unwrap()
+            .contains("not-a-secret-pw")
+    );
+
+    // An explicit flag wins over the endpoint file.
+    let other = h.join("other.db");
+    let other_url = format!("sqlite://{}", other.display());
+    let o = sluice(
+        h,
+        &[
+            "query",
+            "account_balances",
+            "acc-1",
+            "--database-url",
+            &other_url,
+        ],
+    );
+    assert!(
+        !o.status.success(),
+        "acc-1 is not in the other store: {:?}",
+        text(&o)
+    );
+    assert!(other.exists(), "the flag's store was opened");
+}
+
+/// Runs `sluice <args>` with `envs`, killing it after 60 s.
+fn run_bounded(home: &Path, args: &[&str], envs: &[(&str, &str)]) -> Output {
+    let mut cmd = Command::new(BIN);
+    cmd.args(args)
+        .env("SLUICE_HOME", home)
+        .env_remove("SLUICE_NATS_URL")
+        .env_remove("SLUICE_DATABASE_URL")
+        .env_remove("SLUICE_HTTP_ADDR")
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped());
+    for (k, v) in envs {
+        cmd.env(k, v);
+    }
+    let mut child = cmd.spawn().unwrap();
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while child.try_wait().unwrap().is_none() {
+        if Instant::now() > deadline {
+            let _ = child.kill();
+            panic!("sluice {args:?} did not stop on a taken port");
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    child.wait_with_output().unwrap()
+}
+
+/// A taken HTTP port stops `up` and `serve` with "already in use" and what
+/// to do, not "channel closed".
+#[test]
+fn a_taken_http_port_is_reported_as_in_use_with_the_way_out() {
+    let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = taken.local_addr().unwrap().to_string();
+    let home = tempfile::tempdir().unwrap();
+    let check = |what: &str, o: &Output| {
+        let (out, err) = text(o);
+        assert_eq!(o.status.code(), Some(1), "{what}: {out}{err}");
+        assert!(
+            err.contains(&format!("the HTTP address {addr} is already in use"))
+                && err.contains("--http")
+                && err.contains("SLUICE_HTTP_ADDR"),
+            "{what}: {err}"
+        );
+        assert!(!err.contains("channel closed"), "{what}: {err}");
+    };
+    let o = run_bounded(home.path(), &["up", "--http", &addr], &[]);
+    check("up", &o);
+    assert!(
+        !home.path().join("endpoint.json").exists(),
+        "a failed start leaves no endpoint file"
+    );
+    let nats = sluice_testkit::NatsServer::start();
+    let db = format!("sqlite://{}", home.path().join("serve.db").display());
+    let o = run_bounded(
+        home.path(),
+        &[
+            "serve",
+            "--role",
+            "api",
+            "--nats-url",
+            &nats.url(),
+            "--http",
+            &addr,
+            "--database-url",
+            &db,
+        ],
+        &[],
+    );
+    check("serve", &o);
+    drop(taken);
+}
+
+/// Every command that takes an id refuses an invalid one as a usage error
+/// (exit 2), before connecting to anything.
+#[test]
+fn every_command_taking_an_id_refuses_an_invalid_one_with_exit_2() {
+    let home = tempfile::tempdir().unwrap();
+    let long = "x".repeat(129);
+    for bad in ["acc.1", "*", ">", "a b", "", long.as_str()] {
+        let stream = format!("account/{bad}");
+        let commands: Vec<Vec<&str>> = vec![
+            vec!["publish", &stream, "--type", "t.v1", "--data", "{}"],
+            vec!["read", &stream],
+            vec!["ledger", "open", bad, "--owner", "ann"],
+            vec!["ledger", "deposit", bad, "5"],
+            vec!["ledger", "withdraw", bad, "5"],
+            vec!["ledger", "show", bad],
+            vec!["transfer", bad, "acc-2", "5"],
+            vec!["transfer", "acc-1", bad, "5"],
+            vec!["transfer", "acc-1", "acc-2", "5", "--id", bad],
+            vec!["saga", "show", bad],
+            vec!["saga", "retry", bad, "--note", "n"],
+            vec!["consumer", "pause", bad],
+            vec!["consumer", "resume", bad],
+            vec!["dlq", "show", bad],
+            vec!["dlq", "discard", bad, "--reason", "r"],
+            vec!["dlq", "redrive", bad],
+            vec!["query", bad],
+            vec!["replay", "--projection", bad, "--from", "1"],
+        ];
+        for args in commands {
+            let o = sluice(home.path(), &args);
+            assert_eq!(o.status.code(), Some(2), "{args:?}: {:?}", text(&o));
+        }
+    }
+    for bad in ["", long.as_str()] {
+        let o = sluice(
+            home.path(),
+            &[
+                "publish",
+                "account/acc-1",
+                "--type",
+                "t.v1",
+                "--data",
+                "{}",
+                "--id",
+                bad,
+            ],
+        );
+        assert_eq!(o.status.code(), Some(2), "--id {bad:?}: {:?}", text(&o));
+    }
 }

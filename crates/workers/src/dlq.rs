@@ -552,6 +552,11 @@ pub async fn list(js: &jetstream::Context, filter: &Filter) -> Result<Listing, E
 /// One dead letter with headers, body and reason. A by-reference dead
 /// letter gets the original's body (and headers it lacks) from the log.
 pub async fn show(js: &jetstream::Context, id: u64) -> Result<DeadLetter, Error> {
+    // Stream sequences start at 1; the server answers 0 with a request
+    // error, which is no reason to report trouble.
+    if id == 0 {
+        return Err(Error::NotFound(id));
+    }
     let stream = dlq_stream(js).await?;
     let m = match stream.get_raw_message(id).await {
         Ok(m) => m,

@@ -291,15 +291,17 @@ async fn streams_and_errors_are_problem_details_without_internals() {
         );
     }
 
-    // A broken read store: 503 problem, and nothing about SQL in the body.
+    // A broken read store (not a passing outage): 500, not "try again
+    // shortly", and nothing about SQL in the body.
     f.shutdown.cancel();
     sqlx::query("DROP TABLE counts")
         .execute(f.db.pool())
         .await
         .expect("drop");
     let (status, h, body) = get(&f.state, "/v1/projections/counts/rows/s1", &[]).await;
-    assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE);
-    assert!(h.contains_key(header::RETRY_AFTER));
+    assert_eq!(status, StatusCode::INTERNAL_SERVER_ERROR, "{body}");
+    assert_eq!(body["type"], "https://sluice.invalid/problems/internal");
+    assert!(!h.contains_key(header::RETRY_AFTER));
     let text = body.to_string().to_lowercase();
     assert!(
         !text.contains("counts") || !text.contains("table"),
@@ -351,5 +353,100 @@ async fn without_min_position_answers_may_be_stale_but_never_go_backwards() {
     )
     .await;
     assert_eq!(body["checkpoint"], last);
+    f.shutdown.cancel();
+}
+
+/// Sends `method uri` with an optional body and returns status, headers and
+/// the body as JSON, asserting it is a complete RFC 9457 problem.
+async fn problem_of(
+    state: &AppState,
+    method: &str,
+    uri: &str,
+) -> (StatusCode, axum::http::HeaderMap, serde_json::Value) {
+    let resp = app(state.clone())
+        .oneshot(
+            Request::builder()
+                .method(method)
+                .uri(uri)
+                .body(Body::empty())
+                .expect("request"),
+        )
+        .await
+        .expect("response");
+    let status = resp.status();
+    let headers = resp.headers().clone();
+    let bytes = resp.into_body().collect().await.expect("body").to_bytes();
+    assert_eq!(
+        headers[header::CONTENT_TYPE],
+        "application/problem+json",
+        "{method} {uri}: {}",
+        String::from_utf8_lossy(&bytes)
+    );
+    let body: serde_json::Value = serde_json::from_slice(&bytes).expect("problem json");
+    assert_eq!(body["status"], status.as_u16(), "{method} {uri}: {body}");
+    for member in ["type", "title", "detail"] {
+        assert!(
+            body[member].as_str().is_some_and(|v| !v.is_empty()),
+            "{method} {uri}: no {member} in {body}"
+        );
+    }
+    (status, headers, body)
+}
+
+#[tokio::test]
+async fn rejections_unknown_routes_and_wrong_methods_are_problems() {
+    let f = fixture().await;
+    let (status, h, body) = problem_of(&f.state, "POST", "/v1/projections").await;
+    assert_eq!(status, StatusCode::METHOD_NOT_ALLOWED);
+    let allow = h[header::ALLOW].to_str().expect("allow");
+    assert!(allow.contains("GET"), "{allow}");
+    assert_eq!(
+        body["type"],
+        "https://sluice.invalid/problems/method-not-allowed"
+    );
+    let (status, _, body) = problem_of(&f.state, "GET", "/v1/nowhere").await;
+    assert_eq!(status, StatusCode::NOT_FOUND);
+    assert_eq!(body["type"], "https://sluice.invalid/problems/not-found");
+    for uri in [
+        "/v1/projections/counts/rows?limit=abc",
+        "/v1/streams/thing/s1?from=-1",
+        "/v1/projections/counts/rows/a?min_position=x",
+    ] {
+        let (status, _, body) = problem_of(&f.state, "GET", uri).await;
+        assert_eq!(status, StatusCode::BAD_REQUEST, "{uri}: {body}");
+        assert_eq!(body["type"], "https://sluice.invalid/problems/bad-request");
+    }
+    f.shutdown.cancel();
+}
+
+/// An event written around Sluice's checks (a raw NATS publish without the
+/// CloudEvents headers) is a server-side problem naming its position, not a
+/// 503 that invites the client to retry forever.
+#[tokio::test]
+async fn a_stream_holding_an_undecodable_event_names_its_position() {
+    let f = fixture().await;
+    let first = append(&f.store, "bad-1").await;
+    let ack = f
+        .store
+        .jetstream()
+        .publish("events.thing.bad-1", "not an event".into())
+        .await
+        .expect("publish")
+        .await
+        .expect("ack");
+    let (status, h, body) = problem_of(&f.state, "GET", "/v1/streams/thing/bad-1").await;
+    assert_eq!(status, StatusCode::INTERNAL_SERVER_ERROR, "{body}");
+    assert_eq!(
+        body["type"],
+        "https://sluice.invalid/problems/undecodable-event"
+    );
+    assert_eq!(body["position"], ack.sequence, "{body}");
+    assert_ne!(ack.sequence, first);
+    let detail = body["detail"].as_str().expect("detail");
+    assert!(
+        detail.contains(&format!("position {}", ack.sequence)) && detail.contains("thing.bad-1"),
+        "{detail}"
+    );
+    assert!(!h.contains_key(header::RETRY_AFTER));
     f.shutdown.cancel();
 }
