@@ -620,3 +620,397 @@ async fn a_leftover_server_on_the_same_store_is_stopped_before_the_next_start() 
     assert_eq!(read_all_of(&store, &id).await.len(), 3);
     assert!(v.version > events[1].position);
 }
+
+fn with_id(e: NewEvent, id: &str) -> NewEvent {
+    e.with_id(EventId::parse(id).unwrap())
+}
+
+fn assert_id_reused(err: Error, id: &str, existing_stream: &str, existing_position: u64) {
+    match err {
+        Error::IdReused {
+            id: got,
+            existing_stream: Some(s),
+            existing_position: Some(p),
+            ..
+        } => {
+            assert_eq!(got, id);
+            assert_eq!(s, existing_stream);
+            assert_eq!(p, existing_position);
+        }
+        other => panic!("expected IdReused for {id}, got {other:?}"),
+    }
+}
+
+/// Finding 4: an id used on one aggregate and then on another was answered
+/// "deduplicated" with the first aggregate's position, and the second
+/// aggregate got nothing.
+#[tokio::test]
+async fn an_event_id_reused_on_another_aggregate_is_refused_not_deduplicated() {
+    let server = NatsServer::start();
+    let store = server.store().await;
+    let acc10 = StreamId::new("account", "acc-10").unwrap();
+    let acc11 = StreamId::new("account", "acc-11").unwrap();
+    let first = store
+        .append(
+            &acc10,
+            ExpectedVersion::Any,
+            vec![with_id(ev(1), "same-id-1")],
+        )
+        .await
+        .unwrap();
+    let before = store.stream_state().await.unwrap();
+
+    // Other data, another aggregate; with and without an expectation.
+    for expected in [ExpectedVersion::Any, ExpectedVersion::NoStream] {
+        let err = store
+            .append(&acc11, expected, vec![with_id(ev(2), "same-id-1")])
+            .await
+            .unwrap_err();
+        assert!(err.is_id_reused(), "{err}");
+        assert_id_reused(err, "same-id-1", "account/acc-10", first.positions[0]);
+    }
+    // The same data on another aggregate is still another event.
+    let err = store
+        .append(
+            &acc11,
+            ExpectedVersion::Any,
+            vec![with_id(ev(1), "same-id-1")],
+        )
+        .await
+        .unwrap_err();
+    assert_id_reused(err, "same-id-1", "account/acc-10", first.positions[0]);
+    // Same aggregate, same id, other content.
+    let err = store
+        .append(
+            &acc10,
+            ExpectedVersion::Any,
+            vec![with_id(ev(9), "same-id-1")],
+        )
+        .await
+        .unwrap_err();
+    assert_id_reused(err, "same-id-1", "account/acc-10", first.positions[0]);
+    let other_type = NewEvent::new("test.other.v1", r#"{"n":1}"#);
+    let err = store
+        .append(
+            &acc10,
+            ExpectedVersion::Any,
+            vec![with_id(other_type, "same-id-1")],
+        )
+        .await
+        .unwrap_err();
+    assert!(err.is_id_reused(), "{err}");
+
+    assert!(read_all_of(&store, &acc11).await.is_empty());
+    assert_eq!(
+        store.stream_state().await.unwrap(),
+        before,
+        "nothing written"
+    );
+    // The true retry is still a duplicate.
+    let retry = store
+        .append(
+            &acc10,
+            ExpectedVersion::Any,
+            vec![with_id(ev(1), "same-id-1")],
+        )
+        .await
+        .unwrap();
+    assert!(retry.deduplicated);
+    assert_eq!(retry.positions, first.positions);
+}
+
+/// Finding 4, batches: an atomic batch holding a reused id failed with a
+/// server error (HTTP 503); it is the same typed refusal, and a true retry
+/// of a batch is still recognised.
+#[tokio::test]
+async fn a_batch_with_a_reused_id_is_refused_with_the_id_and_where_it_is() {
+    let server = NatsServer::start();
+    let store = server.store().await;
+    let t1 = StreamId::new("thing", "t-1").unwrap();
+    let t2 = StreamId::new("thing", "t-2").unwrap();
+    let a = store
+        .append(
+            &t1,
+            ExpectedVersion::NoStream,
+            vec![with_id(ev(1), "b-1"), with_id(ev(2), "b-2")],
+        )
+        .await
+        .unwrap();
+    let before = store.stream_state().await.unwrap();
+
+    // Reused from another aggregate, with and without an expectation.
+    for expected in [ExpectedVersion::NoStream, ExpectedVersion::Any] {
+        let err = store
+            .append(
+                &t2,
+                expected,
+                vec![with_id(ev(3), "fresh-1"), with_id(ev(4), "b-2")],
+            )
+            .await
+            .unwrap_err();
+        assert_id_reused(err, "b-2", "thing/t-1", a.positions[1]);
+    }
+    // Reused on the same aggregate in another append.
+    let err = store
+        .append(
+            &t1,
+            ExpectedVersion::Any,
+            vec![with_id(ev(2), "b-2"), with_id(ev(5), "fresh-2")],
+        )
+        .await
+        .unwrap_err();
+    assert_id_reused(err, "b-2", "thing/t-1", a.positions[1]);
+    // Same ids, changed data.
+    let err = store
+        .append(
+            &t1,
+            ExpectedVersion::NoStream,
+            vec![with_id(ev(1), "b-1"), with_id(ev(7), "b-2")],
+        )
+        .await
+        .unwrap_err();
+    assert!(err.is_id_reused(), "{err}");
+    // Twice in one append: refused before the server sees it.
+    let err = store
+        .append(
+            &t2,
+            ExpectedVersion::Any,
+            vec![with_id(ev(1), "twin"), with_id(ev(2), "twin")],
+        )
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(err, Error::DuplicateEventId(ref id) if id == "twin"),
+        "{err:?}"
+    );
+    assert!(err.is_invalid_input());
+
+    assert!(read_all_of(&store, &t2).await.is_empty());
+    assert_eq!(
+        store.stream_state().await.unwrap(),
+        before,
+        "nothing written"
+    );
+    for expected in [ExpectedVersion::NoStream, ExpectedVersion::Any] {
+        let retry = store
+            .append(
+                &t1,
+                expected,
+                vec![with_id(ev(1), "b-1"), with_id(ev(2), "b-2")],
+            )
+            .await
+            .unwrap();
+        assert!(retry.deduplicated);
+        assert_eq!(retry.positions, a.positions);
+    }
+}
+
+/// Group commit: one append with a reused id among many concurrent ones
+/// fails alone; the others land.
+#[tokio::test]
+async fn a_reused_id_in_a_group_commit_fails_only_its_own_append() {
+    let server = NatsServer::start();
+    let store = server.store().await;
+    let owner = StreamId::new("thing", "owner").unwrap();
+    let taken = store
+        .append(&owner, ExpectedVersion::Any, vec![with_id(ev(0), "taken")])
+        .await
+        .unwrap();
+    let appends = (0..64).map(|i| {
+        let store = store.clone();
+        async move {
+            let id = StreamId::new("thing", format!("g-{i}")).unwrap();
+            let event = if i == 17 {
+                with_id(ev(i), "taken")
+            } else {
+                ev(i)
+            };
+            (
+                i,
+                store
+                    .append(&id, ExpectedVersion::NoStream, vec![event])
+                    .await,
+            )
+        }
+    });
+    for (i, r) in futures::future::join_all(appends).await {
+        if i == 17 {
+            assert_id_reused(r.unwrap_err(), "taken", "thing/owner", taken.positions[0]);
+        } else {
+            assert!(!r.unwrap().deduplicated);
+        }
+    }
+    assert_eq!(store.stream_state().await.unwrap().messages, 64);
+}
+
+mod id_properties {
+    //! Random sequences of appends with explicit ids on a few aggregates,
+    //! against one shared real server: every `Ok` is readable on its
+    //! aggregate, every refusal leaves the log unchanged, and an id that
+    //! names another event is never `Ok`.
+
+    use std::collections::HashMap;
+    use std::sync::OnceLock;
+    use std::sync::atomic::{AtomicUsize, Ordering};
+
+    use proptest::prelude::*;
+
+    use super::*;
+
+    struct Shared {
+        runtime: tokio::runtime::Runtime,
+        store: EventStore,
+        _server: NatsServer,
+    }
+
+    fn shared() -> &'static Shared {
+        static SHARED: OnceLock<Shared> = OnceLock::new();
+        SHARED.get_or_init(|| {
+            let runtime = tokio::runtime::Runtime::new().unwrap();
+            let server = NatsServer::start();
+            let store = runtime.block_on(server.store());
+            Shared {
+                runtime,
+                store,
+                _server: server,
+            }
+        })
+    }
+
+    #[derive(Debug, Clone, Copy)]
+    enum Expect {
+        Any,
+        Current,
+        Stale,
+    }
+
+    #[derive(Debug, Clone)]
+    struct Op {
+        aggregate: usize,
+        /// (id from a small pool, data variant)
+        events: Vec<(usize, u8)>,
+        expect: Expect,
+    }
+
+    fn op() -> impl Strategy<Value = Op> {
+        (
+            0..3usize,
+            prop::collection::vec((0..6usize, 0..2u8), 1..4),
+            prop_oneof![
+                Just(Expect::Any),
+                Just(Expect::Current),
+                Just(Expect::Stale)
+            ],
+        )
+            .prop_map(|(aggregate, events, expect)| Op {
+                aggregate,
+                events,
+                expect,
+            })
+    }
+
+    /// What the log holds for an id: aggregate, data variant, position.
+    type Model = HashMap<usize, (usize, u8, u64)>;
+
+    async fn run_case(case: usize, ops: &[Op]) -> Result<(), TestCaseError> {
+        let store = &shared().store;
+        let aggregates: Vec<StreamId> = (0..3)
+            .map(|a| StreamId::new(format!("pt{case}"), format!("a-{a}")).unwrap())
+            .collect();
+        let event = |id: usize, data: u8| {
+            NewEvent::new("test.prop.v1", format!(r#"{{"d":{data}}}"#))
+                .with_id(EventId::parse(&format!("c{case}-id-{id}")).unwrap())
+        };
+        let mut model = Model::new();
+        for op in ops {
+            let stream = &aggregates[op.aggregate];
+            let version = store.last_version(stream).await.unwrap();
+            let expected = match op.expect {
+                Expect::Any => ExpectedVersion::Any,
+                Expect::Current => ExpectedVersion::from_version(version),
+                Expect::Stale => ExpectedVersion::Exact(version + 1_000_000),
+            };
+            let twice = {
+                let mut seen = std::collections::HashSet::new();
+                op.events.iter().any(|(id, _)| !seen.insert(*id))
+            };
+            let known: Vec<Option<&(usize, u8, u64)>> =
+                op.events.iter().map(|(id, _)| model.get(id)).collect();
+            let same = |i: usize| {
+                known[i].is_some_and(|(a, d, _)| *a == op.aggregate && *d == op.events[i].1)
+            };
+            let reuses_other = (0..op.events.len()).any(|i| known[i].is_some() && !same(i));
+            // A retry is recognised when its events are stored unchanged,
+            // in its order, on its aggregate.
+            let all_same = (0..op.events.len()).all(same)
+                && known
+                    .windows(2)
+                    .all(|w| matches!(w, [Some(a), Some(b)] if a.2 < b.2));
+            let all_fresh = known.iter().all(Option::is_none);
+
+            let before = store.stream_state().await.unwrap();
+            let events: Vec<NewEvent> = op.events.iter().map(|&(id, d)| event(id, d)).collect();
+            let result = store.append(stream, expected, events.clone()).await;
+            match &result {
+                Ok(r) => {
+                    prop_assert!(!twice && !reuses_other, "{op:?} -> Ok {r:?}");
+                    prop_assert_eq!(r.positions.len(), events.len());
+                    let stored = read_all_of(store, stream).await;
+                    for (e, p) in events.iter().zip(&r.positions) {
+                        let s = stored.iter().find(|s| s.position == *p);
+                        prop_assert!(s.is_some(), "{op:?}: position {p} not on {stream}");
+                        let s = s.unwrap();
+                        prop_assert_eq!(&s.envelope.id, &e.id);
+                        prop_assert_eq!(&s.envelope.data, &e.data);
+                    }
+                    if r.deduplicated {
+                        prop_assert!(all_same, "{op:?}: dedup of events not stored");
+                        prop_assert_eq!(
+                            store.stream_state().await.unwrap().messages,
+                            before.messages
+                        );
+                    } else {
+                        prop_assert!(all_fresh, "{op:?}: wrote again {r:?}");
+                        for (&(id, d), p) in op.events.iter().zip(&r.positions) {
+                            model.insert(id, (op.aggregate, d, *p));
+                        }
+                    }
+                }
+                Err(e) => {
+                    prop_assert_eq!(
+                        store.stream_state().await.unwrap().messages,
+                        before.messages,
+                        "{:?}: refusal {} wrote something",
+                        op,
+                        e
+                    );
+                    prop_assert!(
+                        e.is_conflict()
+                            || e.is_id_reused()
+                            || matches!(e, Error::DuplicateEventId(_)),
+                        "{op:?}: unexpected {e:?}"
+                    );
+                    if twice {
+                        prop_assert!(matches!(e, Error::DuplicateEventId(_)), "{e:?}");
+                    } else if all_fresh && !matches!(op.expect, Expect::Stale) {
+                        prop_assert!(false, "{op:?}: fresh append refused: {e}");
+                    } else if all_same && !matches!(op.expect, Expect::Stale) {
+                        prop_assert!(false, "{op:?}: true retry refused: {e}");
+                    }
+                }
+            }
+        }
+        Ok(())
+    }
+
+    static CASE: AtomicUsize = AtomicUsize::new(0);
+
+    proptest! {
+        #![proptest_config(ProptestConfig { cases: 48, max_shrink_iters: 64, ..ProptestConfig::default() })]
+        #[test]
+        fn appends_with_explicit_ids_never_lie(ops in prop::collection::vec(op(), 1..12)) {
+            let case = CASE.fetch_add(1, Ordering::Relaxed);
+            shared().runtime.block_on(run_case(case, &ops))?;
+        }
+    }
+}

@@ -154,6 +154,27 @@ pub enum Error {
         /// The queue's capacity.
         capacity: usize,
     },
+    /// An event id of the append already names another event: one on
+    /// another aggregate, or on this one with another type or data. The
+    /// server remembers ids for the stream's duplicate window, so this is
+    /// told within that window; nothing was written.
+    #[error(
+        "event id {id:?} for {stream} is already used by {}: an id names one event, so a retry must repeat the same event on the same aggregate; give a new event a fresh id (nothing was written)",
+        describe_existing(.existing_stream.as_deref(), *.existing_position)
+    )]
+    IdReused {
+        /// The reused id.
+        id: String,
+        /// The aggregate the append was for.
+        stream: String,
+        /// The aggregate of the event that holds the id, when found.
+        existing_stream: Option<String>,
+        /// The position of the event that holds the id, when found.
+        existing_position: Option<u64>,
+    },
+    /// Two events of one append carry the same id.
+    #[error("event id {0:?} appears more than once in one append: every event needs its own id")]
+    DuplicateEventId(String),
     /// A setting is out of its allowed range.
     #[error("invalid configuration: {0}")]
     InvalidConfig(String),
@@ -188,6 +209,7 @@ impl Error {
                 | Error::EmptyAppend
                 | Error::TooManyEvents { .. }
                 | Error::Undecodable { .. }
+                | Error::DuplicateEventId(_)
         )
     }
 
@@ -202,5 +224,20 @@ impl Error {
     /// True for an optimistic-concurrency conflict.
     pub fn is_conflict(&self) -> bool {
         matches!(self, Error::Conflict { .. })
+    }
+
+    /// True when an event id of the append already names another event
+    /// ([`Error::IdReused`]): a caller's mistake, never worth retrying as is.
+    pub fn is_id_reused(&self) -> bool {
+        matches!(self, Error::IdReused { .. })
+    }
+}
+
+/// Where the event holding a reused id is, for [`Error::IdReused`].
+fn describe_existing(stream: Option<&str>, position: Option<u64>) -> String {
+    match (stream, position) {
+        (Some(s), Some(p)) => format!("the event at position {p} on {s}"),
+        (None, Some(p)) => format!("the event at position {p}"),
+        _ => "another event within the duplicate window".to_owned(),
     }
 }

@@ -10,6 +10,11 @@
 //! - A retried append (same event ids) never lands twice: the server dedups by
 //!   `Nats-Msg-Id`, and when it answers a retry with "wrong last sequence" the
 //!   store checks whether the events after the expected version are its own.
+//! - An event id names one event: a "duplicate" from the server counts as a
+//!   retry only when the stored event is the same (id, aggregate, type and
+//!   data); an id that names another event is [`Error::IdReused`], never a
+//!   success. These checks run only when the server reports a duplicate or a
+//!   conflict, so the common append costs nothing more.
 //! - Concurrent appends to different aggregates are group-committed: written
 //!   as one atomic batch (one fsync), each with its own expectation, and each
 //!   caller still gets its own exact outcome (see `docs/group-commit.md`).

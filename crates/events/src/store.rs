@@ -14,12 +14,12 @@ use serde::Deserialize;
 
 use crate::DEFAULT_MAX_PAYLOAD;
 use crate::connect::ConnectConfig;
-use crate::envelope::{Envelope, H_MSG_ID, NewEvent};
+use crate::envelope::{Envelope, H_MSG_ID, H_TYPE, NewEvent};
 use crate::error::Error;
 use crate::group_commit::{
     Append, Appender, Counters, GroupCommitConfig, GroupCommitStats, Pending,
 };
-use crate::ids::StreamId;
+use crate::ids::{EventId, StreamId};
 use crate::server::{ServerVersion, check_server_version};
 
 /// Name of the stream holding every domain event.
@@ -32,6 +32,9 @@ const ERR_WRONG_LAST_SEQUENCE: u64 = 10071;
 const ERR_BATCH_DUPLICATE_MSG_ID: u64 = 10201;
 /// JetStream API error code for "atomic publish is disabled" (on the stream).
 const ERR_ATOMIC_PUBLISH_DISABLED: u64 = 10174;
+/// Rounds an append goes out again when the server refused it for an id it
+/// no longer remembers by the time Sluice looked (the window just ended).
+const MAX_FORGOTTEN_ROUNDS: usize = 3;
 /// Estimated bytes a message adds to a batch beyond data and envelope
 /// headers: subject, batch headers, expectation, protocol framing.
 const BATCH_MESSAGE_OVERHEAD: usize = 192;
@@ -80,7 +83,9 @@ pub struct AppendResult {
     /// Global positions (stream sequences) of the appended events, in order.
     pub positions: Vec<u64>,
     /// True when the events were already there (a retry of an append that
-    /// had landed); nothing new was written.
+    /// had landed); nothing new was written. Only ever true when the stored
+    /// events are these very events: same ids, same aggregate, same types
+    /// and data; an id that names another event is [`Error::IdReused`].
     pub deduplicated: bool,
 }
 
@@ -402,6 +407,7 @@ impl EventStore {
         let outcome = match &result {
             Ok(_) => "ok",
             Err(e) if e.is_conflict() => "conflict",
+            Err(e) if e.is_id_reused() => "id_reused",
             Err(e) if e.is_invalid_input() => "invalid",
             Err(_) => "error",
         };
@@ -431,6 +437,12 @@ impl EventStore {
         }
         for e in &events {
             e.validate(cfg.max_payload)?;
+        }
+        if events.len() > 1 {
+            let mut seen = std::collections::HashSet::with_capacity(events.len());
+            if let Some(twice) = events.iter().find(|e| !seen.insert(e.id.as_str())) {
+                return Err(Error::DuplicateEventId(twice.id.to_string()));
+            }
         }
         let subject = stream_id.subject(&cfg.subject_prefix);
         let bytes = events
@@ -645,6 +657,7 @@ impl Inner {
         let mut expected = append.expected;
         let any_batch = expected == ExpectedVersion::Any && events.len() > 1;
         let mut any_rounds = 0;
+        let mut forgotten_rounds = 0;
         loop {
             if any_batch {
                 expected = ExpectedVersion::from_version(self.last_version_of(subject).await?);
@@ -666,6 +679,15 @@ impl Inner {
                 })
                 .await;
             let outcome = match result {
+                // The server answers a known id with the sequence of the
+                // event holding it, wherever that is: only the same event on
+                // the same aggregate makes this a retry that had landed.
+                Ok(r) if r.deduplicated => match (events.as_slice(), r.positions.as_slice()) {
+                    ([event], [seq]) => {
+                        self.verify_duplicate(stream_id, subject, event, *seq).await
+                    }
+                    _ => Ok(r),
+                },
                 Ok(r) => Ok(r),
                 Err(Attempt::WrongLast) => {
                     let exp = exp.unwrap_or(0);
@@ -674,23 +696,26 @@ impl Inner {
                         .await?
                     {
                         Ok(r) => Ok(r),
-                        Err(_) if any_batch && any_rounds < 10 => {
+                        Err(e) if e.is_conflict() && any_batch && any_rounds < 10 => {
                             any_rounds += 1;
                             continue;
                         }
-                        Err(conflict) => Err(conflict),
+                        Err(e) => Err(e),
                     }
                 }
-                Err(Attempt::Duplicate) => match self.find_landed(subject, events).await? {
-                    Some(r) => Ok(r),
-                    None => Err(Error::Rejected {
-                        code: ERR_BATCH_DUPLICATE_MSG_ID,
-                        description: format!(
-                            "some event ids of this append were already stored on another aggregate or in another append within the last {:?}; use fresh ids",
-                            cfg.duplicate_window
-                        ),
-                    }),
-                },
+                Err(Attempt::Duplicate) => {
+                    match self.resolve_duplicate(stream_id, subject, events).await? {
+                        Duplicate::Landed(r) => Ok(r),
+                        Duplicate::Reused(e) => Err(e),
+                        Duplicate::Forgotten if forgotten_rounds < MAX_FORGOTTEN_ROUNDS => {
+                            forgotten_rounds += 1;
+                            continue;
+                        }
+                        Duplicate::Forgotten => {
+                            Err(self.id_reused(stream_id, &events[0].id, None, None))
+                        }
+                    }
+                }
                 Err(Attempt::AtomicDisabled) => {
                     self.disable_atomic();
                     Err(Error::Rejected {
@@ -860,13 +885,21 @@ impl Inner {
     ) -> Result<Result<AppendResult, Error>, Error> {
         let mut positions = Vec::with_capacity(events.len());
         let mut from = expected + 1;
-        for NewEvent { id, .. } in events {
+        for event in events {
             match self
                 .stream
                 .direct_get_next_for_subject(subject, Some(from))
                 .await
             {
-                Ok(msg) if msg_id(&msg.headers) == Some(id.as_str()) => {
+                Ok(msg) if msg_id(&msg.headers) == Some(event.id.as_str()) => {
+                    if !is_same_event(subject, event, &msg.subject, &msg.headers, &msg.payload) {
+                        return Ok(Err(self.id_reused(
+                            stream_id,
+                            &event.id,
+                            Some(subject),
+                            Some(msg.sequence),
+                        )));
+                    }
                     positions.push(msg.sequence);
                     from = msg.sequence + 1;
                 }
@@ -891,52 +924,199 @@ impl Inner {
         }))
     }
 
-    /// Finds where an earlier try of this append landed, scanning the
-    /// aggregate's events within the dedup window (the server only rejects ids
-    /// it remembers, so they are in there).
+    /// Finds where an earlier try of this append landed: the same events,
+    /// in order, among the aggregate's events within the dedup window (the
+    /// server only rejects ids it remembers, so they are in there).
     pub(crate) async fn find_landed(
         &self,
         subject: &str,
         events: &[NewEvent],
     ) -> Result<Option<AppendResult>, Error> {
         let last = self.last_version_of(subject).await?;
-        if last == 0 {
-            return Ok(None);
+        let found = self.scan_window(subject, last, events, false).await?;
+        Ok(landed(&found))
+    }
+
+    /// A single event's publish came back "duplicate" with the position of
+    /// the event holding its id: a retry that had landed only when that
+    /// event is this one, on this aggregate.
+    async fn verify_duplicate(
+        &self,
+        stream_id: &StreamId,
+        subject: &str,
+        event: &NewEvent,
+        position: u64,
+    ) -> Result<AppendResult, Error> {
+        let stored = self
+            .stream
+            .direct_get(position)
+            .await
+            .map_err(|e| Error::Nats(e.to_string()))?;
+        if is_same_event(
+            subject,
+            event,
+            &stored.subject,
+            &stored.headers,
+            &stored.payload,
+        ) {
+            tracing::debug!(
+                subject,
+                position,
+                "append was a retry of one that had landed"
+            );
+            Ok(AppendResult {
+                version: position,
+                positions: vec![position],
+                deduplicated: true,
+            })
+        } else {
+            Err(self.id_reused(stream_id, &event.id, Some(&stored.subject), Some(position)))
         }
+    }
+
+    /// After "batch contains duplicate message id" (10201), which does not
+    /// say which id nor where: a retry of this append that had landed (all
+    /// its events, in order, on this aggregate), or an id naming another
+    /// event, here or on another aggregate (searched within the window).
+    async fn resolve_duplicate(
+        &self,
+        stream_id: &StreamId,
+        subject: &str,
+        events: &[NewEvent],
+    ) -> Result<Duplicate, Error> {
+        let last = self.last_version_of(subject).await?;
+        let own = self.scan_window(subject, last, events, false).await?;
+        if let Some(r) = landed(&own) {
+            tracing::debug!(subject, "append was a retry of one that had landed");
+            return Ok(Duplicate::Landed(r));
+        }
+        if let Some((i, f)) = first_found(&own) {
+            return Ok(Duplicate::Reused(self.id_reused(
+                stream_id,
+                &events[i].id,
+                Some(&f.subject),
+                Some(f.position),
+            )));
+        }
+        let head = self.stream_head().await?;
+        let filter = format!("{}.>", self.config.subject_prefix);
+        let anywhere = self.scan_window(&filter, head, events, true).await?;
+        Ok(match first_found(&anywhere) {
+            Some((i, f)) => Duplicate::Reused(self.id_reused(
+                stream_id,
+                &events[i].id,
+                Some(&f.subject),
+                Some(f.position),
+            )),
+            None => Duplicate::Forgotten,
+        })
+    }
+
+    /// Where the events with the ids of `events` are among the messages on
+    /// `filter` stored within the duplicate window, up to position `last`
+    /// (found per event, in the order of `events`). The scan stops early
+    /// once all are found, and gives up after the request timeout: it only
+    /// runs when the server reported a duplicate.
+    async fn scan_window(
+        &self,
+        filter: &str,
+        last: u64,
+        events: &[NewEvent],
+        headers_only: bool,
+    ) -> Result<Vec<Option<Found>>, Error> {
+        let mut found: Vec<Option<Found>> = vec![None; events.len()];
+        if last == 0 {
+            return Ok(found);
+        }
+        let index: std::collections::HashMap<&str, usize> = events
+            .iter()
+            .enumerate()
+            .map(|(i, e)| (e.id.as_str(), i))
+            .collect();
         let since = time::OffsetDateTime::now_utc()
             - self.config.duplicate_window
             - Duration::from_secs(10);
-        let mut messages = self
-            .ordered(
-                subject.to_owned(),
-                consumer::DeliverPolicy::ByStartTime { start_time: since },
-            )
-            .await?;
-        let mut positions = Vec::with_capacity(events.len());
-        while let Some(m) = messages.next().await {
+        let consumer = self
+            .stream
+            .create_consumer(consumer::pull::OrderedConfig {
+                filter_subject: filter.to_owned(),
+                deliver_policy: consumer::DeliverPolicy::ByStartTime { start_time: since },
+                headers_only,
+                ..Default::default()
+            })
+            .await
+            .map_err(|e| Error::Nats(e.to_string()))?;
+        let mut messages = consumer
+            .messages()
+            .await
+            .map_err(|e| Error::Nats(e.to_string()))?;
+        let deadline = tokio::time::Instant::now() + self.config.request_timeout;
+        let idle = self.config.request_timeout.min(Duration::from_secs(1));
+        let mut missing = events.len();
+        while missing > 0 {
+            let wait = idle.min(deadline.saturating_duration_since(tokio::time::Instant::now()));
+            // Nothing more within the window (or out of time): what was
+            // found is the answer.
+            let Ok(Some(m)) = tokio::time::timeout(wait, messages.next()).await else {
+                break;
+            };
             let m = m.map_err(|e| Error::Nats(e.to_string()))?;
             let seq = m
                 .info()
                 .map_err(|e| Error::Nats(e.to_string()))?
                 .stream_sequence;
-            let id = m.headers.as_ref().and_then(msg_id);
-            if id == Some(events[positions.len()].id.as_str()) {
-                positions.push(seq);
-                if positions.len() == events.len() {
-                    return Ok(Some(AppendResult {
-                        version: seq,
-                        positions,
-                        deduplicated: true,
-                    }));
-                }
-            } else {
-                positions.clear();
+            if let Some(headers) = m.headers.as_ref()
+                && let Some(&i) = msg_id(headers).and_then(|id| index.get(id))
+                && found[i].is_none()
+            {
+                let subject = m.subject.to_string();
+                let same = !headers_only
+                    && is_same_event(&subject, &events[i], &subject, headers, &m.payload);
+                found[i] = Some(Found {
+                    position: seq,
+                    subject,
+                    same,
+                });
+                missing -= 1;
             }
             if seq >= last {
                 break;
             }
         }
-        Ok(None)
+        Ok(found)
+    }
+
+    /// The head of the log (its last position).
+    async fn stream_head(&self) -> Result<u64, Error> {
+        let mut stream = self.stream.clone();
+        let info = stream
+            .info()
+            .await
+            .map_err(|e| Error::Nats(e.to_string()))?;
+        Ok(info.state.last_sequence)
+    }
+
+    /// [`Error::IdReused`] for `id` of an append to `stream_id`, naming the
+    /// event that holds it when known.
+    fn id_reused(
+        &self,
+        stream_id: &StreamId,
+        id: &EventId,
+        existing_subject: Option<&str>,
+        existing_position: Option<u64>,
+    ) -> Error {
+        let existing_stream = existing_subject.map(|s| {
+            StreamId::from_subject(&self.config.subject_prefix, s)
+                .map(|x| x.to_string())
+                .unwrap_or_else(|_| s.to_owned())
+        });
+        tracing::debug!(id = %id, stream = %stream_id, ?existing_stream, ?existing_position, "event id already names another event");
+        Error::IdReused {
+            id: id.to_string(),
+            stream: stream_id.to_string(),
+            existing_stream,
+            existing_position,
+        }
     }
 
     pub(crate) async fn last_version_of(&self, subject: &str) -> Result<u64, Error> {
@@ -970,6 +1150,66 @@ impl Inner {
 
 fn msg_id(headers: &HeaderMap) -> Option<&str> {
     headers.get(H_MSG_ID).map(|v| v.as_str())
+}
+
+/// What became of an append the server refused for a known id.
+enum Duplicate {
+    /// It was a retry: all its events are stored, in order, on its aggregate.
+    Landed(AppendResult),
+    /// An id names another event.
+    Reused(Error),
+    /// No event with its ids was found within the window: the server's
+    /// memory of them ended meanwhile; it may go out again.
+    Forgotten,
+}
+
+/// An event found by id in the log.
+#[derive(Debug, Clone)]
+struct Found {
+    position: u64,
+    subject: String,
+    /// Same aggregate, type and data as the event looked for.
+    same: bool,
+}
+
+/// Whether the stored message (`stored_subject`, headers, payload) is
+/// `event` appended to `subject`: same id, aggregate, type and data. Source,
+/// time and trace context may differ between tries of one append.
+fn is_same_event(
+    subject: &str,
+    event: &NewEvent,
+    stored_subject: &str,
+    headers: &HeaderMap,
+    payload: &[u8],
+) -> bool {
+    stored_subject == subject
+        && msg_id(headers) == Some(event.id.as_str())
+        && headers.get(H_TYPE).map(|v| v.as_str()) == Some(event.event_type.as_str())
+        && payload == &event.data[..]
+}
+
+/// The append's earlier try, when every event was found unchanged, in order.
+fn landed(found: &[Option<Found>]) -> Option<AppendResult> {
+    let positions: Vec<u64> = found
+        .iter()
+        .map(|f| f.as_ref().filter(|f| f.same).map(|f| f.position))
+        .collect::<Option<_>>()?;
+    if positions.is_empty() || positions.windows(2).any(|w| w[0] >= w[1]) {
+        return None;
+    }
+    Some(AppendResult {
+        version: *positions.last()?,
+        positions,
+        deduplicated: true,
+    })
+}
+
+/// The first event found, by index in the append.
+fn first_found(found: &[Option<Found>]) -> Option<(usize, &Found)> {
+    found
+        .iter()
+        .enumerate()
+        .find_map(|(i, f)| f.as_ref().map(|f| (i, f)))
 }
 
 fn classify_publish(e: async_nats::jetstream::context::PublishError) -> Attempt {
