@@ -663,6 +663,11 @@ async fn start_transfer(
             return json_rejection(&e, r#"{"from", "to", "amount", "id"?}"#).into_response();
         }
     };
+    if let Err(r) = sluice_ledger::check_transfer(&b.from, &b.to, b.amount) {
+        return Problem::of(ProblemType::Rejected, format!("transfer refused: {r}"))
+            .with("rule", r.rule())
+            .into_response();
+    }
     // The transfer id is the idempotency key; a key given both ways must agree.
     let key = idempotency_key(&headers);
     let id = match (b.id.as_deref(), key.as_deref()) {
@@ -1581,12 +1586,19 @@ mod tests {
             );
             assert_eq!(got.2["rule"], rule, "{uri} {body}: {}", got.2);
         }
-        for body in [
-            r#"{"from":"r-1","to":"r-9","amount":0}"#,
-            r#"{"from":"r-1","to":"r-1","amount":5}"#,
+        for (body, rule) in [
+            (
+                r#"{"from":"r-1","to":"r-9","amount":0}"#,
+                "amount-must-be-positive",
+            ),
+            (
+                r#"{"from":"r-1","to":"r-1","amount":5}"#,
+                "accounts-must-differ",
+            ),
         ] {
             let got = post("/v1/transfers", body).await;
             assert_problem(body, &got, StatusCode::UNPROCESSABLE_ENTITY, "rejected");
+            assert_eq!(got.2["rule"], rule, "{body}: {}", got.2);
         }
         // A conflict stays a conflict; a missing account is not found.
         let got = post(
