@@ -322,8 +322,10 @@ async fn events_from_any_nats_client_are_read_in_both_content_modes() {
         br#"{"owner":"ann","currency":"EUR"}"#
     );
 
-    // A message breaking the contract is reported, not skipped.
-    js.publish("events.account.ext-2", "{}".into())
+    // A message breaking the contract is reported with its position, not
+    // skipped.
+    let ack = js
+        .publish("events.account.ext-2", "{}".into())
         .await
         .unwrap()
         .await
@@ -337,7 +339,16 @@ async fn events_from_any_nats_client_are_read_in_both_content_modes() {
         .await
         .unwrap_err();
     assert!(
-        matches!(err, Error::MissingAttribute("specversion")),
+        matches!(&err, Error::Undecodable { position, source, .. }
+            if *position == ack.sequence
+                && matches!(**source, Error::MissingAttribute("specversion"))),
+        "{err}"
+    );
+    assert!(
+        err.to_string().contains(&format!(
+            "position {} on events.account.ext-2",
+            ack.sequence
+        )),
         "{err}"
     );
 }

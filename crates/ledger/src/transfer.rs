@@ -180,6 +180,40 @@ fn invalid(msg: String) -> SagaError {
     SagaError::Invalid(msg)
 }
 
+/// A rule a transfer request breaks, decided before anything is written.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum TransferRejection {
+    /// Zero or negative amount.
+    #[error("amount must be a positive integer of minor units, got {0}")]
+    InvalidAmount(i64),
+    /// Source and target are one account.
+    #[error("from and to are the same account")]
+    SameAccount,
+}
+
+impl TransferRejection {
+    /// A stable name of the rule (the HTTP problem's `rule`).
+    pub fn rule(&self) -> &'static str {
+        match self {
+            Self::InvalidAmount(_) => "amount-must-be-positive",
+            Self::SameAccount => "accounts-must-differ",
+        }
+    }
+}
+
+/// The transfer's own rules over its request (pure; [`start_transfer`]
+/// applies them, callers may ask first to answer with the typed rule).
+pub fn check_transfer(from: &str, to: &str, amount: i64) -> Result<(), TransferRejection> {
+    if amount <= 0 {
+        return Err(TransferRejection::InvalidAmount(amount));
+    }
+    if from == to {
+        return Err(TransferRejection::SameAccount);
+    }
+    Ok(())
+}
+
 /// Starts `transfer(from, to, amount)` with id `id` (a fresh UUIDv7 when
 /// `None`). Starting the same id again starts nothing and returns the
 /// first start. The saga role does the rest.
@@ -192,14 +226,7 @@ pub async fn start_transfer(
 ) -> Result<StartedTransfer, SagaError> {
     validate_token("account id", from).map_err(SagaError::from)?;
     validate_token("account id", to).map_err(SagaError::from)?;
-    if amount <= 0 {
-        return Err(invalid(format!(
-            "amount must be a positive integer of minor units, got {amount}"
-        )));
-    }
-    if from == to {
-        return Err(invalid("from and to are the same account".to_owned()));
-    }
+    check_transfer(from, to, amount).map_err(|r| invalid(r.to_string()))?;
     let id = match id {
         Some(id) => {
             validate_token("transfer id", id).map_err(SagaError::from)?;

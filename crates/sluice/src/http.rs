@@ -642,8 +642,8 @@ async fn append(
             "Version conflict",
             format!("expected version {expected}, actual {actual}: reload the aggregate and retry"),
         ),
-        Err(e) if e.is_invalid_input() => bad_request(e.to_string()),
-        Err(e) => Problem::internal(e).into_response(),
+        // By kind: bad input 400, trouble reaching NATS 503, else 500.
+        Err(e) => Problem::from(e).into_response(),
     }
 }
 
@@ -665,7 +665,7 @@ fn saga_error(e: sluice_sagas::SagaError) -> Response {
         sluice_sagas::SagaError::Invalid(msg) => Problem::of(ProblemType::Rejected, msg)
             .with("rule", "transfer")
             .into_response(),
-        sluice_sagas::SagaError::Events(e) if e.is_invalid_input() => bad_request(e.to_string()),
+        sluice_sagas::SagaError::Events(e) => Problem::from(e).into_response(),
         other => Problem::internal(other).into_response(),
     }
 }
@@ -697,6 +697,11 @@ async fn start_transfer(
             return json_rejection(&e, r#"{"from", "to", "amount", "id"?}"#).into_response();
         }
     };
+    if let Err(r) = sluice_ledger::check_transfer(&b.from, &b.to, b.amount) {
+        return Problem::of(ProblemType::Rejected, format!("transfer refused: {r}"))
+            .with("rule", r.rule())
+            .into_response();
+    }
     // The transfer id is the idempotency key; a key given both ways must agree.
     let key = idempotency_key(&headers);
     let id = match (b.id.as_deref(), key.as_deref()) {
@@ -780,7 +785,8 @@ async fn account_command(
             .into_response(),
         Err(sluice_ledger::Error::IdempotencyKeyReused(k)) => key_reused(&k),
         Err(sluice_ledger::Error::Rejected(r)) => rejected(&r),
-        Err(sluice_ledger::Error::Events(e)) if e.is_invalid_input() => bad_request(e.to_string()),
+        // An account whose log holds an undecodable event is 500 naming it.
+        Err(sluice_ledger::Error::Events(e)) => Problem::from(e).into_response(),
         Err(e) => Problem::internal(e).into_response(),
     }
 }
@@ -1538,6 +1544,21 @@ mod tests {
             StatusCode::PAYLOAD_TOO_LARGE,
             "payload-too-large",
         );
+        // Without Content-Length the limit is met while reading.
+        let got = call_from(
+            &app,
+            "POST",
+            "/v1/accounts/a-1/deposits",
+            &[auth.clone(), json_type()],
+            Some(&huge),
+        )
+        .await;
+        assert_problem(
+            "streamed body limit",
+            &got,
+            StatusCode::PAYLOAD_TOO_LARGE,
+            "payload-too-large",
+        );
         let got = call_from(
             &app,
             "POST",
@@ -1668,12 +1689,19 @@ mod tests {
             );
             assert_eq!(got.2["rule"], rule, "{uri} {body}: {}", got.2);
         }
-        for body in [
-            r#"{"from":"r-1","to":"r-9","amount":0}"#,
-            r#"{"from":"r-1","to":"r-1","amount":5}"#,
+        for (body, rule) in [
+            (
+                r#"{"from":"r-1","to":"r-9","amount":0}"#,
+                "amount-must-be-positive",
+            ),
+            (
+                r#"{"from":"r-1","to":"r-1","amount":5}"#,
+                "accounts-must-differ",
+            ),
         ] {
             let got = post("/v1/transfers", body).await;
             assert_problem(body, &got, StatusCode::UNPROCESSABLE_ENTITY, "rejected");
+            assert_eq!(got.2["rule"], rule, "{body}: {}", got.2);
         }
         // A conflict stays a conflict; a missing account is not found.
         let got = post(
@@ -1685,6 +1713,48 @@ mod tests {
         assert_eq!(got.2["rule"], "account-already-open");
         let got = post("/v1/accounts/nobody/deposits", r#"{"amount":5}"#).await;
         assert_problem("no account", &got, StatusCode::NOT_FOUND, "not-found");
+    }
+
+    /// An event published around Sluice (raw NATS, no CloudEvents headers)
+    /// makes its account unreadable: the answer is a server-side problem
+    /// naming the position, neither 400 (the client did nothing wrong) nor
+    /// 503 (retrying will not help).
+    #[tokio::test]
+    async fn an_account_holding_an_undecodable_event_names_its_position() {
+        let (app, server) = app(HttpOptions::with_token(TOKEN)).await;
+        let headers = [bearer(), json_type()];
+        let got = call_from(
+            &app,
+            "POST",
+            "/v1/accounts",
+            &headers,
+            Some(r#"{"id":"u-1","owner":"ann","currency":"EUR"}"#),
+        )
+        .await;
+        assert_eq!(got.0, StatusCode::CREATED, "{}", got.2);
+        let store = server.store().await;
+        let ack = store
+            .jetstream()
+            .publish("events.account.u-1", "raw".into())
+            .await
+            .unwrap()
+            .await
+            .unwrap();
+        let got = call_from(
+            &app,
+            "POST",
+            "/v1/accounts/u-1/deposits",
+            &headers,
+            Some(r#"{"amount":5}"#),
+        )
+        .await;
+        assert_problem(
+            "deposit",
+            &got,
+            StatusCode::INTERNAL_SERVER_ERROR,
+            "undecodable-event",
+        );
+        assert_eq!(got.2["position"], ack.sequence, "{}", got.2);
     }
 
     #[test]

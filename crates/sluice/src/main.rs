@@ -227,10 +227,69 @@ async fn main() -> ExitCode {
             // One line for people; the chain for the curious.
             let chain: Vec<String> = e.chain().map(ToString::to_string).collect();
             eprintln!("error: {}", chain.join(": "));
-            let conflict = e
-                .downcast_ref::<sluice_events::Error>()
-                .is_some_and(sluice_events::Error::is_conflict);
-            ExitCode::from(if conflict { EXIT_CONFLICT } else { 1 })
+            ExitCode::from(exit_code(&e))
+        }
+    }
+}
+
+/// Exit code usage for an error that reached `main`: 3 for a conflict, 2
+/// for an invalid id found only at run time (the argument parsers catch
+/// most before anything is sent), 1 otherwise; by kind, through the crates'
+/// wrappers, never by text.
+fn exit_code(e: &anyhow::Error) -> u8 {
+    let events = e
+        .downcast_ref::<sluice_events::Error>()
+        .or_else(|| match e.downcast_ref::<sluice_ledger::Error>() {
+            Some(sluice_ledger::Error::Events(inner)) => Some(inner),
+            _ => None,
+        })
+        .or_else(|| match e.downcast_ref::<sluice_sagas::SagaError>() {
+            Some(sluice_sagas::SagaError::Events(inner)) => Some(inner),
+            _ => None,
+        });
+    match events {
+        Some(ev) if ev.is_conflict() => EXIT_CONFLICT,
+        Some(
+            sluice_events::Error::InvalidToken { .. } | sluice_events::Error::InvalidEventId(_),
+        ) => 2,
+        _ => match e.downcast_ref::<sluice_ledger::Error>() {
+            Some(l) => l.exit_code(),
+            None => 1,
+        },
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn exit_codes_follow_the_kind_through_every_wrapper() {
+        let conflict = || sluice_events::Error::Conflict {
+            stream: "account.a".into(),
+            expected: 1,
+            actual: 2,
+        };
+        let bad_id = || sluice_events::validate_token("account id", "a.b").unwrap_err();
+        let cases: Vec<(anyhow::Error, u8)> = vec![
+            (conflict().into(), 3),
+            (sluice_ledger::Error::Events(conflict()).into(), 3),
+            (sluice_sagas::SagaError::Events(conflict()).into(), 3),
+            (bad_id().into(), 2),
+            (sluice_ledger::Error::Events(bad_id()).into(), 2),
+            (sluice_sagas::SagaError::Events(bad_id()).into(), 2),
+            (
+                sluice_ledger::Error::UnknownProjection("x".into()).into(),
+                2,
+            ),
+            (
+                sluice_events::Error::Timeout(std::time::Duration::from_secs(1)).into(),
+                1,
+            ),
+            (anyhow::anyhow!("anything else"), 1),
+        ];
+        for (e, want) in cases {
+            assert_eq!(exit_code(&e), want, "{e:#}");
         }
     }
 }
