@@ -455,6 +455,22 @@ fn chaos(kills: usize, with_nats: bool) {
         letters.is_empty(),
         "dead letters after the kills:\n{listing}"
     );
+    for projection in ["account_balances", "account_activity", "transfers"] {
+        let o = sluice(
+            &home_path,
+            &["projection", "dlq", projection, "list", "--json"],
+        );
+        assert!(
+            o.status.success(),
+            "{:?}",
+            String::from_utf8_lossy(&o.stderr)
+        );
+        assert_eq!(
+            json_lines(&o),
+            Vec::<Value>::new(),
+            "{projection}'s dead letters after the kills"
+        );
+    }
     drop(up);
 }
 
