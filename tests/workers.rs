@@ -35,6 +35,7 @@ const PAUSED: &str = "test-paused";
 const REPARTITIONED: &str = "test-repartitioned";
 const LOST_ACK: &str = "test-lost-ack";
 const TAKEOVER: &str = "test-takeover";
+const STANDBY: &str = "test-standby";
 
 const EVENT_TYPE: &str = "test.counted.v1";
 
@@ -164,6 +165,7 @@ fn durable_consumer_names_are_constants() {
         REPARTITIONED,
         LOST_ACK,
         TAKEOVER,
+        STANDBY,
     ];
     assert_eq!(
         names.iter().collect::<HashSet<_>>().len(),
@@ -1206,4 +1208,64 @@ async fn a_restarted_sole_worker_takes_in_flight_messages_over_within_seconds() 
     }
     assert_eq!(dlq_count(store.jetstream(), TAKEOVER).await, 0);
     eprintln!("took the in-flight messages over in {took:?}");
+}
+
+/// Roles mode (`sluice serve`): replicas share a consumer, so none may take
+/// it over at start; a standby takes a dead replica's work over when the
+/// server moves the pin, `pin_timeout` after the dead one's last pull. This
+/// measures that takeover time: the in-flight messages are handled again
+/// within pin timeout + a pull's expiry, and not before the pin moved.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_standby_replica_takes_over_after_the_pin_timeout() {
+    let server = NatsServer::start();
+    let mut c = config(STANDBY);
+    c.ack_wait = Duration::from_secs(2);
+    c.pin_timeout = Duration::from_secs(3);
+    let effects: Arc<Mutex<HashSet<String>>> = Arc::default();
+    let seen: Log = Arc::default();
+    let store = server.store().await;
+    append_many(&store, "a", 1, 3).await;
+    let first = server.store().await;
+    let (_cancel, pinned) = spawn_worker(
+        &first,
+        c.clone(),
+        effect_then_hang(effects.clone(), seen.clone(), Some(2)),
+    );
+    wait_until("event 2 applied", Duration::from_secs(10), async || {
+        effects.lock().unwrap().len() == 2
+    })
+    .await;
+    // The standby runs from now on; the pinned replica is then killed.
+    let standby_store = server.store().await;
+    let (cancel, standby) = spawn_worker(
+        &standby_store,
+        c.clone(),
+        effect_then_hang(effects.clone(), seen.clone(), None),
+    );
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    pinned.abort();
+    let _ = pinned.await;
+    drop(first);
+    let killed = Instant::now();
+    wait_until(
+        "the standby took over",
+        Duration::from_secs(20),
+        async || effects.lock().unwrap().len() == 3,
+    )
+    .await;
+    let took = killed.elapsed();
+    cancel.cancel();
+    standby.await.unwrap();
+    // The pin moves after pin_timeout of silence; the dead replica's last
+    // pull may have renewed it up to a pull expiry (pin_timeout / 4) before.
+    let bound = c.pin_timeout + c.pin_timeout / 4 + Duration::from_secs(2);
+    assert!(took <= bound, "took {took:?}, more than {bound:?}");
+    let order = seen.lock().unwrap()["a"].clone();
+    assert_eq!(&order[..2], &[1, 2], "{order:?}");
+    assert!(order[2..].ends_with(&[2, 3]), "{order:?}");
+    assert_eq!(dlq_count(store.jetstream(), STANDBY).await, 0);
+    eprintln!(
+        "standby took over {took:?} after the kill (pin timeout {:?})",
+        c.pin_timeout
+    );
 }

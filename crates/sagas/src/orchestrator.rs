@@ -423,6 +423,13 @@ async fn run_timers(
         )
         .await
         .map_err(|e| nats("creating the timers consumer", &e))?;
+    if config.worker.take_over_on_start {
+        // The only orchestrator there is (`sluice up`): a fired timeout the
+        // dead process held comes back now, not after its ack wait.
+        if let Err(e) = stream.reset_consumer(&config.timers_consumer, None).await {
+            tracing::warn!(consumer = %config.timers_consumer, error = %e, "could not reset the timers consumer at start; fired timeouts in flight come back after the ack wait");
+        }
+    }
     let mut messages = consumer
         .messages()
         .await

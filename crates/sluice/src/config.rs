@@ -89,14 +89,21 @@ pub(crate) struct HttpSection {
     pub(crate) trusted_proxies: Vec<String>,
 }
 
+/// Default ack wait of the ledger's workers.
+const DEFAULT_ACK_WAIT_SECS: u64 = 10;
+/// Default pin timeout of the ledger's workers (the roles' takeover time).
+const DEFAULT_PIN_TIMEOUT_SECS: u64 = 15;
+
 /// Durable worker settings (the worker and saga roles).
 #[derive(Debug, Clone, Default, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub(crate) struct WorkersSection {
-    /// Seconds before an unacknowledged message is delivered again (default 30).
+    /// Seconds before an unacknowledged message is delivered again (default 10).
     pub(crate) ack_wait_secs: Option<u64>,
     /// Seconds a silent replica keeps its pin before another takes over
-    /// (default 90); must exceed `ack_wait_secs`.
+    /// (default 15): the takeover time after a replica dies. Must exceed
+    /// `ack_wait_secs` and stay below half the transfer step deadline (30 s),
+    /// so a takeover never makes a healthy transfer compensate.
     pub(crate) pin_timeout_secs: Option<u64>,
 }
 
@@ -235,6 +242,14 @@ impl Config {
                 ack_wait.as_secs()
             );
         }
+        let deadline = sluice_ledger::TransferRoleConfig::default().deadline;
+        if pin_timeout * 2 > deadline {
+            bail!(
+                "workers.pin_timeout_secs ({}) must be at most half the transfer step deadline ({} s): a standby replica takes a dead one's in-flight commands over only after the pin timeout, and a later takeover would make healthy transfers compensate",
+                pin_timeout.as_secs(),
+                deadline.as_secs()
+            );
+        }
         if let Some(url) = &self.database.url
             && !(url.starts_with("sqlite:")
                 || url.starts_with("postgres://")
@@ -277,12 +292,17 @@ impl Config {
         }
     }
 
-    /// Durable workers' ack wait and pin timeout (defaults 30 s and 90 s).
+    /// Durable workers' ack wait and pin timeout (defaults 10 s and 15 s): a
+    /// standby replica takes a dead one's work over after the pin timeout.
     pub(crate) fn worker_timeouts(&self) -> (std::time::Duration, std::time::Duration) {
         let secs = std::time::Duration::from_secs;
         (
-            secs(self.workers.ack_wait_secs.unwrap_or(30)),
-            secs(self.workers.pin_timeout_secs.unwrap_or(90)),
+            secs(self.workers.ack_wait_secs.unwrap_or(DEFAULT_ACK_WAIT_SECS)),
+            secs(
+                self.workers
+                    .pin_timeout_secs
+                    .unwrap_or(DEFAULT_PIN_TIMEOUT_SECS),
+            ),
         )
     }
 
@@ -370,7 +390,7 @@ mod tests {
         let c = Config::load_with(Some(&path), env).unwrap();
         assert_eq!(c.database.url.as_deref(), Some("sqlite://x.db"));
         assert_eq!(c.roles(), vec![Role::Worker, Role::Saga]);
-        assert_eq!(c.worker_timeouts().1.as_secs(), 90);
+        assert_eq!(c.worker_timeouts().1.as_secs(), 15);
         let env = |k: &str| match k {
             "SLUICE_WORKER_ACK_WAIT_SECS" => Some("2".to_owned()),
             "SLUICE_WORKER_PIN_TIMEOUT_SECS" => Some("5".to_owned()),
@@ -430,6 +450,10 @@ mod tests {
             (
                 "[http]\ntrusted_proxies = [\"10.0.0.0/33\"]\n",
                 "not an IP address or CIDR",
+            ),
+            (
+                "[workers]\nack_wait_secs = 10\npin_timeout_secs = 20\n",
+                "half the transfer step deadline",
             ),
         ];
         let dir = tempfile::tempdir().unwrap();

@@ -282,7 +282,15 @@ async fn run(
         }
     }
     // The ledger's command handlers (worker) and transfer orchestrator (saga).
-    let role_config = crate::provision::role_config(config);
+    let mut role_config = crate::provision::role_config(config);
+    if embedded {
+        // `sluice up` on its own nats-server is the only consumer there is:
+        // a restart takes the dead process's pins and in-flight commands
+        // over at once instead of after the pin timeout, so no saga step
+        // times out because of the restart.
+        role_config.handler.take_over_on_start = true;
+        role_config.orchestrator.worker.take_over_on_start = true;
+    }
     if has(Role::Worker) {
         let (st, sd, cfg) = (store.clone(), shutdown.clone(), role_config.handler.clone());
         tasks.push(tokio::spawn(async move {

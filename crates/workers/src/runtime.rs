@@ -389,7 +389,13 @@ pub async fn run<H: Handler>(
     let js = store.jetstream().clone();
     let consumers = ensure_consumers(&js, &config).await?;
     if config.take_over_on_start {
-        take_over(&js, &config).await?;
+        // An optimisation of the restart, not a condition of correctness
+        // (late redeliveries are handled either way): a server without the
+        // unpin or reset API (before 2.11 / 2.14) or a user without the
+        // permission only makes the restart slower.
+        if let Err(e) = take_over(&js, &config).await {
+            tracing::warn!(worker = config.name, error = %e, "could not take the consumers over at start (consumer unpin needs nats-server 2.11+, reset 2.14+); in-flight messages come back after the pin timeout and ack wait instead");
+        }
     }
     let kv = infra::ensure_parked_bucket(&js, config.replicas).await?;
     // The watch task outlives `run` by at most this token.
