@@ -936,7 +936,7 @@ async fn oversized_events_are_dead_lettered_by_reference(backend: Backend) {
     }
     let max = store.client().server_info().max_payload;
     let over = raw_deposit(&store, "mid", 300 * 1024).await;
-    let near = raw_deposit(&store, "big", max - 1024).await;
+    let near = raw_deposit(&store, "big", max - 400).await;
     append_one(&store, "good", &AccountEvent::Deposited { amount: 9 }).await;
     let held = append_one(&store, "big", &AccountEvent::Deposited { amount: 3 }).await;
     let last = append_one(&store, "good", &AccountEvent::Deposited { amount: 1 }).await;

@@ -796,7 +796,7 @@ async fn near_max_payload_events_are_dead_lettered_by_reference() {
     ] {
         h.insert(k, v);
     }
-    let body = format!(r#"{{"n":7,"pad":"{}"}}"#, "x".repeat(max - 1024));
+    let body = format!(r#"{{"n":7,"pad":"{}"}}"#, "x".repeat(max - 400));
     let big_seq = js
         .publish_with_headers("events.acct.big", h, body.clone().into())
         .await
