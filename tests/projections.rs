@@ -877,12 +877,205 @@ async fn exactly_once_across_process_kills(backend: Backend) {
     db.close().await;
 }
 
+/// Publishes a deposit the way any NATS client can, bypassing the append's
+/// size check: `pad` bytes of padding make it as large as a test needs.
+async fn raw_deposit(store: &EventStore, account: &str, pad: usize) -> u64 {
+    let mut h = async_nats::HeaderMap::new();
+    for (k, v) in [
+        ("ce-specversion", "1.0"),
+        ("ce-source", "urn:raw-client"),
+        ("ce-type", sluice_ledger::DEPOSITED),
+        ("Content-Type", "application/json"),
+    ] {
+        h.insert(k, v);
+    }
+    h.insert("ce-id", uuid_like(account, pad).as_str());
+    h.insert("ce-subject", account);
+    let body = format!(r#"{{"amount":5,"pad":"{}"}}"#, "x".repeat(pad));
+    store
+        .jetstream()
+        .publish_with_headers(format!("events.account.{account}"), h, body.into())
+        .await
+        .unwrap()
+        .await
+        .unwrap()
+        .sequence
+}
+
+fn uuid_like(account: &str, pad: usize) -> String {
+    format!("raw-{account}-{pad}")
+}
+
+/// The rows a projection recorded as dead letters: position -> (kind, reason).
+async fn dead_rows(db: &Database, projection: &str) -> BTreeMap<u64, (String, String)> {
+    sqlx::query("SELECT position, kind, reason FROM sluice_dead_letters WHERE projection = $1")
+        .bind(projection)
+        .fetch_all(db.pool())
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|r| (r.get::<i64, _>(0) as u64, (r.get(1), r.get(2))))
+        .collect()
+}
+
+/// An event over the configured 256 KiB is refused by the decoder (never
+/// applied) and dead-lettered as `PayloadTooLarge`; one near the server's
+/// `max_payload`, whose copy plus dead-letter headers cannot fit, is
+/// dead-lettered by reference; the group keeps applying everything else.
+async fn oversized_events_are_dead_lettered_by_reference(backend: Backend) {
+    let nats = NatsServer::start();
+    let store = nats.store().await;
+    let rs = Store::fresh(backend, "sluice_proj").await;
+    let db = rs.connect().await;
+    let open = |o: &str| AccountEvent::Opened {
+        owner: o.into(),
+        currency: "EUR".into(),
+    };
+    for a in ["good", "mid", "big"] {
+        append_one(&store, a, &open(a)).await;
+    }
+    let max = store.client().server_info().max_payload;
+    let over = raw_deposit(&store, "mid", 300 * 1024).await;
+    let near = raw_deposit(&store, "big", max - 400).await;
+    append_one(&store, "good", &AccountEvent::Deposited { amount: 9 }).await;
+    let held = append_one(&store, "big", &AccountEvent::Deposited { amount: 3 }).await;
+    let last = append_one(&store, "good", &AccountEvent::Deposited { amount: 1 }).await;
+
+    let running = start_ledger(&db, &store, config()).await;
+    wait_checkpoint(&db, ACCOUNT_BALANCES, last, Duration::from_secs(30)).await;
+    wait_checkpoint(&db, ACCOUNT_ACTIVITY, last, Duration::from_secs(30)).await;
+    running.stop().await;
+    let b = balances(&db).await;
+    assert_eq!(b["good"].0, 10, "the other accounts kept flowing");
+    assert_eq!(b["mid"].0, 0, "the 300 KB deposit was not applied");
+    assert_eq!(b["big"].0, 0, "neither the big deposit nor what follows it");
+    for projection in [ACCOUNT_BALANCES, ACCOUNT_ACTIVITY] {
+        let dead = dead_rows(&db, projection).await;
+        for p in [over, near] {
+            assert_eq!(dead[&p].0, "decode", "{projection} {dead:?}");
+            assert!(dead[&p].1.starts_with("PayloadTooLarge"), "{dead:?}");
+        }
+        assert_eq!(dead[&held].0, "parked", "{dead:?}");
+    }
+
+    // The DLQ has both: the 300 KB one in full, the near-limit one by reference.
+    let js = store.jetstream();
+    let listing = sluice_workers::dlq::list(
+        js,
+        &sluice_workers::dlq::Filter {
+            consumer: Some("projection-account_balances".into()),
+            ..Default::default()
+        },
+    )
+    .await
+    .unwrap();
+    let by_seq: HashMap<u64, &sluice_workers::dlq::DeadLetter> =
+        listing.entries.iter().map(|e| (e.sequence, e)).collect();
+    assert!(!by_seq[&over].by_reference);
+    assert!(by_seq[&over].body.len() > 300 * 1024);
+    let big = by_seq[&near];
+    assert!(big.by_reference, "{:?}", big.headers);
+    assert!(big.body.is_empty());
+    assert_eq!(big.headers["Sluice-Dlq-Body"], vec!["reference".to_owned()]);
+    assert_eq!(big.event_type.as_deref(), Some(sluice_ledger::DEPOSITED));
+    // `show` reads the original back with a direct get.
+    let shown = sluice_workers::dlq::show(js, big.id).await.unwrap();
+    assert!(shown.body.len() > max - 1024, "{}", shown.body.len());
+    assert!(shown.body.starts_with(br#"{"amount":5"#));
+    db.close().await;
+}
+
+/// A dead letter that cannot be stored (the DLQ is full) halts the group
+/// visibly, applies nothing after the event, and resumes by itself once
+/// the DLQ takes it.
+async fn a_full_dlq_halts_visibly_and_resumes(backend: Backend) {
+    let nats = NatsServer::start();
+    let store = nats.store().await;
+    let rs = Store::fresh(backend, "sluice_proj").await;
+    let db = rs.connect().await;
+    let js = store.jetstream().clone();
+    sluice_workers::dlq::ensure_streams(&js, 1).await.unwrap();
+    let mut dlq = js.get_stream("DLQ").await.unwrap();
+    let mut cfg = dlq.info().await.unwrap().config.clone();
+    let unlimited = cfg.clone();
+    cfg.max_messages = 1;
+    cfg.discard = async_nats::jetstream::stream::DiscardPolicy::New;
+    js.update_stream(cfg).await.unwrap();
+    js.publish("dlq.filler.x", "full".into())
+        .await
+        .unwrap()
+        .await
+        .unwrap();
+
+    append_one(
+        &store,
+        "good",
+        &AccountEvent::Opened {
+            owner: "g".into(),
+            currency: "EUR".into(),
+        },
+    )
+    .await;
+    let ghost = append_one(&store, "ghost", &AccountEvent::Deposited { amount: 5 }).await;
+    let last = append_one(&store, "good", &AccountEvent::Deposited { amount: 9 }).await;
+    let running = start_ledger(&db, &store, config()).await;
+    let live = running.live[ACCOUNT_BALANCES].clone();
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while live.snapshot().halted.is_none() {
+        assert!(
+            Instant::now() < deadline,
+            "never halted: {:?}",
+            live.snapshot()
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let snap = live.snapshot();
+    assert_eq!(snap.state, RunState::Halted);
+    let why = snap.halted.unwrap();
+    assert!(
+        why.contains("cannot dead-letter") && why.contains("DLQ"),
+        "{why}"
+    );
+    // Its group-mate shares the feed: halted too, and nothing moved on.
+    assert_eq!(
+        running.live[ACCOUNT_ACTIVITY].snapshot().state,
+        RunState::Halted
+    );
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert!(read_checkpoint(&db, ACCOUNT_BALANCES).await.unwrap() < ghost);
+    let status = sluice_projections::projection_status(&db, &store, ACCOUNT_BALANCES, Some(&live))
+        .await
+        .unwrap();
+    assert_eq!(status.state, RunState::Halted);
+
+    // The operator makes room: it resumes without a restart.
+    js.update_stream(unlimited).await.unwrap();
+    wait_checkpoint(&db, ACCOUNT_BALANCES, last, Duration::from_secs(30)).await;
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while live.snapshot().halted.is_some() {
+        assert!(
+            Instant::now() < deadline,
+            "still halted: {:?}",
+            live.snapshot()
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert_eq!(live.snapshot().state, RunState::Running);
+    running.stop().await;
+    assert_eq!(balances(&db).await["good"].0, 9);
+    assert!(dead_rows(&db, ACCOUNT_BALANCES).await.contains_key(&ghost));
+    let _ = dlq.info().await.unwrap();
+    db.close().await;
+}
+
 both_backends!(
     balances_equal_the_fold,
     exactly_once_across_crashes,
     resumes_from_the_checkpoint,
     transient_failure_blocks_without_skipping,
     dead_letters_park_the_account_only,
+    oversized_events_are_dead_lettered_by_reference,
+    a_full_dlq_halts_visibly_and_resumes,
     halt_policy_stops_before_the_bad_event,
     rebuild_switches_blue_green_under_load,
     recovers_from_losing_the_read_store,

@@ -36,6 +36,7 @@ const REPARTITIONED: &str = "test-repartitioned";
 const LOST_ACK: &str = "test-lost-ack";
 const TAKEOVER: &str = "test-takeover";
 const STANDBY: &str = "test-standby";
+const OVERSIZED: &str = "test-oversized";
 
 const EVENT_TYPE: &str = "test.counted.v1";
 
@@ -166,6 +167,7 @@ fn durable_consumer_names_are_constants() {
         LOST_ACK,
         TAKEOVER,
         STANDBY,
+        OVERSIZED,
     ];
     assert_eq!(
         names.iter().collect::<HashSet<_>>().len(),
@@ -776,6 +778,110 @@ async fn discard_keeps_a_reason_and_releases_the_aggregate() {
     cancel.cancel();
     task.await.unwrap();
     assert_eq!(log.lock().unwrap()["d-1"], vec![2, 3]);
+}
+
+/// An event near the server's `max_payload` (over the worker's 256 KiB
+/// limit) is dead-lettered as `PayloadTooLarge` by reference, since its
+/// copy plus the dead-letter headers cannot fit; its aggregate is parked,
+/// others keep flowing; a redrive (to a worker allowed larger events) hands
+/// the original back from the log.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn near_max_payload_events_are_dead_lettered_by_reference() {
+    let server = NatsServer::start();
+    let store = server.store().await;
+    let js = store.jetstream().clone();
+    append(&store, "small", 1).await;
+    let max = store.client().server_info().max_payload;
+    let mut h = HeaderMap::new();
+    for (k, v) in [
+        ("ce-specversion", "1.0"),
+        ("ce-id", "big-1"),
+        ("ce-source", "urn:raw-client"),
+        ("ce-type", EVENT_TYPE),
+        ("Content-Type", "application/json"),
+    ] {
+        h.insert(k, v);
+    }
+    let body = format!(r#"{{"n":7,"pad":"{}"}}"#, "x".repeat(max - 400));
+    let big_seq = js
+        .publish_with_headers("events.acct.big", h, body.clone().into())
+        .await
+        .unwrap()
+        .await
+        .unwrap()
+        .sequence;
+    append(&store, "big", 8).await;
+    append(&store, "small", 2).await;
+    let log: Log = Arc::default();
+    let l2 = log.clone();
+    let handler = move |d: Delivery| {
+        let log = l2.clone();
+        async move {
+            record(&log, &d);
+            Ok(())
+        }
+    };
+    let (cancel, task) = spawn_worker(&store, config(OVERSIZED), handler.clone());
+    wait_until(
+        "big and its follower dead-lettered",
+        Duration::from_secs(10),
+        async || dlq_count(&js, OVERSIZED).await == 2,
+    )
+    .await;
+    wait_until(
+        "the other aggregate flowed",
+        Duration::from_secs(10),
+        async || log.lock().unwrap().get("small").map(Vec::len) == Some(2),
+    )
+    .await;
+    let entries = dlq::list(&js, &Filter::default()).await.unwrap().entries;
+    let head = entries.iter().find(|e| e.sequence == big_seq).unwrap();
+    assert!(
+        head.reason.starts_with("PayloadTooLarge"),
+        "{}",
+        head.reason
+    );
+    assert!(
+        head.by_reference && head.body.is_empty(),
+        "{:?}",
+        head.headers
+    );
+    assert_eq!(head.event_type.as_deref(), Some(EVENT_TYPE));
+    let raw = js
+        .get_stream("DLQ")
+        .await
+        .unwrap()
+        .direct_get(head.id)
+        .await
+        .unwrap();
+    assert!(raw.payload.is_empty());
+    assert_eq!(
+        raw.headers.get("Sluice-Dlq-Body").unwrap().as_str(),
+        "reference"
+    );
+    let shown = dlq::show(&js, head.id).await.unwrap();
+    assert_eq!(shown.body, body.as_bytes());
+    cancel.cancel();
+    task.await.unwrap();
+    assert!(!log.lock().unwrap().contains_key("big"));
+
+    // Redrive to a worker that accepts larger events: the original comes
+    // back from the log, in order with what was parked behind it.
+    let mut bigger = config(OVERSIZED);
+    bigger.max_payload = 2 * max;
+    let (cancel, task) = spawn_worker(&store, bigger, handler);
+    let report = dlq::redrive(&js, RedriveTarget::Id(head.id)).await.unwrap();
+    assert_eq!(report.redriven.len(), 2);
+    wait_until(
+        "big handled after redrive",
+        Duration::from_secs(10),
+        async || log.lock().unwrap().get("big").map(Vec::len) == Some(2),
+    )
+    .await;
+    cancel.cancel();
+    task.await.unwrap();
+    assert_eq!(log.lock().unwrap()["big"], vec![7, 8]);
+    assert_eq!(dlq_count(&js, OVERSIZED).await, 0);
 }
 
 /// A consumer that never acks (a worker crashing on a message) exhausts

@@ -228,5 +228,5 @@ pub async fn redrive_dead_letter(
         return Err(sluice_workers::Error::NotHead { id, head: head_id }.into());
     }
     let runner = Runner::group(vec![member], db, store, RunnerConfig::default()).await?;
-    runner.redrive_streams(vec![stream]).await
+    runner.redrive_streams(&[stream]).await
 }

@@ -428,24 +428,28 @@ impl Runner {
         .iter()
         .map(|r| r.try_get(0))
         .collect::<Result<_, _>>()?;
-        self.redrive_streams(parked).await
+        let mut report = self.redrive_streams(&parked).await?;
+        report.remaining = dead_letters(&self.db, &self.slots[0].key).await?;
+        Ok(report)
     }
 
-    /// Redrives the dead letters of these parked aggregates, in this order.
-    pub(crate) async fn redrive_streams(
-        &self,
-        parked: Vec<String>,
-    ) -> Result<RedriveReport, Error> {
+    /// Redrives the dead letters of these parked aggregates, in this order;
+    /// `remaining` lists what is still dead of these aggregates.
+    pub(crate) async fn redrive_streams(&self, parked: &[String]) -> Result<RedriveReport, Error> {
         let slot = &self.slots[0];
         let mut report = RedriveReport::default();
         for stream in parked {
-            let (applied, released) = self.redrive_aggregate(&stream).await?;
+            let (applied, released) = self.redrive_aggregate(stream).await?;
             report.applied.extend(applied);
             if released {
-                report.released.push(stream);
+                report.released.push(stream.clone());
             }
         }
-        report.remaining = dead_letters(&self.db, &slot.key).await?;
+        report.remaining = dead_letters(&self.db, &slot.key)
+            .await?
+            .into_iter()
+            .filter(|d| parked.contains(&d.stream))
+            .collect();
         if !report.applied.is_empty() {
             report.redriven = self.discard_dlq_copies(&report.applied).await;
         }

@@ -1850,6 +1850,225 @@ mod tests {
         );
     }
 
+    /// Log lines written anywhere in the process, for asserting on them.
+    #[derive(Clone, Default)]
+    struct Logs(Arc<std::sync::Mutex<Vec<u8>>>);
+
+    impl std::io::Write for Logs {
+        fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+            self.0.lock().unwrap().extend_from_slice(buf);
+            Ok(buf.len())
+        }
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+
+    impl Logs {
+        fn text(&self) -> String {
+            String::from_utf8_lossy(&self.0.lock().unwrap()).into_owned()
+        }
+    }
+
+    fn gauge(scrape: &str, name: &str, label: &str) -> Option<f64> {
+        scrape
+            .lines()
+            .filter(|l| l.starts_with(&format!("{name}{{")) && l.contains(label))
+            .find_map(|l| l.rsplit(' ').next()?.parse().ok())
+    }
+
+    async fn wait_for(what: &str, mut done: impl FnMut() -> bool) {
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while !done() {
+            assert!(Instant::now() < deadline, "timed out waiting for {what}");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    /// A projection and a worker that cannot store a dead letter (the DLQ is
+    /// full) stop visibly: `/readyz` is 503 naming both with the reason, the
+    /// halted gauges are 1 and an error log line says what to do. Once the
+    /// DLQ has room both resume by themselves: ready again, gauges 0.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn consumers_that_cannot_dead_letter_are_not_ready_and_say_why() {
+        use async_nats::jetstream::stream::DiscardPolicy;
+        let logs = Logs::default();
+        let writer = logs.clone();
+        let _ = tracing_subscriber::fmt()
+            .with_writer(move || writer.clone())
+            .with_ansi(false)
+            .try_init();
+        let metrics = metrics_handle();
+        let server = sluice_testkit::NatsServer::start();
+        let store = server.store().await;
+        let home = tempfile::tempdir().unwrap();
+        let side = sluice_ledger::ReadSide::with_store(
+            store.clone(),
+            &sluice_ledger::default_database_url(home.path()),
+        )
+        .await
+        .unwrap();
+        let js = store.jetstream().clone();
+        sluice_workers::dlq::ensure_streams(&js, 1).await.unwrap();
+        let mut dlq_stream = js.get_stream("DLQ").await.unwrap();
+        let unlimited = dlq_stream.info().await.unwrap().config.clone();
+        let mut full = unlimited.clone();
+        full.max_messages = 1;
+        full.discard = DiscardPolicy::New;
+        js.update_stream(full).await.unwrap();
+        js.publish("dlq.filler.x", "full".into())
+            .await
+            .unwrap()
+            .await
+            .unwrap();
+
+        let shutdown = CancellationToken::new();
+        let runner = sluice_projections::RunnerConfig {
+            backoff_min: Duration::from_millis(20),
+            backoff_max: Duration::from_millis(200),
+            ..Default::default()
+        };
+        let group = sluice_projections::spawn(
+            Arc::new(sluice_ledger::AccountBalances::new()),
+            side.db.clone(),
+            store.clone(),
+            runner,
+            shutdown.clone(),
+        )
+        .await
+        .unwrap();
+        const WORKER: &str = "test-cannot-dead-letter";
+        let mut wc = sluice_workers::WorkerConfig::new(WORKER);
+        wc.filter_subjects = vec!["events.thing.>".to_owned()];
+        wc.ack_wait = Duration::from_secs(2);
+        wc.pin_timeout = Duration::from_secs(3);
+        wc.retry = sluice_workers::RetryPolicy {
+            base: Duration::from_millis(50),
+            cap: Duration::from_millis(300),
+            max_attempts: 1000,
+        };
+        let worker = {
+            let (store, sd) = (store.clone(), shutdown.clone());
+            tokio::spawn(async move {
+                sluice_workers::run(
+                    &store,
+                    wc,
+                    |_d: sluice_workers::Delivery| async {
+                        Err(sluice_workers::HandlerError::permanent("refused"))
+                    },
+                    sd,
+                )
+                .await
+            })
+        };
+        let append = |stream: (&'static str, &'static str), event: NewEvent| {
+            let store = store.clone();
+            async move {
+                store
+                    .append(
+                        &StreamId::new(stream.0, stream.1).unwrap(),
+                        ExpectedVersion::Any,
+                        vec![event],
+                    )
+                    .await
+                    .unwrap()
+            }
+        };
+        append(
+            ("account", "ghost"),
+            NewEvent::new(sluice_ledger::DEPOSITED, r#"{"amount":5}"#),
+        )
+        .await;
+        append(("thing", "t-1"), NewEvent::new("thing.done.v1", "{}")).await;
+        let live = group.projections[0].live.clone();
+        wait_for("the projection to halt", || {
+            live.snapshot().halted.is_some()
+        })
+        .await;
+        wait_for("the worker to halt", || {
+            sluice_workers::worker_halts()
+                .iter()
+                .any(|h| h.worker == WORKER)
+        })
+        .await;
+
+        let app = router(
+            Router::new(),
+            Parts {
+                store: store.clone(),
+                db: Some(side.db.clone()),
+                live: vec![(group.projections[0].name, live.clone())],
+            },
+            &HttpOptions::with_token(TOKEN),
+        );
+        let (status, _, body) = call(&app, "GET", "/readyz", None, None).await;
+        assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE, "{body}");
+        let v: Value = serde_json::from_str(&body).unwrap();
+        assert_eq!(
+            v["checks"]["projection:account_balances"], "halted",
+            "{body}"
+        );
+        assert_eq!(v["checks"][format!("worker:{WORKER}")], "halted", "{body}");
+        for check in [
+            "projection:account_balances".to_owned(),
+            format!("worker:{WORKER}"),
+        ] {
+            let why = v["reasons"][&check].as_str().unwrap_or_default();
+            assert!(
+                why.contains("cannot dead-letter") && why.contains("DLQ"),
+                "{body}"
+            );
+        }
+        let (_, _, scrape) = call(&app, "GET", "/metrics", None, None).await;
+        assert_eq!(
+            gauge(&scrape, "sluice_projection_halted", "account_balances"),
+            Some(1.0),
+            "{scrape}"
+        );
+        assert_eq!(
+            gauge(&scrape, "sluice_worker_halted", WORKER),
+            Some(1.0),
+            "{scrape}"
+        );
+        let text = logs.text();
+        assert!(
+            text.contains("projection halted: a dead letter cannot be stored")
+                && text.contains("worker halted on an aggregate")
+                && text.contains("nats stream info DLQ"),
+            "{text}"
+        );
+
+        // Room in the DLQ again: both store their dead letter and move on.
+        js.update_stream(unlimited).await.unwrap();
+        wait_for("the projection to resume", || {
+            live.snapshot().halted.is_none()
+        })
+        .await;
+        wait_for("the worker to resume", || {
+            !sluice_workers::worker_halts()
+                .iter()
+                .any(|h| h.worker == WORKER)
+        })
+        .await;
+        let (status, _, body) = call(&app, "GET", "/readyz", None, None).await;
+        assert_eq!(status, StatusCode::OK, "{body}");
+        let (_, _, scrape) = call(&app, "GET", "/metrics", None, None).await;
+        assert_eq!(
+            gauge(&scrape, "sluice_projection_halted", "account_balances"),
+            Some(0.0)
+        );
+        assert_eq!(
+            gauge(&scrape, "sluice_worker_halted", WORKER),
+            Some(0.0),
+            "{scrape}"
+        );
+        let _ = metrics;
+        shutdown.cancel();
+        worker.await.unwrap().unwrap();
+        let _ = group.task.await;
+        let _ = dlq_stream.info().await.unwrap();
+    }
+
     #[test]
     fn tokens_are_created_private_and_reused() {
         use std::os::unix::fs::PermissionsExt;

@@ -545,7 +545,8 @@ fn replay_projection_dead_letters_and_group_rebuild() {
         out.contains("applied 0 dead letter(s)") && out.contains("1 still dead"),
         "{out}"
     );
-    // The workers' redrive would drop it: refused, with the way to go.
+    // One model: `sluice dlq redrive` of a projection's consumer applies
+    // them into the projection from the log, the same as its own redrive.
     let o = sluice(
         h,
         &[
@@ -555,11 +556,11 @@ fn replay_projection_dead_letters_and_group_rebuild() {
             "projection-account_balances",
         ],
     );
-    let (_, err) = text(&o);
-    assert!(!o.status.success());
+    let (out, err) = text(&o);
+    assert!(o.status.success(), "{err}");
     assert!(
-        err.contains("sluice projection dlq account_balances redrive"),
-        "{err}"
+        out.contains("redriven into projection account_balances") && out.contains("1 still dead"),
+        "{out}"
     );
 
     let o = sluice(
@@ -889,4 +890,174 @@ fn every_command_taking_an_id_refuses_an_invalid_one_with_exit_2() {
         );
         assert_eq!(o.status.code(), Some(2), "--id {bad:?}: {:?}", text(&o));
     }
+}
+
+/// Dead-letter ids of `consumer`, by original stream sequence.
+fn dlq_ids(home: &Path, consumer: &str) -> std::collections::BTreeMap<u64, u64> {
+    let o = sluice(home, &["dlq", "list", "--consumer", consumer, "--json"]);
+    let (out, err) = text(&o);
+    assert!(o.status.success(), "{err}");
+    out.lines()
+        .map(|l| {
+            let v: serde_json::Value = serde_json::from_str(l).unwrap();
+            (v["sequence"].as_u64().unwrap(), v["id"].as_u64().unwrap())
+        })
+        .collect()
+}
+
+/// The `sluice_dlq_depth` of `consumer`'s `account` dead letters in a scrape.
+fn dlq_depth(scrape: &str, consumer: &str) -> Option<f64> {
+    scrape
+        .lines()
+        .filter(|l| l.starts_with("sluice_dlq_depth{"))
+        .filter(|l| {
+            l.contains(&format!("consumer=\"{consumer}\"")) && l.contains("category=\"account\"")
+        })
+        .find_map(|l| l.rsplit(' ').next()?.parse().ok())
+}
+
+/// What `sluice projection list` says of account_balances: (dead letters, parked).
+fn balances_counts(home: &Path) -> (u64, u64) {
+    let o = sluice(home, &["projection", "list", "--json"]);
+    let (out, err) = text(&o);
+    assert!(o.status.success(), "{err}");
+    let v = out
+        .lines()
+        .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap())
+        .find(|v| v["name"] == "account_balances")
+        .unwrap_or_else(|| panic!("{out}"));
+    (
+        v["dead_letters"].as_u64().unwrap(),
+        v["parked_aggregates"].as_u64().unwrap(),
+    )
+}
+
+/// One dead-letter model: discard and redrive of a projection's dead letter,
+/// with `sluice dlq` and over HTTP, settle the projection's own record and
+/// parking too (the parked account is released and its later events
+/// apply), every count agrees, and `sluice_dlq_depth` returns to 0.
+#[test]
+fn dlq_discard_and_redrive_settle_a_projections_dead_letters() {
+    let home = tempfile::tempdir().unwrap();
+    let _up = start_up(home.path());
+    let h = home.path();
+    let endpoint: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(h.join("endpoint.json")).unwrap()).unwrap();
+    let addr = endpoint["http_addr"].as_str().unwrap().to_owned();
+    let token = std::fs::read_to_string(h.join("token")).unwrap();
+    let auth = format!("Authorization: Bearer {}\r\n", token.trim());
+    let publish = |stream: &str, event_type: &str, data: &str| {
+        let o = sluice(
+            h,
+            &["publish", stream, "--type", event_type, "--data", data],
+        );
+        assert!(o.status.success(), "{:?}", text(&o));
+    };
+    let opened = r#"{"owner":"ann","currency":"EUR"}"#;
+    // Per account: a deposit before the account exists (rejected), then
+    // the opening and a deposit (parked behind it).
+    for account in ["account/cli-1", "account/http-1"] {
+        publish(account, "ledger.account.deposited.v1", r#"{"amount":5}"#);
+        publish(account, "ledger.account.opened.v1", opened);
+        publish(account, "ledger.account.deposited.v1", r#"{"amount":7}"#);
+    }
+    let consumer = "projection-account_balances";
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while dlq_ids(h, consumer).len() < 6 {
+        assert!(Instant::now() < deadline, "{:?}", dlq_ids(h, consumer));
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    assert_eq!(balances_counts(h), (6, 2));
+    let ids = dlq_ids(h, consumer);
+    let id = |seq: u64| ids[&seq].to_string();
+    let (status, body) = http_get(&addr, "/metrics");
+    assert_eq!(status, 200);
+    assert_eq!(dlq_depth(&body, consumer), Some(6.0), "{body}");
+
+    // CLI: the parked one is not the head; the head is discarded, then the
+    // new head is redriven: both apply and the account is released.
+    let o = sluice(h, &["dlq", "redrive", &id(2)]);
+    assert!(!o.status.success(), "{:?}", text(&o));
+    assert!(text(&o).1.contains("parked behind"), "{:?}", text(&o));
+    let o = sluice(
+        h,
+        &[
+            "dlq",
+            "discard",
+            &id(1),
+            "--reason",
+            "sent before the account opened",
+        ],
+    );
+    assert!(o.status.success(), "{:?}", text(&o));
+    assert_eq!(balances_counts(h), (5, 2));
+    let o = sluice(
+        h,
+        &["projection", "dlq", "account_balances", "list", "--json"],
+    );
+    assert!(!text(&o).0.contains("\"position\":1,"), "{:?}", text(&o));
+    let o = sluice(h, &["dlq", "redrive", &id(2)]);
+    let (out, err) = text(&o);
+    assert!(o.status.success(), "{out}{err}");
+    assert!(
+        out.contains("applied 2 event(s), released 1 aggregate(s), 0 still dead"),
+        "{out}"
+    );
+    wait_query(h, &["account_balances", "cli-1"], |o| {
+        o.contains("\"balance\":7")
+    });
+    assert_eq!(balances_counts(h), (3, 1));
+
+    // HTTP: the same answers.
+    let post = |path: String, body: &str| http_call(&addr, "POST", &path, &auth, body);
+    let (status, body) = post(format!("/v1/dlq/{}/redrive", id(5)), "");
+    assert_eq!(status, 409, "{body}");
+    let (status, body) = post(
+        format!("/v1/dlq/{}/discard", id(4)),
+        r#"{"reason":"sent before the account opened"}"#,
+    );
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(balances_counts(h), (2, 1));
+    let (status, body) = post(format!("/v1/dlq/{}/redrive", id(5)), "");
+    assert_eq!(status, 200, "{body}");
+    let report: serde_json::Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(report["applied"], serde_json::json!([5, 6]), "{body}");
+    assert_eq!(
+        report["released"],
+        serde_json::json!(["account/http-1"]),
+        "{body}"
+    );
+    // A second redrive of the same dead letter applies nothing twice.
+    let (status, body) = post(format!("/v1/dlq/{}/redrive", id(5)), "");
+    assert_eq!(status, 200, "{body}");
+    assert!(
+        body.contains(&format!("\"already_redriven\":[{}]", id(5))),
+        "{body}"
+    );
+    wait_query(h, &["account_balances", "http-1"], |o| {
+        o.contains("\"balance\":7")
+    });
+
+    // Everything agrees: no record, no parking, no DLQ copy, depth 0.
+    assert_eq!(balances_counts(h), (0, 0));
+    assert!(dlq_ids(h, consumer).is_empty());
+    let (_, body) = http_get(&addr, "/metrics");
+    assert_eq!(dlq_depth(&body, consumer), Some(0.0), "{body}");
+    // Released: later events of both accounts apply at once.
+    publish(
+        "account/cli-1",
+        "ledger.account.deposited.v1",
+        r#"{"amount":1}"#,
+    );
+    publish(
+        "account/http-1",
+        "ledger.account.deposited.v1",
+        r#"{"amount":2}"#,
+    );
+    wait_query(h, &["account_balances", "cli-1"], |o| {
+        o.contains("\"balance\":8")
+    });
+    wait_query(h, &["account_balances", "http-1"], |o| {
+        o.contains("\"balance\":9")
+    });
 }

@@ -179,7 +179,7 @@ async fn record(
         let of = get(h::REDRIVE_OF).and_then(|s| s.parse().ok()).unwrap_or(0);
         (subject, seq, Some(of))
     };
-    dlq::write(
+    let written = dlq::write(
         js,
         NewDeadLetter {
             consumer: config.name,
@@ -195,9 +195,17 @@ async fn record(
             redrive_of,
         },
     )
-    .await?;
+    .await;
+    if let Err(e) = &written
+        && e.is_cannot_dead_letter()
+    {
+        crate::health::halted(config.name, &subject, seq, e.to_string());
+    }
+    written?;
     if let Ok(stream_id) = StreamId::from_subject("events", &subject) {
         parks.park_head(&stream_id, seq).await?;
     }
+    // The server had given up on it; now its dead letter is stored.
+    crate::health::progressed(config.name, &subject);
     Ok(())
 }
