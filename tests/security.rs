@@ -395,14 +395,16 @@ fn compose_file_and_dockerfile_match_the_repository() {
             "{role} not run as its own service"
         );
         assert!(
-            compose.contains(&format!("SLUICE_NATS_USER: {role}")),
-            "{role} without its own NATS user"
+            compose.contains(&format!(
+                "SLUICE_NATS_TLS_CERT: /etc/sluice-certs/{role}.pem"
+            )),
+            "{role} without its own NATS certificate"
         );
     }
     // The roles' users cannot create streams: admin provisions them first.
     assert!(
         compose.contains(r#"command: ["serve", "--provision-only"]"#)
-            && compose.contains("SLUICE_NATS_USER: admin")
+            && compose.contains("SLUICE_NATS_TLS_CERT: /etc/sluice-certs/admin.pem")
             && compose.contains("condition: service_completed_successfully"),
         "no provisioning step before the roles"
     );
@@ -415,6 +417,14 @@ fn compose_file_and_dockerfile_match_the_repository() {
             .join(conf.trim_start_matches("/etc/nats/"));
         assert!(local.is_file(), "{conf} does not exist in nats/");
     }
+    // Every node gets its own certificate directory; no NATS password.
+    for i in 1..=3 {
+        assert!(compose.contains(&format!("./.secrets/certs/n{i}:/etc/sluice-node:ro")));
+    }
+    assert!(
+        !compose.contains("SLUICE_NATS_PASSWORD"),
+        "a NATS password in the compose file"
+    );
     // No secret in the file: passwords come from the environment.
     assert!(
         !compose.to_lowercase().contains("password: \""),

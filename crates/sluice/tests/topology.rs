@@ -392,6 +392,16 @@ fn roles_as_separate_processes_on_a_three_node_cluster_survive_kill_9() {
         )
     });
     assert_eq!(s["stream"]["replicas"], 3, "{s}");
+    // The security lint sees credentials and TLS required; routes are not
+    // visible to a client without the monitoring endpoint, and it says so.
+    assert_eq!(s["security"]["auth_required"], true, "{s}");
+    assert_eq!(s["security"]["tls_required"], true, "{s}");
+    let warnings = s["warnings"].to_string();
+    assert!(
+        !warnings.contains("anonymous") && !warnings.contains("client port is plaintext"),
+        "{s}"
+    );
+    assert!(warnings.contains("SLUICE_NATS_MONITOR_URL"), "{s}");
 
     for role in ROLES {
         topo.start_role(role);
