@@ -86,10 +86,16 @@ fn secured_server(dir: &Path, tls: Option<&Path>) -> EmbeddedServer {
     EmbeddedServer::start(config).unwrap()
 }
 
+/// `role`'s own reply prefix, as `sluice serve --role <role>` sets it.
+fn inbox(role: &str) -> Option<String> {
+    (role != "admin").then(|| format!("_INBOX_{role}"))
+}
+
 fn as_role(url: &str, role: &str) -> ConnectConfig {
     let mut c = ConnectConfig::new(url);
     c.user = Some(role.to_owned());
     c.password = Some(password(role));
+    c.inbox_prefix = inbox(role);
     c
 }
 
@@ -203,6 +209,7 @@ fn with_cert(url: &str, certs: &Path, role: &str) -> ConnectConfig {
     c.tls_cert_file = Some(certs.join(format!("{role}.pem")));
     c.tls_key_file = Some(certs.join(format!("{role}-key.pem")));
     c.connect_timeout = Duration::from_secs(2);
+    c.inbox_prefix = inbox(role);
     c
 }
 
@@ -838,7 +845,15 @@ fn role_table() -> Vec<(&'static str, Op, bool)> {
             Request("$JS.API.DIRECT.GET.EVENTS", r#"{"seq":1}"#),
             true,
         ),
-        ("api", Subscribe("_INBOX.api"), true),
+        ("api", Subscribe("_INBOX_api.x"), true),
+        ("api", Subscribe("_INBOX.>"), false),
+        ("api", Subscribe("_INBOX_worker.>"), false),
+        ("projector", Subscribe("_INBOX.>"), false),
+        ("worker", Subscribe("_INBOX.>"), false),
+        ("worker", Subscribe("_INBOX_saga.>"), false),
+        ("saga", Subscribe("_INBOX.>"), false),
+        ("producer", Subscribe("_INBOX.>"), false),
+        ("producer", Subscribe("_INBOX_producer.x"), true),
         ("api", Subscribe("dlq.>"), false),
         ("api", Subscribe("events.>"), false),
     ]);

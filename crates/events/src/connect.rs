@@ -32,6 +32,10 @@ pub struct ConnectConfig {
     pub tls_key_file: Option<PathBuf>,
     /// How long to keep trying while the server is not (yet) reachable.
     pub connect_timeout: Duration,
+    /// Subject prefix of this client's reply inboxes (default `_INBOX`).
+    /// Least-privilege users may subscribe to their own prefix only
+    /// (`_INBOX_<role>.>`), so no role reads the replies sent to another.
+    pub inbox_prefix: Option<String>,
 }
 
 impl ConnectConfig {
@@ -47,7 +51,7 @@ impl ConnectConfig {
     /// `url` plus credentials and TLS from `SLUICE_NATS_USER`,
     /// `SLUICE_NATS_PASSWORD` / `SLUICE_NATS_PASSWORD_FILE`,
     /// `SLUICE_NATS_NKEY_FILE`, `SLUICE_NATS_CREDS`, `SLUICE_NATS_TLS_CA`,
-    /// `SLUICE_NATS_TLS_CERT`, `SLUICE_NATS_TLS_KEY`.
+    /// `SLUICE_NATS_TLS_CERT`, `SLUICE_NATS_TLS_KEY`, `SLUICE_NATS_INBOX_PREFIX`.
     pub fn from_env(url: impl Into<String>) -> Result<Self, Error> {
         let var = |name: &str| std::env::var(name).ok().filter(|v| !v.is_empty());
         let path = |name: &str| var(name).map(PathBuf::from);
@@ -74,6 +78,7 @@ impl ConnectConfig {
             tls_ca_file: path("SLUICE_NATS_TLS_CA"),
             tls_cert_file: path("SLUICE_NATS_TLS_CERT"),
             tls_key_file: path("SLUICE_NATS_TLS_KEY"),
+            inbox_prefix: var("SLUICE_NATS_INBOX_PREFIX"),
             ..Self::new(url)
         })
     }
@@ -207,6 +212,9 @@ impl ConnectConfig {
             });
         if let (Some(user), Some(password)) = (&self.user, &self.password) {
             o = o.user_and_password(user.clone(), password.clone());
+        }
+        if let Some(prefix) = &self.inbox_prefix {
+            o = o.custom_inbox_prefix(prefix);
         }
         if let Some(file) = &self.nkey_seed_file {
             let seed = std::fs::read_to_string(file)

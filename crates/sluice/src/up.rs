@@ -187,8 +187,18 @@ async fn run(
     strict: bool,
 ) -> anyhow::Result<()> {
     let embedded = embedded_url.is_some();
+    let mut connect = config.connect(url)?;
+    // A single-role process replies on its role's own inboxes: the
+    // least-privilege users may subscribe to those only
+    // (nats/permissions.conf), so no role reads another's replies.
+    if let [role] = roles
+        && connect.inbox_prefix.is_none()
+        && !embedded
+    {
+        connect.inbox_prefix = Some(format!("_INBOX_{}", format!("{role:?}").to_lowercase()));
+    }
     let store = EventStore::connect_with(
-        &config.connect(url)?,
+        &connect,
         StoreConfig {
             replicas: config.nats.replicas.unwrap_or(1),
             ..StoreConfig::default()
