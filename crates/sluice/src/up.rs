@@ -215,6 +215,12 @@ async fn run(
     for w in &warnings {
         tracing::warn!(warning = %w, "durability");
     }
+    // What a client can tell about the server's protection (the routes
+    // need `sluice status --monitor-url`); logged, never a reason to stop.
+    let observed = crate::nats_lint::Observed::from_info(&store.client().server_info());
+    for w in crate::nats_lint::security_warnings(&observed, None, !embedded) {
+        tracing::warn!(warning = %w, "security");
+    }
     if strict && !warnings.is_empty() {
         anyhow::bail!("refusing to start (--strict): {}", warnings.join("; "));
     }
