@@ -103,9 +103,8 @@ impl Credentials {
         }
     }
 
-    /// Reads the credential in `file`, creating it (mode 0600) when missing.
-    /// Returns whether it was created.
-    pub fn load_or_create(file: &Path) -> Result<(Self, bool), Error> {
+    /// Reads the credential in `file`; `None` when there is no such file.
+    pub fn load(file: &Path) -> Result<Option<Self>, Error> {
         let err = |e: &dyn std::fmt::Display| {
             Error::Embedded(format!("NATS credential {}: {e}", file.display()))
         };
@@ -117,11 +116,24 @@ impl Credentials {
                     ))
                 })?;
                 c.validate().map_err(|e| err(&e))?;
-                return Ok((c, false));
+                Ok(Some(c))
             }
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
-            Err(e) => return Err(err(&e)),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+            Err(e) => Err(err(&e)),
         }
+    }
+
+    /// Reads the credential in `file`, creating it (mode 0600) when missing.
+    /// Returns whether it was created. Only the server's start creates one:
+    /// a client that created its own would hold a password the server does
+    /// not know.
+    pub fn load_or_create(file: &Path) -> Result<(Self, bool), Error> {
+        if let Some(c) = Self::load(file)? {
+            return Ok((c, false));
+        }
+        let err = |e: &dyn std::fmt::Display| {
+            Error::Embedded(format!("NATS credential {}: {e}", file.display()))
+        };
         if let Some(dir) = file.parent() {
             std::fs::create_dir_all(dir).map_err(|e| err(&e))?;
         }

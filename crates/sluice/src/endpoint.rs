@@ -64,10 +64,16 @@ pub(crate) fn resolve(nats_url: Option<String>, home: &Path) -> anyhow::Result<S
     let Some(e) = endpoint else { return Ok(url) };
     match &e.nats_credentials_file {
         Some(file) if url.trim() == e.nats_url => {
-            let (credentials, _) =
-                sluice_events::Credentials::load_or_create(file).with_context(|| {
+            let credentials = sluice_events::Credentials::load(file)
+                .with_context(|| {
                     format!(
                         "reading the embedded server's credential {}",
+                        file.display()
+                    )
+                })?
+                .with_context(|| {
+                    format!(
+                        "{} is missing: restart `sluice up` in this directory to create it",
                         file.display()
                     )
                 })?;
