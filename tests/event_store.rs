@@ -300,7 +300,7 @@ async fn bad_input_is_refused_before_anything_is_written() {
 async fn events_from_any_nats_client_are_read_in_both_content_modes() {
     let server = NatsServer::start();
     let store = server.store().await;
-    let client = async_nats::connect(server.url()).await.unwrap();
+    let client = server.client().await;
     let js = async_nats::jetstream::new(client);
     let mut h = async_nats::HeaderMap::new();
     h.insert("Content-Type", "application/cloudevents+json");

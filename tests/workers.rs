@@ -439,7 +439,7 @@ async fn malformed_events_are_dead_lettered_with_distinct_reasons() {
     let server = NatsServer::start();
     let store = server.store().await;
     let js = store.jetstream().clone();
-    let raw = async_nats::connect(server.url()).await.unwrap();
+    let raw = server.client().await;
     let rawjs = async_nats::jetstream::new(raw);
     let headers = |drop: &str, ce_type: &str, content_type: &str| {
         let mut h = HeaderMap::new();

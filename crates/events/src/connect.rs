@@ -32,6 +32,10 @@ pub struct ConnectConfig {
     pub tls_key_file: Option<PathBuf>,
     /// How long to keep trying while the server is not (yet) reachable.
     pub connect_timeout: Duration,
+    /// Subject prefix of this client's reply inboxes (default `_INBOX`).
+    /// Least-privilege users may subscribe to their own prefix only
+    /// (`_INBOX_<role>.>`), so no role reads the replies sent to another.
+    pub inbox_prefix: Option<String>,
 }
 
 impl ConnectConfig {
@@ -47,7 +51,7 @@ impl ConnectConfig {
     /// `url` plus credentials and TLS from `SLUICE_NATS_USER`,
     /// `SLUICE_NATS_PASSWORD` / `SLUICE_NATS_PASSWORD_FILE`,
     /// `SLUICE_NATS_NKEY_FILE`, `SLUICE_NATS_CREDS`, `SLUICE_NATS_TLS_CA`,
-    /// `SLUICE_NATS_TLS_CERT`, `SLUICE_NATS_TLS_KEY`.
+    /// `SLUICE_NATS_TLS_CERT`, `SLUICE_NATS_TLS_KEY`, `SLUICE_NATS_INBOX_PREFIX`.
     pub fn from_env(url: impl Into<String>) -> Result<Self, Error> {
         let var = |name: &str| std::env::var(name).ok().filter(|v| !v.is_empty());
         let path = |name: &str| var(name).map(PathBuf::from);
@@ -74,6 +78,7 @@ impl ConnectConfig {
             tls_ca_file: path("SLUICE_NATS_TLS_CA"),
             tls_cert_file: path("SLUICE_NATS_TLS_CERT"),
             tls_key_file: path("SLUICE_NATS_TLS_KEY"),
+            inbox_prefix: var("SLUICE_NATS_INBOX_PREFIX"),
             ..Self::new(url)
         })
     }
@@ -117,8 +122,35 @@ impl ConnectConfig {
         Ok(())
     }
 
+    /// The user and password written into the URLs
+    /// (`nats://user:pass@host:port`), which async-nats itself ignores.
+    /// Every URL that carries one must carry the same.
+    fn url_credentials(
+        &self,
+        addrs: &[async_nats::ServerAddr],
+    ) -> Result<Option<(String, String)>, Error> {
+        let mut found: Option<(String, String)> = None;
+        for a in addrs {
+            let Some(user) = a.username() else { continue };
+            let pair = (user.to_owned(), a.password().unwrap_or_default().to_owned());
+            match &found {
+                Some(f) if *f != pair => {
+                    return Err(Error::Config(format!(
+                        "the NATS URLs {} carry different credentials: use one user and password for every server",
+                        redact_url(&self.url)
+                    )));
+                }
+                _ => found = Some(pair),
+            }
+        }
+        Ok(found)
+    }
+
     /// Connects, retrying while the server is unreachable (up to
     /// `connect_timeout`), failing at once on authentication or TLS errors.
+    ///
+    /// Credentials in the URLs (`nats://user:pass@host`) are used when no
+    /// other authentication is configured; they are never logged.
     pub async fn connect(&self) -> Result<async_nats::Client, Error> {
         self.validate()?;
         let addrs = self
@@ -127,24 +159,31 @@ impl ConnectConfig {
             .map(|u| u.trim().parse::<async_nats::ServerAddr>())
             .collect::<Result<Vec<_>, _>>()
             .map_err(|e| Error::Connect {
-                url: self.url.clone(),
+                url: redact_url(&self.url),
                 source: e.into(),
             })?;
+        let from_url = self.url_credentials(&addrs)?;
+        let configured =
+            self.user.is_some() || self.nkey_seed_file.is_some() || self.creds_file.is_some();
+        let url_auth = from_url.filter(|_| !configured);
         let deadline = tokio::time::Instant::now() + self.connect_timeout;
         loop {
-            let options = self.options().await?;
+            let mut options = self.options().await?;
+            if let Some((user, password)) = &url_auth {
+                options = options.user_and_password(user.clone(), password.clone());
+            }
             match options.connect(addrs.clone()).await {
                 Ok(client) => return Ok(client),
                 Err(e)
                     if matches!(e.kind(), ConnectErrorKind::Io | ConnectErrorKind::TimedOut)
                         && tokio::time::Instant::now() < deadline =>
                 {
-                    tracing::debug!(url = %self.url, error = %e, "NATS not reachable yet; retrying");
+                    tracing::debug!(url = %redact_url(&self.url), error = %e, "NATS not reachable yet; retrying");
                     tokio::time::sleep(Duration::from_millis(100)).await;
                 }
                 Err(source) => {
                     return Err(Error::Connect {
-                        url: self.url.clone(),
+                        url: redact_url(&self.url),
                         source,
                     });
                 }
@@ -174,6 +213,9 @@ impl ConnectConfig {
         if let (Some(user), Some(password)) = (&self.user, &self.password) {
             o = o.user_and_password(user.clone(), password.clone());
         }
+        if let Some(prefix) = &self.inbox_prefix {
+            o = o.custom_inbox_prefix(prefix);
+        }
         if let Some(file) = &self.nkey_seed_file {
             let seed = std::fs::read_to_string(file)
                 .map_err(|e| Error::Config(format!("{}: {e}", file.display())))?;
@@ -197,9 +239,52 @@ impl ConnectConfig {
     }
 }
 
+/// `url` (one or a comma-separated list) with every password replaced by
+/// `***`, for logs and error messages.
+pub fn redact_url(url: &str) -> String {
+    url.split(',')
+        .map(|u| {
+            let Some((scheme, rest)) = u.split_once("://") else {
+                return u.to_owned();
+            };
+            match rest.split_once('@') {
+                Some((userinfo, host)) => {
+                    let user = userinfo.split(':').next().unwrap_or_default();
+                    format!("{scheme}://{user}:***@{host}")
+                }
+                None => u.to_owned(),
+            }
+        })
+        .collect::<Vec<_>>()
+        .join(",")
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn passwords_in_urls_are_redacted_and_must_agree() {
+        assert_eq!(
+            redact_url("nats://admin:s3cret@127.0.0.1:4222, nats://h:1"),
+            "nats://admin:***@127.0.0.1:4222, nats://h:1"
+        );
+        let c = ConnectConfig::new("nats://a:p@127.0.0.1:1,nats://a:q@127.0.0.1:2");
+        let addrs: Vec<async_nats::ServerAddr> =
+            c.url.split(',').map(|u| u.parse().unwrap()).collect();
+        let err = c.url_credentials(&addrs).unwrap_err().to_string();
+        assert!(
+            err.contains("different credentials") && !err.contains(":p@"),
+            "{err}"
+        );
+        let c = ConnectConfig::new("nats://a:p@127.0.0.1:1,nats://127.0.0.1:2");
+        let addrs: Vec<async_nats::ServerAddr> =
+            c.url.split(',').map(|u| u.parse().unwrap()).collect();
+        assert_eq!(
+            c.url_credentials(&addrs).unwrap(),
+            Some(("a".to_owned(), "p".to_owned()))
+        );
+    }
 
     #[test]
     fn settings_must_fit_together() {

@@ -44,19 +44,161 @@ pub struct EmbeddedConfig {
     /// Environment for the server process (config files read `$VARS` from it,
     /// which keeps passwords out of files).
     pub env: Vec<(String, String)>,
+    /// Who may connect. The default asks every client for a password.
+    pub auth: EmbeddedAuth,
+}
+
+/// How clients authenticate to an embedded server.
+///
+/// An embedded server with no authorization lets any local process append
+/// events or delete the `EVENTS` stream, bypassing the HTTP token: so the
+/// default generates an admin password on first start and keeps it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum EmbeddedAuth {
+    /// One admin user whose password is generated on first start and kept
+    /// in `file` (mode 0600; JSON `{"user": ..., "password": ...}`). A
+    /// directory from before authorization gets the file on its next start.
+    Generated {
+        /// Where the credential lives.
+        file: PathBuf,
+    },
+    /// One user with this password (a cluster whose nodes share it).
+    Password(Credentials),
+    /// No `authorization` block from Sluice: `extra_config` brings its own
+    /// (accounts with per-role users), or the server is anonymous.
+    FromExtraConfig,
+}
+
+/// A user and password for one embedded server.
+#[derive(Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct Credentials {
+    /// The user name.
+    pub user: String,
+    /// The password: URL-safe characters only, so it fits in a `nats://` URL.
+    pub password: String,
+}
+
+impl std::fmt::Debug for Credentials {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Credentials")
+            .field("user", &self.user)
+            .field("password", &"***")
+            .finish()
+    }
+}
+
+/// The user name of the generated embedded credential.
+pub const EMBEDDED_ADMIN_USER: &str = "admin";
+
+impl Credentials {
+    /// A fresh admin credential with 244 random bits.
+    pub fn generate() -> Self {
+        Self {
+            user: EMBEDDED_ADMIN_USER.to_owned(),
+            password: format!(
+                "{}{}",
+                uuid::Uuid::new_v4().simple(),
+                uuid::Uuid::new_v4().simple()
+            ),
+        }
+    }
+
+    /// Reads the credential in `file`; `None` when there is no such file.
+    pub fn load(file: &Path) -> Result<Option<Self>, Error> {
+        let err = |e: &dyn std::fmt::Display| {
+            Error::Embedded(format!("NATS credential {}: {e}", file.display()))
+        };
+        match std::fs::read(file) {
+            Ok(bytes) => {
+                let c: Credentials = serde_json::from_slice(&bytes).map_err(|e| {
+                    err(&format_args!(
+                        "{e}; delete the file to generate a new credential"
+                    ))
+                })?;
+                c.validate().map_err(|e| err(&e))?;
+                Ok(Some(c))
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+            Err(e) => Err(err(&e)),
+        }
+    }
+
+    /// Reads the credential in `file`, creating it (mode 0600) when missing.
+    /// Returns whether it was created. Only the server's start creates one:
+    /// a client that created its own would hold a password the server does
+    /// not know.
+    pub fn load_or_create(file: &Path) -> Result<(Self, bool), Error> {
+        if let Some(c) = Self::load(file)? {
+            return Ok((c, false));
+        }
+        let err = |e: &dyn std::fmt::Display| {
+            Error::Embedded(format!("NATS credential {}: {e}", file.display()))
+        };
+        if let Some(dir) = file.parent() {
+            std::fs::create_dir_all(dir).map_err(|e| err(&e))?;
+        }
+        let c = Self::generate();
+        let text = serde_json::to_vec_pretty(&c).map_err(|e| err(&e))?;
+        write_private(file, &text).map_err(|e| err(&e))?;
+        Ok((c, true))
+    }
+
+    fn validate(&self) -> Result<(), String> {
+        let safe = |s: &str| {
+            !s.is_empty()
+                && s.bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || b"-_.~".contains(&b))
+        };
+        if !safe(&self.user) || !safe(&self.password) || self.password.len() < 16 {
+            return Err(
+                "user and password must be URL-safe (letters, digits, -_.~), the password at least 16 characters"
+                    .into(),
+            );
+        }
+        Ok(())
+    }
+
+    /// `url` (`nats://host:port`) with this user and password in it, the form
+    /// [`crate::ConnectConfig`] takes credentials from.
+    pub fn url_with(&self, url: &str) -> String {
+        match url.split_once("://") {
+            Some((scheme, rest)) => format!("{scheme}://{}:{}@{rest}", self.user, self.password),
+            None => format!("nats://{}:{}@{url}", self.user, self.password),
+        }
+    }
+}
+
+/// Writes `bytes` to `path` readable by its owner only (also when the file
+/// exists with a wider mode), through a temporary file and a rename.
+fn write_private(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
+    use std::os::unix::fs::OpenOptionsExt;
+    let tmp = path.with_extension("tmp");
+    let _ = std::fs::remove_file(&tmp);
+    let mut f = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(&tmp)?;
+    f.write_all(bytes)?;
+    f.sync_all()?;
+    std::fs::rename(&tmp, path)
 }
 
 impl EmbeddedConfig {
     /// A single server with its store under `dir`, fsync always.
     pub fn new(dir: impl Into<PathBuf>) -> Self {
+        let dir: PathBuf = dir.into();
         Self {
-            dir: dir.into(),
+            dir: dir.clone(),
             port: None,
             sync: SyncInterval::Always,
             bin: None,
             extra_config: String::new(),
             server_name: "sluice".to_owned(),
             env: Vec::new(),
+            auth: EmbeddedAuth::Generated {
+                file: dir.join("credentials.json"),
+            },
         }
     }
 }
@@ -136,6 +278,7 @@ pub struct EmbeddedServer {
     config: EmbeddedConfig,
     bin: PathBuf,
     port: u16,
+    credentials: Option<Credentials>,
     child: Option<Child>,
 }
 
@@ -152,10 +295,26 @@ impl EmbeddedServer {
             None => free_port()?,
         };
         config.port = Some(port);
+        let credentials = match &config.auth {
+            EmbeddedAuth::Generated { file } => {
+                let (c, created) = Credentials::load_or_create(file)?;
+                if created {
+                    tracing::info!(file = %file.display(), "generated the embedded nats-server's admin credential");
+                }
+                Some(c)
+            }
+            EmbeddedAuth::Password(c) => {
+                c.validate()
+                    .map_err(|e| Error::Embedded(format!("embedded NATS credential: {e}")))?;
+                Some(c.clone())
+            }
+            EmbeddedAuth::FromExtraConfig => None,
+        };
         let mut server = Self {
             config,
             bin,
             port,
+            credentials,
             child: None,
         };
         server.spawn()?;
@@ -170,8 +329,17 @@ impl EmbeddedServer {
             SyncInterval::Always => "  sync_interval: always\n",
             SyncInterval::ServerDefault => "",
         };
+        // No anonymous access: one user, the password only in this file
+        // (mode 0600) and the credential file beside it.
+        let auth = match &self.credentials {
+            Some(c) => format!(
+                "authorization {{\n  user: \"{}\"\n  password: \"{}\"\n}}\n",
+                c.user, c.password
+            ),
+            None => String::new(),
+        };
         let text = format!(
-            "# Written by Sluice; regenerated at every start.\nserver_name: \"{name}\"\nlisten: \"127.0.0.1:{port}\"\nlog_file: \"{log}\"\npid_file: \"{pid}\"\njetstream {{\n  store_dir: \"{store}\"\n{sync}}}\n{extra}\n",
+            "# Written by Sluice; regenerated at every start.\nserver_name: \"{name}\"\n# Loopback only: nothing off this machine reaches it.\nlisten: \"127.0.0.1:{port}\"\nlog_file: \"{log}\"\npid_file: \"{pid}\"\n{auth}jetstream {{\n  store_dir: \"{store}\"\n{sync}}}\n{extra}\n",
             name = self.config.server_name,
             port = self.port,
             log = dir.join("nats-server.log").display(),
@@ -180,8 +348,7 @@ impl EmbeddedServer {
             extra = self.config.extra_config,
         );
         let path = dir.join("nats-server.conf");
-        let mut f = std::fs::File::create(&path).map_err(io)?;
-        f.write_all(text.as_bytes()).map_err(io)?;
+        write_private(&path, text.as_bytes()).map_err(io)?;
         Ok(path)
     }
 
@@ -265,9 +432,26 @@ impl EmbeddedServer {
         }
     }
 
-    /// The client URL, `nats://127.0.0.1:<port>`.
+    /// The client URL with the credential in it,
+    /// `nats://<user>:<password>@127.0.0.1:<port>` (or without one when the
+    /// server has no Sluice credential). [`crate::ConnectConfig`] and
+    /// [`crate::EventStore::connect`] authenticate with it; a raw
+    /// `async_nats::connect` ignores credentials in URLs.
     pub fn url(&self) -> String {
+        match &self.credentials {
+            Some(c) => c.url_with(&self.anonymous_url()),
+            None => self.anonymous_url(),
+        }
+    }
+
+    /// `nats://127.0.0.1:<port>`, no credential: safe to print or store.
+    pub fn anonymous_url(&self) -> String {
         format!("nats://127.0.0.1:{}", self.port)
+    }
+
+    /// The credential clients need, if the server asks for one.
+    pub fn credentials(&self) -> Option<&Credentials> {
+        self.credentials.as_ref()
     }
 
     /// The port it listens on.

@@ -34,10 +34,10 @@ mod store;
 pub mod trace;
 
 pub use aggregate::{Aggregate, ExecuteError, ExecuteOutcome, execute, load};
-pub use connect::ConnectConfig;
+pub use connect::{ConnectConfig, redact_url};
 pub use embedded::{
-    EmbeddedConfig, EmbeddedServer, NATS_SERVER_BIN_ENV, SyncInterval, binary_version,
-    find_nats_server_bin,
+    Credentials, EMBEDDED_ADMIN_USER, EmbeddedAuth, EmbeddedConfig, EmbeddedServer,
+    NATS_SERVER_BIN_ENV, SyncInterval, binary_version, find_nats_server_bin,
 };
 pub use envelope::{
     CONTENT_TYPE_JSON, CONTENT_TYPE_STRUCTURED, DEFAULT_MAX_PAYLOAD, Envelope, NewEvent,

@@ -134,7 +134,10 @@ async fn raw_publish(
     window: usize,
     aggregates: usize,
 ) -> anyhow::Result<f64> {
-    let client = async_nats::connect(url).await?;
+    // Through ConnectConfig: a raw `async_nats::connect` ignores the
+    // credential in the embedded server's URL. Same client options as the
+    // Sluice row, so the comparison stays fair.
+    let client = sluice_events::ConnectConfig::new(url).connect().await?;
     let js = async_nats::jetstream::new(client);
     let payload = Bytes::from_static(PAYLOAD);
     let aggregates = aggregates.max(1);

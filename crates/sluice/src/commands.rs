@@ -275,9 +275,15 @@ pub(crate) async fn tail(
 /// Options of `sluice status`.
 #[derive(Debug, clap::Args)]
 pub(crate) struct StatusArgs {
-    /// Check durability as for production: warn on replicas < 3.
+    /// Check as for production: warn on replicas < 3, a plaintext NATS
+    /// client port and routes that are plaintext or do not verify peers
+    /// (anonymous access is always a warning).
     #[arg(long, env = "SLUICE_PRODUCTION")]
     production: bool,
+    /// The nats-server monitoring endpoint (`http://host:8222`): lets
+    /// `--production` check the cluster routes, which clients cannot see.
+    #[arg(long, env = "SLUICE_NATS_MONITOR_URL")]
+    monitor_url: Option<String>,
     /// Exit with 1 when any durability warning applies.
     #[arg(long)]
     strict: bool,
@@ -300,8 +306,18 @@ pub(crate) async fn status(
     let state = store.stream_state().await?;
     let info = store.client().server_info();
     let sync_always = embedded.as_ref().map(|e| e.sync_always);
-    let warnings =
+    let mut warnings =
         state.durability_warnings(sync_always, args.production, store.config().retry_horizon());
+    let routes = match &args.monitor_url {
+        Some(m) => crate::nats_lint::fetch_routes(m).await?,
+        None => None,
+    };
+    let observed = crate::nats_lint::Observed::from_info(&info);
+    warnings.extend(crate::nats_lint::security_warnings(
+        &observed,
+        routes,
+        args.production,
+    ));
     if args.json {
         println!(
             "{}",
@@ -317,6 +333,13 @@ pub(crate) async fn status(
                     "replicas": state.replicas,
                 },
                 "sync_always": sync_always,
+                "security": {
+                    "auth_required": observed.auth_required,
+                    "tls_required": observed.tls_required,
+                    "clustered": observed.clustered,
+                    "routes_tls_required": routes.map(|r| r.tls_required),
+                    "routes_tls_verify": routes.map(|r| r.tls_verify),
+                },
                 "warnings": warnings,
             })
         );
@@ -348,7 +371,10 @@ pub(crate) async fn status(
         }
     }
     if args.strict && !warnings.is_empty() {
-        anyhow::bail!("{} durability warning(s) with --strict", warnings.len());
+        anyhow::bail!(
+            "{} durability or security warning(s) with --strict",
+            warnings.len()
+        );
     }
     Ok(())
 }

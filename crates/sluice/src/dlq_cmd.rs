@@ -77,7 +77,12 @@ pub(crate) async fn run(
     let connect = ConnectConfig::from_env(nats_url)?;
     let store = EventStore::connect_with(&connect, StoreConfig::default())
         .await
-        .with_context(|| format!("connecting to NATS at {nats_url}"))?;
+        .with_context(|| {
+            format!(
+                "connecting to NATS at {}",
+                sluice_events::redact_url(nats_url)
+            )
+        })?;
     let js = store.jetstream();
     match cmd {
         DlqCommand::List {

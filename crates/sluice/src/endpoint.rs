@@ -32,6 +32,10 @@ pub(crate) struct Endpoint {
     /// True when a password was removed from `database_url`.
     #[serde(default)]
     pub(crate) database_password_removed: bool,
+    /// The embedded server's admin credential (a 0600 file under the home):
+    /// commands run here read it rather than this file holding a secret.
+    #[serde(default)]
+    pub(crate) nats_credentials_file: Option<PathBuf>,
 }
 
 pub(crate) fn path(home: &Path) -> PathBuf {
@@ -70,17 +74,42 @@ pub(crate) fn remove(home: &Path) {
     let _ = std::fs::remove_file(path(home));
 }
 
-/// The NATS URL to use: the flag or `SLUICE_NATS_URL`, else the endpoint file.
+/// The NATS URL to use: the flag or `SLUICE_NATS_URL`, else the endpoint
+/// file. The URL of this home's embedded server gets its credential
+/// (`nats://admin:<password>@...`, which `ConnectConfig` authenticates with),
+/// whether it came from the endpoint file or was pasted from `sluice up`'s
+/// output.
 pub(crate) fn resolve(nats_url: Option<String>, home: &Path) -> anyhow::Result<String> {
-    if let Some(url) = nats_url {
-        return Ok(url);
+    let endpoint = read(home);
+    let url = match nats_url {
+        Some(url) => url,
+        None => endpoint.as_ref().map(|e| e.nats_url.clone()).with_context(|| {
+            format!(
+                "no NATS server: start one with `sluice up` in this directory (no {} found) or set SLUICE_NATS_URL / --nats-url",
+                path(home).display()
+            )
+        })?,
+    };
+    let Some(e) = endpoint else { return Ok(url) };
+    match &e.nats_credentials_file {
+        Some(file) if url.trim() == e.nats_url => {
+            let credentials = sluice_events::Credentials::load(file)
+                .with_context(|| {
+                    format!(
+                        "reading the embedded server's credential {}",
+                        file.display()
+                    )
+                })?
+                .with_context(|| {
+                    format!(
+                        "{} is missing: restart `sluice up` in this directory to create it",
+                        file.display()
+                    )
+                })?;
+            Ok(credentials.url_with(&e.nats_url))
+        }
+        _ => Ok(url),
     }
-    read(home).map(|e| e.nats_url).with_context(|| {
-        format!(
-            "no NATS server: start one with `sluice up` in this directory (no {} found) or set SLUICE_NATS_URL / --nats-url",
-            path(home).display()
-        )
-    })
 }
 
 /// `url` with the password of its user info removed (`postgres://u:pw@h/db`
@@ -210,6 +239,7 @@ mod tests {
                 http_addr: None,
                 database_url: Some(url),
                 database_password_removed: removed,
+                nats_credentials_file: None,
             },
         )
         .unwrap();

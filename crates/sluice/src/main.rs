@@ -17,6 +17,7 @@ mod consumer_cmd;
 mod dlq_cmd;
 mod endpoint;
 mod http;
+mod nats_lint;
 mod projection_cmd;
 mod provision;
 mod telemetry;

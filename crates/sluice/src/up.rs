@@ -13,7 +13,9 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::Context;
-use sluice_events::{EmbeddedConfig, EmbeddedServer, EventStore, StoreConfig, SyncInterval};
+use sluice_events::{
+    EmbeddedAuth, EmbeddedConfig, EmbeddedServer, EventStore, StoreConfig, SyncInterval, redact_url,
+};
 use sluice_ledger::{AccountActivity, AccountBalances, Projector, ReadSide};
 use sluice_projections::RunnerConfig;
 use sluice_projections::http::AppState;
@@ -122,18 +124,25 @@ pub(crate) async fn up(
             let mut ec = EmbeddedConfig::new(home.join("nats"));
             ec.port = args.nats_port;
             ec.sync = SyncInterval::Always;
+            // The admin credential sits beside the API token; a home from
+            // before authorization gets one now (the server config is
+            // rewritten at every start).
+            ec.auth = EmbeddedAuth::Generated {
+                file: credentials_path(&home),
+            };
             let server = EmbeddedServer::start(ec).context("starting the embedded nats-server")?;
             let url = server.url();
             embedded = Some(server);
             url
         }
     };
+    let embedded_url = embedded.as_ref().map(EmbeddedServer::anonymous_url);
     let result = run(
         &config,
         &url,
         &Role::ALL,
         &home,
-        embedded.is_some(),
+        embedded_url.as_deref(),
         args.common.strict,
     )
     .await;
@@ -159,19 +168,37 @@ pub(crate) async fn serve(
         return crate::provision::provision(&config, &url).await;
     }
     let roles = config.roles();
-    run(&config, &url, &roles, &home, false, args.common.strict).await
+    run(&config, &url, &roles, &home, None, args.common.strict).await
 }
 
+/// Where `sluice up` keeps the embedded server's admin credential (0600).
+pub(crate) fn credentials_path(home: &Path) -> PathBuf {
+    home.join("nats-credentials.json")
+}
+
+/// `embedded_url`: the embedded server's URL without its credential (what the
+/// endpoint file and the output show), when `url` is that server.
 async fn run(
     config: &Config,
     url: &str,
     roles: &[Role],
     home: &Path,
-    embedded: bool,
+    embedded_url: Option<&str>,
     strict: bool,
 ) -> anyhow::Result<()> {
+    let embedded = embedded_url.is_some();
+    let mut connect = config.connect(url)?;
+    // A single-role process replies on its role's own inboxes: the
+    // least-privilege users may subscribe to those only
+    // (nats/permissions.conf), so no role reads another's replies.
+    if let [role] = roles
+        && connect.inbox_prefix.is_none()
+        && !embedded
+    {
+        connect.inbox_prefix = Some(format!("_INBOX_{}", format!("{role:?}").to_lowercase()));
+    }
     let store = EventStore::connect_with(
-        &config.connect(url)?,
+        &connect,
         StoreConfig {
             replicas: config.nats.replicas.unwrap_or(1),
             ..StoreConfig::default()
@@ -187,6 +214,12 @@ async fn run(
     );
     for w in &warnings {
         tracing::warn!(warning = %w, "durability");
+    }
+    // What a client can tell about the server's protection (the routes
+    // need `sluice status --monitor-url`); logged, never a reason to stop.
+    let observed = crate::nats_lint::Observed::from_info(&store.client().server_info());
+    for w in crate::nats_lint::security_warnings(&observed, None, !embedded) {
+        tracing::warn!(warning = %w, "security");
     }
     if strict && !warnings.is_empty() {
         anyhow::bail!("refusing to start (--strict): {}", warnings.join("; "));
@@ -319,12 +352,13 @@ async fn run(
         endpoint::write(
             home,
             &Endpoint {
-                nats_url: url.to_owned(),
+                nats_url: embedded_url.unwrap_or(url).to_owned(),
                 pid: std::process::id(),
                 sync_always: embedded,
                 http_addr: http_addr.map(|a| a.to_string()),
                 database_url,
                 database_password_removed,
+                nats_credentials_file: embedded.then(|| credentials_path(home)),
             },
         )?;
     }
@@ -338,7 +372,11 @@ async fn run(
             .collect::<Vec<_>>()
             .join(",")
     );
-    println!("  nats:    {url}  (nats-server {})", store.server_version());
+    let shown_url = embedded_url.map_or_else(|| redact_url(url), str::to_owned);
+    println!(
+        "  nats:    {shown_url}  (nats-server {})",
+        store.server_version()
+    );
     if let Some(addr) = http_addr {
         println!(
             "  http:    http://{addr}/v1/projections  (openapi: /openapi.json, metrics: /metrics)"
@@ -359,7 +397,11 @@ async fn run(
     if embedded {
         println!("  data:    {}", home.display());
         println!(
-            "  connect: SLUICE_NATS_URL={url}  (commands run in this directory find it by themselves)"
+            "  connect: SLUICE_NATS_URL={shown_url}  (commands run in this directory find it by themselves)"
+        );
+        println!(
+            "  nats auth: user and password in {} (mode 0600); anonymous clients are refused",
+            credentials_path(home).display()
         );
     }
     println!("Press Ctrl-C to stop.");

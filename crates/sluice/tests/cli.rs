@@ -1061,3 +1061,70 @@ fn dlq_discard_and_redrive_settle_a_projections_dead_letters() {
         o.contains("\"balance\":9")
     });
 }
+
+/// `sluice up`'s nats-server asks who you are: anonymous clients are
+/// refused, and commands run in the home authenticate through the endpoint
+/// file and the 0600 credential (tests/security.rs checks that a home from
+/// before authorization gets one on its next start).
+#[test]
+fn up_refuses_anonymous_nats_clients_and_commands_authenticate_by_themselves() {
+    use std::os::unix::fs::PermissionsExt;
+    let home = tempfile::tempdir().unwrap();
+    let creds = home.path().join("nats-credentials.json");
+    let up = start_up(home.path());
+    let endpoint_text = std::fs::read_to_string(home.path().join("endpoint.json")).unwrap();
+    let endpoint: serde_json::Value = serde_json::from_str(&endpoint_text).unwrap();
+    let url = endpoint["nats_url"].as_str().unwrap().to_owned();
+    assert_eq!(
+        endpoint["nats_credentials_file"].as_str(),
+        Some(creds.to_str().unwrap())
+    );
+    let mode = std::fs::metadata(&creds).unwrap().permissions().mode();
+    assert_eq!(mode & 0o777, 0o600);
+    let secret: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(&creds).unwrap()).unwrap();
+    let password = secret["password"].as_str().unwrap();
+    assert!(password.len() >= 32);
+    assert!(
+        !endpoint_text.contains(password),
+        "the endpoint file holds the password"
+    );
+
+    // Anonymous: refused.
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    let refused = rt.block_on(async {
+        let mut c = sluice_events::ConnectConfig::new(&url);
+        c.connect_timeout = Duration::from_secs(2);
+        c.connect().await.is_err()
+    });
+    assert!(
+        refused,
+        "an anonymous client got into sluice up's nats-server"
+    );
+
+    // The CLI in this home: authenticated through the endpoint file, and
+    // with the URL as `sluice up` prints it.
+    let o = sluice(
+        home.path(),
+        &[
+            "publish",
+            "account/sec-1",
+            "--type",
+            "ledger.account.opened.v1",
+            "--data",
+            "{}",
+        ],
+    );
+    let (out, err) = text(&o);
+    assert!(o.status.success(), "{out}{err}");
+    let o = sluice(home.path(), &["--nats-url", &url, "status", "--json"]);
+    let (out, err) = text(&o);
+    assert!(o.status.success(), "{out}{err}");
+    let s: serde_json::Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(s["security"]["auth_required"], true, "{s}");
+    assert!(!out.contains(password) && !err.contains(password));
+    drop(up);
+}

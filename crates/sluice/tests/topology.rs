@@ -3,8 +3,10 @@
 //! (addresses overridden on the command line, stores in temporary working
 //! directories), the streams provisioned R3 by the admin user, and the four
 //! roles as separate `sluice serve --role <role>` processes, each with its
-//! own least-privilege user from `nats/accounts.conf`, sharing a fresh
-//! PostgreSQL database. Driven over HTTP like a client would.
+//! own least-privilege identity: a client certificate from
+//! `nats/gen-certs.sh` that `nats/accounts-tls.conf` maps to the role
+//! (TLS on client and route ports), sharing a fresh PostgreSQL database.
+//! Driven over HTTP like a client would.
 
 mod support;
 
@@ -18,15 +20,33 @@ use sqlx::Connection;
 
 const BIN: &str = env!("CARGO_BIN_EXE_sluice");
 const ROLES: [&str; 4] = ["api", "projector", "worker", "saga"];
-const NATS_USERS: [&str; 6] = ["admin", "api", "projector", "worker", "saga", "sys"];
 const TOKEN: &str = "topology-token-0123456789abcdef";
 
 fn repo() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("../..")
 }
 
-fn password(user: &str) -> String {
-    format!("pw-{user}-{}", std::process::id())
+/// The certificates of `nats/gen-certs.sh` in `<dir>/certs`.
+fn gen_certs(dir: &Path) -> PathBuf {
+    let certs = dir.join("certs");
+    let out = Command::new("bash")
+        .arg(repo().join("nats/gen-certs.sh"))
+        .arg(&certs)
+        .output()
+        .expect("bash and openssl (scripts/setup.sh)");
+    assert!(
+        out.status.success(),
+        "gen-certs.sh: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    certs
+}
+
+/// `user`'s TLS identity for a `ConnectConfig`.
+fn tls_identity(c: &mut sluice_events::ConnectConfig, certs: &Path, user: &str) {
+    c.tls_ca_file = Some(certs.join("ca.pem"));
+    c.tls_cert_file = Some(certs.join(format!("{user}.pem")));
+    c.tls_key_file = Some(certs.join(format!("{user}-key.pem")));
 }
 
 fn free_port() -> u16 {
@@ -158,14 +178,16 @@ impl Topology {
             .collect()
     }
 
-    /// `sluice` with a clean environment and `user`'s NATS credentials.
+    /// `sluice` with a clean environment and `user`'s NATS certificate.
     fn sluice(&self, user: &str) -> Command {
+        let certs = self.dir.path().join("certs");
         let mut cmd = Command::new(BIN);
         cmd.env_clear()
             .env("SLUICE_HOME", self.dir.path().join(format!("home-{user}")))
             .env("SLUICE_NATS_URL", &self.nats_url)
-            .env("SLUICE_NATS_USER", user)
-            .env("SLUICE_NATS_PASSWORD", password(user))
+            .env("SLUICE_NATS_TLS_CA", certs.join("ca.pem"))
+            .env("SLUICE_NATS_TLS_CERT", certs.join(format!("{user}.pem")))
+            .env("SLUICE_NATS_TLS_KEY", certs.join(format!("{user}-key.pem")))
             .env("SLUICE_REPLICAS", "3")
             .env("SLUICE_DATABASE_URL", &self.db_url)
             // A dead replica's pin on the worker and saga consumers expires
@@ -258,9 +280,12 @@ impl Topology {
     }
 }
 
-/// Starts the three nodes from `nats/cluster/n{1,2,3}.conf` and waits until
-/// JetStream has a meta leader (the admin user can ask for account info).
+/// Starts the three nodes from `nats/cluster/n{1,2,3}.conf` (certificates
+/// from `gen-certs.sh` in `<dir>/certs`, linked into each node's working
+/// directory) and waits until JetStream has a meta leader (the admin
+/// certificate can ask for account info).
 fn start_cluster(dir: &Path, rt: &tokio::runtime::Runtime) -> (Vec<Proc>, String) {
+    let certs = gen_certs(dir);
     let bin = sluice_events::find_nats_server_bin().expect("nats-server 2.15.1 (scripts/setup.sh)");
     let client_ports: Vec<u16> = (0..3).map(|_| free_port()).collect();
     let cluster_ports: Vec<u16> = (0..3).map(|_| free_port()).collect();
@@ -277,6 +302,7 @@ fn start_cluster(dir: &Path, rt: &tokio::runtime::Runtime) -> (Vec<Proc>, String
             // store_dir in the config is relative: it lands in this directory.
             let cwd = dir.join(&name);
             std::fs::create_dir_all(&cwd).unwrap();
+            std::os::unix::fs::symlink(&certs, cwd.join("certs")).unwrap();
             let mut cmd = Command::new(&bin);
             cmd.current_dir(&cwd)
                 .arg("-c")
@@ -286,12 +312,7 @@ fn start_cluster(dir: &Path, rt: &tokio::runtime::Runtime) -> (Vec<Proc>, String
                     "--cluster",
                     &format!("nats://127.0.0.1:{}", cluster_ports[i]),
                 ])
-                .args(["--routes", &routes])
-                .envs(
-                    NATS_USERS
-                        .iter()
-                        .map(|u| (format!("SLUICE_{}_PASSWORD", u.to_uppercase()), password(u))),
-                );
+                .args(["--routes", &routes]);
             Proc::spawn(&name, cmd, &logs)
         })
         .collect();
@@ -304,8 +325,7 @@ fn start_cluster(dir: &Path, rt: &tokio::runtime::Runtime) -> (Vec<Proc>, String
         let deadline = Instant::now() + Duration::from_secs(30);
         loop {
             let mut admin = sluice_events::ConnectConfig::new(&url);
-            admin.user = Some("admin".into());
-            admin.password = Some(password("admin"));
+            tls_identity(&mut admin, &certs, "admin");
             admin.connect_timeout = Duration::from_secs(2);
             if let Ok(client) = admin.connect().await {
                 let mut js = async_nats::jetstream::new(client);
@@ -372,6 +392,16 @@ fn roles_as_separate_processes_on_a_three_node_cluster_survive_kill_9() {
         )
     });
     assert_eq!(s["stream"]["replicas"], 3, "{s}");
+    // The security lint sees credentials and TLS required; routes are not
+    // visible to a client without the monitoring endpoint, and it says so.
+    assert_eq!(s["security"]["auth_required"], true, "{s}");
+    assert_eq!(s["security"]["tls_required"], true, "{s}");
+    let warnings = s["warnings"].to_string();
+    assert!(
+        !warnings.contains("anonymous") && !warnings.contains("client port is plaintext"),
+        "{s}"
+    );
+    assert!(warnings.contains("SLUICE_NATS_MONITOR_URL"), "{s}");
 
     for role in ROLES {
         topo.start_role(role);

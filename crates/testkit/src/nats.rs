@@ -2,10 +2,15 @@
 
 use std::path::PathBuf;
 
-use sluice_events::{EmbeddedConfig, EmbeddedServer, EventStore, StoreConfig, SyncInterval};
+use sluice_events::{
+    ConnectConfig, Credentials, EmbeddedAuth, EmbeddedConfig, EmbeddedServer, EventStore,
+    StoreConfig, SyncInterval,
+};
 use tempfile::TempDir;
 
-/// One nats-server 2.12+ with a private temp store, killed on drop.
+/// One nats-server 2.12+ with a private temp store, killed on drop. Like
+/// `sluice up`'s, it refuses anonymous clients: [`NatsServer::url`] carries
+/// the generated admin credential.
 #[derive(Debug)]
 pub struct NatsServer {
     server: EmbeddedServer,
@@ -32,9 +37,33 @@ impl NatsServer {
         Self { server, _dir: dir }
     }
 
-    /// `nats://127.0.0.1:<port>`.
+    /// `nats://admin:<password>@127.0.0.1:<port>`: what `EventStore::connect`,
+    /// `ConnectConfig` and `sluice --nats-url` / `SLUICE_NATS_URL` take.
+    /// (A raw `async_nats::connect` ignores credentials in URLs: use
+    /// [`NatsServer::client`].)
     pub fn url(&self) -> String {
         self.server.url()
+    }
+
+    /// `nats://127.0.0.1:<port>` without the credential: the server refuses it.
+    pub fn anonymous_url(&self) -> String {
+        self.server.anonymous_url()
+    }
+
+    /// The admin credential the server asks for.
+    pub fn credentials(&self) -> &Credentials {
+        self.server
+            .credentials()
+            .expect("the test server always has a credential")
+    }
+
+    /// A raw, authenticated `async_nats` client (for publishing what
+    /// another NATS client would).
+    pub async fn client(&self) -> async_nats::Client {
+        ConnectConfig::new(self.url())
+            .connect()
+            .await
+            .unwrap_or_else(|e| panic!("cannot connect to the test nats-server: {e}"))
     }
 
     /// kill -9, no restart.
@@ -84,6 +113,8 @@ impl NatsCluster {
                 .expect("free port")
         };
         let cluster_ports: Vec<u16> = (0..3).map(|_| free()).collect();
+        // One credential for every node, so one URL list reaches them all.
+        let credentials = Credentials::generate();
         let routes = cluster_ports
             .iter()
             .map(|p| format!("\"nats-route://127.0.0.1:{p}\""))
@@ -99,6 +130,7 @@ impl NatsCluster {
                     .expect("temp dir");
                 let mut config = EmbeddedConfig::new(dir.path());
                 config.server_name = format!("n{i}");
+                config.auth = EmbeddedAuth::Password(credentials.clone());
                 config.extra_config = format!(
                     "cluster {{\n  name: sluice-test\n  listen: \"127.0.0.1:{port}\"\n  routes: [{routes}]\n}}\n"
                 );

@@ -4,10 +4,18 @@
 //!
 //! A paused consumer delivers nothing until resumed (or until the pause
 //! deadline); its workers stay connected and resume where they stopped.
+//!
+//! Also the workers' stored positions: a durable consumer's ack floor lives
+//! in the consumer itself, so a consumer that disappears (deleted by an
+//! operator or an intruder) would otherwise come back from the start of the
+//! log and run every command again. Each running worker keeps its
+//! consumers' ack floors in the `SLUICE_POSITIONS` bucket (about once a
+//! second, and at shutdown); a consumer that existed and is gone is
+//! recreated from there.
 
 use std::time::Duration;
 
-use async_nats::jetstream;
+use async_nats::jetstream::{self, consumer::DeliverPolicy, kv};
 use futures::StreamExt;
 use serde::Serialize;
 use sluice_events::{EVENTS_STREAM, validate_token};
@@ -167,9 +175,218 @@ async fn matching(stream: &jetstream::stream::Stream, name: &str) -> Result<Vec<
     Ok(out)
 }
 
+/// KV bucket of the workers' last known positions: key = durable consumer
+/// name on `EVENTS`, value = its ack floor (stream sequence, decimal).
+pub const POSITIONS_BUCKET: &str = "SLUICE_POSITIONS";
+
+/// How often a running worker stores its consumers' positions.
+const POSITION_INTERVAL: Duration = Duration::from_secs(1);
+
+/// Where a worker's durable consumer starts when the worker starts.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum StartPosition {
+    /// The consumer exists: keep it where it is (the server refuses to
+    /// change a start position anyway).
+    Keep(DeliverPolicy),
+    /// It never existed here: from the start of the log.
+    FirstStart,
+    /// It existed and is gone: after its last stored ack floor.
+    Recreate {
+        /// First stream sequence it delivers.
+        start_sequence: u64,
+    },
+}
+
+impl StartPosition {
+    /// The deliver policy of the consumer to create or update.
+    pub fn deliver_policy(&self) -> DeliverPolicy {
+        match self {
+            StartPosition::Keep(p) => *p,
+            StartPosition::FirstStart => DeliverPolicy::All,
+            StartPosition::Recreate { start_sequence } => DeliverPolicy::ByStartSequence {
+                start_sequence: *start_sequence,
+            },
+        }
+    }
+}
+
+/// Decides where a consumer starts: `existing` is its current deliver policy
+/// if it exists, `stored` its last stored ack floor if one was ever stored.
+pub fn decide_start(existing: Option<DeliverPolicy>, stored: Option<u64>) -> StartPosition {
+    match (existing, stored) {
+        (Some(policy), _) => StartPosition::Keep(policy),
+        (None, None) => StartPosition::FirstStart,
+        (None, Some(floor)) => StartPosition::Recreate {
+            start_sequence: floor + 1,
+        },
+    }
+}
+
+/// The positions bucket, created (with `replicas`) when missing and allowed.
+pub(crate) async fn ensure_positions_bucket(
+    js: &jetstream::Context,
+    replicas: usize,
+) -> Result<kv::Store, Error> {
+    if let Ok(store) = js.get_key_value(POSITIONS_BUCKET).await {
+        return Ok(store);
+    }
+    let created = js
+        .create_key_value(kv::Config {
+            bucket: POSITIONS_BUCKET.to_owned(),
+            description: "Sluice workers' last known consumer positions (ack floors)".to_owned(),
+            history: 1,
+            storage: jetstream::stream::StorageType::File,
+            num_replicas: replicas,
+            ..Default::default()
+        })
+        .await;
+    match created {
+        Ok(store) => Ok(store),
+        Err(e) => js
+            .get_key_value(POSITIONS_BUCKET)
+            .await
+            .map_err(|_| Error::nats("creating the positions bucket", e)),
+    }
+}
+
+async fn stored_position(kv: &kv::Store, name: &str) -> Result<Option<u64>, Error> {
+    let value = kv
+        .get(name)
+        .await
+        .map_err(|e| Error::nats("reading a stored consumer position", e))?;
+    match value {
+        None => Ok(None),
+        Some(bytes) => std::str::from_utf8(&bytes)
+            .ok()
+            .and_then(|s| s.trim().parse::<u64>().ok())
+            .map(Some)
+            .ok_or_else(|| {
+                Error::InvalidConfig(format!(
+                    "the stored position of consumer {name} in {POSITIONS_BUCKET} is not a number: fix or delete that key (the consumer then starts from the beginning)"
+                ))
+            }),
+    }
+}
+
+/// Where the durable consumer `name` of `events` starts (see
+/// [`decide_start`]), storing the position of one that exists.
+pub(crate) async fn start_position(
+    js: &jetstream::Context,
+    events: &jetstream::stream::Stream,
+    name: &str,
+    replicas: usize,
+) -> Result<StartPosition, Error> {
+    let kv = ensure_positions_bucket(js, replicas).await?;
+    let existing = events
+        .get_consumer::<jetstream::consumer::pull::Config>(name)
+        .await
+        .ok();
+    let stored = stored_position(&kv, name).await?;
+    let decision = decide_start(
+        existing
+            .as_ref()
+            .map(|c| c.cached_info().config.deliver_policy),
+        stored,
+    );
+    match (&decision, &existing) {
+        (StartPosition::Keep(_), Some(c)) => {
+            let floor = c.cached_info().ack_floor.stream_sequence;
+            if stored.is_none_or(|s| s < floor) {
+                put_position(&kv, name, floor).await?;
+            }
+        }
+        (StartPosition::FirstStart, _) => put_position(&kv, name, 0).await?,
+        (StartPosition::Recreate { start_sequence }, _) => {
+            tracing::warn!(
+                consumer = name,
+                start_sequence,
+                "durable consumer disappeared; recreating it from its stored position, not from the start"
+            );
+        }
+        _ => {}
+    }
+    Ok(decision)
+}
+
+async fn put_position(kv: &kv::Store, name: &str, floor: u64) -> Result<(), Error> {
+    kv.put(name, floor.to_string().into())
+        .await
+        .map(|_| ())
+        .map_err(|e| Error::nats("storing a consumer position", e))
+}
+
+/// Stores the ack floors of `names` (durable consumers on `EVENTS`) in
+/// [`POSITIONS_BUCKET`] whenever they move, until `stop`, and once more then.
+/// A consumer that is missing is left alone: the worker stops on it, and its
+/// next start recreates it from the stored position.
+pub(crate) async fn track_positions(
+    js: jetstream::Context,
+    names: Vec<String>,
+    stop: tokio_util::sync::CancellationToken,
+) {
+    let Ok(kv) = js.get_key_value(POSITIONS_BUCKET).await else {
+        tracing::warn!(
+            bucket = POSITIONS_BUCKET,
+            "no positions bucket: a deleted consumer could not be recreated where it was"
+        );
+        return;
+    };
+    let Ok(events) = js.get_stream(EVENTS_STREAM).await else {
+        return;
+    };
+    let mut last: Vec<u64> = vec![0; names.len()];
+    loop {
+        let stopping = tokio::select! {
+            _ = stop.cancelled() => true,
+            _ = tokio::time::sleep(POSITION_INTERVAL) => false,
+        };
+        for (name, last) in names.iter().zip(last.iter_mut()) {
+            let Ok(mut c) = events
+                .get_consumer::<jetstream::consumer::pull::Config>(name)
+                .await
+            else {
+                continue;
+            };
+            let Ok(info) = c.info().await else { continue };
+            let floor = info.ack_floor.stream_sequence;
+            if floor > *last {
+                match put_position(&kv, name, floor).await {
+                    Ok(()) => *last = floor,
+                    Err(e) => {
+                        tracing::warn!(consumer = %name, error = %e, "cannot store the consumer position")
+                    }
+                }
+            }
+        }
+        if stopping {
+            return;
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
-    use super::designates;
+    use super::*;
+
+    #[test]
+    fn a_consumer_that_disappears_comes_back_after_its_stored_position() {
+        let kept = DeliverPolicy::ByStartSequence { start_sequence: 7 };
+        assert_eq!(
+            decide_start(Some(kept), Some(40)),
+            StartPosition::Keep(kept)
+        );
+        assert_eq!(decide_start(None, None), StartPosition::FirstStart);
+        assert_eq!(
+            decide_start(None, None).deliver_policy(),
+            DeliverPolicy::All
+        );
+        let back = decide_start(None, Some(40));
+        assert_eq!(back, StartPosition::Recreate { start_sequence: 41 });
+        assert_eq!(
+            back.deliver_policy(),
+            DeliverPolicy::ByStartSequence { start_sequence: 41 }
+        );
+    }
 
     #[test]
     fn a_worker_name_designates_its_partitions_and_redrive_consumer() {

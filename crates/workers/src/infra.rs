@@ -130,6 +130,7 @@ pub(crate) async fn ensure_all(js: &jetstream::Context, replicas: usize) -> Resu
         ensure_stream(js, config).await?;
     }
     ensure_parked_bucket(js, replicas).await?;
+    crate::consumers::ensure_positions_bucket(js, replicas).await?;
     Ok(())
 }
 

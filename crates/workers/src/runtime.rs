@@ -257,10 +257,11 @@ pub async fn ensure_consumers(
             ),
         );
         // An existing consumer keeps its start position (the server refuses
-        // to change it; `repartition` creates consumers that start mid-log).
-        if let Ok(existing) = events.get_consumer::<consumer::pull::Config>(&name).await {
-            c.deliver_policy = existing.cached_info().config.deliver_policy;
-        }
+        // to change it; `repartition` creates consumers that start mid-log);
+        // one that disappeared comes back from its stored position.
+        c.deliver_policy = crate::consumers::start_position(js, &events, &name, config.replicas)
+            .await?
+            .deliver_policy();
         out.push(
             events
                 .create_consumer(c)
@@ -401,6 +402,11 @@ pub async fn run<H: Handler>(
     // The watch task outlives `run` by at most this token.
     let background = cancel.child_token();
     let parks = Parks::cached(kv, config.name, background.clone()).await?;
+    tokio::spawn(crate::consumers::track_positions(
+        js.clone(),
+        config.partition_consumers(),
+        background.clone(),
+    ));
     let ctx = Arc::new(Ctx {
         js: js.clone(),
         client: store.client().clone(),
