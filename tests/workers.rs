@@ -37,6 +37,7 @@ const LOST_ACK: &str = "test-lost-ack";
 const TAKEOVER: &str = "test-takeover";
 const STANDBY: &str = "test-standby";
 const OVERSIZED: &str = "test-oversized";
+const BEFORE_HEAD: &str = "test-before-head";
 
 const EVENT_TYPE: &str = "test.counted.v1";
 
@@ -168,6 +169,7 @@ fn durable_consumer_names_are_constants() {
         TAKEOVER,
         STANDBY,
         OVERSIZED,
+        BEFORE_HEAD,
     ];
     assert_eq!(
         names.iter().collect::<HashSet<_>>().len(),
@@ -1186,9 +1188,10 @@ fn effect_then_hang(
 }
 
 /// Issue 12, finding 1: a worker handles event 1 of an aggregate and is
-/// killed before its ack goes out; the nats-server restarts too (as `sluice
-/// up` always restarts it), so the pin is gone and the new worker gets event
-/// 2 at once, while event 1 comes back only after its ack wait, behind it.
+/// killed before its ack goes out; the nats-server restarts too (a restarted
+/// `sluice up` stops the one its predecessor left and starts it again), so
+/// the pin is gone and the new worker gets event 2 at once, while event 1
+/// comes back only after its ack wait, behind it.
 /// The new process has no memory of event 1: that redelivery used to be
 /// dead-lettered as `late` and the aggregate parked. Now the idempotent
 /// handler gets it (and finds its effect applied), nothing is dead-lettered
@@ -1217,7 +1220,7 @@ async fn a_lost_ack_redelivered_after_a_restart_is_not_dead_lettered_as_late() {
         task.abort();
         let _ = task.await;
     }
-    server.restart();
+    server.restart_gracefully();
     let store = server.store().await;
     append(&store, "a", 2).await;
     let (cancel, task) = spawn_worker(
@@ -1374,4 +1377,82 @@ async fn a_standby_replica_takes_over_after_the_pin_timeout() {
         "standby took over {took:?} after the kill (pin timeout {:?})",
         c.pin_timeout
     );
+}
+
+/// The `parked` half of finding 1: an aggregate parked by a real failure
+/// (event 2) must not park the redelivery of an event from *before* its head
+/// (event 1, applied by a killed process whose ack was lost, back after a
+/// server restart): that is handled, so the kill leaves no dead letter
+/// besides the real one.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_redelivery_from_before_a_parked_head_is_handled_not_parked() {
+    let mut server = NatsServer::start();
+    let mut c = config(BEFORE_HEAD);
+    c.ack_wait = Duration::from_secs(4);
+    c.pin_timeout = Duration::from_secs(5);
+    let effects: Arc<Mutex<HashSet<String>>> = Arc::default();
+    let seen: Log = Arc::default();
+    {
+        let store = server.store().await;
+        append(&store, "a", 1).await;
+        let (_cancel, task) = spawn_worker(
+            &store,
+            c.clone(),
+            effect_then_hang(effects.clone(), seen.clone(), Some(1)),
+        );
+        wait_until("event 1 applied", Duration::from_secs(10), async || {
+            effects.lock().unwrap().len() == 1
+        })
+        .await;
+        task.abort();
+        let _ = task.await;
+    }
+    server.restart_gracefully();
+    let store = server.store().await;
+    append(&store, "a", 2).await;
+    let handler = {
+        let (effects, seen) = (effects.clone(), seen.clone());
+        move |d: Delivery| {
+            let (effects, seen) = (effects.clone(), seen.clone());
+            async move {
+                record(&seen, &d);
+                if n_of(&d) == 2 {
+                    return Err(HandlerError::permanent("event 2 is refused"));
+                }
+                effects.lock().unwrap().insert(d.envelope.id.to_string());
+                Ok(())
+            }
+        }
+    };
+    let (cancel, task) = spawn_worker(&store, c.clone(), handler);
+    wait_until(
+        "event 1 redelivered behind the parked head",
+        Duration::from_secs(20),
+        async || seen.lock().unwrap().get("a").is_some_and(|v| v.len() >= 3),
+    )
+    .await;
+    // Give a wrongly parked redelivery time to reach the DLQ.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    cancel.cancel();
+    task.await.unwrap();
+    let order = seen.lock().unwrap()["a"].clone();
+    assert_eq!(&order[..3], &[1, 2, 1], "{order:?}");
+    let entries = dlq::list(
+        store.jetstream(),
+        &Filter {
+            consumer: Some(BEFORE_HEAD.to_owned()),
+            ..Default::default()
+        },
+    )
+    .await
+    .unwrap()
+    .entries;
+    let kinds: Vec<&str> = entries.iter().map(|e| e.kind.as_str()).collect();
+    assert_eq!(kinds, vec!["handler"], "only the real failure: {entries:?}");
+    let sid = StreamId::new("acct", "a").unwrap();
+    let parked = dlq::parked(store.jetstream(), BEFORE_HEAD, &sid)
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!((parked.head, parked.through), (2, 2));
 }

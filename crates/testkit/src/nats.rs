@@ -78,6 +78,14 @@ impl NatsServer {
             .unwrap_or_else(|e| panic!("cannot restart nats-server: {e}"));
     }
 
+    /// SIGTERM (the server flushes its state), then start again on the same
+    /// port and store: what a restarted `sluice up` does to the nats-server
+    /// its killed predecessor left running.
+    pub fn restart_gracefully(&mut self) {
+        self.server.stop(std::time::Duration::from_secs(10));
+        self.restart();
+    }
+
     /// The store directory.
     pub fn dir(&self) -> PathBuf {
         self.server.config().dir.clone()
