@@ -413,6 +413,48 @@ mod tests {
                     permanent: true,
                 },
             ],
+            vec![
+                SagaEvent::Started,
+                SagaEvent::CommandDeadLettered {
+                    kind: sluice_sagas::CommandKind::Action,
+                    step: 0,
+                    attempt: 1,
+                    command: "t/debit/1".into(),
+                    consumer: "ledger-account-commands".into(),
+                    dead_letter: 3,
+                    reason: "parked".into(),
+                },
+                SagaEvent::Abandoned {
+                    note: "by hand".into(),
+                },
+            ],
+            vec![
+                SagaEvent::Started,
+                ok(0, json!({"currency": "EUR"})),
+                SagaEvent::DeadlinePassed {
+                    armed: 1,
+                    kind: sluice_sagas::CommandKind::Action,
+                    step: 1,
+                    attempt: 1,
+                    claimed: true,
+                    deadline_ms: 300_000,
+                },
+                SagaEvent::Resolved {
+                    outcome: sluice_sagas::Outcome::Compensated,
+                    note: "checked".into(),
+                },
+            ],
+            vec![
+                SagaEvent::Started,
+                SagaEvent::DeadlinePassed {
+                    armed: 1,
+                    kind: sluice_sagas::CommandKind::Action,
+                    step: 0,
+                    attempt: 1,
+                    claimed: false,
+                    deadline_ms: 300_000,
+                },
+            ],
         ];
         let def = transfer_definition(Duration::from_secs(30)).unwrap();
         for path in paths {

@@ -1149,6 +1149,170 @@ mod tests {
         assert!(cmds.is_empty());
     }
 
+    fn dead_lettered(kind: CommandKind, step: usize, attempt: u32) -> SagaEvent {
+        SagaEvent::CommandDeadLettered {
+            kind,
+            step,
+            attempt,
+            command: "t-1/x".into(),
+            consumer: "handler".into(),
+            dead_letter: 7,
+            reason: "parked behind 3".into(),
+        }
+    }
+
+    fn deadline(kind: CommandKind, step: usize, attempt: u32, claimed: bool) -> SagaEvent {
+        SagaEvent::DeadlinePassed {
+            armed: 1,
+            kind,
+            step,
+            attempt,
+            claimed,
+            deadline_ms: 2_000,
+        }
+    }
+
+    #[test]
+    fn a_dead_lettered_action_needs_attention_and_a_retry_sends_the_next_attempt() {
+        let def = transfer();
+        let (state, _) = given(
+            &def,
+            &[
+                SagaEvent::Started,
+                ok(0, json!({})),
+                dead_lettered(CommandKind::Action, 1, 1),
+            ],
+        );
+        match &state.status {
+            Status::NeedsAttention {
+                step: 1,
+                retry: CommandKind::Action,
+                reason,
+            } => assert!(reason.contains("dead letter 7"), "{reason}"),
+            other => panic!("{other:?}"),
+        }
+        // A dead letter of another attempt or step changes nothing.
+        let (same, cmds) = react(&def, &state, &dead_lettered(CommandKind::Action, 0, 1));
+        assert_eq!(same, state);
+        assert!(cmds.is_empty());
+        let retry = SagaEvent::Retried { note: "ops".into() };
+        let (next, cmds) = react(&def, &state, &retry);
+        assert_eq!(next.status, Status::Running { step: 1 });
+        assert_eq!(cmds.len(), 1);
+        assert_eq!(cmds[0].id, "t-1/deposit/2");
+        assert_eq!(cmds[0].effect_key("t-1"), "t-1/deposit", "same effect key");
+        assert!(cmds[0].deadline.is_some());
+    }
+
+    #[test]
+    fn the_overall_deadline_compensates_only_what_is_safe() {
+        let def = transfer();
+        let running = [SagaEvent::Started, ok(0, json!({}))];
+        // Unclaimed action: compensate the completed steps.
+        let (state, cmds) = given(
+            &def,
+            &[
+                running[0].clone(),
+                running[1].clone(),
+                deadline(CommandKind::Action, 1, 1, false),
+            ],
+        );
+        assert!(matches!(state.status, Status::Compensating { step: 0, .. }));
+        assert_eq!(cmds.last().unwrap().id, "t-1/reserve/1/undo");
+        // Claimed action: ask for help; its late reply still counts.
+        let (state, cmds) = given(
+            &def,
+            &[
+                running[0].clone(),
+                running[1].clone(),
+                deadline(CommandKind::Action, 1, 1, true),
+            ],
+        );
+        assert_eq!(cmds.len(), 2, "nothing sent by the deadline");
+        assert!(matches!(
+            state.status,
+            Status::NeedsAttention {
+                retry: CommandKind::Action,
+                ..
+            }
+        ));
+        let (next, cmds) = react(&def, &state, &ok(1, json!({})));
+        assert_eq!(next.status, Status::Running { step: 2 });
+        assert_eq!(cmds[0].id, "t-1/complete/1");
+        // A compensation in flight: ask for help.
+        let (state, _) = given(
+            &def,
+            &[
+                SagaEvent::Started,
+                ok(0, json!({})),
+                SagaEvent::StepFailed {
+                    step: 1,
+                    attempt: 1,
+                    reason: "closed".into(),
+                },
+                deadline(CommandKind::Compensation, 0, 1, false),
+            ],
+        );
+        assert!(matches!(
+            state.status,
+            Status::NeedsAttention {
+                retry: CommandKind::Compensation,
+                step: 0,
+                ..
+            }
+        ));
+        // Ended: ignored.
+        let (done, _) = given(
+            &def,
+            &[
+                SagaEvent::Started,
+                ok(0, json!({})),
+                ok(1, json!({})),
+                ok(2, json!({})),
+            ],
+        );
+        let (same, _) = react(&def, &done, &deadline(CommandKind::Action, 2, 1, false));
+        assert_eq!(same, done);
+    }
+
+    #[test]
+    fn resolve_and_abandon_end_a_saga_that_needs_attention_and_nothing_else() {
+        let def = transfer();
+        let (stuck, _) = given(
+            &def,
+            &[SagaEvent::Started, dead_lettered(CommandKind::Action, 0, 1)],
+        );
+        let resolve = SagaEvent::Resolved {
+            outcome: Outcome::Compensated,
+            note: "checked".into(),
+        };
+        let (resolved, cmds) = react(&def, &stuck, &resolve);
+        assert!(cmds.is_empty());
+        assert!(matches!(
+            resolved.status,
+            Status::Resolved {
+                outcome: Outcome::Compensated,
+                ..
+            }
+        ));
+        assert!(resolved.status.is_final());
+        let abandon = SagaEvent::Abandoned {
+            note: "by hand".into(),
+        };
+        let (abandoned, cmds) = react(&def, &stuck, &abandon);
+        assert!(cmds.is_empty());
+        assert!(matches!(abandoned.status, Status::Abandoned { .. }));
+        // Anywhere else they change nothing; late replies after them too.
+        let (running, _) = given(&def, &[SagaEvent::Started]);
+        assert_eq!(react(&def, &running, &resolve).0, running);
+        assert_eq!(react(&def, &running, &abandon).0, running);
+        assert_eq!(react(&def, &resolved, &ok(0, json!({}))).0, resolved);
+        assert_eq!(
+            react(&def, &abandoned, &SagaEvent::Retried { note: "x".into() }).0,
+            abandoned
+        );
+    }
+
     #[test]
     fn definitions_are_checked() {
         assert!(matches!(
