@@ -469,30 +469,37 @@ where
     let from = d.envelope.time.unwrap_or_else(OffsetDateTime::now_utc);
     // A start (or an operator's retry) arms the overall deadline; the
     // transition is durable already, so a crash before this reschedules the
-    // same instant (deduplicated).
-    if matches!(record.event, SagaEvent::Started | SagaEvent::Retried { .. })
-        && !state.status.is_final()
-    {
-        let now = OffsetDateTime::now_utc();
-        let due = (from + def.overall_deadline()).max(now + Duration::from_secs(1));
-        schedule_saga_deadline(store.jetstream(), def.name(), saga_id, position, due).await?;
-    }
-    for command in &commands {
-        let send = send_command_at(store, def.name(), saga_id, command, Some(position));
-        let schedule = async {
-            if let (CommandKind::Action, Some(deadline)) = (command.kind, command.deadline) {
-                let now = OffsetDateTime::now_utc();
-                // A deadline already past (the orchestrator was down) fires
-                // at once; the server wants a time in the future.
-                let due = (from + deadline).max(now + Duration::from_secs(1));
-                schedule_timeout(store.jetstream(), def.name(), saga_id, command, due).await?;
-            }
-            Ok::<_, SagaError>(())
-        };
-        // Independent writes: the command and its deadline go out together.
-        futures::try_join!(send, schedule)?;
-        tracing::debug!(saga = def.name(), saga_id, command = %command.id, kind = ?command.kind, "command sent");
-    }
+    // same instant (deduplicated). It goes out alongside the commands.
+    let arms = matches!(record.event, SagaEvent::Started | SagaEvent::Retried { .. })
+        && !state.status.is_final();
+    let overall = async {
+        if arms {
+            let now = OffsetDateTime::now_utc();
+            let due = (from + def.overall_deadline()).max(now + Duration::from_secs(1));
+            schedule_saga_deadline(store.jetstream(), def.name(), saga_id, position, due).await?;
+        }
+        Ok::<_, SagaError>(())
+    };
+    let send_all = async {
+        for command in &commands {
+            let send = send_command_at(store, def.name(), saga_id, command, Some(position));
+            let schedule = async {
+                if let (CommandKind::Action, Some(deadline)) = (command.kind, command.deadline) {
+                    let now = OffsetDateTime::now_utc();
+                    // A deadline already past (the orchestrator was down) fires
+                    // at once; the server wants a time in the future.
+                    let due = (from + deadline).max(now + Duration::from_secs(1));
+                    schedule_timeout(store.jetstream(), def.name(), saga_id, command, due).await?;
+                }
+                Ok::<_, SagaError>(())
+            };
+            // Independent writes: the command and its deadline go out together.
+            futures::try_join!(send, schedule)?;
+            tracing::debug!(saga = def.name(), saga_id, command = %command.id, kind = ?command.kind, "command sent");
+        }
+        Ok::<_, SagaError>(())
+    };
+    futures::try_join!(overall, send_all)?;
     if !state.status.is_final() {
         cache.put(saga_id, state, position);
     }
