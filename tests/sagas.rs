@@ -9,9 +9,9 @@ use std::time::{Duration, Instant};
 use futures::TryStreamExt;
 use sluice_events::{EventStore, StreamId, execute, load};
 use sluice_ledger::{
-    Account, AccountCommand, DEPOSITED, TRANSFER_SAGA, TransferRoleConfig, Transfers, WITHDRAWN,
-    run_account_commands, run_transfer_orchestrator, run_transfer_role, start_transfer,
-    transfer_status,
+    Account, AccountCommand, DEPOSITED, TRANSFER_SAGA, TransferRoleConfig, TransferState,
+    Transfers, WITHDRAWN, run_account_commands, run_transfer_orchestrator, run_transfer_role,
+    start_transfer, transfer_status,
 };
 use sluice_projections::{Database, ReadModel, RunnerConfig};
 use sluice_sagas::{SagaEvent, TIMERS_STREAM, read_log};
@@ -315,13 +315,13 @@ async fn refused_credits_refund_the_source() {
         },
     )
     .await;
-    let listed = sluice_ledger::list_transfers(&store, Some("compensated"))
+    let listed = sluice_ledger::list_transfers(&store, Some(TransferState::Compensated))
         .await
         .unwrap();
     let ids: Vec<&str> = listed.iter().map(|v| v.id.as_str()).collect();
     assert_eq!(ids, ["t-closed", "t-poor", "t-unknown", "t-usd"]);
     assert!(
-        sluice_ledger::list_transfers(&store, Some("completed"))
+        sluice_ledger::list_transfers(&store, Some(TransferState::Completed))
             .await
             .unwrap()
             .is_empty()
@@ -528,7 +528,8 @@ async fn a_late_timeout_for_a_completed_step_is_ignored() {
         async || {
             let mut stream = js.get_stream(TIMERS_STREAM).await.unwrap();
             let info = stream.info().await.unwrap();
-            // The schedules are gone once fired.
+            // The schedules are gone once fired; the saga's overall
+            // deadline (5 minutes) is still scheduled.
             let scheduled = info.state.messages;
             let mut consumer: async_nats::jetstream::consumer::PullConsumer = stream
                 .get_consumer("ledger-transfer-saga-timers")
@@ -537,7 +538,7 @@ async fn a_late_timeout_for_a_completed_step_is_ignored() {
             let c = consumer.info().await.unwrap();
             c.delivered.consumer_sequence >= 2
                 && c.ack_floor.consumer_sequence >= 2
-                && scheduled == 2
+                && scheduled == 3
         },
     )
     .await;
@@ -587,7 +588,7 @@ async fn a_refund_that_cannot_succeed_needs_attention() {
     let retried = sluice_ledger::retry_transfer(&store, "t-stuck", "operator")
         .await
         .unwrap();
-    assert!(matches!(retried, sluice_sagas::Guarded::Appended(_)));
+    assert_eq!(retried.state, "pending");
     wait_for(
         "the retried refund to fail",
         Duration::from_secs(20),
@@ -608,10 +609,10 @@ async fn a_refund_that_cannot_succeed_needs_attention() {
     wait_state(&store, "t-stuck", "needs_attention", Duration::from_secs(5)).await;
     assert_eq!(balance(&store, "src").await, 0);
     // Retrying a saga that does not need attention is refused.
-    let done = sluice_ledger::retry_transfer(&store, "t-1-unknown", "operator")
+    let unknown = sluice_ledger::retry_transfer(&store, "t-1-unknown", "operator")
         .await
-        .unwrap();
-    assert!(matches!(done, sluice_sagas::Guarded::Refused(_)));
+        .unwrap_err();
+    assert!(unknown.is_unknown_instance(), "{unknown}");
     for r in [orchestrator, src, dst] {
         r.stop().await;
     }
@@ -1035,4 +1036,265 @@ async fn the_orchestrator_killed_ten_times_during_2000_transfers_applies_nothing
     );
     counter.abort();
     role.stop().await;
+}
+
+/// Appends a command that no handler can decode to `cmd-account/<account>`
+/// (what any raw NATS client can do): the account's handler dead-letters it
+/// and parks the account behind it.
+async fn poison_commands_of(store: &EventStore, account: &str) {
+    store
+        .append(
+            &StreamId::new("cmd-account", account).unwrap(),
+            sluice_events::ExpectedVersion::Any,
+            vec![sluice_events::NewEvent::new(
+                sluice_sagas::COMMAND,
+                br#"{"not":"a command"}"#.to_vec(),
+            )],
+        )
+        .await
+        .unwrap();
+}
+
+/// Discards every dead letter of the account command handler for
+/// `account`, oldest first (the last one releases the account).
+async fn discard_dead_letters_of(store: &EventStore, account: &str) {
+    let js = store.jetstream();
+    let listing = sluice_workers::dlq::list(
+        js,
+        &sluice_workers::dlq::Filter {
+            consumer: Some(sluice_ledger::ACCOUNT_COMMANDS.to_owned()),
+            ..Default::default()
+        },
+    )
+    .await
+    .unwrap();
+    let mut mine: Vec<_> = listing
+        .entries
+        .into_iter()
+        .filter(|d| d.subject == format!("events.cmd-account.{account}"))
+        .collect();
+    mine.sort_by_key(|d| d.sequence);
+    assert!(!mine.is_empty(), "no dead letters for {account}");
+    for d in mine {
+        sluice_workers::dlq::discard(js, d.id, "test: the cause is fixed")
+            .await
+            .unwrap();
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_dead_lettered_debit_needs_attention_until_an_operator_retries_it() {
+    let nats = NatsServer::start();
+    let store = nats.store().await;
+    open(&store, "src", "EUR", 100).await;
+    open(&store, "dst", "EUR", 0).await;
+    // A malformed command parks `src` in the account command handler: the
+    // transfer's debit is dead-lettered behind it (kind `parked`).
+    poison_commands_of(&store, "src").await;
+    let role = role_task(&store, role(Duration::from_secs(30)));
+    start_transfer(&store, Some("t-dl"), "src", "dst", 60)
+        .await
+        .unwrap();
+    let reason = wait_state(&store, "t-dl", "needs_attention", Duration::from_secs(20)).await;
+    assert!(
+        reason.contains("t-dl/debit/1 was dead-lettered by ledger-account-commands"),
+        "{reason}"
+    );
+    assert_eq!(balance(&store, "src").await, 100, "nothing was debited");
+    let listed = sluice_ledger::list_transfers(&store, Some(TransferState::NeedsAttention))
+        .await
+        .unwrap();
+    assert_eq!(listed.len(), 1);
+
+    // A retry while the cause persists: the next attempt is dead-lettered
+    // too, and the saga says so (nothing half-done, nothing silent).
+    let v = sluice_ledger::retry_transfer(&store, "t-dl", "ops: first try")
+        .await
+        .unwrap();
+    assert_eq!(v.state, "pending");
+    wait_for(
+        "the second attempt to fail",
+        Duration::from_secs(20),
+        async || {
+            transfer_status(&store, "t-dl")
+                .await
+                .unwrap()
+                .and_then(|v| v.reason)
+                .is_some_and(|r| r.contains("t-dl/debit/2 was dead-lettered"))
+        },
+    )
+    .await;
+    wait_state(&store, "t-dl", "needs_attention", Duration::from_secs(5)).await;
+
+    // The operator fixes the cause (discards the poison and what is parked
+    // behind it), then retries: attempt 3 debits and credits, once.
+    discard_dead_letters_of(&store, "src").await;
+    sluice_ledger::retry_transfer(&store, "t-dl", "ops: poison discarded")
+        .await
+        .unwrap();
+    wait_state(&store, "t-dl", "completed", Duration::from_secs(20)).await;
+    assert_eq!(balance(&store, "src").await, 40);
+    assert_eq!(balance(&store, "dst").await, 60);
+    let withdrawn = types(&store, "account", "src")
+        .await
+        .into_iter()
+        .filter(|t| t == WITHDRAWN)
+        .count();
+    assert_eq!(withdrawn, 1, "the debit applied once over three attempts");
+    let events = saga_events(&store, "t-dl").await;
+    let retries = events
+        .iter()
+        .filter(|e| matches!(e, SagaEvent::Retried { .. }))
+        .count();
+    assert_eq!(retries, 2, "{events:?}");
+
+    // Refused where they make no sense: a completed transfer, an unknown id.
+    use sluice_sagas::{OperatorAction, Outcome};
+    for action in [
+        OperatorAction::Retry,
+        OperatorAction::Resolve(Outcome::Compensated),
+        OperatorAction::Abandon,
+    ] {
+        let e = sluice_ledger::operate_transfer(&store, "t-dl", action, "again")
+            .await
+            .unwrap_err();
+        assert!(e.is_wrong_state(), "{e}");
+        assert!(e.to_string().contains("is completed"), "{e}");
+        let e = sluice_ledger::operate_transfer(&store, "nope", action, "x")
+            .await
+            .unwrap_err();
+        assert!(e.is_unknown_instance(), "{e}");
+    }
+    assert_eq!(
+        balance(&store, "src").await + balance(&store, "dst").await,
+        100
+    );
+    role.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_overall_deadline_compensates_an_unclaimed_step_and_asks_for_help_for_a_claimed_one() {
+    let nats = NatsServer::start();
+    let store = nats.store().await;
+    for a in ["a1", "a2", "a3"] {
+        open(&store, a, "EUR", 100).await;
+    }
+    open(&store, "b", "EUR", 0).await;
+    // Step deadlines far away; the saga's own deadline short. Only the
+    // orchestrator runs: no command is handled yet.
+    let mut config = role(Duration::from_secs(60));
+    config.saga_deadline = Duration::from_secs(2);
+    let orchestrator = orchestrator_task(&store, config);
+    for (id, from) in [("t-open", "a1"), ("t-resolve", "a2"), ("t-abandon", "a3")] {
+        start_transfer(&store, Some(id), from, "b", 50)
+            .await
+            .unwrap();
+    }
+    // A handler claimed the debits of two of them and went silent: their
+    // outcome is unknown.
+    for id in ["t-resolve", "t-abandon"] {
+        let claimed = sluice_sagas::append_guarded(&store, TRANSFER_SAGA, id, |_| {
+            Ok((
+                SagaEvent::StepClaimed {
+                    step: 0,
+                    attempt: 1,
+                },
+                format!("{id}/debit/1/claim"),
+            ))
+        })
+        .await
+        .unwrap();
+        assert!(matches!(claimed, sluice_sagas::Guarded::Appended(_)));
+    }
+    let reason = wait_state(&store, "t-open", "compensated", Duration::from_secs(20)).await;
+    assert!(
+        reason.contains("saga deadline of 2s passed during step debit"),
+        "{reason}"
+    );
+    for id in ["t-resolve", "t-abandon"] {
+        let reason = wait_state(&store, id, "needs_attention", Duration::from_secs(20)).await;
+        assert!(
+            reason.contains("claimed by its handler and unanswered"),
+            "{id}: {reason}"
+        );
+    }
+    // A pending transfer is not the operator's to end.
+    let e = sluice_ledger::operate_transfer(
+        &store,
+        "t-open",
+        sluice_sagas::OperatorAction::Abandon,
+        "x",
+    )
+    .await
+    .unwrap_err();
+    assert!(e.is_wrong_state(), "{e}");
+
+    // The operator checked the accounts: nothing moved.
+    let v = sluice_ledger::operate_transfer(
+        &store,
+        "t-resolve",
+        sluice_sagas::OperatorAction::Resolve(sluice_sagas::Outcome::Compensated),
+        "ops: a2 was never debited",
+    )
+    .await
+    .unwrap();
+    assert_eq!(v.state, "compensated");
+    assert!(v.reason.unwrap().contains("ops: a2 was never debited"));
+    let v = sluice_ledger::operate_transfer(
+        &store,
+        "t-abandon",
+        sluice_sagas::OperatorAction::Abandon,
+        "ops: settled by hand",
+    )
+    .await
+    .unwrap();
+    assert_eq!(v.state, "abandoned");
+    // Each action is a transition of its own, with its note.
+    let (_, transitions) = sluice_ledger::transfer_history(&store, "t-abandon")
+        .await
+        .unwrap()
+        .unwrap();
+    let last = transitions.last().unwrap();
+    assert_eq!(last.event_type, sluice_sagas::ABANDONED);
+    assert!(
+        last.cause.contains("ops: settled by hand"),
+        "{}",
+        last.cause
+    );
+    assert!(
+        transitions
+            .iter()
+            .any(|t| t.event_type == sluice_sagas::DEADLINE_PASSED)
+    );
+
+    // The handler comes back: the timed-out debit is refused, the claimed
+    // ones of the resolved and abandoned transfers apply nothing.
+    let handler = handler_task(
+        &store,
+        fast(WorkerConfig::new(sluice_ledger::ACCOUNT_COMMANDS)),
+    );
+    wait_for(
+        "every debit command handled",
+        Duration::from_secs(20),
+        async || {
+            let info = store
+                .jetstream()
+                .get_stream("EVENTS")
+                .await
+                .unwrap()
+                .consumer_info(sluice_ledger::ACCOUNT_COMMANDS)
+                .await;
+            info.is_ok_and(|i| i.num_pending == 0 && i.num_ack_pending == 0)
+        },
+    )
+    .await;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    for a in ["a1", "a2", "a3"] {
+        assert_eq!(balance(&store, a).await, 100, "{a}");
+    }
+    assert_eq!(balance(&store, "b").await, 0);
+    assert!(dead_letters(&store).await.is_empty());
+    for r in [orchestrator, handler] {
+        r.stop().await;
+    }
 }

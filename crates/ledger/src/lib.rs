@@ -38,11 +38,13 @@ pub use service::{
     migrate, run_read_side, serve_read_side,
 };
 pub use transfer::{
-    ACCOUNT_COMMANDS, CMD_DEPOSIT, CMD_WITHDRAW, StartedTransfer, TRANSFER_ORCHESTRATOR,
-    TRANSFER_SAGA, Transfer, TransferRejection, TransferRoleConfig, TransferView, account_command,
-    account_reply, check_transfer, describe_transfer_status, list_transfers, retry_transfer,
+    ACCOUNT_COMMANDS, CMD_DEPOSIT, CMD_WITHDRAW, DEFAULT_TRANSFER_DEADLINE, StartedTransfer,
+    TRANSFER_ORCHESTRATOR, TRANSFER_SAGA, Transfer, TransferRejection, TransferRoleConfig,
+    TransferState, TransferView, account_command, account_reply, check_transfer,
+    describe_transfer_status, list_transfers, operate_transfer, retry_transfer,
     run_account_commands, run_transfer_orchestrator, run_transfer_role, start_transfer,
-    transfer_definition, transfer_history, transfer_state, transfer_status, transfer_view,
+    transfer_definition, transfer_definition_with, transfer_history, transfer_state,
+    transfer_status, transfer_view,
 };
 pub use transfers::{TRANSFER_STATES, TRANSFERS, Transfers, transfer_counts, transfer_transition};
 

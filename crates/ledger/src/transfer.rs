@@ -16,8 +16,8 @@ use serde::{Deserialize, Serialize};
 use serde_json::{Value, json};
 use sluice_events::{EventStore, validate_token};
 use sluice_sagas::{
-    Command, Definition, OrchestratorConfig, SagaError, SagaLog, Status, run_command_handler,
-    run_orchestrator,
+    Command, Definition, OperatorAction, OrchestratorConfig, Outcome, SagaError, SagaLog, Status,
+    run_command_handler, run_orchestrator,
 };
 use sluice_workers::WorkerConfig;
 use tokio_util::sync::CancellationToken;
@@ -55,9 +55,24 @@ fn target(id: &str) -> Value {
     json!({ "category": ACCOUNT_CATEGORY, "id": id })
 }
 
-/// The transfer saga with a deadline of `deadline` per step.
+/// Default overall deadline of a transfer: two 30 s steps and a refund fit
+/// many times over, and a stuck transfer asks for help within minutes.
+pub const DEFAULT_TRANSFER_DEADLINE: Duration = Duration::from_secs(5 * 60);
+
+/// The transfer saga with a deadline of `deadline` per step and the default
+/// overall deadline.
 pub fn transfer_definition(deadline: Duration) -> Result<Definition<Transfer>, SagaError> {
+    transfer_definition_with(deadline, DEFAULT_TRANSFER_DEADLINE)
+}
+
+/// The transfer saga with a deadline of `deadline` per step and
+/// `saga_deadline` overall.
+pub fn transfer_definition_with(
+    deadline: Duration,
+    saga_deadline: Duration,
+) -> Result<Definition<Transfer>, SagaError> {
     Definition::<Transfer>::new(TRANSFER_SAGA)
+        .saga_deadline(saga_deadline)
         .step("debit")
         .with_compensation(
             CMD_DEPOSIT,
@@ -107,14 +122,22 @@ pub struct TransferRoleConfig {
     pub handler: WorkerConfig,
     /// Deadline of each step (default 30 s).
     pub deadline: Duration,
+    /// Overall deadline of a transfer, from its start (and from each
+    /// operator retry); default [`DEFAULT_TRANSFER_DEADLINE`].
+    pub saga_deadline: Duration,
 }
 
 impl Default for TransferRoleConfig {
     fn default() -> Self {
+        let mut orchestrator = OrchestratorConfig::new(TRANSFER_ORCHESTRATOR);
+        // Dead-lettered account commands move their transfer to
+        // `needs_attention`.
+        orchestrator.command_consumers = vec![ACCOUNT_COMMANDS.to_owned()];
         Self {
-            orchestrator: OrchestratorConfig::new(TRANSFER_ORCHESTRATOR),
+            orchestrator,
             handler: WorkerConfig::new(ACCOUNT_COMMANDS),
             deadline: Duration::from_secs(30),
+            saga_deadline: DEFAULT_TRANSFER_DEADLINE,
         }
     }
 }
@@ -125,7 +148,10 @@ pub async fn run_transfer_orchestrator(
     config: &TransferRoleConfig,
     shutdown: CancellationToken,
 ) -> Result<(), SagaError> {
-    let def = Arc::new(transfer_definition(config.deadline)?);
+    let def = Arc::new(transfer_definition_with(
+        config.deadline,
+        config.saga_deadline,
+    )?);
     run_orchestrator(store, def, config.orchestrator.clone(), shutdown).await?;
     Ok(())
 }
@@ -145,9 +171,15 @@ pub async fn run_account_commands(
 /// command handler, until `shutdown`. Either failing stops both.
 pub async fn run_transfer_role(
     store: &EventStore,
-    config: TransferRoleConfig,
+    mut config: TransferRoleConfig,
     shutdown: CancellationToken,
 ) -> Result<(), SagaError> {
+    // The handler this role runs is one whose dead letters the orchestrator
+    // must watch, whatever it is called.
+    let handler = config.handler.name.to_owned();
+    if !config.orchestrator.command_consumers.contains(&handler) {
+        config.orchestrator.command_consumers.push(handler);
+    }
     let stop = shutdown.child_token();
     let (a, b) = tokio::join!(
         async {
@@ -250,29 +282,113 @@ pub async fn start_transfer(
     })
 }
 
-/// Retries the failed refund of transfer `id` in `needs_attention` (after the
-/// cause was fixed); `Refused` when it does not need attention.
+/// Applies an operator's `action` to transfer `id` (every action needs the
+/// transfer in `needs_attention`; see `docs/sagas.md`) and returns the
+/// transfer as it stands right after the transition:
+/// - retry: the command it is stuck on goes out again as the next attempt
+///   (the debit, the credit or the refund); money moves at most once per
+///   step whatever earlier attempts did (effect keys);
+/// - resolve: the operator states that the money is where `outcome` says
+///   (completed: debited and credited; compensated: back on the source);
+///   nothing moves;
+/// - abandon: stop without acting (the operator fixed the money by hand);
+///   nothing moves.
+///
+/// Unknown id: [`SagaError::UnknownInstance`]; any other state:
+/// [`SagaError::WrongState`].
+pub async fn operate_transfer(
+    store: &EventStore,
+    id: &str,
+    action: OperatorAction,
+    note: &str,
+) -> Result<TransferView, SagaError> {
+    validate_token("transfer id", id).map_err(SagaError::from)?;
+    let def = transfer_definition(Duration::from_secs(30))?;
+    sluice_sagas::operate(store, &def, id, action, note).await?;
+    transfer_status(store, id)
+        .await?
+        .ok_or_else(|| SagaError::UnknownInstance {
+            saga: TRANSFER_SAGA,
+            id: id.to_owned(),
+        })
+}
+
+/// [`operate_transfer`] with [`OperatorAction::Retry`].
 pub async fn retry_transfer(
     store: &EventStore,
     id: &str,
     note: &str,
-) -> Result<sluice_sagas::Guarded, SagaError> {
-    sluice_sagas::retry(store, TRANSFER_SAGA, id, note).await
+) -> Result<TransferView, SagaError> {
+    operate_transfer(store, id, OperatorAction::Retry, note).await
 }
 
-/// Every transfer, optionally only those in `state` (`pending`,
-/// `completed`, `compensated`, `needs_attention`), folded from their saga
+/// Where a transfer stands, as `sluice saga list --state` and
+/// `GET /v1/transfers?state=` filter on it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum TransferState {
+    /// Running or compensating.
+    Pending,
+    /// Debited and credited (also: resolved as completed by an operator).
+    Completed,
+    /// Nothing in effect (also: resolved as compensated by an operator).
+    Compensated,
+    /// Stuck: an operator must retry, resolve or abandon it.
+    NeedsAttention,
+    /// Stopped by an operator without acting.
+    Abandoned,
+}
+
+impl TransferState {
+    /// Every state, in the order metrics list them.
+    pub const ALL: [TransferState; 5] = [
+        TransferState::Pending,
+        TransferState::Completed,
+        TransferState::Compensated,
+        TransferState::NeedsAttention,
+        TransferState::Abandoned,
+    ];
+
+    /// The wire name (`pending`, `needs_attention`, ...).
+    pub fn as_str(self) -> &'static str {
+        match self {
+            TransferState::Pending => "pending",
+            TransferState::Completed => "completed",
+            TransferState::Compensated => "compensated",
+            TransferState::NeedsAttention => "needs_attention",
+            TransferState::Abandoned => "abandoned",
+        }
+    }
+}
+
+impl std::str::FromStr for TransferState {
+    type Err = SagaError;
+
+    fn from_str(s: &str) -> Result<Self, SagaError> {
+        TransferState::ALL
+            .into_iter()
+            .find(|t| t.as_str() == s)
+            .ok_or_else(|| {
+                SagaError::Invalid(format!(
+                    "unknown transfer state {:?}: use one of {}",
+                    s.chars().take(64).collect::<String>(),
+                    crate::transfers::TRANSFER_STATES.join(", ")
+                ))
+            })
+    }
+}
+
+/// Every transfer, optionally only those in `state`, folded from their saga
 /// logs (for `sluice saga list [--state needs_attention]`; reads one log per
 /// transfer, so prefer the `transfers` read model for large ledgers).
 pub async fn list_transfers(
     store: &EventStore,
-    state: Option<&str>,
+    state: Option<TransferState>,
 ) -> Result<Vec<TransferView>, SagaError> {
     let mut out = Vec::new();
     for id in sluice_sagas::list_instances(store, TRANSFER_SAGA).await? {
         let log = sluice_sagas::read_log(store, TRANSFER_SAGA, &id).await?;
         let view = transfer_view(&log)?;
-        if state.is_none_or(|s| s == view.state) {
+        if state.is_none_or(|s| s.as_str() == view.state) {
             out.push(view);
         }
     }
@@ -290,7 +406,8 @@ pub struct TransferView {
     pub to: String,
     /// Minor units.
     pub amount: i64,
-    /// `pending`, `completed`, `compensated` or `needs_attention`.
+    /// `pending`, `completed`, `compensated`, `needs_attention` or
+    /// `abandoned` ([`TransferState`]).
     pub state: &'static str,
     /// Why it compensated or needs attention.
     pub reason: Option<String>,
@@ -302,7 +419,7 @@ pub struct TransferView {
     pub version: u64,
 }
 
-/// `pending`, `completed`, `compensated`, `needs_attention` and the reason.
+/// The [`TransferState`] name of a saga status, and the reason.
 pub fn transfer_state(status: &Status) -> (&'static str, Option<String>) {
     match status {
         Status::New | Status::Running { .. } => ("pending", None),
@@ -310,6 +427,24 @@ pub fn transfer_state(status: &Status) -> (&'static str, Option<String>) {
         Status::Completed => ("completed", None),
         Status::Compensated { reason } => ("compensated", Some(reason.clone())),
         Status::NeedsAttention { reason, .. } => ("needs_attention", Some(reason.clone())),
+        Status::Resolved { outcome, note } => {
+            (outcome.as_str(), Some(resolved_reason(*outcome, note)))
+        }
+        Status::Abandoned { note, reason } => ("abandoned", Some(abandoned_reason(note, reason))),
+    }
+}
+
+/// The reason a resolved transfer shows.
+pub(crate) fn resolved_reason(outcome: Outcome, note: &str) -> String {
+    format!("resolved by an operator as {}: {note}", outcome.as_str())
+}
+
+/// The reason an abandoned transfer shows.
+pub(crate) fn abandoned_reason(note: &str, reason: &str) -> String {
+    if reason.is_empty() {
+        format!("abandoned by an operator: {note}")
+    } else {
+        format!("abandoned by an operator: {note} (it needed attention: {reason})")
     }
 }
 

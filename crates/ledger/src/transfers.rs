@@ -40,6 +40,56 @@ pub fn transfer_transition(event: &SagaEvent) -> (Option<&'static str>, Option<S
         ),
         SagaEvent::CompensationSucceeded { .. } => (Some("compensated"), None),
         SagaEvent::Retried { .. } => (Some("pending"), None),
+        SagaEvent::Resolved { outcome, note } => (
+            Some(outcome.as_str()),
+            Some(crate::transfer::resolved_reason(*outcome, note)),
+        ),
+        SagaEvent::Abandoned { note } => (
+            Some("abandoned"),
+            Some(crate::transfer::abandoned_reason(note, "")),
+        ),
+        SagaEvent::CommandDeadLettered {
+            command,
+            consumer,
+            dead_letter,
+            reason,
+            ..
+        } => (
+            Some("needs_attention"),
+            Some(format!(
+                "command {command} was dead-lettered by {consumer} (dead letter {dead_letter}): {reason}"
+            )),
+        ),
+        SagaEvent::DeadlinePassed {
+            kind,
+            step,
+            claimed,
+            deadline_ms,
+            ..
+        } => {
+            let after = std::time::Duration::from_millis(*deadline_ms);
+            let name = step_name(*step);
+            match (kind, claimed) {
+                (sluice_sagas::CommandKind::Action, false) => (
+                    Some(if *step == 0 { "compensated" } else { "pending" }),
+                    Some(format!(
+                        "saga deadline of {after:?} passed during step {name}"
+                    )),
+                ),
+                (sluice_sagas::CommandKind::Action, true) => (
+                    Some("needs_attention"),
+                    Some(format!(
+                        "saga deadline of {after:?} passed while step {name} was claimed by its handler and unanswered: whether it took effect is unknown"
+                    )),
+                ),
+                (sluice_sagas::CommandKind::Compensation, _) => (
+                    Some("needs_attention"),
+                    Some(format!(
+                        "saga deadline of {after:?} passed while compensating step {name} (the compensation is unconfirmed)"
+                    )),
+                ),
+            }
+        }
         SagaEvent::CompensationFailed {
             step,
             reason,
@@ -149,10 +199,13 @@ impl Projection for Transfers {
                         .await?;
                 }
                 Change::Update(state, reason) => {
+                    // A final row stays final: `react` ignores whatever
+                    // arrives after an end (a late reply after an operator
+                    // resolved the transfer, say), and so does the row.
                     let sql = format!(
                         "UPDATE {table} SET state = COALESCE($1, state), \
                          reason = COALESCE($2, reason), updated_at = $3, version = $4 \
-                         WHERE id = $5"
+                         WHERE id = $5 AND state NOT IN ('completed', 'compensated', 'abandoned')"
                     );
                     sqlx::query(&sql)
                         .bind(state)
@@ -258,7 +311,13 @@ const _: () = {
 };
 
 /// Every state a transfer's row can be in, in the order metrics list them.
-pub const TRANSFER_STATES: [&str; 4] = ["pending", "completed", "compensated", "needs_attention"];
+pub const TRANSFER_STATES: [&str; 5] = [
+    "pending",
+    "completed",
+    "compensated",
+    "needs_attention",
+    "abandoned",
+];
 
 /// How many transfers are in each state, from the read model: every state of
 /// [`TRANSFER_STATES`], with 0 for the empty ones.
@@ -352,6 +411,48 @@ mod tests {
                     attempt: 2,
                     reason: "account is closed".into(),
                     permanent: true,
+                },
+            ],
+            vec![
+                SagaEvent::Started,
+                SagaEvent::CommandDeadLettered {
+                    kind: sluice_sagas::CommandKind::Action,
+                    step: 0,
+                    attempt: 1,
+                    command: "t/debit/1".into(),
+                    consumer: "ledger-account-commands".into(),
+                    dead_letter: 3,
+                    reason: "parked".into(),
+                },
+                SagaEvent::Abandoned {
+                    note: "by hand".into(),
+                },
+            ],
+            vec![
+                SagaEvent::Started,
+                ok(0, json!({"currency": "EUR"})),
+                SagaEvent::DeadlinePassed {
+                    armed: 1,
+                    kind: sluice_sagas::CommandKind::Action,
+                    step: 1,
+                    attempt: 1,
+                    claimed: true,
+                    deadline_ms: 300_000,
+                },
+                SagaEvent::Resolved {
+                    outcome: sluice_sagas::Outcome::Compensated,
+                    note: "checked".into(),
+                },
+            ],
+            vec![
+                SagaEvent::Started,
+                SagaEvent::DeadlinePassed {
+                    armed: 1,
+                    kind: sluice_sagas::CommandKind::Action,
+                    step: 0,
+                    attempt: 1,
+                    claimed: false,
+                    deadline_ms: 300_000,
                 },
             ],
         ];

@@ -133,6 +133,16 @@ async fn handle<A: Aggregate>(
                 CommandStatus::TimedOut => {
                     return Ok(Handled::Ignored("timed out before it was taken"));
                 }
+                CommandStatus::DeadLettered => {
+                    return Ok(Handled::Ignored(
+                        "dead-lettered: the saga needs attention; `sluice saga retry` sends it again",
+                    ));
+                }
+                CommandStatus::Closed => {
+                    return Ok(Handled::Ignored(
+                        "an operator resolved or abandoned the saga",
+                    ));
+                }
                 CommandStatus::Open | CommandStatus::Claimed => {}
             }
             Some((log.version, status))
@@ -194,6 +204,8 @@ async fn handle<A: Aggregate>(
         CommandStatus::Open | CommandStatus::Claimed => Ok((reply_event.clone(), reply_id.clone())),
         CommandStatus::Answered => Err("already answered"),
         CommandStatus::TimedOut => Err("timed out"),
+        CommandStatus::DeadLettered => Err("dead-lettered"),
+        CommandStatus::Closed => Err("closed by an operator"),
     })
     .await?;
     if let Guarded::Refused(why) = guarded {
@@ -223,11 +235,15 @@ async fn append_for(
             Ok(x) => x,
             Err(why) => return Ok((Guarded::Refused(why), None)),
         };
-        if let Some(r) = crate::log::append_at(store, saga, saga_id, version, &event, &id).await? {
-            // A deduplicated append says the event was there already, not
-            // where the log stands now.
-            let certain = (!r.deduplicated).then_some(r.version);
-            return Ok((Guarded::Appended(r.version), certain));
+        match crate::log::append_at(store, saga, saga_id, version, &event, &id).await? {
+            Some(r) if !r.deduplicated => {
+                return Ok((Guarded::Appended(r.version), Some(r.version)));
+            }
+            // A deduplicated append says an earlier delivery wrote the event,
+            // not where the log stands now: an operator may have resolved or
+            // abandoned the saga since, so the guard is checked on a fresh
+            // read (a claim found there is this command's own).
+            Some(_) | None => {}
         }
         tracing::debug!(saga, saga_id, command = %cmd.id, "saga log moved; checking the guard on a fresh read");
     }
@@ -293,6 +309,8 @@ async fn apply<A: Aggregate>(
                 CommandStatus::Claimed => Err("claimed"),
                 CommandStatus::TimedOut => Err("timed out"),
                 CommandStatus::Answered => Err("answered"),
+                CommandStatus::DeadLettered => Err("dead-lettered"),
+                CommandStatus::Closed => Err("closed by an operator"),
             })
             .await?;
             match guarded {

@@ -147,6 +147,44 @@ fn cause(saga_id: &str, names: &[&str], event: &SagaEvent) -> (Option<String>, S
             (Some(id), cause)
         }
         SagaEvent::Retried { note } => (None, format!("operator retry: {note}")),
+        SagaEvent::Resolved { outcome, note } => (
+            None,
+            format!("operator resolved it as {}: {note}", outcome.as_str()),
+        ),
+        SagaEvent::Abandoned { note } => (None, format!("operator abandoned it: {note}")),
+        SagaEvent::CommandDeadLettered {
+            command,
+            consumer,
+            dead_letter,
+            reason,
+            ..
+        } => (
+            Some(command.clone()),
+            format!("{consumer} dead-lettered {command} (dead letter {dead_letter}): {reason}"),
+        ),
+        SagaEvent::DeadlinePassed {
+            kind,
+            step,
+            attempt,
+            claimed,
+            deadline_ms,
+            ..
+        } => {
+            let id = match kind {
+                CommandKind::Action => action(*step, *attempt),
+                CommandKind::Compensation => undo(*step, *attempt),
+            };
+            let how = if *claimed {
+                "claimed and unanswered"
+            } else {
+                "unanswered"
+            };
+            let cause = format!(
+                "saga deadline ({:?}) passed while {id} was {how}",
+                std::time::Duration::from_millis(*deadline_ms)
+            );
+            (Some(id), cause)
+        }
     }
 }
 
@@ -170,6 +208,10 @@ pub fn describe_status<D>(def: &Definition<D>, status: &Status) -> String {
         Status::Completed => "completed".to_owned(),
         Status::Compensated { reason } => format!("compensated: {reason}"),
         Status::NeedsAttention { reason, .. } => format!("needs attention: {reason}"),
+        Status::Resolved { outcome, note } => {
+            format!("resolved by an operator as {}: {note}", outcome.as_str())
+        }
+        Status::Abandoned { note, .. } => format!("abandoned by an operator: {note}"),
     }
 }
 

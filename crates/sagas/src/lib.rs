@@ -36,6 +36,12 @@
 //! - Deadlines are scheduled messages on `SAGA_TIMERS` (nats-server message
 //!   scheduling): they fire with every orchestrator down and are handled by
 //!   the next one; a claim or a reply makes a later timeout a no-op.
+//! - Sagas always end or ask for help: each instance has an overall
+//!   deadline ([`Definition::saga_deadline`]); a command the saga waits for
+//!   that the worker runtime dead-letters moves it to `needs_attention`
+//!   (the orchestrator reads its handlers' dead letters); an operator then
+//!   retries, resolves or abandons it ([`operate`]), each a transition of
+//!   its own.
 
 mod commands;
 mod history;
@@ -47,15 +53,18 @@ mod read;
 pub use commands::{CommandMapper, Handled, ReplyBuilder, handle_command, run_command_handler};
 pub use history::{IssuedCommand, Transition, describe_status, history};
 pub use log::{
-    COMMAND, COMMAND_CATEGORY_PREFIX, COMPENSATION_FAILED, COMPENSATION_SUCCEEDED, CommandMessage,
-    CommandStatus, Guarded, RETRIED, Reaction, SAGA_CATEGORY_PREFIX, STARTED, STEP_CLAIMED,
+    ABANDONED, COMMAND, COMMAND_CATEGORY_PREFIX, COMMAND_DEAD_LETTERED, COMPENSATION_FAILED,
+    COMPENSATION_SUCCEEDED, CommandMessage, CommandStatus, DEADLINE_PASSED, Guarded,
+    OperatorAction, RESOLVED, RETRIED, Reaction, SAGA_CATEGORY_PREFIX, STARTED, STEP_CLAIMED,
     STEP_FAILED, STEP_SUCCEEDED, STEP_TIMED_OUT, SagaLog, SagaRecord, Started, append_guarded,
-    command_target, event_type, list_instances, read_log, retry, saga_stream, start,
+    command_target, event_type, list_instances, operate, read_log, saga_stream, start,
 };
 pub use model::{
-    Command, CommandKind, Definition, SagaError, SagaEvent, SagaState, Status, StepBuilder, react,
+    Command, CommandKind, DEFAULT_SAGA_DEADLINE, Definition, Outcome, SagaError, SagaEvent,
+    SagaState, Status, StepBuilder, react,
 };
 pub use orchestrator::{
-    H_SCHEDULE, H_SCHEDULE_TARGET, OrchestratorConfig, TIMERS_PREFIX, TIMERS_STREAM,
-    ensure_timers_stream, record_timeout, run_orchestrator, send_command,
+    DeadCommand, H_SCHEDULE, H_SCHEDULE_TARGET, OrchestratorConfig, TIMERS_PREFIX, TIMERS_STREAM,
+    ensure_timers_stream, record_dead_letter, record_deadline, record_timeout, run_orchestrator,
+    send_command,
 };

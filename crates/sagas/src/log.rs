@@ -11,7 +11,9 @@ use serde::de::DeserializeOwned;
 use serde_json::Value;
 use sluice_events::{EventId, EventStore, ExpectedVersion, NewEvent, StreamId};
 
-use crate::model::{Command, CommandKind, Definition, SagaError, SagaEvent, SagaState, react};
+use crate::model::{
+    Command, CommandKind, Definition, Outcome, SagaError, SagaEvent, SagaState, react,
+};
 
 /// Category prefix of saga streams: `saga-<name>`.
 pub const SAGA_CATEGORY_PREFIX: &str = "saga-";
@@ -30,6 +32,16 @@ pub const STEP_FAILED: &str = "sluice.saga.step_failed.v1";
 pub const STEP_TIMED_OUT: &str = "sluice.saga.step_timed_out.v1";
 /// `sluice.saga.retried.v1` (an operator's retry of a saga in `needs_attention`).
 pub const RETRIED: &str = "sluice.saga.retried.v1";
+/// `sluice.saga.resolved.v1` (an operator states the outcome of a saga in
+/// `needs_attention`).
+pub const RESOLVED: &str = "sluice.saga.resolved.v1";
+/// `sluice.saga.abandoned.v1` (an operator stops a saga in `needs_attention`).
+pub const ABANDONED: &str = "sluice.saga.abandoned.v1";
+/// `sluice.saga.command_dead_lettered.v1` (the command the saga waits for
+/// was dead-lettered).
+pub const COMMAND_DEAD_LETTERED: &str = "sluice.saga.command_dead_lettered.v1";
+/// `sluice.saga.deadline_passed.v1` (the instance's overall deadline).
+pub const DEADLINE_PASSED: &str = "sluice.saga.deadline_passed.v1";
 /// `sluice.saga.compensation_succeeded.v1`.
 pub const COMPENSATION_SUCCEEDED: &str = "sluice.saga.compensation_succeeded.v1";
 /// `sluice.saga.compensation_failed.v1`.
@@ -49,6 +61,10 @@ pub fn event_type(event: &SagaEvent) -> &'static str {
         SagaEvent::StepFailed { .. } => STEP_FAILED,
         SagaEvent::StepTimedOut { .. } => STEP_TIMED_OUT,
         SagaEvent::Retried { .. } => RETRIED,
+        SagaEvent::Resolved { .. } => RESOLVED,
+        SagaEvent::Abandoned { .. } => ABANDONED,
+        SagaEvent::CommandDeadLettered { .. } => COMMAND_DEAD_LETTERED,
+        SagaEvent::DeadlinePassed { .. } => DEADLINE_PASSED,
         SagaEvent::CompensationSucceeded { .. } => COMPENSATION_SUCCEEDED,
         SagaEvent::CompensationFailed { .. } => COMPENSATION_FAILED,
     }
@@ -165,6 +181,13 @@ pub enum CommandStatus {
     TimedOut,
     /// Its reply is recorded.
     Answered,
+    /// The worker runtime dead-lettered it and the saga recorded that: it
+    /// must not take effect, and no reply to it counts.
+    DeadLettered,
+    /// An operator resolved or abandoned the saga before it was answered:
+    /// it must not take effect (a redelivery of a claimed action stops
+    /// here), and no reply to it counts.
+    Closed,
 }
 
 impl SagaLog {
@@ -172,6 +195,12 @@ impl SagaLog {
     pub fn command_status(&self, kind: CommandKind, step: usize, attempt: u32) -> CommandStatus {
         let mut status = CommandStatus::Open;
         for r in &self.records {
+            if matches!(
+                r.event,
+                SagaEvent::Resolved { .. } | SagaEvent::Abandoned { .. }
+            ) {
+                return CommandStatus::Closed;
+            }
             let (s, a, st) = match (&r.event, kind) {
                 (SagaEvent::StepSucceeded { step, attempt, .. }, CommandKind::Action)
                 | (SagaEvent::StepFailed { step, attempt, .. }, CommandKind::Action)
@@ -180,16 +209,34 @@ impl SagaLog {
                     SagaEvent::CompensationFailed { step, attempt, .. },
                     CommandKind::Compensation,
                 ) => (*step, *attempt, CommandStatus::Answered),
-                (SagaEvent::StepTimedOut { step, attempt }, CommandKind::Action) => {
-                    (*step, *attempt, CommandStatus::TimedOut)
-                }
+                (SagaEvent::StepTimedOut { step, attempt }, CommandKind::Action)
+                | (
+                    SagaEvent::DeadlinePassed {
+                        kind: CommandKind::Action,
+                        claimed: false,
+                        step,
+                        attempt,
+                        ..
+                    },
+                    CommandKind::Action,
+                ) => (*step, *attempt, CommandStatus::TimedOut),
+                (
+                    SagaEvent::CommandDeadLettered {
+                        kind: k,
+                        step,
+                        attempt,
+                        ..
+                    },
+                    _,
+                ) if *k == kind => (*step, *attempt, CommandStatus::DeadLettered),
                 (SagaEvent::StepClaimed { step, attempt }, CommandKind::Action) => {
                     (*step, *attempt, CommandStatus::Claimed)
                 }
                 _ => continue,
             };
             if s == step && a == attempt {
-                // Answered and TimedOut are final; a claim only upgrades Open.
+                // Answered, TimedOut and DeadLettered are final; a claim
+                // only upgrades Open.
                 match st {
                     CommandStatus::Claimed if status == CommandStatus::Open => status = st,
                     CommandStatus::Claimed => {}
@@ -421,40 +468,96 @@ pub async fn append_guarded(
     )))
 }
 
-/// Asks saga instance `id` in `needs_attention` to run its failed
-/// compensation again (after the operator fixed the cause). Refused unless
-/// the last transition is a permanent compensation failure, so a double
-/// click retries once.
-pub async fn retry(
-    store: &EventStore,
-    name: &str,
-    id: &str,
-    note: &str,
-) -> Result<Guarded, SagaError> {
-    append_guarded(store, name, id, |log| {
-        let last = log
-            .records
-            .iter()
-            .rev()
-            .find(|r| !matches!(r.event, SagaEvent::StepClaimed { .. }));
-        match last {
-            Some(SagaRecord {
-                event:
-                    SagaEvent::CompensationFailed {
-                        permanent: true, ..
-                    },
-                position,
-                ..
-            }) => Ok((
-                SagaEvent::Retried {
-                    note: note.to_owned(),
-                },
-                format!("{id}/retry/{position}"),
-            )),
-            _ => Err("the saga does not need attention"),
+/// What an operator asks of a saga instance that needs attention.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum OperatorAction {
+    /// Send the command it is stuck on again, as the next attempt: the
+    /// failed step's action, or the failed compensation. The effect key
+    /// (`<saga-id>/<step>[/undo]`, no attempt) makes it take effect at most
+    /// once in all, whatever earlier attempts did.
+    Retry,
+    /// State the outcome; nothing is sent.
+    Resolve(Outcome),
+    /// Stop without acting; nothing is sent.
+    Abandon,
+}
+
+impl OperatorAction {
+    /// `retry`, `resolve` or `abandon`.
+    pub fn name(self) -> &'static str {
+        match self {
+            OperatorAction::Retry => "retry",
+            OperatorAction::Resolve(_) => "resolve",
+            OperatorAction::Abandon => "abandon",
         }
-    })
-    .await
+    }
+}
+
+/// Applies an operator's `action` with `note` to instance `id` of `def`:
+/// appends the transition (retried, resolved, abandoned) to the saga's log
+/// before anything acts on it (the orchestrator sends a retry's command
+/// once the transition is stored). Only a saga in `needs_attention` accepts
+/// one; anything else is [`SagaError::WrongState`] naming the state, an
+/// unknown id [`SagaError::UnknownInstance`]. Guarded by the log's version,
+/// so a double click acts once and the second is refused. Returns the
+/// position of the transition.
+pub async fn operate<D: DeserializeOwned + Clone>(
+    store: &EventStore,
+    def: &Definition<D>,
+    id: &str,
+    action: OperatorAction,
+    note: &str,
+) -> Result<u64, SagaError> {
+    let note = note.trim();
+    if note.is_empty() {
+        return Err(SagaError::Invalid(format!(
+            "{} needs a note (who and why), kept in the saga's log",
+            action.name()
+        )));
+    }
+    for _ in 0..MAX_RACES {
+        let log = read_log(store, def.name(), id).await?;
+        if log.version == 0 {
+            return Err(SagaError::UnknownInstance {
+                saga: def.name(),
+                id: id.to_owned(),
+            });
+        }
+        let (state, _) = log.fold(def)?;
+        if !matches!(state.status, crate::model::Status::NeedsAttention { .. }) {
+            return Err(SagaError::WrongState {
+                saga: def.name(),
+                id: id.to_owned(),
+                action: action.name(),
+                state: crate::history::describe_status(def, &state.status),
+            });
+        }
+        let event = match action {
+            OperatorAction::Retry => SagaEvent::Retried {
+                note: note.to_owned(),
+            },
+            OperatorAction::Resolve(outcome) => SagaEvent::Resolved {
+                outcome,
+                note: note.to_owned(),
+            },
+            OperatorAction::Abandon => SagaEvent::Abandoned {
+                note: note.to_owned(),
+            },
+        };
+        let event_id = format!("{id}/{}/{}", action.name(), log.version);
+        if let Some(r) = append_at(store, def.name(), id, log.version, &event, &event_id).await? {
+            return Ok(r.version);
+        }
+        tracing::debug!(
+            saga = def.name(),
+            saga_id = id,
+            "lost a race on the saga log; reloading"
+        );
+    }
+    Err(SagaError::Invalid(format!(
+        "saga {}/{id}: still conflicting after {MAX_RACES} reloads",
+        def.name()
+    )))
 }
 
 /// Ids of every instance of saga `name`, sorted (for `sluice saga list`).

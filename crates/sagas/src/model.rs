@@ -30,7 +30,13 @@ pub struct Definition<D> {
     name: &'static str,
     steps: Vec<Step<D>>,
     default_deadline: Duration,
+    saga_deadline: Duration,
 }
+
+/// Default of [`Definition::saga_deadline`]: long enough for every step's own
+/// deadline (30 s by default) and a refund, short enough that a stuck
+/// instance asks for help within minutes.
+pub const DEFAULT_SAGA_DEADLINE: Duration = Duration::from_secs(5 * 60);
 
 impl<D> std::fmt::Debug for Definition<D> {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -85,6 +91,40 @@ pub enum SagaError {
     /// A saga id, step or command target is not usable.
     #[error("invalid saga input: {0}")]
     Invalid(String),
+    /// An operator action named an instance that does not exist.
+    #[error("no {saga} saga {id}: check the id (`sluice saga list`)")]
+    UnknownInstance {
+        /// The saga.
+        saga: &'static str,
+        /// The id asked for.
+        id: String,
+    },
+    /// An operator action does not apply in the instance's current state
+    /// (every operator action needs `needs_attention`).
+    #[error("{saga} {id} is {state}: {action} acts only on a saga that needs attention")]
+    WrongState {
+        /// The saga.
+        saga: &'static str,
+        /// The instance.
+        id: String,
+        /// `retry`, `resolve` or `abandon`.
+        action: &'static str,
+        /// The current state in words (`completed`, `running credit`, ...).
+        state: String,
+    },
+}
+
+impl SagaError {
+    /// True for an operator action on an unknown instance (CLI exit 1, HTTP 404).
+    pub fn is_unknown_instance(&self) -> bool {
+        matches!(self, SagaError::UnknownInstance { .. })
+    }
+
+    /// True for an operator action refused in the current state (CLI exit 1,
+    /// HTTP 409).
+    pub fn is_wrong_state(&self) -> bool {
+        matches!(self, SagaError::WrongState { .. })
+    }
 }
 
 impl<D> Definition<D> {
@@ -94,7 +134,22 @@ impl<D> Definition<D> {
             name,
             steps: Vec::new(),
             default_deadline: Duration::from_secs(30),
+            saga_deadline: DEFAULT_SAGA_DEADLINE,
         }
+    }
+
+    /// The overall deadline of an instance, counted from its start (and
+    /// again from each operator retry): when it passes, the instance is
+    /// compensated if that is safe, else it needs attention (see
+    /// [`SagaEvent::DeadlinePassed`]). Default [`DEFAULT_SAGA_DEADLINE`].
+    pub fn saga_deadline(mut self, d: Duration) -> Self {
+        self.saga_deadline = d;
+        self
+    }
+
+    /// The overall deadline of an instance.
+    pub fn overall_deadline(&self) -> Duration {
+        self.saga_deadline
     }
 
     /// Starts describing the next step.
@@ -112,6 +167,12 @@ impl<D> Definition<D> {
     pub fn build(self) -> Result<Self, SagaError> {
         if self.steps.is_empty() {
             return Err(SagaError::Empty(self.name));
+        }
+        if self.saga_deadline.is_zero() {
+            return Err(SagaError::Invalid(format!(
+                "saga {}: the overall deadline must be longer than zero",
+                self.name
+            )));
         }
         for (i, s) in self.steps.iter().enumerate() {
             if self.steps[..i].iter().any(|p| p.name == s.name) {
@@ -207,15 +268,75 @@ pub enum Status {
         /// Why.
         reason: String,
     },
-    /// A compensation failed permanently: an operator must look.
+    /// Stuck: a compensation failed permanently, a command was
+    /// dead-lettered, or the overall deadline passed while the outcome of a
+    /// command was unknown. Nothing happens until an operator retries,
+    /// resolves or abandons it, except that a late reply to exactly the
+    /// command it is stuck on (`retry`, `step`, the state's attempt) still
+    /// counts, since it tells the outcome.
     NeedsAttention {
-        /// Index of the step whose compensation failed (what a retry sends
-        /// again).
+        /// Index of the step it is stuck on.
         #[serde(default)]
         step: usize,
         /// Why.
         reason: String,
+        /// What a retry sends again: the step's action or its compensation.
+        #[serde(default = "compensation_kind")]
+        retry: CommandKind,
     },
+    /// An operator stated the outcome of a saga that needed attention.
+    Resolved {
+        /// The outcome the operator stated.
+        outcome: Outcome,
+        /// The operator's note.
+        note: String,
+    },
+    /// An operator stopped a saga that needed attention without acting
+    /// (after fixing things by hand).
+    Abandoned {
+        /// The operator's note.
+        note: String,
+        /// Why it needed attention.
+        reason: String,
+    },
+}
+
+fn compensation_kind() -> CommandKind {
+    CommandKind::Compensation
+}
+
+/// The outcome an operator states with [`SagaEvent::Resolved`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Outcome {
+    /// Every step took effect.
+    Completed,
+    /// Nothing is left in effect (every completed step was undone).
+    Compensated,
+}
+
+impl Outcome {
+    /// `completed` or `compensated`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Outcome::Completed => "completed",
+            Outcome::Compensated => "compensated",
+        }
+    }
+}
+
+impl std::str::FromStr for Outcome {
+    type Err = SagaError;
+
+    fn from_str(s: &str) -> Result<Self, SagaError> {
+        match s {
+            "completed" => Ok(Outcome::Completed),
+            "compensated" => Ok(Outcome::Compensated),
+            other => Err(SagaError::Invalid(format!(
+                "outcome {other:?} is not one of: completed, compensated"
+            ))),
+        }
+    }
 }
 
 impl Status {
@@ -223,7 +344,11 @@ impl Status {
     pub fn is_final(&self) -> bool {
         matches!(
             self,
-            Status::Completed | Status::Compensated { .. } | Status::NeedsAttention { .. }
+            Status::Completed
+                | Status::Compensated { .. }
+                | Status::NeedsAttention { .. }
+                | Status::Resolved { .. }
+                | Status::Abandoned { .. }
         )
     }
 }
@@ -295,11 +420,66 @@ pub enum SagaEvent {
         /// Attempt claimed.
         attempt: u32,
     },
-    /// An operator asks a saga in `needs_attention` to run the failed
-    /// compensation again (after fixing its cause): the next attempt goes out.
+    /// An operator asks a saga in `needs_attention` to send the command it
+    /// is stuck on again (after fixing its cause): the next attempt of the
+    /// step's action or compensation goes out.
     Retried {
         /// Who asked, or why (for the audit trail).
         note: String,
+    },
+    /// An operator states the outcome of a saga in `needs_attention`; nothing
+    /// is sent.
+    Resolved {
+        /// The stated outcome.
+        outcome: Outcome,
+        /// Who, and why (for the audit trail).
+        note: String,
+    },
+    /// An operator stops a saga in `needs_attention` without acting.
+    Abandoned {
+        /// Who, and why (for the audit trail).
+        note: String,
+    },
+    /// The worker runtime dead-lettered command `command` (the orchestrator
+    /// read it from the `DLQ` stream). Written only while the command is
+    /// the one the saga waits for; from then on no handler may claim or
+    /// answer it (a redrive of it changes nothing), and the saga needs
+    /// attention.
+    CommandDeadLettered {
+        /// Action or compensation.
+        kind: CommandKind,
+        /// Step index.
+        step: usize,
+        /// Attempt.
+        attempt: u32,
+        /// The command id.
+        command: String,
+        /// The consumer that gave up on it.
+        consumer: String,
+        /// The dead letter's id (its sequence in `DLQ`).
+        dead_letter: u64,
+        /// The dead letter's reason.
+        reason: String,
+    },
+    /// The instance's overall deadline passed while it waited for `kind`
+    /// `(step, attempt)`. An unclaimed action is closed by it (like a step
+    /// timeout: no handler may claim it afterwards) and the saga
+    /// compensates; a claimed action (`claimed`: its outcome is unknown) or a
+    /// compensation in flight makes the saga need attention.
+    DeadlinePassed {
+        /// Position of the transition that armed the deadline (`Started` or
+        /// an operator's `Retried`).
+        armed: u64,
+        /// Action or compensation in flight.
+        kind: CommandKind,
+        /// Step index.
+        step: usize,
+        /// Attempt.
+        attempt: u32,
+        /// A handler had claimed the action.
+        claimed: bool,
+        /// The deadline, in milliseconds.
+        deadline_ms: u64,
     },
     /// The compensation of `step` succeeded.
     CompensationSucceeded {
@@ -451,12 +631,38 @@ pub fn react<D: Clone>(
     event: &SagaEvent,
 ) -> (SagaState<D>, Vec<Command>) {
     let unchanged = || (state.clone(), vec![]);
+    // A saga stuck on a command still takes that command's reply: it tells
+    // the outcome the saga was waiting for.
     let current = |step: usize, attempt: u32| {
-        state.attempt == attempt && matches!(state.status, Status::Running { step: s } if s == step)
+        state.attempt == attempt
+            && match state.status {
+                Status::Running { step: s } => s == step,
+                Status::NeedsAttention {
+                    step: s,
+                    retry: CommandKind::Action,
+                    ..
+                } => s == step,
+                _ => false,
+            }
     };
     let undoing = |step: usize, attempt: u32| {
         state.attempt == attempt
-            && matches!(state.status, Status::Compensating { step: s, .. } if s == step)
+            && match state.status {
+                Status::Compensating { step: s, .. } => s == step,
+                Status::NeedsAttention {
+                    step: s,
+                    retry: CommandKind::Compensation,
+                    ..
+                } => s == step,
+                _ => false,
+            }
+    };
+    // The reason a compensation runs for (kept across a stuck spell).
+    let compensating_reason = || match &state.status {
+        Status::Compensating { reason, .. } | Status::NeedsAttention { reason, .. } => {
+            reason.clone()
+        }
+        _ => String::new(),
     };
     match event {
         SagaEvent::Started if state.status == Status::New => {
@@ -507,11 +713,7 @@ pub fn react<D: Clone>(
             ),
         ),
         SagaEvent::CompensationSucceeded { step, attempt } if undoing(*step, *attempt) => {
-            let reason = match &state.status {
-                Status::Compensating { reason, .. } => reason.clone(),
-                _ => String::new(),
-            };
-            compensate_from(def, state.clone(), *step, reason)
+            compensate_from(def, state.clone(), *step, compensating_reason())
         }
         SagaEvent::CompensationFailed {
             step,
@@ -527,9 +729,14 @@ pub fn react<D: Clone>(
                         "compensation of step {} failed permanently: {reason}",
                         def.steps[*step].name
                     ),
+                    retry: CommandKind::Compensation,
                 };
                 (next, vec![])
             } else {
+                next.status = Status::Compensating {
+                    step: *step,
+                    reason: compensating_reason(),
+                };
                 next.attempt = attempt + 1;
                 let cmds = compensation(def, &next, *step, next.attempt)
                     .into_iter()
@@ -538,7 +745,11 @@ pub fn react<D: Clone>(
             }
         }
         SagaEvent::Retried { .. } => match &state.status {
-            Status::NeedsAttention { step, reason } => {
+            Status::NeedsAttention {
+                step,
+                reason,
+                retry: CommandKind::Compensation,
+            } => {
                 let mut next = state.clone();
                 next.status = Status::Compensating {
                     step: *step,
@@ -550,8 +761,109 @@ pub fn react<D: Clone>(
                     .collect();
                 (next, cmds)
             }
+            Status::NeedsAttention {
+                step,
+                retry: CommandKind::Action,
+                ..
+            } => {
+                let mut next = state.clone();
+                next.status = Status::Running { step: *step };
+                next.attempt = state.attempt + 1;
+                let cmd = action(def, &next, *step, next.attempt);
+                (next, vec![cmd])
+            }
             _ => unchanged(),
         },
+        SagaEvent::Resolved { outcome, note } => match &state.status {
+            Status::NeedsAttention { .. } => {
+                let mut next = state.clone();
+                next.status = Status::Resolved {
+                    outcome: *outcome,
+                    note: note.clone(),
+                };
+                next.attempt = 0;
+                (next, vec![])
+            }
+            _ => unchanged(),
+        },
+        SagaEvent::Abandoned { note } => match &state.status {
+            Status::NeedsAttention { reason, .. } => {
+                let mut next = state.clone();
+                next.status = Status::Abandoned {
+                    note: note.clone(),
+                    reason: reason.clone(),
+                };
+                next.attempt = 0;
+                (next, vec![])
+            }
+            _ => unchanged(),
+        },
+        SagaEvent::CommandDeadLettered {
+            kind,
+            step,
+            attempt,
+            command,
+            consumer,
+            dead_letter,
+            reason,
+        } if match kind {
+            CommandKind::Action => current(*step, *attempt),
+            CommandKind::Compensation => undoing(*step, *attempt),
+        } =>
+        {
+            let mut next = state.clone();
+            next.status = Status::NeedsAttention {
+                step: *step,
+                reason: format!(
+                    "command {command} was dead-lettered by {consumer} (dead letter {dead_letter}): {reason}"
+                ),
+                retry: *kind,
+            };
+            (next, vec![])
+        }
+        SagaEvent::DeadlinePassed {
+            kind,
+            step,
+            attempt,
+            claimed,
+            deadline_ms,
+            ..
+        } => {
+            let after = Duration::from_millis(*deadline_ms);
+            let name = def.steps.get(*step).map_or("?", |s| s.name);
+            match kind {
+                CommandKind::Action if current(*step, *attempt) && !claimed => compensate_from(
+                    def,
+                    state.clone(),
+                    *step,
+                    format!("saga deadline of {after:?} passed during step {name}"),
+                ),
+                CommandKind::Action if current(*step, *attempt) => {
+                    let mut next = state.clone();
+                    next.status = Status::NeedsAttention {
+                        step: *step,
+                        reason: format!(
+                            "saga deadline of {after:?} passed while step {name} was claimed by its handler and unanswered: whether it took effect is unknown"
+                        ),
+                        retry: CommandKind::Action,
+                    };
+                    (next, vec![])
+                }
+                CommandKind::Compensation if undoing(*step, *attempt) => {
+                    let mut next = state.clone();
+                    next.status = Status::NeedsAttention {
+                        step: *step,
+                        reason: format!(
+                            "saga deadline of {after:?} passed while compensating step {name} (the compensation is unconfirmed): {}",
+                            compensating_reason()
+                        ),
+                        retry: CommandKind::Compensation,
+                    };
+                    (next, vec![])
+                }
+                _ => unchanged(),
+            }
+        }
         _ => unchanged(),
     }
 }
@@ -835,6 +1147,170 @@ mod tests {
         );
         assert_eq!(same.status, Status::Completed);
         assert!(cmds.is_empty());
+    }
+
+    fn dead_lettered(kind: CommandKind, step: usize, attempt: u32) -> SagaEvent {
+        SagaEvent::CommandDeadLettered {
+            kind,
+            step,
+            attempt,
+            command: "t-1/x".into(),
+            consumer: "handler".into(),
+            dead_letter: 7,
+            reason: "parked behind 3".into(),
+        }
+    }
+
+    fn deadline(kind: CommandKind, step: usize, attempt: u32, claimed: bool) -> SagaEvent {
+        SagaEvent::DeadlinePassed {
+            armed: 1,
+            kind,
+            step,
+            attempt,
+            claimed,
+            deadline_ms: 2_000,
+        }
+    }
+
+    #[test]
+    fn a_dead_lettered_action_needs_attention_and_a_retry_sends_the_next_attempt() {
+        let def = transfer();
+        let (state, _) = given(
+            &def,
+            &[
+                SagaEvent::Started,
+                ok(0, json!({})),
+                dead_lettered(CommandKind::Action, 1, 1),
+            ],
+        );
+        match &state.status {
+            Status::NeedsAttention {
+                step: 1,
+                retry: CommandKind::Action,
+                reason,
+            } => assert!(reason.contains("dead letter 7"), "{reason}"),
+            other => panic!("{other:?}"),
+        }
+        // A dead letter of another attempt or step changes nothing.
+        let (same, cmds) = react(&def, &state, &dead_lettered(CommandKind::Action, 0, 1));
+        assert_eq!(same, state);
+        assert!(cmds.is_empty());
+        let retry = SagaEvent::Retried { note: "ops".into() };
+        let (next, cmds) = react(&def, &state, &retry);
+        assert_eq!(next.status, Status::Running { step: 1 });
+        assert_eq!(cmds.len(), 1);
+        assert_eq!(cmds[0].id, "t-1/deposit/2");
+        assert_eq!(cmds[0].effect_key("t-1"), "t-1/deposit", "same effect key");
+        assert!(cmds[0].deadline.is_some());
+    }
+
+    #[test]
+    fn the_overall_deadline_compensates_only_what_is_safe() {
+        let def = transfer();
+        let running = [SagaEvent::Started, ok(0, json!({}))];
+        // Unclaimed action: compensate the completed steps.
+        let (state, cmds) = given(
+            &def,
+            &[
+                running[0].clone(),
+                running[1].clone(),
+                deadline(CommandKind::Action, 1, 1, false),
+            ],
+        );
+        assert!(matches!(state.status, Status::Compensating { step: 0, .. }));
+        assert_eq!(cmds.last().unwrap().id, "t-1/reserve/1/undo");
+        // Claimed action: ask for help; its late reply still counts.
+        let (state, cmds) = given(
+            &def,
+            &[
+                running[0].clone(),
+                running[1].clone(),
+                deadline(CommandKind::Action, 1, 1, true),
+            ],
+        );
+        assert_eq!(cmds.len(), 2, "nothing sent by the deadline");
+        assert!(matches!(
+            state.status,
+            Status::NeedsAttention {
+                retry: CommandKind::Action,
+                ..
+            }
+        ));
+        let (next, cmds) = react(&def, &state, &ok(1, json!({})));
+        assert_eq!(next.status, Status::Running { step: 2 });
+        assert_eq!(cmds[0].id, "t-1/complete/1");
+        // A compensation in flight: ask for help.
+        let (state, _) = given(
+            &def,
+            &[
+                SagaEvent::Started,
+                ok(0, json!({})),
+                SagaEvent::StepFailed {
+                    step: 1,
+                    attempt: 1,
+                    reason: "closed".into(),
+                },
+                deadline(CommandKind::Compensation, 0, 1, false),
+            ],
+        );
+        assert!(matches!(
+            state.status,
+            Status::NeedsAttention {
+                retry: CommandKind::Compensation,
+                step: 0,
+                ..
+            }
+        ));
+        // Ended: ignored.
+        let (done, _) = given(
+            &def,
+            &[
+                SagaEvent::Started,
+                ok(0, json!({})),
+                ok(1, json!({})),
+                ok(2, json!({})),
+            ],
+        );
+        let (same, _) = react(&def, &done, &deadline(CommandKind::Action, 2, 1, false));
+        assert_eq!(same, done);
+    }
+
+    #[test]
+    fn resolve_and_abandon_end_a_saga_that_needs_attention_and_nothing_else() {
+        let def = transfer();
+        let (stuck, _) = given(
+            &def,
+            &[SagaEvent::Started, dead_lettered(CommandKind::Action, 0, 1)],
+        );
+        let resolve = SagaEvent::Resolved {
+            outcome: Outcome::Compensated,
+            note: "checked".into(),
+        };
+        let (resolved, cmds) = react(&def, &stuck, &resolve);
+        assert!(cmds.is_empty());
+        assert!(matches!(
+            resolved.status,
+            Status::Resolved {
+                outcome: Outcome::Compensated,
+                ..
+            }
+        ));
+        assert!(resolved.status.is_final());
+        let abandon = SagaEvent::Abandoned {
+            note: "by hand".into(),
+        };
+        let (abandoned, cmds) = react(&def, &stuck, &abandon);
+        assert!(cmds.is_empty());
+        assert!(matches!(abandoned.status, Status::Abandoned { .. }));
+        // Anywhere else they change nothing; late replies after them too.
+        let (running, _) = given(&def, &[SagaEvent::Started]);
+        assert_eq!(react(&def, &running, &resolve).0, running);
+        assert_eq!(react(&def, &running, &abandon).0, running);
+        assert_eq!(react(&def, &resolved, &ok(0, json!({}))).0, resolved);
+        assert_eq!(
+            react(&def, &abandoned, &SagaEvent::Retried { note: "x".into() }).0,
+            abandoned
+        );
     }
 
     #[test]

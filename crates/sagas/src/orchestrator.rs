@@ -32,7 +32,9 @@ use crate::log::{
     COMMAND, COMMAND_CATEGORY_PREFIX, CommandMessage, CommandStatus, Guarded, SAGA_CATEGORY_PREFIX,
     append_guarded, command_target, decode_record, read_log,
 };
-use crate::model::{Command, CommandKind, Definition, SagaError, SagaEvent, SagaState, react};
+use crate::model::{
+    Command, CommandKind, Definition, SagaError, SagaEvent, SagaState, Status, react,
+};
 
 /// The stream holding scheduled deadlines and fired timeouts.
 pub const TIMERS_STREAM: &str = "SAGA_TIMERS";
@@ -55,6 +57,13 @@ pub struct OrchestratorConfig {
     pub replicas: usize,
     /// Delay before a failed timeout is handled again.
     pub timer_retry: Duration,
+    /// Durable names of the command handlers (workers) that serve this
+    /// saga's commands. Their dead letters on `dlq.<consumer>.cmd-*` are
+    /// read by the orchestrator: a dead-lettered command the saga waits for
+    /// moves it to `needs_attention`. Empty: dead letters are not watched.
+    pub command_consumers: Vec<String>,
+    /// Durable consumer name on `DLQ` for those dead letters.
+    pub dead_letters_consumer: String,
 }
 
 impl OrchestratorConfig {
@@ -66,6 +75,8 @@ impl OrchestratorConfig {
             timers_consumer: format!("{worker}-timers"),
             replicas: 1,
             timer_retry: Duration::from_secs(1),
+            command_consumers: Vec::new(),
+            dead_letters_consumer: format!("{worker}-dlq"),
         }
     }
 }
@@ -74,8 +85,14 @@ impl OrchestratorConfig {
 struct Timer {
     saga: String,
     saga_id: String,
+    #[serde(default)]
     step: usize,
+    #[serde(default)]
     attempt: u32,
+    /// Set for the overall deadline: the position of the transition that
+    /// armed it (`Started` or an operator's `Retried`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    deadline: Option<u64>,
 }
 
 /// Creates `SAGA_TIMERS` (message schedules allowed) if missing.
@@ -158,11 +175,50 @@ async fn schedule_timeout(
     command: &Command,
     due: OffsetDateTime,
 ) -> Result<(), SagaError> {
+    let timer = Timer {
+        saga: saga.to_owned(),
+        saga_id: saga_id.to_owned(),
+        step: command.step,
+        attempt: command.attempt,
+        deadline: None,
+    };
+    let suffix = format!("{saga}.{saga_id}.{}.{}", command.step, command.attempt);
+    schedule(js, &suffix, &format!("timer:{}", command.id), &timer, due).await
+}
+
+/// Schedules the overall deadline armed by the transition at `armed`.
+async fn schedule_saga_deadline(
+    js: &jetstream::Context,
+    saga: &str,
+    saga_id: &str,
+    armed: u64,
+    due: OffsetDateTime,
+) -> Result<(), SagaError> {
+    let timer = Timer {
+        saga: saga.to_owned(),
+        saga_id: saga_id.to_owned(),
+        step: 0,
+        attempt: 0,
+        deadline: Some(armed),
+    };
+    let suffix = format!("{saga}.{saga_id}.deadline.{armed}");
+    let id = format!("timer:{saga_id}/deadline/{armed}");
+    schedule(js, &suffix, &id, &timer, due).await
+}
+
+/// Publishes `timer` on `SAGA_TIMERS` to fire at `due` on
+/// `sluice.saga.timers.fired.<suffix>`.
+async fn schedule(
+    js: &jetstream::Context,
+    suffix: &str,
+    msg_id: &str,
+    timer: &Timer,
+    due: OffsetDateTime,
+) -> Result<(), SagaError> {
     let nats = |doing, e: &dyn std::fmt::Display| SagaError::Nats {
         doing,
         reason: e.to_string(),
     };
-    let suffix = format!("{saga}.{saga_id}.{}.{}", command.step, command.attempt);
     let mut headers = HeaderMap::new();
     // Whole seconds, rounded up: a deadline may fire a little late, never early.
     let due = if due.nanosecond() > 0 {
@@ -180,14 +236,8 @@ async fn schedule_timeout(
         H_SCHEDULE_TARGET,
         format!("{TIMERS_PREFIX}.fired.{suffix}").as_str(),
     );
-    headers.insert("Nats-Msg-Id", format!("timer:{}", command.id).as_str());
-    let body = serde_json::to_vec(&Timer {
-        saga: saga.to_owned(),
-        saga_id: saga_id.to_owned(),
-        step: command.step,
-        attempt: command.attempt,
-    })
-    .map_err(|e| nats("encoding a timer", &e))?;
+    headers.insert("Nats-Msg-Id", msg_id);
+    let body = serde_json::to_vec(timer).map_err(|e| nats("encoding a timer", &e))?;
     js.publish_with_headers(format!("{TIMERS_PREFIX}.at.{suffix}"), headers, body.into())
         .await
         .map_err(|e| nats("scheduling a deadline", &e))?
@@ -216,7 +266,114 @@ pub async fn record_timeout(
             }
             CommandStatus::Answered => Err("the step already completed"),
             CommandStatus::TimedOut => Err("already timed out"),
+            CommandStatus::DeadLettered => Err("the step's command was dead-lettered"),
+            CommandStatus::Closed => Err("an operator resolved or abandoned the saga"),
         }
+    })
+    .await
+}
+
+/// Records that the overall deadline armed at `armed` passed, unless the
+/// saga ended meanwhile or a later operator retry re-armed it. What it does
+/// depends on the command the saga waits for (see
+/// [`SagaEvent::DeadlinePassed`]): an unclaimed action is closed and the
+/// saga compensates; a claimed action or a compensation makes it need
+/// attention.
+pub async fn record_deadline<D: DeserializeOwned + Clone>(
+    store: &EventStore,
+    def: &Definition<D>,
+    saga_id: &str,
+    armed: u64,
+) -> Result<Guarded, SagaError> {
+    let deadline_ms = u64::try_from(def.overall_deadline().as_millis()).unwrap_or(u64::MAX);
+    append_guarded(store, def.name(), saga_id, |log| {
+        let latest = log
+            .records
+            .iter()
+            .rev()
+            .find(|r| matches!(r.event, SagaEvent::Started | SagaEvent::Retried { .. }))
+            .map(|r| r.position);
+        if latest != Some(armed) {
+            return Err("an operator retry re-armed the deadline");
+        }
+        let (state, _) = log.fold(def).map_err(|_| "the saga's log does not fold")?;
+        let (kind, step) = match state.status {
+            Status::Running { step } => (CommandKind::Action, step),
+            Status::Compensating { step, .. } => (CommandKind::Compensation, step),
+            _ => return Err("the saga ended before its deadline"),
+        };
+        let claimed = match log.command_status(kind, step, state.attempt) {
+            CommandStatus::Open => false,
+            CommandStatus::Claimed => kind == CommandKind::Action,
+            _ => return Err("the command in flight was answered meanwhile"),
+        };
+        Ok((
+            SagaEvent::DeadlinePassed {
+                armed,
+                kind,
+                step,
+                attempt: state.attempt,
+                claimed,
+                deadline_ms,
+            },
+            format!("{saga_id}/deadline/{armed}"),
+        ))
+    })
+    .await
+}
+
+/// A dead letter of a command, as the orchestrator reads it from `DLQ`.
+#[derive(Debug, Clone)]
+pub struct DeadCommand {
+    /// The command as sent.
+    pub message: CommandMessage,
+    /// The consumer that gave up on it.
+    pub consumer: String,
+    /// The dead letter's id (sequence in `DLQ`).
+    pub dead_letter: u64,
+    /// Why it was dead-lettered.
+    pub reason: String,
+}
+
+/// Records that the command in `dead` was dead-lettered, if it is the one
+/// the saga waits for and not answered yet; anything else (a duplicate
+/// redelivery dead-lettered after the reply, an older attempt, a saga that
+/// ended) changes nothing.
+pub async fn record_dead_letter<D: DeserializeOwned + Clone>(
+    store: &EventStore,
+    def: &Definition<D>,
+    dead: &DeadCommand,
+) -> Result<Guarded, SagaError> {
+    let cmd = &dead.message.command;
+    let (kind, step, attempt) = (cmd.kind, cmd.step, cmd.attempt);
+    append_guarded(store, def.name(), &dead.message.saga_id, |log| {
+        match log.command_status(kind, step, attempt) {
+            CommandStatus::Open | CommandStatus::Claimed => {}
+            _ => return Err("the command was answered, timed out or recorded already"),
+        }
+        let (state, _) = log.fold(def).map_err(|_| "the saga's log does not fold")?;
+        let waits = state.attempt == attempt
+            && match (&state.status, kind) {
+                (Status::Running { step: s }, CommandKind::Action)
+                | (Status::Compensating { step: s, .. }, CommandKind::Compensation) => *s == step,
+                (Status::NeedsAttention { step: s, retry, .. }, k) => *s == step && *retry == k,
+                _ => false,
+            };
+        if !waits {
+            return Err("the saga does not wait for this command");
+        }
+        Ok((
+            SagaEvent::CommandDeadLettered {
+                kind,
+                step,
+                attempt,
+                command: cmd.id.clone(),
+                consumer: dead.consumer.clone(),
+                dead_letter: dead.dead_letter,
+                reason: dead.reason.clone(),
+            },
+            format!("{}/dead-lettered", cmd.id),
+        ))
     })
     .await
 }
@@ -310,22 +467,39 @@ where
     // Deadlines count from the transition, not from whenever an orchestrator
     // got to it, so a resend after a crash schedules the same due time.
     let from = d.envelope.time.unwrap_or_else(OffsetDateTime::now_utc);
-    for command in &commands {
-        let send = send_command_at(store, def.name(), saga_id, command, Some(position));
-        let schedule = async {
-            if let (CommandKind::Action, Some(deadline)) = (command.kind, command.deadline) {
-                let now = OffsetDateTime::now_utc();
-                // A deadline already past (the orchestrator was down) fires
-                // at once; the server wants a time in the future.
-                let due = (from + deadline).max(now + Duration::from_secs(1));
-                schedule_timeout(store.jetstream(), def.name(), saga_id, command, due).await?;
-            }
-            Ok::<_, SagaError>(())
-        };
-        // Independent writes: the command and its deadline go out together.
-        futures::try_join!(send, schedule)?;
-        tracing::debug!(saga = def.name(), saga_id, command = %command.id, kind = ?command.kind, "command sent");
-    }
+    // A start (or an operator's retry) arms the overall deadline; the
+    // transition is durable already, so a crash before this reschedules the
+    // same instant (deduplicated). It goes out alongside the commands.
+    let arms = matches!(record.event, SagaEvent::Started | SagaEvent::Retried { .. })
+        && !state.status.is_final();
+    let overall = async {
+        if arms {
+            let now = OffsetDateTime::now_utc();
+            let due = (from + def.overall_deadline()).max(now + Duration::from_secs(1));
+            schedule_saga_deadline(store.jetstream(), def.name(), saga_id, position, due).await?;
+        }
+        Ok::<_, SagaError>(())
+    };
+    let send_all = async {
+        for command in &commands {
+            let send = send_command_at(store, def.name(), saga_id, command, Some(position));
+            let schedule = async {
+                if let (CommandKind::Action, Some(deadline)) = (command.kind, command.deadline) {
+                    let now = OffsetDateTime::now_utc();
+                    // A deadline already past (the orchestrator was down) fires
+                    // at once; the server wants a time in the future.
+                    let due = (from + deadline).max(now + Duration::from_secs(1));
+                    schedule_timeout(store.jetstream(), def.name(), saga_id, command, due).await?;
+                }
+                Ok::<_, SagaError>(())
+            };
+            // Independent writes: the command and its deadline go out together.
+            futures::try_join!(send, schedule)?;
+            tracing::debug!(saga = def.name(), saga_id, command = %command.id, kind = ?command.kind, "command sent");
+        }
+        Ok::<_, SagaError>(())
+    };
+    futures::try_join!(overall, send_all)?;
     if !state.status.is_final() {
         cache.put(saga_id, state, position);
     }
@@ -378,8 +552,9 @@ where
         }
     };
     let worker = sluice_workers::run(store, config.worker.clone(), handler, cancel.clone());
-    let timers = run_timers(store, def.name(), &config, cancel.clone());
-    let (w, t) = tokio::join!(
+    let timers = run_timers(store, &def, &config, cancel.clone());
+    let dead = run_dead_letters(store, &def, &config, cancel.clone());
+    let (w, t, dl) = tokio::join!(
         async {
             let r = worker.await.map_err(SagaError::from);
             // One half stopping (error) stops the other.
@@ -390,17 +565,23 @@ where
             let r = timers.await;
             cancel.cancel();
             r
+        },
+        async {
+            let r = dead.await;
+            cancel.cancel();
+            r
         }
     );
-    w.and(t)
+    w.and(t).and(dl)
 }
 
-async fn run_timers(
+async fn run_timers<D: DeserializeOwned + Clone>(
     store: &EventStore,
-    saga: &str,
+    def: &Definition<D>,
     config: &OrchestratorConfig,
     cancel: CancellationToken,
 ) -> Result<(), SagaError> {
+    let saga = def.name();
     let nats = |doing, e: &dyn std::fmt::Display| SagaError::Nats {
         doing,
         reason: e.to_string(),
@@ -457,9 +638,13 @@ async fn run_timers(
                 continue;
             }
         };
-        match record_timeout(store, saga, &timer.saga_id, timer.step, timer.attempt).await {
+        let recorded = match timer.deadline {
+            Some(armed) => record_deadline(store, def, &timer.saga_id, armed).await,
+            None => record_timeout(store, saga, &timer.saga_id, timer.step, timer.attempt).await,
+        };
+        match recorded {
             Ok(outcome) => {
-                tracing::info!(saga, saga_id = %timer.saga_id, step = timer.step, attempt = timer.attempt, ?outcome, "deadline fired");
+                tracing::info!(saga, saga_id = %timer.saga_id, step = timer.step, attempt = timer.attempt, overall = timer.deadline.is_some(), ?outcome, "deadline fired");
                 if let Err(e) = message.ack().await {
                     tracing::warn!(error = %e, "timer ack failed; it will be redelivered (harmless)");
                 }
@@ -472,4 +657,134 @@ async fn run_timers(
             }
         }
     }
+}
+
+/// Reads the dead letters of the saga's command handlers
+/// (`dlq.<consumer>.cmd-*` in `DLQ`, read only) and records each command
+/// the saga waits for as [`SagaEvent::CommandDeadLettered`]. The dead
+/// letter stays in the DLQ for the operator; this only tells the saga.
+async fn run_dead_letters<D: DeserializeOwned + Clone>(
+    store: &EventStore,
+    def: &Definition<D>,
+    config: &OrchestratorConfig,
+    cancel: CancellationToken,
+) -> Result<(), SagaError> {
+    use sluice_workers::{DLQ_PREFIX, DLQ_STREAM, headers as h};
+    if config.command_consumers.is_empty() {
+        cancel.cancelled().await;
+        return Ok(());
+    }
+    let nats = |doing, e: &dyn std::fmt::Display| SagaError::Nats {
+        doing,
+        reason: e.to_string(),
+    };
+    let js = store.jetstream();
+    // The worker runtime creates `DLQ`; wait for it rather than create it
+    // here with settings that are not ours to choose.
+    let stream = loop {
+        match js.get_stream(DLQ_STREAM).await {
+            Ok(s) => break s,
+            Err(_) => {
+                tokio::select! {
+                    _ = cancel.cancelled() => return Ok(()),
+                    _ = tokio::time::sleep(Duration::from_millis(250)) => {}
+                }
+            }
+        }
+    };
+    let consumer: consumer::PullConsumer = stream
+        .get_or_create_consumer(
+            &config.dead_letters_consumer,
+            consumer::pull::Config {
+                durable_name: Some(config.dead_letters_consumer.clone()),
+                filter_subjects: config
+                    .command_consumers
+                    .iter()
+                    .map(|c| format!("{DLQ_PREFIX}.{c}.>"))
+                    .collect(),
+                deliver_policy: consumer::DeliverPolicy::All,
+                ack_policy: consumer::AckPolicy::Explicit,
+                ack_wait: Duration::from_secs(30),
+                ..Default::default()
+            },
+        )
+        .await
+        .map_err(|e| nats("creating the dead-letter consumer", &e))?;
+    let mut messages = consumer
+        .messages()
+        .await
+        .map_err(|e| nats("pulling dead letters", &e))?;
+    loop {
+        let next = tokio::select! {
+            _ = cancel.cancelled() => return Ok(()),
+            m = messages.next() => m,
+        };
+        let Some(message) = next else {
+            return Err(nats("pulling dead letters", &"the consumer stream ended"));
+        };
+        let message = match message {
+            Ok(m) => m,
+            Err(e) => {
+                tracing::warn!(error = %e, "dead-letter pull failed; continuing");
+                continue;
+            }
+        };
+        let header = |name: &str| {
+            message
+                .headers
+                .as_ref()
+                .and_then(|hm| hm.get(name))
+                .map(|v| v.as_str().to_owned())
+        };
+        let category = message.subject.split('.').nth(2).unwrap_or_default();
+        let dead_letter = message.info().map(|i| i.stream_sequence).unwrap_or(0);
+        if !category.starts_with(crate::log::COMMAND_CATEGORY_PREFIX) {
+            let _ = message.ack().await;
+            continue;
+        }
+        let decoded = match serde_json::from_slice::<CommandMessage>(&message.payload) {
+            Ok(m) => Some(m),
+            // The copy may hold less than the original (a dead letter stored
+            // by reference): read the original from its stream.
+            Err(_) => original_command(js, header(h::STREAM), header(h::SEQUENCE)).await,
+        };
+        let Some(command) = decoded.filter(|m| m.saga == def.name()) else {
+            // Not this saga's, or not a command at all (a malformed one has
+            // no saga to tell; the operator sees it in the DLQ).
+            let _ = message.ack().await;
+            continue;
+        };
+        let dead = DeadCommand {
+            consumer: header(h::CONSUMER).unwrap_or_default(),
+            reason: header(h::REASON).unwrap_or_default(),
+            dead_letter,
+            message: command,
+        };
+        match record_dead_letter(store, def, &dead).await {
+            Ok(outcome) => {
+                tracing::warn!(saga = def.name(), saga_id = %dead.message.saga_id, command = %dead.message.command.id, dead_letter, ?outcome, "command dead-lettered");
+                if let Err(e) = message.ack().await {
+                    tracing::warn!(error = %e, "dead-letter ack failed; it will be redelivered (harmless)");
+                }
+            }
+            Err(e) => {
+                tracing::warn!(saga = def.name(), dead_letter, error = %e, "dead-lettered command not recorded; retrying");
+                let _ = message
+                    .ack_with(AckKind::Nak(Some(config.timer_retry)))
+                    .await;
+            }
+        }
+    }
+}
+
+/// The original command of a dead letter, read from its stream by sequence.
+async fn original_command(
+    js: &jetstream::Context,
+    stream: Option<String>,
+    sequence: Option<String>,
+) -> Option<CommandMessage> {
+    let sequence: u64 = sequence?.parse().ok()?;
+    let stream = js.get_stream(stream?).await.ok()?;
+    let raw = stream.get_raw_message(sequence).await.ok()?;
+    serde_json::from_slice(&raw.payload).ok()
 }

@@ -169,6 +169,9 @@ pub(crate) fn router(queries: Router, parts: Parts, opts: &HttpOptions) -> Route
         .route("/v1/accounts", post(open_account))
         .route("/v1/accounts/{id}/deposits", post(deposit))
         .route("/v1/accounts/{id}/withdrawals", post(withdraw))
+        .route("/v1/sagas/{id}/retry", post(saga_retry))
+        .route("/v1/sagas/{id}/resolve", post(saga_resolve))
+        .route("/v1/sagas/{id}/abandon", post(saga_abandon))
         .route("/v1/dlq", get(dlq_list))
         .route("/v1/dlq/{id}", get(dlq_show))
         .route("/v1/dlq/{id}/redrive", post(dlq_redrive))
@@ -661,6 +664,18 @@ struct TransferBody {
 
 fn saga_error(e: sluice_sagas::SagaError) -> Response {
     match e {
+        e if e.is_unknown_instance() => problem(
+            StatusCode::NOT_FOUND,
+            "not-found",
+            "Not found",
+            e.to_string(),
+        ),
+        e if e.is_wrong_state() => problem(
+            StatusCode::CONFLICT,
+            "wrong-state",
+            "Not in a state this action applies to",
+            e.to_string(),
+        ),
         // The transfer's own rules (a positive amount, two accounts).
         sluice_sagas::SagaError::Invalid(msg) => Problem::of(ProblemType::Rejected, msg)
             .with("rule", "transfer")
@@ -875,10 +890,97 @@ struct TransferQuery {
 }
 
 async fn list_transfers(State(ctx): State<Ctx>, Query(q): Query<TransferQuery>) -> Response {
-    match sluice_ledger::list_transfers(&ctx.store, q.state.as_deref()).await {
+    let state = match q.state.as_deref().map(str::parse).transpose() {
+        Ok(s) => s,
+        Err(e) => return saga_error(e),
+    };
+    match sluice_ledger::list_transfers(&ctx.store, state).await {
         Ok(v) => Json(json!({"transfers": v})).into_response(),
         Err(e) => saga_error(e),
     }
+}
+
+/// Body of `POST /v1/sagas/{id}/retry|resolve|abandon`.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct OperatorBody {
+    /// Who and why, kept in the saga's log.
+    note: String,
+    /// `completed` or `compensated` (resolve only).
+    #[serde(default)]
+    outcome: Option<String>,
+}
+
+/// One operator action on transfer `id`: 200 with the transfer after it,
+/// 404 for an unknown id, 409 naming the state when it does not apply.
+async fn operate(
+    ctx: &Ctx,
+    id: &str,
+    body: Result<Json<OperatorBody>, axum::extract::rejection::JsonRejection>,
+    action: impl FnOnce(Option<&str>) -> Result<sluice_sagas::OperatorAction, String>,
+) -> Response {
+    let Json(b) = match body {
+        Ok(b) => b,
+        Err(e) => {
+            return bad_request(format!(
+                "the body must be {{\"note\": \"who and why\", \"outcome\"?}}: {}",
+                e.body_text()
+            ));
+        }
+    };
+    let action = match action(b.outcome.as_deref()) {
+        Ok(a) => a,
+        Err(why) => return bad_request(why),
+    };
+    match sluice_ledger::operate_transfer(&ctx.store, id, action, &b.note).await {
+        Ok(v) => Json(v).into_response(),
+        // A blank note or a bad outcome: the request's fault, not a rule.
+        Err(sluice_sagas::SagaError::Invalid(msg)) => bad_request(msg),
+        Err(e) => saga_error(e),
+    }
+}
+
+async fn saga_retry(
+    State(ctx): State<Ctx>,
+    UrlPath(id): UrlPath<String>,
+    body: Result<Json<OperatorBody>, axum::extract::rejection::JsonRejection>,
+) -> Response {
+    operate(&ctx, &id, body, |outcome| match outcome {
+        None => Ok(sluice_sagas::OperatorAction::Retry),
+        Some(_) => Err("retry takes no outcome; use resolve".to_owned()),
+    })
+    .await
+}
+
+async fn saga_resolve(
+    State(ctx): State<Ctx>,
+    UrlPath(id): UrlPath<String>,
+    body: Result<Json<OperatorBody>, axum::extract::rejection::JsonRejection>,
+) -> Response {
+    operate(&ctx, &id, body, |outcome| {
+        let Some(outcome) = outcome else {
+            return Err(
+                "resolve needs {\"outcome\": \"completed\" | \"compensated\", \"note\"}".to_owned(),
+            );
+        };
+        outcome
+            .parse()
+            .map(sluice_sagas::OperatorAction::Resolve)
+            .map_err(|e: sluice_sagas::SagaError| e.to_string())
+    })
+    .await
+}
+
+async fn saga_abandon(
+    State(ctx): State<Ctx>,
+    UrlPath(id): UrlPath<String>,
+    body: Result<Json<OperatorBody>, axum::extract::rejection::JsonRejection>,
+) -> Response {
+    operate(&ctx, &id, body, |outcome| match outcome {
+        None => Ok(sluice_sagas::OperatorAction::Abandon),
+        Some(_) => Err("abandon takes no outcome; use resolve".to_owned()),
+    })
+    .await
 }
 
 #[derive(Debug, Deserialize)]
@@ -1021,6 +1123,10 @@ pub(crate) fn openapi_document() -> Value {
     let err = |d: &str| json!({"description": d, "content": {"application/problem+json": {"schema": problem}}});
     let ok = |d: &str| json!({"description": d, "content": {"application/json": {"schema": {"type": "object"}}}});
     let secured = json!([{"bearer": []}]);
+    let operator_body = json!({"required": true, "content": {"application/json": {"schema": {"type": "object", "required": ["note"],
+        "properties": {"note": {"type": "string", "minLength": 1}}}}}});
+    let resolve_body = json!({"required": true, "content": {"application/json": {"schema": {"type": "object", "required": ["note", "outcome"],
+        "properties": {"note": {"type": "string", "minLength": 1}, "outcome": {"enum": ["completed", "compensated"]}}}}}});
     let mut doc = json!({
         "openapi": "3.1.0",
         "info": {"title": "Sluice", "version": env!("CARGO_PKG_VERSION"),
@@ -1047,7 +1153,10 @@ pub(crate) fn openapi_document() -> Value {
                          "responses": {"201": ok("appended"), "400": err("invalid input"), "401": err("no or wrong token"), "409": err("version conflict"), "413": err("body too large")}}
             },
             "/v1/transfers": {
-                "get": {"summary": "Transfers (filter state: pending, completed, compensated, needs_attention)", "responses": {"200": ok("transfers")}},
+                "get": {"summary": "Transfers (filter state: pending, completed, compensated, needs_attention, abandoned)",
+                        "parameters": [{"name": "state", "in": "query", "required": false,
+                                        "schema": {"enum": ["pending", "completed", "compensated", "needs_attention", "abandoned"]}}],
+                        "responses": {"200": ok("transfers"), "400": err("unknown state")}},
                 "post": {"summary": "Start a transfer saga (id = idempotency key)", "security": secured,
                          "requestBody": {"content": {"application/json": {"schema": {"type": "object", "required": ["from", "to", "amount"],
                             "properties": {"from": {"type": "string"}, "to": {"type": "string"}, "amount": {"type": "integer", "minimum": 1}, "id": {"type": "string"}}}}}},
@@ -1057,6 +1166,15 @@ pub(crate) fn openapi_document() -> Value {
             "/v1/accounts/{id}/deposits": {"post": {"summary": "Deposit (Idempotency-Key)", "security": secured, "responses": {"201": ok("deposited"), "200": ok("replayed"), "404": err("no such account"), "422": err("refused by a rule (rule), or key reused")}}},
             "/v1/accounts/{id}/withdrawals": {"post": {"summary": "Withdraw, never below zero (Idempotency-Key)", "security": secured, "responses": {"201": ok("withdrawn"), "200": ok("replayed"), "404": err("no such account"), "422": err("refused by a rule (rule), or key reused")}}},
             "/v1/transfers/{id}": {"get": {"summary": "One transfer's state", "responses": {"200": ok("transfer"), "404": err("unknown transfer")}}},
+            "/v1/sagas/{id}/retry": {"post": {"summary": "Send the command a transfer that needs attention is stuck on again (next attempt; money moves at most once per step)", "security": secured,
+                "requestBody": operator_body.clone(),
+                "responses": {"200": ok("the transfer after the retry"), "400": err("no note"), "401": err("no or wrong token"), "404": err("unknown transfer"), "409": err("the transfer does not need attention (the detail names its state)")}}},
+            "/v1/sagas/{id}/resolve": {"post": {"summary": "State the outcome (completed or compensated) of a transfer that needs attention; nothing moves", "security": secured,
+                "requestBody": resolve_body,
+                "responses": {"200": ok("the transfer after it"), "400": err("no note or outcome"), "401": err("no or wrong token"), "404": err("unknown transfer"), "409": err("the transfer does not need attention (the detail names its state)")}}},
+            "/v1/sagas/{id}/abandon": {"post": {"summary": "Stop a transfer that needs attention without acting (fixed by hand); nothing moves", "security": secured,
+                "requestBody": operator_body,
+                "responses": {"200": ok("the transfer after it"), "400": err("no note"), "401": err("no or wrong token"), "404": err("unknown transfer"), "409": err("the transfer does not need attention (the detail names its state)")}}},
             "/v1/dlq": {"get": {"summary": "Dead letters (filter consumer, category, reason)", "security": secured, "responses": {"200": ok("listing"), "401": err("no or wrong token")}}},
             "/v1/dlq/{id}": {"get": {"summary": "One dead letter", "security": secured, "responses": {"200": ok("dead letter"), "404": err("unknown id")}}},
             "/v1/dlq/{id}/redrive": {"post": {"summary": "Hand a dead letter back to its consumer (idempotent)", "security": secured, "responses": {"200": ok("redrive report")}}},
@@ -2067,6 +2185,194 @@ mod tests {
         worker.await.unwrap().unwrap();
         let _ = group.task.await;
         let _ = dlq_stream.info().await.unwrap();
+    }
+
+    /// A transfer whose log says what `events` say (no saga role runs, so
+    /// nothing acts on it).
+    async fn transfer_with(store: &EventStore, id: &str, events: Vec<sluice_sagas::SagaEvent>) {
+        sluice_ledger::start_transfer(store, Some(id), "a-1", "b-1", 5)
+            .await
+            .unwrap();
+        for (i, e) in events.into_iter().enumerate() {
+            let appended = sluice_sagas::append_guarded(store, "transfer", id, |_| {
+                Ok((e.clone(), format!("{id}/test/{i}")))
+            })
+            .await
+            .unwrap();
+            assert!(matches!(appended, sluice_sagas::Guarded::Appended(_)));
+        }
+    }
+
+    fn stuck() -> Vec<sluice_sagas::SagaEvent> {
+        use sluice_sagas::SagaEvent;
+        vec![
+            SagaEvent::StepSucceeded {
+                step: 0,
+                attempt: 1,
+                reply: json!({"currency": "EUR"}),
+            },
+            SagaEvent::StepFailed {
+                step: 1,
+                attempt: 1,
+                reason: "account is closed".into(),
+            },
+            SagaEvent::CompensationFailed {
+                step: 0,
+                attempt: 1,
+                reason: "account is closed".into(),
+                permanent: true,
+            },
+        ]
+    }
+
+    #[tokio::test]
+    async fn saga_operator_actions_answer_404_409_or_the_transfer_and_filters_are_checked() {
+        use sluice_sagas::SagaEvent;
+        let (app, server) = app(HttpOptions::with_token(TOKEN)).await;
+        let store = server.store().await;
+        for id in ["t-retry", "t-resolve", "t-abandon"] {
+            transfer_with(&store, id, stuck()).await;
+        }
+        let ok = |step| SagaEvent::StepSucceeded {
+            step,
+            attempt: 1,
+            reply: json!({"currency": "EUR"}),
+        };
+        transfer_with(&store, "t-done", vec![ok(0), ok(1)]).await;
+        let note = r#"{"note":"ops: checked the accounts"}"#.to_owned();
+
+        let (s, _, body) = call(&app, "GET", "/v1/transfers?state=bogus", None, None).await;
+        assert_eq!(s, StatusCode::BAD_REQUEST, "{body}");
+        assert!(
+            body.contains("needs_attention") && body.contains("abandoned"),
+            "{body}"
+        );
+        let (s, _, body) = call(
+            &app,
+            "GET",
+            "/v1/transfers?state=needs_attention",
+            None,
+            None,
+        )
+        .await;
+        assert_eq!(s, StatusCode::OK, "{body}");
+        let listed: Value = serde_json::from_str(&body).unwrap();
+        assert_eq!(listed["transfers"].as_array().unwrap().len(), 3, "{body}");
+
+        // The token is needed; unknown ids are 404, wrong states 409.
+        let (s, _, _) = call(
+            &app,
+            "POST",
+            "/v1/sagas/t-retry/retry",
+            None,
+            Some(note.clone()),
+        )
+        .await;
+        assert_eq!(s, StatusCode::UNAUTHORIZED);
+        for action in ["retry", "abandon"] {
+            let uri = format!("/v1/sagas/nope/{action}");
+            let (s, h, body) = call(&app, "POST", &uri, Some(TOKEN), Some(note.clone())).await;
+            assert_eq!(s, StatusCode::NOT_FOUND, "{body}");
+            assert_eq!(h[header::CONTENT_TYPE], "application/problem+json");
+            let uri = format!("/v1/sagas/t-done/{action}");
+            let (s, _, body) = call(&app, "POST", &uri, Some(TOKEN), Some(note.clone())).await;
+            assert_eq!(s, StatusCode::CONFLICT, "{body}");
+            assert!(body.contains("t-done is completed"), "{body}");
+        }
+        let resolve = r#"{"note":"ops","outcome":"completed"}"#.to_owned();
+        let (s, _, _) = call(
+            &app,
+            "POST",
+            "/v1/sagas/nope/resolve",
+            Some(TOKEN),
+            Some(resolve.clone()),
+        )
+        .await;
+        assert_eq!(s, StatusCode::NOT_FOUND);
+        let (s, _, body) = call(
+            &app,
+            "POST",
+            "/v1/sagas/t-done/resolve",
+            Some(TOKEN),
+            Some(resolve),
+        )
+        .await;
+        assert_eq!(s, StatusCode::CONFLICT, "{body}");
+        // Bad bodies are 400.
+        for (uri, body) in [
+            ("/v1/sagas/t-resolve/resolve", note.clone()),
+            (
+                "/v1/sagas/t-resolve/resolve",
+                r#"{"note":"x","outcome":"bogus"}"#.to_owned(),
+            ),
+            ("/v1/sagas/t-retry/retry", r#"{"note":"  "}"#.to_owned()),
+            ("/v1/sagas/t-retry/retry", "[1]".to_owned()),
+        ] {
+            let (s, _, b) = call(&app, "POST", uri, Some(TOKEN), Some(body)).await;
+            assert_eq!(s, StatusCode::BAD_REQUEST, "{uri}: {b}");
+        }
+
+        // Valid: each acts once, and a second call finds the new state.
+        let (s, _, body) = call(
+            &app,
+            "POST",
+            "/v1/sagas/t-retry/retry",
+            Some(TOKEN),
+            Some(note.clone()),
+        )
+        .await;
+        assert_eq!(s, StatusCode::OK, "{body}");
+        assert!(body.contains(r#""state":"pending""#), "{body}");
+        let (s, _, body) = call(
+            &app,
+            "POST",
+            "/v1/sagas/t-retry/retry",
+            Some(TOKEN),
+            Some(note.clone()),
+        )
+        .await;
+        assert_eq!(s, StatusCode::CONFLICT, "{body}");
+        assert!(body.contains("compensating debit"), "{body}");
+        let (s, _, body) = call(
+            &app,
+            "POST",
+            "/v1/sagas/t-resolve/resolve",
+            Some(TOKEN),
+            Some(r#"{"note":"ops: refunded by hand","outcome":"compensated"}"#.to_owned()),
+        )
+        .await;
+        assert_eq!(s, StatusCode::OK, "{body}");
+        assert!(
+            body.contains(r#""state":"compensated""#) && body.contains("refunded by hand"),
+            "{body}"
+        );
+        let (s, _, body) = call(
+            &app,
+            "POST",
+            "/v1/sagas/t-abandon/abandon",
+            Some(TOKEN),
+            Some(note.clone()),
+        )
+        .await;
+        assert_eq!(s, StatusCode::OK, "{body}");
+        assert!(body.contains(r#""state":"abandoned""#), "{body}");
+        let (s, _, body) = call(
+            &app,
+            "POST",
+            "/v1/sagas/t-abandon/resolve",
+            Some(TOKEN),
+            Some(r#"{"note":"x","outcome":"completed"}"#.to_owned()),
+        )
+        .await;
+        assert_eq!(s, StatusCode::CONFLICT, "{body}");
+        // Each action is a transition in the saga's log, with its note.
+        let log = sluice_sagas::read_log(&store, "transfer", "t-abandon")
+            .await
+            .unwrap();
+        assert!(matches!(
+            &log.records.last().unwrap().event,
+            SagaEvent::Abandoned { note } if note == "ops: checked the accounts"
+        ));
     }
 
     #[test]

@@ -1,6 +1,7 @@
 //! `sluice`: the command line of the Sluice event-sourcing platform.
 //!
-//! Exit codes: 0 ok, 1 error, 2 usage, 3 optimistic-concurrency conflict.
+//! Exit codes: 0 ok, 1 error, 2 usage, 3 optimistic-concurrency conflict,
+//! 4 `--wait` ran out before the end state was reached.
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -69,7 +70,7 @@ enum Command {
     Ledger(LedgerArgs),
     /// Move money between two ledger accounts (a saga that undoes itself).
     Transfer(transfer_cmd::TransferArgs),
-    /// Transfer sagas: list, show, retry a failed compensation.
+    /// Transfer sagas: list, show; retry, resolve or abandon one that needs attention.
     Saga(SagaArgs),
     /// Dead letters: list, show, redrive, discard.
     Dlq(DlqArgs),

@@ -6,6 +6,7 @@ use std::time::{Duration, Instant};
 
 use serde_json::json;
 use sluice_events::{ConnectConfig, EventStore, StoreConfig};
+use sluice_sagas::OperatorAction;
 
 /// Options of `sluice transfer`.
 #[derive(Debug, clap::Args)]
@@ -21,7 +22,9 @@ pub(crate) struct TransferArgs {
     /// Transfer id; also the idempotency key (default: a new UUIDv7).
     #[arg(long, value_parser = crate::commands::id_arg)]
     id: Option<String>,
-    /// Wait up to this many seconds for the transfer to finish.
+    /// Wait up to this many seconds for the transfer to finish. Exit 0 only
+    /// when it completed; 1 when it compensated, needs attention or was
+    /// abandoned; 4 when it is still pending when the wait runs out.
     #[arg(long)]
     wait: Option<u64>,
     /// Print one JSON object.
@@ -34,8 +37,8 @@ pub(crate) struct TransferArgs {
 pub(crate) enum SagaCommand {
     /// Transfers, optionally only those in one state.
     List {
-        /// pending, completed, compensated or needs_attention.
-        #[arg(long)]
+        /// Only transfers in this state.
+        #[arg(long, value_parser = clap::builder::PossibleValuesParser::new(sluice_ledger::TRANSFER_STATES))]
         state: Option<String>,
     },
     /// One transfer and every transition of its saga: time, cause (start,
@@ -45,16 +48,44 @@ pub(crate) enum SagaCommand {
         #[arg(value_parser = crate::commands::id_arg)]
         id: String,
     },
-    /// Run a failed compensation again (after fixing its cause).
+    /// Send the command a transfer that needs attention is stuck on again
+    /// (the debit, the credit or the refund) as the next attempt, after
+    /// fixing its cause. Money moves at most once per step in all.
     Retry {
         /// Transfer id.
         #[arg(value_parser = crate::commands::id_arg)]
         id: String,
-        /// Why, kept in the saga's log.
+        /// Who and why, kept in the saga's log.
+        #[arg(long)]
+        note: String,
+    },
+    /// State the outcome of a transfer that needs attention (after checking
+    /// the accounts); nothing moves.
+    Resolve {
+        /// Transfer id.
+        id: String,
+        /// Where the money is: completed (debited and credited) or
+        /// compensated (back on the source, or never debited).
+        #[arg(long, value_parser = clap::builder::PossibleValuesParser::new(["completed", "compensated"]))]
+        outcome: String,
+        /// Who and why, kept in the saga's log.
+        #[arg(long)]
+        note: String,
+    },
+    /// Stop a transfer that needs attention without acting (after fixing the
+    /// money by hand); nothing moves.
+    Abandon {
+        /// Transfer id.
+        id: String,
+        /// Who and why, kept in the saga's log.
         #[arg(long)]
         note: String,
     },
 }
+
+/// Exit code of `transfer --wait` when the transfer is still pending as the
+/// wait runs out (README, exit codes).
+pub(crate) const EXIT_PENDING: u8 = 4;
 
 async fn connect(url: &str) -> anyhow::Result<EventStore> {
     Ok(EventStore::connect_with(&ConnectConfig::from_env(url)?, StoreConfig::default()).await?)
@@ -120,7 +151,42 @@ pub(crate) async fn transfer(args: TransferArgs, url: &str) -> anyhow::Result<Ex
             print_view(v, false)?;
         }
     }
-    Ok(ExitCode::SUCCESS)
+    if args.wait.is_none() {
+        return Ok(ExitCode::SUCCESS);
+    }
+    // `--wait` asks for the end state: only `completed` is success.
+    Ok(match view.as_ref().map(|v| v.state) {
+        Some("completed") => ExitCode::SUCCESS,
+        Some("pending") | None => {
+            eprintln!(
+                "error: transfer {} is still pending after {} s; see `sluice saga show {}`",
+                t.id,
+                args.wait.unwrap_or(0),
+                t.id
+            );
+            ExitCode::from(EXIT_PENDING)
+        }
+        Some(state) => {
+            let reason = view
+                .as_ref()
+                .and_then(|v| v.reason.as_deref())
+                .unwrap_or("");
+            eprintln!("error: transfer {} {state}: {reason}", t.id);
+            ExitCode::from(1)
+        }
+    })
+}
+
+/// Prints what an operator action did.
+fn operated(v: &sluice_ledger::TransferView, what: &str, json: bool) -> anyhow::Result<()> {
+    if json {
+        return print_view(v, true);
+    }
+    println!(
+        "transfer {}: {what} (recorded at position {}); now {}",
+        v.id, v.version, v.state
+    );
+    Ok(())
 }
 
 fn print_history(
@@ -172,7 +238,11 @@ pub(crate) async fn saga(cmd: SagaCommand, url: &str, json: bool) -> anyhow::Res
     let store = connect(url).await?;
     match cmd {
         SagaCommand::List { state } => {
-            for v in sluice_ledger::list_transfers(&store, state.as_deref()).await? {
+            let state = state
+                .as_deref()
+                .map(str::parse::<sluice_ledger::TransferState>)
+                .transpose()?;
+            for v in sluice_ledger::list_transfers(&store, state).await? {
                 print_view(&v, json)?;
             }
         }
@@ -181,8 +251,24 @@ pub(crate) async fn saga(cmd: SagaCommand, url: &str, json: bool) -> anyhow::Res
             None => anyhow::bail!("no transfer {id}"),
         },
         SagaCommand::Retry { id, note } => {
-            sluice_ledger::retry_transfer(&store, &id, &note).await?;
-            println!("transfer {id}: compensation sent again");
+            let v =
+                sluice_ledger::operate_transfer(&store, &id, OperatorAction::Retry, &note).await?;
+            operated(
+                &v,
+                "retried: the command it was stuck on goes out again",
+                json,
+            )?;
+        }
+        SagaCommand::Resolve { id, outcome, note } => {
+            let outcome: sluice_sagas::Outcome = outcome.parse()?;
+            let action = OperatorAction::Resolve(outcome);
+            let v = sluice_ledger::operate_transfer(&store, &id, action, &note).await?;
+            operated(&v, "resolved", json)?;
+        }
+        SagaCommand::Abandon { id, note } => {
+            let v = sluice_ledger::operate_transfer(&store, &id, OperatorAction::Abandon, &note)
+                .await?;
+            operated(&v, "abandoned", json)?;
         }
     }
     Ok(ExitCode::SUCCESS)

@@ -1128,3 +1128,237 @@ fn up_refuses_anonymous_nats_clients_and_commands_authenticate_by_themselves() {
     assert!(!out.contains(password) && !err.contains(password));
     drop(up);
 }
+
+/// Runs `sluice <args>` and asserts its exit code; returns (stdout, stderr).
+fn expect_code(home: &Path, args: &[&str], code: i32) -> (String, String) {
+    let o = sluice(home, args);
+    let (out, err) = text(&o);
+    assert_eq!(o.status.code(), Some(code), "sluice {args:?}:\n{out}{err}");
+    (out, err)
+}
+
+/// Polls `sluice saga show <id> --json` until the transfer is in `state`.
+fn wait_transfer(home: &Path, id: &str, state: &str) -> serde_json::Value {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let o = sluice(home, &["saga", "show", id, "--json"]);
+        let (out, _) = text(&o);
+        if let Ok(v) = serde_json::from_str::<serde_json::Value>(out.trim())
+            && v["transfer"]["state"] == state
+        {
+            return v;
+        }
+        assert!(Instant::now() < deadline, "{id} never got {state}: {out}");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+fn balance_of(home: &Path, account: &str) -> i64 {
+    let (out, _) = expect_code(home, &["ledger", "show", account, "--json"], 0);
+    let v: serde_json::Value = serde_json::from_str(out.trim()).unwrap();
+    v["balance"].as_i64().unwrap()
+}
+
+/// `transfer --wait` exits 0 only for a completed transfer (1 compensated
+/// or needing attention, 4 still pending); `saga retry|resolve|abandon`
+/// act only on a transfer that needs attention (exit 1 naming the state
+/// otherwise, and for an unknown id); unknown filter values are usage
+/// errors (exit 2) listing the valid ones.
+#[test]
+fn transfer_wait_exit_codes_and_saga_operator_commands() {
+    let home = tempfile::tempdir().unwrap();
+    let home = home.path();
+    let _up = start_up(home);
+    for (id, owner, deposit) in [
+        ("acc-1", "ann", "100"),
+        ("acc-2", "bob", ""),
+        ("acc-3", "cid", "50"),
+    ] {
+        expect_code(home, &["ledger", "open", id, "--owner", owner], 0);
+        if !deposit.is_empty() {
+            expect_code(home, &["ledger", "deposit", id, deposit], 0);
+        }
+    }
+    let wait = |id: &str, from: &str, to: &str, amount: &str, secs: &str, code: i32| {
+        expect_code(
+            home,
+            &["transfer", from, to, amount, "--id", id, "--wait", secs],
+            code,
+        )
+    };
+    wait("t-ok", "acc-1", "acc-2", "10", "30", 0);
+    let (_, err) = wait("t-comp", "acc-1", "nobody", "5", "30", 1);
+    assert!(err.contains("compensated"), "{err}");
+    // The account handler paused (kill switch): still pending when the wait
+    // runs out.
+    expect_code(
+        home,
+        &[
+            "consumer",
+            "pause",
+            "ledger-account-commands",
+            "--for",
+            "1m",
+        ],
+        0,
+    );
+    let (_, err) = wait("t-pend", "acc-1", "acc-2", "7", "1", 4);
+    assert!(err.contains("still pending"), "{err}");
+    expect_code(home, &["consumer", "resume", "ledger-account-commands"], 0);
+    wait_transfer(home, "t-pend", "completed");
+
+    // A malformed command on acc-3's command subject (any raw NATS client
+    // can publish one) parks acc-3: its transfers' debits are dead-lettered
+    // behind it and the transfers need attention.
+    let endpoint: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(home.join("endpoint.json")).unwrap()).unwrap();
+    let url = endpoint["nats_url"].as_str().unwrap().to_owned();
+    tokio::runtime::Runtime::new().unwrap().block_on(async {
+        let store = sluice_events::EventStore::connect(&url, Default::default())
+            .await
+            .unwrap();
+        store
+            .append(
+                &sluice_events::StreamId::new("cmd-account", "acc-3").unwrap(),
+                sluice_events::ExpectedVersion::Any,
+                vec![sluice_events::NewEvent::new(
+                    sluice_sagas::COMMAND,
+                    br#"{"not":"a command"}"#.to_vec(),
+                )],
+            )
+            .await
+            .unwrap();
+    });
+    let (_, err) = wait("t-att", "acc-3", "acc-2", "20", "30", 1);
+    assert!(
+        err.contains("needs_attention") && err.contains("dead-lettered"),
+        "{err}"
+    );
+    wait("t-res", "acc-3", "acc-2", "30", "30", 1);
+    let (out, _) = expect_code(
+        home,
+        &["saga", "list", "--state", "needs_attention", "--json"],
+        0,
+    );
+    let ids: Vec<String> = out
+        .lines()
+        .map(|l| {
+            serde_json::from_str::<serde_json::Value>(l).unwrap()["id"]
+                .as_str()
+                .unwrap()
+                .to_owned()
+        })
+        .collect();
+    assert_eq!(ids, ["t-att", "t-res"], "{out}");
+
+    // Usage errors list the valid values.
+    let (_, err) = expect_code(home, &["saga", "list", "--state", "bogus"], 2);
+    assert!(
+        err.contains("needs_attention") && err.contains("abandoned"),
+        "{err}"
+    );
+    let (_, err) = expect_code(
+        home,
+        &[
+            "saga",
+            "resolve",
+            "t-res",
+            "--outcome",
+            "bogus",
+            "--note",
+            "x",
+        ],
+        2,
+    );
+    assert!(err.contains("compensated"), "{err}");
+
+    // Refused: an unknown id, a completed transfer.
+    for args in [
+        &["saga", "retry", "nope", "--note", "x"][..],
+        &["saga", "abandon", "nope", "--note", "x"][..],
+        &[
+            "saga",
+            "resolve",
+            "nope",
+            "--outcome",
+            "completed",
+            "--note",
+            "x",
+        ][..],
+    ] {
+        let (out, err) = expect_code(home, args, 1);
+        assert!(
+            out.is_empty() && err.contains("no transfer saga nope"),
+            "{out}{err}"
+        );
+    }
+    for args in [
+        &["saga", "retry", "t-ok", "--note", "x"][..],
+        &["saga", "abandon", "t-ok", "--note", "x"][..],
+        &[
+            "saga",
+            "resolve",
+            "t-ok",
+            "--outcome",
+            "compensated",
+            "--note",
+            "x",
+        ][..],
+    ] {
+        let (out, err) = expect_code(home, args, 1);
+        assert!(
+            out.is_empty() && err.contains("t-ok is completed"),
+            "{out}{err}"
+        );
+    }
+
+    // Valid: a retry (acc-3 is still parked, so it needs attention again),
+    // then abandon; resolve the other.
+    let (out, _) = expect_code(home, &["saga", "retry", "t-att", "--note", "ops: retry"], 0);
+    assert!(out.contains("retried"), "{out}");
+    let h = wait_transfer(home, "t-att", "needs_attention");
+    assert!(
+        h["transfer"]["reason"]
+            .as_str()
+            .unwrap()
+            .contains("t-att/debit/2"),
+        "{h}"
+    );
+    expect_code(
+        home,
+        &["saga", "abandon", "t-att", "--note", "ops: by hand"],
+        0,
+    );
+    let (_, err) = expect_code(home, &["saga", "retry", "t-att", "--note", "again"], 1);
+    assert!(err.contains("is abandoned by an operator"), "{err}");
+    expect_code(
+        home,
+        &[
+            "saga",
+            "resolve",
+            "t-res",
+            "--outcome",
+            "compensated",
+            "--note",
+            "ops: checked",
+        ],
+        0,
+    );
+    let (out, _) = expect_code(home, &["saga", "show", "t-att"], 0);
+    for needle in [
+        "ledger-account-commands dead-lettered t-att/debit/1",
+        "operator retry: ops: retry",
+        "operator abandoned it: ops: by hand",
+    ] {
+        assert!(out.contains(needle), "{needle:?} not in:\n{out}");
+    }
+    let (out, _) = expect_code(home, &["saga", "show", "t-res"], 0);
+    assert!(
+        out.contains("operator resolved it as compensated: ops: checked"),
+        "{out}"
+    );
+    // Money: nothing moved for the stuck ones, the rest once.
+    assert_eq!(balance_of(home, "acc-3"), 50);
+    assert_eq!(balance_of(home, "acc-1"), 100 - 10 - 7);
+    assert_eq!(balance_of(home, "acc-2"), 10 + 7);
+}
