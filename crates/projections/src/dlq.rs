@@ -92,6 +92,56 @@ pub async fn discard(
     Ok(entry)
 }
 
+/// Discards `projection`'s dead letter at stream `position` (what `sluice
+/// projection dlq <name> discard <position>` names): the same as [`discard`]
+/// of its `DLQ` copy; when the copy is gone, the record and parking are
+/// settled all the same. `Ok(false)` when the projection has no such dead letter.
+pub async fn discard_position(
+    db: &Database,
+    store: &EventStore,
+    projection: &str,
+    position: u64,
+    reason: &str,
+) -> Result<bool, Error> {
+    if reason.trim().is_empty() {
+        return Err(sluice_workers::Error::MissingReason.into());
+    }
+    let known =
+        sqlx::query("SELECT 1 FROM sluice_dead_letters WHERE projection = $1 AND position = $2")
+            .bind(projection)
+            .bind(to_i64(position))
+            .fetch_optional(db.pool())
+            .await?
+            .is_some();
+    let js = store.jetstream();
+    let copies = wdlq::list(
+        js,
+        &wdlq::Filter {
+            consumer: Some(consumer_name(projection)),
+            ..Default::default()
+        },
+    )
+    .await?;
+    let copy = copies
+        .entries
+        .into_iter()
+        .find(|e| e.sequence == position && e.stream == store.config().stream);
+    if !known && copy.is_none() {
+        return Ok(false);
+    }
+    forget(db, projection, position).await?;
+    if let Some(entry) = copy {
+        wdlq::remove(js, &entry, "discard", reason).await?;
+    }
+    tracing::info!(
+        projection,
+        position,
+        reason,
+        "projection dead letter discarded"
+    );
+    Ok(true)
+}
+
 /// Drops `projection`'s record of the dead letter at `position` and moves or
 /// releases the parking of its aggregate.
 async fn forget(db: &Database, projection: &str, position: u64) -> Result<(), Error> {

@@ -34,8 +34,8 @@ mod status;
 
 pub use db::{Backend, Database, is_transient};
 pub use dlq::{
-    DLQ_PREFIX, DLQ_STREAM, DeadLetterKind, INVALID_CATEGORY, discard, headers, projection_of,
-    redrive_dead_letter,
+    DLQ_PREFIX, DLQ_STREAM, DeadLetterKind, INVALID_CATEGORY, discard, discard_position, headers,
+    projection_of, redrive_dead_letter,
 };
 pub use error::Error;
 pub use projection::{

@@ -89,7 +89,7 @@ async fn read_batched(
                 .get("Nats-Sequence")
                 .and_then(|v| v.as_str().parse().ok())
                 .ok_or_else(|| nats(&"reply without Nats-Sequence"))?;
-            let envelope = Envelope::decode(Some(headers), &m.payload, usize::MAX)?;
+            let envelope = Envelope::decode(Some(headers), &m.payload, config.max_payload)?;
             next = sequence + 1;
             got += 1;
             out.push(RecordedEvent {
@@ -127,7 +127,7 @@ async fn read_one_by_one(
             .await
         {
             Ok(m) => {
-                let envelope = Envelope::decode(Some(&m.headers), &m.payload, usize::MAX)?;
+                let envelope = Envelope::decode(Some(&m.headers), &m.payload, config.max_payload)?;
                 next = m.sequence + 1;
                 out.push(RecordedEvent {
                     stream_id: stream_id.clone(),

@@ -54,6 +54,16 @@ pub(crate) enum DlqCommand {
     /// Apply them, in order per aggregate, exactly once; those it still
     /// rejects stay (with the new reason), holding their aggregate.
     Redrive,
+    /// Drop one for good (its record, its DLQ copy; the aggregate's next
+    /// dead letter becomes the head, or it is released). Same as `sluice dlq
+    /// discard <id>` of its copy.
+    Discard {
+        /// Its position (stream sequence), as `list` shows it.
+        position: u64,
+        /// Why (required, kept for audit).
+        #[arg(long)]
+        reason: String,
+    },
 }
 
 /// `sluice replay --projection <name> --from <seq>`: undo the projection's
@@ -183,6 +193,44 @@ pub(crate) async fn projection(
         ProjectionCommand::Dlq { name, cmd } => match cmd {
             DlqCommand::List => cli::dead_letters(&side, &name, json, &mut out).await,
             DlqCommand::Redrive => cli::redrive(&side, &name, json, &mut out).await,
+            DlqCommand::Discard { position, reason } => match cli::member(&name) {
+                Err(e) => Err(e),
+                Ok(member) => {
+                    let found = sluice_projections::discard_position(
+                        &side.db,
+                        &side.store,
+                        member.name(),
+                        position,
+                        &reason,
+                    )
+                    .await;
+                    match found {
+                        Ok(true) => {
+                            if json {
+                                println!(
+                                    "{}",
+                                    json!({"projection": name, "discarded": position, "reason": reason})
+                                );
+                            } else {
+                                println!(
+                                    "{name}: discarded the dead letter at position {position}; reason kept in the audit log"
+                                );
+                            }
+                            Ok(())
+                        }
+                        Ok(false) => {
+                            side.db.close().await;
+                            anyhow::bail!(
+                                "{name} has no dead letter at position {position}; see `sluice projection dlq {name} list`"
+                            );
+                        }
+                        Err(e) => {
+                            side.db.close().await;
+                            return Err(e.into());
+                        }
+                    }
+                }
+            },
         },
         ProjectionCommand::Reset { name, yes } => cli::reset(&side, &name, yes).await.map(|()| {
             if json {

@@ -620,6 +620,50 @@ fn replay_projection_dead_letters_and_group_rebuild() {
         o.contains("\"balance\":7")
     });
     wait_query(h, &["account_activity"], |o| o.lines().count() == 3);
+
+    // `sluice projection dlq ... discard` settles record and copy alike.
+    let o = sluice(
+        h,
+        &[
+            "projection",
+            "dlq",
+            "account_balances",
+            "discard",
+            "2",
+            "--reason",
+            "never opened",
+        ],
+    );
+    assert!(o.status.success(), "{:?}", text(&o));
+    let o = sluice(
+        h,
+        &["projection", "dlq", "account_balances", "list", "--json"],
+    );
+    assert_eq!(text(&o).0.trim(), "", "{:?}", text(&o));
+    let o = sluice(
+        h,
+        &[
+            "dlq",
+            "list",
+            "--consumer",
+            "projection-account_balances",
+            "--json",
+        ],
+    );
+    assert_eq!(text(&o).0.trim(), "", "{:?}", text(&o));
+    let o = sluice(
+        h,
+        &[
+            "projection",
+            "dlq",
+            "account_balances",
+            "discard",
+            "2",
+            "--reason",
+            "again",
+        ],
+    );
+    assert!(!o.status.success(), "{:?}", text(&o));
 }
 
 /// A fresh PostgreSQL database for one test, dropped afterwards.
