@@ -859,10 +859,11 @@ pub async fn remove(
     Ok(())
 }
 
-/// Ensures the `DLQ` stream and the other dead-letter resources exist (a
-/// projection runner calls it before it may need to dead-letter).
+/// Ensures the `DLQ` stream exists (a projection runner calls it before it
+/// may need to dead-letter). Only that stream: a projector's NATS user may
+/// not look at the workers' redrive and advisory streams.
 pub async fn ensure_streams(js: &jetstream::Context, replicas: usize) -> Result<(), Error> {
-    ensure_all(js, replicas).await
+    crate::infra::ensure_dlq_stream(js, replicas).await
 }
 
 /// Removes a dead letter for good, keeping `reason` in the audit log. When it

@@ -79,25 +79,10 @@ pub(crate) const PIN_GROUP: &str = "sluice";
 
 /// Ensures every resource the workers and operator tools use.
 pub(crate) async fn ensure_all(js: &jetstream::Context, replicas: usize) -> Result<(), Error> {
-    let base = |name: &str, subjects: Vec<String>, description: &str| stream::Config {
-        name: name.to_owned(),
-        subjects,
-        storage: stream::StorageType::File,
-        num_replicas: replicas,
-        allow_direct: true,
-        description: Some(description.to_owned()),
-        ..Default::default()
+    let base = |name: &str, subjects: Vec<String>, description: &str| {
+        base_config(name, subjects, description, replicas)
     };
-    let dlq = stream::Config {
-        // Dead letters are deduplicated by `<stream>:<consumer>:<seq>`; a day
-        // covers a worker that crash-loops for hours.
-        duplicate_window: Duration::from_secs(24 * 3600),
-        ..base(
-            DLQ_STREAM,
-            vec![format!("{DLQ_PREFIX}.>")],
-            "Sluice dead letters: original body and headers plus Sluice-Dlq-* headers",
-        )
-    };
+    let dlq = dlq_config(replicas);
     let redrive = stream::Config {
         retention: stream::RetentionPolicy::WorkQueue,
         duplicate_window: Duration::from_secs(24 * 3600),
@@ -132,6 +117,47 @@ pub(crate) async fn ensure_all(js: &jetstream::Context, replicas: usize) -> Resu
     ensure_parked_bucket(js, replicas).await?;
     crate::consumers::ensure_positions_bucket(js, replicas).await?;
     Ok(())
+}
+
+/// A file stream with direct gets, as every dead-letter resource is.
+fn base_config(
+    name: &str,
+    subjects: Vec<String>,
+    description: &str,
+    replicas: usize,
+) -> stream::Config {
+    stream::Config {
+        name: name.to_owned(),
+        subjects,
+        storage: stream::StorageType::File,
+        num_replicas: replicas,
+        allow_direct: true,
+        description: Some(description.to_owned()),
+        ..Default::default()
+    }
+}
+
+fn dlq_config(replicas: usize) -> stream::Config {
+    stream::Config {
+        // Dead letters are deduplicated by `<stream>:<consumer>:<seq>`; a day
+        // covers a worker that crash-loops for hours.
+        duplicate_window: Duration::from_secs(24 * 3600),
+        ..base_config(
+            DLQ_STREAM,
+            vec![format!("{DLQ_PREFIX}.>")],
+            "Sluice dead letters: original body and headers plus Sluice-Dlq-* headers",
+            replicas,
+        )
+    }
+}
+
+/// Only the `DLQ` stream: what a writer of dead letters that takes no
+/// redrives (a projection runner) needs, and all its NATS user may touch.
+pub(crate) async fn ensure_dlq_stream(
+    js: &jetstream::Context,
+    replicas: usize,
+) -> Result<(), Error> {
+    ensure_stream(js, dlq_config(replicas)).await
 }
 
 async fn ensure_stream(js: &jetstream::Context, config: stream::Config) -> Result<(), Error> {
