@@ -407,6 +407,10 @@ fn compose_file_and_dockerfile_match_the_repository() {
             )),
             "{role} without its own NATS certificate"
         );
+        assert!(
+            compose.contains(&format!("SLUICE_NATS_INBOX_PREFIX: _INBOX_{role}")),
+            "{role}'s healthcheck would reply on an inbox it may not read"
+        );
     }
     // The roles' users cannot create streams: admin provisions them first.
     assert!(

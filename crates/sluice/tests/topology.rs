@@ -436,6 +436,21 @@ fn roles_as_separate_processes_on_a_three_node_cluster_survive_kill_9() {
     for role in ROLES {
         topo.start_role(role);
     }
+    // A role's own identity runs the compose healthcheck, replying on the
+    // role's inbox prefix (the only one it may subscribe to).
+    for role in ROLES {
+        let out = topo
+            .sluice(role)
+            .env("SLUICE_NATS_INBOX_PREFIX", format!("_INBOX_{role}"))
+            .args(["status", "--production"])
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "status as {role}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
 
     // A client's day: two accounts, a deposit (sent twice), a transfer.
     let (status, v) = topo.post(
