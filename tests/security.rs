@@ -407,6 +407,10 @@ fn compose_file_and_dockerfile_match_the_repository() {
             )),
             "{role} without its own NATS certificate"
         );
+        assert!(
+            compose.contains(&format!("SLUICE_NATS_INBOX_PREFIX: _INBOX_{role}")),
+            "{role}'s healthcheck would reply on an inbox it may not read"
+        );
     }
     // The roles' users cannot create streams: admin provisions them first.
     assert!(
@@ -639,7 +643,9 @@ async fn a_rogue_server_cannot_join_the_shipped_cluster() {
         std::fs::write(
             &conf,
             format!(
-                "listen: \"127.0.0.1:{port}\"\ncluster {{\n  name: sluice\n  listen: \"127.0.0.1:{}\"\n{tls}  routes: [\"nats-route://127.0.0.1:{}\"]\n}}\n",
+                // The victim's account name, with a user of the rogue's own:
+                // routed messages of that account reach it if it joins.
+                "listen: \"127.0.0.1:{port}\"\naccounts {{ SLUICE {{ users: [{{ user: spy, password: spy-password }}] }} }}\ncluster {{\n  name: sluice\n  listen: \"127.0.0.1:{}\"\n{tls}  routes: [\"nats-route://127.0.0.1:{}\"]\n}}\n",
                 free_port(),
                 cluster_ports[0]
             ),
@@ -654,7 +660,8 @@ async fn a_rogue_server_cannot_join_the_shipped_cluster() {
             .unwrap();
         nodes.push(Node(child));
         wait_listening(port);
-        let client = async_nats::connect(format!("nats://127.0.0.1:{port}"))
+        let client = ConnectConfig::new(format!("nats://spy:spy-password@127.0.0.1:{port}"))
+            .connect()
             .await
             .unwrap();
         let sub = client.subscribe("events.>").await.unwrap();

@@ -256,4 +256,39 @@ mod tests {
         let flag = resolve_database(Some("sqlite://x.db".into()), home.path()).unwrap();
         assert_eq!(flag.url, "sqlite://x.db", "an explicit flag wins");
     }
+
+    #[test]
+    fn only_this_homes_embedded_url_gets_its_credential() {
+        let home = tempfile::tempdir().unwrap();
+        let creds = home.path().join("nats-credentials.json");
+        let (c, _) = sluice_events::Credentials::load_or_create(&creds).unwrap();
+        write(
+            home.path(),
+            &Endpoint {
+                nats_url: "nats://127.0.0.1:4999".into(),
+                pid: 1,
+                sync_always: true,
+                http_addr: None,
+                database_url: None,
+                database_password_removed: false,
+                nats_credentials_file: Some(creds.clone()),
+            },
+        )
+        .unwrap();
+        let with = format!("nats://admin:{}@127.0.0.1:4999", c.password);
+        assert_eq!(resolve(None, home.path()).unwrap(), with);
+        assert_eq!(
+            resolve(Some("nats://127.0.0.1:4999".into()), home.path()).unwrap(),
+            with
+        );
+        // Another server's URL never gets this home's password.
+        let other = "nats://127.0.0.1:5000".to_owned();
+        assert_eq!(resolve(Some(other.clone()), home.path()).unwrap(), other);
+        // A missing credential is an error that says what to do, never a
+        // new password the server does not know.
+        std::fs::remove_file(&creds).unwrap();
+        let err = format!("{:#}", resolve(None, home.path()).unwrap_err());
+        assert!(err.contains("restart `sluice up`"), "{err}");
+        assert!(!creds.exists());
+    }
 }

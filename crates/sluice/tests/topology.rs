@@ -284,8 +284,10 @@ impl Topology {
 /// from `gen-certs.sh` in `<dir>/certs`, linked into each node's working
 /// directory) and waits until JetStream has a meta leader (the admin
 /// certificate can ask for account info).
-fn start_cluster(dir: &Path, rt: &tokio::runtime::Runtime) -> (Vec<Proc>, String) {
+fn start_cluster(dir: &Path, rt: &tokio::runtime::Runtime) -> (Vec<Proc>, String, String) {
     let certs = gen_certs(dir);
+    // Node 1's monitoring port, for the route check of `status --production`.
+    let monitor_port = free_port();
     let bin = sluice_events::find_nats_server_bin().expect("nats-server 2.15.1 (scripts/setup.sh)");
     let client_ports: Vec<u16> = (0..3).map(|_| free_port()).collect();
     let cluster_ports: Vec<u16> = (0..3).map(|_| free_port()).collect();
@@ -313,6 +315,9 @@ fn start_cluster(dir: &Path, rt: &tokio::runtime::Runtime) -> (Vec<Proc>, String
                     &format!("nats://127.0.0.1:{}", cluster_ports[i]),
                 ])
                 .args(["--routes", &routes]);
+            if i == 0 {
+                cmd.args(["-m", &monitor_port.to_string()]);
+            }
             Proc::spawn(&name, cmd, &logs)
         })
         .collect();
@@ -344,7 +349,7 @@ fn start_cluster(dir: &Path, rt: &tokio::runtime::Runtime) -> (Vec<Proc>, String
         let text: String = nodes.iter().map(Proc::tail).collect();
         panic!("the cluster elected no JetStream meta leader in 30 s:\n{text}");
     }
-    (nodes, url)
+    (nodes, url, format!("http://127.0.0.1:{monitor_port}"))
 }
 
 #[test]
@@ -358,7 +363,7 @@ fn roles_as_separate_processes_on_a_three_node_cluster_survive_kill_9() {
         .prefix("sluice-topology-")
         .tempdir()
         .unwrap();
-    let (nodes, nats_url) = start_cluster(dir.path(), &rt);
+    let (nodes, nats_url, monitor) = start_cluster(dir.path(), &rt);
     let db = Db::create(rt);
     std::fs::write(dir.path().join("token"), TOKEN).unwrap();
     let mut topo = Topology {
@@ -402,9 +407,49 @@ fn roles_as_separate_processes_on_a_three_node_cluster_survive_kill_9() {
         "{s}"
     );
     assert!(warnings.contains("SLUICE_NATS_MONITOR_URL"), "{s}");
+    // With node 1's monitoring endpoint it reads the routes: TLS, verified.
+    let status = topo
+        .sluice("admin")
+        .args([
+            "status",
+            "--production",
+            "--json",
+            "--monitor-url",
+            &monitor,
+        ])
+        .output()
+        .unwrap();
+    let s: Value = serde_json::from_slice(&status.stdout).unwrap_or_else(|e| {
+        panic!(
+            "status --monitor-url: {e}: {}",
+            String::from_utf8_lossy(&status.stderr)
+        )
+    });
+    assert_eq!(s["security"]["routes_tls_required"], true, "{s}");
+    assert_eq!(s["security"]["routes_tls_verify"], true, "{s}");
+    let warnings = s["warnings"].to_string();
+    assert!(
+        !warnings.contains("route") && !warnings.contains("anonymous"),
+        "{s}"
+    );
 
     for role in ROLES {
         topo.start_role(role);
+    }
+    // A role's own identity runs the compose healthcheck, replying on the
+    // role's inbox prefix (the only one it may subscribe to).
+    for role in ROLES {
+        let out = topo
+            .sluice(role)
+            .env("SLUICE_NATS_INBOX_PREFIX", format!("_INBOX_{role}"))
+            .args(["status", "--production"])
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "status as {role}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
     }
 
     // A client's day: two accounts, a deposit (sent twice), a transfer.

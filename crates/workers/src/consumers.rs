@@ -215,7 +215,10 @@ impl StartPosition {
 pub fn decide_start(existing: Option<DeliverPolicy>, stored: Option<u64>) -> StartPosition {
     match (existing, stored) {
         (Some(policy), _) => StartPosition::Keep(policy),
-        (None, None) => StartPosition::FirstStart,
+        // Nothing acknowledged yet: the start of the log, with the same
+        // policy a replica starting at the same moment chose (the server
+        // refuses to change a consumer's deliver policy).
+        (None, None | Some(0)) => StartPosition::FirstStart,
         (None, Some(floor)) => StartPosition::Recreate {
             start_sequence: floor + 1,
         },
@@ -376,6 +379,8 @@ mod tests {
             StartPosition::Keep(kept)
         );
         assert_eq!(decide_start(None, None), StartPosition::FirstStart);
+        // Two replicas starting together: the second sees the first's 0.
+        assert_eq!(decide_start(None, Some(0)), StartPosition::FirstStart);
         assert_eq!(
             decide_start(None, None).deliver_policy(),
             DeliverPolicy::All
