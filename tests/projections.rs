@@ -1082,21 +1082,21 @@ both_backends!(
     exactly_once_across_process_kills,
 );
 
-/// Set-based vs row-at-a-time `account_balances` on the same events (the
-/// figures are printed; the assertion only guards against a regression
-/// making set-based slower).
+/// Set-based and row-at-a-time `account_balances` fold the same events to
+/// the same rows on both backends. Which is faster is a benchmark's question
+/// (`sluice bench projections`), never a timed test's: on a loaded 2-core
+/// machine the order of two timings is noise.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn set_based_beats_row_at_a_time() {
+async fn set_based_and_row_at_a_time_agree() {
     let nats = NatsServer::start();
     let store = nats.store().await;
     let work = workload(1000, 20, 9);
     let last = append_workload(&store, &work).await;
     for backend in [Backend::Sqlite, Backend::Postgres] {
-        let mut rates = Vec::new();
+        let mut folds = Vec::new();
         for mode in [WriteMode::SetBased, WriteMode::RowAtATime] {
             let rs = Store::fresh(backend, "sluice_proj").await;
             let db = rs.connect().await;
-            let t0 = Instant::now();
             let running = start_with(
                 &db,
                 &store,
@@ -1105,14 +1105,13 @@ async fn set_based_beats_row_at_a_time() {
             )
             .await;
             wait_checkpoint(&db, ACCOUNT_BALANCES, last, Duration::from_secs(60)).await;
-            let rate = last as f64 / t0.elapsed().as_secs_f64();
             running.stop().await;
-            assert_balances(&balances(&db).await, &work);
-            eprintln!("{backend:?} {mode:?}: {rate:.0} events/s over {last} events");
-            rates.push(rate);
+            let rows = balances(&db).await;
+            assert_balances(&rows, &work);
+            folds.push(rows);
             db.close().await;
         }
-        assert!(rates[0] > rates[1], "{backend:?}: set-based {rates:?}");
+        assert_eq!(folds[0], folds[1], "{backend:?}: the two modes disagree");
     }
 }
 
