@@ -1,6 +1,7 @@
 //! `sluice`: the command line of the Sluice event-sourcing platform.
 //!
-//! Exit codes: 0 ok, 1 error, 2 usage, 3 optimistic-concurrency conflict.
+//! Exit codes: 0 ok, 1 error, 2 usage, 3 optimistic-concurrency conflict or
+//! an event id already used by another event.
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -23,7 +24,7 @@ mod telemetry;
 mod transfer_cmd;
 mod up;
 
-/// Exit code for an optimistic-concurrency conflict.
+/// Exit code for an optimistic-concurrency conflict or a reused event id.
 const EXIT_CONFLICT: u8 = 3;
 
 /// Sluice: an event log you can trust, on NATS JetStream.
@@ -223,7 +224,7 @@ async fn main() -> ExitCode {
             eprintln!("error: {}", chain.join(": "));
             let conflict = e
                 .downcast_ref::<sluice_events::Error>()
-                .is_some_and(sluice_events::Error::is_conflict);
+                .is_some_and(|e| e.is_conflict() || e.is_id_reused());
             ExitCode::from(if conflict { EXIT_CONFLICT } else { 1 })
         }
     }
