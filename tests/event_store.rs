@@ -479,6 +479,30 @@ async fn a_replicated_stream_on_a_three_node_cluster() {
     let state = store.stream_state().await.unwrap();
     assert_eq!(state.replicas, 3);
     assert_eq!(state.messages, 2);
+    // A replicated stream checks ids before expectations (a single server
+    // the other way round): a reused id is refused either way.
+    let first = store
+        .append(&id, ExpectedVersion::Any, vec![with_id(ev(3), "r3-id")])
+        .await
+        .unwrap();
+    let other = StreamId::new("account", "r3-other").unwrap();
+    for expected in [ExpectedVersion::NoStream, ExpectedVersion::Any] {
+        let err = store
+            .append(&other, expected, vec![with_id(ev(4), "r3-id")])
+            .await
+            .unwrap_err();
+        assert_id_reused(err, "r3-id", "account/r3", first.positions[0]);
+    }
+    let retry = store
+        .append(
+            &id,
+            ExpectedVersion::Exact(r.version),
+            vec![with_id(ev(3), "r3-id")],
+        )
+        .await
+        .unwrap();
+    assert!(retry.deduplicated);
+    assert_eq!(store.stream_state().await.unwrap().messages, 3);
 }
 
 #[tokio::test]

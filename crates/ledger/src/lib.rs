@@ -28,7 +28,11 @@ mod transfers;
 pub use account::{Account, AccountCommand, AccountRejection};
 pub use events::{ACCOUNT_CATEGORY, AccountEvent, CLOSED, DEPOSITED, OPENED, WITHDRAWN};
 pub use fold::{AccountRow, FoldInput, FoldOutput, STATUS_CLOSED, STATUS_OPEN, fold_balances};
-pub use idempotent::{CommandOutcome, account_command as run_account_command, account_state};
+pub use idempotent::{
+    CommandOutcome, DEFAULT_RETENTION as DEFAULT_IDEMPOTENCY_RETENTION, IDEMPOTENCY_BUCKET,
+    Idempotency, IdempotencyConfig, account_command as run_account_command, account_state,
+    validate_idempotency_key,
+};
 pub use read_models::{
     ACCOUNT_ACTIVITY, ACCOUNT_BALANCES, AccountActivity, AccountBalances, WriteMode,
 };
@@ -75,9 +79,24 @@ pub enum Error {
     /// The account refused the command.
     #[error("command refused: {0}")]
     Rejected(crate::account::AccountRejection),
-    /// An idempotency key was used before for a different request.
-    #[error("idempotency key {0:?} was already used for a different request")]
-    IdempotencyKeyReused(String),
+    /// An idempotency key was used before for another request (another
+    /// resource, operation or body); nothing was done.
+    #[error(
+        "idempotency key {key:?} was already used for {first_use}: a key stands for one request (same resource, operation and body); use a new key for a new request (nothing was done)"
+    )]
+    IdempotencyKeyReused {
+        /// The key.
+        key: String,
+        /// Its first use: operation, resource, request and time.
+        first_use: String,
+    },
+    /// A request with this key is still running (a concurrent repeat); it
+    /// either finishes or loses the key when its lease ends.
+    #[error("a request with idempotency key {0:?} is still in progress; retry in a moment")]
+    IdempotencyInProgress(String),
+    /// The idempotency records could not be read or written.
+    #[error("idempotency records ({bucket}): {0}", bucket = crate::IDEMPOTENCY_BUCKET)]
+    Idempotency(String),
     /// Writing the output failed (CLI).
     #[error("writing output: {0}")]
     Io(#[from] std::io::Error),

@@ -365,7 +365,9 @@ async fn apply<A: Aggregate>(
                 }
                 return Ok(Ok(Some(value)));
             }
-            Err(e) if e.is_conflict() => {
+            // An effect id already on the target (an earlier try): the
+            // fresh load below finds it.
+            Err(e) if e.is_conflict() || e.is_id_reused() => {
                 tracing::debug!(target = %target, command = %cmd.id, "target moved; deciding again");
             }
             Err(e) => return Err(e.into()),

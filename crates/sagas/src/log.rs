@@ -309,7 +309,9 @@ pub(crate) async fn append_at(
         .await
     {
         Ok(r) => Ok(Some(r)),
-        Err(e) if e.is_conflict() => Ok(None),
+        // The id is in the log already (with other data, e.g. another
+        // `after`): the log moved, as with a conflict.
+        Err(e) if e.is_conflict() || e.is_id_reused() => Ok(None),
         Err(e) => Err(e.into()),
     }
 }
@@ -407,7 +409,9 @@ pub async fn start<D: Serialize>(
             position: r.positions.first().copied().unwrap_or(r.version),
             created: !r.deduplicated,
         }),
-        Err(e) if e.is_conflict() => {
+        // Started before (with other data when the id is reused): the
+        // first start stands.
+        Err(e) if e.is_conflict() || e.is_id_reused() => {
             let log = read_log(store, def.name(), id).await?;
             Ok(Started {
                 position: log.records.first().map_or(log.version, |r| r.position),
@@ -453,7 +457,9 @@ pub async fn append_guarded(
             .await
         {
             Ok(r) => return Ok(Guarded::Appended(r.version)),
-            Err(e) if e.is_conflict() => {
+            // An event with this id is in the log already: reload, and let
+            // the guard decide on what is there.
+            Err(e) if e.is_conflict() || e.is_id_reused() => {
                 tracing::debug!(
                     saga = name,
                     saga_id,

@@ -161,10 +161,18 @@ async fn send_command_at(
         .with_id(EventId::parse(&command.id)?)
         .with_source("urn:sluice:saga")
         .with_correlation_id(saga_id);
-    store
+    match store
         .append(&subject, ExpectedVersion::Any, vec![event])
-        .await?;
-    Ok(())
+        .await
+    {
+        Ok(_) => Ok(()),
+        // Sent before, from another log version: the command is out.
+        Err(sluice_events::Error::IdReused {
+            existing_stream: Some(s),
+            ..
+        }) if s == subject.to_string() => Ok(()),
+        Err(e) => Err(e.into()),
+    }
 }
 
 /// Schedules the deadline of an action at `due`.

@@ -107,6 +107,14 @@ pub(crate) struct WorkersSection {
     pub(crate) pin_timeout_secs: Option<u64>,
 }
 
+/// Idempotency-Key records (HTTP and `sluice ledger --idempotency-key`).
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub(crate) struct IdempotencySection {
+    /// How long a key is remembered, in seconds (default 86400 = 24 h).
+    pub(crate) retention_secs: Option<u64>,
+}
+
 /// The whole configuration.
 #[derive(Debug, Clone, Default, Deserialize)]
 #[serde(default, deny_unknown_fields)]
@@ -115,6 +123,7 @@ pub(crate) struct Config {
     pub(crate) database: DatabaseSection,
     pub(crate) http: HttpSection,
     pub(crate) workers: WorkersSection,
+    pub(crate) idempotency: IdempotencySection,
     /// Roles to run (`serve`); default all.
     pub(crate) roles: Vec<Role>,
 }
@@ -188,6 +197,10 @@ impl Config {
                 .collect();
         }
         for (key, dst) in [
+            (
+                "SLUICE_IDEMPOTENCY_RETENTION_SECS",
+                &mut c.idempotency.retention_secs,
+            ),
             ("SLUICE_WORKER_ACK_WAIT_SECS", &mut c.workers.ack_wait_secs),
             (
                 "SLUICE_WORKER_PIN_TIMEOUT_SECS",
@@ -248,6 +261,11 @@ impl Config {
                 "workers.pin_timeout_secs ({}) must be at most half the transfer step deadline ({} s): a standby replica takes a dead one's in-flight commands over only after the pin timeout, and a later takeover would make healthy transfers compensate",
                 pin_timeout.as_secs(),
                 deadline.as_secs()
+            );
+        }
+        if self.idempotency.retention_secs == Some(0) {
+            bail!(
+                "idempotency.retention_secs = 0: keys must be kept for some time (default 86400, a day)"
             );
         }
         if let Some(url) = &self.database.url
@@ -323,6 +341,19 @@ impl Config {
             .collect()
     }
 
+    /// The idempotency records' settings: retention (default 24 h) and the
+    /// event stream's replicas.
+    pub(crate) fn idempotency(&self) -> sluice_ledger::IdempotencyConfig {
+        sluice_ledger::IdempotencyConfig {
+            retention: self.idempotency.retention_secs.map_or(
+                sluice_ledger::DEFAULT_IDEMPOTENCY_RETENTION,
+                std::time::Duration::from_secs,
+            ),
+            replicas: self.nats.replicas.unwrap_or(1),
+            ..sluice_ledger::IdempotencyConfig::default()
+        }
+    }
+
     /// The HTTP listen address.
     pub(crate) fn http_addr(&self) -> SocketAddr {
         self.http
@@ -391,6 +422,19 @@ mod tests {
         assert_eq!(c.database.url.as_deref(), Some("sqlite://x.db"));
         assert_eq!(c.roles(), vec![Role::Worker, Role::Saga]);
         assert_eq!(c.worker_timeouts().1.as_secs(), 15);
+        assert_eq!(c.idempotency().retention.as_secs(), 86_400);
+        std::fs::write(&path, "[idempotency]\nretention_secs = 3600\n").unwrap();
+        let c = Config::load_with(Some(&path), none).unwrap();
+        assert_eq!(c.idempotency().retention.as_secs(), 3600);
+        let env = |k: &str| (k == "SLUICE_IDEMPOTENCY_RETENTION_SECS").then(|| "60".to_owned());
+        assert_eq!(
+            Config::load_with(Some(&path), env)
+                .unwrap()
+                .idempotency()
+                .retention
+                .as_secs(),
+            60
+        );
         let env = |k: &str| match k {
             "SLUICE_WORKER_ACK_WAIT_SECS" => Some("2".to_owned()),
             "SLUICE_WORKER_PIN_TIMEOUT_SECS" => Some("5".to_owned()),
@@ -455,6 +499,7 @@ mod tests {
                 "[workers]\nack_wait_secs = 10\npin_timeout_secs = 20\n",
                 "half the transfer step deadline",
             ),
+            ("[idempotency]\nretention_secs = 0\n", "retention_secs = 0"),
         ];
         let dir = tempfile::tempdir().unwrap();
         for (text, expected) in cases {

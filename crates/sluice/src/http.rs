@@ -12,6 +12,7 @@ use std::sync::{Arc, OnceLock};
 use std::time::{Duration, Instant};
 
 use anyhow::Context;
+use axum::extract::rejection::JsonRejection;
 use axum::extract::{ConnectInfo, MatchedPath, Path as UrlPath, Query, Request, State};
 use axum::http::{HeaderValue, Method, StatusCode, header};
 use axum::middleware::{self, Next};
@@ -26,6 +27,7 @@ use serde_json::{Value, json};
 use sluice_events::{
     Error as EventsError, EventId, EventStore, ExpectedVersion, NewEvent, StreamId, TraceParent,
 };
+use sluice_ledger::Idempotency;
 use sluice_projections::LiveStatus;
 use sluice_projections::http::{
     Problem, ProblemType, json_objects_only, json_rejection, problem_responses,
@@ -124,6 +126,7 @@ pub(crate) fn metrics_handle() -> PrometheusHandle {
 #[derive(Clone)]
 struct Ctx {
     store: EventStore,
+    idempotency: Idempotency,
     db: Option<sluice_projections::Database>,
     live: Vec<(&'static str, LiveStatus)>,
     metrics: PrometheusHandle,
@@ -140,6 +143,8 @@ struct Ctx {
 pub(crate) struct Parts {
     /// The event log.
     pub(crate) store: EventStore,
+    /// The idempotency records of keyed requests.
+    pub(crate) idempotency: Idempotency,
     /// The read store, when this process has one (for readiness).
     pub(crate) db: Option<sluice_projections::Database>,
     /// Projections running in this process (for readiness and metrics).
@@ -154,6 +159,7 @@ pub(crate) fn router(queries: Router, parts: Parts, opts: &HttpOptions) -> Route
             .allow_burst(NonZeroU32::new(opts.burst.max(1)).unwrap_or(NonZeroU32::MIN));
     let ctx = Ctx {
         store: parts.store,
+        idempotency: parts.idempotency,
         db: parts.db,
         live: parts.live,
         metrics: metrics_handle(),
@@ -531,6 +537,39 @@ async fn prometheus(State(ctx): State<Ctx>) -> Response {
         .into_response()
 }
 
+/// A JSON value that must be an object of shape `T`. Derived structs also
+/// accept arrays (`[5]` as `{"amount": 5}`), which no client means; every
+/// body (and nested object) of the write endpoints goes through this.
+#[derive(Debug)]
+struct Object<T>(T);
+
+impl<'de, T: Deserialize<'de>> Deserialize<'de> for Object<T> {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct Visitor<T>(std::marker::PhantomData<T>);
+        impl<'de, T: Deserialize<'de>> serde::de::Visitor<'de> for Visitor<T> {
+            type Value = T;
+            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str("a JSON object")
+            }
+            fn visit_map<A: serde::de::MapAccess<'de>>(self, map: A) -> Result<T, A::Error> {
+                T::deserialize(serde::de::value::MapAccessDeserializer::new(map))
+            }
+        }
+        d.deserialize_map(Visitor(std::marker::PhantomData))
+            .map(Object)
+    }
+}
+
+/// A request body that must be a JSON object of shape `T`.
+type ObjectBody<T> = Result<Json<Object<T>>, JsonRejection>;
+
+/// The body, or a 400 problem saying which `shape` was expected: arrays,
+/// numbers and strings where an object belongs are refused like bad JSON.
+fn object_body<T>(body: ObjectBody<T>, shape: &str) -> Result<T, Box<Response>> {
+    body.map(|Json(Object(b))| b)
+        .map_err(|e| Box::new(json_rejection(&e, &format!("a JSON object {shape}")).into_response()))
+}
+
 /// Body of `POST /v1/streams/{category}/{id}`.
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -538,7 +577,7 @@ struct AppendBody {
     /// Expected version: a number, "none" or "any" (default).
     #[serde(default)]
     expected_version: Option<Value>,
-    events: Vec<AppendEvent>,
+    events: Vec<Object<AppendEvent>>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -570,7 +609,7 @@ async fn append(
     State(ctx): State<Ctx>,
     UrlPath((category, id)): UrlPath<(String, String)>,
     headers: axum::http::HeaderMap,
-    body: Result<Json<AppendBody>, axum::extract::rejection::JsonRejection>,
+    body: ObjectBody<AppendBody>,
 ) -> Response {
     // W3C trace context travels on with the events (`ce-traceparent`), so
     // consumers continue the trace: this request's span when traces are
@@ -582,12 +621,12 @@ async fn append(
             .filter(|v| TraceParent::parse(v).is_some())
             .map(str::to_owned)
     });
-    let Json(body) = match body {
+    let body = match object_body(
+        body,
+        r#"{"events": [{"type", "data"}], "expected_version"?}"#,
+    ) {
         Ok(b) => b,
-        Err(e) => {
-            return json_rejection(&e, r#"{"events": [{"type", "data"}], "expected_version"?}"#)
-                .into_response();
-        }
+        Err(resp) => return *resp,
     };
     let stream = match StreamId::new(category, id) {
         Ok(s) => s,
@@ -607,7 +646,7 @@ async fn append(
         }
     };
     let mut events = Vec::with_capacity(body.events.len());
-    for e in body.events {
+    for Object(e) in body.events {
         let data = match serde_json::to_vec(&e.data) {
             Ok(d) => d,
             Err(err) => return bad_request(err.to_string()),
@@ -644,6 +683,12 @@ async fn append(
             "conflict",
             "Version conflict",
             format!("expected version {expected}, actual {actual}: reload the aggregate and retry"),
+        ),
+        Err(e @ EventsError::IdReused { .. }) => problem(
+            StatusCode::CONFLICT,
+            "id-reused",
+            "Event id reused",
+            e.to_string(),
         ),
         // By kind: bad input 400, trouble reaching NATS 503, else 500.
         Err(e) => Problem::from(e).into_response(),
@@ -685,32 +730,37 @@ fn saga_error(e: sluice_sagas::SagaError) -> Response {
     }
 }
 
-fn idempotency_key(headers: &axum::http::HeaderMap) -> Option<String> {
-    headers
-        .get("idempotency-key")
-        .and_then(|v| v.to_str().ok())
-        .map(str::to_owned)
+/// The `Idempotency-Key` header; one that is there but unreadable is a
+/// 400, never ignored (ignoring it would run a retry twice).
+fn idempotency_key(headers: &axum::http::HeaderMap) -> Result<Option<String>, Box<Response>> {
+    match headers.get("idempotency-key") {
+        None => Ok(None),
+        Some(v) => match v.to_str() {
+            Ok(k) => Ok(Some(k.to_owned())),
+            Err(_) => Err(Box::new(bad_request(
+                "the Idempotency-Key header must be 1-64 letters, digits, '_' or '-'",
+            ))),
+        },
+    }
 }
 
-fn key_reused(key: &str) -> Response {
+fn key_reused(detail: String) -> Response {
     problem(
         StatusCode::UNPROCESSABLE_ENTITY,
         "idempotency-key-reused",
         "Idempotency key reused",
-        format!("Idempotency-Key {key:?} was already used for a different request"),
+        detail,
     )
 }
 
 async fn start_transfer(
     State(ctx): State<Ctx>,
     headers: axum::http::HeaderMap,
-    body: Result<Json<TransferBody>, axum::extract::rejection::JsonRejection>,
+    body: ObjectBody<TransferBody>,
 ) -> Response {
-    let Json(b) = match body {
+    let b = match object_body(body, r#"{"from", "to", "amount", "id"?}"#) {
         Ok(b) => b,
-        Err(e) => {
-            return json_rejection(&e, r#"{"from", "to", "amount", "id"?}"#).into_response();
-        }
+        Err(resp) => return *resp,
     };
     if let Err(r) = sluice_ledger::check_transfer(&b.from, &b.to, b.amount) {
         return Problem::of(ProblemType::Rejected, format!("transfer refused: {r}"))
@@ -718,7 +768,10 @@ async fn start_transfer(
             .into_response();
     }
     // The transfer id is the idempotency key; a key given both ways must agree.
-    let key = idempotency_key(&headers);
+    let key = match idempotency_key(&headers) {
+        Ok(k) => k,
+        Err(resp) => return *resp,
+    };
     let id = match (b.id.as_deref(), key.as_deref()) {
         (Some(a), Some(k)) if a != k => {
             return bad_request("the body's id and the Idempotency-Key differ");
@@ -735,7 +788,10 @@ async fn start_transfer(
                 ),
             )
                 .into_response(),
-            Ok(_) => key_reused(&t.id),
+            Ok(_) => key_reused(format!(
+                "Idempotency-Key {:?} was already used for another transfer (other accounts or amount); use a new key for a new transfer",
+                t.id
+            )),
             Err(e) => saga_error(e),
         },
         Ok(t) => (
@@ -785,20 +841,40 @@ struct AmountBody {
     amount: i64,
 }
 
+/// Header marking an answer to a repeat of a keyed request: the first
+/// response again, nothing done this time.
+const IDEMPOTENT_REPLAYED: &str = "idempotent-replayed";
+
 async fn account_command(
     ctx: &Ctx,
     id: &str,
     command: sluice_ledger::AccountCommand,
-    headers: &axum::http::HeaderMap,
+    key: Option<String>,
 ) -> Response {
-    let key = idempotency_key(headers);
-    match sluice_ledger::run_account_command(&ctx.store, id, &command, key.as_deref()).await {
-        Ok(o) => (
-            if o.replayed { StatusCode::OK } else { StatusCode::CREATED },
-            Json(json!({"id": o.account, "positions": o.positions, "position": o.version, "replayed": o.replayed})),
+    let keyed = key.as_deref().map(|k| (&ctx.idempotency, k));
+    match sluice_ledger::run_account_command(&ctx.store, id, &command, keyed).await {
+        Ok(o) => {
+            // A repeat answers the first response (201) again, marked.
+            let mut resp = (
+                StatusCode::CREATED,
+                Json(json!({"id": o.account, "positions": o.positions, "position": o.version, "replayed": o.replayed})),
+            )
+                .into_response();
+            if o.replayed {
+                resp.headers_mut()
+                    .insert(IDEMPOTENT_REPLAYED, HeaderValue::from_static("true"));
+            }
+            resp
+        }
+        Err(e @ sluice_ledger::Error::IdempotencyKeyReused { .. }) => key_reused(e.to_string()),
+        Err(e @ sluice_ledger::Error::IdempotencyInProgress(_)) => Problem::new(
+            StatusCode::CONFLICT,
+            "idempotency-key-in-progress",
+            "Request in progress",
+            e.to_string(),
         )
-            .into_response(),
-        Err(sluice_ledger::Error::IdempotencyKeyReused(k)) => key_reused(&k),
+        .with_retry_after(1)
+        .into_response(),
         Err(sluice_ledger::Error::Rejected(r)) => rejected(&r),
         // An account whose log holds an undecodable event is 500 naming it.
         Err(sluice_ledger::Error::Events(e)) => Problem::from(e).into_response(),
@@ -822,22 +898,24 @@ fn rejected(r: &sluice_ledger::AccountRejection) -> Response {
 async fn open_account(
     State(ctx): State<Ctx>,
     headers: axum::http::HeaderMap,
-    body: Result<Json<OpenBody>, axum::extract::rejection::JsonRejection>,
+    body: ObjectBody<OpenBody>,
 ) -> Response {
-    let Json(b) = match body {
+    let b = match object_body(body, r#"{"owner", "currency", "id"?}"#) {
         Ok(b) => b,
-        Err(e) => {
-            return json_rejection(&e, r#"{"owner", "currency", "id"?}"#).into_response();
-        }
+        Err(resp) => return *resp,
+    };
+    let key = match idempotency_key(&headers) {
+        Ok(k) => k,
+        Err(resp) => return *resp,
     };
     let id =
-        b.id.or_else(|| idempotency_key(&headers))
+        b.id.or_else(|| key.clone())
             .unwrap_or_else(|| uuid::Uuid::now_v7().to_string());
     let cmd = sluice_ledger::AccountCommand::Open {
         owner: b.owner,
         currency: b.currency,
     };
-    account_command(&ctx, &id, cmd, &headers).await
+    account_command(&ctx, &id, cmd, key).await
 }
 
 /// Deposits and withdrawals: one body shape, one path through the aggregate.
@@ -845,12 +923,16 @@ async fn amount_command(
     ctx: &Ctx,
     id: &str,
     headers: &axum::http::HeaderMap,
-    body: Result<Json<AmountBody>, axum::extract::rejection::JsonRejection>,
+    body: ObjectBody<AmountBody>,
     command: fn(i64) -> sluice_ledger::AccountCommand,
 ) -> Response {
-    match body {
-        Ok(Json(b)) => account_command(ctx, id, command(b.amount), headers).await,
-        Err(e) => json_rejection(&e, r#"{"amount": <minor units>}"#).into_response(),
+    let b = match object_body(body, r#"{"amount": <minor units>}"#) {
+        Ok(b) => b,
+        Err(resp) => return *resp,
+    };
+    match idempotency_key(headers) {
+        Ok(key) => account_command(ctx, id, command(b.amount), key).await,
+        Err(resp) => *resp,
     }
 }
 
@@ -858,7 +940,7 @@ async fn deposit(
     State(ctx): State<Ctx>,
     UrlPath(id): UrlPath<String>,
     headers: axum::http::HeaderMap,
-    body: Result<Json<AmountBody>, axum::extract::rejection::JsonRejection>,
+    body: ObjectBody<AmountBody>,
 ) -> Response {
     amount_command(&ctx, &id, &headers, body, |amount| {
         sluice_ledger::AccountCommand::Deposit {
@@ -873,7 +955,7 @@ async fn withdraw(
     State(ctx): State<Ctx>,
     UrlPath(id): UrlPath<String>,
     headers: axum::http::HeaderMap,
-    body: Result<Json<AmountBody>, axum::extract::rejection::JsonRejection>,
+    body: ObjectBody<AmountBody>,
 ) -> Response {
     amount_command(&ctx, &id, &headers, body, |amount| {
         sluice_ledger::AccountCommand::Withdraw {
@@ -1150,7 +1232,7 @@ pub(crate) fn openapi_document() -> Value {
                          "requestBody": {"content": {"application/json": {"schema": {"type": "object", "required": ["events"],
                             "properties": {"expected_version": {"oneOf": [{"type": "integer"}, {"enum": ["none", "any"]}]},
                                            "events": {"type": "array", "items": {"type": "object", "required": ["type", "data"]}}}}}}},
-                         "responses": {"201": ok("appended"), "400": err("invalid input"), "401": err("no or wrong token"), "409": err("version conflict"), "413": err("body too large")}}
+                         "responses": {"201": ok("appended (deduplicated: true for a retry of the same events)"), "400": err("invalid input"), "401": err("no or wrong token"), "409": err("version conflict, or an event id already used by another event (id-reused)"), "413": err("body too large")}}
             },
             "/v1/transfers": {
                 "get": {"summary": "Transfers (filter state: pending, completed, compensated, needs_attention, abandoned)",
@@ -1162,9 +1244,9 @@ pub(crate) fn openapi_document() -> Value {
                             "properties": {"from": {"type": "string"}, "to": {"type": "string"}, "amount": {"type": "integer", "minimum": 1}, "id": {"type": "string"}}}}}},
                          "responses": {"202": ok("started"), "200": ok("already started"), "400": err("invalid input"), "401": err("no or wrong token"), "422": err("refused by a rule (positive amount, two accounts)")}}
             },
-            "/v1/accounts": {"post": {"summary": "Open an account (Idempotency-Key)", "security": secured, "responses": {"201": ok("opened"), "200": ok("replayed"), "409": err("already open"), "422": err("refused by a rule, or key reused")}}},
-            "/v1/accounts/{id}/deposits": {"post": {"summary": "Deposit (Idempotency-Key)", "security": secured, "responses": {"201": ok("deposited"), "200": ok("replayed"), "404": err("no such account"), "422": err("refused by a rule (rule), or key reused")}}},
-            "/v1/accounts/{id}/withdrawals": {"post": {"summary": "Withdraw, never below zero (Idempotency-Key)", "security": secured, "responses": {"201": ok("withdrawn"), "200": ok("replayed"), "404": err("no such account"), "422": err("refused by a rule (rule), or key reused")}}},
+            "/v1/accounts": {"post": {"summary": "Open an account (Idempotency-Key)", "security": secured, "responses": {"201": ok("opened (a repeat with the same key: the first response, Idempotent-Replayed: true)"), "404": err("no such account"), "409": err("already open, a version conflict, or the key's first request still in progress"), "422": err("refused by a rule (rule), or the key used for another request")}}},
+            "/v1/accounts/{id}/deposits": {"post": {"summary": "Deposit (Idempotency-Key)", "security": secured, "responses": {"201": ok("deposited (a repeat with the same key: the first response, Idempotent-Replayed: true)"), "404": err("no such account"), "409": err("already open, a version conflict, or the key's first request still in progress"), "422": err("refused by a rule (rule), or the key used for another request")}}},
+            "/v1/accounts/{id}/withdrawals": {"post": {"summary": "Withdraw, never below zero (Idempotency-Key)", "security": secured, "responses": {"201": ok("withdrawn (a repeat with the same key: the first response, Idempotent-Replayed: true)"), "404": err("no such account"), "409": err("already open, a version conflict, or the key's first request still in progress"), "422": err("refused by a rule (rule), or the key used for another request")}}},
             "/v1/transfers/{id}": {"get": {"summary": "One transfer's state", "responses": {"200": ok("transfer"), "404": err("unknown transfer")}}},
             "/v1/sagas/{id}/retry": {"post": {"summary": "Send the command a transfer that needs attention is stuck on again (next attempt; money moves at most once per step)", "security": secured,
                 "requestBody": operator_body.clone(),
@@ -1223,23 +1305,40 @@ async fn openapi() -> Json<Value> {
 mod tests {
     use super::*;
     use axum::body::Body;
+    use sluice_events::StoreConfig;
     use tower::ServiceExt;
 
     const TOKEN: &str = "test-token-0123456789abcdef";
 
     async fn app(opts: HttpOptions) -> (Router, sluice_testkit::NatsServer) {
         let server = sluice_testkit::NatsServer::start();
-        let store = server.store().await;
-        let router = router(
+        let router = app_on(&server, opts, StoreConfig::default()).await;
+        (router, server)
+    }
+
+    /// The router over `server`, as a fresh process would build it.
+    async fn app_on(
+        server: &sluice_testkit::NatsServer,
+        opts: HttpOptions,
+        config: StoreConfig,
+    ) -> Router {
+        let store = server.store_with(config).await;
+        let idempotency = Idempotency::open(
+            store.jetstream(),
+            sluice_ledger::IdempotencyConfig::default(),
+        )
+        .await
+        .unwrap();
+        router(
             Router::new(),
             Parts {
                 store,
+                idempotency,
                 db: None,
                 live: Vec::new(),
             },
             &opts,
-        );
-        (router, server)
+        )
     }
 
     async fn call(
@@ -1473,6 +1572,16 @@ mod tests {
     }
 
     async fn call_with_key(app: &Router, uri: &str, key: &str, body: &str) -> (StatusCode, String) {
+        let (status, _, body) = call_keyed(app, uri, key, body).await;
+        (status, body)
+    }
+
+    async fn call_keyed(
+        app: &Router,
+        uri: &str,
+        key: &str,
+        body: &str,
+    ) -> (StatusCode, axum::http::HeaderMap, String) {
         let req = axum::http::Request::builder()
             .method("POST")
             .uri(uri)
@@ -1483,10 +1592,15 @@ mod tests {
             .unwrap();
         let resp = app.clone().oneshot(req).await.unwrap();
         let status = resp.status();
+        let headers = resp.headers().clone();
         let bytes = axum::body::to_bytes(resp.into_body(), 1 << 20)
             .await
             .unwrap();
-        (status, String::from_utf8_lossy(&bytes).into_owned())
+        (
+            status,
+            headers,
+            String::from_utf8_lossy(&bytes).into_owned(),
+        )
     }
 
     #[tokio::test]
@@ -1495,17 +1609,27 @@ mod tests {
         let open = r#"{"id":"a-1","owner":"ann","currency":"EUR"}"#;
         let (s1, b1) = call_with_key(&app, "/v1/accounts", "k-open", open).await;
         assert_eq!(s1, StatusCode::CREATED, "{b1}");
-        let (s2, b2) = call_with_key(&app, "/v1/accounts", "k-open", open).await;
-        assert_eq!(s2, StatusCode::OK, "{b2}");
-        for _ in 0..3 {
-            let (s, b) = call_with_key(
+        let (s2, h2, b2) = call_keyed(&app, "/v1/accounts", "k-open", open).await;
+        assert_eq!(s2, StatusCode::CREATED, "the first response again: {b2}");
+        assert_eq!(h2[IDEMPOTENT_REPLAYED], "true");
+        assert_eq!(
+            serde_json::from_str::<Value>(&b2).unwrap()["position"],
+            serde_json::from_str::<Value>(&b1).unwrap()["position"]
+        );
+        for i in 0..3 {
+            let (s, h, b) = call_keyed(
                 &app,
                 "/v1/accounts/a-1/deposits",
                 "k-dep",
                 r#"{"amount":500}"#,
             )
             .await;
-            assert!(s == StatusCode::CREATED || s == StatusCode::OK, "{b}");
+            assert_eq!(s, StatusCode::CREATED, "{b}");
+            assert_eq!(h.contains_key(IDEMPOTENT_REPLAYED), i > 0, "{b}");
+            assert_eq!(
+                serde_json::from_str::<Value>(&b).unwrap()["replayed"],
+                i > 0
+            );
         }
         let (s, b) = call_with_key(
             &app,
@@ -2373,6 +2497,276 @@ mod tests {
             &log.records.last().unwrap().event,
             SagaEvent::Abandoned { note } if note == "ops: checked the accounts"
         ));
+    }
+
+    async fn balance(store: &EventStore, id: &str) -> i64 {
+        sluice_ledger::account_state(store, id)
+            .await
+            .unwrap()
+            .0
+            .balance()
+    }
+
+    async fn open_accounts(app: &Router, ids: &[&str]) {
+        for id in ids {
+            let (s, _, b) = call(
+                app,
+                "POST",
+                "/v1/accounts",
+                Some(TOKEN),
+                Some(format!(r#"{{"id":"{id}","owner":"ann","currency":"EUR"}}"#)),
+            )
+            .await;
+            assert_eq!(s, StatusCode::CREATED, "{b}");
+        }
+    }
+
+    /// Finding 3: keys matched by prefix (`inv` after `inv-x` was "replayed"
+    /// and not applied; `order-7` after `order-7-2` was a false 422).
+    #[tokio::test]
+    async fn idempotency_keys_match_exactly_never_by_prefix() {
+        let (app, server) = app(HttpOptions::with_token(TOKEN)).await;
+        let store = server.store().await;
+        open_accounts(&app, &["a-1"]).await;
+        let url = "/v1/accounts/a-1/deposits";
+        for (key, amount) in [("inv-x", 5), ("inv", 5), ("order-7-2", 7), ("order-7", 9)] {
+            let (s, h, b) = call_keyed(&app, url, key, &format!(r#"{{"amount":{amount}}}"#)).await;
+            assert_eq!(s, StatusCode::CREATED, "{key}: {b}");
+            assert!(!h.contains_key(IDEMPOTENT_REPLAYED), "{key}: {b}");
+        }
+        assert_eq!(balance(&store, "a-1").await, 26, "every key applied once");
+    }
+
+    /// Finding 3: arrays (and other non-objects) were taken as bodies:
+    /// `[5]` became a deposit and `["m2","y","EUR"]` opened an account.
+    #[tokio::test]
+    async fn bodies_that_are_not_json_objects_are_refused_with_400() {
+        let (app, server) = app(HttpOptions::with_token(TOKEN)).await;
+        let store = server.store().await;
+        open_accounts(&app, &["a-1"]).await;
+        let before = store.stream_state().await.unwrap().messages;
+        for (uri, body) in [
+            ("/v1/accounts/a-1/deposits", "[5]"),
+            ("/v1/accounts/a-1/deposits", "5"),
+            ("/v1/accounts/a-1/withdrawals", "[1]"),
+            ("/v1/accounts", r#"["m2","y","EUR"]"#),
+            ("/v1/accounts", r#""m2""#),
+            ("/v1/transfers", r#"["a-1","b-1",5]"#),
+            ("/v1/streams/thing/t-1", r#"[[{"type":"t.v1","data":{}}]]"#),
+            ("/v1/streams/thing/t-1", r#"{"events":[["t.v1",{}]]}"#),
+            ("/v1/streams/thing/t-1", "7"),
+        ] {
+            let (status, headers, text) =
+                call(&app, "POST", uri, Some(TOKEN), Some(body.to_owned())).await;
+            assert_eq!(status, StatusCode::BAD_REQUEST, "{uri} {body}: {text}");
+            assert_eq!(headers[header::CONTENT_TYPE], "application/problem+json");
+            assert!(text.contains("JSON object"), "{text}");
+        }
+        assert_eq!(store.stream_state().await.unwrap().messages, before);
+        assert!(
+            !sluice_ledger::account_state(&store, "m2")
+                .await
+                .unwrap()
+                .0
+                .exists()
+        );
+    }
+
+    /// Finding 5: a key used on one account and then on another answered
+    /// 200 "replayed" and the second deposit was silently dropped. The
+    /// second is now refused loudly, naming the first use; same for the key
+    /// on another operation.
+    #[tokio::test]
+    async fn the_same_key_on_two_accounts_never_drops_a_write() {
+        let (app, server) = app(HttpOptions::with_token(TOKEN)).await;
+        let store = server.store().await;
+        open_accounts(&app, &["acc-3", "acc-9"]).await;
+        let (s, _, b) =
+            call_keyed(&app, "/v1/accounts/acc-3/deposits", "kk", r#"{"amount":5}"#).await;
+        assert_eq!(s, StatusCode::CREATED, "{b}");
+        for uri in [
+            "/v1/accounts/acc-9/deposits",
+            "/v1/accounts/acc-3/withdrawals",
+        ] {
+            let (s, h, b) = call_keyed(&app, uri, "kk", r#"{"amount":5}"#).await;
+            assert_eq!(s, StatusCode::UNPROCESSABLE_ENTITY, "{uri}: {b}");
+            assert_eq!(h[header::CONTENT_TYPE], "application/problem+json");
+            let p: Value = serde_json::from_str(&b).unwrap();
+            assert!(
+                p["type"]
+                    .as_str()
+                    .unwrap()
+                    .ends_with("idempotency-key-reused"),
+                "{b}"
+            );
+            assert!(
+                p["detail"]
+                    .as_str()
+                    .unwrap()
+                    .contains("deposit on account/acc-3"),
+                "names the first use: {b}"
+            );
+        }
+        assert_eq!(balance(&store, "acc-3").await, 5);
+        assert_eq!(balance(&store, "acc-9").await, 0, "refused, and said so");
+        // With a key of its own, acc-9's deposit applies.
+        let (s, _, b) = call_keyed(
+            &app,
+            "/v1/accounts/acc-9/deposits",
+            "kk-9",
+            r#"{"amount":5}"#,
+        )
+        .await;
+        assert_eq!(s, StatusCode::CREATED, "{b}");
+        assert_eq!(balance(&store, "acc-9").await, 5);
+    }
+
+    /// Three tries of one deposit, spread over more than the log's
+    /// duplicate window (shortened to 1 s), and concurrent tries: the money
+    /// moves once. A try whose holder died after appending (its record left
+    /// pending) is finished from the log, not applied again.
+    #[tokio::test]
+    async fn retries_beyond_the_dedup_window_and_concurrent_ones_move_money_once() {
+        let server = sluice_testkit::NatsServer::start();
+        let config = StoreConfig {
+            duplicate_window: Duration::from_secs(1),
+            ..StoreConfig::default()
+        };
+        let app = app_on(&server, HttpOptions::with_token(TOKEN), config.clone()).await;
+        let store = server.store_with(config).await;
+        open_accounts(&app, &["a-1"]).await;
+        let url = "/v1/accounts/a-1/deposits";
+        let mut first = None;
+        for i in 0..3 {
+            if i > 0 {
+                tokio::time::sleep(Duration::from_millis(1300)).await;
+            }
+            let (s, _, b) = call_keyed(&app, url, "dep-1", r#"{"amount":100}"#).await;
+            assert_eq!(s, StatusCode::CREATED, "{b}");
+            let v: Value = serde_json::from_str(&b).unwrap();
+            assert_eq!(v["replayed"], i > 0, "{b}");
+            first.get_or_insert(v["positions"].clone());
+            assert_eq!(Some(&v["positions"]), first.as_ref(), "the first response");
+        }
+        assert_eq!(balance(&store, "a-1").await, 100);
+
+        let tries = (0..4).map(|_| call_keyed(&app, url, "dep-2", r#"{"amount":10}"#));
+        for (s, _, b) in futures::future::join_all(tries).await {
+            assert!(
+                s == StatusCode::CREATED
+                    || (s == StatusCode::CONFLICT && b.contains("in-progress")),
+                "{s}: {b}"
+            );
+        }
+        assert_eq!(balance(&store, "a-1").await, 110);
+
+        // A holder that died between its append and recording the answer.
+        let kv = store
+            .jetstream()
+            .get_key_value(sluice_ledger::IDEMPOTENCY_BUCKET)
+            .await
+            .unwrap();
+        let mut record: Value =
+            serde_json::from_slice(&kv.get("dep-1").await.unwrap().unwrap()).unwrap();
+        record["applied"] = Value::Null;
+        record["lease_until_ms"] = json!(0);
+        kv.put("dep-1", serde_json::to_vec(&record).unwrap().into())
+            .await
+            .unwrap();
+        let (s, h, b) = call_keyed(&app, url, "dep-1", r#"{"amount":100}"#).await;
+        assert_eq!(s, StatusCode::CREATED, "{b}");
+        assert_eq!(h[IDEMPOTENT_REPLAYED], "true");
+        assert_eq!(
+            serde_json::from_str::<Value>(&b).unwrap()["positions"],
+            first.unwrap()
+        );
+        assert_eq!(balance(&store, "a-1").await, 110);
+    }
+
+    /// Keys are durable: a repeat after the process and its nats-server
+    /// restarted is still the first request's answer.
+    #[tokio::test]
+    async fn a_repeat_after_a_restart_is_still_recognised() {
+        let mut server = sluice_testkit::NatsServer::start();
+        let app = app_on(
+            &server,
+            HttpOptions::with_token(TOKEN),
+            StoreConfig::default(),
+        )
+        .await;
+        open_accounts(&app, &["a-1"]).await;
+        let url = "/v1/accounts/a-1/deposits";
+        let (s, _, first) = call_keyed(&app, url, "dep-r", r#"{"amount":40}"#).await;
+        assert_eq!(s, StatusCode::CREATED, "{first}");
+        drop(app);
+        server.restart();
+        let app = app_on(
+            &server,
+            HttpOptions::with_token(TOKEN),
+            StoreConfig::default(),
+        )
+        .await;
+        let (s, h, again) = call_keyed(&app, url, "dep-r", r#"{"amount":40}"#).await;
+        assert_eq!(s, StatusCode::CREATED, "{again}");
+        assert_eq!(h[IDEMPOTENT_REPLAYED], "true");
+        let (a, b): (Value, Value) = (
+            serde_json::from_str(&first).unwrap(),
+            serde_json::from_str(&again).unwrap(),
+        );
+        assert_eq!(a["positions"], b["positions"]);
+        assert_eq!(balance(&server.store().await, "a-1").await, 40);
+    }
+
+    /// Finding 4 over HTTP: an id used on `thing/t-1` and then on
+    /// `thing/t-2` answered 201 "deduplicated" while t-2 stayed empty, and
+    /// a batch with a reused id answered 503.
+    #[tokio::test]
+    async fn an_event_id_reused_on_another_stream_is_a_409_id_reused() {
+        let (app, server) = app(HttpOptions::with_token(TOKEN)).await;
+        let store = server.store().await;
+        let one = |data: u32| {
+            format!(
+                r#"{{"events":[{{"type":"thing.made.v1","id":"same-id-1","data":{{"n":{data}}}}}]}}"#
+            )
+        };
+        let (s, _, b) = call(
+            &app,
+            "POST",
+            "/v1/streams/thing/t-1",
+            Some(TOKEN),
+            Some(one(1)),
+        )
+        .await;
+        assert_eq!(s, StatusCode::CREATED, "{b}");
+        let batch = r#"{"events":[{"type":"thing.made.v1","id":"fresh-1","data":{}},{"type":"thing.made.v1","id":"same-id-1","data":{}}]}"#;
+        for body in [one(2), one(1), batch.to_owned()] {
+            let (s, h, b) = call(
+                &app,
+                "POST",
+                "/v1/streams/thing/t-2",
+                Some(TOKEN),
+                Some(body),
+            )
+            .await;
+            assert_eq!(s, StatusCode::CONFLICT, "{b}");
+            assert_eq!(h[header::CONTENT_TYPE], "application/problem+json");
+            let p: Value = serde_json::from_str(&b).unwrap();
+            assert!(p["type"].as_str().unwrap().ends_with("id-reused"), "{b}");
+            assert!(p["detail"].as_str().unwrap().contains("thing/t-1"), "{b}");
+        }
+        let t2 = StreamId::new("thing", "t-2").unwrap();
+        assert_eq!(store.last_version(&t2).await.unwrap(), 0);
+        // The true retry is still 201, deduplicated.
+        let (s, _, b) = call(
+            &app,
+            "POST",
+            "/v1/streams/thing/t-1",
+            Some(TOKEN),
+            Some(one(1)),
+        )
+        .await;
+        assert_eq!(s, StatusCode::CREATED, "{b}");
+        assert!(b.contains(r#""deduplicated":true"#), "{b}");
     }
 
     #[test]

@@ -1,7 +1,8 @@
 //! `sluice`: the command line of the Sluice event-sourcing platform.
 //!
-//! Exit codes: 0 ok, 1 error, 2 usage, 3 optimistic-concurrency conflict,
-//! 4 `--wait` ran out before the end state was reached.
+//! Exit codes: 0 ok, 1 error, 2 usage, 3 optimistic-concurrency conflict or
+//! an event id already used by another event, 4 `--wait` ran out before the
+//! end state was reached.
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -25,7 +26,7 @@ mod telemetry;
 mod transfer_cmd;
 mod up;
 
-/// Exit code for an optimistic-concurrency conflict.
+/// Exit code for an optimistic-concurrency conflict or a reused event id.
 const EXIT_CONFLICT: u8 = 3;
 
 /// Sluice: an event log you can trust, on NATS JetStream.
@@ -250,7 +251,7 @@ fn exit_code(e: &anyhow::Error) -> u8 {
             _ => None,
         });
     match events {
-        Some(ev) if ev.is_conflict() => EXIT_CONFLICT,
+        Some(ev) if ev.is_conflict() || ev.is_id_reused() => EXIT_CONFLICT,
         Some(
             sluice_events::Error::InvalidToken { .. } | sluice_events::Error::InvalidEventId(_),
         ) => 2,

@@ -34,8 +34,9 @@ pub(crate) fn role_config(config: &Config) -> TransferRoleConfig {
 }
 
 /// Creates `EVENTS`, the workers' streams (`DLQ`, redrive, audit,
-/// advisories), the parked-aggregates bucket, the account command handler's
-/// consumers and `SAGA_TIMERS`; existing ones are left as they are.
+/// advisories), the parked-aggregates and idempotency buckets, the account
+/// command handler's consumers and `SAGA_TIMERS`; existing ones are left as
+/// they are (the idempotency retention is set to the configured one).
 pub(crate) async fn provision(config: &Config, url: &str) -> anyhow::Result<()> {
     let replicas = config.nats.replicas.unwrap_or(1);
     let store = EventStore::connect_with(
@@ -54,6 +55,9 @@ pub(crate) async fn provision(config: &Config, url: &str) -> anyhow::Result<()> 
     sluice_sagas::ensure_timers_stream(store.jetstream(), roles.orchestrator.replicas)
         .await
         .context("creating the SAGA_TIMERS stream (this needs the admin user)")?;
+    sluice_ledger::Idempotency::open(store.jetstream(), config.idempotency())
+        .await
+        .context("creating the idempotency bucket (this needs the admin user)")?;
     let state = store.stream_state().await?;
     tracing::info!(
         stream = %store.config().stream,
@@ -61,7 +65,7 @@ pub(crate) async fn provision(config: &Config, url: &str) -> anyhow::Result<()> 
         "provisioned streams and buckets"
     );
     println!(
-        "provisioned: {} (replicas {}), DLQ, redrive, audit, advisories, parked bucket, SAGA_TIMERS",
+        "provisioned: {} (replicas {}), DLQ, redrive, audit, advisories, parked bucket, idempotency bucket, SAGA_TIMERS",
         store.config().stream,
         state.replicas
     );

@@ -91,6 +91,16 @@ async fn connect(url: &str) -> anyhow::Result<EventStore> {
     Ok(EventStore::connect_with(&ConnectConfig::from_env(url)?, StoreConfig::default()).await?)
 }
 
+/// The idempotency records as the service keeps them (a one-off command
+/// never changes their retention).
+async fn idempotency(store: &EventStore) -> anyhow::Result<sluice_ledger::Idempotency> {
+    Ok(sluice_ledger::Idempotency::open_existing(
+        store.jetstream(),
+        sluice_ledger::IdempotencyConfig::default(),
+    )
+    .await?)
+}
+
 fn print_view(v: &sluice_ledger::TransferView, json: bool) -> anyhow::Result<()> {
     if json {
         println!("{}", serde_json::to_string(v)?);
@@ -366,7 +376,16 @@ pub(crate) async fn ledger(
             },
         ),
     };
-    let o = sluice_ledger::run_account_command(&store, &id, &command, key.as_deref()).await?;
+    let keys = match &key {
+        Some(k) => {
+            // A bad key fails before anything is opened or written.
+            sluice_ledger::validate_idempotency_key(k)?;
+            Some(idempotency(&store).await?)
+        }
+        None => None,
+    };
+    let keyed = keys.as_ref().zip(key.as_deref());
+    let o = sluice_ledger::run_account_command(&store, &id, &command, keyed).await?;
     if json {
         println!("{}", serde_json::to_string(&o)?);
     } else {
@@ -401,6 +420,7 @@ pub(crate) struct DemoArgs {
 pub(crate) async fn demo(args: DemoArgs, url: &str) -> anyhow::Result<ExitCode> {
     use sluice_ledger::AccountCommand;
     let store = connect(url).await?;
+    let keys = idempotency(&store).await?;
     let accounts = [
         ("demo-ann", "EUR"),
         ("demo-bob", "EUR"),
@@ -413,13 +433,14 @@ pub(crate) async fn demo(args: DemoArgs, url: &str) -> anyhow::Result<ExitCode> 
             currency: currency.into(),
         };
         // Keys make a second demo run reuse the same accounts and deposits.
-        sluice_ledger::run_account_command(&store, id, &open, Some(&format!("{id}-open"))).await?;
+        let key = format!("{id}-open");
+        sluice_ledger::run_account_command(&store, id, &open, Some((&keys, &key))).await?;
         let deposit = AccountCommand::Deposit {
             amount: 10_000,
             currency: None,
         };
-        sluice_ledger::run_account_command(&store, id, &deposit, Some(&format!("{id}-seed")))
-            .await?;
+        let key = format!("{id}-seed");
+        sluice_ledger::run_account_command(&store, id, &deposit, Some((&keys, &key))).await?;
     }
     let targets = [
         "demo-ann",

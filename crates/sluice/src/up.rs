@@ -85,6 +85,10 @@ pub(crate) struct CommonArgs {
     /// Refuse to start when the event stream could lose acknowledged writes.
     #[arg(long, env = "SLUICE_STRICT")]
     strict: bool,
+    /// How long Idempotency-Key records are kept, in seconds (default
+    /// 86400 = 24 h, or `idempotency.retention_secs` in the config).
+    #[arg(long, env = "SLUICE_IDEMPOTENCY_RETENTION_SECS")]
+    idempotency_retention_secs: Option<u64>,
 }
 
 fn load_config(common: &CommonArgs, nats_url: Option<String>) -> anyhow::Result<Config> {
@@ -97,6 +101,9 @@ fn load_config(common: &CommonArgs, nats_url: Option<String>) -> anyhow::Result<
     }
     if let Some(db) = &common.database_url {
         config.database.url = Some(db.clone());
+    }
+    if let Some(secs) = common.idempotency_retention_secs {
+        config.idempotency.retention_secs = Some(secs);
     }
     config.validate()?;
     Ok(config)
@@ -288,10 +295,15 @@ async fn run(
                 opts.rate_per_sec = r;
                 opts.burst = r.saturating_mul(2);
             }
+            let idempotency =
+                sluice_ledger::Idempotency::open(store.jetstream(), config.idempotency())
+                    .await
+                    .context("opening the idempotency records")?;
             let app = http::router(
                 sluice_projections::http::app(state),
                 http::Parts {
                     store: store.clone(),
+                    idempotency,
                     db: Some(side.db.clone()),
                     live,
                 },

@@ -1406,3 +1406,92 @@ fn transfer_wait_exit_codes_and_saga_operator_commands() {
     assert_eq!(balance_of(home, "acc-1"), 100 - 10 - 7);
     assert_eq!(balance_of(home, "acc-2"), 10 + 7);
 }
+
+/// Findings 4 and 5 at the command line: a reused event id exits 3 and a
+/// reused idempotency key exits 1, both naming the first use, instead of
+/// "deduplicated"/"already done" with nothing written; true repeats still
+/// succeed, also after nats-server restarted.
+#[test]
+fn reused_event_ids_and_idempotency_keys_are_refused_at_the_command_line() {
+    let mut server = sluice_testkit::NatsServer::start();
+    let home = tempfile::tempdir().unwrap();
+    let url = server.url();
+    let run = |args: &[&str]| {
+        let mut all = vec!["--nats-url", url.as_str()];
+        all.extend_from_slice(args);
+        sluice(home.path(), &all)
+    };
+    let publish = |stream: &str, data: &str| {
+        run(&[
+            "publish",
+            stream,
+            "--type",
+            "test.thing.v1",
+            "--data",
+            data,
+            "--id",
+            "same-id-1",
+        ])
+    };
+    let o = publish("thing/t-10", r#"{"n":1}"#);
+    let (out, err) = text(&o);
+    assert!(o.status.success(), "{out}{err}");
+    assert!(!out.contains("deduplicated"), "{out}");
+
+    let o = publish("thing/t-11", r#"{"n":2}"#);
+    let (out, err) = text(&o);
+    assert_eq!(o.status.code(), Some(3), "{out}{err}");
+    assert!(!out.contains("deduplicated"), "{out}");
+    assert!(
+        err.contains("already used") && err.contains("thing/t-10"),
+        "{err}"
+    );
+    let o = run(&["read", "thing/t-11", "--json"]);
+    assert_eq!(text(&o).0.trim(), "", "t-11 got nothing");
+
+    let o = publish("thing/t-10", r#"{"n":1}"#);
+    let (out, err) = text(&o);
+    assert!(o.status.success(), "{out}{err}");
+    assert!(out.contains("(already there: deduplicated)"), "{out}");
+
+    for id in ["acc-7", "acc-3"] {
+        let o = run(&["ledger", "open", id, "--owner", "ann"]);
+        assert!(o.status.success(), "{:?}", text(&o));
+    }
+    let deposit = |id: &str| run(&["ledger", "deposit", id, "5", "--idempotency-key", "kk"]);
+    let o = deposit("acc-7");
+    let (out, err) = text(&o);
+    assert!(o.status.success(), "{out}{err}");
+    assert!(out.contains("acc-7: done"), "{out}");
+    let o = deposit("acc-3");
+    let (out, err) = text(&o);
+    assert_eq!(o.status.code(), Some(1), "{out}{err}");
+    assert!(
+        err.contains("already used for deposit on account/acc-7"),
+        "{err}"
+    );
+    let balance = |id: &str| {
+        let o = run(&["ledger", "show", id, "--json"]);
+        let v: serde_json::Value = serde_json::from_str(text(&o).0.trim()).unwrap();
+        v["balance"].as_i64().unwrap()
+    };
+    assert_eq!(balance("acc-3"), 0);
+
+    // Durable: nats-server killed and restarted, a new process repeats.
+    server.restart();
+    let o = deposit("acc-7");
+    let (out, err) = text(&o);
+    assert!(o.status.success(), "{out}{err}");
+    assert!(out.contains("already done (same idempotency key)"), "{out}");
+    assert_eq!(balance("acc-7"), 5);
+    let o = run(&[
+        "ledger",
+        "deposit",
+        "acc-3",
+        "5",
+        "--idempotency-key",
+        "kk-3",
+    ]);
+    assert!(o.status.success(), "{:?}", text(&o));
+    assert_eq!(balance("acc-3"), 5);
+}
