@@ -2234,10 +2234,17 @@ mod tests {
         })
         .await;
 
+        let idempotency = Idempotency::open(
+            store.jetstream(),
+            sluice_ledger::IdempotencyConfig::default(),
+        )
+        .await
+        .unwrap();
         let app = router(
             Router::new(),
             Parts {
                 store: store.clone(),
+                idempotency,
                 db: Some(side.db.clone()),
                 live: vec![(group.projections[0].name, live.clone())],
             },
