@@ -7,7 +7,6 @@
 //! own log says whether a key was used, for what, and where it landed —
 //! beyond the server's 2-minute dedup window too.
 
-use futures::TryStreamExt;
 use serde::Serialize;
 use sluice_events::{Aggregate, EventId, EventStore, ExpectedVersion, StreamId, validate_token};
 
@@ -62,10 +61,10 @@ pub async fn account_command(
     let mine = key.map(|k| format!("idem-{k}-{}-", fingerprint(command)));
     for _ in 0..10 {
         let mut state = Account::default();
-        let mut version = 0;
         let mut earlier = Vec::new();
-        let mut events = store.read(&stream, 1).await?;
-        while let Some(recorded) = events.try_next().await? {
+        let history = store.history(&stream).await?;
+        let version = history.version;
+        for recorded in &history.events {
             let id = recorded.envelope.id.as_str();
             if let Some(p) = &prefix
                 && id.starts_with(p.as_str())
@@ -78,8 +77,8 @@ pub async fn account_command(
                     ));
                 }
             }
-            state = state.evolve(&Account::decode(&recorded.envelope)?);
-            version = recorded.position;
+            let event = recorded.decoded(Account::decode(&recorded.envelope))?;
+            state = state.evolve(&event);
         }
         if !earlier.is_empty() {
             return Ok(CommandOutcome {

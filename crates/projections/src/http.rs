@@ -164,6 +164,9 @@ pub struct Problem {
     title: &'static str,
     status: u16,
     detail: String,
+    /// Extension members (RFC 9457 section 3.2), e.g. `errors`, `position`.
+    #[serde(flatten)]
+    extensions: serde_json::Map<String, serde_json::Value>,
     #[serde(skip)]
     retry_after: Option<u64>,
 }
@@ -181,7 +184,32 @@ impl Problem {
             title,
             status: status.as_u16(),
             detail: detail.into(),
+            extensions: serde_json::Map::new(),
             retry_after: None,
+        }
+    }
+
+    /// Adds an extension member (`errors`, `position`, ...).
+    pub fn with(mut self, name: &str, value: serde_json::Value) -> Self {
+        self.extensions.insert(name.to_owned(), value);
+        self
+    }
+
+    /// The answer for an event store error: a bad stored event is a 409
+    /// naming its position (the remedy is to void it); anything else is
+    /// [`internal`](Self::internal).
+    pub fn from_events(e: sluice_events::Error) -> Self {
+        match e.stored_event_position() {
+            Some(position) => Self::new(
+                StatusCode::CONFLICT,
+                "invalid-stored-event",
+                "Invalid event in the log",
+                format!(
+                    "{e}: an operator can void it with POST /v1/events/{position}/void (or `sluice event void {position} --reason ...`)"
+                ),
+            )
+            .with("position", serde_json::Value::from(position)),
+            None => Self::internal(e),
         }
     }
 
@@ -406,12 +434,51 @@ async fn get_row(
     })
     .await?;
     match row {
-        Some(row) => Ok(cached(checkpoint, &headers, row)),
+        Some(row) => {
+            let parked = match s
+                .0
+                .models
+                .get(name.as_str())
+                .and_then(|(m, _)| m.stream_of(&key))
+            {
+                Some(stream) => parked_behind(&s, &name, &stream).await?,
+                None => None,
+            };
+            let mut resp = cached(checkpoint, &headers, row);
+            if let Some(position) = parked {
+                // The row stops at the aggregate's dead letter: stale until
+                // the cause is fixed (redrive) or the event voided.
+                resp.headers_mut()
+                    .insert(PARKED_BEHIND, HeaderValue::from(position));
+            }
+            Ok(resp)
+        }
         None => Err(Problem::not_found(format!(
             "no row with key {:?} in {name}",
             key.chars().take(128).collect::<String>()
         ))),
     }
+}
+
+/// Response header of a row whose aggregate is parked for the projection:
+/// the position of the dead letter it waits behind (the row is stale).
+pub const PARKED_BEHIND: &str = "sluice-parked-behind";
+
+/// The position `stream` is parked behind for `projection`, if parked.
+async fn parked_behind(
+    s: &AppState,
+    projection: &str,
+    stream: &StreamId,
+) -> Result<Option<u64>, Problem> {
+    let row: Option<i64> = sqlx::query_scalar(
+        "SELECT behind_position FROM sluice_parked WHERE projection = $1 AND stream = $2",
+    )
+    .bind(projection)
+    .bind(stream.to_string())
+    .fetch_optional(s.0.db.pool())
+    .await
+    .map_err(Problem::internal)?;
+    Ok(row.map(|p| u64::try_from(p).unwrap_or(0)))
 }
 
 async fn list_rows(
@@ -489,7 +556,7 @@ async fn get_stream(
     let mut events = Vec::new();
     let mut next = None;
     while let Some(item) = feed.next().await {
-        let e = item.map_err(Problem::internal)?;
+        let e = item.map_err(Problem::from_events)?;
         if events.len() == limit {
             next = Some(e.position);
             break;

@@ -12,7 +12,7 @@ use backon::{BackoffBuilder, ExponentialBuilder};
 use bytes::Bytes;
 use futures::{FutureExt, StreamExt};
 use serde::Serialize;
-use sluice_events::{Envelope, EventStore, StreamId};
+use sluice_events::{Envelope, EventStore, StreamId, Voided};
 use sqlx::Row;
 use time::OffsetDateTime;
 use tokio_util::sync::CancellationToken;
@@ -307,9 +307,11 @@ pub struct Runner {
     pub(crate) db: Database,
     pub(crate) store: EventStore,
     pub(crate) dlq: DlqWriter,
+    /// Voided events: skipped (they only move the checkpoint).
+    pub(crate) voided: Voided,
     config: RunnerConfig,
     /// Where batches are written.
-    tables: Tables,
+    pub(crate) tables: Tables,
 }
 
 impl std::fmt::Debug for Runner {
@@ -355,6 +357,7 @@ impl Runner {
             ));
         }
         let dlq = DlqWriter::new(store.jetstream().clone(), &store.config().stream).await?;
+        let voided = store.voided().await?;
         let slots = members
             .into_iter()
             .map(|Member(projection)| {
@@ -373,6 +376,7 @@ impl Runner {
             db,
             store,
             dlq,
+            voided,
             config,
             tables: Tables::LIVE,
         })
@@ -449,6 +453,8 @@ impl Runner {
             });
         }
         let mut backoff = self.backoff();
+        // Voids this runner has released parked aggregates for.
+        let mut voids_seen = 0;
         'consumer: loop {
             // Resume from the checkpoints in SQL, never from broker state: an
             // ordered (ephemeral) consumer right after the lowest one.
@@ -467,6 +473,9 @@ impl Runner {
             // overlap instead of taking turns.
             let mut prefetched: Option<Result<Fetched, Error>> = None;
             loop {
+                if self.voided.len() != voids_seen {
+                    voids_seen = self.release_voided(voids_seen).await;
+                }
                 let fetched = match prefetched.take() {
                     Some(f) => f,
                     None => self.next_batch(&mut messages, &shutdown).await,
@@ -694,6 +703,9 @@ impl Runner {
 
     /// Decodes a message once if any member reads its category.
     pub(crate) fn classify(&self, r: &Raw) -> Item {
+        if self.voided.contains(r.position) {
+            return Item::Skip;
+        }
         let prefix = &self.store.config().subject_prefix;
         let category = r
             .subject

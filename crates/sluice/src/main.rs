@@ -25,6 +25,24 @@ mod up;
 
 /// Exit code for an optimistic-concurrency conflict.
 const EXIT_CONFLICT: u8 = 3;
+/// Exit code for a usage mistake (e.g. an append the catalog refuses).
+const EXIT_USAGE: u8 = 2;
+
+/// The event store error behind `e`, also when wrapped (transparently) in
+/// a ledger or saga error.
+fn events_error(e: &anyhow::Error) -> Option<&sluice_events::Error> {
+    e.chain().find_map(|c| {
+        c.downcast_ref::<sluice_events::Error>()
+            .or_else(|| match c.downcast_ref::<sluice_ledger::Error>() {
+                Some(sluice_ledger::Error::Events(e)) => Some(e),
+                _ => None,
+            })
+            .or_else(|| match c.downcast_ref::<sluice_sagas::SagaError>() {
+                Some(sluice_sagas::SagaError::Events(e)) => Some(e),
+                _ => None,
+            })
+    })
+}
 
 /// Sluice: an event log you can trust, on NATS JetStream.
 #[derive(Debug, Parser)]
@@ -52,6 +70,9 @@ enum Command {
     Publish(commands::PublishArgs),
     /// Print an aggregate's events.
     Read(commands::ReadArgs),
+    /// Events in the log: void a bad one.
+    #[command(subcommand)]
+    Event(commands::EventCommand),
     /// Follow events as they are appended.
     Tail(commands::TailArgs),
     /// Server version, stream state and a durability check.
@@ -172,6 +193,7 @@ async fn main() -> ExitCode {
         Command::Publish(args) => commands::publish(args, cli.nats_url, &cli.home)
             .await
             .map(|()| ExitCode::SUCCESS),
+        Command::Event(cmd) => commands::event(cmd, cli.nats_url, &cli.home).await,
         Command::Read(args) => commands::read(args, cli.nats_url, &cli.home)
             .await
             .map(|()| ExitCode::SUCCESS),
@@ -221,10 +243,19 @@ async fn main() -> ExitCode {
             // One line for people; the chain for the curious.
             let chain: Vec<String> = e.chain().map(ToString::to_string).collect();
             eprintln!("error: {}", chain.join(": "));
-            let conflict = e
-                .downcast_ref::<sluice_events::Error>()
-                .is_some_and(sluice_events::Error::is_conflict);
-            ExitCode::from(if conflict { EXIT_CONFLICT } else { 1 })
+            let events = events_error(&e);
+            if let Some(position) = events.and_then(sluice_events::Error::stored_event_position) {
+                eprintln!(
+                    "hint: if that event is wrong, void it (every consumer then skips it): sluice event void {position} --reason \"...\""
+                );
+            }
+            if events.is_some_and(sluice_events::Error::is_conflict) {
+                ExitCode::from(EXIT_CONFLICT)
+            } else if events.is_some_and(sluice_events::Error::is_refused_by_catalog) {
+                ExitCode::from(EXIT_USAGE)
+            } else {
+                ExitCode::from(1)
+            }
         }
     }
 }

@@ -258,6 +258,7 @@ async fn run(
                     store: store.clone(),
                     db: Some(side.db.clone()),
                     live,
+                    catalog: Arc::new(crate::commands::catalog()?),
                 },
                 &opts,
             );
