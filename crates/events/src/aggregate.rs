@@ -1,8 +1,6 @@
 //! Aggregates as pure functions (`decide`, `evolve`) and one async shell that
 //! loads, decides and appends with optimistic concurrency.
 
-use futures::TryStreamExt;
-
 use crate::envelope::{Envelope, NewEvent};
 use crate::error::Error;
 use crate::ids::StreamId;
@@ -54,17 +52,17 @@ pub enum ExecuteError<R: std::error::Error + 'static> {
     Store(#[from] Error),
 }
 
-/// Loads an aggregate's state and version from the store.
+/// Loads an aggregate's state and version from the store, skipping voided
+/// events. An event that does not decode is an
+/// [`Error::InvalidStoredEvent`] naming its position (the remedy: void it).
 pub async fn load<A: Aggregate>(store: &EventStore, id: &StreamId) -> Result<(A, u64), Error> {
-    let mut events = store.read(id, 1).await?;
+    let history = store.history(id).await?;
     let mut state = A::default();
-    let mut version = 0;
-    while let Some(recorded) = events.try_next().await? {
-        let event = A::decode(&recorded.envelope)?;
+    for recorded in &history.events {
+        let event = recorded.decoded(A::decode(&recorded.envelope))?;
         state = state.evolve(&event);
-        version = recorded.position;
     }
-    Ok((state, version))
+    Ok((state, history.version))
 }
 
 /// Load → decide → append, reloading and deciding again on conflict, up to

@@ -56,19 +56,6 @@ pub enum Error {
     /// The data (or a structured event) is not well-formed JSON.
     #[error("event data is not valid JSON: {0}")]
     InvalidJson(String),
-    /// An event in the log cannot be decoded (it was written around Sluice's
-    /// checks, e.g. by a raw NATS client). Carries its position, so the
-    /// error names the event to repair.
-    #[error("the event at position {position} on {subject} cannot be decoded: {source}")]
-    Undecodable {
-        /// Its stream sequence.
-        position: u64,
-        /// Its NATS subject.
-        subject: String,
-        /// Why decoding failed.
-        #[source]
-        source: Box<Error>,
-    },
     /// The payload exceeds the configured limit.
     #[error(
         "payload of {size} bytes exceeds the limit of {limit} bytes; store large blobs elsewhere and reference them"
@@ -187,6 +174,80 @@ pub enum Error {
     /// The embedded nats-server could not be started or stopped.
     #[error("embedded nats-server: {0}")]
     Embedded(String),
+    /// Event data is well-formed JSON but not what its type says (a
+    /// domain decoder's verdict).
+    #[error("event data is invalid: {0}")]
+    InvalidData(String),
+    /// A declared schema does not compile (a bug of the domain declaring it).
+    #[error("invalid schema for {event_type}: {reason}")]
+    InvalidSchema {
+        /// The event type it was declared for.
+        event_type: String,
+        /// Why it does not compile.
+        reason: String,
+    },
+    /// The public append was asked to write to a category the platform owns.
+    #[error(
+        "category {category:?} is reserved for the platform (prefix {prefix:?}): its events are written by Sluice itself, never through the public append"
+    )]
+    ReservedCategory {
+        /// The category asked for.
+        category: String,
+        /// The reserved prefix it falls under.
+        prefix: String,
+    },
+    /// The category is declared, but not with this event type.
+    #[error("category {category:?} declares no event type {event_type:?}; known: {}", known.join(", "))]
+    UnknownEventType {
+        /// The category.
+        category: String,
+        /// The type asked for.
+        event_type: String,
+        /// The types it declares.
+        known: Vec<String>,
+    },
+    /// The data breaks its type's declared schema; nothing was written.
+    #[error(
+        "event {index} ({event_type}) for {stream} does not match its schema: {}",
+        violations.iter().map(ToString::to_string).collect::<Vec<_>>().join("; ")
+    )]
+    SchemaViolation {
+        /// The aggregate.
+        stream: String,
+        /// The event type.
+        event_type: String,
+        /// Which event of the append (0-based).
+        index: usize,
+        /// Every violation, with its JSON pointer.
+        violations: Vec<crate::catalog::Violation>,
+    },
+    /// An event in the log cannot be read as what it claims to be. It was
+    /// written around the checks (e.g. by a raw NATS client); voiding it
+    /// makes every consumer skip it.
+    #[error(
+        "event at position {position} ({event_type} on {stream}) is invalid: {reason}; void it to let its aggregate load again"
+    )]
+    InvalidStoredEvent {
+        /// Its position in the log.
+        position: u64,
+        /// Its aggregate (or subject).
+        stream: String,
+        /// Its type, as far as known.
+        event_type: String,
+        /// What is wrong with it.
+        reason: String,
+    },
+    /// No event is stored at that position.
+    #[error("no event at position {0}")]
+    NoSuchEvent(u64),
+    /// The event at that position cannot be voided.
+    #[error("the event at position {position} cannot be voided: {reason}")]
+    NotVoidable {
+        /// Its position.
+        position: u64,
+        /// Why not.
+        reason: &'static str,
+    },
 }
 
 impl Error {
@@ -208,9 +269,32 @@ impl Error {
                 | Error::PayloadTooLarge { .. }
                 | Error::EmptyAppend
                 | Error::TooManyEvents { .. }
-                | Error::Undecodable { .. }
                 | Error::DuplicateEventId(_)
+                | Error::InvalidData(_)
+                | Error::ReservedCategory { .. }
+                | Error::UnknownEventType { .. }
+                | Error::SchemaViolation { .. }
         )
+    }
+
+    /// True when the write was refused by the catalog (reserved category,
+    /// unknown type, schema violation): a usage mistake, nothing written.
+    pub fn is_refused_by_catalog(&self) -> bool {
+        matches!(
+            self,
+            Error::ReservedCategory { .. }
+                | Error::UnknownEventType { .. }
+                | Error::SchemaViolation { .. }
+        )
+    }
+
+    /// The position of the stored event this error is about, when a bad
+    /// event in the log caused it (the operator's remedy: void it).
+    pub fn stored_event_position(&self) -> Option<u64> {
+        match self {
+            Error::InvalidStoredEvent { position, .. } => Some(*position),
+            _ => None,
+        }
     }
 
     /// True for failures worth retrying later (timeouts, connection trouble).

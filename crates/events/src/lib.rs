@@ -23,6 +23,7 @@
 #![warn(clippy::unwrap_used)]
 
 mod aggregate;
+mod catalog;
 mod connect;
 mod embedded;
 mod envelope;
@@ -32,8 +33,10 @@ mod ids;
 mod server;
 mod store;
 pub mod trace;
+mod void;
 
 pub use aggregate::{Aggregate, ExecuteError, ExecuteOutcome, execute, load};
+pub use catalog::{Catalog, RESERVED_PREFIXES, Violation};
 pub use connect::{ConnectConfig, redact_url};
 pub use embedded::{
     Credentials, EMBEDDED_ADMIN_USER, EmbeddedAuth, EmbeddedConfig, EmbeddedServer,
@@ -48,7 +51,8 @@ pub use group_commit::{BATCH_SIZE_BUCKETS, BatchSizeBucket, GroupCommitConfig, G
 pub use ids::{EventId, StreamId, validate_token};
 pub use server::{MIN_SERVER_VERSION, ServerVersion, check_server_version};
 pub use store::{
-    AppendResult, EVENTS_STREAM, EventStore, ExpectedVersion, RecordedEvent, StoreConfig,
+    AppendResult, EVENTS_STREAM, EventStore, ExpectedVersion, History, RecordedEvent, StoreConfig,
     StreamState,
 };
 pub use trace::TraceParent;
+pub use void::{VOID_CATEGORY, VOIDED, Voided, Voiding};

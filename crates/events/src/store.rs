@@ -100,6 +100,42 @@ pub struct RecordedEvent {
     pub envelope: Envelope,
 }
 
+/// An aggregate's events as consumers fold them: voided events left out,
+/// the version still the position of its last event (voided or not, since
+/// that is what an optimistic append is checked against).
+#[derive(Debug, Clone, PartialEq)]
+pub struct History {
+    /// Its events that are not voided, in order.
+    pub events: Vec<RecordedEvent>,
+    /// The aggregate's version (0 = no events).
+    pub version: u64,
+    /// Positions of its voided events.
+    pub voided: Vec<u64>,
+}
+
+impl RecordedEvent {
+    /// The error for this stored event not reading as what it claims to be
+    /// (`reason`: the decoder's verdict).
+    pub fn invalid(&self, reason: impl std::fmt::Display) -> Error {
+        Error::InvalidStoredEvent {
+            position: self.position,
+            stream: self.stream_id.to_string(),
+            event_type: self.envelope.event_type.clone(),
+            reason: reason.to_string(),
+        }
+    }
+
+    /// A decoder's verdict on this event, its error turned into
+    /// [`Error::InvalidStoredEvent`] naming the position.
+    pub fn decoded<T>(&self, decoded: Result<T, Error>) -> Result<T, Error> {
+        decoded.map_err(|e| match e {
+            Error::InvalidData(reason) => self.invalid(reason),
+            e @ Error::InvalidStoredEvent { .. } => e,
+            other => self.invalid(other),
+        })
+    }
+}
+
 /// Settings of the event store.
 #[derive(Debug, Clone)]
 pub struct StoreConfig {
@@ -246,6 +282,8 @@ pub(crate) struct Inner {
     /// Set when the stream refuses atomic batches: appends then go one by one.
     atomic_disabled: AtomicBool,
     pub(crate) counters: Counters,
+    /// The voided positions, loaded on first use (see `void`).
+    voided: tokio::sync::OnceCell<crate::void::Voided>,
 }
 
 /// The JetStream-backed event store. Cheap to clone.
@@ -327,6 +365,7 @@ impl EventStore {
             server_version,
             atomic_disabled: AtomicBool::new(false),
             counters: Counters::default(),
+            voided: tokio::sync::OnceCell::new(),
         });
         let appender = inner.config.group_commit.enabled.then(|| {
             Arc::new(Appender::start(
@@ -463,6 +502,60 @@ impl EventStore {
         })
     }
 
+    /// The voided positions: loaded on the first call (one ordered
+    /// consumer on the void category), then followed live.
+    pub async fn voided(&self) -> Result<crate::void::Voided, Error> {
+        self.inner
+            .voided
+            .get_or_try_init(|| crate::void::Voided::load(self))
+            .await
+            .cloned()
+    }
+
+    /// The voided positions, if [`voided`](Self::voided) loaded them already.
+    pub fn voided_if_loaded(&self) -> Option<&crate::void::Voided> {
+        self.inner.voided.get()
+    }
+
+    /// The aggregate's events up to its current version, voided ones left
+    /// out; an event that cannot be decoded (and is not voided) is an
+    /// [`Error::InvalidStoredEvent`] naming its position.
+    pub async fn history(&self, stream_id: &StreamId) -> Result<History, Error> {
+        let voided = self.voided().await?;
+        let subject = stream_id.subject(&self.inner.config.subject_prefix);
+        let last = self.last_version_of(&subject).await?;
+        let mut history = History {
+            events: Vec::new(),
+            version: last,
+            voided: Vec::new(),
+        };
+        if last == 0 {
+            return Ok(history);
+        }
+        let mut messages = self
+            .ordered(
+                subject,
+                consumer::DeliverPolicy::ByStartSequence { start_sequence: 1 },
+            )
+            .await?;
+        while let Some(m) = messages.next().await {
+            let m = m.map_err(|e| Error::Nats(e.to_string()))?;
+            let position = m
+                .info()
+                .map_err(|e| Error::Nats(e.to_string()))?
+                .stream_sequence;
+            if voided.contains(position) {
+                history.voided.push(position);
+            } else {
+                history.events.push(self.decode_message(Ok(m))?);
+            }
+            if position >= last {
+                break;
+            }
+        }
+        Ok(history)
+    }
+
     /// The aggregate's current version (0 when it has no events).
     pub async fn last_version(&self, stream_id: &StreamId) -> Result<u64, Error> {
         self.last_version_of(&stream_id.subject(&self.inner.config.subject_prefix))
@@ -567,15 +660,20 @@ impl EventStore {
             .info()
             .map_err(|e| Error::Nats(e.to_string()))?
             .stream_sequence;
-        let undecodable = |source| Error::Undecodable {
-            position,
-            subject: m.subject.to_string(),
-            source: Box::new(source),
-        };
-        let stream_id = StreamId::from_subject(&self.inner.config.subject_prefix, &m.subject)
-            .map_err(undecodable)?;
+        let stream_id = StreamId::from_subject(&self.inner.config.subject_prefix, &m.subject)?;
         let envelope =
-            Envelope::decode(m.headers.as_ref(), &m.payload, usize::MAX).map_err(undecodable)?;
+            Envelope::decode(m.headers.as_ref(), &m.payload, usize::MAX).map_err(|e| {
+                Error::InvalidStoredEvent {
+                    position,
+                    stream: stream_id.to_string(),
+                    event_type: m
+                        .headers
+                        .as_ref()
+                        .and_then(|h| h.get(crate::envelope::H_TYPE))
+                        .map_or_else(|| "no type".to_owned(), |v| v.as_str().to_owned()),
+                    reason: e.to_string(),
+                }
+            })?;
         Ok(RecordedEvent {
             stream_id,
             position,

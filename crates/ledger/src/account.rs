@@ -191,7 +191,7 @@ impl Aggregate for Account {
                 if self.opened.is_some() {
                     return Err(AccountRejection::AlreadyOpen);
                 }
-                if owner.trim().is_empty() || owner.len() > 200 {
+                if owner.trim().is_empty() || owner.chars().count() > 200 {
                     return Err(AccountRejection::InvalidOwner);
                 }
                 if !valid_currency(currency) {
@@ -263,7 +263,7 @@ impl Aggregate for Account {
     }
 
     fn decode(envelope: &Envelope) -> Result<AccountEvent, sluice_events::Error> {
-        AccountEvent::decode(envelope).map_err(sluice_events::Error::InvalidJson)
+        AccountEvent::decode(envelope).map_err(sluice_events::Error::InvalidData)
     }
 }
 

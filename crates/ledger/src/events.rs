@@ -1,7 +1,7 @@
 //! The account events: wire names and payloads (`events.account.<id>`).
 
 use serde::{Deserialize, Serialize};
-use sluice_events::{Envelope, NewEvent};
+use sluice_events::{Catalog, Envelope, NewEvent};
 
 /// The aggregate category of accounts.
 pub const ACCOUNT_CATEGORY: &str = "account";
@@ -13,6 +13,36 @@ pub const DEPOSITED: &str = "ledger.account.deposited.v1";
 pub const WITHDRAWN: &str = "ledger.account.withdrawn.v1";
 /// `ledger.account.closed.v1` `{}`.
 pub const CLOSED: &str = "ledger.account.closed.v1";
+
+/// The account events' JSON Schemas (`crates/ledger/schemas/<type>.json`),
+/// by wire name.
+const SCHEMAS: [(&str, &str); 4] = [
+    (
+        OPENED,
+        include_str!("../schemas/ledger.account.opened.v1.json"),
+    ),
+    (
+        DEPOSITED,
+        include_str!("../schemas/ledger.account.deposited.v1.json"),
+    ),
+    (
+        WITHDRAWN,
+        include_str!("../schemas/ledger.account.withdrawn.v1.json"),
+    ),
+    (
+        CLOSED,
+        include_str!("../schemas/ledger.account.closed.v1.json"),
+    ),
+];
+
+/// What the ledger writes, for the public append's checks: the `account`
+/// category with every `ledger.account.*` type and its schema (compiled
+/// here, once per call: build it at start-up and share it).
+pub fn catalog() -> Result<Catalog, sluice_events::Error> {
+    SCHEMAS.iter().try_fold(Catalog::new(), |c, (t, schema)| {
+        c.declare(ACCOUNT_CATEGORY, t, schema)
+    })
+}
 
 /// An account event, decoded and validated on its own (without state).
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -96,7 +126,7 @@ impl AccountEvent {
             OPENED => {
                 let d: OpenedData = serde_json::from_slice(data)
                     .map_err(|e| format!("malformed {OPENED} data: {e}"))?;
-                if d.owner.trim().is_empty() || d.owner.len() > 200 {
+                if d.owner.trim().is_empty() || d.owner.chars().count() > 200 {
                     return Err("owner must be 1-200 characters".to_owned());
                 }
                 if d.currency.len() != 3 || !d.currency.bytes().all(|b| b.is_ascii_uppercase()) {
@@ -152,6 +182,53 @@ mod tests {
         assert_eq!(DEPOSITED, "ledger.account.deposited.v1");
         assert_eq!(WITHDRAWN, "ledger.account.withdrawn.v1");
         assert_eq!(CLOSED, "ledger.account.closed.v1");
+    }
+
+    #[test]
+    fn the_schemas_accept_what_the_ledger_writes_and_refuse_what_it_cannot_read() {
+        let catalog = catalog().unwrap();
+        let stream = sluice_events::StreamId::new(ACCOUNT_CATEGORY, "a-1").unwrap();
+        let check =
+            |t: &str, d: &str| catalog.check(&stream, 0, &NewEvent::new(t, d.as_bytes().to_vec()));
+        for e in [
+            AccountEvent::Opened {
+                owner: "ann".into(),
+                currency: "EUR".into(),
+            },
+            AccountEvent::Opened {
+                owner: "é".repeat(200),
+                currency: "EUR".into(),
+            },
+            AccountEvent::Deposited { amount: 5 },
+            AccountEvent::Withdrawn { amount: i64::MAX },
+            AccountEvent::Closed,
+        ] {
+            let n = e.to_new_event();
+            check(&n.event_type, std::str::from_utf8(&n.data).unwrap()).unwrap();
+            assert_eq!(AccountEvent::decode_parts(&n.event_type, &n.data), Ok(e));
+        }
+        for (t, d) in [
+            (DEPOSITED, r#"{"amount": -5}"#),
+            (DEPOSITED, r#"{"amount": 0}"#),
+            (DEPOSITED, r#"{"amount": 1.5}"#),
+            (DEPOSITED, r#"{"amount": 5.0}"#),
+            (DEPOSITED, r#"{"amount": "10"}"#),
+            (DEPOSITED, r#"{"amount": 9223372036854775808}"#),
+            (WITHDRAWN, r#"{}"#),
+            (OPENED, r#"{"owner": "a", "currency": "euro"}"#),
+            (OPENED, r#"{"owner": " ", "currency": "EUR"}"#),
+            (OPENED, r#"[1]"#),
+            (CLOSED, "3"),
+            ("ledger.account.frozen.v1", "{}"),
+        ] {
+            // Whatever the decoder cannot read, the schema refuses first.
+            assert!(
+                AccountEvent::decode_parts(t, d.as_bytes()).is_err(),
+                "{t} {d}"
+            );
+            let err = check(t, d).expect_err(d);
+            assert!(err.is_refused_by_catalog(), "{t} {d}: {err}");
+        }
     }
 
     #[test]

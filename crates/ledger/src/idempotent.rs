@@ -31,7 +31,6 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use async_nats::jetstream::{self, kv};
 use bytes::Bytes;
-use futures::TryStreamExt;
 use serde::{Deserialize, Serialize};
 use serde_json::{Value, json};
 use sluice_events::{Aggregate, EventId, EventStore, ExpectedVersion, StreamId, validate_token};
@@ -564,10 +563,11 @@ async fn run(
     let id = stream.id();
     for _ in 0..10 {
         let mut state = Account::default();
-        let mut version = 0;
         let mut earlier = Vec::new();
-        let mut events = store.read(stream, 1).await?;
-        while let Some(recorded) = events.try_next().await? {
+        // Voided events are left out; the version is still the last position.
+        let history = store.history(stream).await?;
+        let version = history.version;
+        for recorded in &history.events {
             if let Some(a) = attempt {
                 match a.mark(recorded.envelope.id.as_str()) {
                     Mark::Ours => earlier.push(recorded.position),
@@ -585,8 +585,8 @@ async fn run(
                     Mark::None => {}
                 }
             }
-            state = state.evolve(&Account::decode(&recorded.envelope)?);
-            version = recorded.position;
+            let event = recorded.decoded(Account::decode(&recorded.envelope))?;
+            state = state.evolve(&event);
         }
         if !earlier.is_empty() {
             return Ok(CommandOutcome {

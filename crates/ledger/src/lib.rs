@@ -26,7 +26,7 @@ mod transfer;
 mod transfers;
 
 pub use account::{Account, AccountCommand, AccountRejection};
-pub use events::{ACCOUNT_CATEGORY, AccountEvent, CLOSED, DEPOSITED, OPENED, WITHDRAWN};
+pub use events::{ACCOUNT_CATEGORY, AccountEvent, CLOSED, DEPOSITED, OPENED, WITHDRAWN, catalog};
 pub use fold::{AccountRow, FoldInput, FoldOutput, STATUS_CLOSED, STATUS_OPEN, fold_balances};
 pub use idempotent::{
     CommandOutcome, DEFAULT_RETENTION as DEFAULT_IDEMPOTENCY_RETENTION, IDEMPOTENCY_BUCKET,

@@ -394,6 +394,10 @@ impl ReadModel for AccountBalances {
         ACCOUNT_BALANCES
     }
 
+    fn stream_of(&self, key: &str) -> Option<sluice_events::StreamId> {
+        sluice_events::StreamId::new(ACCOUNT_CATEGORY, key).ok()
+    }
+
     fn get<'a>(
         &'a self,
         conn: &'a mut AnyConnection,

@@ -316,12 +316,51 @@ async fn get_row(
     })
     .await?;
     match row {
-        Some(row) => Ok(cached(checkpoint, &headers, row)),
+        Some(row) => {
+            let parked = match s
+                .0
+                .models
+                .get(name.as_str())
+                .and_then(|(m, _)| m.stream_of(&key))
+            {
+                Some(stream) => parked_behind(&s, &name, &stream).await?,
+                None => None,
+            };
+            let mut resp = cached(checkpoint, &headers, row);
+            if let Some(position) = parked {
+                // The row stops at the aggregate's dead letter: stale until
+                // the cause is fixed (redrive) or the event voided.
+                resp.headers_mut()
+                    .insert(PARKED_BEHIND, HeaderValue::from(position));
+            }
+            Ok(resp)
+        }
         None => Err(Problem::not_found(format!(
             "no row with key {:?} in {name}",
             key.chars().take(128).collect::<String>()
         ))),
     }
+}
+
+/// Response header of a row whose aggregate is parked for the projection:
+/// the position of the dead letter it waits behind (the row is stale).
+pub const PARKED_BEHIND: &str = "sluice-parked-behind";
+
+/// The position `stream` is parked behind for `projection`, if parked.
+async fn parked_behind(
+    s: &AppState,
+    projection: &str,
+    stream: &StreamId,
+) -> Result<Option<u64>, Problem> {
+    let row: Option<i64> = sqlx::query_scalar(
+        "SELECT behind_position FROM sluice_parked WHERE projection = $1 AND stream = $2",
+    )
+    .bind(projection)
+    .bind(stream.to_string())
+    .fetch_optional(s.0.db.pool())
+    .await
+    .map_err(Problem::internal)?;
+    Ok(row.map(|p| u64::try_from(p).unwrap_or(0)))
 }
 
 async fn list_rows(

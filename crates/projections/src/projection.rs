@@ -165,6 +165,14 @@ pub trait ReadModel: Send + Sync + 'static {
         key: &'a str,
     ) -> BoxFuture<'a, Result<Option<serde_json::Value>, sqlx::Error>>;
 
+    /// The aggregate a row's `key` is folded from, when rows are per
+    /// aggregate: lets a query say the row is stale because that aggregate
+    /// is parked behind a dead letter. Default: none.
+    fn stream_of(&self, key: &str) -> Option<StreamId> {
+        let _ = key;
+        None
+    }
+
     /// Up to `limit` rows with keys after `after`, in key order.
     fn list<'a>(
         &'a self,

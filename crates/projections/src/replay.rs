@@ -439,7 +439,7 @@ impl Runner {
         let slot = &self.slots[0];
         let mut report = RedriveReport::default();
         for stream in parked {
-            let (applied, released) = self.redrive_aggregate(stream).await?;
+            let (applied, released) = self.redrive_aggregate(0, stream).await?;
             report.applied.extend(applied);
             if released {
                 report.released.push(stream.clone());
@@ -451,14 +451,83 @@ impl Runner {
             .filter(|d| parked.contains(&d.stream))
             .collect();
         if !report.applied.is_empty() {
-            report.redriven = self.discard_dlq_copies(&report.applied).await;
+            let reason = format!("redriven into projection {}", slot.name);
+            report.redriven = self.discard_dlq_copies(0, &report.applied, &reason).await;
         }
         Ok(report)
     }
 
-    /// Redrives one parked aggregate: `(positions applied, released)`.
-    async fn redrive_aggregate(&self, stream: &str) -> Result<(Vec<u64>, bool), Error> {
-        let slot = &self.slots[0];
+    /// After events were voided (the voided set grew past `seen`): redrives
+    /// every parked aggregate with a voided dead letter, so it is released
+    /// past it. Returns how many voids are dealt with (`seen` again when the
+    /// database failed: the next batch tries again).
+    pub(crate) async fn release_voided(&self, seen: usize) -> usize {
+        let now = self.voided.len();
+        if self.tables != Tables::LIVE {
+            // A rebuild skips voided events as it reads them.
+            return now;
+        }
+        for (i, slot) in self.slots.iter().enumerate() {
+            let rows = sqlx::query(
+                "SELECT d.stream, d.position FROM sluice_dead_letters d \
+                 JOIN sluice_parked p ON p.projection = d.projection AND p.stream = d.stream \
+                 WHERE d.projection = $1 ORDER BY d.position",
+            )
+            .bind(slot.key.as_str())
+            .fetch_all(self.db.pool())
+            .await;
+            let rows = match rows {
+                Ok(r) => r,
+                Err(e) => {
+                    tracing::warn!(projection = slot.name, error = %e, "could not look for voided dead letters; trying again");
+                    return seen;
+                }
+            };
+            let mut streams: Vec<String> = Vec::new();
+            for row in rows {
+                let (Ok(stream), Ok(position)) =
+                    (row.try_get::<String, _>(0), row.try_get::<i64, _>(1))
+                else {
+                    continue;
+                };
+                if self.voided.contains(to_u64(position)) && !streams.contains(&stream) {
+                    streams.push(stream);
+                }
+            }
+            for stream in streams {
+                match self.redrive_aggregate(i, &stream).await {
+                    Ok((applied, released)) => {
+                        tracing::info!(
+                            projection = slot.name,
+                            stream,
+                            applied = applied.len(),
+                            released,
+                            "parked aggregate redriven after a void"
+                        );
+                        if !applied.is_empty() {
+                            let reason =
+                                format!("redriven into projection {} after a void", slot.name);
+                            self.discard_dlq_copies(i, &applied, &reason).await;
+                        }
+                    }
+                    Err(e) => {
+                        tracing::warn!(projection = slot.name, stream, error = %e, "could not release a parked aggregate after a void; trying again");
+                        return seen;
+                    }
+                }
+            }
+        }
+        now
+    }
+
+    /// Redrives one parked aggregate of member `member`: `(positions
+    /// applied, released)`. Voided dead letters are dropped, not applied.
+    async fn redrive_aggregate(
+        &self,
+        member: usize,
+        stream: &str,
+    ) -> Result<(Vec<u64>, bool), Error> {
+        let slot = &self.slots[member];
         // How many of its dead letters to apply: all, until the projection
         // rejects one again (then only those before it).
         let mut cap: Option<(u64, DeadLetterKind, String)> = None;
@@ -493,10 +562,15 @@ impl Runner {
             .collect::<Result<_, _>>()?;
             let raws = self.fetch_positions(&positions).await?;
             let mut events: Vec<ProjectedEvent> = Vec::new();
+            let mut voided: Vec<u64> = Vec::new();
             let mut stop = cap.clone();
             for r in &raws {
                 if stop.as_ref().is_some_and(|(p, _, _)| r.position >= *p) {
                     break;
+                }
+                if self.voided.contains(r.position) {
+                    voided.push(r.position);
+                    continue;
                 }
                 match self.classify(r) {
                     Item::Event(e) => events.push(*e),
@@ -528,7 +602,7 @@ impl Runner {
                 }
             }
             let applied: Vec<u64> = events.iter().map(|e| e.position).collect();
-            for p in &applied {
+            for p in applied.iter().chain(&voided) {
                 sqlx::query(
                     "DELETE FROM sluice_dead_letters WHERE projection = $1 AND position = $2",
                 )
@@ -586,15 +660,15 @@ impl Runner {
                 released,
                 "dead letters redriven"
             );
-            return Ok((applied, released));
+            return Ok((applied.into_iter().chain(voided).collect(), released));
         }
     }
 
-    /// Removes the `DLQ` stream copies of events now applied (audited as
-    /// redriven), so `sluice dlq list` shows only what is still dead; returns
+    /// Removes the `DLQ` stream copies of events now applied (audited with
+    /// `reason`), so `sluice dlq list` shows only what is still dead; returns
     /// their ids (best effort: the SQL records are what the runtime goes by).
-    async fn discard_dlq_copies(&self, applied: &[u64]) -> Vec<u64> {
-        let slot = &self.slots[0];
+    async fn discard_dlq_copies(&self, member: usize, applied: &[u64], reason: &str) -> Vec<u64> {
+        let slot = &self.slots[member];
         let js = self.store.jetstream();
         let mut removed = Vec::new();
         if js.get_stream(DLQ_STREAM).await.is_err() {
@@ -613,12 +687,11 @@ impl Runner {
                 return removed;
             }
         };
-        let reason = format!("redriven into projection {}", slot.name);
         for entry in listing.entries {
             if entry.stream != self.store.config().stream || !applied.contains(&entry.sequence) {
                 continue;
             }
-            match sluice_workers::dlq::remove(js, &entry, "redrive", &reason).await {
+            match sluice_workers::dlq::remove(js, &entry, "redrive", reason).await {
                 Ok(()) => removed.push(entry.id),
                 Err(e) => {
                     tracing::warn!(projection = slot.name, id = entry.id, error = %e, "could not remove the DLQ copy of a redriven event");

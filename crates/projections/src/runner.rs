@@ -12,7 +12,7 @@ use backon::{BackoffBuilder, ExponentialBuilder};
 use bytes::Bytes;
 use futures::{FutureExt, StreamExt};
 use serde::Serialize;
-use sluice_events::{Envelope, EventStore, StreamId};
+use sluice_events::{Envelope, EventStore, StreamId, Voided};
 use sqlx::Row;
 use time::OffsetDateTime;
 use tokio_util::sync::CancellationToken;
@@ -311,9 +311,11 @@ pub struct Runner {
     pub(crate) slots: Vec<Slot>,
     pub(crate) db: Database,
     pub(crate) store: EventStore,
+    /// Voided events: skipped (they only move the checkpoint).
+    pub(crate) voided: Voided,
     config: RunnerConfig,
     /// Where batches are written.
-    tables: Tables,
+    pub(crate) tables: Tables,
 }
 
 impl std::fmt::Debug for Runner {
@@ -359,6 +361,7 @@ impl Runner {
             ));
         }
         sluice_workers::dlq::ensure_streams(store.jetstream(), 1).await?;
+        let voided = store.voided().await?;
         let slots = members
             .into_iter()
             .map(|Member(projection)| {
@@ -376,6 +379,7 @@ impl Runner {
             slots,
             db,
             store,
+            voided,
             config,
             tables: Tables::LIVE,
         })
@@ -452,6 +456,8 @@ impl Runner {
             });
         }
         let mut backoff = self.backoff();
+        // Voids this runner has released parked aggregates for.
+        let mut voids_seen = 0;
         'consumer: loop {
             // Resume from the checkpoints in SQL, never from broker state: an
             // ordered (ephemeral) consumer right after the lowest one.
@@ -470,6 +476,9 @@ impl Runner {
             // overlap instead of taking turns.
             let mut prefetched: Option<Result<Fetched, Error>> = None;
             loop {
+                if self.voided.len() != voids_seen {
+                    voids_seen = self.release_voided(voids_seen).await;
+                }
                 let fetched = match prefetched.take() {
                     Some(f) => f,
                     None => self.next_batch(&mut messages, &shutdown).await,
@@ -697,6 +706,9 @@ impl Runner {
 
     /// Decodes a message once if any member reads its category.
     pub(crate) fn classify(&self, r: &Raw) -> Item {
+        if self.voided.contains(r.position) {
+            return Item::Skip;
+        }
         let prefix = &self.store.config().subject_prefix;
         let category = r
             .subject

@@ -276,7 +276,15 @@ async fn apply<A: Aggregate>(
     for _ in 0..MAX_CONFLICTS {
         let entry = match cached.take() {
             Some(e) => e,
-            None => load_with_keys::<A>(store, target).await?,
+            None => match load_with_keys::<A>(store, target).await {
+                Ok(e) => e,
+                // A bad event in the target's log refuses the command (its
+                // reason names the position to void); retrying cannot help.
+                Err(SagaError::Events(e)) if e.stored_event_position().is_some() => {
+                    return Ok(Err(e.to_string()));
+                }
+                Err(e) => return Err(e),
+            },
         };
         if entry.keys.contains(effect_key) {
             let value = reply(&entry.state);
@@ -385,20 +393,18 @@ async fn load_with_keys<A: Aggregate>(
     store: &EventStore,
     target: &StreamId,
 ) -> Result<Cached<A>, SagaError> {
-    let events = crate::read::read_events(store, target).await?;
+    let history = crate::read::read_events(store, target).await?;
     let mut state = A::default();
-    let mut version = 0;
     let mut keys = HashSet::new();
-    for recorded in events {
+    for recorded in &history.events {
         if let Some(key) = &recorded.envelope.causation_id {
             keys.insert(key.clone());
         }
-        state = state.evolve(&A::decode(&recorded.envelope)?);
-        version = recorded.position;
+        state = state.evolve(&recorded.decoded(A::decode(&recorded.envelope))?);
     }
     Ok(Cached {
         state,
-        version,
+        version: history.version,
         keys,
         fresh: true,
     })

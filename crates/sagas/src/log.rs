@@ -322,20 +322,19 @@ pub type Reaction<D> = (SagaState<D>, Vec<Command>);
 /// Reads instance `id` of saga `name`.
 pub async fn read_log(store: &EventStore, name: &str, id: &str) -> Result<SagaLog, SagaError> {
     let stream = saga_stream(name, id)?;
-    let events = crate::read::read_events(store, &stream).await?;
+    let history = crate::read::read_events(store, &stream).await?;
     let mut log = SagaLog {
         name: name.to_owned(),
         id: id.to_owned(),
         data: Value::Null,
         records: Vec::new(),
-        version: 0,
+        version: history.version,
     };
-    for recorded in events {
+    for recorded in history.events {
         let (record, data) = decode_record(&recorded.envelope, recorded.position)?;
         if let Some(data) = data {
             log.data = data;
         }
-        log.version = recorded.position;
         log.records.push(record);
     }
     Ok(log)

@@ -11,7 +11,7 @@
 //! costs a conflict and a reload, never a wrong write.
 
 use async_nats::jetstream::stream::DirectGetErrorKind;
-use sluice_events::{Envelope, EventStore, RecordedEvent, StreamId};
+use sluice_events::{Envelope, EventStore, History, RecordedEvent, StreamId, Voided};
 
 use crate::model::SagaError;
 
@@ -20,26 +20,72 @@ const BATCH: usize = 256;
 /// How long a batched direct get may take before the one-by-one path is used.
 const BATCH_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(5);
 
-/// Every event of `stream_id`, in order: batched direct gets (one request
-/// for up to 256 events, nats-server 2.11+), or one direct get per event if
-/// a batch fails.
+/// Every event of `stream_id` that is not voided, in order, and the
+/// stream's version: batched direct gets (one request for up to 256 events,
+/// nats-server 2.11+), or one direct get per event if a batch fails. An
+/// event that does not decode names its position.
 pub(crate) async fn read_events(
     store: &EventStore,
     stream_id: &StreamId,
-) -> Result<Vec<RecordedEvent>, SagaError> {
-    match read_batched(store, stream_id).await {
+) -> Result<History, SagaError> {
+    let voided = store.voided().await?;
+    match read_batched(store, stream_id, &voided).await {
         Ok(events) => Ok(events),
+        Err(e @ SagaError::Events(_)) => Err(e),
         Err(e) => {
             tracing::debug!(stream = %stream_id, error = %e, "batched direct get failed; reading one by one");
-            read_one_by_one(store, stream_id).await
+            read_one_by_one(store, stream_id, &voided).await
         }
+    }
+}
+
+/// Adds one stored message to `history`: skipped when voided, else decoded
+/// (an undecodable one is an error naming its position).
+fn push(
+    history: &mut History,
+    voided: &Voided,
+    stream_id: &StreamId,
+    position: u64,
+    headers: &async_nats::HeaderMap,
+    payload: &bytes::Bytes,
+    max_payload: usize,
+) -> Result<(), SagaError> {
+    history.version = position;
+    if voided.contains(position) {
+        history.voided.push(position);
+        return Ok(());
+    }
+    let envelope = Envelope::decode(Some(headers), payload, max_payload).map_err(|e| {
+        sluice_events::Error::InvalidStoredEvent {
+            position,
+            stream: stream_id.to_string(),
+            event_type: headers
+                .get("ce-type")
+                .map_or_else(|| "no type".to_owned(), |v| v.as_str().to_owned()),
+            reason: e.to_string(),
+        }
+    })?;
+    history.events.push(RecordedEvent {
+        stream_id: stream_id.clone(),
+        position,
+        envelope,
+    });
+    Ok(())
+}
+
+fn empty() -> History {
+    History {
+        events: Vec::new(),
+        version: 0,
+        voided: Vec::new(),
     }
 }
 
 async fn read_batched(
     store: &EventStore,
     stream_id: &StreamId,
-) -> Result<Vec<RecordedEvent>, SagaError> {
+    voided: &Voided,
+) -> Result<History, SagaError> {
     use futures::StreamExt;
 
     let nats = |e: &dyn std::fmt::Display| SagaError::Nats {
@@ -50,7 +96,7 @@ async fn read_batched(
     let client = store.client();
     let subject = stream_id.subject(&config.subject_prefix);
     let api = format!("$JS.API.DIRECT.GET.{}", config.stream);
-    let mut out = Vec::new();
+    let mut out = empty();
     let mut next = 1u64;
     loop {
         let inbox = client.new_inbox();
@@ -89,14 +135,17 @@ async fn read_batched(
                 .get("Nats-Sequence")
                 .and_then(|v| v.as_str().parse().ok())
                 .ok_or_else(|| nats(&"reply without Nats-Sequence"))?;
-            let envelope = Envelope::decode(Some(headers), &m.payload, config.max_payload)?;
+            push(
+                &mut out,
+                voided,
+                stream_id,
+                sequence,
+                headers,
+                &m.payload,
+                config.max_payload,
+            )?;
             next = sequence + 1;
             got += 1;
-            out.push(RecordedEvent {
-                stream_id: stream_id.clone(),
-                position: sequence,
-                envelope,
-            });
         }
         if got < BATCH {
             return Ok(out);
@@ -107,7 +156,8 @@ async fn read_batched(
 async fn read_one_by_one(
     store: &EventStore,
     stream_id: &StreamId,
-) -> Result<Vec<RecordedEvent>, SagaError> {
+    voided: &Voided,
+) -> Result<History, SagaError> {
     let nats = |e: &dyn std::fmt::Display| SagaError::Nats {
         doing: "reading a stream with direct gets",
         reason: e.to_string(),
@@ -119,7 +169,7 @@ async fn read_one_by_one(
         .await
         .map_err(|e| nats(&e))?;
     let subject = stream_id.subject(&config.subject_prefix);
-    let mut out = Vec::new();
+    let mut out = empty();
     let mut next = 1;
     loop {
         match stream
@@ -127,13 +177,16 @@ async fn read_one_by_one(
             .await
         {
             Ok(m) => {
-                let envelope = Envelope::decode(Some(&m.headers), &m.payload, config.max_payload)?;
+                push(
+                    &mut out,
+                    voided,
+                    stream_id,
+                    m.sequence,
+                    &m.headers,
+                    &m.payload,
+                    config.max_payload,
+                )?;
                 next = m.sequence + 1;
-                out.push(RecordedEvent {
-                    stream_id: stream_id.clone(),
-                    position: m.sequence,
-                    envelope,
-                });
             }
             Err(e) if e.kind() == DirectGetErrorKind::NotFound => return Ok(out),
             Err(e) => return Err(nats(&e)),

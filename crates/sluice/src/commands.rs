@@ -7,8 +7,8 @@ use anyhow::Context;
 use futures::StreamExt;
 use serde_json::json;
 use sluice_events::{
-    ConnectConfig, EventId, EventStore, ExpectedVersion, NewEvent, RecordedEvent, StoreConfig,
-    StreamId, validate_token,
+    Catalog, ConnectConfig, EventId, EventStore, ExpectedVersion, NewEvent, RecordedEvent,
+    StoreConfig, StreamId, validate_token,
 };
 
 use crate::endpoint;
@@ -52,6 +52,12 @@ fn event_id_arg(s: &str) -> Result<EventId, String> {
     EventId::parse(s).map_err(|e| e.to_string())
 }
 
+/// What the public append accepts: the platform's reserved categories and
+/// the ledger's declared types with their schemas. Build it once.
+pub(crate) fn catalog() -> anyhow::Result<Catalog> {
+    Ok(Catalog::platform().merge(sluice_ledger::catalog()?)?)
+}
+
 fn parse_expected(s: &str) -> Result<ExpectedVersion, String> {
     match s {
         "any" => Ok(ExpectedVersion::Any),
@@ -92,6 +98,7 @@ pub(crate) async fn publish(
     }
     // Validate before connecting, so bad input fails fast and offline.
     event.validate(StoreConfig::default().max_payload)?;
+    catalog()?.check(&args.stream, 0, &event)?;
     let store = connect(nats_url, home).await?;
     let r = store.append(&args.stream, args.expect, vec![event]).await?;
     if args.json {
@@ -118,6 +125,64 @@ pub(crate) async fn publish(
         );
     }
     Ok(())
+}
+
+/// `sluice event ...`.
+#[derive(Debug, clap::Subcommand)]
+pub(crate) enum EventCommand {
+    /// Void a bad event: every consumer skips it from now on (idempotent;
+    /// audited as an event of its own on `sluice-void/<position>`).
+    Void {
+        /// The event's position in the log.
+        position: u64,
+        /// Why (kept for audit).
+        #[arg(long)]
+        reason: String,
+        /// Print one JSON object instead of text.
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+pub(crate) async fn event(
+    cmd: EventCommand,
+    nats_url: Option<String>,
+    home: &Path,
+) -> anyhow::Result<std::process::ExitCode> {
+    match cmd {
+        EventCommand::Void {
+            position,
+            reason,
+            json,
+        } => {
+            if reason.trim().is_empty() {
+                eprintln!("error: --reason must not be empty (it is kept for audit)");
+                return Ok(std::process::ExitCode::from(2));
+            }
+            let store = connect(nats_url, home).await?;
+            let v = match store.void(position, &reason).await {
+                Ok(v) => v,
+                Err(sluice_events::Error::NoSuchEvent(p)) => {
+                    eprintln!("error: no event at position {p}");
+                    return Ok(std::process::ExitCode::from(1));
+                }
+                Err(e) => return Err(e.into()),
+            };
+            if json {
+                println!("{}", json!(v));
+            } else {
+                println!(
+                    "voided position {} ({} on {}): {}; void record at position {}",
+                    v.position,
+                    v.event_type.as_deref().unwrap_or("no type"),
+                    v.stream,
+                    v.reason,
+                    v.void_position
+                );
+            }
+            Ok(std::process::ExitCode::SUCCESS)
+        }
+    }
 }
 
 /// Options of `sluice read`.

@@ -25,7 +25,8 @@ use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle};
 use serde::Deserialize;
 use serde_json::{Value, json};
 use sluice_events::{
-    Error as EventsError, EventId, EventStore, ExpectedVersion, NewEvent, StreamId, TraceParent,
+    Catalog, Error as EventsError, EventId, EventStore, ExpectedVersion, NewEvent, StreamId,
+    TraceParent,
 };
 use sluice_ledger::Idempotency;
 use sluice_projections::LiveStatus;
@@ -127,6 +128,7 @@ pub(crate) fn metrics_handle() -> PrometheusHandle {
 struct Ctx {
     store: EventStore,
     idempotency: Idempotency,
+    catalog: Arc<Catalog>,
     db: Option<sluice_projections::Database>,
     live: Vec<(&'static str, LiveStatus)>,
     metrics: PrometheusHandle,
@@ -149,6 +151,8 @@ pub(crate) struct Parts {
     pub(crate) db: Option<sluice_projections::Database>,
     /// Projections running in this process (for readiness and metrics).
     pub(crate) live: Vec<(&'static str, LiveStatus)>,
+    /// What the public append accepts (built once at start-up).
+    pub(crate) catalog: Arc<Catalog>,
 }
 
 /// The full router: `queries` (the projections' API) plus the rest, with
@@ -160,6 +164,7 @@ pub(crate) fn router(queries: Router, parts: Parts, opts: &HttpOptions) -> Route
     let ctx = Ctx {
         store: parts.store,
         idempotency: parts.idempotency,
+        catalog: parts.catalog,
         db: parts.db,
         live: parts.live,
         metrics: metrics_handle(),
@@ -182,6 +187,7 @@ pub(crate) fn router(queries: Router, parts: Parts, opts: &HttpOptions) -> Route
         .route("/v1/dlq/{id}", get(dlq_show))
         .route("/v1/dlq/{id}/redrive", post(dlq_redrive))
         .route("/v1/dlq/{id}/discard", post(dlq_discard))
+        .route("/v1/events/{position}/void", post(void_event))
         .route_layer(middleware::from_fn_with_state(ctx.clone(), require_token));
     let open = Router::new()
         .route("/v1/transfers", get(list_transfers))
@@ -566,8 +572,9 @@ type ObjectBody<T> = Result<Json<Object<T>>, JsonRejection>;
 /// The body, or a 400 problem saying which `shape` was expected: arrays,
 /// numbers and strings where an object belongs are refused like bad JSON.
 fn object_body<T>(body: ObjectBody<T>, shape: &str) -> Result<T, Box<Response>> {
-    body.map(|Json(Object(b))| b)
-        .map_err(|e| Box::new(json_rejection(&e, &format!("a JSON object {shape}")).into_response()))
+    body.map(|Json(Object(b))| b).map_err(|e| {
+        Box::new(json_rejection(&e, &format!("a JSON object {shape}")).into_response())
+    })
 }
 
 /// Body of `POST /v1/streams/{category}/{id}`.
@@ -670,6 +677,9 @@ async fn append(
         }
         events.push(ev);
     }
+    if let Err(e) = ctx.catalog.check_all(&stream, &events) {
+        return refused(e);
+    }
     match ctx.store.append(&stream, expected, events).await {
         Ok(r) => (
             StatusCode::CREATED,
@@ -692,6 +702,100 @@ async fn append(
         ),
         // By kind: bad input 400, trouble reaching NATS 503, else 500.
         Err(e) => Problem::from(e).into_response(),
+    }
+}
+
+/// The answer when the catalog refuses an append (nothing was written).
+///
+/// A reserved category is 403: the request is understood and well-formed,
+/// but no caller of the public API may write there (the platform writes it
+/// itself, and NATS permissions deny it to non-platform users), so
+/// re-sending it can never succeed. Unknown types and schema violations are
+/// 400: the caller's data is wrong.
+pub(crate) fn refused(e: EventsError) -> Response {
+    match e {
+        EventsError::ReservedCategory { ref category, .. } => Problem::new(
+            StatusCode::FORBIDDEN,
+            "reserved-category",
+            "Reserved category",
+            e.to_string(),
+        )
+        .with("category", json!(category))
+        .into_response(),
+        EventsError::UnknownEventType { ref known, .. } => Problem::new(
+            StatusCode::BAD_REQUEST,
+            "unknown-event-type",
+            "Unknown event type",
+            e.to_string(),
+        )
+        .with("known", json!(known))
+        .into_response(),
+        EventsError::SchemaViolation {
+            index,
+            ref violations,
+            ..
+        } => {
+            let errors: Vec<Value> = violations
+                .iter()
+                .map(|v| json!({"event": index, "pointer": v.pointer, "message": v.message}))
+                .collect();
+            Problem::new(
+                StatusCode::BAD_REQUEST,
+                "schema-violation",
+                "Event data does not match its schema",
+                e.to_string(),
+            )
+            .with("errors", Value::Array(errors))
+            .into_response()
+        }
+        other if other.is_invalid_input() => bad_request(other.to_string()),
+        other => Problem::internal(other).into_response(),
+    }
+}
+
+/// Body of `POST /v1/events/{position}/void`.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct VoidBody {
+    reason: String,
+}
+
+async fn void_event(
+    State(ctx): State<Ctx>,
+    UrlPath(position): UrlPath<String>,
+    body: Result<Json<VoidBody>, axum::extract::rejection::JsonRejection>,
+) -> Response {
+    let Ok(position) = position.parse::<u64>() else {
+        return bad_request(format!(
+            "position {:?} is not a log position (a positive integer)",
+            position.chars().take(32).collect::<String>()
+        ));
+    };
+    let reason = match body {
+        Ok(Json(b)) if !b.reason.trim().is_empty() => b.reason,
+        Ok(_) => return bad_request("voiding needs a non-empty reason (kept for audit)"),
+        Err(e) => {
+            return bad_request(format!(
+                "the body must be {{\"reason\": \"...\"}}: {}",
+                e.body_text()
+            ));
+        }
+    };
+    match ctx.store.void(position, &reason).await {
+        Ok(v) => Json(v).into_response(),
+        Err(EventsError::NoSuchEvent(p)) => problem(
+            StatusCode::NOT_FOUND,
+            "not-found",
+            "Not found",
+            format!("no event at position {p}"),
+        ),
+        Err(e @ EventsError::NotVoidable { .. }) => problem(
+            StatusCode::CONFLICT,
+            "not-voidable",
+            "Cannot be voided",
+            e.to_string(),
+        ),
+        Err(e) => Problem::internal(e).into_response(),
     }
 }
 
@@ -1219,7 +1323,7 @@ pub(crate) fn openapi_document() -> Value {
                 "type": {"type": "string"}, "title": {"type": "string"},
                 "status": {"type": "integer"}, "detail": {"type": "string"},
                 "rule": {"type": "string", "description": "the domain rule that refused the command (422 rejected)"},
-                "position": {"type": "integer", "description": "the stored event that cannot be decoded (500 undecodable-event)"}}}}
+                "position": {"type": "integer", "description": "the stored event that cannot be read (409 invalid-stored-event): void it"}}}}
         },
         "paths": {
             "/v1/projections": {"get": {"summary": "Projections with checkpoint, lag and state", "responses": {"200": ok("projection list")}}},
@@ -1232,7 +1336,7 @@ pub(crate) fn openapi_document() -> Value {
                          "requestBody": {"content": {"application/json": {"schema": {"type": "object", "required": ["events"],
                             "properties": {"expected_version": {"oneOf": [{"type": "integer"}, {"enum": ["none", "any"]}]},
                                            "events": {"type": "array", "items": {"type": "object", "required": ["type", "data"]}}}}}}},
-                         "responses": {"201": ok("appended (deduplicated: true for a retry of the same events)"), "400": err("invalid input"), "401": err("no or wrong token"), "409": err("version conflict, or an event id already used by another event (id-reused)"), "413": err("body too large")}}
+                         "responses": {"201": ok("appended (deduplicated: true for a retry of the same events)"), "400": err("invalid input, unknown event type or schema violation (errors: [{event, pointer, message}])"), "401": err("no or wrong token"), "403": err("reserved category"), "409": err("version conflict, an event id already used by another event (id-reused), or an invalid stored event (invalid-stored-event)"), "413": err("body too large")}}
             },
             "/v1/transfers": {
                 "get": {"summary": "Transfers (filter state: pending, completed, compensated, needs_attention, abandoned)",
@@ -1261,6 +1365,9 @@ pub(crate) fn openapi_document() -> Value {
             "/v1/dlq/{id}": {"get": {"summary": "One dead letter", "security": secured, "responses": {"200": ok("dead letter"), "404": err("unknown id")}}},
             "/v1/dlq/{id}/redrive": {"post": {"summary": "Hand a dead letter back to its consumer, or apply a projection's into it from the log (idempotent)", "security": secured, "responses": {"200": ok("redrive report"), "404": err("unknown id"), "409": err("parked behind an earlier dead letter, or a projection's without a read store here")}}},
             "/v1/dlq/{id}/discard": {"post": {"summary": "Discard a dead letter (and a projection's record and parking), with a reason kept for audit", "security": secured, "responses": {"200": ok("discarded"), "400": err("no reason"), "404": err("unknown id"), "409": err("a projection's dead letter without a read store here")}}},
+            "/v1/events/{position}/void": {"post": {"summary": "Void a bad event: every consumer skips it (idempotent; audited as an event on sluice-void)", "security": secured,
+                         "requestBody": {"content": {"application/json": {"schema": {"type": "object", "required": ["reason"], "properties": {"reason": {"type": "string", "minLength": 1}}}}}},
+                         "responses": {"200": ok("the void"), "400": err("no reason or bad position"), "401": err("no or wrong token"), "404": err("no event there"), "409": err("a void record cannot be voided")}}},
             "/healthz": {"get": {"summary": "Process alive", "responses": {"200": ok("alive")}}},
             "/readyz": {"get": {"summary": "NATS, streams, database and projections ready", "responses": {"200": ok("ready"), "503": ok("not ready")}}},
             "/metrics": {"get": {"summary": "Prometheus metrics", "responses": {"200": {"description": "text exposition format"}}}},
@@ -1283,7 +1390,7 @@ fn declare_path_parameters(doc: &mut Value) {
             .filter_map(|seg| seg.strip_prefix('{')?.strip_suffix('}'))
             .map(|name| {
                 // Dead letters are addressed by their DLQ sequence number.
-                let schema = if path.starts_with("/v1/dlq/") {
+                let schema = if path.starts_with("/v1/dlq/") || path.starts_with("/v1/events/") {
                     json!({"type": "integer", "minimum": 1})
                 } else {
                     json!({"type": "string"})
@@ -1336,6 +1443,7 @@ mod tests {
                 idempotency,
                 db: None,
                 live: Vec::new(),
+                catalog: Arc::new(crate::commands::catalog().unwrap()),
             },
             &opts,
         )
@@ -1433,6 +1541,164 @@ mod tests {
         );
         let (status, _, text) = call(&app, "POST", url, Some(TOKEN), Some(huge)).await;
         assert_eq!(status, StatusCode::PAYLOAD_TOO_LARGE, "{text}");
+    }
+
+    #[tokio::test]
+    async fn the_public_append_checks_schemas_types_and_reserved_categories() {
+        let (app, server) = app(HttpOptions::with_token(TOKEN)).await;
+        let store = server.store().await;
+        let post = |uri: &'static str, body: &'static str| {
+            let app = app.clone();
+            async move { call(&app, "POST", uri, Some(TOKEN), Some(body.to_owned())).await }
+        };
+        let (status, _, body) = post(
+            "/v1/streams/account/s-1",
+            r#"{"events":[{"type":"ledger.account.opened.v1","data":{"owner":"ann","currency":"EUR"}}]}"#,
+        )
+        .await;
+        assert_eq!(status, StatusCode::CREATED, "{body}");
+        let head = store.stream_state().await.unwrap().last_position;
+
+        let (status, headers, body) = post(
+            "/v1/streams/account/s-1",
+            r#"{"events":[{"type":"ledger.account.deposited.v1","data":{"amount":-5}}]}"#,
+        )
+        .await;
+        assert_eq!(status, StatusCode::BAD_REQUEST, "{body}");
+        assert_eq!(headers[header::CONTENT_TYPE], "application/problem+json");
+        let v: Value = serde_json::from_str(&body).unwrap();
+        assert!(
+            v["type"].as_str().unwrap().ends_with("/schema-violation"),
+            "{v}"
+        );
+        assert_eq!(v["errors"][0]["pointer"], "/amount", "{v}");
+        assert_eq!(v["errors"][0]["event"], 0, "{v}");
+        assert!(
+            v["errors"][0]["message"]
+                .as_str()
+                .unwrap()
+                .contains("minimum"),
+            "{v}"
+        );
+
+        let (status, _, body) = post(
+            "/v1/streams/account/s-1",
+            r#"{"events":[{"type":"x.v1","data":{}}]}"#,
+        )
+        .await;
+        assert_eq!(status, StatusCode::BAD_REQUEST, "{body}");
+        let v: Value = serde_json::from_str(&body).unwrap();
+        assert!(
+            v["type"].as_str().unwrap().ends_with("/unknown-event-type"),
+            "{v}"
+        );
+        assert!(
+            v["known"]
+                .as_array()
+                .unwrap()
+                .contains(&json!("ledger.account.deposited.v1"))
+        );
+
+        for uri in [
+            "/v1/streams/cmd-account/acc-1",
+            "/v1/streams/saga-transfer/t-1",
+            "/v1/streams/sluice-void/1",
+        ] {
+            let (status, _, body) = post(
+                uri,
+                r#"{"events":[{"type":"sluice.saga.command.v1","data":{}}]}"#,
+            )
+            .await;
+            assert_eq!(status, StatusCode::FORBIDDEN, "{uri}: {body}");
+            let v: Value = serde_json::from_str(&body).unwrap();
+            assert!(
+                v["type"].as_str().unwrap().ends_with("/reserved-category"),
+                "{v}"
+            );
+        }
+        assert_eq!(
+            store.stream_state().await.unwrap().last_position,
+            head,
+            "nothing refused was written"
+        );
+        // Undeclared categories stay free-form.
+        let (status, _, body) = post(
+            "/v1/streams/thing/t-1",
+            r#"{"events":[{"type":"anything.v1","data":[1,"two"]}]}"#,
+        )
+        .await;
+        assert_eq!(status, StatusCode::CREATED, "{body}");
+    }
+
+    #[tokio::test]
+    async fn voiding_needs_the_token_is_idempotent_and_refuses_unknown_positions() {
+        let (app, server) = app(HttpOptions::with_token(TOKEN)).await;
+        let store = server.store().await;
+        let (status, _, _) = call(
+            &app,
+            "POST",
+            "/v1/streams/account/v-1",
+            Some(TOKEN),
+            Some(opened()),
+        )
+        .await;
+        assert_eq!(status, StatusCode::CREATED);
+        let reason = Some(r#"{"reason":"test"}"#.to_owned());
+        let (status, _, _) = call(&app, "POST", "/v1/events/1/void", None, reason.clone()).await;
+        assert_eq!(status, StatusCode::UNAUTHORIZED);
+        let (status, _, first) = call(
+            &app,
+            "POST",
+            "/v1/events/1/void",
+            Some(TOKEN),
+            reason.clone(),
+        )
+        .await;
+        assert_eq!(status, StatusCode::OK, "{first}");
+        let v: Value = serde_json::from_str(&first).unwrap();
+        assert_eq!(v["position"], 1);
+        assert_eq!(v["stream"], "account/v-1");
+        assert_eq!(v["type"], "ledger.account.opened.v1");
+        let void_position = v["void_position"].as_u64().unwrap();
+        let (status, _, again) = call(
+            &app,
+            "POST",
+            "/v1/events/1/void",
+            Some(TOKEN),
+            Some(r#"{"reason":"other"}"#.to_owned()),
+        )
+        .await;
+        assert_eq!(status, StatusCode::OK);
+        assert_eq!(again, first, "voiding twice answers the same");
+        assert_eq!(
+            store.stream_state().await.unwrap().last_position,
+            void_position
+        );
+        let (status, _, body) = call(
+            &app,
+            "POST",
+            "/v1/events/999/void",
+            Some(TOKEN),
+            reason.clone(),
+        )
+        .await;
+        assert_eq!(status, StatusCode::NOT_FOUND, "{body}");
+        let uri = format!("/v1/events/{void_position}/void");
+        let (status, _, body) = call(&app, "POST", &uri, Some(TOKEN), reason.clone()).await;
+        assert_eq!(status, StatusCode::CONFLICT, "{body}");
+        let (status, _, body) = call(
+            &app,
+            "POST",
+            "/v1/events/1/void",
+            Some(TOKEN),
+            Some(r#"{"reason":" "}"#.to_owned()),
+        )
+        .await;
+        assert_eq!(status, StatusCode::BAD_REQUEST, "{body}");
+        // The voided account is gone for its loaders.
+        let (account, version) = sluice_ledger::account_state(&store, "v-1").await.unwrap();
+        assert!(!account.exists());
+        assert_eq!(version, 1);
     }
 
     #[tokio::test]
@@ -1993,8 +2259,8 @@ mod tests {
         assert_problem(
             "deposit",
             &got,
-            StatusCode::INTERNAL_SERVER_ERROR,
-            "undecodable-event",
+            StatusCode::CONFLICT,
+            "invalid-stored-event",
         );
         assert_eq!(got.2["position"], ack.sequence, "{}", got.2);
     }
@@ -2247,6 +2513,7 @@ mod tests {
                 idempotency,
                 db: Some(side.db.clone()),
                 live: vec![(group.projections[0].name, live.clone())],
+                catalog: Arc::new(crate::commands::catalog().unwrap()),
             },
             &HttpOptions::with_token(TOKEN),
         );

@@ -28,6 +28,24 @@ mod up;
 
 /// Exit code for an optimistic-concurrency conflict or a reused event id.
 const EXIT_CONFLICT: u8 = 3;
+/// Exit code for a usage mistake (e.g. an append the catalog refuses).
+const EXIT_USAGE: u8 = 2;
+
+/// The event store error behind `e`, also when wrapped (transparently) in
+/// a ledger or saga error.
+fn events_error(e: &anyhow::Error) -> Option<&sluice_events::Error> {
+    e.chain().find_map(|c| {
+        c.downcast_ref::<sluice_events::Error>()
+            .or_else(|| match c.downcast_ref::<sluice_ledger::Error>() {
+                Some(sluice_ledger::Error::Events(e)) => Some(e),
+                _ => None,
+            })
+            .or_else(|| match c.downcast_ref::<sluice_sagas::SagaError>() {
+                Some(sluice_sagas::SagaError::Events(e)) => Some(e),
+                _ => None,
+            })
+    })
+}
 
 /// Sluice: an event log you can trust, on NATS JetStream.
 #[derive(Debug, Parser)]
@@ -55,6 +73,9 @@ enum Command {
     Publish(commands::PublishArgs),
     /// Print an aggregate's events.
     Read(commands::ReadArgs),
+    /// Events in the log: void a bad one.
+    #[command(subcommand)]
+    Event(commands::EventCommand),
     /// Follow events as they are appended.
     Tail(commands::TailArgs),
     /// Server version, stream state and a durability check.
@@ -181,6 +202,7 @@ async fn main() -> ExitCode {
         Command::Publish(args) => commands::publish(args, cli.nats_url, &cli.home)
             .await
             .map(|()| ExitCode::SUCCESS),
+        Command::Event(cmd) => commands::event(cmd, cli.nats_url, &cli.home).await,
         Command::Read(args) => commands::read(args, cli.nats_url, &cli.home)
             .await
             .map(|()| ExitCode::SUCCESS),
@@ -230,6 +252,13 @@ async fn main() -> ExitCode {
             // One line for people; the chain for the curious.
             let chain: Vec<String> = e.chain().map(ToString::to_string).collect();
             eprintln!("error: {}", chain.join(": "));
+            if let Some(position) =
+                events_error(&e).and_then(sluice_events::Error::stored_event_position)
+            {
+                eprintln!(
+                    "hint: if that event is wrong, void it (every consumer then skips it): sluice event void {position} --reason \"...\""
+                );
+            }
             ExitCode::from(exit_code(&e))
         }
     }
@@ -240,21 +269,12 @@ async fn main() -> ExitCode {
 /// most before anything is sent), 1 otherwise; by kind, through the crates'
 /// wrappers, never by text.
 fn exit_code(e: &anyhow::Error) -> u8 {
-    let events = e
-        .downcast_ref::<sluice_events::Error>()
-        .or_else(|| match e.downcast_ref::<sluice_ledger::Error>() {
-            Some(sluice_ledger::Error::Events(inner)) => Some(inner),
-            _ => None,
-        })
-        .or_else(|| match e.downcast_ref::<sluice_sagas::SagaError>() {
-            Some(sluice_sagas::SagaError::Events(inner)) => Some(inner),
-            _ => None,
-        });
-    match events {
+    match events_error(e) {
         Some(ev) if ev.is_conflict() || ev.is_id_reused() => EXIT_CONFLICT,
+        Some(ev) if ev.is_refused_by_catalog() => EXIT_USAGE,
         Some(
             sluice_events::Error::InvalidToken { .. } | sluice_events::Error::InvalidEventId(_),
-        ) => 2,
+        ) => EXIT_USAGE,
         _ => match e.downcast_ref::<sluice_ledger::Error>() {
             Some(l) => l.exit_code(),
             None => 1,

@@ -306,6 +306,7 @@ async fn run(
                     idempotency,
                     db: Some(side.db.clone()),
                     live,
+                    catalog: Arc::new(crate::commands::catalog()?),
                 },
                 &opts,
             );

@@ -1495,3 +1495,277 @@ fn reused_event_ids_and_idempotency_keys_are_refused_at_the_command_line() {
     assert!(o.status.success(), "{:?}", text(&o));
     assert_eq!(balance("acc-3"), 5);
 }
+
+/// The HTTP address and auth header of a running `sluice up`.
+fn api(home: &Path) -> (String, String) {
+    let endpoint: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(home.join("endpoint.json")).unwrap()).unwrap();
+    let token = std::fs::read_to_string(home.join("token")).unwrap();
+    (
+        endpoint["http_addr"].as_str().unwrap().to_owned(),
+        format!("Authorization: Bearer {}\r\n", token.trim()),
+    )
+}
+
+/// Publishes straight to NATS, around every check (as any NATS client with
+/// publish rights can): binary-mode CloudEvents headers, the given data.
+/// Returns the position.
+fn raw_publish(home: &Path, subject: &str, event_type: &str, data: &str) -> u64 {
+    let endpoint: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(home.join("endpoint.json")).unwrap()).unwrap();
+    let url = endpoint["nats_url"].as_str().unwrap().to_owned();
+    let (subject, event_type, data) = (subject.to_owned(), event_type.to_owned(), data.to_owned());
+    tokio::runtime::Runtime::new()
+        .unwrap()
+        .block_on(async move {
+            let client = async_nats::connect(url).await.unwrap();
+            let js = async_nats::jetstream::new(client);
+            let mut h = async_nats::HeaderMap::new();
+            let id = format!("raw-{}", subject.replace('.', "-"));
+            for (k, v) in [
+                ("ce-specversion", "1.0"),
+                ("ce-id", id.as_str()),
+                ("ce-source", "urn:raw-client"),
+                ("ce-type", event_type.as_str()),
+                ("Content-Type", "application/json"),
+            ] {
+                h.insert(k, v);
+            }
+            js.publish_with_headers(subject, h, data.into_bytes().into())
+                .await
+                .unwrap()
+                .await
+                .unwrap()
+                .sequence
+        })
+}
+
+/// Polls `f` every 100 ms for up to `secs`; true once it held.
+fn eventually(secs: u64, mut f: impl FnMut() -> bool) -> bool {
+    let deadline = Instant::now() + Duration::from_secs(secs);
+    while Instant::now() < deadline {
+        if f() {
+            return true;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    f()
+}
+
+fn ok(home: &Path, args: &[&str]) -> String {
+    let o = sluice(home, args);
+    let (out, err) = text(&o);
+    assert!(o.status.success(), "{args:?}: {out}{err}");
+    out
+}
+
+fn transfer_state(home: &Path, from: &str, to: &str, id: &str) -> serde_json::Value {
+    let o = sluice(
+        home,
+        &[
+            "transfer", from, to, "100", "--id", id, "--wait", "15", "--json",
+        ],
+    );
+    let (out, err) = text(&o);
+    let _ = err;
+    let o = sluice(home, &["saga", "show", id, "--json"]);
+    let (show, err) = text(&o);
+    assert!(o.status.success(), "{out} {show} {err}");
+    let v: serde_json::Value = serde_json::from_str(show.trim()).unwrap();
+    v["transfer"].clone()
+}
+
+#[test]
+fn the_public_append_refuses_bad_events_and_a_void_repairs_one_written_around_it() {
+    let home = tempfile::tempdir().unwrap();
+    let home = home.path();
+    let _up = start_up(home);
+    ok(home, &["ledger", "open", "acc-1", "--owner", "ann"]);
+    ok(home, &["ledger", "deposit", "acc-1", "1000"]);
+    ok(home, &["ledger", "open", "acc-2", "--owner", "bob"]);
+    let head = || {
+        let out = ok(home, &["status", "--json"]);
+        let v: serde_json::Value = serde_json::from_str(out.trim()).unwrap();
+        v["stream"]["last_position"].as_u64().unwrap()
+    };
+    let before = head();
+
+    // The public append refuses, exit 2, nothing written.
+    for (stream, t, data, want) in [
+        (
+            "account/acc-2",
+            "ledger.account.deposited.v1",
+            r#"{"amount":-5}"#,
+            "/amount",
+        ),
+        ("account/acc-2", "x.v1", "{}", "declares no event type"),
+        (
+            "cmd-account/acc-1",
+            "sluice.saga.command.v1",
+            "{}",
+            "reserved",
+        ),
+        (
+            "saga-transfer/t-1",
+            "sluice.saga.started.v1",
+            "{}",
+            "reserved",
+        ),
+    ] {
+        let o = sluice(home, &["publish", stream, "--type", t, "--data", data]);
+        let (_, err) = text(&o);
+        assert_eq!(o.status.code(), Some(2), "{stream} {t}: {err}");
+        assert!(err.contains(want), "{stream} {t}: {err}");
+    }
+    assert_eq!(head(), before, "nothing refused was written");
+
+    // Finding 6: a raw client writes a negative deposit around the checks.
+    let bad = raw_publish(
+        home,
+        "events.account.acc-2",
+        "ledger.account.deposited.v1",
+        r#"{"amount":-5}"#,
+    );
+    let advice = format!("sluice event void {bad}");
+    let o = sluice(home, &["ledger", "show", "acc-2"]);
+    let (_, err) = text(&o);
+    assert_eq!(o.status.code(), Some(1), "{err}");
+    assert!(
+        err.contains(&format!("event at position {bad}")) && err.contains("amount must be > 0"),
+        "{err}"
+    );
+    assert!(err.contains(&advice), "{err}");
+    assert!(!err.contains("not valid JSON"), "{err}");
+    let o = sluice(home, &["ledger", "deposit", "acc-2", "5"]);
+    let (_, err) = text(&o);
+    assert!(
+        !o.status.success() && err.contains(&format!("position {bad}")),
+        "{err}"
+    );
+    // The read model says the row is parked behind it.
+    let (http, auth) = api(home);
+    assert!(
+        eventually(10, || {
+            let (_, headers, _) = support::http_full(
+                &http,
+                "GET",
+                "/v1/projections/account_balances/rows/acc-2",
+                "",
+                "",
+            );
+            headers.contains(&format!("sluice-parked-behind: {bad}"))
+        }),
+        "the row of acc-2 says it is parked"
+    );
+    // A transfer to it is refused by the target and refunded.
+    let t = transfer_state(home, "acc-1", "acc-2", "t-bad");
+    assert_eq!(t["state"], "compensated", "{t}");
+    assert!(t.to_string().contains(&format!("position {bad}")), "{t}");
+
+    // Void it (twice: the same answer).
+    let first = ok(
+        home,
+        &[
+            "event",
+            "void",
+            &bad.to_string(),
+            "--reason",
+            "negative deposit",
+            "--json",
+        ],
+    );
+    let again = ok(
+        home,
+        &[
+            "event",
+            "void",
+            &bad.to_string(),
+            "--reason",
+            "again",
+            "--json",
+        ],
+    );
+    assert_eq!(first, again);
+    let v: serde_json::Value = serde_json::from_str(first.trim()).unwrap();
+    assert_eq!(v["stream"], "account/acc-2");
+    let o = sluice(home, &["event", "void", "999999", "--reason", "x"]);
+    assert_eq!(o.status.code(), Some(1), "{:?}", text(&o));
+    let void_record = v["void_position"].as_u64().unwrap().to_string();
+    let o = sluice(home, &["event", "void", &void_record, "--reason", "x"]);
+    assert_eq!(o.status.code(), Some(1), "{:?}", text(&o));
+    let o = sluice(home, &["event", "void", "1", "--reason", " "]);
+    assert_eq!(o.status.code(), Some(2), "{:?}", text(&o));
+
+    // Everything works again.
+    ok(home, &["ledger", "show", "acc-2"]);
+    ok(home, &["ledger", "deposit", "acc-2", "5"]);
+    assert!(
+        eventually(10, || {
+            let (status, headers, body) = support::http_full(
+                &http,
+                "GET",
+                "/v1/projections/account_balances/rows/acc-2",
+                "",
+                "",
+            );
+            status == 200
+                && !headers.contains("sluice-parked-behind")
+                && body.contains(r#""balance":5"#)
+        }),
+        "the row of acc-2 catches up once the bad event is voided"
+    );
+    let t = transfer_state(home, "acc-1", "acc-2", "t-good");
+    assert_eq!(t["state"], "completed", "{t}");
+    let _ = auth;
+}
+
+#[test]
+fn a_malformed_command_blocks_its_account_until_it_is_voided() {
+    let home = tempfile::tempdir().unwrap();
+    let home = home.path();
+    let _up = start_up(home);
+    ok(home, &["ledger", "open", "acc-1", "--owner", "ann"]);
+    ok(home, &["ledger", "deposit", "acc-1", "1000"]);
+    ok(home, &["ledger", "open", "acc-2", "--owner", "bob"]);
+    let bad = raw_publish(
+        home,
+        "events.cmd-account.acc-1",
+        "sluice.saga.command.v1",
+        r#"{"nope":1}"#,
+    );
+    // Give the worker time to dead-letter it and park acc-1's commands.
+    std::thread::sleep(Duration::from_secs(2));
+    let o = sluice(
+        home,
+        &[
+            "transfer", "acc-1", "acc-2", "100", "--id", "t-stuck", "--wait", "3", "--json",
+        ],
+    );
+    let _ = text(&o);
+    let o = sluice(home, &["saga", "show", "t-stuck", "--json"]);
+    let (show, _) = text(&o);
+    assert!(
+        show.contains(r#""state":"pending""#),
+        "the debit waits behind the malformed command: {show}"
+    );
+
+    ok(
+        home,
+        &[
+            "event",
+            "void",
+            &bad.to_string(),
+            "--reason",
+            "malformed command",
+        ],
+    );
+    assert!(
+        eventually(20, || {
+            let o = sluice(home, &["saga", "show", "t-stuck", "--json"]);
+            text(&o).0.contains(r#""state":"completed""#)
+        }),
+        "the parked debit runs once the malformed command is voided"
+    );
+    let t = transfer_state(home, "acc-1", "acc-2", "t-after");
+    assert_eq!(t["state"], "completed", "{t}");
+}

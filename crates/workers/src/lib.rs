@@ -21,6 +21,9 @@
 //!   contract are dead-lettered with the decoder's precise reason; panics are
 //!   caught as permanent failures; a worker that crashes or hangs on a
 //!   message still leaves a dead letter through the server's advisories.
+//! - **Voided events are skipped.** An event an operator voided is acked
+//!   without running the handler; its dead letter, when it heads a parked
+//!   aggregate, is handed back so the aggregate is released.
 #![warn(clippy::unwrap_used)]
 
 mod advisory;
@@ -34,6 +37,7 @@ mod lane;
 mod park;
 mod policy;
 mod runtime;
+mod voids;
 
 pub use error::Error;
 pub use handler::{BoxError, Delivery, Handler, HandlerError, HandlerResult};

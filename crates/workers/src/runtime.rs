@@ -20,7 +20,7 @@ use std::time::Duration;
 
 use async_nats::jetstream::{self, AckKind, consumer};
 use futures::{FutureExt, StreamExt};
-use sluice_events::{DEFAULT_MAX_PAYLOAD, EVENTS_STREAM, Envelope, EventStore, StreamId};
+use sluice_events::{DEFAULT_MAX_PAYLOAD, EVENTS_STREAM, Envelope, EventStore, StreamId, Voided};
 use tokio::sync::mpsc;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
@@ -374,6 +374,8 @@ struct Ctx<H> {
     config: WorkerConfig,
     handler: H,
     parks: Parks,
+    /// Voided events: skipped, never handed to the handler.
+    voided: Voided,
 }
 
 /// Runs a worker until `cancel` fires, then stops fetching, lets handlers in
@@ -407,12 +409,23 @@ pub async fn run<H: Handler>(
         config.partition_consumers(),
         background.clone(),
     ));
+    let voided = store
+        .voided()
+        .await
+        .map_err(|e| Error::nats("loading the voided events", e))?;
+    tokio::spawn(crate::voids::release_voided(
+        js.clone(),
+        config.name,
+        voided.clone(),
+        background.clone(),
+    ));
     let ctx = Arc::new(Ctx {
         js: js.clone(),
         client: store.client().clone(),
         config: config.clone(),
         handler,
         parks,
+        voided,
     });
 
     // Every task lives in a JoinSet, and the background token is cancelled
@@ -889,6 +902,13 @@ async fn process_inner<H: Handler>(ctx: &Ctx<H>, m: &Incoming) -> Result<Step, E
         }
     };
 
+    // A voided event is not handled: acked as done (a redriven one releases
+    // its aggregate, as a handled redrive does).
+    if ctx.voided.contains(m.seq) {
+        tracing::info!(worker = cfg.name, subject = %m.subject, seq = m.seq, "voided event skipped");
+        return acked(ctx, m, &stream_id, "voided").await;
+    }
+
     // Sequence-aware dead-lettering: a live event of a parked aggregate goes
     // behind its head instead of being applied out of order.
     if let Source::Live = m.source
@@ -986,31 +1006,7 @@ async fn process_inner<H: Handler>(ctx: &Ctx<H>, m: &Incoming) -> Result<Step, E
         ),
     };
     match decide(&outcome, m.delivered, &cfg.retry, jitter_unit()) {
-        Action::Ack => {
-            // A redriven event releases its aggregate before the ack: if the
-            // release fails, the redelivery retries it (the handler is
-            // idempotent); acking first could leave the aggregate parked.
-            if let Source::Redrive { last, .. } = m.source {
-                let released = ctx.parks.release_after(&stream_id, m.seq).await?;
-                if !released && last {
-                    // Events of the aggregate were parked while this redrive
-                    // ran: hand them back too, behind it.
-                    let js = ctx.js.clone();
-                    let (consumer, subject) = (cfg.name.to_owned(), m.subject.clone());
-                    tokio::spawn(async move {
-                        if let Err(e) = dlq::redrive_aggregate(&js, &consumer, &subject).await {
-                            tracing::warn!(consumer = %consumer, subject = %subject, error = %e, "could not continue the redrive of a parked aggregate");
-                        }
-                    });
-                }
-            }
-            m.msg
-                .ack()
-                .await
-                .map_err(|e| Error::nats("acknowledging a message", e))?;
-            metrics::counter!("sluice_handler_outcomes_total", "worker" => cfg.name, "outcome" => "ok").increment(1);
-            Ok(Step::Done)
-        }
+        Action::Ack => acked(ctx, m, &stream_id, "ok").await,
         Action::Retry(delay) => {
             metrics::counter!("sluice_handler_outcomes_total", "worker" => cfg.name, "outcome" => "retry").increment(1);
             tracing::info!(worker = cfg.name, subject = %m.subject, seq = m.seq, attempt = m.delivered, retry_in = ?delay, "transient failure; retrying");
@@ -1025,6 +1021,40 @@ async fn process_inner<H: Handler>(ctx: &Ctx<H>, m: &Incoming) -> Result<Step, E
             dead_letter(ctx, m, &stream_id, reason, kind, &write).await
         }
     }
+}
+
+/// Acks a message that is done (handled, or voided). A redriven event
+/// releases its aggregate before the ack: if the release fails, the
+/// redelivery retries it (the handler is idempotent); acking first could
+/// leave the aggregate parked.
+async fn acked<H: Handler>(
+    ctx: &Ctx<H>,
+    m: &Incoming,
+    stream_id: &StreamId,
+    outcome: &'static str,
+) -> Result<Step, Error> {
+    let cfg = &ctx.config;
+    if let Source::Redrive { last, .. } = m.source {
+        let released = ctx.parks.release_after(stream_id, m.seq).await?;
+        if !released && last {
+            // Events of the aggregate were parked while this redrive
+            // ran: hand them back too, behind it.
+            let js = ctx.js.clone();
+            let (consumer, subject) = (cfg.name.to_owned(), m.subject.clone());
+            tokio::spawn(async move {
+                if let Err(e) = dlq::redrive_aggregate(&js, &consumer, &subject).await {
+                    tracing::warn!(consumer = %consumer, subject = %subject, error = %e, "could not continue the redrive of a parked aggregate");
+                }
+            });
+        }
+    }
+    m.msg
+        .ack()
+        .await
+        .map_err(|e| Error::nats("acknowledging a message", e))?;
+    metrics::counter!("sluice_handler_outcomes_total", "worker" => cfg.name, "outcome" => outcome)
+        .increment(1);
+    Ok(Step::Done)
 }
 
 /// Copy to the DLQ (awaited), park the aggregate, then `+TERM` the original.

@@ -57,8 +57,9 @@ pub enum ProblemType {
     RateLimited,
     /// Request headers are too large.
     HeadersTooLarge,
-    /// A stored event cannot be decoded (its `position` is given).
-    UndecodableEvent,
+    /// A stored event is invalid (its `position` is given): an operator
+    /// voids it, and the aggregate loads again.
+    InvalidStoredEvent,
     /// The server failed; the cause is in its log.
     Internal,
     /// A dependency (NATS, the read store) is unavailable: retry later.
@@ -83,7 +84,7 @@ impl ProblemType {
             Self::IdempotencyKeyReused => "idempotency-key-reused",
             Self::RateLimited => "rate-limited",
             Self::HeadersTooLarge => "headers-too-large",
-            Self::UndecodableEvent => "undecodable-event",
+            Self::InvalidStoredEvent => "invalid-stored-event",
             Self::Internal => "internal",
             Self::Unavailable => "unavailable",
             Self::NotCaughtUp => "not-caught-up",
@@ -104,7 +105,8 @@ impl ProblemType {
             Self::Rejected | Self::IdempotencyKeyReused => StatusCode::UNPROCESSABLE_ENTITY,
             Self::RateLimited => StatusCode::TOO_MANY_REQUESTS,
             Self::HeadersTooLarge => StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
-            Self::UndecodableEvent | Self::Internal => StatusCode::INTERNAL_SERVER_ERROR,
+            Self::Internal => StatusCode::INTERNAL_SERVER_ERROR,
+            Self::InvalidStoredEvent => StatusCode::CONFLICT,
             Self::Unavailable | Self::NotCaughtUp => StatusCode::SERVICE_UNAVAILABLE,
         }
     }
@@ -124,7 +126,7 @@ impl ProblemType {
             Self::IdempotencyKeyReused => "Idempotency key reused",
             Self::RateLimited => "Too many requests",
             Self::HeadersTooLarge => "Request headers too large",
-            Self::UndecodableEvent => "Undecodable event",
+            Self::InvalidStoredEvent => "Invalid event in the log",
             Self::Internal => "Internal error",
             Self::Unavailable => "Service unavailable",
             Self::NotCaughtUp => "Projection not caught up",
@@ -266,17 +268,30 @@ impl IntoResponse for Problem {
     }
 }
 
+impl Problem {
+    /// The answer for an event store error (the same as `From`), for
+    /// `map_err` at call sites that name it.
+    pub fn from_events(e: sluice_events::Error) -> Self {
+        Self::from(e)
+    }
+}
+
 impl From<sluice_events::Error> for Problem {
     /// By kind: the caller's input 400, a conflict 409, a stored event that
-    /// cannot be read 500 with its position, trouble reaching NATS 503.
+    /// cannot be read 409 with its position (the remedy: void it), trouble reaching NATS 503.
     fn from(e: sluice_events::Error) -> Self {
         use sluice_events::Error as E;
         match e {
-            E::Undecodable { position, .. } => Self::of(
-                ProblemType::UndecodableEvent,
-                format!("{e}; the aggregate cannot be read until an operator repairs that event"),
-            )
-            .with("position", position),
+            e if e.stored_event_position().is_some() => {
+                let position = e.stored_event_position().unwrap_or_default();
+                Self::of(
+                    ProblemType::InvalidStoredEvent,
+                    format!(
+                        "{e}: an operator can void it with POST /v1/events/{position}/void (or `sluice event void {position} --reason ...`)"
+                    ),
+                )
+                .with("position", position)
+            }
             E::Conflict { .. } => Self::of(ProblemType::Conflict, e.to_string()),
             e if e.is_invalid_input() => Self::bad_request(e.to_string()),
             e if e.is_transient() => Self::unavailable(e),

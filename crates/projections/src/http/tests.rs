@@ -435,10 +435,10 @@ async fn a_stream_holding_an_undecodable_event_names_its_position() {
         .await
         .expect("ack");
     let (status, h, body) = problem_of(&f.state, "GET", "/v1/streams/thing/bad-1").await;
-    assert_eq!(status, StatusCode::INTERNAL_SERVER_ERROR, "{body}");
+    assert_eq!(status, StatusCode::CONFLICT, "{body}");
     assert_eq!(
         body["type"],
-        "https://sluice.invalid/problems/undecodable-event"
+        "https://sluice.invalid/problems/invalid-stored-event"
     );
     assert_eq!(body["position"], ack.sequence, "{body}");
     assert_ne!(ack.sequence, first);

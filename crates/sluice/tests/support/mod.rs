@@ -17,6 +17,18 @@ pub(crate) fn http(
     headers: &str,
     body: &str,
 ) -> (u16, String) {
+    let (status, _, body) = http_full(addr, method, path, headers, body);
+    (status, body)
+}
+
+/// [`http`] with the response's header block (lower-cased) too.
+pub(crate) fn http_full(
+    addr: &str,
+    method: &str,
+    path: &str,
+    headers: &str,
+    body: &str,
+) -> (u16, String, String) {
     let mut s = TcpStream::connect(addr).unwrap();
     s.set_read_timeout(Some(Duration::from_secs(15))).unwrap();
     write!(
@@ -32,11 +44,8 @@ pub(crate) fn http(
         .nth(1)
         .and_then(|c| c.parse().ok())
         .unwrap_or(0);
-    let body = raw
-        .split_once("\r\n\r\n")
-        .map(|(_, b)| b.to_owned())
-        .unwrap_or_default();
-    (status, body)
+    let (head, body) = raw.split_once("\r\n\r\n").unwrap_or((raw.as_str(), ""));
+    (status, head.to_ascii_lowercase(), body.to_owned())
 }
 
 /// A running `sluice up`, stopped when dropped.
