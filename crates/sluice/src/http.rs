@@ -38,6 +38,10 @@ use tower_http::limit::RequestBodyLimitLayer;
 use tower_http::timeout::TimeoutLayer;
 use tracing::Instrument;
 
+mod conn;
+
+pub(crate) use conn::ConnLimits;
+
 /// Limits and security of the HTTP API.
 #[derive(Debug, Clone)]
 pub(crate) struct HttpOptions {
@@ -55,6 +59,9 @@ pub(crate) struct HttpOptions {
     pub(crate) cors_origins: Vec<String>,
     /// Reverse proxies whose `X-Forwarded-For` the rate limiter believes.
     pub(crate) trusted_proxies: Vec<IpNet>,
+    /// What one connection may hold: timeouts, the connection cap, header
+    /// sizes.
+    pub(crate) conn: ConnLimits,
 }
 
 impl HttpOptions {
@@ -68,6 +75,7 @@ impl HttpOptions {
             timeout: Duration::from_secs(30),
             cors_origins: Vec::new(),
             trusted_proxies: Vec::new(),
+            conn: ConnLimits::default(),
         }
     }
 }
@@ -187,6 +195,13 @@ pub(crate) fn router(queries: Router, parts: Parts, opts: &HttpOptions) -> Route
         .merge(queries)
         .layer(middleware::from_fn(json_objects_only))
         .layer(middleware::from_fn_with_state(ctx.clone(), rate_limit))
+        .layer(middleware::from_fn_with_state(
+            HeaderLimits {
+                bytes: opts.conn.max_header_bytes,
+                fields: opts.conn.max_headers,
+            },
+            header_limits,
+        ))
         .layer(middleware::from_fn(record_metrics))
         .layer(RequestBodyLimitLayer::new(opts.body_limit))
         .layer(TimeoutLayer::with_status_code(
@@ -237,19 +252,52 @@ pub(crate) async fn bind(addr: SocketAddr) -> anyhow::Result<tokio::net::TcpList
 }
 
 /// Serves `app` on a bound `listener` until `shutdown`, with client
-/// addresses for the rate limiter.
+/// addresses for the rate limiter and `limits` on what each connection may
+/// hold (see [`conn`]).
 pub(crate) async fn serve(
     listener: tokio::net::TcpListener,
     app: Router,
+    limits: ConnLimits,
     shutdown: CancellationToken,
 ) -> anyhow::Result<()> {
-    axum::serve(
-        listener,
-        app.into_make_service_with_connect_info::<SocketAddr>(),
-    )
-    .with_graceful_shutdown(async move { shutdown.cancelled().await })
-    .await?;
-    Ok(())
+    conn::serve(listener, app, limits, shutdown).await
+}
+
+/// The configured header limits (`http.max_header_bytes`,
+/// `http.max_headers`).
+#[derive(Debug, Clone, Copy)]
+struct HeaderLimits {
+    bytes: usize,
+    fields: usize,
+}
+
+/// Refuses requests whose headers exceed the configured limits with a 431
+/// problem. hyper's own limits are [`conn::HARD_LIMIT_FACTOR`] times these,
+/// so everything between reaches this layer and gets a body saying what to
+/// fix; only beyond does hyper answer a bare 431 and close.
+async fn header_limits(State(limits): State<HeaderLimits>, req: Request, next: Next) -> Response {
+    let headers = req.headers();
+    // As on the wire: `name: value\r\n` per field, plus the request line.
+    let bytes = req.method().as_str().len()
+        + req.uri().to_string().len()
+        + 12
+        + headers
+            .iter()
+            .map(|(n, v)| n.as_str().len() + v.len() + 4)
+            .sum::<usize>();
+    if headers.len() > limits.fields || bytes > limits.bytes {
+        return Problem::of(
+            ProblemType::HeadersTooLarge,
+            format!(
+                "the request line and headers are {bytes} bytes in {} fields; the server takes at most {} bytes in {} fields (http.max_header_bytes, http.max_headers)",
+                headers.len(),
+                limits.bytes,
+                limits.fields
+            ),
+        )
+        .into_response();
+    }
+    next.run(req).await
 }
 
 fn problem(

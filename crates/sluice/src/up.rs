@@ -288,6 +288,7 @@ async fn run(
                 opts.rate_per_sec = r;
                 opts.burst = r.saturating_mul(2);
             }
+            opts.conn = config.conn_limits(opts.timeout);
             let app = http::router(
                 sluice_projections::http::app(state),
                 http::Parts {
@@ -300,10 +301,10 @@ async fn run(
             // Bound here, so a taken port stops the start with its reason.
             let listener = http::bind(config.http_addr()).await?;
             http_addr = Some(listener.local_addr()?);
-            let sd = shutdown.clone();
-            tasks.push(tokio::spawn(
-                async move { http::serve(listener, app, sd).await },
-            ));
+            let (sd, limits) = (shutdown.clone(), opts.conn.clone());
+            tasks.push(tokio::spawn(async move {
+                http::serve(listener, app, limits, sd).await
+            }));
         }
         if let Some(p) = projector {
             let sd = shutdown.clone();
