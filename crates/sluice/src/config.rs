@@ -101,6 +101,11 @@ pub(crate) struct HttpSection {
     pub(crate) max_header_bytes: Option<usize>,
     /// Most request header fields (default 100).
     pub(crate) max_headers: Option<usize>,
+    /// PEM certificate chain (leaf first): with `tls_key`, the API speaks
+    /// HTTPS only.
+    pub(crate) tls_cert: Option<PathBuf>,
+    /// PEM private key of `tls_cert`.
+    pub(crate) tls_key: Option<PathBuf>,
 }
 
 /// Default ack wait of the ledger's workers.
@@ -193,6 +198,12 @@ impl Config {
         }
         if let Some(v) = env("SLUICE_HTTP_TOKEN_FILE") {
             c.http.token_file = Some(v.into());
+        }
+        if let Some(v) = env("SLUICE_HTTP_TLS_CERT") {
+            c.http.tls_cert = Some(v.into());
+        }
+        if let Some(v) = env("SLUICE_HTTP_TLS_KEY") {
+            c.http.tls_key = Some(v.into());
         }
         if let Some(v) = env("SLUICE_HTTP_TRUSTED_PROXIES") {
             c.http.trusted_proxies = v
@@ -324,7 +335,14 @@ impl Config {
                 );
             }
         }
+        if self.http.tls_cert.is_some() != self.http.tls_key.is_some() {
+            bail!(
+                "http.tls_cert and http.tls_key go together: set both (SLUICE_HTTP_TLS_CERT, SLUICE_HTTP_TLS_KEY) for HTTPS, or neither for plain HTTP"
+            );
+        }
         for (what, file) in [
+            ("http.tls_cert", &self.http.tls_cert),
+            ("http.tls_key", &self.http.tls_key),
             ("nats.password_file", &self.nats.password_file),
             ("nats.nkey_seed_file", &self.nats.nkey_seed_file),
             ("nats.creds_file", &self.nats.creds_file),
@@ -573,6 +591,11 @@ mod tests {
             ("[http]\nheader_read_timeout_secs = 0\n", "at least 1"),
             ("[http]\nmax_header_bytes = 100\n", "at least 1024"),
             ("[http]\nmax_connections = 0\n", "too small"),
+            ("[http]\ntls_cert = \"/nope.pem\"\n", "go together"),
+            (
+                "[http]\ntls_cert = \"/nope.pem\"\ntls_key = \"/nope.key\"\n",
+                "no such file",
+            ),
         ];
         let dir = tempfile::tempdir().unwrap();
         for (text, expected) in cases {

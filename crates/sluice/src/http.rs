@@ -39,8 +39,10 @@ use tower_http::timeout::TimeoutLayer;
 use tracing::Instrument;
 
 mod conn;
+mod tls;
 
 pub(crate) use conn::ConnLimits;
+pub(crate) use tls::acceptor as tls_acceptor;
 
 /// Limits and security of the HTTP API.
 #[derive(Debug, Clone)]
@@ -253,14 +255,15 @@ pub(crate) async fn bind(addr: SocketAddr) -> anyhow::Result<tokio::net::TcpList
 
 /// Serves `app` on a bound `listener` until `shutdown`, with client
 /// addresses for the rate limiter and `limits` on what each connection may
-/// hold (see [`conn`]).
+/// hold (see [`conn`]); HTTPS when `tls` is given (see [`tls_acceptor`]).
 pub(crate) async fn serve(
     listener: tokio::net::TcpListener,
     app: Router,
     limits: ConnLimits,
+    tls: Option<tokio_rustls::TlsAcceptor>,
     shutdown: CancellationToken,
 ) -> anyhow::Result<()> {
-    conn::serve(listener, app, limits, shutdown).await
+    conn::serve(listener, app, limits, tls, shutdown).await
 }
 
 /// The configured header limits (`http.max_header_bytes`,

@@ -229,6 +229,7 @@ async fn run(
 
     // The read side: projector and/or API.
     let mut http_addr = None;
+    let mut http_scheme = "http";
     let mut read_store: Option<String> = None;
     let mut token_file: Option<PathBuf> = None;
     let mut tasks: Vec<tokio::task::JoinHandle<anyhow::Result<()>>> = Vec::new();
@@ -298,12 +299,18 @@ async fn run(
                 },
                 &opts,
             );
+            // Read before binding, so a bad certificate stops the start.
+            let tls = match (&config.http.tls_cert, &config.http.tls_key) {
+                (Some(cert), Some(key)) => Some(http::tls_acceptor(cert, key)?),
+                _ => None,
+            };
+            http_scheme = if tls.is_some() { "https" } else { "http" };
             // Bound here, so a taken port stops the start with its reason.
             let listener = http::bind(config.http_addr()).await?;
             http_addr = Some(listener.local_addr()?);
             let (sd, limits) = (shutdown.clone(), opts.conn.clone());
             tasks.push(tokio::spawn(async move {
-                http::serve(listener, app, limits, sd).await
+                http::serve(listener, app, limits, tls, sd).await
             }));
         }
         if let Some(p) = projector {
@@ -380,7 +387,7 @@ async fn run(
     );
     if let Some(addr) = http_addr {
         println!(
-            "  http:    http://{addr}/v1/projections  (openapi: /openapi.json, metrics: /metrics)"
+            "  http:    {http_scheme}://{addr}/v1/projections  (openapi: /openapi.json, metrics: /metrics)"
         );
     }
     println!(

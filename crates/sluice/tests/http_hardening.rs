@@ -189,3 +189,77 @@ fn oversized_request_headers_get_a_431_problem() {
     // Normal requests are untouched.
     assert_eq!(get_with_headers(&addr, "X-Ok: 1\r\n").0, 200);
 }
+
+#[test]
+fn up_serves_https_with_the_configured_certificate() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    use tokio_rustls::rustls::pki_types::ServerName;
+    use tokio_rustls::rustls::{ClientConfig, RootCertStore, crypto};
+
+    let home = tempfile::tempdir().unwrap();
+    let made = rcgen::generate_simple_self_signed(vec!["localhost".to_owned()]).unwrap();
+    let (cert, key) = (home.path().join("api.pem"), home.path().join("api-key.pem"));
+    std::fs::write(&cert, made.cert.pem()).unwrap();
+    std::fs::write(&key, made.signing_key.serialize_pem()).unwrap();
+    let _up = support::start_up(BIN, home.path(), |cmd| {
+        cmd.env("SLUICE_HTTP_TLS_CERT", &cert)
+            .env("SLUICE_HTTP_TLS_KEY", &key);
+    });
+    let addr = http_addr(home.path());
+
+    let mut roots = RootCertStore::empty();
+    roots.add(made.cert.der().clone()).unwrap();
+    let config =
+        ClientConfig::builder_with_provider(std::sync::Arc::new(crypto::ring::default_provider()))
+            .with_safe_default_protocol_versions()
+            .unwrap()
+            .with_root_certificates(roots)
+            .with_no_client_auth();
+    let connector = tokio_rustls::TlsConnector::from(std::sync::Arc::new(config));
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    let raw = rt.block_on(async {
+        let tcp = tokio::net::TcpStream::connect(&addr).await.unwrap();
+        let mut s = connector
+            .connect(ServerName::try_from("localhost").unwrap(), tcp)
+            .await
+            .unwrap();
+        s.write_all(b"GET /healthz HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n")
+            .await
+            .unwrap();
+        let mut raw = Vec::new();
+        let _ = tokio::time::timeout(Duration::from_secs(10), s.read_to_end(&mut raw)).await;
+        String::from_utf8_lossy(&raw).into_owned()
+    });
+    assert!(raw.starts_with("HTTP/1.1 200"), "{raw}");
+    // Plain HTTP on the same port is not served.
+    let mut plain = TcpStream::connect(&addr).unwrap();
+    plain
+        .set_read_timeout(Some(Duration::from_secs(10)))
+        .unwrap();
+    let _ = plain.write_all(b"GET /healthz HTTP/1.1\r\nHost: localhost\r\n\r\n");
+    let mut answer = Vec::new();
+    let _ = plain.read_to_end(&mut answer);
+    assert!(!answer.starts_with(b"HTTP/1.1 200"));
+}
+
+#[test]
+fn a_certificate_without_its_key_stops_the_start() {
+    let home = tempfile::tempdir().unwrap();
+    let cert = home.path().join("api.pem");
+    std::fs::write(&cert, "x").unwrap();
+    let o = std::process::Command::new(BIN)
+        .arg("up")
+        .env("SLUICE_HOME", home.path())
+        .env("SLUICE_HTTP_ADDR", "127.0.0.1:0")
+        .env("SLUICE_HTTP_TLS_CERT", &cert)
+        .env_remove("SLUICE_HTTP_TLS_KEY")
+        .env_remove("SLUICE_NATS_URL")
+        .env_remove("SLUICE_DATABASE_URL")
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(!o.status.success() && err.contains("go together"), "{err}");
+}

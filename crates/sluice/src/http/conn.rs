@@ -19,6 +19,7 @@ use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::sync::Semaphore;
+use tokio_rustls::TlsAcceptor;
 use tokio_util::sync::CancellationToken;
 use tower::ServiceExt;
 
@@ -97,13 +98,14 @@ fn over_capacity_response() -> Vec<u8> {
     .into_bytes()
 }
 
-/// Serves `app` on `listener` until `shutdown`; then stops accepting, lets
-/// each connection finish its request in flight (bounded by the request
-/// timeout) and returns.
+/// Serves `app` on `listener` until `shutdown`, over TLS when `tls` is
+/// given; then stops accepting, lets each connection finish its request in
+/// flight (bounded by the request timeout) and returns.
 pub(crate) async fn serve(
     listener: tokio::net::TcpListener,
     app: Router,
     limits: ConnLimits,
+    tls: Option<TlsAcceptor>,
     shutdown: CancellationToken,
 ) -> anyhow::Result<()> {
     let mut builder = auto::Builder::new(TokioExecutor::new());
@@ -146,8 +148,11 @@ pub(crate) async fn serve(
         };
         let Ok(permit) = permits.clone().try_acquire_owned() else {
             // Over the cap: answer at once and close; a fresh socket's send
-            // buffer takes the few bytes without blocking.
-            let _ = stream.try_write(&over_capacity_response());
+            // buffer takes the few bytes without blocking. A TLS client
+            // cannot read plain text: it is only closed.
+            if tls.is_none() {
+                let _ = stream.try_write(&over_capacity_response());
+            }
             if refused_logged.elapsed() > Duration::from_secs(10) {
                 tracing::warn!(
                     max_connections = max,
@@ -159,14 +164,41 @@ pub(crate) async fn serve(
             continue;
         };
         let _ = stream.set_nodelay(true);
-        let (app, builder, limits, shutdown) = (
+        let (app, builder, limits, shutdown, tls) = (
             app.clone(),
             builder.clone(),
             limits.clone(),
             shutdown.clone(),
+            tls.clone(),
         );
         tokio::spawn(async move {
-            serve_connection(stream, peer, app, &builder, &limits, shutdown).await;
+            let activity = Activity::new();
+            let io = Tracked {
+                inner: stream,
+                activity: activity.clone(),
+            };
+            match tls {
+                None => {
+                    serve_connection(io, activity, peer, app, &builder, &limits, shutdown).await;
+                }
+                Some(tls) => {
+                    // The handshake counts against the header read timeout.
+                    match tokio::time::timeout(limits.header_read_timeout, tls.accept(io)).await {
+                        Ok(Ok(io)) => {
+                            serve_connection(io, activity, peer, app, &builder, &limits, shutdown)
+                                .await;
+                        }
+                        Ok(Err(e)) => {
+                            tracing::debug!(error = %e, %peer, "TLS handshake failed");
+                        }
+                        Err(_) => {
+                            tracing::debug!(%peer, "TLS handshake timed out");
+                            metrics::counter!("sluice_http_connections_timed_out_total")
+                                .increment(1);
+                        }
+                    }
+                }
+            }
             drop(permit);
         });
     }
@@ -188,15 +220,17 @@ pub(crate) async fn serve(
 
 /// One connection, closed when it has not sent a request's headers in
 /// time, when it has been silent for the idle timeout, or at shutdown.
-async fn serve_connection(
-    stream: tokio::net::TcpStream,
+async fn serve_connection<I>(
+    io: I,
+    activity: Activity,
     peer: SocketAddr,
     app: Router,
     builder: &auto::Builder<TokioExecutor>,
     limits: &ConnLimits,
     shutdown: CancellationToken,
-) {
-    let activity = Activity::new();
+) where
+    I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+{
     let requests = Arc::new(AtomicU64::new(0));
     let counted = requests.clone();
     let service = hyper::service::service_fn(move |mut req: hyper::Request<_>| {
@@ -204,11 +238,7 @@ async fn serve_connection(
         req.extensions_mut().insert(ConnectInfo(peer));
         app.clone().oneshot(req)
     });
-    let io = TokioIo::new(Tracked {
-        inner: stream,
-        activity: activity.clone(),
-    });
-    let conn = builder.serve_connection(io, service);
+    let conn = builder.serve_connection(TokioIo::new(io), service);
     tokio::pin!(conn);
     let accepted = Instant::now();
     let tick =
@@ -363,7 +393,7 @@ mod tests {
             ..ConnLimits::default()
         };
         let shutdown = CancellationToken::new();
-        let server = tokio::spawn(serve(listener, app, limits, shutdown.clone()));
+        let server = tokio::spawn(serve(listener, app, limits, None, shutdown.clone()));
 
         let mut held = Vec::new();
         for _ in 0..2 {
