@@ -106,6 +106,12 @@ pub(crate) struct HttpSection {
     pub(crate) tls_cert: Option<PathBuf>,
     /// PEM private key of `tls_cert`.
     pub(crate) tls_key: Option<PathBuf>,
+    /// Serve reads (GET outside `/v1/dlq`) without a token. Default: yes
+    /// for `sluice up` on a loopback address, no otherwise (`serve` is
+    /// production).
+    pub(crate) open_reads: Option<bool>,
+    /// Serve `/metrics` without a token when reads need one (default no).
+    pub(crate) open_metrics: Option<bool>,
 }
 
 /// Default ack wait of the ledger's workers.
@@ -204,6 +210,17 @@ impl Config {
         }
         if let Some(v) = env("SLUICE_HTTP_TLS_KEY") {
             c.http.tls_key = Some(v.into());
+        }
+        for (key, dst) in [
+            ("SLUICE_HTTP_OPEN_READS", &mut c.http.open_reads),
+            ("SLUICE_HTTP_OPEN_METRICS", &mut c.http.open_metrics),
+        ] {
+            if let Some(v) = env(key) {
+                *dst = Some(
+                    v.parse()
+                        .with_context(|| format!("{key}={v:?}: use true or false"))?,
+                );
+            }
         }
         if let Some(v) = env("SLUICE_HTTP_TRUSTED_PROXIES") {
             c.http.trusted_proxies = v

@@ -230,6 +230,7 @@ async fn run(
     // The read side: projector and/or API.
     let mut http_addr = None;
     let mut http_scheme = "http";
+    let mut open_reads = true;
     let mut read_store: Option<String> = None;
     let mut token_file: Option<PathBuf> = None;
     let mut tasks: Vec<tokio::task::JoinHandle<anyhow::Result<()>>> = Vec::new();
@@ -290,6 +291,17 @@ async fn run(
                 opts.burst = r.saturating_mul(2);
             }
             opts.conn = config.conn_limits(opts.timeout);
+            opts.tokens = Some(Arc::new(crate::tokens::TokenStore::new(
+                crate::tokens::path(home),
+            )));
+            // `serve` is production: every route but the probes needs a
+            // token. `up` on loopback keeps reads open for the laptop.
+            opts.open_reads = config
+                .http
+                .open_reads
+                .unwrap_or(embedded && config.http_addr().ip().is_loopback());
+            opts.open_metrics = opts.open_reads || config.http.open_metrics.unwrap_or(false);
+            open_reads = opts.open_reads;
             let app = http::router(
                 sluice_projections::http::app(state),
                 http::Parts {
@@ -398,7 +410,12 @@ async fn run(
     );
     if let Some(t) = &token_file {
         println!(
-            "  auth:    appends and /v1/dlq need Authorization: Bearer $(cat {})",
+            "  auth:    {} need Authorization: Bearer $(cat {}) (or a `sluice token create` token)",
+            if open_reads {
+                "appends and /v1/dlq"
+            } else {
+                "all routes but /healthz and /readyz"
+            },
             t.display()
         );
     }

@@ -263,3 +263,112 @@ fn a_certificate_without_its_key_stops_the_start() {
     let err = String::from_utf8_lossy(&o.stderr);
     assert!(!o.status.success() && err.contains("go together"), "{err}");
 }
+
+fn sluice_token(home: &Path, args: &[&str]) -> String {
+    let o = std::process::Command::new(BIN)
+        .arg("token")
+        .args(args)
+        .env("SLUICE_HOME", home)
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    String::from_utf8_lossy(&o.stdout).trim().to_owned()
+}
+
+fn bearer(token: &str) -> String {
+    format!("Authorization: Bearer {token}\r\n")
+}
+
+#[test]
+fn scoped_tokens_are_enforced_and_a_revoked_one_is_refused_at_once() {
+    let home = tempfile::tempdir().unwrap();
+    let config = home.path().join("sluice.toml");
+    // Production-like: reads need a token too.
+    std::fs::write(&config, "[http]\nopen_reads = false\n").unwrap();
+    let _up = support::start_up(BIN, home.path(), |cmd| {
+        cmd.env("SLUICE_CONFIG", &config);
+    });
+    let addr = http_addr(home.path());
+    let reader = sluice_token(home.path(), &["create", "reader", "--scope", "read"]);
+    let writer = sluice_token(home.path(), &["create", "writer", "--scope", "read,write"]);
+    let listed = sluice_token(home.path(), &["list"]);
+    assert!(
+        listed.contains("reader\tread\t") && listed.contains("writer\tread,write\t"),
+        "{listed}"
+    );
+    assert!(
+        !std::fs::read_to_string(home.path().join("tokens.json"))
+            .unwrap()
+            .contains(&reader)
+    );
+
+    let append = r#"{"expected_version":"none","events":[{"type":"t.v1","data":{}}]}"#;
+    let assert_problem = |(status, body): (u16, String), want: u16, slug: &str| {
+        assert_eq!(status, want, "{body}");
+        let v: serde_json::Value = serde_json::from_str(&body).unwrap();
+        assert!(v["type"].as_str().unwrap().ends_with(slug), "{v}");
+    };
+    // A read token may read, not append nor redrive.
+    let (status, _) = support::http(&addr, "GET", "/v1/projections", &bearer(&reader), "");
+    assert_eq!(status, 200);
+    assert_problem(
+        support::http(
+            &addr,
+            "POST",
+            "/v1/streams/thing/t-1",
+            &bearer(&reader),
+            append,
+        ),
+        403,
+        "/forbidden",
+    );
+    assert_problem(
+        support::http(&addr, "POST", "/v1/dlq/1/redrive", &bearer(&reader), ""),
+        403,
+        "/forbidden",
+    );
+    assert_problem(
+        support::http(&addr, "GET", "/v1/dlq", &bearer(&writer), ""),
+        403,
+        "/forbidden",
+    );
+    // Without a token, reads are refused; the probes are not.
+    assert_problem(
+        support::http(&addr, "GET", "/v1/projections", "", ""),
+        401,
+        "/unauthorized",
+    );
+    assert_eq!(support::http(&addr, "GET", "/healthz", "", "").0, 200);
+    assert_eq!(support::http(&addr, "GET", "/metrics", "", "").0, 401);
+    // The write token appends; the single legacy token may do everything.
+    let (status, body) = support::http(
+        &addr,
+        "POST",
+        "/v1/streams/thing/t-1",
+        &bearer(&writer),
+        append,
+    );
+    assert!(status == 200 || status == 201, "{status} {body}");
+    let legacy = std::fs::read_to_string(home.path().join("token")).unwrap();
+    assert_eq!(
+        support::http(&addr, "GET", "/v1/dlq", &bearer(legacy.trim()), "").0,
+        200
+    );
+    // Revoked: refused with the very next request, no restart.
+    sluice_token(home.path(), &["revoke", "writer"]);
+    assert_problem(
+        support::http(
+            &addr,
+            "POST",
+            "/v1/streams/thing/t-2",
+            &bearer(&writer),
+            append,
+        ),
+        401,
+        "/unauthorized",
+    );
+    assert_eq!(
+        support::http(&addr, "GET", "/v1/projections", &bearer(&reader), "").0,
+        200
+    );
+}
