@@ -5,6 +5,7 @@
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
+use std::time::Duration;
 
 use anyhow::{Context, bail};
 use serde::Deserialize;
@@ -87,6 +88,30 @@ pub(crate) struct HttpSection {
     /// `X-Forwarded-For` the rate limiter believes; empty (default) = it
     /// keys on the TCP peer only.
     pub(crate) trusted_proxies: Vec<String>,
+    /// Seconds a connection has to send a request's headers (default 10);
+    /// also how long an HTTP/1.1 keep-alive connection may wait for its
+    /// next request.
+    pub(crate) header_read_timeout_secs: Option<u64>,
+    /// Seconds a connection may be silent before it is closed (default 60).
+    pub(crate) idle_timeout_secs: Option<u64>,
+    /// Connections served at once (default 1,024, fewer when the
+    /// descriptor limit minus 128 is lower); more are answered 503.
+    pub(crate) max_connections: Option<usize>,
+    /// Largest request line plus headers, in bytes (default 65,536).
+    pub(crate) max_header_bytes: Option<usize>,
+    /// Most request header fields (default 100).
+    pub(crate) max_headers: Option<usize>,
+    /// PEM certificate chain (leaf first): with `tls_key`, the API speaks
+    /// HTTPS only.
+    pub(crate) tls_cert: Option<PathBuf>,
+    /// PEM private key of `tls_cert`.
+    pub(crate) tls_key: Option<PathBuf>,
+    /// Serve reads (GET outside `/v1/dlq`) without a token. Default: yes
+    /// for `sluice up` on a loopback address, no otherwise (`serve` is
+    /// production).
+    pub(crate) open_reads: Option<bool>,
+    /// Serve `/metrics` without a token when reads need one (default no).
+    pub(crate) open_metrics: Option<bool>,
 }
 
 /// Default ack wait of the ledger's workers.
@@ -189,6 +214,23 @@ impl Config {
         if let Some(v) = env("SLUICE_HTTP_TOKEN_FILE") {
             c.http.token_file = Some(v.into());
         }
+        if let Some(v) = env("SLUICE_HTTP_TLS_CERT") {
+            c.http.tls_cert = Some(v.into());
+        }
+        if let Some(v) = env("SLUICE_HTTP_TLS_KEY") {
+            c.http.tls_key = Some(v.into());
+        }
+        for (key, dst) in [
+            ("SLUICE_HTTP_OPEN_READS", &mut c.http.open_reads),
+            ("SLUICE_HTTP_OPEN_METRICS", &mut c.http.open_metrics),
+        ] {
+            if let Some(v) = env(key) {
+                *dst = Some(
+                    v.parse()
+                        .with_context(|| format!("{key}={v:?}: use true or false"))?,
+                );
+            }
+        }
         if let Some(v) = env("SLUICE_HTTP_TRUSTED_PROXIES") {
             c.http.trusted_proxies = v
                 .split(',')
@@ -201,6 +243,14 @@ impl Config {
                 "SLUICE_IDEMPOTENCY_RETENTION_SECS",
                 &mut c.idempotency.retention_secs,
             ),
+            (
+                "SLUICE_HTTP_HEADER_READ_TIMEOUT_SECS",
+                &mut c.http.header_read_timeout_secs,
+            ),
+            (
+                "SLUICE_HTTP_IDLE_TIMEOUT_SECS",
+                &mut c.http.idle_timeout_secs,
+            ),
             ("SLUICE_WORKER_ACK_WAIT_SECS", &mut c.workers.ack_wait_secs),
             (
                 "SLUICE_WORKER_PIN_TIMEOUT_SECS",
@@ -212,6 +262,18 @@ impl Config {
                     Some(v.parse().with_context(|| {
                         format!("{key}={v:?} is not a whole number of seconds")
                     })?);
+            }
+        }
+        for (key, dst) in [
+            ("SLUICE_HTTP_MAX_CONNECTIONS", &mut c.http.max_connections),
+            ("SLUICE_HTTP_MAX_HEADER_BYTES", &mut c.http.max_header_bytes),
+            ("SLUICE_HTTP_MAX_HEADERS", &mut c.http.max_headers),
+        ] {
+            if let Some(v) = env(key) {
+                *dst = Some(
+                    v.parse()
+                        .with_context(|| format!("{key}={v:?} is not a whole number"))?,
+                );
             }
         }
         if let Some(v) = env("SLUICE_ROLES") {
@@ -284,7 +346,38 @@ impl Config {
             );
         }
         self.trusted_proxies()?;
+        let h = &self.http;
+        for (what, value, min) in [
+            (
+                "http.header_read_timeout_secs",
+                h.header_read_timeout_secs.map(|v| v as usize),
+                1,
+            ),
+            (
+                "http.idle_timeout_secs",
+                h.idle_timeout_secs.map(|v| v as usize),
+                1,
+            ),
+            ("http.max_connections", h.max_connections, 1),
+            ("http.max_header_bytes", h.max_header_bytes, 1024),
+            ("http.max_headers", h.max_headers, 8),
+        ] {
+            if let Some(v) = value
+                && v < min
+            {
+                bail!(
+                    "{what} = {v} is too small: use at least {min}, or leave it out for the default"
+                );
+            }
+        }
+        if self.http.tls_cert.is_some() != self.http.tls_key.is_some() {
+            bail!(
+                "http.tls_cert and http.tls_key go together: set both (SLUICE_HTTP_TLS_CERT, SLUICE_HTTP_TLS_KEY) for HTTPS, or neither for plain HTTP"
+            );
+        }
         for (what, file) in [
+            ("http.tls_cert", &self.http.tls_cert),
+            ("http.tls_key", &self.http.tls_key),
             ("nats.password_file", &self.nats.password_file),
             ("nats.nkey_seed_file", &self.nats.nkey_seed_file),
             ("nats.creds_file", &self.nats.creds_file),
@@ -352,6 +445,32 @@ impl Config {
             replicas: self.nats.replicas.unwrap_or(1),
             ..sluice_ledger::IdempotencyConfig::default()
         }
+    }
+
+    /// What one HTTP connection may hold: the configured limits over the
+    /// safe defaults; `request_timeout` is the router's.
+    pub(crate) fn conn_limits(&self, request_timeout: Duration) -> crate::http::ConnLimits {
+        let mut l = crate::http::ConnLimits {
+            request_timeout,
+            ..Default::default()
+        };
+        let h = &self.http;
+        if let Some(s) = h.header_read_timeout_secs {
+            l.header_read_timeout = Duration::from_secs(s);
+        }
+        if let Some(s) = h.idle_timeout_secs {
+            l.idle_timeout = Duration::from_secs(s);
+        }
+        if let Some(n) = h.max_connections {
+            l.max_connections = n;
+        }
+        if let Some(n) = h.max_header_bytes {
+            l.max_header_bytes = n;
+        }
+        if let Some(n) = h.max_headers {
+            l.max_headers = n;
+        }
+        l
     }
 
     /// The HTTP listen address.
@@ -477,6 +596,37 @@ mod tests {
     }
 
     #[test]
+    fn http_connection_limits_come_from_the_file_and_the_environment() {
+        let d = Config::load_with(None, none)
+            .unwrap()
+            .conn_limits(Duration::from_secs(30));
+        assert_eq!(d.header_read_timeout, Duration::from_secs(10));
+        assert_eq!(d.idle_timeout, Duration::from_secs(60));
+        assert!(d.max_connections >= 16 && d.max_connections <= 1024);
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("sluice.toml");
+        std::fs::write(
+            &path,
+            "[http]\nheader_read_timeout_secs = 3\nmax_connections = 50\nmax_headers = 40\n",
+        )
+        .unwrap();
+        let env = |k: &str| (k == "SLUICE_HTTP_IDLE_TIMEOUT_SECS").then(|| "7".to_owned());
+        let l = Config::load_with(Some(&path), env)
+            .unwrap()
+            .conn_limits(Duration::from_secs(5));
+        assert_eq!(
+            (
+                l.header_read_timeout,
+                l.idle_timeout,
+                l.max_connections,
+                l.max_headers
+            ),
+            (Duration::from_secs(3), Duration::from_secs(7), 50, 40)
+        );
+        assert_eq!(l.request_timeout, Duration::from_secs(5));
+    }
+
+    #[test]
     fn bad_configs_say_what_to_fix() {
         let cases = [
             ("[nats]\npassword = \"hunter2\"\n", "password_file"),
@@ -500,6 +650,14 @@ mod tests {
                 "half the transfer step deadline",
             ),
             ("[idempotency]\nretention_secs = 0\n", "retention_secs = 0"),
+            ("[http]\nheader_read_timeout_secs = 0\n", "at least 1"),
+            ("[http]\nmax_header_bytes = 100\n", "at least 1024"),
+            ("[http]\nmax_connections = 0\n", "too small"),
+            ("[http]\ntls_cert = \"/nope.pem\"\n", "go together"),
+            (
+                "[http]\ntls_cert = \"/nope.pem\"\ntls_key = \"/nope.key\"\n",
+                "no such file",
+            ),
         ];
         let dir = tempfile::tempdir().unwrap();
         for (text, expected) in cases {

@@ -37,9 +37,17 @@ use sluice_workers::dlq::{self, Filter, RedriveTarget};
 use subtle::ConstantTimeEq;
 use tokio_util::sync::CancellationToken;
 use tower_http::cors::CorsLayer;
+
+use crate::tokens::{ALL_SCOPES, Scope};
 use tower_http::limit::RequestBodyLimitLayer;
 use tower_http::timeout::TimeoutLayer;
 use tracing::Instrument;
+
+mod conn;
+mod tls;
+
+pub(crate) use conn::ConnLimits;
+pub(crate) use tls::acceptor as tls_acceptor;
 
 /// Limits and security of the HTTP API.
 #[derive(Debug, Clone)]
@@ -58,6 +66,15 @@ pub(crate) struct HttpOptions {
     pub(crate) cors_origins: Vec<String>,
     /// Reverse proxies whose `X-Forwarded-For` the rate limiter believes.
     pub(crate) trusted_proxies: Vec<IpNet>,
+    /// What one connection may hold: timeouts, the connection cap, header
+    /// sizes.
+    pub(crate) conn: ConnLimits,
+    /// Named, scoped tokens (`sluice token`), besides `token`.
+    pub(crate) tokens: Option<Arc<crate::tokens::TokenStore>>,
+    /// Whether reads (GET outside `/v1/dlq`) are served without a token.
+    pub(crate) open_reads: bool,
+    /// Whether `/metrics` is served without a token when reads are not.
+    pub(crate) open_metrics: bool,
 }
 
 impl HttpOptions {
@@ -71,6 +88,10 @@ impl HttpOptions {
             timeout: Duration::from_secs(30),
             cors_origins: Vec::new(),
             trusted_proxies: Vec::new(),
+            conn: ConnLimits::default(),
+            tokens: None,
+            open_reads: true,
+            open_metrics: true,
         }
     }
 }
@@ -133,6 +154,7 @@ struct Ctx {
     live: Vec<(&'static str, LiveStatus)>,
     metrics: PrometheusHandle,
     token: Arc<str>,
+    tokens: Option<Arc<crate::tokens::TokenStore>>,
     limiter: Arc<DefaultKeyedRateLimiter<IpAddr>>,
     trusted_proxies: Arc<[IpNet]>,
     started: Instant,
@@ -169,6 +191,7 @@ pub(crate) fn router(queries: Router, parts: Parts, opts: &HttpOptions) -> Route
         live: parts.live,
         metrics: metrics_handle(),
         token: opts.token.clone(),
+        tokens: opts.tokens.clone(),
         limiter: Arc::new(RateLimiter::keyed(quota)),
         trusted_proxies: opts.trusted_proxies.clone().into(),
         started: Instant::now(),
@@ -196,12 +219,26 @@ pub(crate) fn router(queries: Router, parts: Parts, opts: &HttpOptions) -> Route
         .route("/readyz", get(readyz))
         .route("/metrics", get(prometheus))
         .route("/openapi.json", get(openapi));
-    let mut app = protected
-        .merge(open)
-        .with_state(ctx.clone())
-        .merge(queries)
+    let mut app = protected.merge(open).with_state(ctx.clone()).merge(queries);
+    if !opts.open_reads {
+        let exempt = ReadExempt {
+            metrics: opts.open_metrics,
+        };
+        app = app.layer(middleware::from_fn_with_state(
+            (ctx.clone(), exempt),
+            require_read_token,
+        ));
+    }
+    let mut app = app
         .layer(middleware::from_fn(json_objects_only))
         .layer(middleware::from_fn_with_state(ctx.clone(), rate_limit))
+        .layer(middleware::from_fn_with_state(
+            HeaderLimits {
+                bytes: opts.conn.max_header_bytes,
+                fields: opts.conn.max_headers,
+            },
+            header_limits,
+        ))
         .layer(middleware::from_fn(record_metrics))
         .layer(RequestBodyLimitLayer::new(opts.body_limit))
         .layer(TimeoutLayer::with_status_code(
@@ -252,19 +289,53 @@ pub(crate) async fn bind(addr: SocketAddr) -> anyhow::Result<tokio::net::TcpList
 }
 
 /// Serves `app` on a bound `listener` until `shutdown`, with client
-/// addresses for the rate limiter.
+/// addresses for the rate limiter and `limits` on what each connection may
+/// hold (see [`conn`]); HTTPS when `tls` is given (see [`tls_acceptor`]).
 pub(crate) async fn serve(
     listener: tokio::net::TcpListener,
     app: Router,
+    limits: ConnLimits,
+    tls: Option<tokio_rustls::TlsAcceptor>,
     shutdown: CancellationToken,
 ) -> anyhow::Result<()> {
-    axum::serve(
-        listener,
-        app.into_make_service_with_connect_info::<SocketAddr>(),
-    )
-    .with_graceful_shutdown(async move { shutdown.cancelled().await })
-    .await?;
-    Ok(())
+    conn::serve(listener, app, limits, tls, shutdown).await
+}
+
+/// The configured header limits (`http.max_header_bytes`,
+/// `http.max_headers`).
+#[derive(Debug, Clone, Copy)]
+struct HeaderLimits {
+    bytes: usize,
+    fields: usize,
+}
+
+/// Refuses requests whose headers exceed the configured limits with a 431
+/// problem. hyper's own limits are [`conn::HARD_LIMIT_FACTOR`] times these,
+/// so everything between reaches this layer and gets a body saying what to
+/// fix; only beyond does hyper answer a bare 431 and close.
+async fn header_limits(State(limits): State<HeaderLimits>, req: Request, next: Next) -> Response {
+    let headers = req.headers();
+    // As on the wire: `name: value\r\n` per field, plus the request line.
+    let bytes = req.method().as_str().len()
+        + req.uri().to_string().len()
+        + 12
+        + headers
+            .iter()
+            .map(|(n, v)| n.as_str().len() + v.len() + 4)
+            .sum::<usize>();
+    if headers.len() > limits.fields || bytes > limits.bytes {
+        return Problem::of(
+            ProblemType::HeadersTooLarge,
+            format!(
+                "the request line and headers are {bytes} bytes in {} fields; the server takes at most {} bytes in {} fields (http.max_header_bytes, http.max_headers)",
+                headers.len(),
+                limits.bytes,
+                limits.fields
+            ),
+        )
+        .into_response();
+    }
+    next.run(req).await
 }
 
 fn problem(
@@ -285,17 +356,84 @@ fn bearer_token(value: &str) -> Option<&str> {
         .then(|| token.trim_start())
 }
 
-async fn require_token(State(ctx): State<Ctx>, req: Request, next: Next) -> Response {
+/// The scope a request needs: operator actions (dead letters, replay,
+/// rebuild, void, forget) `operate`, other changes `write`, reads `read`.
+fn required_scope(method: &Method, path: &str) -> Scope {
+    let operator = path.starts_with("/v1/dlq")
+        || ["/void", "/forget", "/replay", "/rebuild"]
+            .iter()
+            .any(|s| path.ends_with(s));
+    if operator {
+        Scope::Operate
+    } else if method == Method::GET || method == Method::HEAD {
+        Scope::Read
+    } else {
+        Scope::Write
+    }
+}
+
+/// The scopes of the request's bearer token; `None` without a known token.
+fn token_scopes(ctx: &Ctx, req: &Request) -> Option<Vec<Scope>> {
     let given = req
         .headers()
         .get(header::AUTHORIZATION)
         .and_then(|v| v.to_str().ok())
-        .and_then(bearer_token)
-        .unwrap_or("");
+        .and_then(bearer_token)?;
     // Constant time, so the comparison does not leak the token's prefix.
     if bool::from(given.as_bytes().ct_eq(ctx.token.as_bytes())) {
+        return Some(ALL_SCOPES.to_vec());
+    }
+    ctx.tokens.as_ref()?.scopes_of(given)
+}
+
+/// Lets the request through if its token has the scope it needs: 401
+/// without a known token, 403 with one that lacks the scope.
+async fn authorize(ctx: &Ctx, req: Request, next: Next) -> Response {
+    let needed = required_scope(req.method(), req.uri().path());
+    match token_scopes(ctx, &req) {
+        Some(scopes) if scopes.contains(&needed) => next.run(req).await,
+        Some(_) => {
+            let name = format!("{needed:?}").to_lowercase();
+            problem(
+                StatusCode::FORBIDDEN,
+                "forbidden",
+                "Forbidden",
+                format!(
+                    "this token lacks the `{name}` scope this request needs: use a token created with `sluice token create <name> --scope {name}`"
+                ),
+            )
+        }
+        None => unauthorized(),
+    }
+}
+
+async fn require_token(State(ctx): State<Ctx>, req: Request, next: Next) -> Response {
+    authorize(&ctx, req, next).await
+}
+
+/// What stays open when reads need a token.
+#[derive(Debug, Clone, Copy)]
+struct ReadExempt {
+    metrics: bool,
+}
+
+/// Reads need a `read` token (production): all but the probes, and
+/// `/metrics` when configured open. Writes and operator routes are left to
+/// their own route layer.
+async fn require_read_token(
+    State((ctx, exempt)): State<(Ctx, ReadExempt)>,
+    req: Request,
+    next: Next,
+) -> Response {
+    let path = req.uri().path();
+    let open = matches!(path, "/healthz" | "/readyz") || (exempt.metrics && path == "/metrics");
+    if open || required_scope(req.method(), path) != Scope::Read {
         return next.run(req).await;
     }
+    authorize(&ctx, req, next).await
+}
+
+fn unauthorized() -> Response {
     let mut resp = problem(
         StatusCode::UNAUTHORIZED,
         "unauthorized",

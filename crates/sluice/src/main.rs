@@ -23,6 +23,7 @@ mod nats_lint;
 mod projection_cmd;
 mod provision;
 mod telemetry;
+mod tokens;
 mod transfer_cmd;
 mod up;
 
@@ -98,6 +99,9 @@ enum Command {
     Dlq(DlqArgs),
     /// Durable consumers: list, pause (kill switch), resume.
     Consumer(ConsumerArgs),
+    /// API tokens with scopes: create, list, revoke (stored hashed under the home).
+    #[command(subcommand)]
+    Token(tokens::TokenCommand),
     /// Benchmarks against a freshly started server.
     #[command(subcommand)]
     Bench(bench::BenchCommand),
@@ -213,6 +217,7 @@ async fn main() -> ExitCode {
             .await
             .map(|()| ExitCode::SUCCESS),
         Command::Bench(cmd) => bench::run(cmd).await.map(|()| ExitCode::SUCCESS),
+        Command::Token(cmd) => tokens::run(cmd, &cli.home).map(|()| ExitCode::SUCCESS),
         Command::Query(q) => {
             projection_cmd::query(q.args, cli.nats_url, &cli.home, q.database_url).await
         }

@@ -236,6 +236,8 @@ async fn run(
 
     // The read side: projector and/or API.
     let mut http_addr = None;
+    let mut http_scheme = "http";
+    let mut open_reads = true;
     let mut read_store: Option<String> = None;
     let mut token_file: Option<PathBuf> = None;
     let mut tasks: Vec<tokio::task::JoinHandle<anyhow::Result<()>>> = Vec::new();
@@ -299,6 +301,18 @@ async fn run(
                 sluice_ledger::Idempotency::open(store.jetstream(), config.idempotency())
                     .await
                     .context("opening the idempotency records")?;
+            opts.conn = config.conn_limits(opts.timeout);
+            opts.tokens = Some(Arc::new(crate::tokens::TokenStore::new(
+                crate::tokens::path(home),
+            )));
+            // `serve` is production: every route but the probes needs a
+            // token. `up` on loopback keeps reads open for the laptop.
+            opts.open_reads = config
+                .http
+                .open_reads
+                .unwrap_or(embedded && config.http_addr().ip().is_loopback());
+            opts.open_metrics = opts.open_reads || config.http.open_metrics.unwrap_or(false);
+            open_reads = opts.open_reads;
             let app = http::router(
                 sluice_projections::http::app(state),
                 http::Parts {
@@ -310,13 +324,19 @@ async fn run(
                 },
                 &opts,
             );
+            // Read before binding, so a bad certificate stops the start.
+            let tls = match (&config.http.tls_cert, &config.http.tls_key) {
+                (Some(cert), Some(key)) => Some(http::tls_acceptor(cert, key)?),
+                _ => None,
+            };
+            http_scheme = if tls.is_some() { "https" } else { "http" };
             // Bound here, so a taken port stops the start with its reason.
             let listener = http::bind(config.http_addr()).await?;
             http_addr = Some(listener.local_addr()?);
-            let sd = shutdown.clone();
-            tasks.push(tokio::spawn(
-                async move { http::serve(listener, app, sd).await },
-            ));
+            let (sd, limits) = (shutdown.clone(), opts.conn.clone());
+            tasks.push(tokio::spawn(async move {
+                http::serve(listener, app, limits, tls, sd).await
+            }));
         }
         if let Some(p) = projector {
             let sd = shutdown.clone();
@@ -392,7 +412,7 @@ async fn run(
     );
     if let Some(addr) = http_addr {
         println!(
-            "  http:    http://{addr}/v1/projections  (openapi: /openapi.json, metrics: /metrics)"
+            "  http:    {http_scheme}://{addr}/v1/projections  (openapi: /openapi.json, metrics: /metrics)"
         );
     }
     println!(
@@ -403,7 +423,12 @@ async fn run(
     );
     if let Some(t) = &token_file {
         println!(
-            "  auth:    appends and /v1/dlq need Authorization: Bearer $(cat {})",
+            "  auth:    {} need Authorization: Bearer $(cat {}) (or a `sluice token create` token)",
+            if open_reads {
+                "appends and /v1/dlq"
+            } else {
+                "all routes but /healthz and /readyz"
+            },
             t.display()
         );
     }

@@ -339,6 +339,8 @@ fn serve(roles: &str, home: &Path, nats: &str, db: &str, otlp: &str) -> Up {
         .env("SLUICE_NATS_URL", nats)
         .env("SLUICE_DATABASE_URL", db)
         .env("SLUICE_HTTP_ADDR", "127.0.0.1:0")
+        // This test follows traces, not authorization: reads stay open.
+        .env("SLUICE_HTTP_OPEN_READS", "true")
         .env("OTEL_EXPORTER_OTLP_ENDPOINT", format!("http://{otlp}"))
         .env_remove("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT")
         .env_remove("OTEL_SERVICE_NAME")

@@ -250,8 +250,10 @@ impl Topology {
         self.call("POST", path, &headers, body)
     }
 
+    /// `serve` is production: reads need a token too.
     fn get(&self, path: &str) -> (u16, Value) {
-        self.call("GET", path, &[], "")
+        let auth = format!("Bearer {TOKEN}");
+        self.call("GET", path, &[("Authorization", auth.as_str())], "")
     }
 
     /// Polls `path` until `done` holds for its JSON (30 s at most).
