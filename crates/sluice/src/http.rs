@@ -1216,6 +1216,8 @@ struct TransferQuery {
 async fn list_transfers(State(ctx): State<Ctx>, Query(q): Query<TransferQuery>) -> Response {
     let state = match q.state.as_deref().map(str::parse).transpose() {
         Ok(s) => s,
+        // An unknown filter value: the request's fault (400), not a rule.
+        Err(sluice_sagas::SagaError::Invalid(msg)) => return bad_request(msg),
         Err(e) => return saga_error(e),
     };
     match sluice_ledger::list_transfers(&ctx.store, state).await {

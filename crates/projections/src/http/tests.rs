@@ -444,7 +444,7 @@ async fn a_stream_holding_an_undecodable_event_names_its_position() {
     assert_ne!(ack.sequence, first);
     let detail = body["detail"].as_str().expect("detail");
     assert!(
-        detail.contains(&format!("position {}", ack.sequence)) && detail.contains("thing.bad-1"),
+        detail.contains(&format!("position {}", ack.sequence)) && detail.contains("thing/bad-1"),
         "{detail}"
     );
     assert!(!h.contains_key(header::RETRY_AFTER));

@@ -92,3 +92,18 @@ pub(crate) fn start_up(bin: &str, home: &Path, configure: impl FnOnce(&mut Comma
     }
     up
 }
+
+/// The NATS URL of `sluice up`'s embedded server in `home`, with the admin
+/// credential it generated (`nats://admin:<password>@...`): what a raw
+/// client needs, since the embedded server refuses anonymous ones.
+pub(crate) fn admin_nats_url(home: &Path) -> String {
+    let endpoint: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(home.join("endpoint.json")).unwrap()).unwrap();
+    let url = endpoint["nats_url"].as_str().unwrap();
+    let creds: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(home.join("nats-credentials.json")).unwrap())
+            .unwrap();
+    let user = creds["user"].as_str().unwrap_or("admin");
+    let password = creds["password"].as_str().unwrap();
+    url.replacen("nats://", &format!("nats://{user}:{password}@"), 1)
+}
