@@ -44,25 +44,7 @@ pub(crate) fn path(home: &Path) -> PathBuf {
 
 /// Writes the file atomically, readable and writable by its owner only.
 pub(crate) fn write(home: &Path, endpoint: &Endpoint) -> anyhow::Result<()> {
-    use std::io::Write as _;
-    use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
-    std::fs::create_dir_all(home).with_context(|| format!("creating {}", home.display()))?;
-    let tmp = home.join("endpoint.json.tmp");
-    let _ = std::fs::remove_file(&tmp);
-    let mut f = std::fs::OpenOptions::new()
-        .write(true)
-        .create_new(true)
-        .mode(0o600)
-        .open(&tmp)
-        .with_context(|| format!("creating {}", tmp.display()))?;
-    // The umask cannot widen 0600, but a stricter one is kept as it is.
-    f.set_permissions(std::fs::Permissions::from_mode(0o600))?;
-    f.write_all(&serde_json::to_vec_pretty(endpoint)?)?;
-    f.sync_all()?;
-    drop(f);
-    std::fs::rename(&tmp, path(home))
-        .with_context(|| format!("writing {}", path(home).display()))?;
-    Ok(())
+    crate::private_file::write_atomic(&path(home), &serde_json::to_vec_pretty(endpoint)?)
 }
 
 pub(crate) fn read(home: &Path) -> Option<Endpoint> {

@@ -20,6 +20,7 @@ mod dlq_cmd;
 mod endpoint;
 mod http;
 mod nats_lint;
+mod private_file;
 mod projection_cmd;
 mod provision;
 mod telemetry;

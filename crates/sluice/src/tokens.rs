@@ -69,22 +69,7 @@ fn read_file(path: &Path) -> anyhow::Result<File> {
 
 /// Writes atomically (temp file, rename), mode 0600.
 fn write_file(path: &Path, file: &File) -> anyhow::Result<()> {
-    use std::os::unix::fs::OpenOptionsExt;
-    if let Some(dir) = path.parent() {
-        std::fs::create_dir_all(dir)?;
-    }
-    let tmp = path.with_extension("json.tmp");
-    let _ = std::fs::remove_file(&tmp);
-    let mut f = std::fs::OpenOptions::new()
-        .write(true)
-        .create_new(true)
-        .mode(0o600)
-        .open(&tmp)
-        .with_context(|| format!("creating {}", tmp.display()))?;
-    std::io::Write::write_all(&mut f, &serde_json::to_vec_pretty(file)?)?;
-    f.sync_all()?;
-    std::fs::rename(&tmp, path).with_context(|| format!("writing {}", path.display()))?;
-    Ok(())
+    crate::private_file::write_atomic(path, &serde_json::to_vec_pretty(file)?)
 }
 
 /// Creates token `name` with `scopes`; returns its secret (shown once).
