@@ -130,6 +130,11 @@ pub(crate) struct WorkersSection {
     /// `ack_wait_secs` and stay below half the transfer step deadline (30 s),
     /// so a takeover never makes a healthy transfer compensate.
     pub(crate) pin_timeout_secs: Option<u64>,
+    /// Seconds a transfer may take overall, from its start and from each
+    /// operator retry, before it compensates or asks for help (default 300).
+    /// At least the step deadline (30 s): a shorter one would end transfers
+    /// whose steps are merely slow.
+    pub(crate) saga_deadline_secs: Option<u64>,
 }
 
 /// Idempotency-Key records (HTTP and `sluice ledger --idempotency-key`).
@@ -256,6 +261,10 @@ impl Config {
                 "SLUICE_WORKER_PIN_TIMEOUT_SECS",
                 &mut c.workers.pin_timeout_secs,
             ),
+            (
+                "SLUICE_SAGA_DEADLINE_SECS",
+                &mut c.workers.saga_deadline_secs,
+            ),
         ] {
             if let Some(v) = env(key) {
                 *dst =
@@ -322,6 +331,14 @@ impl Config {
             bail!(
                 "workers.pin_timeout_secs ({}) must be at most half the transfer step deadline ({} s): a standby replica takes a dead one's in-flight commands over only after the pin timeout, and a later takeover would make healthy transfers compensate",
                 pin_timeout.as_secs(),
+                deadline.as_secs()
+            );
+        }
+        if let Some(secs) = self.workers.saga_deadline_secs
+            && std::time::Duration::from_secs(secs) < deadline
+        {
+            bail!(
+                "workers.saga_deadline_secs ({secs}) must be at least the transfer step deadline ({} s): a shorter overall deadline would end transfers whose steps are only slow",
                 deadline.as_secs()
             );
         }
@@ -542,6 +559,23 @@ mod tests {
         assert_eq!(c.roles(), vec![Role::Worker, Role::Saga]);
         assert_eq!(c.worker_timeouts().1.as_secs(), 15);
         assert_eq!(c.idempotency().retention.as_secs(), 86_400);
+        // The transfers' overall deadline: 5 minutes unless configured.
+        assert_eq!(
+            crate::provision::role_config(&c).saga_deadline.as_secs(),
+            300
+        );
+        std::fs::write(&path, "[workers]\nsaga_deadline_secs = 600\n").unwrap();
+        let c = Config::load_with(Some(&path), none).unwrap();
+        assert_eq!(
+            crate::provision::role_config(&c).saga_deadline.as_secs(),
+            600
+        );
+        let env = |k: &str| (k == "SLUICE_SAGA_DEADLINE_SECS").then(|| "120".to_owned());
+        let c = Config::load_with(None, env).unwrap();
+        assert_eq!(
+            crate::provision::role_config(&c).saga_deadline.as_secs(),
+            120
+        );
         std::fs::write(&path, "[idempotency]\nretention_secs = 3600\n").unwrap();
         let c = Config::load_with(Some(&path), none).unwrap();
         assert_eq!(c.idempotency().retention.as_secs(), 3600);
@@ -650,6 +684,10 @@ mod tests {
                 "half the transfer step deadline",
             ),
             ("[idempotency]\nretention_secs = 0\n", "retention_secs = 0"),
+            (
+                "[workers]\nsaga_deadline_secs = 5\n",
+                "at least the transfer step deadline",
+            ),
             ("[http]\nheader_read_timeout_secs = 0\n", "at least 1"),
             ("[http]\nmax_header_bytes = 100\n", "at least 1024"),
             ("[http]\nmax_connections = 0\n", "too small"),

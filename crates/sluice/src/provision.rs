@@ -21,6 +21,9 @@ pub(crate) fn role_config(config: &Config) -> TransferRoleConfig {
     let replicas = config.nats.replicas.unwrap_or(1);
     let (ack_wait, pin_timeout) = config.worker_timeouts();
     let mut c = TransferRoleConfig::default();
+    if let Some(secs) = config.workers.saga_deadline_secs {
+        c.saga_deadline = std::time::Duration::from_secs(secs);
+    }
     c.orchestrator.replicas = replicas;
     for worker in [&mut c.handler, &mut c.orchestrator.worker] {
         worker.replicas = replicas;
