@@ -1515,7 +1515,47 @@ pub(crate) fn openapi_document() -> Value {
         }
     });
     declare_path_parameters(&mut doc);
+    declare_common_responses(&mut doc);
     doc
+}
+
+/// The answers the layers around every route can give (so a generated
+/// client knows them): 401 and 403 (a missing token, or one without the
+/// route's scope) on secured operations, 431 (oversized headers) everywhere,
+/// 429 (rate limited) everywhere but the probes; an operation's own
+/// description wins.
+fn declare_common_responses(doc: &mut Value) {
+    let problem = |d: &str| json!({"description": d, "content": {"application/problem+json": {"schema": {"$ref": "#/components/schemas/Problem"}}}});
+    let Some(paths) = doc["paths"].as_object_mut() else {
+        return;
+    };
+    for (path, item) in paths.iter_mut() {
+        // Probes are never rate limited.
+        let probe = matches!(path.as_str(), "/healthz" | "/readyz" | "/metrics");
+        let Some(ops) = item.as_object_mut() else {
+            continue;
+        };
+        for (method, op) in ops.iter_mut() {
+            if method == "parameters" {
+                continue;
+            }
+            let secured = op.get("security").is_some();
+            let Some(responses) = op.get_mut("responses").and_then(Value::as_object_mut) else {
+                continue;
+            };
+            let mut add = |code: &str, d: &str| {
+                responses.entry(code).or_insert_with(|| problem(d));
+            };
+            if secured {
+                add("401", "no or wrong token");
+                add("403", "the token lacks the scope this route needs");
+            }
+            if !probe {
+                add("429", "rate limited (Retry-After)");
+            }
+            add("431", "request headers too large");
+        }
+    }
 }
 
 /// OpenAPI requires every `{name}` in a path template to be declared as a
