@@ -1288,11 +1288,26 @@ async fn postgres_unavailable_mid_run_loses_nothing() {
         tokio::spawn(async move { append_workload(&store, &work).await })
     };
     let running = start_ledger(&db, &store, config()).await;
-    tokio::time::sleep(Duration::from_millis(150)).await;
+    // Cut the database off once the projector is applying (on a loaded
+    // machine its start can take longer than any fixed sleep).
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while running.live[ACCOUNT_ACTIVITY].snapshot().checkpoint == 0 {
+        assert!(
+            Instant::now() < deadline,
+            "the projector never started applying"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
     proxy.set(false);
     let last = writer.await.unwrap();
-    tokio::time::sleep(Duration::from_secs(3)).await;
-    let blocked = running.live[ACCOUNT_ACTIVITY].snapshot();
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let blocked = loop {
+        let live = running.live[ACCOUNT_ACTIVITY].snapshot();
+        if live.last_error.is_some() || Instant::now() > deadline {
+            break live;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
     assert!(blocked.checkpoint < last, "{blocked:?}");
     assert!(blocked.last_error.is_some(), "{blocked:?}");
     proxy.set(true);
