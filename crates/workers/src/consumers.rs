@@ -230,26 +230,13 @@ pub(crate) async fn ensure_positions_bucket(
     js: &jetstream::Context,
     replicas: usize,
 ) -> Result<kv::Store, Error> {
-    if let Ok(store) = js.get_key_value(POSITIONS_BUCKET).await {
-        return Ok(store);
-    }
-    let created = js
-        .create_key_value(kv::Config {
-            bucket: POSITIONS_BUCKET.to_owned(),
-            description: "Sluice workers' last known consumer positions (ack floors)".to_owned(),
-            history: 1,
-            storage: jetstream::stream::StorageType::File,
-            num_replicas: replicas,
-            ..Default::default()
-        })
-        .await;
-    match created {
-        Ok(store) => Ok(store),
-        Err(e) => js
-            .get_key_value(POSITIONS_BUCKET)
-            .await
-            .map_err(|_| Error::nats("creating the positions bucket", e)),
-    }
+    crate::infra::ensure_bucket(
+        js,
+        POSITIONS_BUCKET,
+        "Sluice workers' last known consumer positions (ack floors)",
+        replicas,
+    )
+    .await
 }
 
 async fn stored_position(kv: &kv::Store, name: &str) -> Result<Option<u64>, Error> {

@@ -179,13 +179,30 @@ pub(crate) async fn ensure_parked_bucket(
     js: &jetstream::Context,
     replicas: usize,
 ) -> Result<kv::Store, Error> {
-    if let Ok(store) = js.get_key_value(PARKED_BUCKET).await {
+    ensure_bucket(
+        js,
+        PARKED_BUCKET,
+        "Sluice aggregates parked behind a dead letter, per consumer",
+        replicas,
+    )
+    .await
+}
+
+/// A one-value-per-key file bucket of the workers' bookkeeping, created
+/// (with `replicas`) when missing; a concurrent creator's bucket is taken.
+pub(crate) async fn ensure_bucket(
+    js: &jetstream::Context,
+    bucket: &str,
+    description: &str,
+    replicas: usize,
+) -> Result<kv::Store, Error> {
+    if let Ok(store) = js.get_key_value(bucket).await {
         return Ok(store);
     }
     let created = js
         .create_key_value(kv::Config {
-            bucket: PARKED_BUCKET.to_owned(),
-            description: "Sluice aggregates parked behind a dead letter, per consumer".to_owned(),
+            bucket: bucket.to_owned(),
+            description: description.to_owned(),
             history: 1,
             storage: stream::StorageType::File,
             num_replicas: replicas,
@@ -195,9 +212,9 @@ pub(crate) async fn ensure_parked_bucket(
     match created {
         Ok(store) => Ok(store),
         Err(e) => js
-            .get_key_value(PARKED_BUCKET)
+            .get_key_value(bucket)
             .await
-            .map_err(|_| Error::nats("creating the parked bucket", e)),
+            .map_err(|_| Error::nats("creating a bucket", format!("{bucket}: {e}"))),
     }
 }
 
