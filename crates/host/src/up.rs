@@ -51,9 +51,9 @@ pub(crate) struct ServeArgs {
 }
 
 impl ServeArgs {
-    /// The default service name in traces: `sluice-<role>[-<role>...]`, from
+    /// The default service name in traces: `<binary>-<role>[-<role>...]`, from
     /// `--role`, else the configuration (which `serve` validates later).
-    pub(crate) fn service_name(&self) -> String {
+    pub(crate) fn service_name(&self, binary: &str) -> String {
         let roles = if self.roles.is_empty() {
             Config::load(self.common.config.as_deref())
                 .map(|c| c.roles())
@@ -65,7 +65,7 @@ impl ServeArgs {
             .iter()
             .map(|r| format!("{r:?}").to_lowercase())
             .collect();
-        format!("sluice-{}", names.join("-"))
+        format!("{binary}-{}", names.join("-"))
     }
 }
 

@@ -41,7 +41,7 @@ pub(crate) struct PublishArgs {
 /// Clap parser for an aggregate, account, transfer or consumer id: one
 /// subject token (`[A-Za-z0-9_-]{1,128}`), so a bad id is a usage error
 /// (exit 2) found before anything is sent.
-pub(crate) fn id_arg(s: &str) -> Result<String, String> {
+pub fn id_arg(s: &str) -> Result<String, String> {
     validate_token("id", s)
         .map(|()| s.to_owned())
         .map_err(|e| e.to_string())
