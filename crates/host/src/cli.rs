@@ -15,6 +15,7 @@ use std::process::ExitCode;
 use clap::{CommandFactory, FromArgMatches, Parser, Subcommand};
 use futures::future::BoxFuture;
 
+use crate::module::App;
 use crate::{commands, consumer_cmd, dlq_cmd, endpoint, projection_cmd, telemetry, tokens, up};
 
 /// Exit code for an optimistic-concurrency conflict or a reused event id.
@@ -170,9 +171,10 @@ struct ConsumerArgs {
     json: bool,
 }
 
-/// Parses the command line of the binary `name` (`about` is its one-line
-/// description), runs the command and returns its exit code.
-pub async fn main<E: DomainCommands>(name: &'static str, about: &'static str) -> ExitCode {
+/// Parses the command line of the binary named like `app` (`about` is its
+/// one-line description), runs the command and returns its exit code.
+pub async fn main<E: DomainCommands>(app: App, about: &'static str) -> ExitCode {
+    let name = app.name();
     let matches = Cli::<E>::command()
         .name(name)
         .bin_name(name)
@@ -194,7 +196,7 @@ pub async fn main<E: DomainCommands>(name: &'static str, about: &'static str) ->
         nats_url: cli.nats_url,
         home: cli.home,
     };
-    let result = run(cli.command, ctx).await;
+    let result = run(app, cli.command, ctx).await;
     telemetry.shutdown();
     match result {
         Ok(code) => code,
@@ -214,26 +216,32 @@ pub async fn main<E: DomainCommands>(name: &'static str, about: &'static str) ->
     }
 }
 
-async fn run<E: DomainCommands>(command: Command<E>, ctx: CliContext) -> anyhow::Result<ExitCode> {
+async fn run<E: DomainCommands>(
+    app: App,
+    command: Command<E>,
+    ctx: CliContext,
+) -> anyhow::Result<ExitCode> {
     let ok = |r: anyhow::Result<()>| r.map(|()| ExitCode::SUCCESS);
     let (nats_url, home) = (ctx.nats_url.clone(), ctx.home.clone());
     match command {
-        Command::Up(args) => ok(up::up(args, nats_url, home).await),
-        Command::Serve(args) => ok(up::serve(args, nats_url, home).await),
-        Command::Publish(args) => ok(commands::publish(args, nats_url, &home).await),
+        Command::Up(args) => ok(up::up(&app, args, nats_url, home).await),
+        Command::Serve(args) => ok(up::serve(&app, args, nats_url, home).await),
+        Command::Publish(args) => ok(commands::publish(&app, args, nats_url, &home).await),
         Command::Event(cmd) => commands::event(cmd, nats_url, &home).await,
         Command::Read(args) => ok(commands::read(args, nats_url, &home).await),
         Command::Tail(args) => ok(commands::tail(args, nats_url, &home).await),
         Command::Status(args) => ok(commands::status(args, nats_url, &home).await),
         Command::Token(cmd) => ok(tokens::run(cmd, &home)),
-        Command::Query(q) => projection_cmd::query(q.args, nats_url, &home, q.database_url).await,
-        Command::Projection(p) => {
-            projection_cmd::projection(p.cmd, p.json, nats_url, &home, p.database_url).await
+        Command::Query(q) => {
+            projection_cmd::query(&app, q.args, nats_url, &home, q.database_url).await
         }
-        Command::Replay(r) => projection_cmd::replay(r, nats_url, &home).await,
+        Command::Projection(p) => {
+            projection_cmd::projection(&app, p.cmd, p.json, nats_url, &home, p.database_url).await
+        }
+        Command::Replay(r) => projection_cmd::replay(&app, r, nats_url, &home).await,
         Command::Dlq(a) => {
             let url = ctx.nats_url()?;
-            dlq_cmd::run(a.cmd, &url, a.json, &home, a.database_url).await
+            dlq_cmd::run(&app, a.cmd, &url, a.json, &home, a.database_url).await
         }
         Command::Consumer(a) => consumer_cmd::run(a.cmd, &ctx.nats_url()?, a.json).await,
         Command::Domain(cmd) => cmd.run(ctx).await,
@@ -245,12 +253,15 @@ async fn run<E: DomainCommands>(command: Command<E>, ctx: CliContext) -> anyhow:
 fn events_error<E: DomainCommands>(e: &anyhow::Error) -> Option<&sluice_events::Error> {
     e.chain()
         .find_map(|c| {
-            c.downcast_ref::<sluice_events::Error>().or_else(|| {
-                match c.downcast_ref::<sluice_sagas::SagaError>() {
+            c.downcast_ref::<sluice_events::Error>()
+                .or_else(|| match c.downcast_ref::<crate::Error>() {
+                    Some(crate::Error::Events(e)) => Some(e),
+                    _ => None,
+                })
+                .or_else(|| match c.downcast_ref::<sluice_sagas::SagaError>() {
                     Some(sluice_sagas::SagaError::Events(e)) => Some(e),
                     _ => None,
-                }
-            })
+                })
         })
         .or_else(|| E::events_error(e))
 }
@@ -266,7 +277,10 @@ fn exit_code<E: DomainCommands>(e: &anyhow::Error) -> u8 {
         Some(
             sluice_events::Error::InvalidToken { .. } | sluice_events::Error::InvalidEventId(_),
         ) => EXIT_USAGE,
-        _ => E::exit_code(e).unwrap_or(1),
+        _ => match e.downcast_ref::<crate::Error>() {
+            Some(h) => h.exit_code(),
+            None => E::exit_code(e).unwrap_or(1),
+        },
     }
 }
 
@@ -291,6 +305,15 @@ mod tests {
                 sluice_events::Error::Timeout(std::time::Duration::from_secs(1)).into(),
                 1,
             ),
+            (
+                crate::Error::UnknownProjection {
+                    name: "x".into(),
+                    known: "a".into(),
+                }
+                .into(),
+                2,
+            ),
+            (crate::Error::Events(conflict()).into(), 3),
             (anyhow::anyhow!("anything else"), 1),
         ];
         for (e, want) in cases {

@@ -3,7 +3,9 @@
 //! OpenAPI document, behind bearer-token authentication for everything that
 //! changes state or touches dead letters, per-client rate limiting, body size
 //! limits and timeouts. CORS is off unless origins are configured. Every
-//! error is an RFC 9457 problem (see `sluice_projections::http::problem`).
+//! error is an RFC 9457 problem (see [`problem`]). A module's routes use
+//! the helpers here ([`object_body`], [`idempotency_key`], [`saga_error`],
+//! [`openapi`]) so its answers look like the platform's.
 
 use std::net::{IpAddr, SocketAddr};
 use std::num::NonZeroU32;
@@ -22,64 +24,69 @@ use axum::{Json, Router};
 use governor::{DefaultKeyedRateLimiter, Quota, RateLimiter};
 use ipnet::IpNet;
 use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle};
+pub use problem::{Problem, ProblemType};
+use problem::{json_objects_only, json_rejection, problem_responses};
+pub use projections::{
+    AppState, AppStateBuilder, DEFAULT_LIMIT, MAX_LIMIT, MIN_POSITION_HEADER, PARKED_BEHIND,
+    app as queries, serve as serve_queries,
+};
 use serde::Deserialize;
 use serde_json::{Value, json};
 use sluice_events::{
     Catalog, Error as EventsError, EventId, EventStore, ExpectedVersion, NewEvent, StreamId,
     TraceParent,
 };
-use sluice_ledger::Idempotency;
 use sluice_projections::LiveStatus;
-use sluice_projections::http::{
-    Problem, ProblemType, json_objects_only, json_rejection, problem_responses,
-};
 use sluice_workers::dlq::{self, Filter, RedriveTarget};
 use subtle::ConstantTimeEq;
 use tokio_util::sync::CancellationToken;
 use tower_http::cors::CorsLayer;
 
+use crate::module::{App, RouteContext};
 use crate::tokens::{ALL_SCOPES, Scope};
 use tower_http::limit::RequestBodyLimitLayer;
 use tower_http::timeout::TimeoutLayer;
 use tracing::Instrument;
 
 mod conn;
+pub mod problem;
+mod projections;
 mod tls;
 
-pub(crate) use conn::ConnLimits;
+pub use conn::ConnLimits;
 pub(crate) use tls::acceptor as tls_acceptor;
 
 /// Limits and security of the HTTP API.
 #[derive(Debug, Clone)]
-pub(crate) struct HttpOptions {
+pub struct HttpOptions {
     /// The bearer token mutating and admin endpoints require.
-    pub(crate) token: Arc<str>,
+    pub token: Arc<str>,
     /// Sustained requests per second per client address.
-    pub(crate) rate_per_sec: u32,
+    pub rate_per_sec: u32,
     /// Burst per client address.
-    pub(crate) burst: u32,
+    pub burst: u32,
     /// Largest request body.
-    pub(crate) body_limit: usize,
+    pub body_limit: usize,
     /// Longest request (read-your-writes waits count).
-    pub(crate) timeout: Duration,
+    pub timeout: Duration,
     /// Origins allowed by CORS; empty = CORS off.
-    pub(crate) cors_origins: Vec<String>,
+    pub cors_origins: Vec<String>,
     /// Reverse proxies whose `X-Forwarded-For` the rate limiter believes.
-    pub(crate) trusted_proxies: Vec<IpNet>,
+    pub trusted_proxies: Vec<IpNet>,
     /// What one connection may hold: timeouts, the connection cap, header
     /// sizes.
-    pub(crate) conn: ConnLimits,
+    pub conn: ConnLimits,
     /// Named, scoped tokens (`sluice token`), besides `token`.
     pub(crate) tokens: Option<Arc<crate::tokens::TokenStore>>,
     /// Whether reads (GET outside `/v1/dlq`) are served without a token.
-    pub(crate) open_reads: bool,
+    pub open_reads: bool,
     /// Whether `/metrics` is served without a token when reads are not.
-    pub(crate) open_metrics: bool,
+    pub open_metrics: bool,
 }
 
 impl HttpOptions {
     /// Defaults around a token.
-    pub(crate) fn with_token(token: impl Into<Arc<str>>) -> Self {
+    pub fn with_token(token: impl Into<Arc<str>>) -> Self {
         Self {
             token: token.into(),
             rate_per_sec: 200,
@@ -98,7 +105,7 @@ impl HttpOptions {
 
 /// Reads the API token from `path`, creating a random one (mode 0600) when
 /// the file does not exist, so a new user is never locked out nor left open.
-pub(crate) fn load_or_create_token(path: &Path) -> anyhow::Result<(String, bool)> {
+pub fn load_or_create_token(path: &Path) -> anyhow::Result<(String, bool)> {
     if path.exists() {
         let token = std::fs::read_to_string(path)
             .with_context(|| format!("reading the API token {}", path.display()))?
@@ -131,7 +138,7 @@ pub(crate) fn load_or_create_token(path: &Path) -> anyhow::Result<(String, bool)
 }
 
 /// The process-wide Prometheus recorder (installed once).
-pub(crate) fn metrics_handle() -> PrometheusHandle {
+pub fn metrics_handle() -> PrometheusHandle {
     static HANDLE: OnceLock<PrometheusHandle> = OnceLock::new();
     HANDLE
         .get_or_init(|| {
@@ -148,7 +155,7 @@ pub(crate) fn metrics_handle() -> PrometheusHandle {
 #[derive(Clone)]
 struct Ctx {
     store: EventStore,
-    idempotency: Idempotency,
+    app: App,
     catalog: Arc<Catalog>,
     db: Option<sluice_projections::Database>,
     live: Vec<(&'static str, LiveStatus)>,
@@ -167,8 +174,10 @@ struct Ctx {
 pub(crate) struct Parts {
     /// The event log.
     pub(crate) store: EventStore,
-    /// The idempotency records of keyed requests.
-    pub(crate) idempotency: Idempotency,
+    /// The modules (their metrics and OpenAPI paths).
+    pub(crate) app: App,
+    /// The modules' routes (see [`module_routes`]).
+    pub(crate) routes: Router,
     /// The read store, when this process has one (for readiness).
     pub(crate) db: Option<sluice_projections::Database>,
     /// Projections running in this process (for readiness and metrics).
@@ -185,7 +194,7 @@ pub(crate) fn router(queries: Router, parts: Parts, opts: &HttpOptions) -> Route
             .allow_burst(NonZeroU32::new(opts.burst.max(1)).unwrap_or(NonZeroU32::MIN));
     let ctx = Ctx {
         store: parts.store,
-        idempotency: parts.idempotency,
+        app: parts.app,
         catalog: parts.catalog,
         db: parts.db,
         live: parts.live,
@@ -199,13 +208,6 @@ pub(crate) fn router(queries: Router, parts: Parts, opts: &HttpOptions) -> Route
     };
     let protected = Router::new()
         .route("/v1/streams/{category}/{id}", post(append))
-        .route("/v1/transfers", post(start_transfer))
-        .route("/v1/accounts", post(open_account))
-        .route("/v1/accounts/{id}/deposits", post(deposit))
-        .route("/v1/accounts/{id}/withdrawals", post(withdraw))
-        .route("/v1/sagas/{id}/retry", post(saga_retry))
-        .route("/v1/sagas/{id}/resolve", post(saga_resolve))
-        .route("/v1/sagas/{id}/abandon", post(saga_abandon))
         .route("/v1/dlq", get(dlq_list))
         .route("/v1/dlq/{id}", get(dlq_show))
         .route("/v1/dlq/{id}/redrive", post(dlq_redrive))
@@ -213,13 +215,21 @@ pub(crate) fn router(queries: Router, parts: Parts, opts: &HttpOptions) -> Route
         .route("/v1/events/{position}/void", post(void_event))
         .route_layer(middleware::from_fn_with_state(ctx.clone(), require_token));
     let open = Router::new()
-        .route("/v1/transfers", get(list_transfers))
-        .route("/v1/transfers/{id}", get(get_transfer))
         .route("/healthz", get(healthz))
         .route("/readyz", get(readyz))
         .route("/metrics", get(prometheus))
-        .route("/openapi.json", get(openapi));
-    let mut app = protected.merge(open).with_state(ctx.clone()).merge(queries);
+        .route("/openapi.json", get(openapi_route));
+    // A module's routes: reads as the query API's, anything else behind
+    // the token with the scope its method and path need.
+    let modules = parts.routes.route_layer(middleware::from_fn_with_state(
+        ctx.clone(),
+        require_token_for_writes,
+    ));
+    let mut app = protected
+        .merge(open)
+        .with_state(ctx.clone())
+        .merge(queries)
+        .merge(modules);
     if !opts.open_reads {
         let exempt = ReadExempt {
             metrics: opts.open_metrics,
@@ -338,7 +348,9 @@ async fn header_limits(State(limits): State<HeaderLimits>, req: Request, next: N
     next.run(req).await
 }
 
-fn problem(
+/// A problem document answer (RFC 9457): `status`, the type's `slug`
+/// (under the problem base URL), its `title` and this case's `detail`.
+pub fn problem(
     status: StatusCode,
     slug: &str,
     title: &'static str,
@@ -405,6 +417,80 @@ async fn authorize(ctx: &Ctx, req: Request, next: Next) -> Response {
         }
         None => unauthorized(),
     }
+}
+
+/// The whole HTTP API of `app` over `store`, as `up` and `serve --role
+/// api` serve it: the platform's routes, the query API over the modules'
+/// read models in `db` (with `live`, the status of projections running in
+/// this process), the modules' routes, and the security layers of `opts`.
+/// For tests and for embedding the API in another server.
+pub async fn app_router(
+    app: &App,
+    store: EventStore,
+    db: Option<sluice_projections::Database>,
+    live: Vec<(&'static str, LiveStatus)>,
+    replicas: usize,
+    idempotency_retention: Duration,
+    opts: &HttpOptions,
+) -> anyhow::Result<Router> {
+    let queries = match &db {
+        Some(db) => {
+            let mut state = AppState::builder(store.clone(), db.clone());
+            for p in app.projections() {
+                let l = live
+                    .iter()
+                    .find(|(n, _)| *n == p.name())
+                    .map(|(_, l)| l.clone());
+                state = state.read_model(p.read_model().clone(), l);
+            }
+            queries(state.build())
+        }
+        None => Router::new(),
+    };
+    let route_ctx = RouteContext {
+        store: store.clone(),
+        db: db.clone(),
+        replicas,
+        idempotency_retention,
+    };
+    let parts = Parts {
+        store,
+        db,
+        live,
+        app: app.clone(),
+        catalog: Arc::new(app.catalog()?),
+        routes: module_routes(app, &route_ctx).await?,
+    };
+    Ok(router(queries, parts, opts))
+}
+
+/// Every module's routes, merged (a path two modules both route is a
+/// start-up error, not a silent winner).
+pub(crate) async fn module_routes(app: &App, ctx: &RouteContext) -> anyhow::Result<Router> {
+    let mut all = Router::new();
+    for m in &app.modules {
+        let routes = m
+            .routes(ctx)
+            .await
+            .map_err(|e| anyhow::anyhow!("module {}: setting up its routes: {e}", m.name()))?;
+        all = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| all.merge(routes)))
+            .map_err(|_| {
+                anyhow::anyhow!(
+                    "module {} routes a path another module (or the platform) already routes",
+                    m.name()
+                )
+            })?;
+    }
+    Ok(all)
+}
+
+/// For a module's routes: reads pass (the read-token layer, when reads
+/// are not open, has checked them), anything else needs the token.
+async fn require_token_for_writes(State(ctx): State<Ctx>, req: Request, next: Next) -> Response {
+    if req.method() == Method::GET || req.method() == Method::HEAD {
+        return next.run(req).await;
+    }
+    authorize(&ctx, req, next).await
 }
 
 async fn require_token(State(ctx): State<Ctx>, req: Request, next: Next) -> Response {
@@ -657,14 +743,8 @@ async fn prometheus(State(ctx): State<Ctx>) -> Response {
         seen.extend(now);
     }
     if let Some(db) = &ctx.db {
-        match sluice_ledger::transfer_counts(db).await {
-            Ok(counts) => {
-                for (state, n) in counts {
-                    metrics::gauge!("sluice_sagas", "saga" => "transfer", "state" => state)
-                        .set(n as f64);
-                }
-            }
-            Err(e) => tracing::warn!(error = %e, "could not count transfers by state"),
+        for m in &ctx.app.modules {
+            m.refresh_metrics(db).await;
         }
     }
     metrics::gauge!("sluice_nats_connected").set(
@@ -685,7 +765,7 @@ async fn prometheus(State(ctx): State<Ctx>) -> Response {
 /// accept arrays (`[5]` as `{"amount": 5}`), which no client means; every
 /// body (and nested object) of the write endpoints goes through this.
 #[derive(Debug)]
-struct Object<T>(T);
+pub struct Object<T>(pub T);
 
 impl<'de, T: Deserialize<'de>> Deserialize<'de> for Object<T> {
     fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
@@ -705,11 +785,11 @@ impl<'de, T: Deserialize<'de>> Deserialize<'de> for Object<T> {
 }
 
 /// A request body that must be a JSON object of shape `T`.
-type ObjectBody<T> = Result<Json<Object<T>>, JsonRejection>;
+pub type ObjectBody<T> = Result<Json<Object<T>>, JsonRejection>;
 
 /// The body, or a 400 problem saying which `shape` was expected: arrays,
 /// numbers and strings where an object belongs are refused like bad JSON.
-fn object_body<T>(body: ObjectBody<T>, shape: &str) -> Result<T, Box<Response>> {
+pub fn object_body<T>(body: ObjectBody<T>, shape: &str) -> Result<T, Box<Response>> {
     body.map(|Json(Object(b))| b).map_err(|e| {
         Box::new(json_rejection(&e, &format!("a JSON object {shape}")).into_response())
     })
@@ -741,7 +821,8 @@ struct AppendEvent {
     causationid: Option<String>,
 }
 
-fn bad_request(detail: impl Into<String>) -> Response {
+/// A 400 problem with `detail`.
+pub fn bad_request(detail: impl Into<String>) -> Response {
     problem(
         StatusCode::BAD_REQUEST,
         "bad-request",
@@ -937,19 +1018,9 @@ async fn void_event(
     }
 }
 
-/// Body of `POST /v1/transfers`.
-#[derive(Debug, Deserialize)]
-#[serde(deny_unknown_fields)]
-struct TransferBody {
-    from: String,
-    to: String,
-    amount: i64,
-    /// Transfer id and idempotency key (default: a new UUIDv7).
-    #[serde(default)]
-    id: Option<String>,
-}
-
-fn saga_error(e: sluice_sagas::SagaError) -> Response {
+/// A saga call's error as a problem: 404 unknown instance, 409 wrong state,
+/// 422 a rule of the saga, else the event store's or 500.
+pub fn saga_error(e: sluice_sagas::SagaError) -> Response {
     match e {
         e if e.is_unknown_instance() => problem(
             StatusCode::NOT_FOUND,
@@ -974,7 +1045,7 @@ fn saga_error(e: sluice_sagas::SagaError) -> Response {
 
 /// The `Idempotency-Key` header; one that is there but unreadable is a
 /// 400, never ignored (ignoring it would run a retry twice).
-fn idempotency_key(headers: &axum::http::HeaderMap) -> Result<Option<String>, Box<Response>> {
+pub fn idempotency_key(headers: &axum::http::HeaderMap) -> Result<Option<String>, Box<Response>> {
     match headers.get("idempotency-key") {
         None => Ok(None),
         Some(v) => match v.to_str() {
@@ -986,7 +1057,8 @@ fn idempotency_key(headers: &axum::http::HeaderMap) -> Result<Option<String>, Bo
     }
 }
 
-fn key_reused(detail: String) -> Response {
+/// 422: the idempotency key stood for another request.
+pub fn key_reused(detail: String) -> Response {
     problem(
         StatusCode::UNPROCESSABLE_ENTITY,
         "idempotency-key-reused",
@@ -995,319 +1067,9 @@ fn key_reused(detail: String) -> Response {
     )
 }
 
-async fn start_transfer(
-    State(ctx): State<Ctx>,
-    headers: axum::http::HeaderMap,
-    body: ObjectBody<TransferBody>,
-) -> Response {
-    let b = match object_body(body, r#"{"from", "to", "amount", "id"?}"#) {
-        Ok(b) => b,
-        Err(resp) => return *resp,
-    };
-    if let Err(r) = sluice_ledger::check_transfer(&b.from, &b.to, b.amount) {
-        return Problem::of(ProblemType::Rejected, format!("transfer refused: {r}"))
-            .with("rule", r.rule())
-            .into_response();
-    }
-    // The transfer id is the idempotency key; a key given both ways must agree.
-    let key = match idempotency_key(&headers) {
-        Ok(k) => k,
-        Err(resp) => return *resp,
-    };
-    let id = match (b.id.as_deref(), key.as_deref()) {
-        (Some(a), Some(k)) if a != k => {
-            return bad_request("the body's id and the Idempotency-Key differ");
-        }
-        (a, k) => a.or(k).map(str::to_owned),
-    };
-    match sluice_ledger::start_transfer(&ctx.store, id.as_deref(), &b.from, &b.to, b.amount).await {
-        Ok(t) if !t.created => match sluice_ledger::transfer_status(&ctx.store, &t.id).await {
-            Ok(Some(v)) if v.from == b.from && v.to == b.to && v.amount == b.amount => (
-                StatusCode::OK,
-                [(header::LOCATION, format!("/v1/transfers/{}", t.id))],
-                Json(
-                    json!({"id": t.id, "position": t.position, "created": false, "state": v.state}),
-                ),
-            )
-                .into_response(),
-            Ok(_) => key_reused(format!(
-                "Idempotency-Key {:?} was already used for another transfer (other accounts or amount); use a new key for a new transfer",
-                t.id
-            )),
-            Err(e) => saga_error(e),
-        },
-        Ok(t) => (
-            if t.created {
-                StatusCode::ACCEPTED
-            } else {
-                StatusCode::OK
-            },
-            [(header::LOCATION, format!("/v1/transfers/{}", t.id))],
-            Json(json!({"id": t.id, "position": t.position, "created": t.created})),
-        )
-            .into_response(),
-        Err(e) => saga_error(e),
-    }
-}
-
-async fn get_transfer(State(ctx): State<Ctx>, UrlPath(id): UrlPath<String>) -> Response {
-    if let Err(e) = sluice_events::validate_token("transfer id", &id) {
-        return bad_request(e.to_string());
-    }
-    match sluice_ledger::transfer_status(&ctx.store, &id).await {
-        Ok(Some(v)) => Json(v).into_response(),
-        Ok(None) => problem(
-            StatusCode::NOT_FOUND,
-            "not-found",
-            "Not found",
-            format!("no transfer {id}"),
-        ),
-        Err(e) => saga_error(e),
-    }
-}
-
-/// Body of `POST /v1/accounts`.
-#[derive(Debug, Deserialize)]
-#[serde(deny_unknown_fields)]
-struct OpenBody {
-    #[serde(default)]
-    id: Option<String>,
-    owner: String,
-    currency: String,
-}
-
-/// Body of deposits and withdrawals.
-#[derive(Debug, Deserialize)]
-#[serde(deny_unknown_fields)]
-struct AmountBody {
-    amount: i64,
-}
-
 /// Header marking an answer to a repeat of a keyed request: the first
 /// response again, nothing done this time.
-const IDEMPOTENT_REPLAYED: &str = "idempotent-replayed";
-
-async fn account_command(
-    ctx: &Ctx,
-    id: &str,
-    command: sluice_ledger::AccountCommand,
-    key: Option<String>,
-) -> Response {
-    let keyed = key.as_deref().map(|k| (&ctx.idempotency, k));
-    match sluice_ledger::run_account_command(&ctx.store, id, &command, keyed).await {
-        Ok(o) => {
-            // A repeat answers the first response (201) again, marked.
-            let mut resp = (
-                StatusCode::CREATED,
-                Json(json!({"id": o.account, "positions": o.positions, "position": o.version, "replayed": o.replayed})),
-            )
-                .into_response();
-            if o.replayed {
-                resp.headers_mut()
-                    .insert(IDEMPOTENT_REPLAYED, HeaderValue::from_static("true"));
-            }
-            resp
-        }
-        Err(e @ sluice_ledger::Error::IdempotencyKeyReused { .. }) => key_reused(e.to_string()),
-        Err(e @ sluice_ledger::Error::IdempotencyInProgress(_)) => Problem::new(
-            StatusCode::CONFLICT,
-            "idempotency-key-in-progress",
-            "Request in progress",
-            e.to_string(),
-        )
-        .with_retry_after(1)
-        .into_response(),
-        Err(sluice_ledger::Error::Rejected(r)) => rejected(&r),
-        // An account whose log holds an undecodable event is 500 naming it.
-        Err(sluice_ledger::Error::Events(e)) => Problem::from(e).into_response(),
-        Err(e) => Problem::internal(e).into_response(),
-    }
-}
-
-/// A refused account command: 422 naming the rule, except that an account
-/// that already exists is a conflict (409) and a missing one is 404.
-fn rejected(r: &sluice_ledger::AccountRejection) -> Response {
-    let kind = match r {
-        sluice_ledger::AccountRejection::AlreadyOpen => ProblemType::Conflict,
-        sluice_ledger::AccountRejection::NotFound => ProblemType::NotFound,
-        _ => ProblemType::Rejected,
-    };
-    Problem::of(kind, format!("command refused: {r}"))
-        .with("rule", r.rule())
-        .into_response()
-}
-
-async fn open_account(
-    State(ctx): State<Ctx>,
-    headers: axum::http::HeaderMap,
-    body: ObjectBody<OpenBody>,
-) -> Response {
-    let b = match object_body(body, r#"{"owner", "currency", "id"?}"#) {
-        Ok(b) => b,
-        Err(resp) => return *resp,
-    };
-    let key = match idempotency_key(&headers) {
-        Ok(k) => k,
-        Err(resp) => return *resp,
-    };
-    let id =
-        b.id.or_else(|| key.clone())
-            .unwrap_or_else(|| uuid::Uuid::now_v7().to_string());
-    let cmd = sluice_ledger::AccountCommand::Open {
-        owner: b.owner,
-        currency: b.currency,
-    };
-    account_command(&ctx, &id, cmd, key).await
-}
-
-/// Deposits and withdrawals: one body shape, one path through the aggregate.
-async fn amount_command(
-    ctx: &Ctx,
-    id: &str,
-    headers: &axum::http::HeaderMap,
-    body: ObjectBody<AmountBody>,
-    command: fn(i64) -> sluice_ledger::AccountCommand,
-) -> Response {
-    let b = match object_body(body, r#"{"amount": <minor units>}"#) {
-        Ok(b) => b,
-        Err(resp) => return *resp,
-    };
-    match idempotency_key(headers) {
-        Ok(key) => account_command(ctx, id, command(b.amount), key).await,
-        Err(resp) => *resp,
-    }
-}
-
-async fn deposit(
-    State(ctx): State<Ctx>,
-    UrlPath(id): UrlPath<String>,
-    headers: axum::http::HeaderMap,
-    body: ObjectBody<AmountBody>,
-) -> Response {
-    amount_command(&ctx, &id, &headers, body, |amount| {
-        sluice_ledger::AccountCommand::Deposit {
-            amount,
-            currency: None,
-        }
-    })
-    .await
-}
-
-async fn withdraw(
-    State(ctx): State<Ctx>,
-    UrlPath(id): UrlPath<String>,
-    headers: axum::http::HeaderMap,
-    body: ObjectBody<AmountBody>,
-) -> Response {
-    amount_command(&ctx, &id, &headers, body, |amount| {
-        sluice_ledger::AccountCommand::Withdraw {
-            amount,
-            currency: None,
-        }
-    })
-    .await
-}
-
-#[derive(Debug, Deserialize)]
-struct TransferQuery {
-    state: Option<String>,
-}
-
-async fn list_transfers(State(ctx): State<Ctx>, Query(q): Query<TransferQuery>) -> Response {
-    let state = match q.state.as_deref().map(str::parse).transpose() {
-        Ok(s) => s,
-        // An unknown filter value: the request's fault (400), not a rule.
-        Err(sluice_sagas::SagaError::Invalid(msg)) => return bad_request(msg),
-        Err(e) => return saga_error(e),
-    };
-    match sluice_ledger::list_transfers(&ctx.store, state).await {
-        Ok(v) => Json(json!({"transfers": v})).into_response(),
-        Err(e) => saga_error(e),
-    }
-}
-
-/// Body of `POST /v1/sagas/{id}/retry|resolve|abandon`.
-#[derive(Debug, Deserialize)]
-#[serde(deny_unknown_fields)]
-struct OperatorBody {
-    /// Who and why, kept in the saga's log.
-    note: String,
-    /// `completed` or `compensated` (resolve only).
-    #[serde(default)]
-    outcome: Option<String>,
-}
-
-/// One operator action on transfer `id`: 200 with the transfer after it,
-/// 404 for an unknown id, 409 naming the state when it does not apply.
-async fn operate(
-    ctx: &Ctx,
-    id: &str,
-    body: Result<Json<OperatorBody>, axum::extract::rejection::JsonRejection>,
-    action: impl FnOnce(Option<&str>) -> Result<sluice_sagas::OperatorAction, String>,
-) -> Response {
-    let Json(b) = match body {
-        Ok(b) => b,
-        Err(e) => {
-            return bad_request(format!(
-                "the body must be {{\"note\": \"who and why\", \"outcome\"?}}: {}",
-                e.body_text()
-            ));
-        }
-    };
-    let action = match action(b.outcome.as_deref()) {
-        Ok(a) => a,
-        Err(why) => return bad_request(why),
-    };
-    match sluice_ledger::operate_transfer(&ctx.store, id, action, &b.note).await {
-        Ok(v) => Json(v).into_response(),
-        // A blank note or a bad outcome: the request's fault, not a rule.
-        Err(sluice_sagas::SagaError::Invalid(msg)) => bad_request(msg),
-        Err(e) => saga_error(e),
-    }
-}
-
-async fn saga_retry(
-    State(ctx): State<Ctx>,
-    UrlPath(id): UrlPath<String>,
-    body: Result<Json<OperatorBody>, axum::extract::rejection::JsonRejection>,
-) -> Response {
-    operate(&ctx, &id, body, |outcome| match outcome {
-        None => Ok(sluice_sagas::OperatorAction::Retry),
-        Some(_) => Err("retry takes no outcome; use resolve".to_owned()),
-    })
-    .await
-}
-
-async fn saga_resolve(
-    State(ctx): State<Ctx>,
-    UrlPath(id): UrlPath<String>,
-    body: Result<Json<OperatorBody>, axum::extract::rejection::JsonRejection>,
-) -> Response {
-    operate(&ctx, &id, body, |outcome| {
-        let Some(outcome) = outcome else {
-            return Err(
-                "resolve needs {\"outcome\": \"completed\" | \"compensated\", \"note\"}".to_owned(),
-            );
-        };
-        outcome
-            .parse()
-            .map(sluice_sagas::OperatorAction::Resolve)
-            .map_err(|e: sluice_sagas::SagaError| e.to_string())
-    })
-    .await
-}
-
-async fn saga_abandon(
-    State(ctx): State<Ctx>,
-    UrlPath(id): UrlPath<String>,
-    body: Result<Json<OperatorBody>, axum::extract::rejection::JsonRejection>,
-) -> Response {
-    operate(&ctx, &id, body, |outcome| match outcome {
-        None => Ok(sluice_sagas::OperatorAction::Abandon),
-        Some(_) => Err("abandon takes no outcome; use resolve".to_owned()),
-    })
-    .await
-}
+pub const IDEMPOTENT_REPLAYED: &str = "idempotent-replayed";
 
 #[derive(Debug, Deserialize)]
 struct DlqQuery {
@@ -1394,8 +1156,8 @@ async fn dlq_redrive(State(ctx): State<Ctx>, UrlPath(id): UrlPath<u64>) -> Respo
         let Some(db) = ctx.db.clone() else {
             return no_read_store(&name);
         };
-        let member = match sluice_ledger::cli::member(&name) {
-            Ok(m) => m,
+        let member = match ctx.app.projection(&name) {
+            Ok(m) => m.member().clone(),
             Err(e) => return Problem::internal(e).into_response(),
         };
         return match sluice_projections::redrive_dead_letter(member, db, ctx.store.clone(), id)
@@ -1444,15 +1206,38 @@ async fn dlq_discard(
 
 /// The OpenAPI 3.1 document of this router (kept next to the routes; a test
 /// checks every documented path is served).
-pub(crate) fn openapi_document() -> Value {
-    let problem = json!({"$ref": "#/components/schemas/Problem"});
-    let err = |d: &str| json!({"description": d, "content": {"application/problem+json": {"schema": problem}}});
-    let ok = |d: &str| json!({"description": d, "content": {"application/json": {"schema": {"type": "object"}}}});
-    let secured = json!([{"bearer": []}]);
-    let operator_body = json!({"required": true, "content": {"application/json": {"schema": {"type": "object", "required": ["note"],
-        "properties": {"note": {"type": "string", "minLength": 1}}}}}});
-    let resolve_body = json!({"required": true, "content": {"application/json": {"schema": {"type": "object", "required": ["note", "outcome"],
-        "properties": {"note": {"type": "string", "minLength": 1}, "outcome": {"enum": ["completed", "compensated"]}}}}}});
+/// OpenAPI pieces a module's [`Module::openapi`](crate::Module::openapi)
+/// builds its paths from, so every module's operations look alike.
+pub mod openapi {
+    use serde_json::{Value, json};
+
+    /// A JSON response described by `description`.
+    pub fn ok(description: &str) -> Value {
+        json!({"description": description, "content": {"application/json": {"schema": {"type": "object"}}}})
+    }
+
+    /// A problem-document response described by `description`.
+    pub fn err(description: &str) -> Value {
+        json!({"description": description, "content": {"application/problem+json": {"schema": {"$ref": "#/components/schemas/Problem"}}}})
+    }
+
+    /// The `security` of an operation that needs the bearer token.
+    pub fn secured() -> Value {
+        json!([{"bearer": []}])
+    }
+
+    /// Adds `paths` (an object of path items) to the document `doc`.
+    pub fn add_paths(doc: &mut Value, paths: Value) {
+        if let (Some(all), Value::Object(new)) = (doc["paths"].as_object_mut(), paths) {
+            all.extend(new);
+        }
+    }
+}
+
+/// The OpenAPI 3.1 document of the platform's routes and `app`'s modules'.
+pub(crate) fn openapi_document(app: &App) -> Value {
+    use openapi::{err, ok};
+    let secured = openapi::secured();
     let mut doc = json!({
         "openapi": "3.1.0",
         "info": {"title": "Sluice", "version": env!("CARGO_PKG_VERSION"),
@@ -1478,29 +1263,6 @@ pub(crate) fn openapi_document() -> Value {
                                            "events": {"type": "array", "items": {"type": "object", "required": ["type", "data"]}}}}}}},
                          "responses": {"201": ok("appended (deduplicated: true for a retry of the same events)"), "400": err("invalid input, unknown event type or schema violation (errors: [{event, pointer, message}])"), "401": err("no or wrong token"), "403": err("reserved category"), "409": err("version conflict, an event id already used by another event (id-reused), or an invalid stored event (invalid-stored-event)"), "413": err("body too large")}}
             },
-            "/v1/transfers": {
-                "get": {"summary": "Transfers (filter state: pending, completed, compensated, needs_attention, abandoned)",
-                        "parameters": [{"name": "state", "in": "query", "required": false,
-                                        "schema": {"enum": ["pending", "completed", "compensated", "needs_attention", "abandoned"]}}],
-                        "responses": {"200": ok("transfers"), "400": err("unknown state")}},
-                "post": {"summary": "Start a transfer saga (id = idempotency key)", "security": secured,
-                         "requestBody": {"content": {"application/json": {"schema": {"type": "object", "required": ["from", "to", "amount"],
-                            "properties": {"from": {"type": "string"}, "to": {"type": "string"}, "amount": {"type": "integer", "minimum": 1}, "id": {"type": "string"}}}}}},
-                         "responses": {"202": ok("started"), "200": ok("already started"), "400": err("invalid input"), "401": err("no or wrong token"), "422": err("refused by a rule (positive amount, two accounts)")}}
-            },
-            "/v1/accounts": {"post": {"summary": "Open an account (Idempotency-Key)", "security": secured, "responses": {"201": ok("opened (a repeat with the same key: the first response, Idempotent-Replayed: true)"), "404": err("no such account"), "409": err("already open, a version conflict, or the key's first request still in progress"), "422": err("refused by a rule (rule), or the key used for another request")}}},
-            "/v1/accounts/{id}/deposits": {"post": {"summary": "Deposit (Idempotency-Key)", "security": secured, "responses": {"201": ok("deposited (a repeat with the same key: the first response, Idempotent-Replayed: true)"), "404": err("no such account"), "409": err("already open, a version conflict, or the key's first request still in progress"), "422": err("refused by a rule (rule), or the key used for another request")}}},
-            "/v1/accounts/{id}/withdrawals": {"post": {"summary": "Withdraw, never below zero (Idempotency-Key)", "security": secured, "responses": {"201": ok("withdrawn (a repeat with the same key: the first response, Idempotent-Replayed: true)"), "404": err("no such account"), "409": err("already open, a version conflict, or the key's first request still in progress"), "422": err("refused by a rule (rule), or the key used for another request")}}},
-            "/v1/transfers/{id}": {"get": {"summary": "One transfer's state", "responses": {"200": ok("transfer"), "404": err("unknown transfer")}}},
-            "/v1/sagas/{id}/retry": {"post": {"summary": "Send the command a transfer that needs attention is stuck on again (next attempt; money moves at most once per step)", "security": secured,
-                "requestBody": operator_body.clone(),
-                "responses": {"200": ok("the transfer after the retry"), "400": err("no note"), "401": err("no or wrong token"), "404": err("unknown transfer"), "409": err("the transfer does not need attention (the detail names its state)")}}},
-            "/v1/sagas/{id}/resolve": {"post": {"summary": "State the outcome (completed or compensated) of a transfer that needs attention; nothing moves", "security": secured,
-                "requestBody": resolve_body,
-                "responses": {"200": ok("the transfer after it"), "400": err("no note or outcome"), "401": err("no or wrong token"), "404": err("unknown transfer"), "409": err("the transfer does not need attention (the detail names its state)")}}},
-            "/v1/sagas/{id}/abandon": {"post": {"summary": "Stop a transfer that needs attention without acting (fixed by hand); nothing moves", "security": secured,
-                "requestBody": operator_body,
-                "responses": {"200": ok("the transfer after it"), "400": err("no note"), "401": err("no or wrong token"), "404": err("unknown transfer"), "409": err("the transfer does not need attention (the detail names its state)")}}},
             "/v1/dlq": {"get": {"summary": "Dead letters (filter consumer, category, reason)", "security": secured, "responses": {"200": ok("listing"), "401": err("no or wrong token")}}},
             "/v1/dlq/{id}": {"get": {"summary": "One dead letter", "security": secured, "responses": {"200": ok("dead letter"), "404": err("unknown id")}}},
             "/v1/dlq/{id}/redrive": {"post": {"summary": "Hand a dead letter back to its consumer, or apply a projection's into it from the log (idempotent)", "security": secured, "responses": {"200": ok("redrive report"), "404": err("unknown id"), "409": err("parked behind an earlier dead letter, or a projection's without a read store here")}}},
@@ -1514,6 +1276,9 @@ pub(crate) fn openapi_document() -> Value {
             "/openapi.json": {"get": {"summary": "This document", "responses": {"200": ok("OpenAPI 3.1")}}}
         }
     });
+    for m in &app.modules {
+        m.openapi(&mut doc);
+    }
     declare_path_parameters(&mut doc);
     declare_common_responses(&mut doc);
     doc
@@ -1584,866 +1349,13 @@ fn declare_path_parameters(doc: &mut Value) {
     }
 }
 
-async fn openapi() -> Json<Value> {
-    Json(openapi_document())
+async fn openapi_route(State(ctx): State<Ctx>) -> Json<Value> {
+    Json(openapi_document(&ctx.app))
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use axum::body::Body;
-    use sluice_events::StoreConfig;
-    use tower::ServiceExt;
-
-    const TOKEN: &str = "test-token-0123456789abcdef";
-
-    async fn app(opts: HttpOptions) -> (Router, sluice_testkit::NatsServer) {
-        let server = sluice_testkit::NatsServer::start();
-        let router = app_on(&server, opts, StoreConfig::default()).await;
-        (router, server)
-    }
-
-    /// The router over `server`, as a fresh process would build it.
-    async fn app_on(
-        server: &sluice_testkit::NatsServer,
-        opts: HttpOptions,
-        config: StoreConfig,
-    ) -> Router {
-        let store = server.store_with(config).await;
-        let idempotency = Idempotency::open(
-            store.jetstream(),
-            sluice_ledger::IdempotencyConfig::default(),
-        )
-        .await
-        .unwrap();
-        router(
-            Router::new(),
-            Parts {
-                store,
-                idempotency,
-                db: None,
-                live: Vec::new(),
-                catalog: Arc::new(crate::commands::catalog().unwrap()),
-            },
-            &opts,
-        )
-    }
-
-    async fn call(
-        app: &Router,
-        method: &str,
-        uri: &str,
-        token: Option<&str>,
-        body: Option<String>,
-    ) -> (StatusCode, axum::http::HeaderMap, String) {
-        let mut req = axum::http::Request::builder().method(method).uri(uri);
-        if let Some(t) = token {
-            req = req.header(header::AUTHORIZATION, format!("Bearer {t}"));
-        }
-        let req = match body {
-            Some(b) => req
-                .header(header::CONTENT_TYPE, "application/json")
-                .header(header::CONTENT_LENGTH, b.len())
-                .body(Body::from(b)),
-            None => req.body(Body::empty()),
-        }
-        .unwrap();
-        let resp = app.clone().oneshot(req).await.unwrap();
-        let status = resp.status();
-        let headers = resp.headers().clone();
-        let bytes = axum::body::to_bytes(resp.into_body(), 1 << 20)
-            .await
-            .unwrap();
-        (
-            status,
-            headers,
-            String::from_utf8_lossy(&bytes).into_owned(),
-        )
-    }
-
-    fn opened() -> String {
-        r#"{"expected_version":"none","events":[{"type":"ledger.account.opened.v1","data":{"owner":"ann","currency":"EUR"}}]}"#.to_owned()
-    }
-
-    #[tokio::test]
-    async fn appends_need_the_token_and_report_conflicts_and_bad_input_as_problems() {
-        let mut opts = HttpOptions::with_token(TOKEN);
-        opts.body_limit = 4096;
-        let (app, _server) = app(opts).await;
-        let url = "/v1/streams/account/acc-1";
-
-        let (status, headers, body) = call(&app, "POST", url, None, Some(opened())).await;
-        assert_eq!(status, StatusCode::UNAUTHORIZED, "{body}");
-        assert_eq!(headers[header::WWW_AUTHENTICATE], "Bearer");
-        assert_eq!(headers[header::CONTENT_TYPE], "application/problem+json");
-        let (status, _, _) = call(
-            &app,
-            "POST",
-            url,
-            Some("wrong-token-0123456789abcdef"),
-            Some(opened()),
-        )
-        .await;
-        assert_eq!(status, StatusCode::UNAUTHORIZED);
-
-        let (status, _, body) = call(&app, "POST", url, Some(TOKEN), Some(opened())).await;
-        assert_eq!(status, StatusCode::CREATED, "{body}");
-        let v: Value = serde_json::from_str(&body).unwrap();
-        assert_eq!(v["positions"], json!([1]));
-
-        let (status, _, body) = call(&app, "POST", url, Some(TOKEN), Some(opened())).await;
-        assert_eq!(status, StatusCode::CONFLICT, "{body}");
-        assert!(body.contains("expected version 0, actual 1"), "{body}");
-
-        for (uri, body) in [
-            ("/v1/streams/account/acc.1", opened()),
-            (url, "{not json".to_owned()),
-            (url, r#"{"events":[{"type":"t.v1"}]}"#.to_owned()),
-            (
-                url,
-                r#"{"expected_version":-3,"events":[{"type":"t.v1","data":{}}]}"#.to_owned(),
-            ),
-            (
-                url,
-                r#"{"events":[{"type":"bad type","data":{}}]}"#.to_owned(),
-            ),
-            (url, r#"{"events":[]}"#.to_owned()),
-        ] {
-            let (status, headers, text) =
-                call(&app, "POST", uri, Some(TOKEN), Some(body.clone())).await;
-            assert_eq!(status, StatusCode::BAD_REQUEST, "{uri} {body}: {text}");
-            assert_eq!(headers[header::CONTENT_TYPE], "application/problem+json");
-            assert!(!text.contains("sqlx") && !text.contains("nats:"), "{text}");
-        }
-        let huge = format!(
-            r#"{{"events":[{{"type":"t.v1","data":"{}"}}]}}"#,
-            "x".repeat(8192)
-        );
-        let (status, _, text) = call(&app, "POST", url, Some(TOKEN), Some(huge)).await;
-        assert_eq!(status, StatusCode::PAYLOAD_TOO_LARGE, "{text}");
-    }
-
-    #[tokio::test]
-    async fn the_public_append_checks_schemas_types_and_reserved_categories() {
-        let (app, server) = app(HttpOptions::with_token(TOKEN)).await;
-        let store = server.store().await;
-        let post = |uri: &'static str, body: &'static str| {
-            let app = app.clone();
-            async move { call(&app, "POST", uri, Some(TOKEN), Some(body.to_owned())).await }
-        };
-        let (status, _, body) = post(
-            "/v1/streams/account/s-1",
-            r#"{"events":[{"type":"ledger.account.opened.v1","data":{"owner":"ann","currency":"EUR"}}]}"#,
-        )
-        .await;
-        assert_eq!(status, StatusCode::CREATED, "{body}");
-        let head = store.stream_state().await.unwrap().last_position;
-
-        let (status, headers, body) = post(
-            "/v1/streams/account/s-1",
-            r#"{"events":[{"type":"ledger.account.deposited.v1","data":{"amount":-5}}]}"#,
-        )
-        .await;
-        assert_eq!(status, StatusCode::BAD_REQUEST, "{body}");
-        assert_eq!(headers[header::CONTENT_TYPE], "application/problem+json");
-        let v: Value = serde_json::from_str(&body).unwrap();
-        assert!(
-            v["type"].as_str().unwrap().ends_with("/schema-violation"),
-            "{v}"
-        );
-        assert_eq!(v["errors"][0]["pointer"], "/amount", "{v}");
-        assert_eq!(v["errors"][0]["event"], 0, "{v}");
-        assert!(
-            v["errors"][0]["message"]
-                .as_str()
-                .unwrap()
-                .contains("minimum"),
-            "{v}"
-        );
-
-        let (status, _, body) = post(
-            "/v1/streams/account/s-1",
-            r#"{"events":[{"type":"x.v1","data":{}}]}"#,
-        )
-        .await;
-        assert_eq!(status, StatusCode::BAD_REQUEST, "{body}");
-        let v: Value = serde_json::from_str(&body).unwrap();
-        assert!(
-            v["type"].as_str().unwrap().ends_with("/unknown-event-type"),
-            "{v}"
-        );
-        assert!(
-            v["known"]
-                .as_array()
-                .unwrap()
-                .contains(&json!("ledger.account.deposited.v1"))
-        );
-
-        for uri in [
-            "/v1/streams/cmd-account/acc-1",
-            "/v1/streams/saga-transfer/t-1",
-            "/v1/streams/sluice-void/1",
-        ] {
-            let (status, _, body) = post(
-                uri,
-                r#"{"events":[{"type":"sluice.saga.command.v1","data":{}}]}"#,
-            )
-            .await;
-            assert_eq!(status, StatusCode::FORBIDDEN, "{uri}: {body}");
-            let v: Value = serde_json::from_str(&body).unwrap();
-            assert!(
-                v["type"].as_str().unwrap().ends_with("/reserved-category"),
-                "{v}"
-            );
-        }
-        assert_eq!(
-            store.stream_state().await.unwrap().last_position,
-            head,
-            "nothing refused was written"
-        );
-        // Undeclared categories stay free-form.
-        let (status, _, body) = post(
-            "/v1/streams/thing/t-1",
-            r#"{"events":[{"type":"anything.v1","data":[1,"two"]}]}"#,
-        )
-        .await;
-        assert_eq!(status, StatusCode::CREATED, "{body}");
-    }
-
-    #[tokio::test]
-    async fn voiding_needs_the_token_is_idempotent_and_refuses_unknown_positions() {
-        let (app, server) = app(HttpOptions::with_token(TOKEN)).await;
-        let store = server.store().await;
-        let (status, _, _) = call(
-            &app,
-            "POST",
-            "/v1/streams/account/v-1",
-            Some(TOKEN),
-            Some(opened()),
-        )
-        .await;
-        assert_eq!(status, StatusCode::CREATED);
-        let reason = Some(r#"{"reason":"test"}"#.to_owned());
-        let (status, _, _) = call(&app, "POST", "/v1/events/1/void", None, reason.clone()).await;
-        assert_eq!(status, StatusCode::UNAUTHORIZED);
-        let (status, _, first) = call(
-            &app,
-            "POST",
-            "/v1/events/1/void",
-            Some(TOKEN),
-            reason.clone(),
-        )
-        .await;
-        assert_eq!(status, StatusCode::OK, "{first}");
-        let v: Value = serde_json::from_str(&first).unwrap();
-        assert_eq!(v["position"], 1);
-        assert_eq!(v["stream"], "account/v-1");
-        assert_eq!(v["type"], "ledger.account.opened.v1");
-        let void_position = v["void_position"].as_u64().unwrap();
-        let (status, _, again) = call(
-            &app,
-            "POST",
-            "/v1/events/1/void",
-            Some(TOKEN),
-            Some(r#"{"reason":"other"}"#.to_owned()),
-        )
-        .await;
-        assert_eq!(status, StatusCode::OK);
-        assert_eq!(again, first, "voiding twice answers the same");
-        assert_eq!(
-            store.stream_state().await.unwrap().last_position,
-            void_position
-        );
-        let (status, _, body) = call(
-            &app,
-            "POST",
-            "/v1/events/999/void",
-            Some(TOKEN),
-            reason.clone(),
-        )
-        .await;
-        assert_eq!(status, StatusCode::NOT_FOUND, "{body}");
-        let uri = format!("/v1/events/{void_position}/void");
-        let (status, _, body) = call(&app, "POST", &uri, Some(TOKEN), reason.clone()).await;
-        assert_eq!(status, StatusCode::CONFLICT, "{body}");
-        let (status, _, body) = call(
-            &app,
-            "POST",
-            "/v1/events/1/void",
-            Some(TOKEN),
-            Some(r#"{"reason":" "}"#.to_owned()),
-        )
-        .await;
-        assert_eq!(status, StatusCode::BAD_REQUEST, "{body}");
-        // The voided account is gone for its loaders.
-        let (account, version) = sluice_ledger::account_state(&store, "v-1").await.unwrap();
-        assert!(!account.exists());
-        assert_eq!(version, 1);
-    }
-
-    #[tokio::test]
-    async fn dead_letters_are_admin_only_and_rate_limits_answer_429() {
-        let mut opts = HttpOptions::with_token(TOKEN);
-        opts.rate_per_sec = 1;
-        opts.burst = 3;
-        let (app, _server) = app(opts).await;
-        let (status, _, _) = call(&app, "GET", "/v1/dlq", None, None).await;
-        assert_eq!(status, StatusCode::UNAUTHORIZED);
-        let (status, _, body) = call(&app, "GET", "/v1/dlq", Some(TOKEN), None).await;
-        assert_eq!(status, StatusCode::OK, "{body}");
-        let (status, _, _) = call(&app, "GET", "/v1/dlq/999", Some(TOKEN), None).await;
-        assert_eq!(status, StatusCode::NOT_FOUND);
-        let (status, headers, _) = call(&app, "GET", "/openapi.json", None, None).await;
-        assert_eq!(status, StatusCode::TOO_MANY_REQUESTS);
-        assert!(
-            headers[header::RETRY_AFTER]
-                .to_str()
-                .unwrap()
-                .parse::<u64>()
-                .unwrap()
-                >= 1
-        );
-    }
-
-    #[tokio::test]
-    async fn health_readiness_metrics_and_openapi() {
-        let (app, _server) = app(HttpOptions::with_token(TOKEN)).await;
-        let (status, _, _) = call(&app, "GET", "/healthz", None, None).await;
-        assert_eq!(status, StatusCode::OK);
-        let (status, _, body) = call(&app, "GET", "/readyz", None, None).await;
-        assert_eq!(status, StatusCode::OK, "{body}");
-        assert!(body.contains(r#""nats":true"#), "{body}");
-        let (status, _, _) = call(
-            &app,
-            "POST",
-            "/v1/streams/account/m-1",
-            Some(TOKEN),
-            Some(opened()),
-        )
-        .await;
-        assert_eq!(status, StatusCode::CREATED);
-        let (status, _, body) = call(&app, "GET", "/metrics", None, None).await;
-        assert_eq!(status, StatusCode::OK);
-        assert!(
-            body.contains(r#"sluice_appends_total{outcome="ok"} 1"#),
-            "{body}"
-        );
-        assert!(body.contains("sluice_append_duration_seconds"), "{body}");
-        assert!(
-            body.contains("sluice_http_requests_total")
-                && body.contains("sluice_stream_last_position"),
-            "{body}"
-        );
-        let (status, _, body) = call(&app, "GET", "/openapi.json", None, None).await;
-        assert_eq!(status, StatusCode::OK);
-        let doc: Value = serde_json::from_str(&body).unwrap();
-        assert_eq!(doc["openapi"], "3.1.0");
-        // Every documented route outside the projections' own is served here.
-        for path in doc["paths"].as_object().unwrap().keys() {
-            if path.starts_with("/v1/projections") || path == "/v1/streams/{category}/{id}" {
-                continue;
-            }
-            let uri = path.replace("{id}", "1");
-            let method = if doc["paths"][path].get("get").is_some() {
-                "GET"
-            } else {
-                "POST"
-            };
-            let (status, _, _) = call(&app, method, &uri, Some(TOKEN), None).await;
-            assert_ne!(status, StatusCode::METHOD_NOT_ALLOWED, "{path}");
-            assert!(
-                status != StatusCode::NOT_FOUND
-                    || uri.starts_with("/v1/dlq/")
-                    || uri.starts_with("/v1/transfers/"),
-                "{path}: {status}"
-            );
-        }
-    }
-
-    /// The served document checked by `openapi-spec-validator` (OpenAPI 3.1
-    /// schema and the semantic rules, e.g. declared path parameters),
-    /// installed into `.tools/venv` by scripts/setup.sh.
-    #[tokio::test]
-    async fn the_served_openapi_document_passes_an_external_validator() {
-        let validator = std::env::var_os("SLUICE_OPENAPI_VALIDATOR")
-            .map(std::path::PathBuf::from)
-            .unwrap_or_else(|| {
-                Path::new(env!("CARGO_MANIFEST_DIR"))
-                    .join("../../.tools/venv/bin/openapi-spec-validator")
-            });
-        assert!(
-            validator.is_file(),
-            "{} is missing: run scripts/setup.sh (or set SLUICE_OPENAPI_VALIDATOR)",
-            validator.display()
-        );
-        let (app, _server) = app(HttpOptions::with_token(TOKEN)).await;
-        let (status, _, body) = call(&app, "GET", "/openapi.json", None, None).await;
-        assert_eq!(status, StatusCode::OK);
-        let dir = tempfile::tempdir().unwrap();
-        let file = dir.path().join("openapi.json");
-        std::fs::write(&file, &body).unwrap();
-        let out = std::process::Command::new(&validator)
-            .args(["--schema", "3.1", "--validation-errors", "all"])
-            .arg(&file)
-            .output()
-            .unwrap();
-        let report = String::from_utf8_lossy(&out.stdout).into_owned()
-            + &String::from_utf8_lossy(&out.stderr);
-        assert!(out.status.success(), "openapi-spec-validator: {report}");
-        assert!(report.contains(": OK"), "{report}");
-    }
-
-    #[tokio::test]
-    async fn a_traceparent_header_travels_with_the_appended_events() {
-        let (app, server) = app(HttpOptions::with_token(TOKEN)).await;
-        let tp = "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01";
-        let req = axum::http::Request::builder()
-            .method("POST")
-            .uri("/v1/streams/account/tp-1")
-            .header(header::AUTHORIZATION, format!("Bearer {TOKEN}"))
-            .header(header::CONTENT_TYPE, "application/json")
-            .header("traceparent", tp)
-            .body(Body::from(opened()))
-            .unwrap();
-        assert_eq!(
-            app.clone().oneshot(req).await.unwrap().status(),
-            StatusCode::CREATED
-        );
-        let store = server.store().await;
-        let id = StreamId::new("account", "tp-1").unwrap();
-        let events: Vec<_> = futures::TryStreamExt::try_collect(store.read(&id, 1).await.unwrap())
-            .await
-            .unwrap();
-        assert_eq!(events[0].envelope.traceparent.as_deref(), Some(tp));
-    }
-
-    async fn call_with_key(app: &Router, uri: &str, key: &str, body: &str) -> (StatusCode, String) {
-        let (status, _, body) = call_keyed(app, uri, key, body).await;
-        (status, body)
-    }
-
-    async fn call_keyed(
-        app: &Router,
-        uri: &str,
-        key: &str,
-        body: &str,
-    ) -> (StatusCode, axum::http::HeaderMap, String) {
-        let req = axum::http::Request::builder()
-            .method("POST")
-            .uri(uri)
-            .header(header::AUTHORIZATION, format!("Bearer {TOKEN}"))
-            .header(header::CONTENT_TYPE, "application/json")
-            .header("idempotency-key", key)
-            .body(Body::from(body.to_owned()))
-            .unwrap();
-        let resp = app.clone().oneshot(req).await.unwrap();
-        let status = resp.status();
-        let headers = resp.headers().clone();
-        let bytes = axum::body::to_bytes(resp.into_body(), 1 << 20)
-            .await
-            .unwrap();
-        (
-            status,
-            headers,
-            String::from_utf8_lossy(&bytes).into_owned(),
-        )
-    }
-
-    #[tokio::test]
-    async fn idempotency_keys_make_retries_safe_and_refuse_reuse() {
-        let (app, server) = app(HttpOptions::with_token(TOKEN)).await;
-        let open = r#"{"id":"a-1","owner":"ann","currency":"EUR"}"#;
-        let (s1, b1) = call_with_key(&app, "/v1/accounts", "k-open", open).await;
-        assert_eq!(s1, StatusCode::CREATED, "{b1}");
-        let (s2, h2, b2) = call_keyed(&app, "/v1/accounts", "k-open", open).await;
-        assert_eq!(s2, StatusCode::CREATED, "the first response again: {b2}");
-        assert_eq!(h2[IDEMPOTENT_REPLAYED], "true");
-        assert_eq!(
-            serde_json::from_str::<Value>(&b2).unwrap()["position"],
-            serde_json::from_str::<Value>(&b1).unwrap()["position"]
-        );
-        for i in 0..3 {
-            let (s, h, b) = call_keyed(
-                &app,
-                "/v1/accounts/a-1/deposits",
-                "k-dep",
-                r#"{"amount":500}"#,
-            )
-            .await;
-            assert_eq!(s, StatusCode::CREATED, "{b}");
-            assert_eq!(h.contains_key(IDEMPOTENT_REPLAYED), i > 0, "{b}");
-            assert_eq!(
-                serde_json::from_str::<Value>(&b).unwrap()["replayed"],
-                i > 0
-            );
-        }
-        let (s, b) = call_with_key(
-            &app,
-            "/v1/accounts/a-1/deposits",
-            "k-dep",
-            r#"{"amount":900}"#,
-        )
-        .await;
-        assert_eq!(s, StatusCode::UNPROCESSABLE_ENTITY, "{b}");
-        let (s, b) = call_with_key(
-            &app,
-            "/v1/accounts/a-1/withdrawals",
-            "k-wd",
-            r#"{"amount":501}"#,
-        )
-        .await;
-        assert_eq!(
-            s,
-            StatusCode::UNPROCESSABLE_ENTITY,
-            "overdraft refused: {b}"
-        );
-        let store = server.store().await;
-        let (account, _) = sluice_ledger::account_state(&store, "a-1").await.unwrap();
-        assert_eq!(
-            account.balance(),
-            500,
-            "three deposits with one key moved money once"
-        );
-
-        let transfer = r#"{"from":"a-1","to":"b-1","amount":100}"#;
-        let (s, b) = call_with_key(&app, "/v1/transfers", "t-key", transfer).await;
-        assert_eq!(s, StatusCode::ACCEPTED, "{b}");
-        for _ in 0..2 {
-            let (s, b) = call_with_key(&app, "/v1/transfers", "t-key", transfer).await;
-            assert_eq!(s, StatusCode::OK, "{b}");
-        }
-        let (s, _) = call_with_key(
-            &app,
-            "/v1/transfers",
-            "t-key",
-            r#"{"from":"a-1","to":"b-1","amount":101}"#,
-        )
-        .await;
-        assert_eq!(s, StatusCode::UNPROCESSABLE_ENTITY);
-        assert_eq!(
-            sluice_ledger::list_transfers(&store, None)
-                .await
-                .unwrap()
-                .len(),
-            1
-        );
-    }
-
-    /// A request as `call` sends it, from `peer` (as `serve` records it),
-    /// with extra headers.
-    async fn call_from(
-        app: &Router,
-        method: &str,
-        uri: &str,
-        headers: &[(&str, String)],
-        body: Option<&str>,
-    ) -> (StatusCode, axum::http::HeaderMap, Value) {
-        let mut req = axum::http::Request::builder().method(method).uri(uri);
-        for (k, v) in headers {
-            req = req.header(*k, v);
-        }
-        let mut req = req
-            .body(body.map_or_else(Body::empty, |b| Body::from(b.to_owned())))
-            .unwrap();
-        let peer = headers
-            .iter()
-            .find(|(k, _)| *k == "x-test-peer")
-            .map_or("127.0.0.1:9", |(_, v)| v.as_str());
-        req.extensions_mut()
-            .insert(ConnectInfo(peer.parse::<SocketAddr>().unwrap()));
-        let resp = app.clone().oneshot(req).await.unwrap();
-        let status = resp.status();
-        let headers = resp.headers().clone();
-        let bytes = axum::body::to_bytes(resp.into_body(), 1 << 20)
-            .await
-            .unwrap();
-        let v = serde_json::from_slice(&bytes).unwrap_or(Value::Null);
-        (status, headers, v)
-    }
-
-    /// Asserts an RFC 9457 problem of `status` and `slug`.
-    fn assert_problem(
-        what: &str,
-        got: &(StatusCode, axum::http::HeaderMap, Value),
-        status: StatusCode,
-        slug: &str,
-    ) {
-        let (s, h, body) = got;
-        assert_eq!(*s, status, "{what}: {body}");
-        assert_eq!(
-            h.get(header::CONTENT_TYPE).map(|v| v.to_str().unwrap()),
-            Some("application/problem+json"),
-            "{what}: {body}"
-        );
-        assert_eq!(body["status"], status.as_u16(), "{what}: {body}");
-        assert_eq!(
-            body["type"],
-            format!("https://sluice.invalid/problems/{slug}"),
-            "{what}: {body}"
-        );
-        assert!(
-            body["title"].as_str().is_some_and(|t| !t.is_empty())
-                && body["detail"].as_str().is_some_and(|d| !d.is_empty()),
-            "{what}: {body}"
-        );
-    }
-
-    fn bearer() -> (&'static str, String) {
-        ("authorization", format!("Bearer {TOKEN}"))
-    }
-
-    fn json_type() -> (&'static str, String) {
-        ("content-type", "application/json".to_owned())
-    }
-
-    #[tokio::test]
-    async fn every_error_the_layers_answer_is_a_problem() {
-        let mut opts = HttpOptions::with_token(TOKEN);
-        opts.body_limit = 1024;
-        let (app, _server) = app(opts).await;
-        let auth = bearer();
-        let auth_only = std::slice::from_ref(&auth);
-        let got = call_from(&app, "GET", "/v1/nowhere", &[], None).await;
-        assert_problem("unknown route", &got, StatusCode::NOT_FOUND, "not-found");
-        let got = call_from(&app, "DELETE", "/v1/dlq", auth_only, None).await;
-        assert_problem(
-            "405",
-            &got,
-            StatusCode::METHOD_NOT_ALLOWED,
-            "method-not-allowed",
-        );
-        assert!(got.1[header::ALLOW].to_str().unwrap().contains("GET"));
-        let huge = format!(r#"{{"amount":1,"pad":"{}"}}"#, "x".repeat(4096));
-        let got = call_from(
-            &app,
-            "POST",
-            "/v1/accounts/a-1/deposits",
-            &[
-                auth.clone(),
-                json_type(),
-                ("content-length", huge.len().to_string()),
-            ],
-            Some(&huge),
-        )
-        .await;
-        assert_problem(
-            "body limit",
-            &got,
-            StatusCode::PAYLOAD_TOO_LARGE,
-            "payload-too-large",
-        );
-        // Without Content-Length the limit is met while reading.
-        let got = call_from(
-            &app,
-            "POST",
-            "/v1/accounts/a-1/deposits",
-            &[auth.clone(), json_type()],
-            Some(&huge),
-        )
-        .await;
-        assert_problem(
-            "streamed body limit",
-            &got,
-            StatusCode::PAYLOAD_TOO_LARGE,
-            "payload-too-large",
-        );
-        let got = call_from(
-            &app,
-            "POST",
-            "/v1/accounts/a-1/deposits",
-            auth_only,
-            Some(r#"{"amount":1}"#),
-        )
-        .await;
-        assert_problem(
-            "no content type",
-            &got,
-            StatusCode::UNSUPPORTED_MEDIA_TYPE,
-            "unsupported-media-type",
-        );
-        let got = call_from(&app, "GET", "/v1/dlq/abc", auth_only, None).await;
-        assert_problem(
-            "path rejection",
-            &got,
-            StatusCode::BAD_REQUEST,
-            "bad-request",
-        );
-        let got = call_from(&app, "GET", "/v1/dlq/0", auth_only, None).await;
-        assert_problem("dead letter 0", &got, StatusCode::NOT_FOUND, "not-found");
-        for (uri, body) in [
-            ("/v1/accounts/a-1/deposits", "[5]"),
-            ("/v1/accounts", r#"["m2","y","EUR"]"#),
-            ("/v1/transfers", r#"["a","b",5]"#),
-            ("/v1/accounts/a-1/deposits", r#"{"amount":"five"}"#),
-            ("/v1/accounts/a-1/deposits", "5"),
-            ("/v1/streams/thing/t-1", r#"[{"type":"t.v1","data":{}}]"#),
-        ] {
-            let got = call_from(&app, "POST", uri, &[auth.clone(), json_type()], Some(body)).await;
-            assert_problem(
-                &format!("{uri} {body}"),
-                &got,
-                StatusCode::BAD_REQUEST,
-                "bad-request",
-            );
-        }
-        let store = _server.store().await;
-        assert_eq!(
-            store.stream_state().await.unwrap().messages,
-            0,
-            "nothing refused was written"
-        );
-    }
-
-    #[tokio::test]
-    async fn the_bearer_scheme_is_case_insensitive_the_token_is_not() {
-        let (app, _server) = app(HttpOptions::with_token(TOKEN)).await;
-        for scheme in ["Bearer", "bearer", "BEARER", "bEaReR"] {
-            let got = call_from(
-                &app,
-                "GET",
-                "/v1/dlq",
-                &[("authorization", format!("{scheme} {TOKEN}"))],
-                None,
-            )
-            .await;
-            assert_eq!(got.0, StatusCode::OK, "{scheme}: {}", got.2);
-        }
-        for value in [
-            format!("Basic {TOKEN}"),
-            format!("Bearer{TOKEN}"),
-            format!("Bearer {}", TOKEN.to_uppercase()),
-            TOKEN.to_owned(),
-        ] {
-            let got = call_from(
-                &app,
-                "GET",
-                "/v1/dlq",
-                &[("authorization", value.clone())],
-                None,
-            )
-            .await;
-            assert_problem(&value, &got, StatusCode::UNAUTHORIZED, "unauthorized");
-        }
-    }
-
-    #[tokio::test]
-    async fn refused_domain_commands_are_422_naming_their_rule() {
-        let (app, _server) = app(HttpOptions::with_token(TOKEN)).await;
-        let (auth, json) = (bearer(), json_type());
-        let post = |uri: &'static str, body: &'static str| {
-            let app = app.clone();
-            let headers = [auth.clone(), json.clone()];
-            async move { call_from(&app, "POST", uri, &headers, Some(body)).await }
-        };
-        let got = post(
-            "/v1/accounts",
-            r#"{"id":"r-1","owner":"ann","currency":"EUR"}"#,
-        )
-        .await;
-        assert_eq!(got.0, StatusCode::CREATED, "{}", got.2);
-        for (uri, body, rule) in [
-            (
-                "/v1/accounts/r-1/deposits",
-                r#"{"amount":0}"#,
-                "amount-must-be-positive",
-            ),
-            (
-                "/v1/accounts/r-1/deposits",
-                r#"{"amount":-1}"#,
-                "amount-must-be-positive",
-            ),
-            (
-                "/v1/accounts/r-1/withdrawals",
-                r#"{"amount":5}"#,
-                "sufficient-funds",
-            ),
-            (
-                "/v1/accounts",
-                r#"{"id":"r-2","owner":"","currency":"EUR"}"#,
-                "owner-length",
-            ),
-            (
-                "/v1/accounts",
-                r#"{"id":"r-3","owner":"bo","currency":"euro"}"#,
-                "currency-code",
-            ),
-        ] {
-            let got = post(uri, body).await;
-            assert_problem(
-                &format!("{uri} {body}"),
-                &got,
-                StatusCode::UNPROCESSABLE_ENTITY,
-                "rejected",
-            );
-            assert_eq!(got.2["rule"], rule, "{uri} {body}: {}", got.2);
-        }
-        for (body, rule) in [
-            (
-                r#"{"from":"r-1","to":"r-9","amount":0}"#,
-                "amount-must-be-positive",
-            ),
-            (
-                r#"{"from":"r-1","to":"r-1","amount":5}"#,
-                "accounts-must-differ",
-            ),
-        ] {
-            let got = post("/v1/transfers", body).await;
-            assert_problem(body, &got, StatusCode::UNPROCESSABLE_ENTITY, "rejected");
-            assert_eq!(got.2["rule"], rule, "{body}: {}", got.2);
-        }
-        // A conflict stays a conflict; a missing account is not found.
-        let got = post(
-            "/v1/accounts",
-            r#"{"id":"r-1","owner":"ann","currency":"EUR"}"#,
-        )
-        .await;
-        assert_problem("open twice", &got, StatusCode::CONFLICT, "conflict");
-        assert_eq!(got.2["rule"], "account-already-open");
-        let got = post("/v1/accounts/nobody/deposits", r#"{"amount":5}"#).await;
-        assert_problem("no account", &got, StatusCode::NOT_FOUND, "not-found");
-    }
-
-    /// An event published around Sluice (raw NATS, no CloudEvents headers)
-    /// makes its account unreadable: the answer is a server-side problem
-    /// naming the position, neither 400 (the client did nothing wrong) nor
-    /// 503 (retrying will not help).
-    #[tokio::test]
-    async fn an_account_holding_an_undecodable_event_names_its_position() {
-        let (app, server) = app(HttpOptions::with_token(TOKEN)).await;
-        let headers = [bearer(), json_type()];
-        let got = call_from(
-            &app,
-            "POST",
-            "/v1/accounts",
-            &headers,
-            Some(r#"{"id":"u-1","owner":"ann","currency":"EUR"}"#),
-        )
-        .await;
-        assert_eq!(got.0, StatusCode::CREATED, "{}", got.2);
-        let store = server.store().await;
-        let ack = store
-            .jetstream()
-            .publish("events.account.u-1", "raw".into())
-            .await
-            .unwrap()
-            .await
-            .unwrap();
-        let got = call_from(
-            &app,
-            "POST",
-            "/v1/accounts/u-1/deposits",
-            &headers,
-            Some(r#"{"amount":5}"#),
-        )
-        .await;
-        assert_problem(
-            "deposit",
-            &got,
-            StatusCode::CONFLICT,
-            "invalid-stored-event",
-        );
-        assert_eq!(got.2["position"], ack.sequence, "{}", got.2);
-    }
 
     #[test]
     fn the_client_address_comes_from_trusted_proxies_only() {
@@ -2484,743 +1396,6 @@ mod tests {
                 "{lines:?}"
             );
         }
-    }
-
-    #[tokio::test]
-    async fn probes_are_never_throttled_and_forwarded_clients_have_their_own_budget() {
-        let mut opts = HttpOptions::with_token(TOKEN);
-        opts.rate_per_sec = 1;
-        opts.burst = 1;
-        opts.trusted_proxies = vec!["10.0.0.0/8".parse().unwrap()];
-        let (app, _server) = app(opts).await;
-        for _ in 0..5 {
-            for path in ["/healthz", "/readyz", "/metrics"] {
-                let got = call_from(&app, "GET", path, &[], None).await;
-                assert_eq!(got.0, StatusCode::OK, "{path}: {}", got.2);
-            }
-        }
-        let from = |peer: &str, xff: &str| {
-            vec![
-                ("x-test-peer", format!("{peer}:4000")),
-                ("x-forwarded-for", xff.to_owned()),
-            ]
-        };
-        let doc = "/openapi.json";
-        // Two clients behind one trusted proxy: one budget each.
-        let got = call_from(&app, "GET", doc, &from("10.0.0.1", "1.1.1.1"), None).await;
-        assert_eq!(got.0, StatusCode::OK);
-        let got = call_from(&app, "GET", doc, &from("10.0.0.1", "2.2.2.2"), None).await;
-        assert_eq!(got.0, StatusCode::OK);
-        // A forged left part does not buy a new budget.
-        let got = call_from(
-            &app,
-            "GET",
-            doc,
-            &from("10.0.0.1", "7.7.7.7, 1.1.1.1"),
-            None,
-        )
-        .await;
-        assert_problem(
-            "1.1.1.1 again",
-            &got,
-            StatusCode::TOO_MANY_REQUESTS,
-            "rate-limited",
-        );
-        // An untrusted peer is keyed on itself, whatever it forwards.
-        let got = call_from(&app, "GET", doc, &from("3.3.3.3", "4.4.4.4"), None).await;
-        assert_eq!(got.0, StatusCode::OK);
-        let got = call_from(&app, "GET", doc, &from("3.3.3.3", "5.5.5.5"), None).await;
-        assert_problem(
-            "3.3.3.3 again",
-            &got,
-            StatusCode::TOO_MANY_REQUESTS,
-            "rate-limited",
-        );
-    }
-
-    /// Log lines written anywhere in the process, for asserting on them.
-    #[derive(Clone, Default)]
-    struct Logs(Arc<std::sync::Mutex<Vec<u8>>>);
-
-    impl std::io::Write for Logs {
-        fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
-            self.0.lock().unwrap().extend_from_slice(buf);
-            Ok(buf.len())
-        }
-        fn flush(&mut self) -> std::io::Result<()> {
-            Ok(())
-        }
-    }
-
-    impl Logs {
-        fn text(&self) -> String {
-            String::from_utf8_lossy(&self.0.lock().unwrap()).into_owned()
-        }
-    }
-
-    fn gauge(scrape: &str, name: &str, label: &str) -> Option<f64> {
-        scrape
-            .lines()
-            .filter(|l| l.starts_with(&format!("{name}{{")) && l.contains(label))
-            .find_map(|l| l.rsplit(' ').next()?.parse().ok())
-    }
-
-    async fn wait_for(what: &str, mut done: impl FnMut() -> bool) {
-        let deadline = Instant::now() + Duration::from_secs(20);
-        while !done() {
-            assert!(Instant::now() < deadline, "timed out waiting for {what}");
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
-    }
-
-    /// A projection and a worker that cannot store a dead letter (the DLQ is
-    /// full) stop visibly: `/readyz` is 503 naming both with the reason, the
-    /// halted gauges are 1 and an error log line says what to do. Once the
-    /// DLQ has room both resume by themselves: ready again, gauges 0.
-    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-    async fn consumers_that_cannot_dead_letter_are_not_ready_and_say_why() {
-        use async_nats::jetstream::stream::DiscardPolicy;
-        let logs = Logs::default();
-        let writer = logs.clone();
-        let _ = tracing_subscriber::fmt()
-            .with_writer(move || writer.clone())
-            .with_ansi(false)
-            .try_init();
-        let metrics = metrics_handle();
-        let server = sluice_testkit::NatsServer::start();
-        let store = server.store().await;
-        let home = tempfile::tempdir().unwrap();
-        let side = sluice_ledger::ReadSide::with_store(
-            store.clone(),
-            &sluice_ledger::default_database_url(home.path()),
-        )
-        .await
-        .unwrap();
-        let js = store.jetstream().clone();
-        sluice_workers::dlq::ensure_streams(&js, 1).await.unwrap();
-        let mut dlq_stream = js.get_stream("DLQ").await.unwrap();
-        let unlimited = dlq_stream.info().await.unwrap().config.clone();
-        let mut full = unlimited.clone();
-        full.max_messages = 1;
-        full.discard = DiscardPolicy::New;
-        js.update_stream(full).await.unwrap();
-        js.publish("dlq.filler.x", "full".into())
-            .await
-            .unwrap()
-            .await
-            .unwrap();
-
-        let shutdown = CancellationToken::new();
-        let runner = sluice_projections::RunnerConfig {
-            backoff_min: Duration::from_millis(20),
-            backoff_max: Duration::from_millis(200),
-            ..Default::default()
-        };
-        let group = sluice_projections::spawn(
-            Arc::new(sluice_ledger::AccountBalances::new()),
-            side.db.clone(),
-            store.clone(),
-            runner,
-            shutdown.clone(),
-        )
-        .await
-        .unwrap();
-        const WORKER: &str = "test-cannot-dead-letter";
-        let mut wc = sluice_workers::WorkerConfig::new(WORKER);
-        wc.filter_subjects = vec!["events.thing.>".to_owned()];
-        wc.ack_wait = Duration::from_secs(2);
-        wc.pin_timeout = Duration::from_secs(3);
-        wc.retry = sluice_workers::RetryPolicy {
-            base: Duration::from_millis(50),
-            cap: Duration::from_millis(300),
-            max_attempts: 1000,
-        };
-        let worker = {
-            let (store, sd) = (store.clone(), shutdown.clone());
-            tokio::spawn(async move {
-                sluice_workers::run(
-                    &store,
-                    wc,
-                    |_d: sluice_workers::Delivery| async {
-                        Err(sluice_workers::HandlerError::permanent("refused"))
-                    },
-                    sd,
-                )
-                .await
-            })
-        };
-        let append = |stream: (&'static str, &'static str), event: NewEvent| {
-            let store = store.clone();
-            async move {
-                store
-                    .append(
-                        &StreamId::new(stream.0, stream.1).unwrap(),
-                        ExpectedVersion::Any,
-                        vec![event],
-                    )
-                    .await
-                    .unwrap()
-            }
-        };
-        append(
-            ("account", "ghost"),
-            NewEvent::new(sluice_ledger::DEPOSITED, r#"{"amount":5}"#),
-        )
-        .await;
-        append(("thing", "t-1"), NewEvent::new("thing.done.v1", "{}")).await;
-        let live = group.projections[0].live.clone();
-        wait_for("the projection to halt", || {
-            live.snapshot().halted.is_some()
-        })
-        .await;
-        wait_for("the worker to halt", || {
-            sluice_workers::worker_halts()
-                .iter()
-                .any(|h| h.worker == WORKER)
-        })
-        .await;
-
-        let idempotency = Idempotency::open(
-            store.jetstream(),
-            sluice_ledger::IdempotencyConfig::default(),
-        )
-        .await
-        .unwrap();
-        let app = router(
-            Router::new(),
-            Parts {
-                store: store.clone(),
-                idempotency,
-                db: Some(side.db.clone()),
-                live: vec![(group.projections[0].name, live.clone())],
-                catalog: Arc::new(crate::commands::catalog().unwrap()),
-            },
-            &HttpOptions::with_token(TOKEN),
-        );
-        let (status, _, body) = call(&app, "GET", "/readyz", None, None).await;
-        assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE, "{body}");
-        let v: Value = serde_json::from_str(&body).unwrap();
-        assert_eq!(
-            v["checks"]["projection:account_balances"], "halted",
-            "{body}"
-        );
-        assert_eq!(v["checks"][format!("worker:{WORKER}")], "halted", "{body}");
-        for check in [
-            "projection:account_balances".to_owned(),
-            format!("worker:{WORKER}"),
-        ] {
-            let why = v["reasons"][&check].as_str().unwrap_or_default();
-            assert!(
-                why.contains("cannot dead-letter") && why.contains("DLQ"),
-                "{body}"
-            );
-        }
-        let (_, _, scrape) = call(&app, "GET", "/metrics", None, None).await;
-        assert_eq!(
-            gauge(&scrape, "sluice_projection_halted", "account_balances"),
-            Some(1.0),
-            "{scrape}"
-        );
-        assert_eq!(
-            gauge(&scrape, "sluice_worker_halted", WORKER),
-            Some(1.0),
-            "{scrape}"
-        );
-        let text = logs.text();
-        assert!(
-            text.contains("projection halted: a dead letter cannot be stored")
-                && text.contains("worker halted on an aggregate")
-                && text.contains("nats stream info DLQ"),
-            "{text}"
-        );
-
-        // Room in the DLQ again: both store their dead letter and move on.
-        js.update_stream(unlimited).await.unwrap();
-        wait_for("the projection to resume", || {
-            live.snapshot().halted.is_none()
-        })
-        .await;
-        wait_for("the worker to resume", || {
-            !sluice_workers::worker_halts()
-                .iter()
-                .any(|h| h.worker == WORKER)
-        })
-        .await;
-        let (status, _, body) = call(&app, "GET", "/readyz", None, None).await;
-        assert_eq!(status, StatusCode::OK, "{body}");
-        let (_, _, scrape) = call(&app, "GET", "/metrics", None, None).await;
-        assert_eq!(
-            gauge(&scrape, "sluice_projection_halted", "account_balances"),
-            Some(0.0)
-        );
-        assert_eq!(
-            gauge(&scrape, "sluice_worker_halted", WORKER),
-            Some(0.0),
-            "{scrape}"
-        );
-        let _ = metrics;
-        shutdown.cancel();
-        worker.await.unwrap().unwrap();
-        let _ = group.task.await;
-        let _ = dlq_stream.info().await.unwrap();
-    }
-
-    /// A transfer whose log says what `events` say (no saga role runs, so
-    /// nothing acts on it).
-    async fn transfer_with(store: &EventStore, id: &str, events: Vec<sluice_sagas::SagaEvent>) {
-        sluice_ledger::start_transfer(store, Some(id), "a-1", "b-1", 5)
-            .await
-            .unwrap();
-        for (i, e) in events.into_iter().enumerate() {
-            let appended = sluice_sagas::append_guarded(store, "transfer", id, |_| {
-                Ok((e.clone(), format!("{id}/test/{i}")))
-            })
-            .await
-            .unwrap();
-            assert!(matches!(appended, sluice_sagas::Guarded::Appended(_)));
-        }
-    }
-
-    fn stuck() -> Vec<sluice_sagas::SagaEvent> {
-        use sluice_sagas::SagaEvent;
-        vec![
-            SagaEvent::StepSucceeded {
-                step: 0,
-                attempt: 1,
-                reply: json!({"currency": "EUR"}),
-            },
-            SagaEvent::StepFailed {
-                step: 1,
-                attempt: 1,
-                reason: "account is closed".into(),
-            },
-            SagaEvent::CompensationFailed {
-                step: 0,
-                attempt: 1,
-                reason: "account is closed".into(),
-                permanent: true,
-            },
-        ]
-    }
-
-    #[tokio::test]
-    async fn saga_operator_actions_answer_404_409_or_the_transfer_and_filters_are_checked() {
-        use sluice_sagas::SagaEvent;
-        let (app, server) = app(HttpOptions::with_token(TOKEN)).await;
-        let store = server.store().await;
-        for id in ["t-retry", "t-resolve", "t-abandon"] {
-            transfer_with(&store, id, stuck()).await;
-        }
-        let ok = |step| SagaEvent::StepSucceeded {
-            step,
-            attempt: 1,
-            reply: json!({"currency": "EUR"}),
-        };
-        transfer_with(&store, "t-done", vec![ok(0), ok(1)]).await;
-        let note = r#"{"note":"ops: checked the accounts"}"#.to_owned();
-
-        let (s, _, body) = call(&app, "GET", "/v1/transfers?state=bogus", None, None).await;
-        assert_eq!(s, StatusCode::BAD_REQUEST, "{body}");
-        assert!(
-            body.contains("needs_attention") && body.contains("abandoned"),
-            "{body}"
-        );
-        let (s, _, body) = call(
-            &app,
-            "GET",
-            "/v1/transfers?state=needs_attention",
-            None,
-            None,
-        )
-        .await;
-        assert_eq!(s, StatusCode::OK, "{body}");
-        let listed: Value = serde_json::from_str(&body).unwrap();
-        assert_eq!(listed["transfers"].as_array().unwrap().len(), 3, "{body}");
-
-        // The token is needed; unknown ids are 404, wrong states 409.
-        let (s, _, _) = call(
-            &app,
-            "POST",
-            "/v1/sagas/t-retry/retry",
-            None,
-            Some(note.clone()),
-        )
-        .await;
-        assert_eq!(s, StatusCode::UNAUTHORIZED);
-        for action in ["retry", "abandon"] {
-            let uri = format!("/v1/sagas/nope/{action}");
-            let (s, h, body) = call(&app, "POST", &uri, Some(TOKEN), Some(note.clone())).await;
-            assert_eq!(s, StatusCode::NOT_FOUND, "{body}");
-            assert_eq!(h[header::CONTENT_TYPE], "application/problem+json");
-            let uri = format!("/v1/sagas/t-done/{action}");
-            let (s, _, body) = call(&app, "POST", &uri, Some(TOKEN), Some(note.clone())).await;
-            assert_eq!(s, StatusCode::CONFLICT, "{body}");
-            assert!(body.contains("t-done is completed"), "{body}");
-        }
-        let resolve = r#"{"note":"ops","outcome":"completed"}"#.to_owned();
-        let (s, _, _) = call(
-            &app,
-            "POST",
-            "/v1/sagas/nope/resolve",
-            Some(TOKEN),
-            Some(resolve.clone()),
-        )
-        .await;
-        assert_eq!(s, StatusCode::NOT_FOUND);
-        let (s, _, body) = call(
-            &app,
-            "POST",
-            "/v1/sagas/t-done/resolve",
-            Some(TOKEN),
-            Some(resolve),
-        )
-        .await;
-        assert_eq!(s, StatusCode::CONFLICT, "{body}");
-        // Bad bodies are 400.
-        for (uri, body) in [
-            ("/v1/sagas/t-resolve/resolve", note.clone()),
-            (
-                "/v1/sagas/t-resolve/resolve",
-                r#"{"note":"x","outcome":"bogus"}"#.to_owned(),
-            ),
-            ("/v1/sagas/t-retry/retry", r#"{"note":"  "}"#.to_owned()),
-            ("/v1/sagas/t-retry/retry", "[1]".to_owned()),
-        ] {
-            let (s, _, b) = call(&app, "POST", uri, Some(TOKEN), Some(body)).await;
-            assert_eq!(s, StatusCode::BAD_REQUEST, "{uri}: {b}");
-        }
-
-        // Valid: each acts once, and a second call finds the new state.
-        let (s, _, body) = call(
-            &app,
-            "POST",
-            "/v1/sagas/t-retry/retry",
-            Some(TOKEN),
-            Some(note.clone()),
-        )
-        .await;
-        assert_eq!(s, StatusCode::OK, "{body}");
-        assert!(body.contains(r#""state":"pending""#), "{body}");
-        let (s, _, body) = call(
-            &app,
-            "POST",
-            "/v1/sagas/t-retry/retry",
-            Some(TOKEN),
-            Some(note.clone()),
-        )
-        .await;
-        assert_eq!(s, StatusCode::CONFLICT, "{body}");
-        assert!(body.contains("compensating debit"), "{body}");
-        let (s, _, body) = call(
-            &app,
-            "POST",
-            "/v1/sagas/t-resolve/resolve",
-            Some(TOKEN),
-            Some(r#"{"note":"ops: refunded by hand","outcome":"compensated"}"#.to_owned()),
-        )
-        .await;
-        assert_eq!(s, StatusCode::OK, "{body}");
-        assert!(
-            body.contains(r#""state":"compensated""#) && body.contains("refunded by hand"),
-            "{body}"
-        );
-        let (s, _, body) = call(
-            &app,
-            "POST",
-            "/v1/sagas/t-abandon/abandon",
-            Some(TOKEN),
-            Some(note.clone()),
-        )
-        .await;
-        assert_eq!(s, StatusCode::OK, "{body}");
-        assert!(body.contains(r#""state":"abandoned""#), "{body}");
-        let (s, _, body) = call(
-            &app,
-            "POST",
-            "/v1/sagas/t-abandon/resolve",
-            Some(TOKEN),
-            Some(r#"{"note":"x","outcome":"completed"}"#.to_owned()),
-        )
-        .await;
-        assert_eq!(s, StatusCode::CONFLICT, "{body}");
-        // Each action is a transition in the saga's log, with its note.
-        let log = sluice_sagas::read_log(&store, "transfer", "t-abandon")
-            .await
-            .unwrap();
-        assert!(matches!(
-            &log.records.last().unwrap().event,
-            SagaEvent::Abandoned { note } if note == "ops: checked the accounts"
-        ));
-    }
-
-    async fn balance(store: &EventStore, id: &str) -> i64 {
-        sluice_ledger::account_state(store, id)
-            .await
-            .unwrap()
-            .0
-            .balance()
-    }
-
-    async fn open_accounts(app: &Router, ids: &[&str]) {
-        for id in ids {
-            let (s, _, b) = call(
-                app,
-                "POST",
-                "/v1/accounts",
-                Some(TOKEN),
-                Some(format!(r#"{{"id":"{id}","owner":"ann","currency":"EUR"}}"#)),
-            )
-            .await;
-            assert_eq!(s, StatusCode::CREATED, "{b}");
-        }
-    }
-
-    /// Finding 3: keys matched by prefix (`inv` after `inv-x` was "replayed"
-    /// and not applied; `order-7` after `order-7-2` was a false 422).
-    #[tokio::test]
-    async fn idempotency_keys_match_exactly_never_by_prefix() {
-        let (app, server) = app(HttpOptions::with_token(TOKEN)).await;
-        let store = server.store().await;
-        open_accounts(&app, &["a-1"]).await;
-        let url = "/v1/accounts/a-1/deposits";
-        for (key, amount) in [("inv-x", 5), ("inv", 5), ("order-7-2", 7), ("order-7", 9)] {
-            let (s, h, b) = call_keyed(&app, url, key, &format!(r#"{{"amount":{amount}}}"#)).await;
-            assert_eq!(s, StatusCode::CREATED, "{key}: {b}");
-            assert!(!h.contains_key(IDEMPOTENT_REPLAYED), "{key}: {b}");
-        }
-        assert_eq!(balance(&store, "a-1").await, 26, "every key applied once");
-    }
-
-    /// Finding 3: arrays (and other non-objects) were taken as bodies:
-    /// `[5]` became a deposit and `["m2","y","EUR"]` opened an account.
-    #[tokio::test]
-    async fn bodies_that_are_not_json_objects_are_refused_with_400() {
-        let (app, server) = app(HttpOptions::with_token(TOKEN)).await;
-        let store = server.store().await;
-        open_accounts(&app, &["a-1"]).await;
-        let before = store.stream_state().await.unwrap().messages;
-        for (uri, body) in [
-            ("/v1/accounts/a-1/deposits", "[5]"),
-            ("/v1/accounts/a-1/deposits", "5"),
-            ("/v1/accounts/a-1/withdrawals", "[1]"),
-            ("/v1/accounts", r#"["m2","y","EUR"]"#),
-            ("/v1/accounts", r#""m2""#),
-            ("/v1/transfers", r#"["a-1","b-1",5]"#),
-            ("/v1/streams/thing/t-1", r#"[[{"type":"t.v1","data":{}}]]"#),
-            ("/v1/streams/thing/t-1", r#"{"events":[["t.v1",{}]]}"#),
-            ("/v1/streams/thing/t-1", "7"),
-        ] {
-            let (status, headers, text) =
-                call(&app, "POST", uri, Some(TOKEN), Some(body.to_owned())).await;
-            assert_eq!(status, StatusCode::BAD_REQUEST, "{uri} {body}: {text}");
-            assert_eq!(headers[header::CONTENT_TYPE], "application/problem+json");
-            assert!(text.contains("JSON object"), "{text}");
-        }
-        assert_eq!(store.stream_state().await.unwrap().messages, before);
-        assert!(
-            !sluice_ledger::account_state(&store, "m2")
-                .await
-                .unwrap()
-                .0
-                .exists()
-        );
-    }
-
-    /// Finding 5: a key used on one account and then on another answered
-    /// 200 "replayed" and the second deposit was silently dropped. The
-    /// second is now refused loudly, naming the first use; same for the key
-    /// on another operation.
-    #[tokio::test]
-    async fn the_same_key_on_two_accounts_never_drops_a_write() {
-        let (app, server) = app(HttpOptions::with_token(TOKEN)).await;
-        let store = server.store().await;
-        open_accounts(&app, &["acc-3", "acc-9"]).await;
-        let (s, _, b) =
-            call_keyed(&app, "/v1/accounts/acc-3/deposits", "kk", r#"{"amount":5}"#).await;
-        assert_eq!(s, StatusCode::CREATED, "{b}");
-        for uri in [
-            "/v1/accounts/acc-9/deposits",
-            "/v1/accounts/acc-3/withdrawals",
-        ] {
-            let (s, h, b) = call_keyed(&app, uri, "kk", r#"{"amount":5}"#).await;
-            assert_eq!(s, StatusCode::UNPROCESSABLE_ENTITY, "{uri}: {b}");
-            assert_eq!(h[header::CONTENT_TYPE], "application/problem+json");
-            let p: Value = serde_json::from_str(&b).unwrap();
-            assert!(
-                p["type"]
-                    .as_str()
-                    .unwrap()
-                    .ends_with("idempotency-key-reused"),
-                "{b}"
-            );
-            assert!(
-                p["detail"]
-                    .as_str()
-                    .unwrap()
-                    .contains("deposit on account/acc-3"),
-                "names the first use: {b}"
-            );
-        }
-        assert_eq!(balance(&store, "acc-3").await, 5);
-        assert_eq!(balance(&store, "acc-9").await, 0, "refused, and said so");
-        // With a key of its own, acc-9's deposit applies.
-        let (s, _, b) = call_keyed(
-            &app,
-            "/v1/accounts/acc-9/deposits",
-            "kk-9",
-            r#"{"amount":5}"#,
-        )
-        .await;
-        assert_eq!(s, StatusCode::CREATED, "{b}");
-        assert_eq!(balance(&store, "acc-9").await, 5);
-    }
-
-    /// Three tries of one deposit, spread over more than the log's
-    /// duplicate window (shortened to 1 s), and concurrent tries: the money
-    /// moves once. A try whose holder died after appending (its record left
-    /// pending) is finished from the log, not applied again.
-    #[tokio::test]
-    async fn retries_beyond_the_dedup_window_and_concurrent_ones_move_money_once() {
-        let server = sluice_testkit::NatsServer::start();
-        let config = StoreConfig {
-            duplicate_window: Duration::from_secs(1),
-            ..StoreConfig::default()
-        };
-        let app = app_on(&server, HttpOptions::with_token(TOKEN), config.clone()).await;
-        let store = server.store_with(config).await;
-        open_accounts(&app, &["a-1"]).await;
-        let url = "/v1/accounts/a-1/deposits";
-        let mut first = None;
-        for i in 0..3 {
-            if i > 0 {
-                tokio::time::sleep(Duration::from_millis(1300)).await;
-            }
-            let (s, _, b) = call_keyed(&app, url, "dep-1", r#"{"amount":100}"#).await;
-            assert_eq!(s, StatusCode::CREATED, "{b}");
-            let v: Value = serde_json::from_str(&b).unwrap();
-            assert_eq!(v["replayed"], i > 0, "{b}");
-            first.get_or_insert(v["positions"].clone());
-            assert_eq!(Some(&v["positions"]), first.as_ref(), "the first response");
-        }
-        assert_eq!(balance(&store, "a-1").await, 100);
-
-        let tries = (0..4).map(|_| call_keyed(&app, url, "dep-2", r#"{"amount":10}"#));
-        for (s, _, b) in futures::future::join_all(tries).await {
-            assert!(
-                s == StatusCode::CREATED
-                    || (s == StatusCode::CONFLICT && b.contains("in-progress")),
-                "{s}: {b}"
-            );
-        }
-        assert_eq!(balance(&store, "a-1").await, 110);
-
-        // A holder that died between its append and recording the answer.
-        let kv = store
-            .jetstream()
-            .get_key_value(sluice_ledger::IDEMPOTENCY_BUCKET)
-            .await
-            .unwrap();
-        let mut record: Value =
-            serde_json::from_slice(&kv.get("dep-1").await.unwrap().unwrap()).unwrap();
-        record["applied"] = Value::Null;
-        record["lease_until_ms"] = json!(0);
-        kv.put("dep-1", serde_json::to_vec(&record).unwrap().into())
-            .await
-            .unwrap();
-        let (s, h, b) = call_keyed(&app, url, "dep-1", r#"{"amount":100}"#).await;
-        assert_eq!(s, StatusCode::CREATED, "{b}");
-        assert_eq!(h[IDEMPOTENT_REPLAYED], "true");
-        assert_eq!(
-            serde_json::from_str::<Value>(&b).unwrap()["positions"],
-            first.unwrap()
-        );
-        assert_eq!(balance(&store, "a-1").await, 110);
-    }
-
-    /// Keys are durable: a repeat after the process and its nats-server
-    /// restarted is still the first request's answer.
-    #[tokio::test]
-    async fn a_repeat_after_a_restart_is_still_recognised() {
-        let mut server = sluice_testkit::NatsServer::start();
-        let app = app_on(
-            &server,
-            HttpOptions::with_token(TOKEN),
-            StoreConfig::default(),
-        )
-        .await;
-        open_accounts(&app, &["a-1"]).await;
-        let url = "/v1/accounts/a-1/deposits";
-        let (s, _, first) = call_keyed(&app, url, "dep-r", r#"{"amount":40}"#).await;
-        assert_eq!(s, StatusCode::CREATED, "{first}");
-        drop(app);
-        server.restart();
-        let app = app_on(
-            &server,
-            HttpOptions::with_token(TOKEN),
-            StoreConfig::default(),
-        )
-        .await;
-        let (s, h, again) = call_keyed(&app, url, "dep-r", r#"{"amount":40}"#).await;
-        assert_eq!(s, StatusCode::CREATED, "{again}");
-        assert_eq!(h[IDEMPOTENT_REPLAYED], "true");
-        let (a, b): (Value, Value) = (
-            serde_json::from_str(&first).unwrap(),
-            serde_json::from_str(&again).unwrap(),
-        );
-        assert_eq!(a["positions"], b["positions"]);
-        assert_eq!(balance(&server.store().await, "a-1").await, 40);
-    }
-
-    /// Finding 4 over HTTP: an id used on `thing/t-1` and then on
-    /// `thing/t-2` answered 201 "deduplicated" while t-2 stayed empty, and
-    /// a batch with a reused id answered 503.
-    #[tokio::test]
-    async fn an_event_id_reused_on_another_stream_is_a_409_id_reused() {
-        let (app, server) = app(HttpOptions::with_token(TOKEN)).await;
-        let store = server.store().await;
-        let one = |data: u32| {
-            format!(
-                r#"{{"events":[{{"type":"thing.made.v1","id":"same-id-1","data":{{"n":{data}}}}}]}}"#
-            )
-        };
-        let (s, _, b) = call(
-            &app,
-            "POST",
-            "/v1/streams/thing/t-1",
-            Some(TOKEN),
-            Some(one(1)),
-        )
-        .await;
-        assert_eq!(s, StatusCode::CREATED, "{b}");
-        let batch = r#"{"events":[{"type":"thing.made.v1","id":"fresh-1","data":{}},{"type":"thing.made.v1","id":"same-id-1","data":{}}]}"#;
-        for body in [one(2), one(1), batch.to_owned()] {
-            let (s, h, b) = call(
-                &app,
-                "POST",
-                "/v1/streams/thing/t-2",
-                Some(TOKEN),
-                Some(body),
-            )
-            .await;
-            assert_eq!(s, StatusCode::CONFLICT, "{b}");
-            assert_eq!(h[header::CONTENT_TYPE], "application/problem+json");
-            let p: Value = serde_json::from_str(&b).unwrap();
-            assert!(p["type"].as_str().unwrap().ends_with("id-reused"), "{b}");
-            assert!(p["detail"].as_str().unwrap().contains("thing/t-1"), "{b}");
-        }
-        let t2 = StreamId::new("thing", "t-2").unwrap();
-        assert_eq!(store.last_version(&t2).await.unwrap(), 0);
-        // The true retry is still 201, deduplicated.
-        let (s, _, b) = call(
-            &app,
-            "POST",
-            "/v1/streams/thing/t-1",
-            Some(TOKEN),
-            Some(one(1)),
-        )
-        .await;
-        assert_eq!(s, StatusCode::CREATED, "{b}");
-        assert!(b.contains(r#""deduplicated":true"#), "{b}");
     }
 
     #[test]

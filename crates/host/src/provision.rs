@@ -1,5 +1,5 @@
-//! `sluice serve --provision-only`: create every stream and bucket the roles
-//! use, with the configured replicas, then exit.
+//! `serve --provision-only`: create every stream and bucket the roles use,
+//! with the configured replicas, then exit.
 //!
 //! With least-privilege NATS users (nats/accounts.conf) no role may create
 //! streams, so an operator runs this once with the admin user before the
@@ -9,38 +9,42 @@
 
 use anyhow::Context;
 use sluice_events::{EventStore, StoreConfig};
-use sluice_ledger::TransferRoleConfig;
+use tokio_util::sync::CancellationToken;
 
 use crate::config::Config;
+use crate::module::{App, RoleContext};
 
-/// The ledger roles' settings: streams and buckets replicated like the event
-/// stream (a DLQ or parked-aggregates bucket on one node would make a single
-/// node loss stop every worker of an R3 cluster), and the configured ack
-/// wait and pin timeout (how soon a replica takes over from a dead one).
-pub(crate) fn role_config(config: &Config) -> TransferRoleConfig {
-    let replicas = config.nats.replicas.unwrap_or(1);
+/// What the modules' roles are told: streams and buckets replicated like
+/// the event stream (a DLQ or parked-aggregates bucket on one node would
+/// make a single node loss stop every worker of an R3 cluster), and the
+/// configured ack wait and pin timeout (how soon a replica takes over from
+/// a dead one). `embedded`: this process is the only consumer there is.
+pub(crate) fn role_context(
+    config: &Config,
+    store: &EventStore,
+    shutdown: CancellationToken,
+    embedded: bool,
+) -> RoleContext {
     let (ack_wait, pin_timeout) = config.worker_timeouts();
-    let mut c = TransferRoleConfig::default();
-    if let Some(secs) = config.workers.saga_deadline_secs {
-        c.saga_deadline = std::time::Duration::from_secs(secs);
+    RoleContext {
+        store: store.clone(),
+        shutdown,
+        replicas: config.nats.replicas.unwrap_or(1),
+        ack_wait,
+        pin_timeout,
+        // `up` on its own nats-server is the only consumer there is: a
+        // restart takes the dead process's pins and in-flight commands over
+        // at once instead of after the pin timeout, so no saga step times
+        // out because of the restart.
+        take_over_on_start: embedded,
+        saga_deadline: config.saga_deadline(),
     }
-    c.orchestrator.replicas = replicas;
-    for worker in [&mut c.handler, &mut c.orchestrator.worker] {
-        worker.replicas = replicas;
-        worker.ack_wait = ack_wait;
-        worker.pin_timeout = pin_timeout;
-        // Retries must back off for less than the ack wait (ordering).
-        worker.retry.cap = worker.retry.cap.min(ack_wait / 2);
-        worker.retry.base = worker.retry.base.min(worker.retry.cap);
-    }
-    c
 }
 
-/// Creates `EVENTS`, the workers' streams (`DLQ`, redrive, audit,
-/// advisories), the parked-aggregates and idempotency buckets, the account
-/// command handler's consumers and `SAGA_TIMERS`; existing ones are left as
-/// they are (the idempotency retention is set to the configured one).
-pub(crate) async fn provision(config: &Config, url: &str) -> anyhow::Result<()> {
+/// Creates `EVENTS` and whatever each module's roles use (its workers'
+/// streams and consumers, saga timers, buckets); existing ones are left as
+/// they are.
+pub(crate) async fn provision(app: &App, config: &Config, url: &str) -> anyhow::Result<()> {
     let replicas = config.nats.replicas.unwrap_or(1);
     let store = EventStore::connect_with(
         &config.connect(url)?,
@@ -51,16 +55,17 @@ pub(crate) async fn provision(config: &Config, url: &str) -> anyhow::Result<()> 
     )
     .await
     .context("connecting to NATS and creating the event stream (this needs the admin user)")?;
-    let roles = role_config(config);
-    sluice_workers::ensure_consumers(store.jetstream(), &roles.handler)
-        .await
-        .context("creating the workers' streams and bucket (this needs the admin user)")?;
-    sluice_sagas::ensure_timers_stream(store.jetstream(), roles.orchestrator.replicas)
-        .await
-        .context("creating the SAGA_TIMERS stream (this needs the admin user)")?;
-    sluice_ledger::Idempotency::open(store.jetstream(), config.idempotency())
-        .await
-        .context("creating the idempotency bucket (this needs the admin user)")?;
+    let ctx = role_context(config, &store, CancellationToken::new(), false);
+    let mut made = Vec::new();
+    for m in &app.modules {
+        let names = m.provision(&ctx).await.map_err(|e| {
+            anyhow::anyhow!(
+                "module {}: creating its streams and buckets (this needs the admin user): {e}",
+                m.name()
+            )
+        })?;
+        made.extend(names);
+    }
     let state = store.stream_state().await?;
     tracing::info!(
         stream = %store.config().stream,
@@ -68,9 +73,11 @@ pub(crate) async fn provision(config: &Config, url: &str) -> anyhow::Result<()> 
         "provisioned streams and buckets"
     );
     println!(
-        "provisioned: {} (replicas {}), DLQ, redrive, audit, advisories, parked bucket, idempotency bucket, SAGA_TIMERS",
+        "provisioned: {} (replicas {}){}{}",
         store.config().stream,
-        state.replicas
+        state.replicas,
+        if made.is_empty() { "" } else { ", " },
+        made.join(", ")
     );
     Ok(())
 }
