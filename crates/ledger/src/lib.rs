@@ -14,13 +14,11 @@
 #![warn(clippy::unwrap_used)]
 
 mod account;
-pub mod bench;
 pub mod cli;
 mod events;
 mod fold;
 mod idempotent;
 mod read_models;
-mod saga_bench;
 mod service;
 mod transfer;
 mod transfers;
@@ -36,7 +34,6 @@ pub use idempotent::{
 pub use read_models::{
     ACCOUNT_ACTIVITY, ACCOUNT_BALANCES, AccountActivity, AccountBalances, WriteMode,
 };
-pub use saga_bench::{SagaBenchConfig, SagaBenchReport, bench_transfers};
 pub use service::{
     DATABASE_URL_ENV, DEFAULT_HTTP_ADDR, HTTP_ADDR_ENV, Projector, ReadSide, default_database_url,
     migrate, run_read_side, serve_read_side,

@@ -9,10 +9,7 @@ use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
 
-mod bench;
-mod bench_projections;
-mod bench_sagas;
-mod bench_workers;
+mod bench_alias;
 mod commands;
 mod config;
 mod consumer_cmd;
@@ -103,9 +100,8 @@ enum Command {
     /// API tokens with scopes: create, list, revoke (stored hashed under the home).
     #[command(subcommand)]
     Token(tokens::TokenCommand),
-    /// Benchmarks against a freshly started server.
-    #[command(subcommand)]
-    Bench(bench::BenchCommand),
+    /// Benchmarks: runs the `sluice-bench` binary next to this one with these arguments.
+    Bench(bench_alias::BenchArgs),
 }
 
 /// `sluice query ...`.
@@ -217,7 +213,7 @@ async fn main() -> ExitCode {
         Command::Status(args) => commands::status(args, cli.nats_url, &cli.home)
             .await
             .map(|()| ExitCode::SUCCESS),
-        Command::Bench(cmd) => bench::run(cmd).await.map(|()| ExitCode::SUCCESS),
+        Command::Bench(args) => bench_alias::exec(args),
         Command::Token(cmd) => tokens::run(cmd, &cli.home).map(|()| ExitCode::SUCCESS),
         Command::Query(q) => {
             projection_cmd::query(q.args, cli.nats_url, &cli.home, q.database_url).await
