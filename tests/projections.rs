@@ -1084,7 +1084,7 @@ both_backends!(
 
 /// Set-based and row-at-a-time `account_balances` fold the same events to
 /// the same rows on both backends. Which is faster is a benchmark's question
-/// (`sluice bench projections`), never a timed test's: on a loaded 2-core
+/// (`sluice-bench projections`), never a timed test's: on a loaded 2-core
 /// machine the order of two timings is noise.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn set_based_and_row_at_a_time_agree() {
@@ -1330,19 +1330,21 @@ async fn postgres_unavailable_mid_run_loses_nothing() {
     db.close().await;
 }
 
-/// `sluice bench projections` in small: (a) raw batched upserts, (b) catch-up
+/// `sluice-bench projections` in small: (a) raw batched upserts, (b) catch-up
 /// of both ledger projections, (c) rebuild, on both backends.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn bench_projections_small() {
     let nats = NatsServer::start();
     let store = nats.store().await;
-    let work = sluice_ledger::bench::workload(1000, 20);
-    let last = sluice_ledger::bench::append(&store, &work).await.unwrap();
+    let work = sluice_bench::ledger_read_models::workload(1000, 20);
+    let last = sluice_bench::ledger_read_models::append(&store, &work)
+        .await
+        .unwrap();
     for backend in [Backend::Sqlite, Backend::Postgres] {
         let rs = Store::fresh(backend, "sluice_proj").await;
         let db = rs.connect().await;
         // Two rounds: the second catch-up starts from a reset projection.
-        let report = sluice_ledger::bench::run(&store, &db, &work, last, 2)
+        let report = sluice_bench::ledger_read_models::run(&store, &db, &work, last, 2)
             .await
             .unwrap();
         eprintln!("{}", serde_json::to_string(&report).unwrap());

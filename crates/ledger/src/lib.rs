@@ -14,14 +14,12 @@
 #![warn(clippy::unwrap_used)]
 
 mod account;
-pub mod bench;
 mod events;
 mod fold;
 mod idempotent;
 mod module;
 mod read_models;
 mod routes;
-mod saga_bench;
 mod service;
 mod transfer;
 mod transfers;
@@ -39,7 +37,6 @@ pub use read_models::{
     ACCOUNT_ACTIVITY, ACCOUNT_BALANCES, AccountActivity, AccountBalances, WriteMode,
 };
 pub use routes::routes;
-pub use saga_bench::{SagaBenchConfig, SagaBenchReport, bench_transfers};
 pub use service::{
     DATABASE_URL_ENV, DEFAULT_HTTP_ADDR, HTTP_ADDR_ENV, Projector, ReadSide, default_database_url,
     migrate, run_read_side, serve_read_side,

@@ -1,8 +1,8 @@
 //! `sluice`: the Sluice platform's command line with the ledger domain.
 //!
 //! The platform's commands come from `sluice_host::cli`; this binary adds
-//! the ledger's own (`ledger`, `transfer`, `saga`, `demo`) and the
-//! benchmarks.
+//! the ledger's own (`ledger`, `transfer`, `saga`, `demo`) and `bench`, an
+//! alias of the `sluice-bench` binary.
 
 use std::process::ExitCode;
 
@@ -10,10 +10,7 @@ use clap::Subcommand;
 use futures::future::BoxFuture;
 use sluice_host::cli::{CliContext, DomainCommands};
 
-mod bench;
-mod bench_projections;
-mod bench_sagas;
-mod bench_workers;
+mod bench_alias;
 mod transfer_cmd;
 
 /// The ledger's commands, beside the platform's.
@@ -27,9 +24,8 @@ enum LedgerCommands {
     Transfer(transfer_cmd::TransferArgs),
     /// Transfer sagas: list, show; retry, resolve or abandon one that needs attention.
     Saga(SagaArgs),
-    /// Benchmarks against a freshly started server.
-    #[command(subcommand)]
-    Bench(bench::BenchCommand),
+    /// Benchmarks: runs the `sluice-bench` binary next to this one with these arguments.
+    Bench(bench_alias::BenchArgs),
 }
 
 /// `sluice ledger ...`.
@@ -59,7 +55,7 @@ impl DomainCommands for LedgerCommands {
     fn run(self, ctx: CliContext) -> BoxFuture<'static, anyhow::Result<ExitCode>> {
         Box::pin(async move {
             match self {
-                Self::Bench(cmd) => bench::run(cmd).await.map(|()| ExitCode::SUCCESS),
+                Self::Bench(args) => bench_alias::exec(args),
                 Self::Demo(a) => transfer_cmd::demo(a, &ctx.nats_url()?).await,
                 Self::Ledger(a) => {
                     transfer_cmd::ledger(a.cmd, a.idempotency_key, &ctx.nats_url()?, a.json).await

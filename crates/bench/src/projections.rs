@@ -1,4 +1,4 @@
-//! `sluice bench projections`: (a) raw batched upserts of the ledger rows,
+//! `sluice-bench projections`: (a) raw batched upserts of the ledger rows,
 //! (b) catch-up of `account_balances` + `account_activity`, (c) blue/green
 //! rebuild, (d) the two rebuilt together, (e) a replay of the last tenth of
 //! the log, on SQLite and PostgreSQL, against a freshly started nats-server.
@@ -8,9 +8,9 @@ use serde_json::json;
 use sluice_events::{EmbeddedConfig, EmbeddedServer, EventStore, StoreConfig};
 use sluice_projections::Database;
 
-/// Options of `sluice bench projections`.
+/// Options of `sluice-bench projections`.
 #[derive(Debug, clap::Args)]
-pub(crate) struct ProjectionsArgs {
+pub struct ProjectionsArgs {
     /// Accounts in the workload.
     #[arg(long, default_value_t = 10_000)]
     accounts: usize,
@@ -51,17 +51,18 @@ pub(crate) async fn run(args: ProjectionsArgs) -> anyhow::Result<()> {
 async fn run_in(args: &ProjectionsArgs, dir: &std::path::Path) -> anyhow::Result<()> {
     let server = EmbeddedServer::start(EmbeddedConfig::new(dir.join("nats")))?;
     let store = EventStore::connect(&server.url(), StoreConfig::default()).await?;
-    let work = sluice_ledger::bench::workload(args.accounts, args.per_account);
+    let work = crate::ledger_read_models::workload(args.accounts, args.per_account);
     if !args.json {
         eprintln!("appending {} events...", args.accounts * args.per_account);
     }
-    let last = sluice_ledger::bench::append(&store, &work).await?;
+    let last = crate::ledger_read_models::append(&store, &work).await?;
     let mut reports = Vec::new();
 
     if !args.postgres_only {
         let url = format!("sqlite://{}", dir.join("bench.db").display());
         let sqlite = Database::connect(&url).await?;
-        reports.push(sluice_ledger::bench::run(&store, &sqlite, &work, last, args.reps).await?);
+        reports
+            .push(crate::ledger_read_models::run(&store, &sqlite, &work, last, args.reps).await?);
         sqlite.close().await;
     }
 
@@ -83,7 +84,7 @@ async fn run_in(args: &ProjectionsArgs, dir: &std::path::Path) -> anyhow::Result
             .rsplit_once('/')
             .map_or(args.postgres.as_str(), |(b, _)| b);
         let pg = Database::connect(&format!("{base}/{name}")).await?;
-        let report = sluice_ledger::bench::run(&store, &pg, &work, last, args.reps).await;
+        let report = crate::ledger_read_models::run(&store, &pg, &work, last, args.reps).await;
         pg.close().await;
         sqlx::query(&format!("DROP DATABASE IF EXISTS {name} WITH (FORCE)"))
             .execute(&admin)

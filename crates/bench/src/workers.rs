@@ -1,4 +1,4 @@
-//! `sluice bench workers`: handler throughput of the Sluice worker runtime
+//! `sluice-bench workers`: handler throughput of the Sluice worker runtime
 //! with a no-op handler vs a raw async-nats pull consumer with explicit acks,
 //! on the same stream in one run, at concurrency 1 and 8.
 
@@ -26,9 +26,9 @@ const WORKER_C8: &str = "bench-worker-c8";
 const PAYLOAD: &[u8] =
     br#"{"amount":1250,"reference":"bench-0000000000","note":"a payload of typical size"}"#;
 
-/// Options of `sluice bench workers`.
+/// Options of `sluice-bench workers`.
 #[derive(Debug, clap::Args)]
-pub(crate) struct WorkersArgs {
+pub struct WorkersArgs {
     /// Events in the stream (each phase consumes all of them).
     #[arg(long, default_value_t = 20_000)]
     events: usize,
@@ -176,7 +176,7 @@ async fn worker(
     Ok(events as f64 / elapsed.as_secs_f64())
 }
 
-/// Runs `sluice bench workers`.
+/// Runs `sluice-bench workers`.
 pub(crate) async fn run(args: WorkersArgs) -> anyhow::Result<()> {
     let dir = TempDir(std::env::temp_dir().join(format!("sluice-bench-workers-{}", uuid_like())));
     std::fs::create_dir_all(&dir.0)?;

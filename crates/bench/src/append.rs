@@ -1,5 +1,5 @@
-//! `sluice bench`: side-by-side figures against freshly started servers.
-//! Figures belong here, never in timed tests.
+//! `sluice-bench append`: raw async-nats pipelined publish vs Sluice
+//! `append`, against freshly started servers.
 
 use std::time::{Duration, Instant};
 
@@ -13,22 +13,9 @@ use sluice_events::{
     SyncInterval,
 };
 
-/// Benchmarks.
-#[derive(Debug, clap::Subcommand)]
-pub(crate) enum BenchCommand {
-    /// Append throughput: raw async-nats pipelined publish vs Sluice `append`.
-    Append(AppendArgs),
-    /// Worker runtime throughput vs a raw JetStream consumer.
-    Workers(crate::bench_workers::WorkersArgs),
-    /// Projection catch-up and rebuild vs raw batched upserts (SQLite, PostgreSQL).
-    Projections(crate::bench_projections::ProjectionsArgs),
-    /// Transfer sagas per second and request-to-completed latency.
-    Sagas(crate::bench_sagas::SagasArgs),
-}
-
-/// Options of `sluice bench append`.
+/// Options of `sluice-bench append`.
 #[derive(Debug, clap::Args)]
-pub(crate) struct AppendArgs {
+pub struct AppendArgs {
     /// Events per measured phase with the server's default fsync.
     #[arg(long, default_value_t = 100_000)]
     events: usize,
@@ -61,7 +48,7 @@ pub(crate) struct AppendArgs {
 
 /// `--sync`: the server's default fsync policy, `always`, or both rows.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
-pub(crate) enum SyncChoice {
+pub enum SyncChoice {
     /// Only the server's default (fsync every 2 minutes).
     Default,
     /// Only `sync_interval: always`.
@@ -284,13 +271,7 @@ fn ms(d: Duration) -> f64 {
     d.as_secs_f64() * 1000.0
 }
 
-pub(crate) async fn run(cmd: BenchCommand) -> anyhow::Result<()> {
-    let args = match cmd {
-        BenchCommand::Append(args) => args,
-        BenchCommand::Workers(args) => return crate::bench_workers::run(args).await,
-        BenchCommand::Projections(args) => return crate::bench_projections::run(args).await,
-        BenchCommand::Sagas(args) => return crate::bench_sagas::run(args).await,
-    };
+pub(crate) async fn run(args: AppendArgs) -> anyhow::Result<()> {
     if args.events == 0 || args.aggregates == 0 {
         anyhow::bail!("--events and --aggregates must be at least 1");
     }

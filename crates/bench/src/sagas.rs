@@ -1,13 +1,13 @@
-//! `sluice bench sagas`: completed transfer sagas per second and request →
+//! `sluice-bench sagas`: completed transfer sagas per second and request →
 //! completed latency, with the server's default fsync and with fsync always.
 
 use serde_json::json;
 use sluice_events::{EmbeddedConfig, EmbeddedServer, EventStore, StoreConfig, SyncInterval};
 use tokio_util::sync::CancellationToken;
 
-/// Options of `sluice bench sagas`.
+/// Options of `sluice-bench sagas`.
 #[derive(Debug, clap::Args)]
-pub(crate) struct SagasArgs {
+pub struct SagasArgs {
     /// Transfers per run.
     #[arg(long, default_value_t = 2_000)]
     transfers: usize,
@@ -51,9 +51,9 @@ pub(crate) async fn run(args: SagasArgs) -> anyhow::Result<()> {
         let (st, sd) = (store.clone(), shutdown.clone());
         let role =
             tokio::spawn(async move { sluice_ledger::run_transfer_role(&st, config, sd).await });
-        let report = sluice_ledger::bench_transfers(
+        let report = crate::bench_transfers(
             &store,
-            &sluice_ledger::SagaBenchConfig {
+            &crate::SagaBenchConfig {
                 transfers: args.transfers,
                 accounts: args.accounts,
                 in_flight: args.in_flight,

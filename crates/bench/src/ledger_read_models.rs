@@ -1,5 +1,6 @@
-//! `sluice bench projections`: the ledger read models against the limit of
+//! `sluice-bench projections`: the ledger read models against the limit of
 //! the database (raw batched upserts of the same rows), catch-up and rebuild.
+//! Public, so tests seed the same workload and run the same figures in small.
 
 use std::sync::Arc;
 use std::time::Instant;
@@ -10,9 +11,12 @@ use sluice_events::{EventStore, ExpectedVersion, NewEvent, StreamId};
 use sluice_projections::{Database, Member, RunnerConfig, read_checkpoint};
 use tokio_util::sync::CancellationToken;
 
+use sluice_ledger::{
+    ACCOUNT_ACTIVITY, ACCOUNT_BALANCES, ACCOUNT_CATEGORY, AccountActivity, AccountBalances,
+    AccountEvent,
+};
+
 use crate::Error;
-use crate::events::AccountEvent;
-use crate::read_models::{ACCOUNT_ACTIVITY, ACCOUNT_BALANCES, AccountActivity, AccountBalances};
 
 /// Figures of one run on one database.
 #[derive(Debug, Clone, Serialize)]
@@ -100,7 +104,7 @@ pub async fn append(
         .map(|(id, events)| {
             let store = store.clone();
             async move {
-                let sid = StreamId::new(crate::ACCOUNT_CATEGORY, id)?;
+                let sid = StreamId::new(ACCOUNT_CATEGORY, id)?;
                 let mut last = 0;
                 for chunk in events.chunks(100) {
                     let new: Vec<NewEvent> = chunk.iter().map(AccountEvent::to_new_event).collect();
@@ -128,7 +132,7 @@ pub async fn run(
     last: u64,
     reps: usize,
 ) -> Result<BenchReport, Error> {
-    crate::migrate(db).await?;
+    sluice_ledger::migrate(db).await?;
     let backend = match db.backend() {
         sluice_projections::Backend::Sqlite => "sqlite",
         sluice_projections::Backend::Postgres => "postgres",

@@ -1,4 +1,4 @@
-//! `sluice bench sagas`: completed transfer sagas per second and the time
+//! `sluice-bench sagas`: completed transfer sagas per second and the time
 //! from request to `completed`, against a running saga role.
 
 use std::collections::HashMap;
@@ -7,11 +7,11 @@ use std::time::{Duration, Instant};
 use futures::StreamExt;
 use serde::Serialize;
 use sluice_events::{EventStore, execute};
-use sluice_sagas::{SagaError, SagaEvent};
+use sluice_ledger::{Account, AccountCommand, TRANSFER_SAGA, start_transfer};
+use sluice_sagas::SagaEvent;
 use tokio::sync::Semaphore;
 
-use crate::account::{Account, AccountCommand};
-use crate::transfer::{TRANSFER_SAGA, start_transfer};
+use crate::Error;
 
 /// What to run.
 #[derive(Debug, Clone)]
@@ -47,7 +47,7 @@ pub struct SagaBenchReport {
 pub async fn bench_transfers(
     store: &EventStore,
     config: &SagaBenchConfig,
-) -> Result<SagaBenchReport, SagaError> {
+) -> Result<SagaBenchReport, Error> {
     let accounts: Vec<String> = (0..config.accounts.max(2))
         .map(|i| format!("{}-acc-{i}", config.prefix))
         .collect();
@@ -63,7 +63,7 @@ pub async fn bench_transfers(
         for cmd in [open, deposit] {
             execute::<Account>(store, a, &cmd, 5)
                 .await
-                .map_err(|e| SagaError::Invalid(format!("bench set-up: {e}")))?;
+                .map_err(Error::Setup)?;
         }
     }
     // Completions arrive on the saga streams; one live feed sees them all.
@@ -129,11 +129,10 @@ pub async fn bench_transfers(
                 }
             }
             () = tokio::time::sleep(Duration::from_secs(30)) => {
-                return Err(SagaError::Invalid(format!(
-                    "bench stalled: {} of {} transfers completed; is the saga role running?",
-                    latencies.len(),
-                    config.transfers
-                )));
+                return Err(Error::Stalled {
+                    completed: latencies.len(),
+                    total: config.transfers,
+                });
             }
         }
     }
