@@ -12,3 +12,4 @@ cargo clippy --workspace --all-targets --locked -- -D warnings
 # test machines cannot reach (see deny.toml).
 cargo deny check --hide-inclusion-graph licenses bans sources
 cargo nextest run --workspace --locked --profile ci
+cargo test --doc --workspace --locked

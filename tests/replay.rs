@@ -277,10 +277,16 @@ async fn replays_racing_a_busy_projector(backend: Backend) {
         let store = store.clone();
         tokio::spawn(async move { ledger_rounds(&store, 40, 5..25).await })
     };
+    // Rounds until six replays took effect (a round whose position the
+    // projector has not reached yet is refused and tried again), paced so
+    // they interleave with the writer; bounded by WAIT.
     let mut replays = 0;
-    for i in 0..6u64 {
-        tokio::time::sleep(Duration::from_millis(150)).await;
-        let from = 1 + (first * (i + 1)) / 7;
+    let deadline = std::time::Instant::now() + WAIT;
+    let mut i = 0u64;
+    while replays < 6 && std::time::Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        let from = 1 + (first * (i % 6 + 1)) / 7;
+        i += 1;
         for member in ledger() {
             // A position the projector has not reached yet is refused;
             // the next round tries again.

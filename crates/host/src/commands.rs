@@ -41,6 +41,11 @@ pub(crate) struct PublishArgs {
 /// Clap parser for an aggregate, account, transfer or consumer id: one
 /// subject token (`[A-Za-z0-9_-]{1,128}`), so a bad id is a usage error
 /// (exit 2) found before anything is sent.
+///
+/// ```
+/// assert_eq!(sluice_host::id_arg("acc-1").unwrap(), "acc-1");
+/// assert!(sluice_host::id_arg("acc.1").is_err());
+/// ```
 pub fn id_arg(s: &str) -> Result<String, String> {
     validate_token("id", s)
         .map(|()| s.to_owned())

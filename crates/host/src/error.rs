@@ -36,6 +36,11 @@ pub enum Error {
 
 impl Error {
     /// The process exit code: 2 for usage mistakes, 1 otherwise.
+    ///
+    /// ```
+    /// let e = sluice_host::Error::NotConfirmed("pass --yes to confirm");
+    /// assert_eq!(e.exit_code(), 2);
+    /// ```
     pub fn exit_code(&self) -> u8 {
         match self {
             Self::UnknownProjection { .. }

@@ -105,7 +105,18 @@ pub struct RoleTask {
 }
 
 impl RoleTask {
-    /// A task of `role` named `name`.
+    /// A task of `role` named `name`; any error type the task returns is
+    /// boxed.
+    ///
+    /// ```
+    /// use sluice_host::{Role, RoleTask};
+    ///
+    /// let task = RoleTask::new(Role::Worker, "stock-commands", async {
+    ///     Ok::<(), std::io::Error>(())
+    /// });
+    /// assert_eq!(task.name, "stock-commands");
+    /// assert_eq!(task.role, Role::Worker);
+    /// ```
     pub fn new<F, E>(role: Role, name: impl Into<String>, task: F) -> Self
     where
         F: std::future::Future<Output = Result<(), E>> + Send + 'static,
@@ -306,6 +317,14 @@ impl App {
     }
 
     /// The projection named `name`, or a usage error naming the known ones.
+    ///
+    /// ```
+    /// use sluice_host::App;
+    ///
+    /// let err = App::new("empty").projection("orders").unwrap_err();
+    /// assert_eq!(err.exit_code(), 2);
+    /// assert!(err.to_string().contains("unknown projection \"orders\""));
+    /// ```
     pub fn projection(&self, name: &str) -> Result<ModuleProjection, crate::Error> {
         let all = self.projections();
         all.iter()
@@ -323,6 +342,15 @@ impl App {
 
     /// What the public append accepts: the platform's reserved categories
     /// and every module's schemas.
+    ///
+    /// ```
+    /// use sluice_host::App;
+    ///
+    /// let catalog = App::new("empty").catalog().unwrap();
+    /// // Saga and command streams are the platform's, never a client's.
+    /// assert!(catalog.reserved_prefix("saga-order").is_some());
+    /// assert!(catalog.reserved_prefix("order").is_none());
+    /// ```
     pub fn catalog(&self) -> Result<Catalog, sluice_events::Error> {
         let mut catalog = Catalog::platform();
         for m in &self.modules {

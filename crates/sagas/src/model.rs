@@ -129,6 +129,32 @@ impl SagaError {
 
 impl<D> Definition<D> {
     /// A saga named `name` (its streams are `events.saga-<name>.<id>`).
+    ///
+    /// A definition is plain data: steps, each with the command that does
+    /// it and the one that undoes it, checked by [`Definition::build`].
+    ///
+    /// ```
+    /// use serde_json::json;
+    /// use sluice_sagas::Definition;
+    ///
+    /// struct Order {
+    ///     sku: String,
+    ///     quantity: u32,
+    /// }
+    ///
+    /// let saga = Definition::<Order>::new("order")
+    ///     .step("reserve")
+    ///     .with_compensation("shop.stock.release", |o| json!({"sku": o.sku, "quantity": o.quantity}))
+    ///     .invoke("shop.stock.reserve", |o| json!({"sku": o.sku, "quantity": o.quantity}))
+    ///     .step("sell")
+    ///     .invoke("shop.stock.sell", |o| json!({"sku": o.sku, "quantity": o.quantity}))
+    ///     .build()
+    ///     .unwrap();
+    /// assert_eq!(saga.step_names(), ["reserve", "sell"]);
+    ///
+    /// // A saga without steps, or with two steps of one name, is refused.
+    /// assert!(Definition::<Order>::new("empty").build().is_err());
+    /// ```
     pub fn new(name: &'static str) -> Self {
         Self {
             name,
@@ -325,6 +351,15 @@ impl Outcome {
     }
 }
 
+/// How an operator states a saga's outcome (`resolve`):
+///
+/// ```
+/// use sluice_sagas::Outcome;
+///
+/// let o: Outcome = "compensated".parse().unwrap();
+/// assert_eq!(o.as_str(), "compensated");
+/// assert!("maybe".parse::<Outcome>().is_err());
+/// ```
 impl std::str::FromStr for Outcome {
     type Err = SagaError;
 

@@ -160,7 +160,7 @@ pub(crate) async fn serve(
                 );
                 refused_logged = Instant::now();
             }
-            metrics::counter!("sluice_http_connections_refused_total").increment(1);
+            ::metrics::counter!("sluice_http_connections_refused_total").increment(1);
             continue;
         };
         let _ = stream.set_nodelay(true);
@@ -193,7 +193,7 @@ pub(crate) async fn serve(
                         }
                         Err(_) => {
                             tracing::debug!(%peer, "TLS handshake timed out");
-                            metrics::counter!("sluice_http_connections_timed_out_total")
+                            ::metrics::counter!("sluice_http_connections_timed_out_total")
                                 .increment(1);
                         }
                     }
@@ -273,7 +273,7 @@ async fn serve_connection<I>(
                 let idle = activity.idle_for() >= limits.idle_timeout;
                 if no_request || idle {
                     tracing::debug!(%peer, no_request, idle, "HTTP connection closed: too slow or idle");
-                    metrics::counter!("sluice_http_connections_timed_out_total").increment(1);
+                    ::metrics::counter!("sluice_http_connections_timed_out_total").increment(1);
                     if no_request {
                         return;
                     }
