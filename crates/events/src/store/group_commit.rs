@@ -31,10 +31,10 @@ use std::time::Duration;
 use serde::Serialize;
 use tokio::sync::{Semaphore, mpsc, oneshot};
 
+use super::publish::{AppendResult, Attempt, ExpectedVersion, Inner, MAX_BATCH};
 use crate::envelope::NewEvent;
 use crate::error::Error;
 use crate::ids::StreamId;
-use crate::store::{AppendResult, Attempt, ExpectedVersion, Inner, MAX_BATCH};
 
 /// How often a batch refused for someone else's stale expectation is split
 /// and retried before its remaining appends go out one by one.

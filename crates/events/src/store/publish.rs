@@ -12,13 +12,13 @@ use futures::StreamExt;
 use futures::stream::BoxStream;
 use serde::Deserialize;
 
+use super::group_commit::{
+    Append, Appender, Counters, GroupCommitConfig, GroupCommitStats, Pending,
+};
 use crate::DEFAULT_MAX_PAYLOAD;
 use crate::connect::ConnectConfig;
 use crate::envelope::{Envelope, H_MSG_ID, H_TYPE, NewEvent};
 use crate::error::Error;
-use crate::group_commit::{
-    Append, Appender, Counters, GroupCommitConfig, GroupCommitStats, Pending,
-};
 use crate::ids::{EventId, StreamId};
 use crate::server::{ServerVersion, check_server_version};
 
