@@ -49,9 +49,9 @@ pub use error::Error;
 pub use ids::{EventId, StreamId, validate_token};
 pub use server::{MIN_SERVER_VERSION, ServerVersion, check_server_version};
 pub use store::{
-    AppendResult, EVENTS_STREAM, EventStore, ExpectedVersion, History, RecordedEvent, StoreConfig,
-    StreamState,
+    AppendResult, BATCH_SIZE_BUCKETS, BatchSizeBucket, EVENTS_STREAM, EventStore, ExpectedVersion,
+    GroupCommitConfig, GroupCommitStats, History, RecordedEvent, StoreConfig, StreamState,
+    VOID_CATEGORY, Voided,
 };
-pub use store::{BATCH_SIZE_BUCKETS, BatchSizeBucket, GroupCommitConfig, GroupCommitStats};
 pub use trace::TraceParent;
-pub use void::{VOID_CATEGORY, VOIDED, Voided, Voiding};
+pub use void::{VOIDED, Voiding};

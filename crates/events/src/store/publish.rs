@@ -1,7 +1,8 @@
-//! The event store on JetStream: one stream (`EVENTS`), one subject per
-//! aggregate, optimistic concurrency on the per-subject last sequence.
+//! The write path: one append (or one group of appends) to JetStream as a
+//! single publish or one atomic batch, with the dedup and expected-version
+//! headers, the server's answer decoded, and every doubtful answer (a
+//! duplicate id, a wrong last sequence) resolved into an exact outcome.
 
-use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
@@ -9,23 +10,16 @@ use async_nats::HeaderMap;
 use async_nats::jetstream::{self, consumer, context::PublishErrorKind, stream};
 use backon::{ExponentialBuilder, Retryable};
 use futures::StreamExt;
-use futures::stream::BoxStream;
 use serde::Deserialize;
 
-use super::group_commit::{
-    Append, Appender, Counters, GroupCommitConfig, GroupCommitStats, Pending,
-};
-use crate::DEFAULT_MAX_PAYLOAD;
-use crate::connect::ConnectConfig;
-use crate::envelope::{Envelope, H_MSG_ID, H_TYPE, NewEvent};
+use super::config::{MAX_BATCH, StoreConfig};
+use super::stats::Counters;
+use super::types::{AppendResult, ExpectedVersion};
+use super::{read, stream as log};
+use crate::envelope::{H_MSG_ID, H_TYPE, NewEvent};
 use crate::error::Error;
 use crate::ids::{EventId, StreamId};
-use crate::server::{ServerVersion, check_server_version};
 
-/// Name of the stream holding every domain event.
-pub const EVENTS_STREAM: &str = "EVENTS";
-/// The server's limit on messages in one atomic batch.
-pub(crate) const MAX_BATCH: usize = 1000;
 /// JetStream API error code for "wrong last sequence".
 const ERR_WRONG_LAST_SEQUENCE: u64 = 10071;
 /// JetStream API error code for "atomic publish batch contains duplicate message id".
@@ -44,269 +38,35 @@ const H_BATCH_ID: &str = "Nats-Batch-Id";
 const H_BATCH_SEQ: &str = "Nats-Batch-Sequence";
 const H_BATCH_COMMIT: &str = "Nats-Batch-Commit";
 
-/// What the caller believes about the aggregate's current version.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum ExpectedVersion {
-    /// No check: append whatever the version is.
-    Any,
-    /// The aggregate must have no events yet.
-    NoStream,
-    /// The aggregate's last event must be at this stream sequence.
-    Exact(u64),
+/// One validated, encoded append on its way to the server.
+#[derive(Debug)]
+pub(super) struct Append {
+    pub(super) stream_id: StreamId,
+    pub(super) subject: String,
+    pub(super) expected: ExpectedVersion,
+    /// The validated events; their headers are built per publish attempt,
+    /// which costs no more than cloning prebuilt ones.
+    pub(super) events: Vec<NewEvent>,
+    /// Estimated wire size: data, headers and batch headers.
+    pub(super) bytes: usize,
 }
 
-impl ExpectedVersion {
-    /// The version as the server checks it (0 = no stream), if any check.
-    pub(crate) fn as_sequence(self) -> Option<u64> {
-        match self {
-            ExpectedVersion::Any => None,
-            ExpectedVersion::NoStream => Some(0),
-            ExpectedVersion::Exact(v) => Some(v),
-        }
-    }
-
-    /// `NoStream` for version 0, else `Exact(version)`.
-    pub fn from_version(version: u64) -> Self {
-        if version == 0 {
-            ExpectedVersion::NoStream
-        } else {
-            ExpectedVersion::Exact(version)
-        }
-    }
-}
-
-/// Where an append landed.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct AppendResult {
-    /// The aggregate's new version (stream sequence of its last event).
-    pub version: u64,
-    /// Global positions (stream sequences) of the appended events, in order.
-    pub positions: Vec<u64>,
-    /// True when the events were already there (a retry of an append that
-    /// had landed); nothing new was written. Only ever true when the stored
-    /// events are these very events: same ids, same aggregate, same types
-    /// and data; an id that names another event is [`Error::IdReused`].
-    pub deduplicated: bool,
-}
-
-/// An event as stored: envelope plus where it lives.
-#[derive(Debug, Clone, PartialEq)]
-pub struct RecordedEvent {
-    /// The aggregate it belongs to.
-    pub stream_id: StreamId,
-    /// Global position (stream sequence); also the aggregate's version after it.
-    pub position: u64,
-    /// The CloudEvent.
-    pub envelope: Envelope,
-}
-
-/// An aggregate's events as consumers fold them: voided events left out,
-/// the version still the position of its last event (voided or not, since
-/// that is what an optimistic append is checked against).
-#[derive(Debug, Clone, PartialEq)]
-pub struct History {
-    /// Its events that are not voided, in order.
-    pub events: Vec<RecordedEvent>,
-    /// The aggregate's version (0 = no events).
-    pub version: u64,
-    /// Positions of its voided events.
-    pub voided: Vec<u64>,
-}
-
-impl RecordedEvent {
-    /// The error for this stored event not reading as what it claims to be
-    /// (`reason`: the decoder's verdict).
-    pub fn invalid(&self, reason: impl std::fmt::Display) -> Error {
-        Error::InvalidStoredEvent {
-            position: self.position,
-            stream: self.stream_id.to_string(),
-            event_type: self.envelope.event_type.clone(),
-            reason: reason.to_string(),
-        }
-    }
-
-    /// A decoder's verdict on this event, its error turned into
-    /// [`Error::InvalidStoredEvent`] naming the position.
-    pub fn decoded<T>(&self, decoded: Result<T, Error>) -> Result<T, Error> {
-        decoded.map_err(|e| match e {
-            Error::InvalidData(reason) => self.invalid(reason),
-            e @ Error::InvalidStoredEvent { .. } => e,
-            other => self.invalid(other),
-        })
-    }
-}
-
-/// Settings of the event store.
-#[derive(Debug, Clone)]
-pub struct StoreConfig {
-    /// Stream name.
-    pub stream: String,
-    /// Subject prefix; aggregates live on `<prefix>.<category>.<id>`.
-    pub subject_prefix: String,
-    /// Replicas of the stream (3 in production).
-    pub replicas: usize,
-    /// How long the server remembers event ids for dedup.
-    pub duplicate_window: Duration,
-    /// Largest accepted event data, in bytes.
-    pub max_payload: usize,
-    /// How long to wait for one server answer.
-    pub request_timeout: Duration,
-    /// Tries per append on timeouts and broken connections.
-    pub max_attempts: usize,
-    /// Group commit: concurrent appends share one atomic batch (one fsync).
-    pub group_commit: GroupCommitConfig,
-}
-
-impl Default for StoreConfig {
-    fn default() -> Self {
-        Self {
-            stream: EVENTS_STREAM.to_owned(),
-            subject_prefix: "events".to_owned(),
-            replicas: 1,
-            duplicate_window: Duration::from_secs(120),
-            max_payload: DEFAULT_MAX_PAYLOAD,
-            request_timeout: Duration::from_secs(5),
-            max_attempts: 5,
-            group_commit: GroupCommitConfig::default(),
-        }
-    }
-}
-
-impl StoreConfig {
-    /// Longest time an append keeps retrying with the same event ids
-    /// (every attempt timing out, plus the capped backoff between them).
-    pub fn retry_horizon(&self) -> Duration {
-        let attempts = u32::try_from(self.max_attempts.max(1)).unwrap_or(u32::MAX);
-        self.request_timeout.saturating_mul(attempts)
-            + Duration::from_secs(2).saturating_mul(attempts)
-    }
-
-    /// Checks the settings that have limits.
-    pub fn validate(&self) -> Result<(), Error> {
-        if self.max_attempts == 0 {
-            return Err(Error::InvalidConfig("max_attempts must be > 0".to_owned()));
-        }
-        self.group_commit.validate()
-    }
-}
-
-/// A snapshot of the stream's state.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct StreamState {
-    /// Events stored.
-    pub messages: u64,
-    /// Bytes stored.
-    pub bytes: u64,
-    /// First position.
-    pub first_position: u64,
-    /// Last position (the head of the log).
-    pub last_position: u64,
-    /// Replicas configured.
-    pub replicas: usize,
-    /// Distinct aggregates.
-    pub aggregates: u64,
-    /// Age limit (zero = none): events older than this are deleted.
-    pub max_age: Duration,
-    /// Size limit in bytes (-1 = none).
-    pub max_bytes: i64,
-    /// Message-count limit (-1 = none).
-    pub max_messages: i64,
-    /// Per-aggregate message limit (-1 or 0 = none).
-    pub max_messages_per_subject: i64,
-    /// How long the server remembers event ids for dedup.
-    pub duplicate_window: Duration,
-}
-
-impl StreamState {
-    /// Ways the stream could lose or duplicate acknowledged events, for
-    /// `sluice status` and the start of `sluice up`/`serve`.
-    ///
-    /// `sync_always`: whether the server fsyncs every write, when known;
-    /// `production`: require replicas >= 3; `retry_horizon`: how long an
-    /// append may keep retrying with the same ids.
-    pub fn durability_warnings(
-        &self,
-        sync_always: Option<bool>,
-        production: bool,
-        retry_horizon: Duration,
-    ) -> Vec<String> {
-        let mut w = Vec::new();
-        match sync_always {
-            Some(true) => {}
-            Some(false) => w.push(
-                "sync_interval is not `always`: acknowledged events can be lost if the machine crashes".to_owned(),
-            ),
-            None if self.replicas < 3 => w.push(
-                "the server's sync_interval is not visible to clients: make sure it is `always` (or run replicas >= 3 across failure domains)".to_owned(),
-            ),
-            None => {}
-        }
-        if production && self.replicas < 3 {
-            w.push(format!(
-                "the event stream has {} replica(s): production needs 3 to survive a node loss",
-                self.replicas
-            ));
-        }
-        if !self.max_age.is_zero() {
-            w.push(format!(
-                "the event stream has max_age {:?}: older events are deleted",
-                self.max_age
-            ));
-        }
-        if self.max_bytes > 0 || self.max_messages > 0 {
-            w.push("the event stream has a size or message limit: old events are deleted when it is reached".to_owned());
-        }
-        if self.max_messages_per_subject > 0 {
-            w.push(format!(
-                "the event stream keeps only {} event(s) per aggregate",
-                self.max_messages_per_subject
-            ));
-        }
-        if self.duplicate_window < retry_horizon {
-            w.push(format!(
-                "the duplicate window ({:?}) is shorter than the append retry horizon ({retry_horizon:?}): a late retry could store an event twice",
-                self.duplicate_window
-            ));
-        }
-        w
-    }
-}
-
-/// What the store and its group-commit dispatcher share.
-pub(crate) struct Inner {
-    client: async_nats::Client,
-    js: jetstream::Context,
-    stream: stream::Stream,
-    pub(crate) config: StoreConfig,
-    server_version: ServerVersion,
+/// What the write path needs: the connection, the stream, the settings, and
+/// what it has learnt and counted. Shared by the store and its group-commit
+/// dispatcher.
+pub(super) struct Publisher {
+    pub(super) client: async_nats::Client,
+    pub(super) js: jetstream::Context,
+    pub(super) stream: stream::Stream,
+    pub(super) config: StoreConfig,
     /// Set when the stream refuses atomic batches: appends then go one by one.
     atomic_disabled: AtomicBool,
-    pub(crate) counters: Counters,
-    /// The voided positions, loaded on first use (see `void`).
-    voided: tokio::sync::OnceCell<crate::void::Voided>,
-}
-
-/// The JetStream-backed event store. Cheap to clone.
-#[derive(Clone)]
-pub struct EventStore {
-    inner: Arc<Inner>,
-    /// The group-commit queue; `None` when group commit is off. Held only by
-    /// the store's clones, so the dispatcher stops once they are all gone.
-    appender: Option<Arc<Appender>>,
-}
-
-impl std::fmt::Debug for EventStore {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("EventStore")
-            .field("stream", &self.inner.config.stream)
-            .field("server_version", &self.inner.server_version)
-            .finish()
-    }
+    pub(super) counters: Counters,
 }
 
 /// Why one publish attempt failed.
 #[derive(Debug)]
-pub(crate) enum Attempt {
+pub(super) enum Attempt {
     WrongLast,
     /// The server already holds one of the batch's event ids.
     Duplicate,
@@ -334,137 +94,42 @@ struct BatchAck {
     count: u64,
 }
 
-impl EventStore {
-    /// Connects to `url`, checks the server version and ensures the stream.
-    pub async fn connect(url: &str, config: StoreConfig) -> Result<Self, Error> {
-        Self::connect_with(&ConnectConfig::new(url), config).await
-    }
+/// One message of an atomic batch, before its headers are built.
+struct BatchMessage<'a> {
+    subject: &'a str,
+    /// The aggregate id (`ce-subject`).
+    aggregate: &'a str,
+    event: &'a NewEvent,
+    /// `Nats-Expected-Last-Subject-Sequence`, on an append's first message.
+    expected: Option<u64>,
+}
 
-    /// Connects with credentials/TLS, checks the server version and ensures the stream.
-    pub async fn connect_with(connect: &ConnectConfig, config: StoreConfig) -> Result<Self, Error> {
-        let client = connect.connect().await?;
-        Self::new(client, config).await
-    }
-
-    /// Uses an existing connection: checks the server version and ensures the stream.
-    ///
-    /// With group commit on (the default) this starts the dispatcher task on
-    /// the current tokio runtime.
-    pub async fn new(client: async_nats::Client, config: StoreConfig) -> Result<Self, Error> {
-        config.validate()?;
-        let server_version = check_server_version(&client)?;
-        let mut js = jetstream::new(client.clone());
-        js.set_timeout(config.request_timeout);
-        let stream = ensure_stream(&js, &config).await?;
-        let max_payload = client.server_info().max_payload;
-        let inner = Arc::new(Inner {
+impl Publisher {
+    pub(super) fn new(
+        client: async_nats::Client,
+        js: jetstream::Context,
+        stream: stream::Stream,
+        config: StoreConfig,
+    ) -> Self {
+        Self {
             client,
             js,
             stream,
             config,
-            server_version,
             atomic_disabled: AtomicBool::new(false),
             counters: Counters::default(),
-            voided: tokio::sync::OnceCell::new(),
-        });
-        let appender = inner.config.group_commit.enabled.then(|| {
-            Arc::new(Appender::start(
-                inner.clone(),
-                &inner.config.group_commit,
-                max_payload,
-            ))
-        });
-        Ok(Self { inner, appender })
-    }
-
-    /// What group commit has done so far: batches, events, batch-size
-    /// distribution, conflicts resolved, fsyncs saved.
-    pub fn group_commit_stats(&self) -> GroupCommitStats {
-        self.inner.counters.snapshot(
-            &self.inner.config.group_commit,
-            self.inner.atomic_disabled(),
-        )
-    }
-
-    /// The NATS connection (for consumers built on top of the store).
-    pub fn client(&self) -> &async_nats::Client {
-        &self.inner.client
-    }
-
-    /// The JetStream context.
-    pub fn jetstream(&self) -> &jetstream::Context {
-        &self.inner.js
-    }
-
-    /// The store's settings.
-    pub fn config(&self) -> &StoreConfig {
-        &self.inner.config
-    }
-
-    /// The connected server's version.
-    pub fn server_version(&self) -> ServerVersion {
-        self.inner.server_version
-    }
-
-    /// Appends events to one aggregate, atomically, with an optimistic check.
-    ///
-    /// With group commit on, concurrent appends to different aggregates
-    /// share one atomic batch (one fsync); the outcome reported here is still
-    /// this append's own: `Ok` only when its events are stored, `Conflict`
-    /// only when its own expectation was stale.
-    ///
-    /// Retries on timeouts and broken connections with the same event ids, so
-    /// an append that landed but whose ack was lost is reported once, never
-    /// written twice. Fails with [`Error::Overloaded`] when the append queue
-    /// stays full for `group_commit.queue_timeout`.
-    pub async fn append(
-        &self,
-        stream_id: &StreamId,
-        expected: ExpectedVersion,
-        mut events: Vec<NewEvent>,
-    ) -> Result<AppendResult, Error> {
-        let started = std::time::Instant::now();
-        // Events carry the context of the span appending them, so whoever
-        // handles them continues this trace (see `trace`).
-        if events.iter().any(|e| e.traceparent.is_none())
-            && let Some(tp) = crate::trace::current()
-        {
-            for e in events.iter_mut().filter(|e| e.traceparent.is_none()) {
-                e.traceparent = Some(tp.clone());
-            }
         }
-        let result = async {
-            let append = self.encode(stream_id, expected, events)?;
-            match &self.appender {
-                Some(appender) if !self.inner.atomic_disabled() => {
-                    appender.submit(&self.inner, append).await
-                }
-                _ => self.inner.append_direct(&append).await,
-            }
-        }
-        .await;
-        let outcome = match &result {
-            Ok(_) => "ok",
-            Err(e) if e.is_conflict() => "conflict",
-            Err(e) if e.is_id_reused() => "id_reused",
-            Err(e) if e.is_invalid_input() => "invalid",
-            Err(_) => "error",
-        };
-        metrics::counter!("sluice_appends_total", "outcome" => outcome).increment(1);
-        metrics::histogram!("sluice_append_duration_seconds")
-            .record(started.elapsed().as_secs_f64());
-        result
     }
 
     /// Validates the events and turns them into messages, before anything
     /// reaches NATS.
-    fn encode(
+    pub(super) fn encode(
         &self,
         stream_id: &StreamId,
         expected: ExpectedVersion,
         events: Vec<NewEvent>,
     ) -> Result<Append, Error> {
-        let cfg = &self.inner.config;
+        let cfg = &self.config;
         if events.is_empty() {
             return Err(Error::EmptyAppend);
         }
@@ -502,227 +167,14 @@ impl EventStore {
         })
     }
 
-    /// The voided positions: loaded on the first call (one ordered
-    /// consumer on the void category), then followed live.
-    pub async fn voided(&self) -> Result<crate::void::Voided, Error> {
-        self.inner
-            .voided
-            .get_or_try_init(|| crate::void::Voided::load(self))
-            .await
-            .cloned()
-    }
-
-    /// The voided positions, if [`voided`](Self::voided) loaded them already.
-    pub fn voided_if_loaded(&self) -> Option<&crate::void::Voided> {
-        self.inner.voided.get()
-    }
-
-    /// The aggregate's events up to its current version, voided ones left
-    /// out; an event that cannot be decoded (and is not voided) is an
-    /// [`Error::InvalidStoredEvent`] naming its position.
-    pub async fn history(&self, stream_id: &StreamId) -> Result<History, Error> {
-        let voided = self.voided().await?;
-        let subject = stream_id.subject(&self.inner.config.subject_prefix);
-        let last = self.last_version_of(&subject).await?;
-        let mut history = History {
-            events: Vec::new(),
-            version: last,
-            voided: Vec::new(),
-        };
-        if last == 0 {
-            return Ok(history);
-        }
-        let mut messages = self
-            .ordered(
-                subject,
-                consumer::DeliverPolicy::ByStartSequence { start_sequence: 1 },
-            )
-            .await?;
-        while let Some(m) = messages.next().await {
-            let m = m.map_err(|e| Error::Nats(e.to_string()))?;
-            let position = m
-                .info()
-                .map_err(|e| Error::Nats(e.to_string()))?
-                .stream_sequence;
-            if voided.contains(position) {
-                history.voided.push(position);
-            } else {
-                history.events.push(self.decode_message(Ok(m))?);
-            }
-            if position >= last {
-                break;
-            }
-        }
-        Ok(history)
-    }
-
-    /// The aggregate's current version (0 when it has no events).
-    pub async fn last_version(&self, stream_id: &StreamId) -> Result<u64, Error> {
-        self.last_version_of(&stream_id.subject(&self.inner.config.subject_prefix))
-            .await
-    }
-
-    async fn last_version_of(&self, subject: &str) -> Result<u64, Error> {
-        self.inner.last_version_of(subject).await
-    }
-
-    /// The aggregate's events from `from_position` (inclusive; 0 or 1 = all),
-    /// up to its version at the time of the call. Empty at once when the
-    /// aggregate has no events.
-    pub async fn read(
-        &self,
-        stream_id: &StreamId,
-        from_position: u64,
-    ) -> Result<BoxStream<'static, Result<RecordedEvent, Error>>, Error> {
-        let subject = stream_id.subject(&self.inner.config.subject_prefix);
-        let last = self.last_version_of(&subject).await?;
-        self.read_range(subject, from_position.max(1), last).await
-    }
-
-    /// Every event from `from_position` (inclusive) up to the head of the log
-    /// at the time of the call.
-    pub async fn read_all(
-        &self,
-        from_position: u64,
-    ) -> Result<BoxStream<'static, Result<RecordedEvent, Error>>, Error> {
-        let last = self.stream_state().await?.last_position;
-        let filter = format!("{}.>", self.inner.config.subject_prefix);
-        self.read_range(filter, from_position.max(1), last).await
-    }
-
-    /// A live feed of events on `filter` (e.g. `events.account.>`) from
-    /// `from_position` (inclusive; `None` = only new events). Never ends.
-    pub async fn subscribe(
-        &self,
-        filter: &str,
-        from_position: Option<u64>,
-    ) -> Result<BoxStream<'static, Result<RecordedEvent, Error>>, Error> {
-        let deliver_policy = match from_position {
-            Some(p) => consumer::DeliverPolicy::ByStartSequence {
-                start_sequence: p.max(1),
-            },
-            None => consumer::DeliverPolicy::New,
-        };
-        let messages = self.ordered(filter.to_owned(), deliver_policy).await?;
-        let this = self.clone();
-        Ok(messages.map(move |m| this.decode_message(m)).boxed())
-    }
-
-    async fn ordered(
-        &self,
-        filter: String,
-        deliver_policy: consumer::DeliverPolicy,
-    ) -> Result<consumer::pull::Ordered, Error> {
-        self.inner.ordered(filter, deliver_policy).await
-    }
-
-    async fn read_range(
-        &self,
-        filter: String,
-        from: u64,
-        last: u64,
-    ) -> Result<BoxStream<'static, Result<RecordedEvent, Error>>, Error> {
-        if last == 0 || from > last {
-            return Ok(futures::stream::empty().boxed());
-        }
-        let messages = self
-            .ordered(
-                filter,
-                consumer::DeliverPolicy::ByStartSequence {
-                    start_sequence: from,
-                },
-            )
-            .await?;
-        let this = self.clone();
-        // Stop right after the last event: waiting for one past it would hang.
-        let stream = futures::stream::unfold(Some(messages), move |state| {
-            let this = this.clone();
-            async move {
-                let mut messages = state?;
-                let item = messages.next().await?;
-                let decoded = this.decode_message(item);
-                let done = match &decoded {
-                    Ok(ev) => ev.position >= last,
-                    Err(_) => true,
-                };
-                Some((decoded, if done { None } else { Some(messages) }))
-            }
-        });
-        Ok(stream.boxed())
-    }
-
-    fn decode_message(
-        &self,
-        m: Result<jetstream::Message, async_nats::error::Error<consumer::pull::OrderedErrorKind>>,
-    ) -> Result<RecordedEvent, Error> {
-        let m = m.map_err(|e| Error::Nats(e.to_string()))?;
-        let position = m
-            .info()
-            .map_err(|e| Error::Nats(e.to_string()))?
-            .stream_sequence;
-        let stream_id = StreamId::from_subject(&self.inner.config.subject_prefix, &m.subject)?;
-        let envelope =
-            Envelope::decode(m.headers.as_ref(), &m.payload, usize::MAX).map_err(|e| {
-                Error::InvalidStoredEvent {
-                    position,
-                    stream: stream_id.to_string(),
-                    event_type: m
-                        .headers
-                        .as_ref()
-                        .and_then(|h| h.get(crate::envelope::H_TYPE))
-                        .map_or_else(|| "no type".to_owned(), |v| v.as_str().to_owned()),
-                    reason: e.to_string(),
-                }
-            })?;
-        Ok(RecordedEvent {
-            stream_id,
-            position,
-            envelope,
-        })
-    }
-
-    /// Counts and positions of the whole log.
-    pub async fn stream_state(&self) -> Result<StreamState, Error> {
-        let mut stream = self.inner.stream.clone();
-        let info = stream
-            .info()
-            .await
-            .map_err(|e| Error::Nats(e.to_string()))?;
-        Ok(StreamState {
-            messages: info.state.messages,
-            bytes: info.state.bytes,
-            first_position: info.state.first_sequence,
-            last_position: info.state.last_sequence,
-            replicas: info.config.num_replicas,
-            aggregates: info.state.subjects_count,
-            max_age: info.config.max_age,
-            max_bytes: info.config.max_bytes,
-            max_messages: info.config.max_messages,
-            max_messages_per_subject: info.config.max_messages_per_subject,
-            duplicate_window: info.config.duplicate_window,
-        })
-    }
-}
-
-/// One message of an atomic batch, before its headers are built.
-struct BatchMessage<'a> {
-    subject: &'a str,
-    /// The aggregate id (`ce-subject`).
-    aggregate: &'a str,
-    event: &'a NewEvent,
-    /// `Nats-Expected-Last-Subject-Sequence`, on an append's first message.
-    expected: Option<u64>,
-}
-
-impl Inner {
     /// True once the stream refused an atomic batch.
-    pub(crate) fn atomic_disabled(&self) -> bool {
+    pub(super) fn atomic_disabled(&self) -> bool {
         self.atomic_disabled.load(Ordering::Relaxed)
     }
 
     /// Remembers that the stream refuses atomic batches, so appends go one
     /// by one from now on; warns once.
-    pub(crate) fn disable_atomic(&self) {
+    pub(super) fn disable_atomic(&self) {
         if !self.atomic_disabled.swap(true, Ordering::Relaxed) {
             tracing::warn!(
                 stream = %self.config.stream,
@@ -741,7 +193,7 @@ impl Inner {
 
     /// One append on its own, with an exact outcome: one publish, or one
     /// atomic batch for several events.
-    pub(crate) async fn append_direct(&self, append: &Append) -> Result<AppendResult, Error> {
+    pub(super) async fn append_direct(&self, append: &Append) -> Result<AppendResult, Error> {
         let cfg = &self.config;
         let Append {
             stream_id,
@@ -893,11 +345,10 @@ impl Inner {
     /// Writes the appends as one atomic batch, each aggregate's first message
     /// carrying that append's expectation; retries timeouts with the same
     /// event ids. Returns the ack's last sequence and message count.
-    pub(crate) async fn publish_group(&self, appends: &[Pending]) -> Result<(u64, u64), Attempt> {
+    pub(super) async fn publish_group(&self, appends: &[&Append]) -> Result<(u64, u64), Attempt> {
         let batch: Vec<BatchMessage<'_>> = appends
             .iter()
-            .flat_map(|p| {
-                let a = &p.append;
+            .flat_map(|a| {
                 a.events
                     .iter()
                     .enumerate()
@@ -974,7 +425,7 @@ impl Inner {
 
     /// After "wrong last sequence": either a previous try of this very append
     /// landed (the events after `expected` carry our ids) or it is a conflict.
-    pub(crate) async fn resolve_wrong_last(
+    pub(super) async fn resolve_wrong_last(
         &self,
         stream_id: &StreamId,
         subject: &str,
@@ -1025,7 +476,7 @@ impl Inner {
     /// Finds where an earlier try of this append landed: the same events,
     /// in order, among the aggregate's events within the dedup window (the
     /// server only rejects ids it remembers, so they are in there).
-    pub(crate) async fn find_landed(
+    pub(super) async fn find_landed(
         &self,
         subject: &str,
         events: &[NewEvent],
@@ -1096,7 +547,7 @@ impl Inner {
                 Some(f.position),
             )));
         }
-        let head = self.stream_head().await?;
+        let head = log::head(&self.stream).await?;
         let filter = format!("{}.>", self.config.subject_prefix);
         let anywhere = self.scan_window(&filter, head, events, true).await?;
         Ok(match first_found(&anywhere) {
@@ -1184,16 +635,6 @@ impl Inner {
         Ok(found)
     }
 
-    /// The head of the log (its last position).
-    async fn stream_head(&self) -> Result<u64, Error> {
-        let mut stream = self.stream.clone();
-        let info = stream
-            .info()
-            .await
-            .map_err(|e| Error::Nats(e.to_string()))?;
-        Ok(info.state.last_sequence)
-    }
-
     /// [`Error::IdReused`] for `id` of an append to `stream_id`, naming the
     /// event that holds it when known.
     fn id_reused(
@@ -1217,32 +658,9 @@ impl Inner {
         }
     }
 
-    pub(crate) async fn last_version_of(&self, subject: &str) -> Result<u64, Error> {
-        match self.stream.direct_get_last_for_subject(subject).await {
-            Ok(msg) => Ok(msg.sequence),
-            Err(e) if matches!(e.kind(), stream::DirectGetErrorKind::NotFound) => Ok(0),
-            Err(e) => Err(Error::Nats(e.to_string())),
-        }
-    }
-
-    async fn ordered(
-        &self,
-        filter: String,
-        deliver_policy: consumer::DeliverPolicy,
-    ) -> Result<consumer::pull::Ordered, Error> {
-        let consumer = self
-            .stream
-            .create_consumer(consumer::pull::OrderedConfig {
-                filter_subject: filter,
-                deliver_policy,
-                ..Default::default()
-            })
-            .await
-            .map_err(|e| Error::Nats(e.to_string()))?;
-        consumer
-            .messages()
-            .await
-            .map_err(|e| Error::Nats(e.to_string()))
+    /// The aggregate's version on `subject` (0 when it has no events).
+    pub(super) async fn last_version_of(&self, subject: &str) -> Result<u64, Error> {
+        read::last_version_of(&self.stream, subject).await
     }
 }
 
@@ -1320,128 +738,5 @@ fn classify_publish(e: async_nats::jetstream::context::PublishError) -> Attempt 
             "{e} (no stream answered; is the server up and the stream created?)"
         )),
         _ => Attempt::Transient(e.to_string()),
-    }
-}
-
-async fn ensure_stream(
-    js: &jetstream::Context,
-    cfg: &StoreConfig,
-) -> Result<stream::Stream, Error> {
-    let wanted = stream::Config {
-        name: cfg.stream.clone(),
-        subjects: vec![format!("{}.>", cfg.subject_prefix)],
-        storage: stream::StorageType::File,
-        num_replicas: cfg.replicas,
-        duplicate_window: cfg.duplicate_window,
-        max_age: Duration::ZERO,
-        max_bytes: -1,
-        max_messages: -1,
-        max_messages_per_subject: -1,
-        discard: stream::DiscardPolicy::Old,
-        allow_direct: true,
-        allow_atomic_publish: true,
-        deny_delete: true,
-        deny_purge: true,
-        description: Some("Sluice domain events: one subject per aggregate".to_owned()),
-        ..Default::default()
-    };
-    match js.get_stream(&cfg.stream).await {
-        Ok(mut existing) => {
-            let info = existing
-                .info()
-                .await
-                .map_err(|e| Error::Nats(e.to_string()))?;
-            let c = &info.config;
-            if !c.allow_atomic_publish
-                || !c.allow_direct
-                || c.duplicate_window != cfg.duplicate_window
-            {
-                tracing::info!(stream = %cfg.stream, "updating stream settings Sluice relies on");
-                let mut updated = c.clone();
-                updated.allow_atomic_publish = true;
-                updated.allow_direct = true;
-                updated.duplicate_window = cfg.duplicate_window;
-                js.update_stream(updated)
-                    .await
-                    .map_err(|e| Error::StreamMisconfigured {
-                        stream: cfg.stream.clone(),
-                        reason: e.to_string(),
-                    })?;
-            }
-            if c.max_age != Duration::ZERO || c.max_messages_per_subject > 0 {
-                return Err(Error::StreamMisconfigured {
-                    stream: cfg.stream.clone(),
-                    reason:
-                        "it has age or per-subject limits, which would delete events; remove them"
-                            .to_owned(),
-                });
-            }
-            Ok(existing)
-        }
-        Err(e) if matches!(e.kind(), jetstream::context::GetStreamErrorKind::JetStream(ref j) if j.error_code() == jetstream::ErrorCode::STREAM_NOT_FOUND) => {
-            js.create_stream(wanted)
-                .await
-                .map_err(|e| Error::StreamMisconfigured {
-                    stream: cfg.stream.clone(),
-                    reason: e.to_string(),
-                })
-        }
-        Err(e) => Err(Error::Nats(e.to_string())),
-    }
-}
-
-#[cfg(test)]
-mod durability_tests {
-    use super::*;
-
-    fn safe() -> StreamState {
-        StreamState {
-            messages: 0,
-            bytes: 0,
-            first_position: 0,
-            last_position: 0,
-            replicas: 3,
-            aggregates: 0,
-            max_age: Duration::ZERO,
-            max_bytes: -1,
-            max_messages: -1,
-            max_messages_per_subject: -1,
-            duplicate_window: Duration::from_secs(120),
-        }
-    }
-
-    #[test]
-    fn each_risk_to_acknowledged_events_is_named() {
-        let horizon = StoreConfig::default().retry_horizon();
-        assert!(horizon < Duration::from_secs(120));
-        assert!(safe().durability_warnings(None, true, horizon).is_empty());
-        assert!(
-            safe()
-                .durability_warnings(Some(true), true, horizon)
-                .is_empty()
-        );
-        let one = StreamState {
-            replicas: 1,
-            ..safe()
-        };
-        assert!(
-            one.durability_warnings(Some(true), false, horizon)
-                .is_empty()
-        );
-        let w = one.durability_warnings(Some(true), true, horizon);
-        assert!(w[0].contains("production needs 3"), "{w:?}");
-        assert!(one.durability_warnings(None, false, horizon)[0].contains("sync_interval"));
-        assert!(
-            safe().durability_warnings(Some(false), false, horizon)[0].contains("machine crashes")
-        );
-        let limited = StreamState {
-            max_age: Duration::from_secs(3600),
-            max_bytes: 1 << 30,
-            max_messages_per_subject: 10,
-            duplicate_window: Duration::from_secs(5),
-            ..safe()
-        };
-        let w = limited.durability_warnings(Some(true), false, horizon);
-        assert_eq!(w.len(), 4, "{w:?}");
     }
 }
