@@ -219,6 +219,31 @@ impl EventStore {
         read::history(self.stream(), self.prefix(), &voided, stream_id).await
     }
 
+    /// What [`history`](Self::history) answers, read with direct gets
+    /// instead of a consumer (what [`crate::load`] uses).
+    ///
+    /// A consumer is kept by the server for its inactivity threshold (30 s)
+    /// after the read; code that reads small aggregates very often (sagas
+    /// read an instance's log on every reply, claim, timeout and transition)
+    /// would leave thousands of them and hit the server's consumer limit. A
+    /// batched direct get (`allow_direct` on the stream, nats-server 2.11+)
+    /// costs one request per 256 events and leaves nothing behind; when a
+    /// batch fails, each event is read with a direct get of its own. A
+    /// replica serving a direct get may lag the leader: every write based on
+    /// such a read is an optimistic append, so a stale read costs a conflict
+    /// and a reload, never a wrong write.
+    pub async fn history_direct(&self, stream_id: &StreamId) -> Result<History, Error> {
+        let voided = self.voided().await?;
+        read::history_direct(
+            self.client(),
+            self.stream(),
+            self.config(),
+            &voided,
+            stream_id,
+        )
+        .await
+    }
+
     /// The aggregate's current version (0 when it has no events).
     pub async fn last_version(&self, stream_id: &StreamId) -> Result<u64, Error> {
         read::last_version_of(self.stream(), &stream_id.subject(self.prefix())).await
