@@ -62,13 +62,13 @@ impl EventStore {
             .jetstream()
             .get_stream_no_info(&cfg.stream)
             .await
-            .map_err(|e| Error::Nats(e.to_string()))?;
+            .map_err(Error::GetStream)?;
         let msg = match stream.direct_get(position).await {
             Ok(m) => m,
             Err(e) if e.kind() == DirectGetErrorKind::NotFound => {
                 return Err(Error::NoSuchEvent(position));
             }
-            Err(e) => return Err(Error::Nats(e.to_string())),
+            Err(e) => return Err(Error::DirectGet(e)),
         };
         let target = match StreamId::from_subject(&cfg.subject_prefix, &msg.subject) {
             Ok(id) if id.category() == VOID_CATEGORY => {
@@ -134,7 +134,7 @@ impl EventStore {
             .jetstream()
             .get_stream_no_info(&cfg.stream)
             .await
-            .map_err(|e| Error::Nats(e.to_string()))?;
+            .map_err(Error::GetStream)?;
         match stream.direct_get_first_for_subject(subject).await {
             Ok(m) => {
                 let mut v: Voiding = serde_json::from_slice(&m.payload).map_err(|e| {
@@ -144,7 +144,7 @@ impl EventStore {
                 Ok(Some(v))
             }
             Err(e) if e.kind() == DirectGetErrorKind::NotFound => Ok(None),
-            Err(e) => Err(Error::Nats(e.to_string())),
+            Err(e) => Err(Error::DirectGet(e)),
         }
     }
 }

@@ -454,7 +454,7 @@ impl Publisher {
                 }
                 Ok(_) => break,
                 Err(e) if matches!(e.kind(), stream::DirectGetErrorKind::NotFound) => break,
-                Err(e) => return Err(Error::Nats(e.to_string())),
+                Err(e) => return Err(Error::DirectGet(e)),
             }
         }
         if positions.len() == events.len() {
@@ -500,7 +500,7 @@ impl Publisher {
             .stream
             .direct_get(position)
             .await
-            .map_err(|e| Error::Nats(e.to_string()))?;
+            .map_err(Error::DirectGet)?;
         if is_same_event(
             subject,
             event,
@@ -594,11 +594,8 @@ impl Publisher {
                 ..Default::default()
             })
             .await
-            .map_err(|e| Error::Nats(e.to_string()))?;
-        let mut messages = consumer
-            .messages()
-            .await
-            .map_err(|e| Error::Nats(e.to_string()))?;
+            .map_err(Error::CreateReader)?;
+        let mut messages = consumer.messages().await.map_err(Error::OpenReader)?;
         let deadline = tokio::time::Instant::now() + self.config.request_timeout;
         let idle = self.config.request_timeout.min(Duration::from_secs(1));
         let mut missing = events.len();
@@ -609,11 +606,8 @@ impl Publisher {
             let Ok(Some(m)) = tokio::time::timeout(wait, messages.next()).await else {
                 break;
             };
-            let m = m.map_err(|e| Error::Nats(e.to_string()))?;
-            let seq = m
-                .info()
-                .map_err(|e| Error::Nats(e.to_string()))?
-                .stream_sequence;
+            let m = m.map_err(Error::Read)?;
+            let seq = m.info().map_err(Error::MessageInfo)?.stream_sequence;
             if let Some(headers) = m.headers.as_ref()
                 && let Some(&i) = msg_id(headers).and_then(|id| index.get(id))
                 && found[i].is_none()

@@ -25,7 +25,7 @@ pub(super) async fn last_version_of(stream: &stream::Stream, subject: &str) -> R
     match stream.direct_get_last_for_subject(subject).await {
         Ok(msg) => Ok(msg.sequence),
         Err(e) if matches!(e.kind(), stream::DirectGetErrorKind::NotFound) => Ok(0),
-        Err(e) => Err(Error::Nats(e.to_string())),
+        Err(e) => Err(Error::DirectGet(e)),
     }
 }
 
@@ -42,11 +42,8 @@ pub(super) async fn ordered(
             ..Default::default()
         })
         .await
-        .map_err(|e| Error::Nats(e.to_string()))?;
-    consumer
-        .messages()
-        .await
-        .map_err(|e| Error::Nats(e.to_string()))
+        .map_err(Error::CreateReader)?;
+    consumer.messages().await.map_err(Error::OpenReader)
 }
 
 /// The aggregate's events up to its current version, voided ones left out
@@ -74,11 +71,8 @@ pub(super) async fn history(
     )
     .await?;
     while let Some(m) = messages.next().await {
-        let m = m.map_err(|e| Error::Nats(e.to_string()))?;
-        let position = m
-            .info()
-            .map_err(|e| Error::Nats(e.to_string()))?
-            .stream_sequence;
+        let m = m.map_err(Error::Read)?;
+        let position = m.info().map_err(Error::MessageInfo)?.stream_sequence;
         if voided.contains(position) {
             history.voided.push(position);
         } else {
@@ -144,11 +138,8 @@ fn decode_message(
     prefix: &str,
     m: Result<jetstream::Message, consumer::pull::OrderedError>,
 ) -> Result<RecordedEvent, Error> {
-    let m = m.map_err(|e| Error::Nats(e.to_string()))?;
-    let position = m
-        .info()
-        .map_err(|e| Error::Nats(e.to_string()))?
-        .stream_sequence;
+    let m = m.map_err(Error::Read)?;
+    let position = m.info().map_err(Error::MessageInfo)?.stream_sequence;
     let stream_id = StreamId::from_subject(prefix, &m.subject)?;
     let envelope = decode_stored(&stream_id, position, m.headers.as_ref(), &m.payload)?;
     Ok(RecordedEvent {
@@ -328,7 +319,7 @@ async fn one_by_one(
                 next = m.sequence + 1;
             }
             Err(e) if e.kind() == stream::DirectGetErrorKind::NotFound => return Ok(out),
-            Err(e) => return Err(Error::Nats(e.to_string())),
+            Err(e) => return Err(Error::DirectGet(e)),
         }
     }
 }

@@ -93,10 +93,7 @@ impl StreamState {
 /// Counts, positions and limits of the whole log.
 pub(super) async fn state(stream: &stream::Stream) -> Result<StreamState, Error> {
     let mut stream = stream.clone();
-    let info = stream
-        .info()
-        .await
-        .map_err(|e| Error::Nats(e.to_string()))?;
+    let info = stream.info().await.map_err(Error::StreamInfo)?;
     Ok(StreamState {
         messages: info.state.messages,
         bytes: info.state.bytes,
@@ -115,10 +112,7 @@ pub(super) async fn state(stream: &stream::Stream) -> Result<StreamState, Error>
 /// The head of the log (its last position).
 pub(super) async fn head(stream: &stream::Stream) -> Result<u64, Error> {
     let mut stream = stream.clone();
-    let info = stream
-        .info()
-        .await
-        .map_err(|e| Error::Nats(e.to_string()))?;
+    let info = stream.info().await.map_err(Error::StreamInfo)?;
     Ok(info.state.last_sequence)
 }
 
@@ -148,10 +142,7 @@ pub(super) async fn ensure(
     };
     match js.get_stream(&cfg.stream).await {
         Ok(mut existing) => {
-            let info = existing
-                .info()
-                .await
-                .map_err(|e| Error::Nats(e.to_string()))?;
+            let info = existing.info().await.map_err(Error::StreamInfo)?;
             let c = &info.config;
             if !c.allow_atomic_publish
                 || !c.allow_direct
@@ -164,9 +155,9 @@ pub(super) async fn ensure(
                 updated.duplicate_window = cfg.duplicate_window;
                 js.update_stream(updated)
                     .await
-                    .map_err(|e| Error::StreamMisconfigured {
+                    .map_err(|source| Error::StreamSetup {
                         stream: cfg.stream.clone(),
-                        reason: e.to_string(),
+                        source,
                     })?;
             }
             if c.max_age != Duration::ZERO || c.max_messages_per_subject > 0 {
@@ -182,12 +173,12 @@ pub(super) async fn ensure(
         Err(e) if matches!(e.kind(), jetstream::context::GetStreamErrorKind::JetStream(ref j) if j.error_code() == jetstream::ErrorCode::STREAM_NOT_FOUND) => {
             js.create_stream(wanted)
                 .await
-                .map_err(|e| Error::StreamMisconfigured {
+                .map_err(|source| Error::StreamSetup {
                     stream: cfg.stream.clone(),
-                    reason: e.to_string(),
+                    source,
                 })
         }
-        Err(e) => Err(Error::Nats(e.to_string())),
+        Err(e) => Err(Error::GetStream(e)),
     }
 }
 

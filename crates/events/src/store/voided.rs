@@ -102,12 +102,9 @@ impl Voided {
                 ..Default::default()
             })
             .await
-            .map_err(|e| Error::Nats(e.to_string()))?;
+            .map_err(Error::CreateReader)?;
         let mut pending = ordered.cached_info().num_pending;
-        let mut messages = ordered
-            .messages()
-            .await
-            .map_err(|e| Error::Nats(e.to_string()))?;
+        let mut messages = ordered.messages().await.map_err(Error::OpenReader)?;
         let (stop, mut stopped) = tokio::sync::oneshot::channel();
         let inner = Arc::new(Shared {
             set: RwLock::default(),
@@ -124,7 +121,7 @@ impl Voided {
                 .await
                 .map_err(|_| Error::Timeout(cfg.request_timeout))?
                 .ok_or_else(|| Error::Nats("the void feed ended".to_owned()))?
-                .map_err(|e| Error::Nats(e.to_string()))?;
+                .map_err(Error::Read)?;
             if let Some(p) = position_of(&m) {
                 insert(&inner, p);
             }
