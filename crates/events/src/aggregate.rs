@@ -53,10 +53,11 @@ pub enum ExecuteError<R: std::error::Error + 'static> {
 }
 
 /// Loads an aggregate's state and version from the store, skipping voided
-/// events. An event that does not decode is an
+/// events (read with [`EventStore::history_direct`], so no consumer is left
+/// behind). An event that does not decode is an
 /// [`Error::InvalidStoredEvent`] naming its position (the remedy: void it).
 pub async fn load<A: Aggregate>(store: &EventStore, id: &StreamId) -> Result<(A, u64), Error> {
-    let history = store.history(id).await?;
+    let history = store.history_direct(id).await?;
     let mut state = A::default();
     for recorded in &history.events {
         let event = recorded.decoded(A::decode(&recorded.envelope))?;

@@ -102,7 +102,7 @@ pub enum Error {
     JetStreamDisabled(String),
     /// Could not connect to NATS.
     #[error(
-        "cannot connect to NATS at {url}: {source}; check that the server runs there (`sluice up` starts one) and the credentials/TLS settings"
+        "cannot connect to NATS at {url}: {source}; check that a server runs there (start one, or point the URL at one that does) and the credentials/TLS settings"
     )]
     Connect {
         /// The URL tried.
@@ -121,6 +121,16 @@ pub enum Error {
         stream: String,
         /// What is wrong.
         reason: String,
+    },
+    /// The stream could not be created, or updated to the settings Sluice
+    /// relies on.
+    #[error("stream {stream} is misconfigured: creating or updating it failed: {source}")]
+    StreamSetup {
+        /// The stream name.
+        stream: String,
+        /// The client error.
+        #[source]
+        source: async_nats::jetstream::context::CreateStreamError,
     },
     /// The server rejected an append for a reason other than a conflict.
     #[error("append rejected by the server (code {code}): {description}")]
@@ -165,7 +175,30 @@ pub enum Error {
     /// A setting is out of its allowed range.
     #[error("invalid configuration: {0}")]
     InvalidConfig(String),
-    /// Any other JetStream or NATS failure.
+    /// A direct get (a read of stored messages by position or subject) failed.
+    #[error("NATS request failed while reading the event stream with a direct get: {0}")]
+    DirectGet(#[source] async_nats::jetstream::stream::DirectGetError),
+    /// Reading the stream's info (its state, its head) failed.
+    #[error("NATS request failed while reading the event stream's info: {0}")]
+    StreamInfo(#[source] async_nats::jetstream::stream::InfoError),
+    /// Looking up the stream failed.
+    #[error("NATS request failed while looking up the event stream: {0}")]
+    GetStream(#[source] async_nats::jetstream::context::GetStreamError),
+    /// Creating a reader of the stream (an ordered consumer) failed.
+    #[error("NATS request failed while creating a reader of the event stream: {0}")]
+    CreateReader(#[source] async_nats::jetstream::stream::ConsumerError),
+    /// A reader's feed could not be opened.
+    #[error("NATS request failed while opening a reader of the event stream: {0}")]
+    OpenReader(#[source] async_nats::jetstream::consumer::StreamError),
+    /// A reader's feed failed while delivering messages.
+    #[error("NATS request failed while reading from the event stream: {0}")]
+    Read(#[source] async_nats::jetstream::consumer::pull::OrderedError),
+    /// A delivered message carries no readable JetStream metadata (its
+    /// position).
+    #[error("NATS request failed: a delivered message has no JetStream metadata: {0}")]
+    MessageInfo(#[source] async_nats::Error),
+    /// Any other JetStream or NATS failure, with no client error behind it
+    /// (a feed that ended, an answer that never came).
     #[error("NATS request failed: {0}")]
     Nats(String),
     /// Connection settings are invalid (missing files, conflicting options).
@@ -301,7 +334,17 @@ impl Error {
     pub fn is_transient(&self) -> bool {
         matches!(
             self,
-            Error::Timeout(_) | Error::Nats(_) | Error::Connect { .. } | Error::Overloaded { .. }
+            Error::Timeout(_)
+                | Error::Nats(_)
+                | Error::DirectGet(_)
+                | Error::StreamInfo(_)
+                | Error::GetStream(_)
+                | Error::CreateReader(_)
+                | Error::OpenReader(_)
+                | Error::Read(_)
+                | Error::MessageInfo(_)
+                | Error::Connect { .. }
+                | Error::Overloaded { .. }
         )
     }
 

@@ -28,7 +28,6 @@ mod connect;
 mod embedded;
 mod envelope;
 mod error;
-mod group_commit;
 mod ids;
 mod server;
 mod store;
@@ -47,12 +46,12 @@ pub use envelope::{
     SPEC_VERSION,
 };
 pub use error::Error;
-pub use group_commit::{BATCH_SIZE_BUCKETS, BatchSizeBucket, GroupCommitConfig, GroupCommitStats};
 pub use ids::{EventId, StreamId, validate_token};
 pub use server::{MIN_SERVER_VERSION, ServerVersion, check_server_version};
 pub use store::{
-    AppendResult, EVENTS_STREAM, EventStore, ExpectedVersion, History, RecordedEvent, StoreConfig,
-    StreamState,
+    AppendResult, BATCH_SIZE_BUCKETS, BatchSizeBucket, EVENTS_STREAM, EventStore, ExpectedVersion,
+    GroupCommitConfig, GroupCommitStats, History, RecordedEvent, StoreConfig, StreamState,
+    VOID_CATEGORY, Voided,
 };
 pub use trace::TraceParent;
-pub use void::{VOID_CATEGORY, VOIDED, Voided, Voiding};
+pub use void::{VOIDED, Voiding};

@@ -393,7 +393,7 @@ async fn load_with_keys<A: Aggregate>(
     store: &EventStore,
     target: &StreamId,
 ) -> Result<Cached<A>, SagaError> {
-    let history = crate::read::read_events(store, target).await?;
+    let history = store.history_direct(target).await?;
     let mut state = A::default();
     let mut keys = HashSet::new();
     for recorded in &history.events {

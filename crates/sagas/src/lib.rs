@@ -48,7 +48,6 @@ mod history;
 mod log;
 mod model;
 mod orchestrator;
-mod read;
 
 pub use commands::{CommandMapper, Handled, ReplyBuilder, handle_command, run_command_handler};
 pub use history::{IssuedCommand, Transition, describe_status, history};

@@ -322,7 +322,7 @@ pub type Reaction<D> = (SagaState<D>, Vec<Command>);
 /// Reads instance `id` of saga `name`.
 pub async fn read_log(store: &EventStore, name: &str, id: &str) -> Result<SagaLog, SagaError> {
     let stream = saga_stream(name, id)?;
-    let history = crate::read::read_events(store, &stream).await?;
+    let history = store.history_direct(&stream).await?;
     let mut log = SagaLog {
         name: name.to_owned(),
         id: id.to_owned(),

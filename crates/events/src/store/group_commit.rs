@@ -28,268 +28,20 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
-use serde::Serialize;
 use tokio::sync::{Semaphore, mpsc, oneshot};
 
-use crate::envelope::NewEvent;
+use super::config::{GroupCommitConfig, MAX_BATCH};
+use super::publish::{Append, Attempt, Publisher};
+use super::stats::Counters;
+use super::types::{AppendResult, ExpectedVersion};
 use crate::error::Error;
-use crate::ids::StreamId;
-use crate::store::{AppendResult, Attempt, ExpectedVersion, Inner, MAX_BATCH};
 
 /// How often a batch refused for someone else's stale expectation is split
 /// and retried before its remaining appends go out one by one.
 const MAX_SPLIT_ROUNDS: usize = 3;
 
-/// Settings of group commit (part of [`crate::StoreConfig`]).
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct GroupCommitConfig {
-    /// Gather concurrent appends into shared batches. When off, every append
-    /// is its own write (one fsync each). Worth it when the server fsyncs
-    /// every write (`sync_interval: always`); with the server's default fsync
-    /// policy a batch costs more than the single writes it replaces, so turn
-    /// it off there.
-    pub enabled: bool,
-    /// Most messages (events) in one batch; at most the server's atomic
-    /// batch limit of 1000.
-    pub max_batch_events: usize,
-    /// Most bytes (data plus headers, estimated) in one batch; also capped by
-    /// the server's `max_payload`, read at connect.
-    pub max_batch_bytes: usize,
-    /// How long a batch may wait for the writers of the batch that just
-    /// finished to come back, 0..=2 ms. An idle store never waits.
-    pub linger: Duration,
-    /// Smallest group written as one atomic batch; smaller groups are
-    /// written as single appends, concurrently. An atomic batch costs the
-    /// server a fixed ~2.5 ms on an R1 file stream (measured on 2.15.1),
-    /// which a few single writes with one fsync each undercut.
-    pub min_batch_appends: usize,
-    /// Batches written concurrently; the server allows 50 per stream. Only
-    /// full batches are pipelined: a partial batch waits for the one in
-    /// flight, since the server writes batches one after another at a fixed
-    /// cost each.
-    pub max_in_flight: usize,
-    /// Appends that may wait in the queue; beyond that callers wait for room.
-    pub queue_capacity: usize,
-    /// How long a caller waits for room in a full queue before
-    /// [`Error::Overloaded`].
-    pub queue_timeout: Duration,
-}
-
-impl Default for GroupCommitConfig {
-    fn default() -> Self {
-        Self {
-            enabled: true,
-            max_batch_events: MAX_BATCH,
-            max_batch_bytes: 1024 * 1024,
-            linger: Duration::from_millis(1),
-            min_batch_appends: 8,
-            max_in_flight: 2,
-            queue_capacity: 16 * 1024,
-            queue_timeout: Duration::from_secs(5),
-        }
-    }
-}
-
-impl GroupCommitConfig {
-    /// Checks the limits: batch size 1..=1000, linger <= 2 ms, at least one
-    /// batch in flight (at most 50, the server's per-stream limit) and room
-    /// in the queue.
-    pub fn validate(&self) -> Result<(), Error> {
-        let bad = |reason: String| Error::InvalidConfig(format!("group_commit: {reason}"));
-        if self.max_batch_events == 0 || self.max_batch_events > MAX_BATCH {
-            return Err(bad(format!(
-                "max_batch_events {} must be 1..={MAX_BATCH}",
-                self.max_batch_events
-            )));
-        }
-        if self.min_batch_appends == 0 || self.min_batch_appends > self.max_batch_events {
-            return Err(bad(format!(
-                "min_batch_appends {} must be 1..=max_batch_events",
-                self.min_batch_appends
-            )));
-        }
-        if self.max_batch_bytes == 0 {
-            return Err(bad("max_batch_bytes must be > 0".to_owned()));
-        }
-        if self.linger > Duration::from_millis(2) {
-            return Err(bad(format!("linger {:?} must be at most 2ms", self.linger)));
-        }
-        if self.max_in_flight == 0 || self.max_in_flight > 50 {
-            return Err(bad(format!(
-                "max_in_flight {} must be 1..=50",
-                self.max_in_flight
-            )));
-        }
-        if self.queue_capacity == 0 {
-            return Err(bad("queue_capacity must be > 0".to_owned()));
-        }
-        Ok(())
-    }
-}
-
-/// Upper bounds (inclusive) of the batch-size buckets of
-/// [`GroupCommitStats::batch_sizes`]: 1, 2-3, 4-7, ..., 512-1000.
-pub const BATCH_SIZE_BUCKETS: [u64; 10] = [1, 3, 7, 15, 31, 63, 127, 255, 511, 1000];
-
-/// One bucket of the batch-size distribution.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
-pub struct BatchSizeBucket {
-    /// Smallest batch size (events) in the bucket.
-    pub min_events: u64,
-    /// Largest batch size (events) in the bucket.
-    pub max_events: u64,
-    /// Committed batches of that size.
-    pub batches: u64,
-}
-
-/// What group commit has done since the store was created (a snapshot).
-#[derive(Debug, Clone, PartialEq, Serialize)]
-pub struct GroupCommitStats {
-    /// Whether appends go through group commit.
-    pub enabled: bool,
-    /// Whether the stream refused atomic batches, so appends go one by one.
-    pub fallback_single: bool,
-    /// Configured linger, in microseconds.
-    pub linger_us: u64,
-    /// Committed server writes (batches, including batches of one append):
-    /// with `sync_interval: always`, one fsync each.
-    pub batches: u64,
-    /// Appends acknowledged as written (a retry found already stored is
-    /// not counted again).
-    pub appends: u64,
-    /// Events acknowledged as written.
-    pub events: u64,
-    /// Largest committed batch, in events.
-    pub max_batch_events: u64,
-    /// Mean events per committed batch (0 when nothing was written).
-    pub mean_batch_events: f64,
-    /// fsyncs saved compared with one write per event: `events - batches`.
-    pub fsyncs_saved: u64,
-    /// Batch-size distribution (events per committed batch).
-    pub batch_sizes: Vec<BatchSizeBucket>,
-    /// Batches that waited for the linger.
-    pub lingered_batches: u64,
-    /// Lingers that ran out before the expected appends came (the load
-    /// dropped, or writers were slow to come back).
-    pub linger_expired: u64,
-    /// Batches refused for a stale expectation and split.
-    pub split_batches: u64,
-    /// Appends found stale in a refused batch and answered with a conflict
-    /// (or recognised as an earlier try that had landed).
-    pub conflicts_resolved: u64,
-    /// Appends of a refused batch that were innocent and went out again.
-    pub requeued_appends: u64,
-    /// Appends sent on their own because the batch path could not decide
-    /// their outcome exactly (duplicate ids, unknown errors, no atomic
-    /// publish on the stream).
-    pub single_fallbacks: u64,
-    /// Callers turned away with [`Error::Overloaded`].
-    pub queue_timeouts: u64,
-    /// Appends queued or in flight at the time of the snapshot.
-    pub outstanding_appends: u64,
-}
-
-/// Live counters behind [`GroupCommitStats`].
-#[derive(Debug, Default)]
-pub(crate) struct Counters {
-    batches: AtomicU64,
-    appends: AtomicU64,
-    events: AtomicU64,
-    max_batch: AtomicU64,
-    buckets: [AtomicU64; BATCH_SIZE_BUCKETS.len()],
-    lingered: AtomicU64,
-    linger_expired: AtomicU64,
-    split: AtomicU64,
-    conflicts: AtomicU64,
-    requeued: AtomicU64,
-    singles: AtomicU64,
-    queue_timeouts: AtomicU64,
-    /// Appends accepted and not yet answered (queued or in flight).
-    outstanding: AtomicU64,
-}
-
-fn add(c: &AtomicU64, n: u64) {
-    c.fetch_add(n, Ordering::Relaxed);
-}
-
-impl Counters {
-    /// One committed write of `appends` appends holding `events` events.
-    pub(crate) fn committed(&self, appends: usize, events: usize) {
-        let events = events as u64;
-        add(&self.batches, 1);
-        add(&self.appends, appends as u64);
-        add(&self.events, events);
-        self.max_batch.fetch_max(events, Ordering::Relaxed);
-        add(&self.buckets[bucket_index(events)], 1);
-    }
-
-    pub(crate) fn snapshot(&self, config: &GroupCommitConfig, fallback: bool) -> GroupCommitStats {
-        let get = |c: &AtomicU64| c.load(Ordering::Relaxed);
-        let mut min = 1;
-        let batch_sizes = BATCH_SIZE_BUCKETS
-            .iter()
-            .zip(&self.buckets)
-            .map(|(&max, n)| {
-                let b = BatchSizeBucket {
-                    min_events: min,
-                    max_events: max,
-                    batches: get(n),
-                };
-                min = max + 1;
-                b
-            })
-            .collect();
-        let (batches, events) = (get(&self.batches), get(&self.events));
-        GroupCommitStats {
-            enabled: config.enabled,
-            fallback_single: fallback,
-            linger_us: u64::try_from(config.linger.as_micros()).unwrap_or(u64::MAX),
-            batches,
-            appends: get(&self.appends),
-            events,
-            max_batch_events: get(&self.max_batch),
-            mean_batch_events: if batches == 0 {
-                0.0
-            } else {
-                events as f64 / batches as f64
-            },
-            fsyncs_saved: events.saturating_sub(batches),
-            batch_sizes,
-            lingered_batches: get(&self.lingered),
-            linger_expired: get(&self.linger_expired),
-            split_batches: get(&self.split),
-            conflicts_resolved: get(&self.conflicts),
-            requeued_appends: get(&self.requeued),
-            single_fallbacks: get(&self.singles),
-            queue_timeouts: get(&self.queue_timeouts),
-            outstanding_appends: get(&self.outstanding),
-        }
-    }
-}
-
-/// The bucket of [`BATCH_SIZE_BUCKETS`] a batch of `events` falls in.
-pub(crate) fn bucket_index(events: u64) -> usize {
-    BATCH_SIZE_BUCKETS
-        .iter()
-        .position(|&max| events <= max)
-        .unwrap_or(BATCH_SIZE_BUCKETS.len() - 1)
-}
-
-/// One validated, encoded append on its way to the server.
-#[derive(Debug)]
-pub(crate) struct Append {
-    pub(crate) stream_id: StreamId,
-    pub(crate) subject: String,
-    pub(crate) expected: ExpectedVersion,
-    /// The validated events; their headers are built per publish attempt,
-    /// which costs no more than cloning prebuilt ones.
-    pub(crate) events: Vec<NewEvent>,
-    /// Estimated wire size: data, headers and batch headers.
-    pub(crate) bytes: usize,
-}
-
 /// What [`take_batch`] needs to know about a queued item.
-pub(crate) trait Batchable {
+pub(super) trait Batchable {
     /// The aggregate (subject): two items with the same key never share a batch.
     fn key(&self) -> &str;
     /// Messages the item adds to a batch.
@@ -300,16 +52,16 @@ pub(crate) trait Batchable {
 
 /// Size limits of one batch.
 #[derive(Debug, Clone, Copy)]
-pub(crate) struct Limits {
-    pub(crate) max_events: usize,
-    pub(crate) max_bytes: usize,
+pub(super) struct Limits {
+    pub(super) max_events: usize,
+    pub(super) max_bytes: usize,
 }
 
 /// Takes the next batch off `pending`, oldest first: items whose aggregate is
 /// already in the batch, or that would overflow it, stay queued in their
 /// order (so an aggregate's appends keep their arrival order). The first
 /// item is always taken, even alone over the limits, so nothing is stuck.
-pub(crate) fn take_batch<T: Batchable>(pending: &mut VecDeque<T>, limits: Limits) -> Vec<T> {
+pub(super) fn take_batch<T: Batchable>(pending: &mut VecDeque<T>, limits: Limits) -> Vec<T> {
     let mut batch = Vec::new();
     let mut keys: HashSet<String> = HashSet::new();
     let (mut events, mut bytes) = (0usize, 0usize);
@@ -339,7 +91,7 @@ pub(crate) fn take_batch<T: Batchable>(pending: &mut VecDeque<T>, limits: Limits
 /// Where each append of a committed batch landed, from the server's ack
 /// (`seq` of the last message, `count` messages, stored contiguously).
 /// `None` when the ack does not match the batch that was sent.
-pub(crate) fn assign_positions(
+pub(super) fn assign_positions(
     last_seq: u64,
     count: u64,
     sizes: &[usize],
@@ -363,19 +115,19 @@ pub(crate) fn assign_positions(
 
 /// After the server refused a batch for a wrong last sequence: is this
 /// append's expectation the stale one? Appends without expectation never are.
-pub(crate) fn is_stale(expected: Option<u64>, actual_last: u64) -> bool {
+pub(super) fn is_stale(expected: Option<u64>, actual_last: u64) -> bool {
     matches!(expected, Some(e) if e != actual_last)
 }
 
 /// An append waiting for its batch, with the caller's answer slot.
-pub(crate) struct Pending {
-    pub(crate) append: Append,
+pub(super) struct Pending {
+    pub(super) append: Append,
     reply: oneshot::Sender<Result<AppendResult, Error>>,
 }
 
 impl Pending {
     fn answer(self, counters: &Counters, result: Result<AppendResult, Error>) {
-        counters.outstanding.fetch_sub(1, Ordering::Relaxed);
+        counters.answered();
         // The caller may have gone away (dropped future); the append's
         // outcome stands regardless.
         let _ = self.reply.send(result);
@@ -397,7 +149,7 @@ impl Batchable for Pending {
 /// The caller's end of the queue. Dropping the last clone of the store drops
 /// it, which lets the dispatcher finish what is queued and stop.
 #[derive(Debug)]
-pub(crate) struct Appender {
+pub(super) struct Appender {
     tx: mpsc::Sender<Pending>,
     queue_timeout: Duration,
     capacity: usize,
@@ -405,8 +157,8 @@ pub(crate) struct Appender {
 
 impl Appender {
     /// Starts the dispatcher task on the current runtime.
-    pub(crate) fn start(
-        inner: Arc<Inner>,
+    pub(super) fn start(
+        publisher: Arc<Publisher>,
         config: &GroupCommitConfig,
         server_max_payload: usize,
     ) -> Self {
@@ -422,7 +174,7 @@ impl Appender {
             max_in_flight = config.max_in_flight,
             "group commit started"
         );
-        tokio::spawn(dispatch(inner, rx, config.clone(), limits));
+        tokio::spawn(dispatch(publisher, rx, config.clone(), limits));
         Self {
             tx,
             queue_timeout: config.queue_timeout,
@@ -431,22 +183,22 @@ impl Appender {
     }
 
     /// Queues the append and waits for its outcome.
-    pub(crate) async fn submit(
+    pub(super) async fn submit(
         &self,
-        inner: &Inner,
+        publisher: &Publisher,
         append: Append,
     ) -> Result<AppendResult, Error> {
         let (reply, answer) = oneshot::channel();
         let pending = Pending { append, reply };
-        add(&inner.counters.outstanding, 1);
+        publisher.counters.accepted();
         let sent = self.tx.send_timeout(pending, self.queue_timeout).await;
         if sent.is_err() {
-            inner.counters.outstanding.fetch_sub(1, Ordering::Relaxed);
+            publisher.counters.answered();
         }
         match sent {
             Ok(()) => {}
             Err(mpsc::error::SendTimeoutError::Timeout(_)) => {
-                add(&inner.counters.queue_timeouts, 1);
+                publisher.counters.queue_timed_out();
                 tracing::warn!(waited = ?self.queue_timeout, capacity = self.capacity, "append queue full");
                 return Err(Error::Overloaded {
                     waited: self.queue_timeout,
@@ -455,7 +207,7 @@ impl Appender {
             }
             Err(mpsc::error::SendTimeoutError::Closed(p)) => {
                 // The dispatcher is gone (runtime shutting down): write directly.
-                return inner.append_direct(&p.append).await;
+                return publisher.append_direct(&p.append).await;
             }
         }
         answer
@@ -479,7 +231,7 @@ fn drain(rx: &mut mpsc::Receiver<Pending>, pending: &mut VecDeque<Pending>, cap:
 
 /// What the dispatcher does next with the batch it is gathering.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(crate) enum Next {
+pub(super) enum Next {
     /// Send it now.
     Send,
     /// Wait until the batches in flight are done (or the batch is full).
@@ -501,7 +253,7 @@ pub(crate) enum Next {
 ///
 /// `recent_appends` is the size of the batch that finished within the last
 /// linger, 0 when none did.
-pub(crate) fn next_step(
+pub(super) fn next_step(
     queued_appends: usize,
     queued_events: usize,
     others_in_flight: bool,
@@ -584,7 +336,7 @@ fn accept(
 }
 
 async fn dispatch(
-    inner: Arc<Inner>,
+    publisher: Arc<Publisher>,
     mut rx: mpsc::Receiver<Pending>,
     config: GroupCommitConfig,
     limits: Limits,
@@ -643,13 +395,13 @@ async fn dispatch(
                     if config.linger.is_zero() {
                         break;
                     }
-                    add(&inner.counters.lingered, 1);
+                    publisher.counters.batch_lingered();
                     let deadline = tokio::time::Instant::now() + config.linger;
                     while open && pending.len() < target.min(cap) {
                         match tokio::time::timeout_at(deadline, rx.recv()).await {
                             Ok(p) => open = accept(p, &mut rx, &mut pending, cap),
                             Err(_) => {
-                                add(&inner.counters.linger_expired, 1);
+                                publisher.counters.linger_ran_out();
                                 break;
                             }
                         }
@@ -659,14 +411,14 @@ async fn dispatch(
             }
         }
         let batch = take_batch(&mut pending, limits);
-        let inner = inner.clone();
+        let publisher = publisher.clone();
         let done = BatchDone {
             recent: recent.clone(),
             appends: batch.len(),
             slot: Some(slot),
         };
         tokio::spawn(async move {
-            run_batch(&inner, batch).await;
+            run_batch(&publisher, batch).await;
             drop(done);
         });
     }
@@ -674,20 +426,21 @@ async fn dispatch(
 }
 
 /// Writes one batch and answers every append in it exactly.
-async fn run_batch(inner: &Inner, mut todo: Vec<Pending>) {
+async fn run_batch(publisher: &Publisher, mut todo: Vec<Pending>) {
     for round in 0.. {
-        if todo.len() < inner.config.group_commit.min_batch_appends.max(2) {
+        if todo.len() < publisher.config.group_commit.min_batch_appends.max(2) {
             // A lone append, or a handful: an atomic batch has a fixed server
             // cost that a few concurrent single writes undercut, and the
             // single path's outcomes are exact as they are.
-            one_by_one(inner, todo, false).await;
+            one_by_one(publisher, todo, false).await;
             return;
         }
-        if inner.atomic_disabled() {
-            one_by_one(inner, todo, true).await;
+        if publisher.atomic_disabled() {
+            one_by_one(publisher, todo, true).await;
             return;
         }
-        let result = inner.publish_group(&todo).await;
+        let appends: Vec<&Append> = todo.iter().map(|p| &p.append).collect();
+        let result = publisher.publish_group(&appends).await;
         match result {
             Ok((last_seq, count)) => {
                 let sizes: Vec<usize> = todo.iter().map(|p| p.append.events.len()).collect();
@@ -701,7 +454,7 @@ async fn run_batch(inner: &Inner, mut todo: Vec<Pending>) {
                         "batch ack does not match the batch sent; locating each append"
                     );
                     for p in todo {
-                        let r = inner
+                        let r = publisher
                             .find_landed(&p.append.subject, &p.append.events)
                             .await
                             .and_then(|found| {
@@ -712,15 +465,15 @@ async fn run_batch(inner: &Inner, mut todo: Vec<Pending>) {
                                     )
                                 })
                             });
-                        p.answer(&inner.counters, r);
+                        p.answer(&publisher.counters, r);
                     }
                     return;
                 };
-                inner.counters.committed(todo.len(), sizes.iter().sum());
+                publisher.counters.committed(todo.len(), sizes.iter().sum());
                 for (p, positions) in todo.into_iter().zip(positions) {
                     let version = positions.last().copied().unwrap_or_default();
                     p.answer(
-                        &inner.counters,
+                        &publisher.counters,
                         Ok(AppendResult {
                             version,
                             positions,
@@ -731,9 +484,9 @@ async fn run_batch(inner: &Inner, mut todo: Vec<Pending>) {
                 return;
             }
             Err(Attempt::WrongLast) if round < MAX_SPLIT_ROUNDS => {
-                match split_stale(inner, todo).await {
+                match split_stale(publisher, todo).await {
                     Some(innocent) => {
-                        add(&inner.counters.requeued, innocent.len() as u64);
+                        publisher.counters.requeued(innocent.len());
                         todo = innocent;
                     }
                     None => return,
@@ -745,15 +498,15 @@ async fn run_batch(inner: &Inner, mut todo: Vec<Pending>) {
                 tracing::error!(appends = todo.len(), error = %msg, "batch gave up after retries");
                 for p in todo {
                     p.answer(
-                        &inner.counters,
-                        Err(Error::Timeout(inner.config.request_timeout)),
+                        &publisher.counters,
+                        Err(Error::Timeout(publisher.config.request_timeout)),
                     );
                 }
                 return;
             }
             Err(Attempt::AtomicDisabled) => {
-                inner.disable_atomic();
-                one_by_one(inner, todo, true).await;
+                publisher.disable_atomic();
+                one_by_one(publisher, todo, true).await;
                 return;
             }
             Err(other) => {
@@ -761,7 +514,7 @@ async fn run_batch(inner: &Inner, mut todo: Vec<Pending>) {
                 // reused by the caller), an error we do not know, or a batch
                 // that keeps failing: the single path decides exactly.
                 tracing::debug!(appends = todo.len(), reason = ?other, "batch outcome not decidable as a whole; appending one by one");
-                one_by_one(inner, todo, true).await;
+                one_by_one(publisher, todo, true).await;
                 return;
             }
         }
@@ -770,11 +523,11 @@ async fn run_batch(inner: &Inner, mut todo: Vec<Pending>) {
 
 /// Answers the appends whose expectation is stale and returns the others to
 /// go out again, or `None` when all were answered here.
-async fn split_stale(inner: &Inner, todo: Vec<Pending>) -> Option<Vec<Pending>> {
+async fn split_stale(publisher: &Publisher, todo: Vec<Pending>) -> Option<Vec<Pending>> {
     let lasts = futures::future::join_all(todo.iter().map(|p| async {
         match p.append.expected {
             ExpectedVersion::Any => Ok(None),
-            _ => inner.last_version_of(&p.append.subject).await.map(Some),
+            _ => publisher.last_version_of(&p.append.subject).await.map(Some),
         }
     }))
     .await;
@@ -796,10 +549,10 @@ async fn split_stale(inner: &Inner, todo: Vec<Pending>) -> Option<Vec<Pending>> 
             "no stale append found in a refused batch; appending one by one"
         );
         innocent.extend(unsure);
-        one_by_one(inner, innocent, true).await;
+        one_by_one(publisher, innocent, true).await;
         return None;
     }
-    add(&inner.counters.split, 1);
+    publisher.counters.batch_split();
     tracing::debug!(
         stale = stale.len(),
         innocent = innocent.len(),
@@ -808,14 +561,14 @@ async fn split_stale(inner: &Inner, todo: Vec<Pending>) -> Option<Vec<Pending>> 
     let resolve = futures::future::join_all(stale.into_iter().map(|p| async move {
         let a = &p.append;
         let expected = a.expected.as_sequence().unwrap_or(0);
-        let r = inner
+        let r = publisher
             .resolve_wrong_last(&a.stream_id, &a.subject, expected, &a.events)
             .await
             .and_then(|r| r);
-        add(&inner.counters.conflicts, 1);
-        p.answer(&inner.counters, r);
+        publisher.counters.conflict_resolved();
+        p.answer(&publisher.counters, r);
     }));
-    let unsure_done = one_by_one(inner, unsure, true);
+    let unsure_done = one_by_one(publisher, unsure, true);
     tokio::join!(resolve, unsure_done);
     if innocent.is_empty() {
         None
@@ -825,13 +578,13 @@ async fn split_stale(inner: &Inner, todo: Vec<Pending>) -> Option<Vec<Pending>> 
 }
 
 /// Each append on its own, concurrently, through the exact direct path.
-async fn one_by_one(inner: &Inner, todo: Vec<Pending>, fallback: bool) {
+async fn one_by_one(publisher: &Publisher, todo: Vec<Pending>, fallback: bool) {
     if fallback {
-        add(&inner.counters.singles, todo.len() as u64);
+        publisher.counters.single_fallbacks(todo.len());
     }
     futures::future::join_all(todo.into_iter().map(|p| async move {
-        let r = inner.append_direct(&p.append).await;
-        p.answer(&inner.counters, r);
+        let r = publisher.append_direct(&p.append).await;
+        p.answer(&publisher.counters, r);
     }))
     .await;
 }
@@ -972,73 +725,5 @@ mod tests {
         assert!(!is_stale(Some(7), 7), "still right: innocent");
         assert!(is_stale(Some(0), 7), "expected no stream");
         assert!(is_stale(Some(6), 7));
-    }
-
-    #[test]
-    fn batch_size_buckets_cover_one_to_a_thousand() {
-        assert_eq!(bucket_index(1), 0);
-        assert_eq!(bucket_index(2), 1);
-        assert_eq!(bucket_index(3), 1);
-        assert_eq!(bucket_index(4), 2);
-        assert_eq!(bucket_index(64), 6);
-        assert_eq!(bucket_index(1000), 9);
-        let c = Counters::default();
-        c.committed(3, 5);
-        c.committed(1, 1);
-        let s = c.snapshot(&GroupCommitConfig::default(), false);
-        assert_eq!(
-            (s.batches, s.appends, s.events, s.fsyncs_saved),
-            (2, 4, 6, 4)
-        );
-        assert_eq!(s.batch_sizes[0].batches, 1);
-        assert_eq!(
-            (
-                s.batch_sizes[2].min_events,
-                s.batch_sizes[2].max_events,
-                s.batch_sizes[2].batches
-            ),
-            (4, 7, 1)
-        );
-        assert_eq!(s.max_batch_events, 5);
-        assert_eq!(s.mean_batch_events, 3.0);
-        let json = serde_json::to_value(&s).unwrap();
-        assert_eq!(json["fsyncs_saved"], 4);
-        assert_eq!(json["batch_sizes"][0]["batches"], 1);
-    }
-
-    #[test]
-    fn config_limits_are_checked() {
-        assert!(GroupCommitConfig::default().validate().is_ok());
-        for bad in [
-            GroupCommitConfig {
-                max_batch_events: 1001,
-                ..Default::default()
-            },
-            GroupCommitConfig {
-                max_batch_events: 0,
-                ..Default::default()
-            },
-            GroupCommitConfig {
-                linger: Duration::from_millis(3),
-                ..Default::default()
-            },
-            GroupCommitConfig {
-                max_in_flight: 0,
-                ..Default::default()
-            },
-            GroupCommitConfig {
-                queue_capacity: 0,
-                ..Default::default()
-            },
-            GroupCommitConfig {
-                min_batch_appends: 0,
-                ..Default::default()
-            },
-        ] {
-            assert!(
-                matches!(bad.validate(), Err(Error::InvalidConfig(_))),
-                "{bad:?}"
-            );
-        }
     }
 }
