@@ -383,9 +383,9 @@ async fn pull_loop<H: Handler>(
                 },
                 PullKind::Live { .. } => msg,
             };
-            let incoming = match classify(msg, kind) {
-                Classified::Ours(incoming) => incoming,
-                Classified::NotOurs(msg) => {
+            let incoming = match route(msg, kind) {
+                Routed::Ours(incoming) => incoming,
+                Routed::NotOurs(msg) => {
                     if let PullKind::Live { .. } = kind {
                         // Another partition's message: not ours to handle.
                         if let Err(e) = msg.ack().await {
@@ -436,7 +436,7 @@ async fn resolve_redriven(
 }
 
 /// Where a pulled message belongs.
-enum Classified {
+enum Routed {
     /// Ours: route it to its lane.
     Ours(Incoming),
     /// A live message of another partition, or a redriven message without
@@ -445,9 +445,9 @@ enum Classified {
 }
 
 /// Reads where a message belongs.
-fn classify(msg: jetstream::Message, kind: PullKind) -> Classified {
+fn route(msg: jetstream::Message, kind: PullKind) -> Routed {
     let Ok(info) = msg.info() else {
-        return Classified::NotOurs(msg);
+        return Routed::NotOurs(msg);
     };
     let delivered = u64::try_from(info.delivered).unwrap_or(1).max(1);
     let seq = info.stream_sequence;
@@ -458,9 +458,9 @@ fn classify(msg: jetstream::Message, kind: PullKind) -> Classified {
         } => {
             let subject = msg.subject.to_string();
             if partitions > 1 && partition_of(&subject, partitions) != partition {
-                return Classified::NotOurs(msg);
+                return Routed::NotOurs(msg);
             }
-            Classified::Ours(Incoming {
+            Routed::Ours(Incoming {
                 seq,
                 msg,
                 subject,
@@ -481,14 +481,14 @@ fn classify(msg: jetstream::Message, kind: PullKind) -> Classified {
                 Some((subject, seq, dlq_id, last))
             };
             match read(&msg) {
-                Some((subject, seq, dlq_id, last)) => Classified::Ours(Incoming {
+                Some((subject, seq, dlq_id, last)) => Routed::Ours(Incoming {
                     msg,
                     subject,
                     seq,
                     delivered,
                     source: Source::Redrive { dlq_id, last },
                 }),
-                None => Classified::NotOurs(msg),
+                None => Routed::NotOurs(msg),
             }
         }
     }
@@ -703,39 +703,100 @@ async fn process<H: Handler>(ctx: &Ctx<H>, m: Incoming) -> Step {
     }
 }
 
+/// One delivery: [`classify`] it, [`handle`] it when it is a normal one,
+/// [`settle`] it. An error is an outcome that could not be recorded (the
+/// DLQ, the parked bucket or the ack failed): [`process`] retries it.
 async fn process_inner<H: Handler>(ctx: &Ctx<H>, m: &Incoming) -> Result<Step, Error> {
-    let cfg = &ctx.config;
-    let redrive_of = match m.source {
-        Source::Live => None,
-        Source::Redrive { dlq_id, .. } => Some(dlq_id),
+    let settlement = match classify(ctx, m).await? {
+        Class::BadSubject { reason } => Settlement::DeadLetter {
+            reason,
+            kind: Kind::Decode,
+            parked_behind: None,
+            park: None,
+        },
+        Class::Voided { stream_id } => Settlement::Ack {
+            stream_id,
+            outcome: "voided",
+        },
+        Class::Parked { reason, behind } => Settlement::DeadLetter {
+            reason,
+            kind: Kind::Parked,
+            parked_behind: behind,
+            park: None,
+        },
+        Class::Poison {
+            stream_id,
+            reason,
+            kind,
+        } => Settlement::DeadLetter {
+            reason,
+            kind,
+            parked_behind: None,
+            park: Some(stream_id),
+        },
+        Class::Normal {
+            stream_id,
+            envelope,
+        } => handle(ctx, m, stream_id, envelope).await,
     };
-    let write = |reason: String, kind: Kind, parked_behind: Option<u64>| async move {
-        dlq::write(
-            &ctx.js,
-            NewDeadLetter {
-                consumer: cfg.name,
-                subject: &m.subject,
-                stream: EVENTS_STREAM,
-                sequence: m.seq,
-                deliveries: m.delivered,
-                reason: &reason,
-                kind,
-                headers: m.msg.headers.as_ref(),
-                payload: m.msg.payload.clone(),
-                parked_behind,
-                redrive_of,
-            },
-        )
-        .await
-    };
+    settle(ctx, m, settlement).await
+}
 
+/// What a delivery is, decided before any handler runs.
+enum Class {
+    /// Its subject names no aggregate: dead-lettered as undecodable, with
+    /// no aggregate to park.
+    BadSubject { reason: String },
+    /// Voided by an operator: done without running the handler.
+    Voided { stream_id: StreamId },
+    /// A live event of a parked aggregate: dead-lettered behind the head
+    /// (`behind` is `None` for a redelivery of the head itself).
+    Parked { reason: String, behind: Option<u64> },
+    /// Poison: it cannot be handled (delivered past the attempt limit
+    /// without an outcome, or an envelope that does not decode), so it is
+    /// dead-lettered as the head of its aggregate.
+    Poison {
+        stream_id: StreamId,
+        reason: String,
+        kind: Kind,
+    },
+    /// A normal delivery, for the handler.
+    Normal {
+        stream_id: StreamId,
+        envelope: Envelope,
+    },
+}
+
+/// How a delivery ends: the input of [`settle`].
+enum Settlement {
+    /// Done: acked (a redriven event first releases its aggregate);
+    /// `outcome` labels the metric.
+    Ack {
+        stream_id: StreamId,
+        outcome: &'static str,
+    },
+    /// A transient failure: handed back with this delay.
+    Retry(Duration),
+    /// Copied to the DLQ (awaited) with `parked_behind`, its aggregate
+    /// parked at it when `park` names one, then terminated.
+    DeadLetter {
+        reason: String,
+        kind: Kind,
+        parked_behind: Option<u64>,
+        park: Option<StreamId>,
+    },
+}
+
+/// Decides what the delivery is. The only write is the parked set's
+/// compare-and-set when a live event goes behind its aggregate's head.
+async fn classify<H: Handler>(ctx: &Ctx<H>, m: &Incoming) -> Result<Class, Error> {
+    let cfg = &ctx.config;
     let stream_id = match StreamId::from_subject("events", &m.subject) {
         Ok(s) => s,
         Err(e) => {
-            let reason = dlq::decode_reason(&e);
-            write(reason.clone(), Kind::Decode, None).await?;
-            term(&ctx.client, &m.msg, &reason).await;
-            return Ok(Step::Done);
+            return Ok(Class::BadSubject {
+                reason: dlq::decode_reason(&e),
+            });
         }
     };
 
@@ -743,7 +804,7 @@ async fn process_inner<H: Handler>(ctx: &Ctx<H>, m: &Incoming) -> Result<Step, E
     // its aggregate, as a handled redrive does).
     if ctx.voided.contains(m.seq) {
         tracing::info!(worker = cfg.name, subject = %m.subject, seq = m.seq, "voided event skipped");
-        return acked(ctx, m, &stream_id, "voided").await;
+        return Ok(Class::Voided { stream_id });
     }
 
     // Sequence-aware dead-lettering: a live event of a parked aggregate goes
@@ -760,14 +821,10 @@ async fn process_inner<H: Handler>(ctx: &Ctx<H>, m: &Incoming) -> Result<Step, E
                 cfg.name
             )
         };
-        write(
-            reason.clone(),
-            Kind::Parked,
-            (head != m.seq).then_some(head),
-        )
-        .await?;
-        term(&ctx.client, &m.msg, &reason).await;
-        return Ok(Step::Done);
+        return Ok(Class::Parked {
+            reason,
+            behind: (head != m.seq).then_some(head),
+        });
     }
 
     let max = u64::from(cfg.retry.max_attempts);
@@ -778,23 +835,35 @@ async fn process_inner<H: Handler>(ctx: &Ctx<H>, m: &Incoming) -> Result<Step, E
             "delivered {} times without an outcome (limit {max} attempts): the worker crashed, hung or lost its connection while handling it",
             m.delivered
         );
-        return dead_letter(ctx, m, &stream_id, reason, Kind::Exhausted, &write).await;
+        return Ok(Class::Poison {
+            stream_id,
+            reason,
+            kind: Kind::Exhausted,
+        });
     }
 
-    let envelope = match Envelope::decode(m.msg.headers.as_ref(), &m.msg.payload, cfg.max_payload) {
-        Ok(e) => e,
-        Err(e) => {
-            return dead_letter(
-                ctx,
-                m,
-                &stream_id,
-                dlq::decode_reason(&e),
-                Kind::Decode,
-                &write,
-            )
-            .await;
-        }
-    };
+    match Envelope::decode(m.msg.headers.as_ref(), &m.msg.payload, cfg.max_payload) {
+        Ok(envelope) => Ok(Class::Normal {
+            stream_id,
+            envelope,
+        }),
+        Err(e) => Ok(Class::Poison {
+            stream_id,
+            reason: dlq::decode_reason(&e),
+            kind: Kind::Decode,
+        }),
+    }
+}
+
+/// Runs the handler on a normal delivery (with its timeout, a panic caught
+/// as a permanent failure) and decides by the retry policy how it settles.
+async fn handle<H: Handler>(
+    ctx: &Ctx<H>,
+    m: &Incoming,
+    stream_id: StreamId,
+    envelope: Envelope,
+) -> Settlement {
+    let cfg = &ctx.config;
     // The handler's span continues the trace that appended the event, so
     // whatever it appends (commands, replies) continues it too.
     let span = tracing::info_span!(
@@ -811,7 +880,7 @@ async fn process_inner<H: Handler>(ctx: &Ctx<H>, m: &Incoming) -> Result<Step, E
         sequence: m.seq,
         envelope,
         attempt: m.delivered,
-        redriven: redrive_of.is_some(),
+        redriven: matches!(m.source, Source::Redrive { .. }),
     };
     let handled = tokio::time::timeout(
         cfg.handler_timeout,
@@ -843,19 +912,75 @@ async fn process_inner<H: Handler>(ctx: &Ctx<H>, m: &Incoming) -> Result<Step, E
         ),
     };
     match decide(&outcome, m.delivered, &cfg.retry, jitter_unit()) {
-        Action::Ack => acked(ctx, m, &stream_id, "ok").await,
+        Action::Ack => Settlement::Ack {
+            stream_id,
+            outcome: "ok",
+        },
         Action::Retry(delay) => {
             metrics::counter!("sluice_handler_outcomes_total", "worker" => cfg.name, "outcome" => "retry").increment(1);
             tracing::info!(worker = cfg.name, subject = %m.subject, seq = m.seq, attempt = m.delivered, retry_in = ?delay, "transient failure; retrying");
+            Settlement::Retry(delay)
+        }
+        Action::DeadLetter(reason) => {
+            metrics::counter!("sluice_handler_outcomes_total", "worker" => cfg.name, "outcome" => "dead_letter").increment(1);
+            Settlement::DeadLetter {
+                reason,
+                kind,
+                parked_behind: None,
+                park: Some(stream_id),
+            }
+        }
+    }
+}
+
+/// Carries a settlement out: ack, nak with the retry delay, or the dead
+/// letter (awaited), the parking, then `+TERM`.
+async fn settle<H: Handler>(
+    ctx: &Ctx<H>,
+    m: &Incoming,
+    settlement: Settlement,
+) -> Result<Step, Error> {
+    match settlement {
+        Settlement::Ack { stream_id, outcome } => acked(ctx, m, &stream_id, outcome).await,
+        Settlement::Retry(delay) => {
             m.msg
                 .ack_with(AckKind::Nak(Some(delay)))
                 .await
                 .map_err(|e| Error::nats("negatively acknowledging a message", e))?;
             Ok(Step::Retrying(delay))
         }
-        Action::DeadLetter(reason) => {
-            metrics::counter!("sluice_handler_outcomes_total", "worker" => cfg.name, "outcome" => "dead_letter").increment(1);
-            dead_letter(ctx, m, &stream_id, reason, kind, &write).await
+        Settlement::DeadLetter {
+            reason,
+            kind,
+            parked_behind,
+            park,
+        } => {
+            let redrive_of = match m.source {
+                Source::Live => None,
+                Source::Redrive { dlq_id, .. } => Some(dlq_id),
+            };
+            dlq::write(
+                &ctx.js,
+                NewDeadLetter {
+                    consumer: ctx.config.name,
+                    subject: &m.subject,
+                    stream: EVENTS_STREAM,
+                    sequence: m.seq,
+                    deliveries: m.delivered,
+                    reason: &reason,
+                    kind,
+                    headers: m.msg.headers.as_ref(),
+                    payload: m.msg.payload.clone(),
+                    parked_behind,
+                    redrive_of,
+                },
+            )
+            .await?;
+            if let Some(stream_id) = &park {
+                ctx.parks.park_head(stream_id, m.seq).await?;
+            }
+            term(&ctx.client, &m.msg, &reason).await;
+            Ok(Step::Done)
         }
     }
 }
@@ -891,26 +1016,6 @@ async fn acked<H: Handler>(
         .map_err(|e| Error::nats("acknowledging a message", e))?;
     metrics::counter!("sluice_handler_outcomes_total", "worker" => cfg.name, "outcome" => outcome)
         .increment(1);
-    Ok(Step::Done)
-}
-
-/// Copy to the DLQ (awaited), park the aggregate, then `+TERM` the original.
-async fn dead_letter<H, W, F>(
-    ctx: &Ctx<H>,
-    m: &Incoming,
-    stream_id: &StreamId,
-    reason: String,
-    kind: Kind,
-    write: &W,
-) -> Result<Step, Error>
-where
-    H: Handler,
-    W: Fn(String, Kind, Option<u64>) -> F,
-    F: Future<Output = Result<u64, Error>>,
-{
-    write(reason.clone(), kind, None).await?;
-    ctx.parks.park_head(stream_id, m.seq).await?;
-    term(&ctx.client, &m.msg, &reason).await;
     Ok(Step::Done)
 }
 
