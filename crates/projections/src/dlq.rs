@@ -1,9 +1,9 @@
 //! A projection's dead letters in the one dead-letter model: written by the
 //! workers' writer ([`sluice_workers::dlq::write`], so the format and the
-//! always-fits rule are one), and settled by DLQ id ([`discard`],
-//! [`redrive_dead_letter`]) so that the `DLQ` stream copy, the projection's
-//! own record (`sluice_dead_letters`) and its parking (`sluice_parked`)
-//! always agree.
+//! always-fits rule are one), and settled by DLQ id ([`discard`] here,
+//! [`crate::redrive_dead_letter`] with the other redrives) so that the `DLQ`
+//! stream copy, the projection's own record (`sluice_dead_letters`) and its
+//! parking (`sluice_parked`) always agree.
 //!
 //! A projection's dead letters live on `dlq.projection-<name>.<category>`.
 
@@ -11,12 +11,10 @@ use async_nats::HeaderMap;
 use bytes::Bytes;
 use sluice_events::EventStore;
 use sluice_workers::dlq::{self as wdlq, NewDeadLetter};
-use sqlx::Row;
 
+use crate::bookkeeping;
 use crate::db::Database;
 use crate::error::Error;
-use crate::replay::RedriveReport;
-use crate::runner::{Member, Runner, RunnerConfig, consumer_name, to_i64, to_u64};
 
 // The format is the workers' (one contract, one set of names): reuse them.
 pub use sluice_workers::dlq::Kind as DeadLetterKind;
@@ -51,6 +49,11 @@ impl DeadLetter<'_> {
             redrive_of: None,
         }
     }
+}
+
+/// The consumer name a projection uses in dead letters (`dlq.<consumer>.<category>`).
+pub fn consumer_name(projection: &str) -> String {
+    format!("projection-{projection}")
 }
 
 /// The projection a dead letter's consumer names (`projection-<name>`), if any.
@@ -106,13 +109,7 @@ pub async fn discard_position(
     if reason.trim().is_empty() {
         return Err(sluice_workers::Error::MissingReason.into());
     }
-    let known =
-        sqlx::query("SELECT 1 FROM sluice_dead_letters WHERE projection = $1 AND position = $2")
-            .bind(projection)
-            .bind(to_i64(position))
-            .fetch_optional(db.pool())
-            .await?
-            .is_some();
+    let known = bookkeeping::has_dead_letter(db.pool(), projection, position).await?;
     let js = store.jetstream();
     let copies = wdlq::list(
         js,
@@ -143,140 +140,11 @@ pub async fn discard_position(
 }
 
 /// Drops `projection`'s record of the dead letter at `position` and moves or
-/// releases the parking of its aggregate.
+/// releases the parking of its aggregate, holding the runner's lock.
 async fn forget(db: &Database, projection: &str, position: u64) -> Result<(), Error> {
     let mut tx = db.pool().begin().await?;
-    crate::replay::lock_checkpoint(&mut tx, projection).await?;
-    let stream: Option<String> = sqlx::query(
-        "SELECT stream FROM sluice_dead_letters WHERE projection = $1 AND position = $2",
-    )
-    .bind(projection)
-    .bind(to_i64(position))
-    .fetch_optional(&mut *tx)
-    .await?
-    .map(|r| r.try_get(0))
-    .transpose()?;
-    if let Some(stream) = stream {
-        sqlx::query("DELETE FROM sluice_dead_letters WHERE projection = $1 AND position = $2")
-            .bind(projection)
-            .bind(to_i64(position))
-            .execute(&mut *tx)
-            .await?;
-        let head: Option<u64> = sqlx::query(
-            "SELECT behind_position FROM sluice_parked WHERE projection = $1 AND stream = $2",
-        )
-        .bind(projection)
-        .bind(stream.as_str())
-        .fetch_optional(&mut *tx)
-        .await?
-        .map(|r| r.try_get::<i64, _>(0).map(to_u64))
-        .transpose()?;
-        if head == Some(position) {
-            let next: Option<i64> = sqlx::query(
-                "SELECT MIN(position) FROM sluice_dead_letters WHERE projection = $1 AND stream = $2",
-            )
-            .bind(projection)
-            .bind(stream.as_str())
-            .fetch_one(&mut *tx)
-            .await?
-            .try_get(0)?;
-            match next {
-                Some(next) => {
-                    sqlx::query(
-                        "UPDATE sluice_parked SET behind_position = $1 WHERE projection = $2 AND stream = $3",
-                    )
-                    .bind(next)
-                    .bind(projection)
-                    .bind(stream.as_str())
-                    .execute(&mut *tx)
-                    .await?;
-                }
-                None => {
-                    sqlx::query("DELETE FROM sluice_parked WHERE projection = $1 AND stream = $2")
-                        .bind(projection)
-                        .bind(stream.as_str())
-                        .execute(&mut *tx)
-                        .await?;
-                }
-            }
-        }
-    }
+    bookkeeping::lock_checkpoint(&mut tx, projection).await?;
+    bookkeeping::forget_dead_letter(&mut tx, projection, position).await?;
     tx.commit().await?;
     Ok(())
-}
-
-/// Redrives dead letter `id` of `member` (a projection): applies the events
-/// its aggregate dead-lettered, from the head on, in order and exactly once
-/// (the same as `sluice projection dlq <name> redrive` for that aggregate),
-/// releases the aggregate when all apply, and removes their `DLQ` copies.
-/// Refused ([`sluice_workers::Error::NotHead`]) for a dead letter parked
-/// behind an earlier one, as for workers. A dead letter an earlier redrive
-/// removed answers with `already_redriven`.
-pub async fn redrive_dead_letter(
-    member: Member,
-    db: Database,
-    store: EventStore,
-    id: u64,
-) -> Result<RedriveReport, Error> {
-    let js = store.jetstream().clone();
-    let entry = match wdlq::show(&js, id).await {
-        Ok(e) => e,
-        Err(sluice_workers::Error::NotFound(id)) => {
-            let trail = wdlq::audit_trail(&js, id).await?;
-            if trail.iter().any(|r| r["action"] == "redrive") {
-                return Ok(RedriveReport {
-                    already_redriven: vec![id],
-                    ..RedriveReport::default()
-                });
-            }
-            return Err(sluice_workers::Error::NotFound(id).into());
-        }
-        Err(e) => return Err(e.into()),
-    };
-    let name = member.name();
-    let stream: Option<(String, Option<u64>)> = sqlx::query(
-        "SELECT d.stream, p.behind_position FROM sluice_dead_letters d \
-         LEFT JOIN sluice_parked p ON p.projection = d.projection AND p.stream = d.stream \
-         WHERE d.projection = $1 AND d.position = $2",
-    )
-    .bind(name)
-    .bind(to_i64(entry.sequence))
-    .fetch_optional(db.pool())
-    .await?
-    .map(|r| Ok::<_, sqlx::Error>((r.try_get(0)?, r.try_get::<Option<i64>, _>(1)?.map(to_u64))))
-    .transpose()?;
-    let Some((stream, head)) = stream else {
-        // The projection has no record of it (applied by an earlier redrive
-        // or a replay): only the copy is left over.
-        wdlq::remove(
-            &js,
-            &entry,
-            "redrive",
-            "the projection has no record of it any more",
-        )
-        .await?;
-        return Ok(RedriveReport {
-            redriven: vec![id],
-            ..RedriveReport::default()
-        });
-    };
-    if let Some(head) = head.filter(|h| *h < entry.sequence) {
-        let listing = wdlq::list(
-            &js,
-            &wdlq::Filter {
-                consumer: Some(entry.consumer.clone()),
-                category: Some(entry.category.clone()),
-                reason: None,
-            },
-        )
-        .await?;
-        let head_id = listing
-            .entries
-            .iter()
-            .find(|e| e.subject == entry.subject && e.sequence == head)
-            .map_or(0, |e| e.id);
-        return Err(sluice_workers::Error::NotHead { id, head: head_id }.into());
-    }
-    let runner = Runner::group(vec![member], db, store, RunnerConfig::default()).await?;
-    runner.redrive_streams(&[stream]).await
 }

@@ -22,6 +22,7 @@
 //! The HTTP query API over these read models is the host's (`sluice-host`).
 #![warn(clippy::unwrap_used)]
 
+mod bookkeeping;
 mod db;
 mod dlq;
 mod error;
@@ -31,73 +32,20 @@ mod replay;
 mod runner;
 mod status;
 
+pub use bookkeeping::{DeadLetterRecord, dead_letters, read_checkpoint};
 pub use db::{Backend, Database, is_transient};
 pub use dlq::{
-    DLQ_PREFIX, DLQ_STREAM, DeadLetterKind, INVALID_CATEGORY, discard, discard_position, headers,
-    projection_of, redrive_dead_letter,
+    DLQ_PREFIX, DLQ_STREAM, DeadLetterKind, INVALID_CATEGORY, consumer_name, discard,
+    discard_position, headers, projection_of,
 };
 pub use error::Error;
 pub use projection::{
     Page, ProjectedEvent, Projection, REBUILD_SUFFIX, ReadModel, Rejection, RewindSupport, Tables,
 };
 pub use rebuild::{RebuildProgress, RebuildReport, rebuild, rebuild_group, reset, reset_member};
-pub use replay::{DeadLetterRecord, RedriveReport, ReplayReport, dead_letters, redrive, replay};
+pub use replay::{RedriveReport, ReplayReport, redrive, redrive_dead_letter, replay};
 pub use runner::{
-    FailurePolicy, Live, LiveStatus, Member, RunState, Runner, RunnerConfig, consumer_name,
-    read_checkpoint,
+    FailurePolicy, Live, LiveStatus, Member, RunState, Runner, RunnerConfig, RunningGroup,
+    RunningProjection, spawn, spawn_group,
 };
 pub use status::{Halt, ProjectionStatus, projection_status};
-
-/// A projection running on a tokio task (alone or in a group).
-#[derive(Debug, Clone)]
-pub struct RunningProjection {
-    /// Its name.
-    pub name: &'static str,
-    /// Its live status (for the HTTP API).
-    pub live: LiveStatus,
-}
-
-/// A runner on its own task: one projection or a group.
-#[derive(Debug)]
-pub struct RunningGroup {
-    /// The projections it runs.
-    pub projections: Vec<RunningProjection>,
-    /// The task; ends on shutdown (`Ok`) or a halt (`Err(Error::Halted)`).
-    pub task: tokio::task::JoinHandle<Result<(), Error>>,
-}
-
-/// Starts a runner for one `projection` on its own task.
-pub async fn spawn<P: Projection>(
-    projection: std::sync::Arc<P>,
-    db: Database,
-    store: sluice_events::EventStore,
-    config: RunnerConfig,
-    shutdown: tokio_util::sync::CancellationToken,
-) -> Result<RunningGroup, Error> {
-    spawn_group(vec![Member::from(projection)], db, store, config, shutdown).await
-}
-
-/// Starts one runner feeding several projections (one feed, one decode,
-/// one transaction per batch; each keeps its own checkpoint and status).
-pub async fn spawn_group(
-    members: Vec<Member>,
-    db: Database,
-    store: sluice_events::EventStore,
-    config: RunnerConfig,
-    shutdown: tokio_util::sync::CancellationToken,
-) -> Result<RunningGroup, Error> {
-    let runner = Runner::group(members, db, store, config).await?;
-    let projections = runner
-        .lives()
-        .into_iter()
-        .map(|(name, live)| RunningProjection { name, live })
-        .collect();
-    let task = tokio::spawn(async move {
-        let result = runner.run(shutdown).await;
-        if let Err(e) = &result {
-            tracing::error!(error = %e, "projection runner stopped");
-        }
-        result
-    });
-    Ok(RunningGroup { projections, task })
-}

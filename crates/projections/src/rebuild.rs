@@ -11,14 +11,14 @@ use std::time::{Duration, Instant};
 use serde::Serialize;
 use sluice_events::EventStore;
 use sqlx::Row;
-use time::OffsetDateTime;
 use tokio_util::sync::CancellationToken;
 
+use crate::bookkeeping::{self, read_checkpoint, to_u64};
 use crate::db::is_transient;
 use crate::db::{Backend, Database};
 use crate::error::Error;
 use crate::projection::{Projection, REBUILD_SUFFIX, Tables};
-use crate::runner::{Member, Runner, RunnerConfig, read_checkpoint, to_u64, unix_ms};
+use crate::runner::{Member, Runner, RunnerConfig};
 
 /// Where a rebuild is, for a progress bar.
 #[derive(Debug, Clone, Serialize)]
@@ -196,25 +196,13 @@ async fn reset_tables(
 ) -> Result<(), Error> {
     let mut tx = db.pool().begin().await?;
     // The checkpoint row first: it is what a running runner locks.
-    sqlx::query(
-        "UPDATE sluice_checkpoints SET position = 0, event_time_ms = 0, updated_at_ms = $1, \
-         halted_at_position = NULL, halted_reason = NULL WHERE projection = $2",
-    )
-    .bind(unix_ms(OffsetDateTime::now_utc()))
-    .bind(name)
-    .execute(&mut *tx)
-    .await?;
+    bookkeeping::set_checkpoint(&mut *tx, name, 0, 0).await?;
     for table in tables {
         sqlx::query(&format!("DELETE FROM {table}"))
             .execute(&mut *tx)
             .await?;
     }
-    for t in ["sluice_parked", "sluice_dead_letters"] {
-        sqlx::query(&format!("DELETE FROM {t} WHERE projection = $1"))
-            .bind(name)
-            .execute(&mut *tx)
-            .await?;
-    }
+    bookkeeping::forget_records(&mut tx, name).await?;
     tx.commit().await?;
     tracing::warn!(
         projection = name,
@@ -283,12 +271,9 @@ async fn prepare_tables(db: &Database, tables: &[&str], key: &str) -> Result<(),
                 .execute(db.pool())
                 .await?;
         }
-        for t in ["sluice_checkpoints", "sluice_parked", "sluice_dead_letters"] {
-            sqlx::query(&format!("DELETE FROM {t} WHERE projection = $1"))
-                .bind(key)
-                .execute(db.pool())
-                .await?;
-        }
+        let mut conn = db.pool().acquire().await?;
+        bookkeeping::delete_checkpoint(&mut *conn, key).await?;
+        bookkeeping::forget_records(&mut conn, key).await?;
     }
     Ok(())
 }
@@ -378,13 +363,7 @@ fn replace_ident(sql: &str, from: &str, to: &str) -> String {
 /// position a projection went live at.
 async fn switch(db: &Database, parts: &[Part]) -> Result<Option<u64>, Error> {
     for p in parts {
-        sqlx::query(
-            "INSERT INTO sluice_checkpoints (projection, position) VALUES ($1, 0) \
-             ON CONFLICT (projection) DO NOTHING",
-        )
-        .bind(p.name)
-        .execute(db.pool())
-        .await?;
+        bookkeeping::ensure_checkpoint(db.pool(), p.name).await?;
     }
     // Lock the live checkpoints first, in name order (as the runner does):
     // a live runner's next batch waits (or fails its compare-and-set and
@@ -393,32 +372,12 @@ async fn switch(db: &Database, parts: &[Part]) -> Result<Option<u64>, Error> {
     ordered.sort_by_key(|p| p.name);
     let mut tx = db.pool().begin().await?;
     for p in &ordered {
-        sqlx::query("UPDATE sluice_checkpoints SET position = position WHERE projection = $1")
-            .bind(p.name)
-            .execute(&mut *tx)
-            .await?;
+        bookkeeping::lock_checkpoint(&mut tx, p.name).await?;
     }
-    let position_of = |r: Option<sqlx::any::AnyRow>| -> Result<(i64, i64), sqlx::Error> {
-        match r {
-            Some(r) => Ok((r.try_get(0)?, r.try_get(1)?)),
-            None => Ok((0, 0)),
-        }
-    };
-    let select = "SELECT position, event_time_ms FROM sluice_checkpoints WHERE projection = $1";
     let mut copies = Vec::with_capacity(parts.len());
     for p in parts {
-        let (live, _) = position_of(
-            sqlx::query(select)
-                .bind(p.name)
-                .fetch_optional(&mut *tx)
-                .await?,
-        )?;
-        let (copy, copy_time) = position_of(
-            sqlx::query(select)
-                .bind(p.key.as_str())
-                .fetch_optional(&mut *tx)
-                .await?,
-        )?;
+        let (live, _) = bookkeeping::checkpoint_and_time(&mut *tx, p.name).await?;
+        let (copy, copy_time) = bookkeeping::checkpoint_and_time(&mut *tx, &p.key).await?;
         if copy < live {
             tx.rollback().await?;
             return Ok(None);
@@ -437,33 +396,9 @@ async fn switch(db: &Database, parts: &[Part]) -> Result<Option<u64>, Error> {
             .execute(&mut *tx)
             .await?;
         }
-        sqlx::query(
-            "UPDATE sluice_checkpoints SET position = $1, event_time_ms = $2, updated_at_ms = $3, \
-             halted_at_position = NULL, halted_reason = NULL WHERE projection = $4",
-        )
-        .bind(*copy)
-        .bind(*copy_time)
-        .bind(unix_ms(OffsetDateTime::now_utc()))
-        .bind(p.name)
-        .execute(&mut *tx)
-        .await?;
-        sqlx::query("DELETE FROM sluice_checkpoints WHERE projection = $1")
-            .bind(p.key.as_str())
-            .execute(&mut *tx)
-            .await?;
-        for t in ["sluice_parked", "sluice_dead_letters"] {
-            sqlx::query(&format!("DELETE FROM {t} WHERE projection = $1"))
-                .bind(p.name)
-                .execute(&mut *tx)
-                .await?;
-            sqlx::query(&format!(
-                "UPDATE {t} SET projection = $1 WHERE projection = $2"
-            ))
-            .bind(p.name)
-            .bind(p.key.as_str())
-            .execute(&mut *tx)
-            .await?;
-        }
+        bookkeeping::set_checkpoint(&mut *tx, p.name, *copy, *copy_time).await?;
+        bookkeeping::delete_checkpoint(&mut *tx, &p.key).await?;
+        bookkeeping::move_records(&mut tx, &p.key, p.name).await?;
     }
     tx.commit().await?;
     Ok(copies.iter().map(|(c, _)| to_u64(*c)).min())

@@ -1,7 +1,8 @@
 //! Partial recovery of a live projection, safe while its runner runs:
 //! [`replay`] (undo the events from a position on and let the runner apply
 //! them again) and [`redrive`] (apply the events a projection dead-lettered,
-//! once their cause is fixed, releasing the aggregates parked behind them).
+//! once their cause is fixed, releasing the aggregates parked behind them;
+//! [`redrive_dead_letter`] does it for the aggregate of one `DLQ` entry).
 //!
 //! Both take their turn through the projection's checkpoint row, like a
 //! runner's batch: they lock it first, so a runner's batch commits before or
@@ -9,23 +10,17 @@
 //! runner's next compare-and-set fails and it follows the stored
 //! checkpoint, so no event is applied twice or skipped.
 
-use std::collections::{BTreeMap, BTreeSet, HashSet};
-use std::time::Duration;
+use std::collections::{BTreeMap, HashSet};
 
-use async_nats::jetstream::consumer::{self, pull};
-use futures::StreamExt;
 use serde::Serialize;
 use sluice_events::{EventStore, StreamId};
-use sqlx::Row;
-use time::OffsetDateTime;
+use sluice_workers::dlq as wdlq;
 
+use crate::bookkeeping::{self, DeadLetterRecord, dead_letters, read_checkpoint};
 use crate::db::Database;
-use crate::dlq::{DLQ_STREAM, DeadLetterKind};
 use crate::error::Error;
 use crate::projection::{ProjectedEvent, RewindSupport, Tables};
-use crate::runner::{
-    Item, Member, Raw, Runner, RunnerConfig, raw, read_checkpoint, to_i64, to_u64, unix_ms,
-};
+use crate::runner::{Item, Member, Raw, Runner, RunnerConfig};
 
 /// A by-aggregate replay scans the log outside its transaction until at
 /// most this many events are left for inside it.
@@ -68,45 +63,6 @@ pub async fn replay(
     runner.replay(from).await
 }
 
-/// One event a projection did not apply (its SQL record; the `DLQ` stream
-/// holds the original).
-#[derive(Debug, Clone, Serialize)]
-pub struct DeadLetterRecord {
-    /// Its stream sequence.
-    pub position: u64,
-    /// Its aggregate (`<category>.<id>`, or the subject when that is invalid).
-    pub stream: String,
-    /// `decode`, `handler` or `parked`.
-    pub kind: String,
-    /// Why it was not applied.
-    pub reason: String,
-    /// When (Unix ms).
-    pub failed_at_ms: i64,
-}
-
-/// The dead letters of `projection`, oldest position first.
-pub async fn dead_letters(db: &Database, projection: &str) -> Result<Vec<DeadLetterRecord>, Error> {
-    let rows = sqlx::query(
-        "SELECT position, stream, kind, reason, failed_at_ms FROM sluice_dead_letters \
-         WHERE projection = $1 ORDER BY position",
-    )
-    .bind(projection)
-    .fetch_all(db.pool())
-    .await?;
-    rows.iter()
-        .map(|r| {
-            Ok(DeadLetterRecord {
-                position: to_u64(r.try_get(0)?),
-                stream: r.try_get(1)?,
-                kind: r.try_get(2)?,
-                reason: r.try_get(3)?,
-                failed_at_ms: r.try_get(4)?,
-            })
-        })
-        .collect::<Result<_, sqlx::Error>>()
-        .map_err(Error::from)
-}
-
 /// What a [`redrive`] did.
 #[derive(Debug, Clone, Default, Serialize)]
 pub struct RedriveReport {
@@ -137,6 +93,72 @@ pub async fn redrive(
     runner.redrive().await
 }
 
+/// Redrives dead letter `id` of `member` (a projection): applies the events
+/// its aggregate dead-lettered, from the head on, in order and exactly once
+/// (the same as `sluice projection dlq <name> redrive` for that aggregate),
+/// releases the aggregate when all apply, and removes their `DLQ` copies.
+/// Refused ([`sluice_workers::Error::NotHead`]) for a dead letter parked
+/// behind an earlier one, as for workers. A dead letter an earlier redrive
+/// removed answers with `already_redriven`.
+pub async fn redrive_dead_letter(
+    member: Member,
+    db: Database,
+    store: EventStore,
+    id: u64,
+) -> Result<RedriveReport, Error> {
+    let js = store.jetstream().clone();
+    let entry = match wdlq::show(&js, id).await {
+        Ok(e) => e,
+        Err(sluice_workers::Error::NotFound(id)) => {
+            let trail = wdlq::audit_trail(&js, id).await?;
+            if trail.iter().any(|r| r["action"] == "redrive") {
+                return Ok(RedriveReport {
+                    already_redriven: vec![id],
+                    ..RedriveReport::default()
+                });
+            }
+            return Err(sluice_workers::Error::NotFound(id).into());
+        }
+        Err(e) => return Err(e.into()),
+    };
+    let name = member.name();
+    let stream = bookkeeping::dead_letter_parking(db.pool(), name, entry.sequence).await?;
+    let Some((stream, head)) = stream else {
+        // The projection has no record of it (applied by an earlier redrive
+        // or a replay): only the copy is left over.
+        wdlq::remove(
+            &js,
+            &entry,
+            "redrive",
+            "the projection has no record of it any more",
+        )
+        .await?;
+        return Ok(RedriveReport {
+            redriven: vec![id],
+            ..RedriveReport::default()
+        });
+    };
+    if let Some(head) = head.filter(|h| *h < entry.sequence) {
+        let listing = wdlq::list(
+            &js,
+            &wdlq::Filter {
+                consumer: Some(entry.consumer.clone()),
+                category: Some(entry.category.clone()),
+                reason: None,
+            },
+        )
+        .await?;
+        let head_id = listing
+            .entries
+            .iter()
+            .find(|e| e.subject == entry.subject && e.sequence == head)
+            .map_or(0, |e| e.id);
+        return Err(sluice_workers::Error::NotHead { id, head: head_id }.into());
+    }
+    let runner = Runner::group(vec![member], db, store, RunnerConfig::default()).await?;
+    runner.redrive_streams(&[stream]).await
+}
+
 /// What a by-aggregate replay has read from the log so far.
 #[derive(Default)]
 struct Scan {
@@ -151,80 +173,6 @@ struct Scan {
 }
 
 impl Runner {
-    /// Events on `filter` at positions `from..=until`, in log order.
-    async fn fetch_range(&self, filter: String, from: u64, until: u64) -> Result<Vec<Raw>, Error> {
-        if until < from.max(1) {
-            return Ok(Vec::new());
-        }
-        let stream = self
-            .store
-            .jetstream()
-            .get_stream(&self.store.config().stream)
-            .await
-            .map_err(|e| Error::nats("opening the event stream", e))?;
-        let consumer = stream
-            .create_consumer(pull::OrderedConfig {
-                filter_subject: filter,
-                deliver_policy: consumer::DeliverPolicy::ByStartSequence {
-                    start_sequence: from.max(1),
-                },
-                ..Default::default()
-            })
-            .await
-            .map_err(|e| Error::nats("creating an ordered consumer", e))?;
-        let mut out = Vec::new();
-        if consumer.cached_info().num_pending == 0 {
-            return Ok(out);
-        }
-        let mut messages = consumer
-            .messages()
-            .await
-            .map_err(|e| Error::nats("reading the event stream", e))?;
-        loop {
-            let m = tokio::time::timeout(Duration::from_secs(30), messages.next())
-                .await
-                .map_err(|_| Error::nats("reading the event stream", "no event for 30 s"))?;
-            let r = raw(m)?;
-            let (position, pending) = (r.position, r.pending);
-            if position > until {
-                break;
-            }
-            out.push(r);
-            if position >= until || pending == 0 {
-                break;
-            }
-        }
-        Ok(out)
-    }
-
-    /// The events at `positions` (direct gets; a redrive's handful).
-    async fn fetch_positions(&self, positions: &[u64]) -> Result<Vec<Raw>, Error> {
-        let stream = self
-            .store
-            .jetstream()
-            .get_stream(&self.store.config().stream)
-            .await
-            .map_err(|e| Error::nats("opening the event stream", e))?;
-        let mut out = Vec::with_capacity(positions.len());
-        for &p in positions {
-            // A direct get: the message as stored, however large (the
-            // JSON API would base64 a near-`max_payload` body past it).
-            let m = stream
-                .direct_get(p)
-                .await
-                .map_err(|e| Error::nats("reading a dead-lettered event", e))?;
-            out.push(Raw {
-                position: m.sequence,
-                subject: m.subject.to_string(),
-                headers: Some(m.headers),
-                payload: m.payload,
-                appended_at: m.time,
-                pending: 0,
-            });
-        }
-        Ok(out)
-    }
-
     pub(crate) async fn replay(&self, from: u64) -> Result<ReplayReport, Error> {
         let slot = &self.slots[0];
         let support = slot.projection.dyn_rewind_support();
@@ -267,15 +215,8 @@ impl Runner {
         // Take the lock a runner's batch takes (the checkpoint row in
         // PostgreSQL, the write lock in SQLite) before reading the
         // checkpoint: from here on it cannot move under us.
-        lock_checkpoint(&mut tx, &slot.key).await?;
-        let checkpoint =
-            sqlx::query("SELECT position FROM sluice_checkpoints WHERE projection = $1")
-                .bind(slot.key.as_str())
-                .fetch_optional(&mut *tx)
-                .await?
-                .map(|r| r.try_get::<i64, _>(0).map(to_u64))
-                .transpose()?
-                .unwrap_or(0);
+        bookkeeping::lock_checkpoint(&mut tx, &slot.key).await?;
+        let checkpoint = bookkeeping::checkpoint(&mut *tx, &slot.key).await?;
         if from > checkpoint + 1 {
             tx.rollback().await?;
             return Err(out_of_range(checkpoint));
@@ -283,30 +224,15 @@ impl Runner {
         if support == RewindSupport::ByAggregate {
             self.scan_aggregates(from, checkpoint, &mut scan).await?;
         }
-        sqlx::query(
-            "UPDATE sluice_checkpoints SET position = $1, event_time_ms = 0, \
-             halted_at_position = NULL, halted_reason = NULL WHERE projection = $2",
-        )
-        .bind(to_i64(from - 1))
-        .bind(slot.key.as_str())
-        .execute(&mut *tx)
-        .await?;
+        bookkeeping::rewind_checkpoint(&mut *tx, &slot.key, from - 1).await?;
         let aggregates: Vec<StreamId> = scan.affected.values().cloned().collect();
         slot.projection
             .dyn_rewind(&mut tx, &Tables::LIVE, from, &aggregates)
             .await?;
         if support == RewindSupport::ByAggregate && !aggregates.is_empty() {
             // Events it dead-lettered stay unapplied.
-            let dead: HashSet<u64> = sqlx::query(
-                "SELECT position FROM sluice_dead_letters WHERE projection = $1 AND position < $2",
-            )
-            .bind(slot.key.as_str())
-            .bind(to_i64(from))
-            .fetch_all(&mut *tx)
-            .await?
-            .iter()
-            .map(|r| r.try_get::<i64, _>(0).map(to_u64))
-            .collect::<Result<_, _>>()?;
+            let dead: HashSet<u64> =
+                bookkeeping::dead_letters_before(&mut *tx, &slot.key, from).await?;
             let mut events: Vec<ProjectedEvent> = Vec::new();
             for r in scan.earlier.values() {
                 if dead.contains(&r.position) {
@@ -331,18 +257,7 @@ impl Runner {
                 });
             }
         }
-        let cleared =
-            sqlx::query("DELETE FROM sluice_dead_letters WHERE projection = $1 AND position >= $2")
-                .bind(slot.key.as_str())
-                .bind(to_i64(from))
-                .execute(&mut *tx)
-                .await?
-                .rows_affected();
-        sqlx::query("DELETE FROM sluice_parked WHERE projection = $1 AND behind_position >= $2")
-            .bind(slot.key.as_str())
-            .bind(to_i64(from))
-            .execute(&mut *tx)
-            .await?;
+        let cleared = bookkeeping::forget_records_from(&mut tx, &slot.key, from).await?;
         tx.commit().await?;
         tracing::warn!(
             projection = slot.name,
@@ -419,15 +334,7 @@ impl Runner {
 
     pub(crate) async fn redrive(&self) -> Result<RedriveReport, Error> {
         let slot = &self.slots[0];
-        let parked: Vec<String> = sqlx::query(
-            "SELECT stream FROM sluice_parked WHERE projection = $1 ORDER BY behind_position",
-        )
-        .bind(slot.key.as_str())
-        .fetch_all(self.db.pool())
-        .await?
-        .iter()
-        .map(|r| r.try_get(0))
-        .collect::<Result<_, _>>()?;
+        let parked = bookkeeping::parked_streams(self.db.pool(), &slot.key).await?;
         let mut report = self.redrive_streams(&parked).await?;
         report.remaining = dead_letters(&self.db, &self.slots[0].key).await?;
         Ok(report)
@@ -456,263 +363,4 @@ impl Runner {
         }
         Ok(report)
     }
-
-    /// After events were voided (the voided set grew past `seen`): redrives
-    /// every parked aggregate with a voided dead letter, so it is released
-    /// past it. Returns how many voids are dealt with (`seen` again when the
-    /// database failed: the next batch tries again).
-    pub(crate) async fn release_voided(&self, seen: usize) -> usize {
-        let now = self.voided.len();
-        if self.tables != Tables::LIVE {
-            // A rebuild skips voided events as it reads them.
-            return now;
-        }
-        for (i, slot) in self.slots.iter().enumerate() {
-            let rows = sqlx::query(
-                "SELECT d.stream, d.position FROM sluice_dead_letters d \
-                 JOIN sluice_parked p ON p.projection = d.projection AND p.stream = d.stream \
-                 WHERE d.projection = $1 ORDER BY d.position",
-            )
-            .bind(slot.key.as_str())
-            .fetch_all(self.db.pool())
-            .await;
-            let rows = match rows {
-                Ok(r) => r,
-                Err(e) => {
-                    tracing::warn!(projection = slot.name, error = %e, "could not look for voided dead letters; trying again");
-                    return seen;
-                }
-            };
-            let mut streams: Vec<String> = Vec::new();
-            for row in rows {
-                let (Ok(stream), Ok(position)) =
-                    (row.try_get::<String, _>(0), row.try_get::<i64, _>(1))
-                else {
-                    continue;
-                };
-                if self.voided.contains(to_u64(position)) && !streams.contains(&stream) {
-                    streams.push(stream);
-                }
-            }
-            for stream in streams {
-                match self.redrive_aggregate(i, &stream).await {
-                    Ok((applied, released)) => {
-                        tracing::info!(
-                            projection = slot.name,
-                            stream,
-                            applied = applied.len(),
-                            released,
-                            "parked aggregate redriven after a void"
-                        );
-                        if !applied.is_empty() {
-                            let reason =
-                                format!("redriven into projection {} after a void", slot.name);
-                            self.discard_dlq_copies(i, &applied, &reason).await;
-                        }
-                    }
-                    Err(e) => {
-                        tracing::warn!(projection = slot.name, stream, error = %e, "could not release a parked aggregate after a void; trying again");
-                        return seen;
-                    }
-                }
-            }
-        }
-        now
-    }
-
-    /// Redrives one parked aggregate of member `member`: `(positions
-    /// applied, released)`. Voided dead letters are dropped, not applied.
-    async fn redrive_aggregate(
-        &self,
-        member: usize,
-        stream: &str,
-    ) -> Result<(Vec<u64>, bool), Error> {
-        let slot = &self.slots[member];
-        // How many of its dead letters to apply: all, until the projection
-        // rejects one again (then only those before it).
-        let mut cap: Option<(u64, DeadLetterKind, String)> = None;
-        // Each pass either commits or lowers the cap: it ends.
-        loop {
-            let mut tx = self.db.pool().begin().await?;
-            // Lock the checkpoint row, as a runner's batch does: the runner
-            // applies nothing while the aggregate's fate changes.
-            lock_checkpoint(&mut tx, &slot.key).await?;
-            let still_parked = sqlx::query(
-                "SELECT behind_position FROM sluice_parked WHERE projection = $1 AND stream = $2",
-            )
-            .bind(slot.key.as_str())
-            .bind(stream)
-            .fetch_optional(&mut *tx)
-            .await?
-            .is_some();
-            if !still_parked {
-                tx.rollback().await?;
-                return Ok((Vec::new(), false));
-            }
-            let positions: Vec<u64> = sqlx::query(
-                "SELECT position FROM sluice_dead_letters WHERE projection = $1 AND stream = $2 \
-                 ORDER BY position",
-            )
-            .bind(slot.key.as_str())
-            .bind(stream)
-            .fetch_all(&mut *tx)
-            .await?
-            .iter()
-            .map(|r| r.try_get::<i64, _>(0).map(to_u64))
-            .collect::<Result<_, _>>()?;
-            let raws = self.fetch_positions(&positions).await?;
-            let mut events: Vec<ProjectedEvent> = Vec::new();
-            let mut voided: Vec<u64> = Vec::new();
-            let mut stop = cap.clone();
-            for r in &raws {
-                if stop.as_ref().is_some_and(|(p, _, _)| r.position >= *p) {
-                    break;
-                }
-                if self.voided.contains(r.position) {
-                    voided.push(r.position);
-                    continue;
-                }
-                match self.classify(r) {
-                    Item::Event(e) => events.push(*e),
-                    Item::Bad { reason, .. } => {
-                        stop = Some((r.position, DeadLetterKind::Decode, reason));
-                        break;
-                    }
-                    Item::Skip => {
-                        stop = Some((
-                            r.position,
-                            DeadLetterKind::Decode,
-                            "not of this projection's categories".to_owned(),
-                        ));
-                        break;
-                    }
-                }
-            }
-            if !events.is_empty() {
-                let rejected = slot
-                    .projection
-                    .dyn_apply(&mut tx, &Tables::LIVE, &events)
-                    .await?;
-                if let Some(first) = rejected.into_iter().min_by_key(|r| r.position) {
-                    // Writes of a rejected batch must not survive: start
-                    // over, applying only what comes before it.
-                    tx.rollback().await?;
-                    cap = Some((first.position, DeadLetterKind::Handler, first.reason));
-                    continue;
-                }
-            }
-            let applied: Vec<u64> = events.iter().map(|e| e.position).collect();
-            for p in applied.iter().chain(&voided) {
-                sqlx::query(
-                    "DELETE FROM sluice_dead_letters WHERE projection = $1 AND position = $2",
-                )
-                .bind(slot.key.as_str())
-                .bind(to_i64(*p))
-                .execute(&mut *tx)
-                .await?;
-            }
-            let released = match &stop {
-                None => {
-                    sqlx::query("DELETE FROM sluice_parked WHERE projection = $1 AND stream = $2")
-                        .bind(slot.key.as_str())
-                        .bind(stream)
-                        .execute(&mut *tx)
-                        .await?;
-                    true
-                }
-                Some((head, kind, reason)) => {
-                    // Still stuck: park it behind the event that fails now,
-                    // with today's reason, and the rest behind that one.
-                    sqlx::query(
-                        "UPDATE sluice_parked SET behind_position = $1 \
-                         WHERE projection = $2 AND stream = $3",
-                    )
-                    .bind(to_i64(*head))
-                    .bind(slot.key.as_str())
-                    .bind(stream)
-                    .execute(&mut *tx)
-                    .await?;
-                    let behind = format!(
-                        "parked behind the dead letter at position {head} of the same aggregate"
-                    );
-                    sqlx::query(
-                        "UPDATE sluice_dead_letters SET kind = CASE WHEN position = $1 THEN $2 ELSE $3 END, \
-                         reason = CASE WHEN position = $1 THEN $4 ELSE $5 END \
-                         WHERE projection = $6 AND stream = $7",
-                    )
-                    .bind(to_i64(*head))
-                    .bind(kind.as_str())
-                    .bind(DeadLetterKind::Parked.as_str())
-                    .bind(reason.as_str())
-                    .bind(behind.as_str())
-                    .bind(slot.key.as_str())
-                    .bind(stream)
-                    .execute(&mut *tx)
-                    .await?;
-                    false
-                }
-            };
-            tx.commit().await?;
-            tracing::info!(
-                projection = slot.name,
-                stream,
-                applied = applied.len(),
-                released,
-                "dead letters redriven"
-            );
-            return Ok((applied.into_iter().chain(voided).collect(), released));
-        }
-    }
-
-    /// Removes the `DLQ` stream copies of events now applied (audited with
-    /// `reason`), so `sluice dlq list` shows only what is still dead; returns
-    /// their ids (best effort: the SQL records are what the runtime goes by).
-    async fn discard_dlq_copies(&self, member: usize, applied: &[u64], reason: &str) -> Vec<u64> {
-        let slot = &self.slots[member];
-        let js = self.store.jetstream();
-        let mut removed = Vec::new();
-        if js.get_stream(DLQ_STREAM).await.is_err() {
-            return removed;
-        }
-        let applied: BTreeSet<u64> = applied.iter().copied().collect();
-        let filter = sluice_workers::dlq::Filter {
-            consumer: Some(slot.consumer_name.clone()),
-            category: None,
-            reason: None,
-        };
-        let listing = match sluice_workers::dlq::list(js, &filter).await {
-            Ok(l) => l,
-            Err(e) => {
-                tracing::warn!(projection = slot.name, error = %e, "could not list the DLQ copies of redriven events");
-                return removed;
-            }
-        };
-        for entry in listing.entries {
-            if entry.stream != self.store.config().stream || !applied.contains(&entry.sequence) {
-                continue;
-            }
-            match sluice_workers::dlq::remove(js, &entry, "redrive", reason).await {
-                Ok(()) => removed.push(entry.id),
-                Err(e) => {
-                    tracing::warn!(projection = slot.name, id = entry.id, error = %e, "could not remove the DLQ copy of a redriven event");
-                }
-            }
-        }
-        removed
-    }
-}
-
-/// Takes the lock a runner's batch takes (the checkpoint row in PostgreSQL,
-/// the write lock in SQLite): until `tx` ends, the checkpoint cannot move
-/// and the runner applies nothing.
-pub(crate) async fn lock_checkpoint(
-    tx: &mut sqlx::Transaction<'_, sqlx::Any>,
-    key: &str,
-) -> Result<(), Error> {
-    sqlx::query("UPDATE sluice_checkpoints SET updated_at_ms = $1 WHERE projection = $2")
-        .bind(unix_ms(OffsetDateTime::now_utc()))
-        .bind(key)
-        .execute(&mut **tx)
-        .await?;
-    Ok(())
 }

@@ -2,13 +2,13 @@
 
 use serde::Serialize;
 use sluice_events::EventStore;
-use sqlx::Row;
 use time::OffsetDateTime;
 
+use crate::bookkeeping;
 use crate::db::Database;
 use crate::error::Error;
 use crate::projection::REBUILD_SUFFIX;
-use crate::runner::{LiveStatus, RunState, to_u64};
+use crate::runner::{LiveStatus, RunState};
 
 /// What `GET /v1/projections` and `sluice projection list` show.
 #[derive(Debug, Clone, Serialize)]
@@ -54,44 +54,16 @@ pub async fn projection_status(
     name: &str,
     live: Option<&LiveStatus>,
 ) -> Result<ProjectionStatus, Error> {
-    let row = sqlx::query(
-        "SELECT position, halted_at_position, halted_reason FROM sluice_checkpoints \
-         WHERE projection = $1",
-    )
-    .bind(name)
-    .fetch_optional(db.pool())
-    .await?;
-    let (checkpoint, halted) = match row {
-        Some(r) => {
-            let halted_at: Option<i64> = r.try_get(1)?;
-            let reason: Option<String> = r.try_get(2)?;
-            (
-                to_u64(r.try_get(0)?),
-                halted_at.map(|p| Halt {
-                    position: to_u64(p),
-                    reason: reason.unwrap_or_default(),
-                }),
-            )
-        }
+    let (checkpoint, halted) = match bookkeeping::checkpoint_and_halt(db.pool(), name).await? {
+        Some((checkpoint, halted)) => (
+            checkpoint,
+            halted.map(|(position, reason)| Halt { position, reason }),
+        ),
         None => (0, None),
     };
-    let counts = sqlx::query(
-        "SELECT (SELECT COUNT(*) FROM sluice_dead_letters WHERE projection = $1), \
-                (SELECT COUNT(*) FROM sluice_parked WHERE projection = $1)",
-    )
-    .bind(name)
-    .fetch_one(db.pool())
-    .await?;
-    let dead_letters = to_u64(counts.try_get(0)?);
-    let parked_aggregates = to_u64(counts.try_get(1)?);
+    let (dead_letters, parked_aggregates) = bookkeeping::record_counts(db.pool(), name).await?;
     let rebuild_position =
-        sqlx::query("SELECT position FROM sluice_checkpoints WHERE projection = $1")
-            .bind(format!("{name}{REBUILD_SUFFIX}"))
-            .fetch_optional(db.pool())
-            .await?
-            .map(|r| r.try_get::<i64, _>(0))
-            .transpose()?
-            .map(to_u64);
+        bookkeeping::stored_checkpoint(db.pool(), &format!("{name}{REBUILD_SUFFIX}")).await?;
     let live = live.map(LiveStatus::snapshot);
     // The runner may be ahead of a read that raced its commit: take the max.
     let checkpoint = checkpoint.max(live.as_ref().map_or(0, |l| l.checkpoint));

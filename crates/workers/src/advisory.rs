@@ -16,13 +16,13 @@ use serde::Deserialize;
 use sluice_events::{EVENTS_STREAM, StreamId};
 use tokio_util::sync::CancellationToken;
 
+use crate::config::{
+    WorkerConfig, advisory_consumer_name, partition_consumer_names, redrive_consumer_name,
+};
 use crate::dlq::{self, Kind, NewDeadLetter};
 use crate::error::Error;
 use crate::infra::{ADVISORY_STREAM, REDRIVE_STREAM, TERM_MARKER, headers as h};
 use crate::park::Parks;
-use crate::runtime::{
-    WorkerConfig, advisory_consumer_name, partition_consumer_names, redrive_consumer_name,
-};
 
 #[derive(Debug, Deserialize)]
 struct Advisory {

@@ -22,6 +22,7 @@ use sluice_events::{EVENTS_STREAM, validate_token};
 use time::OffsetDateTime;
 use time::format_description::well_known::Rfc3339;
 
+use crate::config::designates;
 use crate::error::Error;
 use crate::infra::{REDRIVE_STREAM, ensure_all};
 
@@ -98,21 +99,6 @@ pub async fn list(js: &jetstream::Context) -> Result<Vec<ConsumerStatus>, Error>
     }
     out.sort_by(|a, b| (&a.stream, &a.name).cmp(&(&b.stream, &b.name)));
     Ok(out)
-}
-
-/// The consumers `name` designates: that consumer, or every consumer of the
-/// worker called `name` (its partitions and its redrive consumer).
-pub(crate) fn designates(name: &str, consumer: &str) -> bool {
-    if consumer == name || consumer == format!("{name}-redrive") {
-        return true;
-    }
-    consumer
-        .strip_prefix(name)
-        .and_then(|rest| rest.strip_prefix("-p"))
-        .and_then(|rest| rest.split_once("-of-"))
-        .is_some_and(|(i, n)| {
-            i.bytes().all(|b| b.is_ascii_digit()) && n.bytes().all(|b| b.is_ascii_digit())
-        })
 }
 
 /// Pauses a consumer, or every consumer of a worker, for `duration`.
@@ -378,16 +364,5 @@ mod tests {
             back.deliver_policy(),
             DeliverPolicy::ByStartSequence { start_sequence: 41 }
         );
-    }
-
-    #[test]
-    fn a_worker_name_designates_its_partitions_and_redrive_consumer() {
-        assert!(designates("billing", "billing"));
-        assert!(designates("billing", "billing-p0-of-4"));
-        assert!(designates("billing", "billing-redrive"));
-        assert!(!designates("billing", "billing-advisories"));
-        assert!(!designates("billing", "billing-v2"));
-        assert!(!designates("billing", "billing-px-of-4"));
-        assert!(!designates("bill", "billing"));
     }
 }

@@ -27,6 +27,7 @@
 #![warn(clippy::unwrap_used)]
 
 mod advisory;
+mod config;
 pub mod consumers;
 pub mod dlq;
 mod error;
@@ -39,6 +40,10 @@ mod policy;
 mod runtime;
 mod voids;
 
+pub use config::{
+    LateRedelivery, WorkerConfig, advisory_consumer_name, partition_consumer_names,
+    redrive_consumer_name,
+};
 pub use error::Error;
 pub use handler::{BoxError, Delivery, Handler, HandlerError, HandlerResult};
 pub use health::{WorkerHalt, worker_halts};
@@ -48,7 +53,4 @@ pub use infra::{
 };
 pub use park::Parked;
 pub use policy::{Action, Outcome, RetryPolicy, decide};
-pub use runtime::{
-    LateRedelivery, Repartitioned, TakenOver, WorkerConfig, advisory_consumer_name,
-    ensure_consumers, partition_consumer_names, redrive_consumer_name, repartition, run, take_over,
-};
+pub use runtime::{Repartitioned, TakenOver, ensure_consumers, repartition, run, take_over};

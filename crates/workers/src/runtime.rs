@@ -20,12 +20,13 @@ use std::time::Duration;
 
 use async_nats::jetstream::{self, AckKind, consumer};
 use futures::{FutureExt, StreamExt};
-use sluice_events::{DEFAULT_MAX_PAYLOAD, EVENTS_STREAM, Envelope, EventStore, StreamId, Voided};
+use sluice_events::{EVENTS_STREAM, Envelope, EventStore, StreamId, Voided};
 use tokio::sync::mpsc;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
 
+use crate::config::{LateRedelivery, WorkerConfig, designates, redrive_consumer_name};
 use crate::dlq::{self, Kind, NewDeadLetter};
 use crate::error::Error;
 use crate::handler::{Delivery, Handler, HandlerError};
@@ -35,171 +36,7 @@ use crate::infra::{
 };
 use crate::lane::{Arrival, LaneState, Queued, Step};
 use crate::park::Parks;
-use crate::policy::{Action, Outcome, RetryPolicy, decide, jitter_unit};
-
-/// Longest worker name: leaves room for the `-p<i>-of-<P>` and `-redrive`
-/// suffixes within NATS' consumer name limits.
-const MAX_NAME_LEN: usize = 64;
-
-/// Settings of one worker. `name` is the durable identity: renaming it
-/// re-consumes every event, so names are constants (listed in a test).
-#[derive(Debug, Clone)]
-pub struct WorkerConfig {
-    /// Durable name: consumer names, DLQ subjects and parked keys derive from it.
-    pub name: &'static str,
-    /// Subjects of `EVENTS` this worker handles (default `events.>`).
-    pub filter_subjects: Vec<String>,
-    /// Partition consumers (default 1). Replicas share partitions: each
-    /// partition is pinned to one replica at a time.
-    pub partitions: u16,
-    /// Lanes per process: how many aggregates are handled at once.
-    pub concurrency: usize,
-    /// Retry policy for transient failures.
-    pub retry: RetryPolicy,
-    /// The consumer's ack wait. In-progress acks keep long handlers and held
-    /// messages alive; a crashed worker's messages come back after it.
-    pub ack_wait: Duration,
-    /// How long a silent replica keeps its pin before another takes over.
-    /// Longer than `ack_wait`, so the crashed replica's unacked messages are
-    /// redelivered (first, in order) before the new replica gets new ones.
-    pub pin_timeout: Duration,
-    /// Messages delivered but not yet acked, per consumer.
-    pub max_ack_pending: i64,
-    /// Messages per pull request.
-    pub batch: usize,
-    /// A handler running longer is abandoned as a transient failure.
-    pub handler_timeout: Duration,
-    /// Largest accepted event payload.
-    pub max_payload: usize,
-    /// Replicas of the DLQ streams and parked bucket, when this worker creates them.
-    pub replicas: usize,
-    /// Capture the server's `MAX_DELIVERIES` / `MSG_TERMINATED` advisories.
-    pub capture_advisories: bool,
-    /// How long a subject with redelivered messages waits before its first
-    /// one is handled. After a replica crashes, the server redelivers its
-    /// messages in the order their ack waits expired, which is not always
-    /// stream order; waiting lets them gather so they are sorted.
-    pub redelivery_settle: Duration,
-    /// What to do with an event redelivered after a later event of its
-    /// aggregate was handled here (see [`LateRedelivery`]).
-    pub late_redelivery: LateRedelivery,
-    /// This process is the worker's only consumer (`sluice up`): at start,
-    /// take the consumers over from a dead predecessor (see [`take_over`])
-    /// instead of waiting `pin_timeout` and `ack_wait` for the server to
-    /// notice. Never set it where another replica may be running: its
-    /// in-flight messages would be delivered here too.
-    pub take_over_on_start: bool,
-}
-
-/// What a worker does with a *late* event: one the server delivers after a
-/// later event of the same aggregate was already handled by this process.
-///
-/// This happens only after a crash: a message an earlier owner (a killed
-/// process, a replica that lost its pin, a server that lost its ack state)
-/// received and never acknowledged comes back after its ack wait, behind
-/// newer events the new owner already handled. Whether the earlier owner
-/// applied it is unknown; only durable state can tell.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
-pub enum LateRedelivery {
-    /// Hand it to the handler, which recognises it from durable state (it
-    /// is idempotent by event id, sequence or causation id, as every handler
-    /// must be) and either finds its effect already there or decides it
-    /// against the current state. The right choice when the handler checks
-    /// what it applies (a guarded append, an upsert with a version).
-    #[default]
-    Handle,
-    /// Dead-letter it (kind `late`) and park the aggregate, so an operator
-    /// decides. For handlers whose effects must follow stream order and
-    /// cannot check it themselves.
-    DeadLetter,
-}
-
-impl WorkerConfig {
-    /// Defaults for a worker called `name`.
-    pub fn new(name: &'static str) -> Self {
-        Self {
-            name,
-            filter_subjects: vec!["events.>".to_owned()],
-            partitions: 1,
-            concurrency: 8,
-            retry: RetryPolicy::default(),
-            ack_wait: Duration::from_secs(30),
-            pin_timeout: Duration::from_secs(90),
-            max_ack_pending: 1000,
-            batch: 200,
-            handler_timeout: Duration::from_secs(300),
-            max_payload: DEFAULT_MAX_PAYLOAD,
-            replicas: 1,
-            capture_advisories: true,
-            redelivery_settle: Duration::from_millis(500),
-            late_redelivery: LateRedelivery::Handle,
-            take_over_on_start: false,
-        }
-    }
-
-    /// Checks the settings that ordering and redelivery depend on.
-    pub fn validate(&self) -> Result<(), Error> {
-        sluice_events::validate_token("worker name", self.name)?;
-        let bad = |m: String| Err(Error::InvalidConfig(m));
-        if self.name.len() > MAX_NAME_LEN {
-            return bad(format!(
-                "worker name is longer than {MAX_NAME_LEN} characters"
-            ));
-        }
-        if self.filter_subjects.is_empty() {
-            return bad("filter_subjects is empty".into());
-        }
-        if self.partitions == 0 || self.concurrency == 0 || self.batch == 0 {
-            return bad("partitions, concurrency and batch must be at least 1".into());
-        }
-        if self.retry.max_attempts == 0 {
-            return bad("retry.max_attempts must be at least 1".into());
-        }
-        if self.retry.cap >= self.ack_wait {
-            return bad(format!(
-                "retry.cap ({:?}) must be below ack_wait ({:?}), or a message held behind a delayed retry could be redelivered before it",
-                self.retry.cap, self.ack_wait
-            ));
-        }
-        if self.pin_timeout <= self.ack_wait {
-            return bad(format!(
-                "pin_timeout ({:?}) must exceed ack_wait ({:?}), or a new replica could see new messages before a crashed one's are redelivered",
-                self.pin_timeout, self.ack_wait
-            ));
-        }
-        if self.max_ack_pending < 1 {
-            return bad("max_ack_pending must be at least 1".into());
-        }
-        Ok(())
-    }
-
-    /// The durable consumer names on `EVENTS`, one per partition.
-    pub fn partition_consumers(&self) -> Vec<String> {
-        partition_consumer_names(self.name, self.partitions)
-    }
-}
-
-/// Durable consumer names on `EVENTS` of worker `name` with `partitions`:
-/// `name` alone for one partition, else `name-p<i>-of-<P>`.
-pub fn partition_consumer_names(name: &str, partitions: u16) -> Vec<String> {
-    if partitions <= 1 {
-        vec![name.to_owned()]
-    } else {
-        (0..partitions)
-            .map(|i| format!("{name}-p{i}-of-{partitions}"))
-            .collect()
-    }
-}
-
-/// Durable consumer name on `DLQ_REDRIVE` of worker `name`.
-pub fn redrive_consumer_name(name: &str) -> String {
-    format!("{name}-redrive")
-}
-
-/// Durable consumer name on `SLUICE_ADVISORIES` of worker `name`.
-pub fn advisory_consumer_name(name: &str) -> String {
-    format!("{name}-advisories")
-}
+use crate::policy::{Action, Outcome, decide, jitter_unit};
 
 fn consumer_config(
     config: &WorkerConfig,
@@ -546,9 +383,9 @@ async fn pull_loop<H: Handler>(
                 },
                 PullKind::Live { .. } => msg,
             };
-            let incoming = match classify(msg, kind) {
-                Classified::Ours(incoming) => incoming,
-                Classified::NotOurs(msg) => {
+            let incoming = match route(msg, kind) {
+                Routed::Ours(incoming) => incoming,
+                Routed::NotOurs(msg) => {
                     if let PullKind::Live { .. } = kind {
                         // Another partition's message: not ours to handle.
                         if let Err(e) = msg.ack().await {
@@ -599,7 +436,7 @@ async fn resolve_redriven(
 }
 
 /// Where a pulled message belongs.
-enum Classified {
+enum Routed {
     /// Ours: route it to its lane.
     Ours(Incoming),
     /// A live message of another partition, or a redriven message without
@@ -608,9 +445,9 @@ enum Classified {
 }
 
 /// Reads where a message belongs.
-fn classify(msg: jetstream::Message, kind: PullKind) -> Classified {
+fn route(msg: jetstream::Message, kind: PullKind) -> Routed {
     let Ok(info) = msg.info() else {
-        return Classified::NotOurs(msg);
+        return Routed::NotOurs(msg);
     };
     let delivered = u64::try_from(info.delivered).unwrap_or(1).max(1);
     let seq = info.stream_sequence;
@@ -621,9 +458,9 @@ fn classify(msg: jetstream::Message, kind: PullKind) -> Classified {
         } => {
             let subject = msg.subject.to_string();
             if partitions > 1 && partition_of(&subject, partitions) != partition {
-                return Classified::NotOurs(msg);
+                return Routed::NotOurs(msg);
             }
-            Classified::Ours(Incoming {
+            Routed::Ours(Incoming {
                 seq,
                 msg,
                 subject,
@@ -644,14 +481,14 @@ fn classify(msg: jetstream::Message, kind: PullKind) -> Classified {
                 Some((subject, seq, dlq_id, last))
             };
             match read(&msg) {
-                Some((subject, seq, dlq_id, last)) => Classified::Ours(Incoming {
+                Some((subject, seq, dlq_id, last)) => Routed::Ours(Incoming {
                     msg,
                     subject,
                     seq,
                     delivered,
                     source: Source::Redrive { dlq_id, last },
                 }),
-                None => Classified::NotOurs(msg),
+                None => Routed::NotOurs(msg),
             }
         }
     }
@@ -866,39 +703,100 @@ async fn process<H: Handler>(ctx: &Ctx<H>, m: Incoming) -> Step {
     }
 }
 
+/// One delivery: [`classify`] it, [`handle`] it when it is a normal one,
+/// [`settle`] it. An error is an outcome that could not be recorded (the
+/// DLQ, the parked bucket or the ack failed): [`process`] retries it.
 async fn process_inner<H: Handler>(ctx: &Ctx<H>, m: &Incoming) -> Result<Step, Error> {
-    let cfg = &ctx.config;
-    let redrive_of = match m.source {
-        Source::Live => None,
-        Source::Redrive { dlq_id, .. } => Some(dlq_id),
+    let settlement = match classify(ctx, m).await? {
+        Class::BadSubject { reason } => Settlement::DeadLetter {
+            reason,
+            kind: Kind::Decode,
+            parked_behind: None,
+            park: None,
+        },
+        Class::Voided { stream_id } => Settlement::Ack {
+            stream_id,
+            outcome: "voided",
+        },
+        Class::Parked { reason, behind } => Settlement::DeadLetter {
+            reason,
+            kind: Kind::Parked,
+            parked_behind: behind,
+            park: None,
+        },
+        Class::Poison {
+            stream_id,
+            reason,
+            kind,
+        } => Settlement::DeadLetter {
+            reason,
+            kind,
+            parked_behind: None,
+            park: Some(stream_id),
+        },
+        Class::Normal {
+            stream_id,
+            envelope,
+        } => handle(ctx, m, stream_id, envelope).await,
     };
-    let write = |reason: String, kind: Kind, parked_behind: Option<u64>| async move {
-        dlq::write(
-            &ctx.js,
-            NewDeadLetter {
-                consumer: cfg.name,
-                subject: &m.subject,
-                stream: EVENTS_STREAM,
-                sequence: m.seq,
-                deliveries: m.delivered,
-                reason: &reason,
-                kind,
-                headers: m.msg.headers.as_ref(),
-                payload: m.msg.payload.clone(),
-                parked_behind,
-                redrive_of,
-            },
-        )
-        .await
-    };
+    settle(ctx, m, settlement).await
+}
 
+/// What a delivery is, decided before any handler runs.
+enum Class {
+    /// Its subject names no aggregate: dead-lettered as undecodable, with
+    /// no aggregate to park.
+    BadSubject { reason: String },
+    /// Voided by an operator: done without running the handler.
+    Voided { stream_id: StreamId },
+    /// A live event of a parked aggregate: dead-lettered behind the head
+    /// (`behind` is `None` for a redelivery of the head itself).
+    Parked { reason: String, behind: Option<u64> },
+    /// Poison: it cannot be handled (delivered past the attempt limit
+    /// without an outcome, or an envelope that does not decode), so it is
+    /// dead-lettered as the head of its aggregate.
+    Poison {
+        stream_id: StreamId,
+        reason: String,
+        kind: Kind,
+    },
+    /// A normal delivery, for the handler.
+    Normal {
+        stream_id: StreamId,
+        envelope: Envelope,
+    },
+}
+
+/// How a delivery ends: the input of [`settle`].
+enum Settlement {
+    /// Done: acked (a redriven event first releases its aggregate);
+    /// `outcome` labels the metric.
+    Ack {
+        stream_id: StreamId,
+        outcome: &'static str,
+    },
+    /// A transient failure: handed back with this delay.
+    Retry(Duration),
+    /// Copied to the DLQ (awaited) with `parked_behind`, its aggregate
+    /// parked at it when `park` names one, then terminated.
+    DeadLetter {
+        reason: String,
+        kind: Kind,
+        parked_behind: Option<u64>,
+        park: Option<StreamId>,
+    },
+}
+
+/// Decides what the delivery is. The only write is the parked set's
+/// compare-and-set when a live event goes behind its aggregate's head.
+async fn classify<H: Handler>(ctx: &Ctx<H>, m: &Incoming) -> Result<Class, Error> {
+    let cfg = &ctx.config;
     let stream_id = match StreamId::from_subject("events", &m.subject) {
         Ok(s) => s,
         Err(e) => {
-            let reason = dlq::decode_reason(&e);
-            write(reason.clone(), Kind::Decode, None).await?;
-            term(&ctx.client, &m.msg, &reason).await;
-            return Ok(Step::Done);
+            return Ok(Class::BadSubject {
+                reason: dlq::decode_reason(&e),
+            });
         }
     };
 
@@ -906,7 +804,7 @@ async fn process_inner<H: Handler>(ctx: &Ctx<H>, m: &Incoming) -> Result<Step, E
     // its aggregate, as a handled redrive does).
     if ctx.voided.contains(m.seq) {
         tracing::info!(worker = cfg.name, subject = %m.subject, seq = m.seq, "voided event skipped");
-        return acked(ctx, m, &stream_id, "voided").await;
+        return Ok(Class::Voided { stream_id });
     }
 
     // Sequence-aware dead-lettering: a live event of a parked aggregate goes
@@ -923,14 +821,10 @@ async fn process_inner<H: Handler>(ctx: &Ctx<H>, m: &Incoming) -> Result<Step, E
                 cfg.name
             )
         };
-        write(
-            reason.clone(),
-            Kind::Parked,
-            (head != m.seq).then_some(head),
-        )
-        .await?;
-        term(&ctx.client, &m.msg, &reason).await;
-        return Ok(Step::Done);
+        return Ok(Class::Parked {
+            reason,
+            behind: (head != m.seq).then_some(head),
+        });
     }
 
     let max = u64::from(cfg.retry.max_attempts);
@@ -941,23 +835,35 @@ async fn process_inner<H: Handler>(ctx: &Ctx<H>, m: &Incoming) -> Result<Step, E
             "delivered {} times without an outcome (limit {max} attempts): the worker crashed, hung or lost its connection while handling it",
             m.delivered
         );
-        return dead_letter(ctx, m, &stream_id, reason, Kind::Exhausted, &write).await;
+        return Ok(Class::Poison {
+            stream_id,
+            reason,
+            kind: Kind::Exhausted,
+        });
     }
 
-    let envelope = match Envelope::decode(m.msg.headers.as_ref(), &m.msg.payload, cfg.max_payload) {
-        Ok(e) => e,
-        Err(e) => {
-            return dead_letter(
-                ctx,
-                m,
-                &stream_id,
-                dlq::decode_reason(&e),
-                Kind::Decode,
-                &write,
-            )
-            .await;
-        }
-    };
+    match Envelope::decode(m.msg.headers.as_ref(), &m.msg.payload, cfg.max_payload) {
+        Ok(envelope) => Ok(Class::Normal {
+            stream_id,
+            envelope,
+        }),
+        Err(e) => Ok(Class::Poison {
+            stream_id,
+            reason: dlq::decode_reason(&e),
+            kind: Kind::Decode,
+        }),
+    }
+}
+
+/// Runs the handler on a normal delivery (with its timeout, a panic caught
+/// as a permanent failure) and decides by the retry policy how it settles.
+async fn handle<H: Handler>(
+    ctx: &Ctx<H>,
+    m: &Incoming,
+    stream_id: StreamId,
+    envelope: Envelope,
+) -> Settlement {
+    let cfg = &ctx.config;
     // The handler's span continues the trace that appended the event, so
     // whatever it appends (commands, replies) continues it too.
     let span = tracing::info_span!(
@@ -974,7 +880,7 @@ async fn process_inner<H: Handler>(ctx: &Ctx<H>, m: &Incoming) -> Result<Step, E
         sequence: m.seq,
         envelope,
         attempt: m.delivered,
-        redriven: redrive_of.is_some(),
+        redriven: matches!(m.source, Source::Redrive { .. }),
     };
     let handled = tokio::time::timeout(
         cfg.handler_timeout,
@@ -1006,19 +912,75 @@ async fn process_inner<H: Handler>(ctx: &Ctx<H>, m: &Incoming) -> Result<Step, E
         ),
     };
     match decide(&outcome, m.delivered, &cfg.retry, jitter_unit()) {
-        Action::Ack => acked(ctx, m, &stream_id, "ok").await,
+        Action::Ack => Settlement::Ack {
+            stream_id,
+            outcome: "ok",
+        },
         Action::Retry(delay) => {
             metrics::counter!("sluice_handler_outcomes_total", "worker" => cfg.name, "outcome" => "retry").increment(1);
             tracing::info!(worker = cfg.name, subject = %m.subject, seq = m.seq, attempt = m.delivered, retry_in = ?delay, "transient failure; retrying");
+            Settlement::Retry(delay)
+        }
+        Action::DeadLetter(reason) => {
+            metrics::counter!("sluice_handler_outcomes_total", "worker" => cfg.name, "outcome" => "dead_letter").increment(1);
+            Settlement::DeadLetter {
+                reason,
+                kind,
+                parked_behind: None,
+                park: Some(stream_id),
+            }
+        }
+    }
+}
+
+/// Carries a settlement out: ack, nak with the retry delay, or the dead
+/// letter (awaited), the parking, then `+TERM`.
+async fn settle<H: Handler>(
+    ctx: &Ctx<H>,
+    m: &Incoming,
+    settlement: Settlement,
+) -> Result<Step, Error> {
+    match settlement {
+        Settlement::Ack { stream_id, outcome } => acked(ctx, m, &stream_id, outcome).await,
+        Settlement::Retry(delay) => {
             m.msg
                 .ack_with(AckKind::Nak(Some(delay)))
                 .await
                 .map_err(|e| Error::nats("negatively acknowledging a message", e))?;
             Ok(Step::Retrying(delay))
         }
-        Action::DeadLetter(reason) => {
-            metrics::counter!("sluice_handler_outcomes_total", "worker" => cfg.name, "outcome" => "dead_letter").increment(1);
-            dead_letter(ctx, m, &stream_id, reason, kind, &write).await
+        Settlement::DeadLetter {
+            reason,
+            kind,
+            parked_behind,
+            park,
+        } => {
+            let redrive_of = match m.source {
+                Source::Live => None,
+                Source::Redrive { dlq_id, .. } => Some(dlq_id),
+            };
+            dlq::write(
+                &ctx.js,
+                NewDeadLetter {
+                    consumer: ctx.config.name,
+                    subject: &m.subject,
+                    stream: EVENTS_STREAM,
+                    sequence: m.seq,
+                    deliveries: m.delivered,
+                    reason: &reason,
+                    kind,
+                    headers: m.msg.headers.as_ref(),
+                    payload: m.msg.payload.clone(),
+                    parked_behind,
+                    redrive_of,
+                },
+            )
+            .await?;
+            if let Some(stream_id) = &park {
+                ctx.parks.park_head(stream_id, m.seq).await?;
+            }
+            term(&ctx.client, &m.msg, &reason).await;
+            Ok(Step::Done)
         }
     }
 }
@@ -1057,26 +1019,6 @@ async fn acked<H: Handler>(
     Ok(Step::Done)
 }
 
-/// Copy to the DLQ (awaited), park the aggregate, then `+TERM` the original.
-async fn dead_letter<H, W, F>(
-    ctx: &Ctx<H>,
-    m: &Incoming,
-    stream_id: &StreamId,
-    reason: String,
-    kind: Kind,
-    write: &W,
-) -> Result<Step, Error>
-where
-    H: Handler,
-    W: Fn(String, Kind, Option<u64>) -> F,
-    F: Future<Output = Result<u64, Error>>,
-{
-    write(reason.clone(), kind, None).await?;
-    ctx.parks.park_head(stream_id, m.seq).await?;
-    term(&ctx.client, &m.msg, &reason).await;
-    Ok(Step::Done)
-}
-
 /// What [`repartition`] did.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Repartitioned {
@@ -1109,8 +1051,7 @@ pub async fn repartition(
     let mut names = events.consumer_names();
     while let Some(n) = names.next().await {
         let n = n.map_err(|e| Error::nats("listing consumers", e))?;
-        let ours = crate::consumers::designates(config.name, &n)
-            && n != redrive_consumer_name(config.name);
+        let ours = designates(config.name, &n) && n != redrive_consumer_name(config.name);
         if ours && !wanted.contains(&n) {
             old.push(n);
         }
