@@ -1361,10 +1361,14 @@ async fn bench_projections_small() {
 /// (with progress), reset (refused without confirmation).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn cli_commands_query_list_rebuild_reset() {
-    use sluice_ledger::cli;
+    use sluice_host::projection_ops as cli;
     let nats = NatsServer::start();
     let rs = Store::fresh(Backend::Sqlite, "sluice_proj").await;
-    let side = ReadSide::connect(&nats.url(), &rs.url).await.unwrap();
+    let ledger = ReadSide::connect(&nats.url(), &rs.url).await.unwrap();
+    let app = sluice_host::App::new("sluice").module(sluice_ledger::module());
+    let side = sluice_host::ReadSide::open(app, ledger.store.clone(), &rs.url)
+        .await
+        .unwrap();
     let work = workload(5, 4, 41);
     let last = append_workload(&side.store, &work).await;
     let running = start_ledger(&side.db, &side.store, config()).await;

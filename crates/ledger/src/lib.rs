@@ -15,11 +15,12 @@
 
 mod account;
 pub mod bench;
-pub mod cli;
 mod events;
 mod fold;
 mod idempotent;
+mod module;
 mod read_models;
+mod routes;
 mod saga_bench;
 mod service;
 mod transfer;
@@ -33,9 +34,11 @@ pub use idempotent::{
     Idempotency, IdempotencyConfig, account_command as run_account_command, account_state,
     validate_idempotency_key,
 };
+pub use module::{Ledger, module};
 pub use read_models::{
     ACCOUNT_ACTIVITY, ACCOUNT_BALANCES, AccountActivity, AccountBalances, WriteMode,
 };
+pub use routes::routes;
 pub use saga_bench::{SagaBenchConfig, SagaBenchReport, bench_transfers};
 pub use service::{
     DATABASE_URL_ENV, DEFAULT_HTTP_ADDR, HTTP_ADDR_ENV, Projector, ReadSide, default_database_url,
@@ -62,20 +65,6 @@ pub enum Error {
     /// The event store failed.
     #[error(transparent)]
     Events(#[from] sluice_events::Error),
-    /// No projection of that name (CLI).
-    #[error("unknown projection {0:?}; known: account_balances, account_activity")]
-    UnknownProjection(String),
-    /// No row with that key (CLI).
-    #[error("no row {key:?} in {projection}")]
-    NotFound {
-        /// The projection.
-        projection: String,
-        /// The key asked for.
-        key: String,
-    },
-    /// A destructive command without its confirmation flag (CLI).
-    #[error("{0}")]
-    NotConfirmed(&'static str),
     /// The account refused the command.
     #[error("command refused: {0}")]
     Rejected(crate::account::AccountRejection),
@@ -97,22 +86,4 @@ pub enum Error {
     /// The idempotency records could not be read or written.
     #[error("idempotency records ({bucket}): {0}", bucket = crate::IDEMPOTENCY_BUCKET)]
     Idempotency(String),
-    /// Writing the output failed (CLI).
-    #[error("writing output: {0}")]
-    Io(#[from] std::io::Error),
-}
-
-impl Error {
-    /// The process exit code for the CLI: 2 for usage mistakes, 1 otherwise.
-    pub fn exit_code(&self) -> u8 {
-        match self {
-            Self::UnknownProjection(_)
-            | Self::NotConfirmed(_)
-            | Self::Projections(
-                sluice_projections::Error::RewindUnsupported { .. }
-                | sluice_projections::Error::ReplayOutOfRange { .. },
-            ) => 2,
-            _ => 1,
-        }
-    }
 }

@@ -4,7 +4,7 @@
 use std::sync::Arc;
 
 use sluice_events::{EventStore, StoreConfig};
-use sluice_projections::http::AppState;
+use sluice_host::http::AppState;
 use sluice_projections::{Database, Member, RunnerConfig, RunningGroup};
 use tokio_util::sync::CancellationToken;
 
@@ -12,7 +12,7 @@ use crate::Error;
 use crate::read_models::{AccountActivity, AccountBalances};
 
 /// Schema of the ledger read models.
-static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./migrations");
+pub(crate) static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./migrations");
 
 /// Applies the ledger's migrations (idempotent).
 pub async fn migrate(db: &Database) -> Result<(), Error> {
@@ -140,7 +140,7 @@ pub async fn serve_read_side(
 ) -> Result<(), Error> {
     let projector = Projector::start(&side, RunnerConfig::default(), shutdown.clone()).await?;
     let state = projector.app_state(&side);
-    let served = sluice_projections::http::serve(addr, state, shutdown.clone(), bound).await;
+    let served = sluice_host::http::serve_queries(addr, state, shutdown.clone(), bound).await;
     // Whatever ended the server, stop the projections with it.
     shutdown.cancel();
     projector.join().await;

@@ -19,13 +19,12 @@
 //!   never applied out of order; persisted in `sluice_parked`), or `halt`
 //!   stops the projection before it.
 //!
-//! The HTTP query API is [`http::app`].
+//! The HTTP query API over these read models is the host's (`sluice-host`).
 #![warn(clippy::unwrap_used)]
 
 mod db;
 mod dlq;
 mod error;
-pub mod http;
 mod projection;
 mod rebuild;
 mod replay;
@@ -41,7 +40,7 @@ pub use error::Error;
 pub use projection::{
     Page, ProjectedEvent, Projection, REBUILD_SUFFIX, ReadModel, Rejection, RewindSupport, Tables,
 };
-pub use rebuild::{RebuildProgress, RebuildReport, rebuild, rebuild_group, reset};
+pub use rebuild::{RebuildProgress, RebuildReport, rebuild, rebuild_group, reset, reset_member};
 pub use replay::{DeadLetterRecord, RedriveReport, ReplayReport, dead_letters, redrive, replay};
 pub use runner::{
     FailurePolicy, Live, LiveStatus, Member, RunState, Runner, RunnerConfig, consumer_name,

@@ -180,7 +180,20 @@ pub async fn rebuild_group(
 /// to stay online). Dead letters already in the `DLQ` stream are not
 /// written twice within its duplicate window.
 pub async fn reset<P: Projection>(db: &Database, projection: &P) -> Result<(), Error> {
-    let name = projection.name();
+    reset_tables(db, projection.name(), projection.tables()).await
+}
+
+/// [`reset`] of a projection known only as a [`Member`] (e.g. one of the
+/// projections a host runs for a domain).
+pub async fn reset_member(db: &Database, member: &Member) -> Result<(), Error> {
+    reset_tables(db, member.name(), member.0.dyn_tables()).await
+}
+
+async fn reset_tables(
+    db: &Database,
+    name: &'static str,
+    tables: &'static [&'static str],
+) -> Result<(), Error> {
     let mut tx = db.pool().begin().await?;
     // The checkpoint row first: it is what a running runner locks.
     sqlx::query(
@@ -191,7 +204,7 @@ pub async fn reset<P: Projection>(db: &Database, projection: &P) -> Result<(), E
     .bind(name)
     .execute(&mut *tx)
     .await?;
-    for table in projection.tables() {
+    for table in tables {
         sqlx::query(&format!("DELETE FROM {table}"))
             .execute(&mut *tx)
             .await?;
@@ -212,7 +225,7 @@ pub async fn reset<P: Projection>(db: &Database, projection: &P) -> Result<(), E
     // in the transaction and does not block readers or writers; a failure
     // only costs speed.
     if db.backend() == Backend::Postgres {
-        for table in projection.tables() {
+        for table in tables {
             if let Err(e) = sqlx::query(&format!("VACUUM {table}"))
                 .execute(db.pool())
                 .await

@@ -12,15 +12,15 @@ use sluice_sagas::OperatorAction;
 #[derive(Debug, clap::Args)]
 pub(crate) struct TransferArgs {
     /// Source account id.
-    #[arg(value_parser = crate::commands::id_arg)]
+    #[arg(value_parser = sluice_host::id_arg)]
     from: String,
     /// Target account id.
-    #[arg(value_parser = crate::commands::id_arg)]
+    #[arg(value_parser = sluice_host::id_arg)]
     to: String,
     /// Amount in minor units (> 0).
     amount: i64,
     /// Transfer id; also the idempotency key (default: a new UUIDv7).
-    #[arg(long, value_parser = crate::commands::id_arg)]
+    #[arg(long, value_parser = sluice_host::id_arg)]
     id: Option<String>,
     /// Wait up to this many seconds for the transfer to finish. Exit 0 only
     /// when it completed; 1 when it compensated, needs attention or was
@@ -45,7 +45,7 @@ pub(crate) enum SagaCommand {
     /// claim, reply, deadline, retry), resulting status, commands sent.
     Show {
         /// Transfer id.
-        #[arg(value_parser = crate::commands::id_arg)]
+        #[arg(value_parser = sluice_host::id_arg)]
         id: String,
     },
     /// Send the command a transfer that needs attention is stuck on again
@@ -53,7 +53,7 @@ pub(crate) enum SagaCommand {
     /// fixing its cause. Money moves at most once per step in all.
     Retry {
         /// Transfer id.
-        #[arg(value_parser = crate::commands::id_arg)]
+        #[arg(value_parser = sluice_host::id_arg)]
         id: String,
         /// Who and why, kept in the saga's log.
         #[arg(long)]
@@ -290,7 +290,7 @@ pub(crate) enum LedgerCommand {
     /// Open an account.
     Open {
         /// Account id.
-        #[arg(value_parser = crate::commands::id_arg)]
+        #[arg(value_parser = sluice_host::id_arg)]
         id: String,
         /// Owner.
         #[arg(long)]
@@ -302,7 +302,7 @@ pub(crate) enum LedgerCommand {
     /// Deposit minor units.
     Deposit {
         /// Account id.
-        #[arg(value_parser = crate::commands::id_arg)]
+        #[arg(value_parser = sluice_host::id_arg)]
         id: String,
         /// Minor units (> 0).
         amount: i64,
@@ -310,7 +310,7 @@ pub(crate) enum LedgerCommand {
     /// Withdraw minor units (never below zero).
     Withdraw {
         /// Account id.
-        #[arg(value_parser = crate::commands::id_arg)]
+        #[arg(value_parser = sluice_host::id_arg)]
         id: String,
         /// Minor units (> 0).
         amount: i64,
@@ -318,7 +318,7 @@ pub(crate) enum LedgerCommand {
     /// An account's balance and state, folded from its log.
     Show {
         /// Account id.
-        #[arg(value_parser = crate::commands::id_arg)]
+        #[arg(value_parser = sluice_host::id_arg)]
         id: String,
     },
 }

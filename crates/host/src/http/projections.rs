@@ -35,11 +35,12 @@ use sqlx::AnyConnection;
 use time::format_description::well_known::Rfc3339;
 use tokio_util::sync::CancellationToken;
 
-use crate::db::{Backend, Database};
-use crate::error::Error;
-use crate::projection::ReadModel;
-use crate::runner::{LiveStatus, read_checkpoint, to_u64};
-use crate::status::{ProjectionStatus, projection_status};
+use sluice_projections::{
+    Backend, Database, Error, LiveStatus, ProjectionStatus, ReadModel, projection_status,
+    read_checkpoint,
+};
+
+use super::problem::{Problem, ProblemType, problem_responses};
 
 /// Header alternative to the `min_position` query parameter.
 pub const MIN_POSITION_HEADER: &str = "Sluice-Min-Position";
@@ -467,12 +468,9 @@ async fn get_stream(
     }))
 }
 
-mod problem;
-
-pub use problem::{
-    PROBLEM_BASE, PROBLEM_JSON, Problem, ProblemType, json_objects_only, json_rejection,
-    problem_responses,
-};
+fn to_u64(v: i64) -> u64 {
+    u64::try_from(v).unwrap_or(0)
+}
 
 #[cfg(test)]
 mod tests;

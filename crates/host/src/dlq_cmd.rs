@@ -68,6 +68,7 @@ pub(crate) enum DlqCommand {
 /// read store (`database_url`, or the default under `home`) is opened only
 /// for a projection's dead letters.
 pub(crate) async fn run(
+    app: &crate::module::App,
     cmd: DlqCommand,
     nats_url: &str,
     json: bool,
@@ -142,10 +143,14 @@ pub(crate) async fn run(
                 (None, None) => None,
             };
             if let Some(name) = projection {
-                let member = sluice_ledger::cli::member(&name)?;
-                let side =
-                    crate::projection_cmd::connect(Some(nats_url.to_owned()), home, database_url)
-                        .await?;
+                let member = app.projection(&name)?.member().clone();
+                let side = crate::projection_cmd::connect(
+                    app,
+                    Some(nats_url.to_owned()),
+                    home,
+                    database_url,
+                )
+                .await?;
                 let report = match id {
                     Some(id) => {
                         sluice_projections::redrive_dead_letter(
@@ -216,9 +221,13 @@ pub(crate) async fn run(
                 .and_then(|e| sluice_projections::projection_of(&e.consumer).map(str::to_owned));
             let e = if projection.is_some() {
                 // Its record and parking in the read store go with it.
-                let side =
-                    crate::projection_cmd::connect(Some(nats_url.to_owned()), home, database_url)
-                        .await?;
+                let side = crate::projection_cmd::connect(
+                    app,
+                    Some(nats_url.to_owned()),
+                    home,
+                    database_url,
+                )
+                .await?;
                 let r = sluice_projections::discard(&side.db, &side.store, id, &reason).await;
                 side.db.close().await;
                 r?

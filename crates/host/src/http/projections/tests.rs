@@ -15,7 +15,7 @@ use tokio_util::sync::CancellationToken;
 use tower::ServiceExt;
 
 use super::{AppState, app};
-use crate::{
+use sluice_projections::{
     Database, Page, ProjectedEvent, Projection, ReadModel, Rejection, RunnerConfig, Tables,
 };
 
@@ -128,7 +128,7 @@ async fn fixture() -> Fixture {
         .await
         .expect("table");
     let shutdown = CancellationToken::new();
-    let running = crate::spawn(
+    let running = sluice_projections::spawn(
         Arc::new(Counts),
         db.clone(),
         store.clone(),

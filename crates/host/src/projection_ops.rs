@@ -1,42 +1,43 @@
-//! What the `sluice` CLI prints for the read side, as library functions the
-//! binary wires to its subcommands (`sluice query`, `sluice projection
-//! list|rebuild|reset`). Output goes to the writer given; progress of a
-//! rebuild goes to `progress` (stderr in the binary).
+//! The read side from the command line as library calls: what `query`
+//! and `projection list|rebuild|reset|dlq` and `replay` print, over the
+//! projections of an [`App`]'s modules. Output goes to the writer given;
+//! progress of a rebuild goes to `progress` (stderr in the binary).
 
 use std::io::Write;
-use std::sync::Arc;
 
-use sluice_projections::{Member, ReadModel, RebuildProgress, RunnerConfig, projection_status};
+use sluice_events::EventStore;
+use sluice_projections::{Database, Member, RebuildProgress, RunnerConfig, projection_status};
 use tokio_util::sync::CancellationToken;
 
 use crate::Error;
-use crate::read_models::{ACCOUNT_ACTIVITY, ACCOUNT_BALANCES, AccountActivity, AccountBalances};
-use crate::service::ReadSide;
+use crate::module::App;
 
-/// The projections the CLI knows, by constant name.
-pub const PROJECTIONS: [&str; 3] = [ACCOUNT_BALANCES, ACCOUNT_ACTIVITY, crate::TRANSFERS];
+/// The event log and the read store of an app: what the read-side
+/// commands work on.
+#[derive(Debug, Clone)]
+pub struct ReadSide {
+    /// The app whose projections these are.
+    pub app: App,
+    /// The event log.
+    pub store: EventStore,
+    /// The read store (migrated).
+    pub db: Database,
+}
 
-fn read_model(name: &str) -> Result<Arc<dyn ReadModel>, Error> {
-    match name {
-        ACCOUNT_BALANCES => Ok(Arc::new(AccountBalances::new())),
-        ACCOUNT_ACTIVITY => Ok(Arc::new(AccountActivity)),
-        crate::TRANSFERS => Ok(Arc::new(crate::Transfers)),
-        other => Err(Error::UnknownProjection(other.chars().take(64).collect())),
+impl ReadSide {
+    /// Opens the read store at `database_url` with every module's
+    /// migrations applied.
+    pub async fn open(app: App, store: EventStore, database_url: &str) -> Result<Self, Error> {
+        let db = app.open_read_store(database_url).await?;
+        Ok(Self { app, store, db })
+    }
+
+    fn member(&self, name: &str) -> Result<Member, Error> {
+        Ok(self.app.projection(name)?.member)
     }
 }
 
-/// The projection named `name`, for the runtime's operator calls (also the
-/// binary's dead-letter commands, which redrive a projection's dead letter).
-pub fn member(name: &str) -> Result<Member, Error> {
-    match name {
-        ACCOUNT_BALANCES => Ok(Member::from(Arc::new(AccountBalances::new()))),
-        ACCOUNT_ACTIVITY => Ok(Member::from(Arc::new(AccountActivity))),
-        crate::TRANSFERS => Ok(Member::from(Arc::new(crate::Transfers))),
-        other => Err(Error::UnknownProjection(other.chars().take(64).collect())),
-    }
-}
-
-/// `sluice query <projection> [<key>] [--after <key>] [--json]`: one row,
+/// `query <projection> [<key>] [--after <key>] [--json]`: one row,
 /// or a page of `limit` rows after the cursor `after` (JSON: one object per
 /// line).
 pub async fn query(
@@ -48,7 +49,7 @@ pub async fn query(
     json: bool,
     out: &mut (dyn Write + Send),
 ) -> Result<(), Error> {
-    let model = read_model(projection)?;
+    let model = side.app.projection(projection)?.read_model;
     let mut conn = side
         .db
         .pool()
@@ -98,11 +99,11 @@ pub async fn query(
     Ok(())
 }
 
-/// `sluice projection list [--json]` (JSON: one object per line).
+/// `projection list [--json]` (JSON: one object per line).
 pub async fn list(side: &ReadSide, json: bool, out: &mut (dyn Write + Send)) -> Result<(), Error> {
     let mut all = Vec::new();
-    for name in PROJECTIONS {
-        all.push(projection_status(&side.db, &side.store, name, None).await?);
+    for p in side.app.projections() {
+        all.push(projection_status(&side.db, &side.store, p.name(), None).await?);
     }
     if json {
         for s in &all {
@@ -142,7 +143,7 @@ pub async fn list(side: &ReadSide, json: bool, out: &mut (dyn Write + Send)) -> 
     Ok(())
 }
 
-/// `sluice projection rebuild <name>`: blue/green, resumable; a progress
+/// `projection rebuild <name>`: blue/green, resumable; a progress
 /// line (position/target, events/s, ETA) per report on `progress`. Returns
 /// `false` when `shutdown` interrupted it (run again to resume).
 pub async fn rebuild(
@@ -154,9 +155,8 @@ pub async fn rebuild(
     rebuild_together(side, &[name], progress, shutdown).await
 }
 
-/// `sluice projection rebuild <name>...`: several projections rebuilt with
-/// one feed and switched in one transaction (e.g. `account_balances
-/// account_activity`, which `sluice up` runs as one group), so they go live
+/// `projection rebuild <name>...`: several projections rebuilt with
+/// one feed and switched in one transaction (e.g. the members of one projection group), so they go live
 /// consistent with each other. Otherwise as [`rebuild`].
 pub async fn rebuild_together(
     side: &ReadSide,
@@ -166,7 +166,7 @@ pub async fn rebuild_together(
 ) -> Result<bool, Error> {
     let mut members: Vec<Member> = Vec::with_capacity(names.len());
     for name in names {
-        let m = member(name)?;
+        let m = side.member(name)?;
         if members.iter().all(|x| x.name() != m.name()) {
             members.push(m);
         }
@@ -211,24 +211,19 @@ pub async fn rebuild_together(
     Ok(done.is_some())
 }
 
-/// `sluice projection reset <name> --yes`: empty the tables and replay
+/// `projection reset <name> --yes`: empty the tables and replay
 /// from position 1 (a running projector follows at once).
 pub async fn reset(side: &ReadSide, name: &str, confirmed: bool) -> Result<(), Error> {
     if !confirmed {
         return Err(Error::NotConfirmed(
-            "reset empties the read model until it has replayed the log; pass --yes to confirm (or use `sluice projection rebuild` to stay online)",
+            "reset empties the read model until it has replayed the log; pass --yes to confirm (or rebuild the projection instead, to stay online)",
         ));
     }
-    match name {
-        ACCOUNT_BALANCES => sluice_projections::reset(&side.db, &AccountBalances::new()).await?,
-        ACCOUNT_ACTIVITY => sluice_projections::reset(&side.db, &AccountActivity).await?,
-        crate::TRANSFERS => sluice_projections::reset(&side.db, &crate::Transfers).await?,
-        other => return Err(Error::UnknownProjection(other.chars().take(64).collect())),
-    }
+    sluice_projections::reset_member(&side.db, &side.member(name)?).await?;
     Ok(())
 }
 
-/// `sluice replay --projection <name> --from <seq>`: undo the events from
+/// `replay --projection <name> --from <seq>`: undo the events from
 /// `from` on and let the projector apply them again (exactly: refused for a
 /// projection that cannot undo exactly).
 pub async fn replay(
@@ -238,9 +233,13 @@ pub async fn replay(
     json: bool,
     out: &mut (dyn Write + Send),
 ) -> Result<(), Error> {
-    let report =
-        sluice_projections::replay(member(name)?, side.db.clone(), side.store.clone(), from)
-            .await?;
+    let report = sluice_projections::replay(
+        side.member(name)?,
+        side.db.clone(),
+        side.store.clone(),
+        from,
+    )
+    .await?;
     if json {
         writeln!(
             out,
@@ -268,7 +267,7 @@ pub async fn replay(
     Ok(())
 }
 
-/// `sluice projection dlq <name> list`: the events a projection did not
+/// `projection dlq <name> list`: the events a projection did not
 /// apply, oldest first.
 pub async fn dead_letters(
     side: &ReadSide,
@@ -276,7 +275,7 @@ pub async fn dead_letters(
     json: bool,
     out: &mut (dyn Write + Send),
 ) -> Result<(), Error> {
-    let name = member(name)?.name();
+    let name = side.member(name)?.name();
     let records = sluice_projections::dead_letters(&side.db, name).await?;
     if json {
         for r in &records {
@@ -307,7 +306,7 @@ pub async fn dead_letters(
     Ok(())
 }
 
-/// `sluice projection dlq <name> redrive`: apply its dead letters now that
+/// `projection dlq <name> redrive`: apply its dead letters now that
 /// the cause is fixed, in order per aggregate, exactly once.
 pub async fn redrive(
     side: &ReadSide,
@@ -316,7 +315,8 @@ pub async fn redrive(
     out: &mut (dyn Write + Send),
 ) -> Result<(), Error> {
     let report =
-        sluice_projections::redrive(member(name)?, side.db.clone(), side.store.clone()).await?;
+        sluice_projections::redrive(side.member(name)?, side.db.clone(), side.store.clone())
+            .await?;
     if json {
         writeln!(
             out,

@@ -25,25 +25,25 @@ use tower::ServiceExt;
 
 /// How much of the server one client connection may hold, and for how long.
 #[derive(Debug, Clone)]
-pub(crate) struct ConnLimits {
+pub struct ConnLimits {
     /// Time a connection has to send a request's headers, from its accept
     /// or from the end of the previous response (HTTP/1.1 keep-alive).
-    pub(crate) header_read_timeout: Duration,
+    pub header_read_timeout: Duration,
     /// Time a connection may go without a byte read or written before it is
     /// closed (after the request in flight, if any, is answered).
-    pub(crate) idle_timeout: Duration,
+    pub idle_timeout: Duration,
     /// Connections served at once; more are answered 503 and closed.
-    pub(crate) max_connections: usize,
+    pub max_connections: usize,
     /// Largest request line plus headers answered normally; larger gets a
     /// 431 problem (up to [`HARD_LIMIT_FACTOR`] times this, above which
     /// hyper closes the connection with a bare 431 before a handler runs).
-    pub(crate) max_header_bytes: usize,
+    pub max_header_bytes: usize,
     /// Most request header fields answered normally; more gets a 431
     /// problem (hyper's bare 431 above [`HARD_LIMIT_FACTOR`] times this).
-    pub(crate) max_headers: usize,
+    pub max_headers: usize,
     /// Longest a request may take (the router's timeout): how long a closing
     /// connection's last request may still run.
-    pub(crate) request_timeout: Duration,
+    pub request_timeout: Duration,
 }
 
 /// The protocol parser's own limits are this multiple of the configured
@@ -88,11 +88,11 @@ pub(crate) fn open_files_limit() -> Option<u64> {
 fn over_capacity_response() -> Vec<u8> {
     let body = format!(
         r#"{{"type":"{}unavailable","title":"Service unavailable","status":503,"detail":"the server is serving its maximum number of connections (http.max_connections); retry shortly"}}"#,
-        sluice_projections::http::PROBLEM_BASE
+        super::problem::PROBLEM_BASE
     );
     format!(
         "HTTP/1.1 503 Service Unavailable\r\ncontent-type: {}\r\nretry-after: 1\r\nconnection: close\r\ncontent-length: {}\r\n\r\n{body}",
-        sluice_projections::http::PROBLEM_JSON,
+        super::problem::PROBLEM_JSON,
         body.len()
     )
     .into_bytes()

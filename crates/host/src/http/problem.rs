@@ -302,7 +302,7 @@ impl From<sluice_events::Error> for Problem {
 
 impl From<sqlx::Error> for Problem {
     fn from(e: sqlx::Error) -> Self {
-        if crate::db::is_transient(&e) {
+        if sluice_projections::is_transient(&e) {
             Self::unavailable(e)
         } else {
             Self::internal(e)
@@ -310,11 +310,11 @@ impl From<sqlx::Error> for Problem {
     }
 }
 
-impl From<crate::Error> for Problem {
-    fn from(e: crate::Error) -> Self {
+impl From<sluice_projections::Error> for Problem {
+    fn from(e: sluice_projections::Error) -> Self {
         match e {
-            crate::Error::Events(e) => e.into(),
-            crate::Error::Database(e) => e.into(),
+            sluice_projections::Error::Events(e) => e.into(),
+            sluice_projections::Error::Database(e) => e.into(),
             e => Self::internal(e),
         }
     }

@@ -16,15 +16,14 @@ use anyhow::Context;
 use sluice_events::{
     EmbeddedAuth, EmbeddedConfig, EmbeddedServer, EventStore, StoreConfig, SyncInterval, redact_url,
 };
-use sluice_ledger::{AccountActivity, AccountBalances, Projector, ReadSide};
 use sluice_projections::RunnerConfig;
-use sluice_projections::http::AppState;
 use tokio::signal::unix::{SignalKind, signal};
 use tokio_util::sync::CancellationToken;
 
 use crate::config::{Config, Role};
 use crate::endpoint::{self, Endpoint};
 use crate::http;
+use crate::module::App;
 
 /// Options of `sluice up`.
 #[derive(Debug, clap::Args)]
@@ -51,9 +50,9 @@ pub(crate) struct ServeArgs {
 }
 
 impl ServeArgs {
-    /// The default service name in traces: `sluice-<role>[-<role>...]`, from
+    /// The default service name in traces: `<binary>-<role>[-<role>...]`, from
     /// `--role`, else the configuration (which `serve` validates later).
-    pub(crate) fn service_name(&self) -> String {
+    pub(crate) fn service_name(&self, binary: &str) -> String {
         let roles = if self.roles.is_empty() {
             Config::load(self.common.config.as_deref())
                 .map(|c| c.roles())
@@ -65,7 +64,7 @@ impl ServeArgs {
             .iter()
             .map(|r| format!("{r:?}").to_lowercase())
             .collect();
-        format!("sluice-{}", names.join("-"))
+        format!("{binary}-{}", names.join("-"))
     }
 }
 
@@ -110,6 +109,7 @@ fn load_config(common: &CommonArgs, nats_url: Option<String>) -> anyhow::Result<
 }
 
 pub(crate) async fn up(
+    app: &App,
     args: UpArgs,
     nats_url: Option<String>,
     home: PathBuf,
@@ -145,6 +145,7 @@ pub(crate) async fn up(
     };
     let embedded_url = embedded.as_ref().map(EmbeddedServer::anonymous_url);
     let result = run(
+        app,
         &config,
         &url,
         &Role::ALL,
@@ -160,6 +161,7 @@ pub(crate) async fn up(
 }
 
 pub(crate) async fn serve(
+    app: &App,
     args: ServeArgs,
     nats_url: Option<String>,
     home: PathBuf,
@@ -172,10 +174,10 @@ pub(crate) async fn serve(
         "sluice serve needs a NATS server: set SLUICE_NATS_URL, --nats-url or nats.url (use `sluice up` for the embedded one)",
     )?;
     if args.provision_only {
-        return crate::provision::provision(&config, &url).await;
+        return crate::provision::provision(app, &config, &url).await;
     }
     let roles = config.roles();
-    run(&config, &url, &roles, &home, None, args.common.strict).await
+    run(app, &config, &url, &roles, &home, None, args.common.strict).await
 }
 
 /// Where `sluice up` keeps the embedded server's admin credential (0600).
@@ -186,6 +188,7 @@ pub(crate) fn credentials_path(home: &Path) -> PathBuf {
 /// `embedded_url`: the embedded server's URL without its credential (what the
 /// endpoint file and the output show), when `url` is that server.
 async fn run(
+    app: &App,
     config: &Config,
     url: &str,
     roles: &[Role],
@@ -246,37 +249,35 @@ async fn run(
             .database
             .url
             .clone()
-            .unwrap_or_else(|| sluice_ledger::default_database_url(home));
+            .unwrap_or_else(|| endpoint::default_database_url(home));
         std::fs::create_dir_all(home)?;
-        let side = ReadSide::with_store(store.clone(), &db_url)
+        let db = app
+            .open_read_store(&db_url)
             .await
             .with_context(|| format!("opening the read store {}", endpoint::redacted(&db_url)))?;
         read_store = Some(db_url);
-        let projector = if has(Role::Projector) {
-            Some(Projector::start(&side, RunnerConfig::default(), shutdown.clone()).await?)
+        let projections = app.projections();
+        // With a projector here the API shows its live status; API-only
+        // replicas read checkpoints from the database.
+        let projector = if has(Role::Projector) && !projections.is_empty() {
+            Some(
+                sluice_projections::spawn_group(
+                    projections.iter().map(|p| p.member().clone()).collect(),
+                    db.clone(),
+                    store.clone(),
+                    RunnerConfig::default(),
+                    shutdown.clone(),
+                )
+                .await?,
+            )
         } else {
             None
         };
         if has(Role::Api) {
-            let (state, live) = match &projector {
-                Some(p) => (
-                    p.app_state(&side),
-                    p.group
-                        .projections
-                        .iter()
-                        .map(|r| (r.name, r.live.clone()))
-                        .collect(),
-                ),
-                // API-only replicas read checkpoints from the database.
-                None => (
-                    AppState::builder(side.store.clone(), side.db.clone())
-                        .read_model(Arc::new(AccountBalances::new()), None)
-                        .read_model(Arc::new(AccountActivity), None)
-                        .read_model(Arc::new(sluice_ledger::Transfers), None)
-                        .build(),
-                    Vec::new(),
-                ),
-            };
+            let live: Vec<(&'static str, sluice_projections::LiveStatus)> = projector
+                .iter()
+                .flat_map(|g| g.projections.iter().map(|r| (r.name, r.live.clone())))
+                .collect();
             let token_path = config
                 .http
                 .token_file
@@ -297,10 +298,6 @@ async fn run(
                 opts.rate_per_sec = r;
                 opts.burst = r.saturating_mul(2);
             }
-            let idempotency =
-                sluice_ledger::Idempotency::open(store.jetstream(), config.idempotency())
-                    .await
-                    .context("opening the idempotency records")?;
             opts.conn = config.conn_limits(opts.timeout);
             opts.tokens = Some(Arc::new(crate::tokens::TokenStore::new(
                 crate::tokens::path(home),
@@ -313,17 +310,16 @@ async fn run(
                 .unwrap_or(embedded && config.http_addr().ip().is_loopback());
             opts.open_metrics = opts.open_reads || config.http.open_metrics.unwrap_or(false);
             open_reads = opts.open_reads;
-            let app = http::router(
-                sluice_projections::http::app(state),
-                http::Parts {
-                    store: store.clone(),
-                    idempotency,
-                    db: Some(side.db.clone()),
-                    live,
-                    catalog: Arc::new(crate::commands::catalog()?),
-                },
+            let app_router = http::app_router(
+                app,
+                store.clone(),
+                Some(db.clone()),
+                live,
+                config.nats.replicas.unwrap_or(1),
+                config.idempotency_retention(),
                 &opts,
-            );
+            )
+            .await?;
             // Read before binding, so a bad certificate stops the start.
             let tls = match (&config.http.tls_cert, &config.http.tls_key) {
                 (Some(cert), Some(key)) => Some(http::tls_acceptor(cert, key)?),
@@ -335,43 +331,32 @@ async fn run(
             http_addr = Some(listener.local_addr()?);
             let (sd, limits) = (shutdown.clone(), opts.conn.clone());
             tasks.push(tokio::spawn(async move {
-                http::serve(listener, app, limits, tls, sd).await
+                http::serve(listener, app_router, limits, tls, sd).await
             }));
         }
-        if let Some(p) = projector {
+        if let Some(g) = projector {
             let sd = shutdown.clone();
             tasks.push(tokio::spawn(async move {
                 sd.cancelled().await;
-                p.join().await;
+                let _ = g.task.await;
                 Ok(())
             }));
         }
     }
-    // The ledger's command handlers (worker) and transfer orchestrator (saga).
-    let mut role_config = crate::provision::role_config(config);
-    if embedded {
-        // `sluice up` on its own nats-server is the only consumer there is:
-        // a restart takes the dead process's pins and in-flight commands
-        // over at once instead of after the pin timeout, so no saga step
-        // times out because of the restart.
-        role_config.handler.take_over_on_start = true;
-        role_config.orchestrator.worker.take_over_on_start = true;
-    }
-    if has(Role::Worker) {
-        let (st, sd, cfg) = (store.clone(), shutdown.clone(), role_config.handler.clone());
-        tasks.push(tokio::spawn(async move {
-            sluice_ledger::run_account_commands(&st, cfg, sd)
-                .await
-                .context("worker role")
-        }));
-    }
-    if has(Role::Saga) {
-        let (st, sd, cfg) = (store.clone(), shutdown.clone(), role_config);
-        tasks.push(tokio::spawn(async move {
-            sluice_ledger::run_transfer_orchestrator(&st, &cfg, sd)
-                .await
-                .context("saga role")
-        }));
+    // The modules' command handlers (worker) and orchestrators (saga).
+    let role_ctx = crate::provision::role_context(config, &store, shutdown.clone(), embedded);
+    for m in &app.modules {
+        for t in m.roles(&role_ctx) {
+            if !has(t.role) {
+                continue;
+            }
+            let (module, name, task) = (m.name(), t.name, t.task);
+            tracing::info!(module, task = %name, role = ?t.role, "starting");
+            tasks.push(tokio::spawn(async move {
+                task.await
+                    .map_err(|e| anyhow::anyhow!("{module} {name}: {e}"))
+            }));
+        }
     }
 
     if embedded || endpoint::read(home).is_none() {

@@ -7,8 +7,8 @@ use anyhow::Context;
 use futures::StreamExt;
 use serde_json::json;
 use sluice_events::{
-    Catalog, ConnectConfig, EventId, EventStore, ExpectedVersion, NewEvent, RecordedEvent,
-    StoreConfig, StreamId, validate_token,
+    ConnectConfig, EventId, EventStore, ExpectedVersion, NewEvent, RecordedEvent, StoreConfig,
+    StreamId, validate_token,
 };
 
 use crate::endpoint;
@@ -41,7 +41,7 @@ pub(crate) struct PublishArgs {
 /// Clap parser for an aggregate, account, transfer or consumer id: one
 /// subject token (`[A-Za-z0-9_-]{1,128}`), so a bad id is a usage error
 /// (exit 2) found before anything is sent.
-pub(crate) fn id_arg(s: &str) -> Result<String, String> {
+pub fn id_arg(s: &str) -> Result<String, String> {
     validate_token("id", s)
         .map(|()| s.to_owned())
         .map_err(|e| e.to_string())
@@ -50,12 +50,6 @@ pub(crate) fn id_arg(s: &str) -> Result<String, String> {
 /// Clap parser for an event id (1-128 printable ASCII characters).
 fn event_id_arg(s: &str) -> Result<EventId, String> {
     EventId::parse(s).map_err(|e| e.to_string())
-}
-
-/// What the public append accepts: the platform's reserved categories and
-/// the ledger's declared types with their schemas. Build it once.
-pub(crate) fn catalog() -> anyhow::Result<Catalog> {
-    Ok(Catalog::platform().merge(sluice_ledger::catalog()?)?)
 }
 
 fn parse_expected(s: &str) -> Result<ExpectedVersion, String> {
@@ -88,6 +82,7 @@ fn load_data(data: &str) -> anyhow::Result<Vec<u8>> {
 }
 
 pub(crate) async fn publish(
+    app: &crate::module::App,
     args: PublishArgs,
     nats_url: Option<String>,
     home: &Path,
@@ -98,7 +93,7 @@ pub(crate) async fn publish(
     }
     // Validate before connecting, so bad input fails fast and offline.
     event.validate(StoreConfig::default().max_payload)?;
-    catalog()?.check(&args.stream, 0, &event)?;
+    app.catalog()?.check(&args.stream, 0, &event)?;
     let store = connect(nats_url, home).await?;
     let r = store.append(&args.stream, args.expect, vec![event]).await?;
     if args.json {

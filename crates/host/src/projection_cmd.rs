@@ -4,11 +4,11 @@
 
 use std::path::Path;
 
+use crate::module::App;
+use crate::projection_ops::{self as cli, ReadSide};
 use anyhow::Context;
 use serde_json::json;
 use sluice_events::{ConnectConfig, EventStore, StoreConfig};
-use sluice_ledger::ReadSide;
-use sluice_ledger::cli;
 use tokio_util::sync::CancellationToken;
 
 use crate::endpoint;
@@ -107,6 +107,7 @@ pub(crate) struct QueryArgs {
 
 /// The read side at `database_url` (or the default store under `home`).
 pub(crate) async fn connect(
+    app: &App,
     nats_url: Option<String>,
     home: &Path,
     database_url: Option<String>,
@@ -115,17 +116,19 @@ pub(crate) async fn connect(
     let store =
         EventStore::connect_with(&ConnectConfig::from_env(url)?, StoreConfig::default()).await?;
     let db = endpoint::resolve_database(database_url, home)?;
-    ReadSide::with_store(store, &db.url).await.with_context(|| {
-        format!(
-            "opening the read store {} (from {})",
-            endpoint::redacted(&db.url),
-            db.origin
-        )
-    })
+    ReadSide::open(app.clone(), store, &db.url)
+        .await
+        .with_context(|| {
+            format!(
+                "opening the read store {} (from {})",
+                endpoint::redacted(&db.url),
+                db.origin
+            )
+        })
 }
 
 /// Usage mistakes (unknown projection, missing --yes) exit with 2.
-fn exit(result: Result<(), sluice_ledger::Error>) -> anyhow::Result<std::process::ExitCode> {
+fn exit(result: Result<(), crate::Error>) -> anyhow::Result<std::process::ExitCode> {
     match result {
         Ok(()) => Ok(std::process::ExitCode::SUCCESS),
         Err(e) if e.exit_code() == 2 => {
@@ -137,12 +140,13 @@ fn exit(result: Result<(), sluice_ledger::Error>) -> anyhow::Result<std::process
 }
 
 pub(crate) async fn query(
+    app: &App,
     args: QueryArgs,
     nats_url: Option<String>,
     home: &Path,
     database_url: Option<String>,
 ) -> anyhow::Result<std::process::ExitCode> {
-    let side = connect(nats_url, home, database_url).await?;
+    let side = connect(app, nats_url, home, database_url).await?;
     let mut out = std::io::stdout();
     let r = cli::query(
         &side,
@@ -159,13 +163,14 @@ pub(crate) async fn query(
 }
 
 pub(crate) async fn projection(
+    app: &App,
     cmd: ProjectionCommand,
     json: bool,
     nats_url: Option<String>,
     home: &Path,
     database_url: Option<String>,
 ) -> anyhow::Result<std::process::ExitCode> {
-    let side = connect(nats_url, home, database_url).await?;
+    let side = connect(app, nats_url, home, database_url).await?;
     let mut out = std::io::stdout();
     let result = match cmd {
         ProjectionCommand::List => cli::list(&side, json, &mut out).await,
@@ -193,7 +198,7 @@ pub(crate) async fn projection(
         ProjectionCommand::Dlq { name, cmd } => match cmd {
             DlqCommand::List => cli::dead_letters(&side, &name, json, &mut out).await,
             DlqCommand::Redrive => cli::redrive(&side, &name, json, &mut out).await,
-            DlqCommand::Discard { position, reason } => match cli::member(&name) {
+            DlqCommand::Discard { position, reason } => match app.projection(&name) {
                 Err(e) => Err(e),
                 Ok(member) => {
                     let found = sluice_projections::discard_position(
@@ -221,7 +226,8 @@ pub(crate) async fn projection(
                         Ok(false) => {
                             side.db.close().await;
                             anyhow::bail!(
-                                "{name} has no dead letter at position {position}; see `sluice projection dlq {name} list`"
+                                "{name} has no dead letter at position {position}; see `{} projection dlq {name} list`",
+                                app.name()
                             );
                         }
                         Err(e) => {
@@ -245,11 +251,12 @@ pub(crate) async fn projection(
 }
 
 pub(crate) async fn replay(
+    app: &App,
     args: ReplayArgs,
     nats_url: Option<String>,
     home: &Path,
 ) -> anyhow::Result<std::process::ExitCode> {
-    let side = connect(nats_url, home, args.database_url).await?;
+    let side = connect(app, nats_url, home, args.database_url).await?;
     let mut out = std::io::stdout();
     let r = cli::replay(&side, &args.projection, args.from, args.json, &mut out).await;
     side.db.close().await;

@@ -38,6 +38,11 @@ pub(crate) struct Endpoint {
     pub(crate) nats_credentials_file: Option<PathBuf>,
 }
 
+/// The embedded default read store: a SQLite file under the home.
+pub(crate) fn default_database_url(home: &Path) -> String {
+    format!("sqlite://{}", home.join("read.db").display())
+}
+
 pub(crate) fn path(home: &Path) -> PathBuf {
     home.join("endpoint.json")
 }
@@ -165,7 +170,7 @@ pub(crate) fn resolve_database(
         path(home).display()
     );
     Ok(ReadStore {
-        url: sluice_ledger::default_database_url(home),
+        url: default_database_url(home),
         origin: "the default SQLite file under the home",
     })
 }

@@ -14,7 +14,7 @@ use sluice_events::ConnectConfig;
 /// A role a process runs; any subset, `sluice up` runs all.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Deserialize, clap::ValueEnum)]
 #[serde(rename_all = "lowercase")]
-pub(crate) enum Role {
+pub enum Role {
     /// HTTP API.
     Api,
     /// Projection runners.
@@ -114,9 +114,13 @@ pub(crate) struct HttpSection {
     pub(crate) open_metrics: Option<bool>,
 }
 
-/// Default ack wait of the ledger's workers.
+/// How long an Idempotency-Key is remembered by default: a day, as payment
+/// APIs do.
+const DEFAULT_IDEMPOTENCY_RETENTION: std::time::Duration =
+    std::time::Duration::from_secs(24 * 60 * 60);
+/// Default ack wait of the modules' workers.
 const DEFAULT_ACK_WAIT_SECS: u64 = 10;
-/// Default pin timeout of the ledger's workers (the roles' takeover time).
+/// Default pin timeout of the modules' workers (the roles' takeover time).
 const DEFAULT_PIN_TIMEOUT_SECS: u64 = 15;
 
 /// Durable worker settings (the worker and saga roles).
@@ -326,7 +330,7 @@ impl Config {
                 ack_wait.as_secs()
             );
         }
-        let deadline = sluice_ledger::TransferRoleConfig::default().deadline;
+        let deadline = crate::module::DEFAULT_STEP_DEADLINE;
         if pin_timeout * 2 > deadline {
             bail!(
                 "workers.pin_timeout_secs ({}) must be at most half the transfer step deadline ({} s): a standby replica takes a dead one's in-flight commands over only after the pin timeout, and a later takeover would make healthy transfers compensate",
@@ -451,17 +455,19 @@ impl Config {
             .collect()
     }
 
-    /// The idempotency records' settings: retention (default 24 h) and the
-    /// event stream's replicas.
-    pub(crate) fn idempotency(&self) -> sluice_ledger::IdempotencyConfig {
-        sluice_ledger::IdempotencyConfig {
-            retention: self.idempotency.retention_secs.map_or(
-                sluice_ledger::DEFAULT_IDEMPOTENCY_RETENTION,
-                std::time::Duration::from_secs,
-            ),
-            replicas: self.nats.replicas.unwrap_or(1),
-            ..sluice_ledger::IdempotencyConfig::default()
-        }
+    /// The configured overall saga deadline, if any.
+    pub(crate) fn saga_deadline(&self) -> Option<std::time::Duration> {
+        self.workers
+            .saga_deadline_secs
+            .map(std::time::Duration::from_secs)
+    }
+
+    /// How long idempotency records are kept (default 24 h).
+    pub(crate) fn idempotency_retention(&self) -> std::time::Duration {
+        self.idempotency.retention_secs.map_or(
+            DEFAULT_IDEMPOTENCY_RETENTION,
+            std::time::Duration::from_secs,
+        )
     }
 
     /// What one HTTP connection may hold: the configured limits over the
@@ -558,33 +564,23 @@ mod tests {
         assert_eq!(c.database.url.as_deref(), Some("sqlite://x.db"));
         assert_eq!(c.roles(), vec![Role::Worker, Role::Saga]);
         assert_eq!(c.worker_timeouts().1.as_secs(), 15);
-        assert_eq!(c.idempotency().retention.as_secs(), 86_400);
-        // The transfers' overall deadline: 5 minutes unless configured.
-        assert_eq!(
-            crate::provision::role_config(&c).saga_deadline.as_secs(),
-            300
-        );
+        assert_eq!(c.idempotency_retention().as_secs(), 86_400);
+        // The sagas' overall deadline: each module's own unless configured.
+        assert_eq!(c.saga_deadline(), None);
         std::fs::write(&path, "[workers]\nsaga_deadline_secs = 600\n").unwrap();
         let c = Config::load_with(Some(&path), none).unwrap();
-        assert_eq!(
-            crate::provision::role_config(&c).saga_deadline.as_secs(),
-            600
-        );
+        assert_eq!(c.saga_deadline().map(|d| d.as_secs()), Some(600));
         let env = |k: &str| (k == "SLUICE_SAGA_DEADLINE_SECS").then(|| "120".to_owned());
         let c = Config::load_with(None, env).unwrap();
-        assert_eq!(
-            crate::provision::role_config(&c).saga_deadline.as_secs(),
-            120
-        );
+        assert_eq!(c.saga_deadline().map(|d| d.as_secs()), Some(120));
         std::fs::write(&path, "[idempotency]\nretention_secs = 3600\n").unwrap();
         let c = Config::load_with(Some(&path), none).unwrap();
-        assert_eq!(c.idempotency().retention.as_secs(), 3600);
+        assert_eq!(c.idempotency_retention().as_secs(), 3600);
         let env = |k: &str| (k == "SLUICE_IDEMPOTENCY_RETENTION_SECS").then(|| "60".to_owned());
         assert_eq!(
             Config::load_with(Some(&path), env)
                 .unwrap()
-                .idempotency()
-                .retention
+                .idempotency_retention()
                 .as_secs(),
             60
         );
