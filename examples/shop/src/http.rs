@@ -1,16 +1,15 @@
-//! The shop's HTTP routes, their problems (RFC 9457) and their OpenAPI
-//! paths. Every use of the platform's problem type is in this file.
+//! The shop's HTTP routes and their problems (RFC 9457). Every use of
+//! the platform's problem type is in this file.
 
-use axum::extract::rejection::JsonRejection;
 use axum::extract::{Path, State};
 use axum::http::{StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
 use serde::Deserialize;
-use serde_json::{Value, json};
+use serde_json::json;
 use sluice_events::EventStore;
-use sluice_projections::http::{Problem, ProblemType, json_rejection};
+use sluice_host::http::{ObjectBody, Problem, ProblemType, object_body, saga_error};
 use sluice_sagas::SagaError;
 
 use crate::Error;
@@ -26,24 +25,22 @@ pub fn routes(store: EventStore) -> Router {
         .with_state(store)
 }
 
-/// The problem for a shop error: a refused rule is 422 naming it, bad
-/// input 400, the event store's errors by kind, anything else 500 (logged).
-fn problem(e: Error) -> Problem {
+/// The answer to a shop error: a refused rule is 422 naming it, the saga
+/// runtime's and the event store's errors as the platform answers them
+/// (the saga's own refusal, bad input, is 400).
+fn problem(e: Error) -> Response {
     let rule = |detail: String, rule: &'static str| {
-        Problem::of(ProblemType::Rejected, detail).with("rule", rule)
+        Problem::of(ProblemType::Rejected, detail)
+            .with("rule", rule)
+            .into_response()
     };
     match e {
         Error::Stock(r) => rule(format!("command refused: {r}"), r.rule()),
         Error::Order(r) => rule(format!("order refused: {r}"), r.rule()),
-        Error::Events(e) | Error::Sagas(SagaError::Events(e)) => Problem::from(e),
-        Error::Sagas(SagaError::Invalid(msg)) => Problem::bad_request(msg),
-        e => Problem::internal(e),
+        Error::Events(e) => Problem::from(e).into_response(),
+        Error::Sagas(SagaError::Invalid(msg)) => Problem::bad_request(msg).into_response(),
+        Error::Sagas(e) => saga_error(e),
     }
-}
-
-/// A JSON body of shape `shape`, or the problem saying what is wrong.
-fn body<T>(body: Result<Json<T>, JsonRejection>, shape: &str) -> Result<T, Problem> {
-    body.map(|Json(b)| b).map_err(|e| json_rejection(&e, shape))
 }
 
 #[derive(Debug, Deserialize)]
@@ -55,9 +52,9 @@ struct ReceiptBody {
 async fn receive(
     State(store): State<EventStore>,
     Path(sku): Path<String>,
-    b: Result<Json<ReceiptBody>, JsonRejection>,
-) -> Result<Response, Problem> {
-    let b = body(b, r#"{"quantity": <units > 0>}"#)?;
+    b: ObjectBody<ReceiptBody>,
+) -> Result<Response, Response> {
+    let b = object_body(b, r#"{"quantity": <units > 0>}"#).map_err(|r| *r)?;
     let position = crate::receive_stock(&store, &sku, b.quantity)
         .await
         .map_err(problem)?;
@@ -77,9 +74,10 @@ struct OrderBody {
 
 async fn place(
     State(store): State<EventStore>,
-    b: Result<Json<OrderBody>, JsonRejection>,
-) -> Result<Response, Problem> {
-    let b = body(b, r#"{"customer", "lines": [{"sku", "quantity"}], "id"?}"#)?;
+    b: ObjectBody<OrderBody>,
+) -> Result<Response, Response> {
+    let b =
+        object_body(b, r#"{"customer", "lines": [{"sku", "quantity"}], "id"?}"#).map_err(|r| *r)?;
     let (id, started) = place_order(&store, b.id, b.customer, b.lines)
         .await
         .map_err(problem)?;
@@ -96,26 +94,10 @@ async fn place(
 async fn show(
     State(store): State<EventStore>,
     Path(id): Path<String>,
-) -> Result<Response, Problem> {
+) -> Result<Response, Response> {
     match order_status(&store, &id).await.map_err(problem)? {
         Some(view) => Ok(Json(view).into_response()),
-        None => Err(Problem::not_found(format!("no order {id}"))),
-    }
-}
-
-/// The shop's OpenAPI paths (`examples/shop/openapi.json`).
-const OPENAPI_PATHS: &str = include_str!("../openapi.json");
-
-/// Adds the shop's paths to an OpenAPI document's `paths`.
-pub fn openapi(doc: &mut Value) {
-    let Ok(Value::Object(fragment)) = serde_json::from_str(OPENAPI_PATHS) else {
-        return;
-    };
-    let paths = doc
-        .as_object_mut()
-        .map(|d| d.entry("paths").or_insert(json!({})));
-    if let Some(Value::Object(paths)) = paths {
-        paths.extend(fragment);
+        None => Err(Problem::not_found(format!("no order {id}")).into_response()),
     }
 }
 
@@ -123,8 +105,8 @@ pub fn openapi(doc: &mut Value) {
 mod tests {
     #[test]
     fn the_openapi_paths_name_the_three_routes() {
-        let mut doc = serde_json::json!({"openapi": "3.1.0"});
-        super::openapi(&mut doc);
+        let mut doc = serde_json::json!({"openapi": "3.1.0", "paths": {}});
+        sluice_host::Module::openapi(&crate::module(), &mut doc);
         let paths = doc["paths"].as_object().unwrap();
         let mut names: Vec<&str> = paths.keys().map(String::as_str).collect();
         names.sort_unstable();

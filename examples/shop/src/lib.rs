@@ -3,24 +3,23 @@
 //! reserves every line, then sells the reservations, or releases them and
 //! cancels the order with the reason.
 //!
-//! What a host needs to run it: [`catalog`] (the event types and schemas
-//! the public append checks), [`MIGRATOR`] (the read models' tables),
-//! [`projections`] (`stock_levels`, `orders`), the `worker` role
-//! [`run_stock_commands`], the `saga` role [`run_order_orchestrator`], the
-//! HTTP [`routes`] and their [`openapi`] paths.
+//! [`module`] hands all of it to `sluice-host`: [`catalog`] (the event
+//! types and schemas the public append checks), [`MIGRATOR`] (the read
+//! models' tables), the projections `stock_levels` and `orders`, the
+//! `worker` role [`run_stock_commands`], the `saga` role
+//! [`run_order_orchestrator`], the HTTP [`routes`] and their OpenAPI paths.
 #![warn(clippy::unwrap_used)]
 
 mod http;
+mod module;
 mod order;
 mod read_models;
 mod stock;
 
-use std::sync::Arc;
-
 use sluice_events::{EventStore, ExecuteError, execute};
-use sluice_projections::{Member, ReadModel};
 
-pub use http::{openapi, routes};
+pub use http::routes;
+pub use module::{Shop, module};
 pub use order::{
     CMD_RELEASE, CMD_RESERVE, CMD_SELL, MAX_LINES, ORDER_ORCHESTRATOR, ORDER_SAGA, OrderConfig,
     OrderRejection, STOCK_COMMANDS, run_order_orchestrator, run_stock_commands,
@@ -30,21 +29,6 @@ pub use stock::{RECEIVED, RELEASED, RESERVED, SOLD, STOCK_CATEGORY, StockRejecti
 
 /// Schema of the shop's read models (versions 3xxx; SQLite and PostgreSQL).
 pub static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./migrations");
-
-/// The shop's projections (`stock_levels`, `orders`) with their query
-/// side, for one runner group and the HTTP query API.
-pub fn projections() -> Vec<(Member, Arc<dyn ReadModel>)> {
-    vec![
-        (
-            Member::from(Arc::new(StockLevels)),
-            Arc::new(read_models::LEVEL_ROWS),
-        ),
-        (
-            Member::from(Arc::new(Orders)),
-            Arc::new(read_models::ORDER_ROWS),
-        ),
-    ]
-}
 
 /// Receives `quantity` units of `sku`; returns the event's position.
 async fn receive_stock(store: &EventStore, sku: &str, quantity: i64) -> Result<u64, Error> {

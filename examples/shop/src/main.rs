@@ -1,6 +1,15 @@
-//! The `shop` binary: for now a placeholder; it runs the shop module on
-//! `sluice-host` once the host lands.
+//! `shop`: the Sluice platform's command line with the shop domain (stock,
+//! orders, the order saga) and nothing else.
 
-fn main() {
-    println!("shop: the host wiring lands with sluice-host");
+use std::process::ExitCode;
+
+use sluice_host::cli::NoCommands;
+
+#[tokio::main]
+async fn main() -> ExitCode {
+    sluice_host::cli::main::<NoCommands>(
+        sluice_host::App::new("shop").module(shop::module()),
+        "A shop on Sluice: stock, orders and an order saga on NATS JetStream.",
+    )
+    .await
 }

@@ -206,7 +206,7 @@ impl Projection for Orders {
 
 /// The query side of a table keyed by one text column: `get` by key,
 /// `list` in key order, rows as JSON.
-pub(crate) struct Keyed {
+struct Keyed {
     name: &'static str,
     key: &'static str,
     columns: &'static str,
@@ -266,7 +266,7 @@ impl ReadModel for Keyed {
 }
 
 /// `stock_levels` rows: `{sku, available, reserved, sold, version, updated_at}`.
-pub(crate) const LEVEL_ROWS: Keyed = Keyed {
+static LEVEL_ROWS: Keyed = Keyed {
     name: STOCK_LEVELS,
     key: "sku",
     columns: "sku, available, reserved, sold, version, updated_at",
@@ -285,7 +285,7 @@ pub(crate) const LEVEL_ROWS: Keyed = Keyed {
 
 /// `orders` rows: `{id, customer, lines, state, reason, placed_at,
 /// updated_at, version}`.
-pub(crate) const ORDER_ROWS: Keyed = Keyed {
+static ORDER_ROWS: Keyed = Keyed {
     name: ORDERS,
     key: "id",
     columns: "id, customer, lines, state, reason, placed_at, updated_at, version",
@@ -304,6 +304,41 @@ pub(crate) const ORDER_ROWS: Keyed = Keyed {
         }))
     },
 };
+
+/// A projection's query side: its [`Keyed`] rows.
+macro_rules! rows_of {
+    ($projection:ty, $rows:expr) => {
+        impl ReadModel for $projection {
+            fn name(&self) -> &'static str {
+                $rows.name
+            }
+
+            fn stream_of(&self, key: &str) -> Option<StreamId> {
+                $rows.stream_of(key)
+            }
+
+            fn get<'a>(
+                &'a self,
+                conn: &'a mut AnyConnection,
+                key: &'a str,
+            ) -> BoxFuture<'a, Result<Option<Value>, sqlx::Error>> {
+                $rows.get(conn, key)
+            }
+
+            fn list<'a>(
+                &'a self,
+                conn: &'a mut AnyConnection,
+                after: Option<&'a str>,
+                limit: u32,
+            ) -> BoxFuture<'a, Result<Page, sqlx::Error>> {
+                $rows.list(conn, after, limit)
+            }
+        }
+    };
+}
+
+rows_of!(StockLevels, LEVEL_ROWS);
+rows_of!(Orders, ORDER_ROWS);
 
 // The category is `saga-` + the saga's name; keep them in step.
 const _: () = {

@@ -12,7 +12,7 @@ use http_body_util::BodyExt;
 use serde_json::{Value, json};
 use shop::{
     MIGRATOR, ORDERS, OrderConfig, RECEIVED, RELEASED, RESERVED, STOCK_COMMANDS, STOCK_LEVELS,
-    projections, routes, run_order_orchestrator, run_stock_commands,
+    routes, run_order_orchestrator, run_stock_commands,
 };
 use sluice_events::StreamId;
 use sluice_projections::{Database, ReadModel, RunnerConfig};
@@ -95,8 +95,16 @@ async fn orders_reserve_sell_or_cancel_and_release(db_url: &str) {
     let db = Database::connect(db_url).await.unwrap();
     db.migrate(&MIGRATOR).await.unwrap();
     let shutdown = CancellationToken::new();
-    let (members, models): (Vec<_>, Vec<_>) = projections().into_iter().unzip();
-    let model = |name| models.iter().find(|m| m.name() == name).unwrap().as_ref();
+    let projections = sluice_host::Module::projections(&shop::module());
+    let members = projections.iter().map(|p| p.member().clone()).collect();
+    let model = |name| {
+        projections
+            .iter()
+            .find(|p| p.name() == name)
+            .unwrap()
+            .read_model()
+            .as_ref()
+    };
     let (levels, orders) = (model(STOCK_LEVELS), model(ORDERS));
     let group = sluice_projections::spawn_group(
         members,
