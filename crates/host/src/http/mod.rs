@@ -52,6 +52,7 @@ mod auth;
 mod conn;
 mod dlq;
 mod health;
+mod log;
 mod metrics;
 pub mod openapi;
 pub mod problem;
@@ -190,16 +191,24 @@ pub(crate) fn router(queries: Router, parts: Parts, opts: &HttpOptions) -> Route
         .route("/v1/events/{position}/void", post(void_event))
         .route_layer(middleware::from_fn_with_state(ctx.clone(), require_token));
     let open = Router::new()
+        .route("/v1/events", get(log::page))
+        .route("/v1/events/live", get(log::live))
         .route("/healthz", get(healthz))
         .route("/readyz", get(readyz))
         .route("/metrics", get(prometheus))
         .route("/openapi.json", get(openapi_route));
     // A module's routes: reads as the query API's, anything else behind
     // the token with the scope its method and path need.
-    let modules = parts.routes.route_layer(middleware::from_fn_with_state(
-        ctx.clone(),
-        require_token_for_writes,
-    ));
+    let modules = if parts.routes.has_routes() {
+        parts.routes.route_layer(middleware::from_fn_with_state(
+            ctx.clone(),
+            require_token_for_writes,
+        ))
+    } else {
+        // A layer on no routes is refused by axum (an app of modules
+        // without routes is fine).
+        parts.routes
+    };
     let mut app = protected
         .merge(open)
         .with_state(ctx.clone())
