@@ -10,7 +10,7 @@
 //! server's `max_payload`, the dead letter is stored *by reference*, with an
 //! empty body and `Sluice-Dlq-Body: reference`; the original stays at
 //! `Sluice-Dlq-Stream` / `Sluice-Dlq-Sequence`, and [`show`] and redrive
-//! fetch it from there with a direct get. [`write`] is the one writer of
+//! fetch it from there with a direct get. [`write()`] is the one writer of
 //! dead letters: workers and projections both use it.
 //!
 //! Redrive hands messages back to the one consumer that failed on them,
