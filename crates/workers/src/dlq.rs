@@ -260,7 +260,7 @@ pub async fn resolve_reference(
     js: &jetstream::Context,
     headers: &HeaderMap,
 ) -> Result<Option<(HeaderMap, Bytes)>, Error> {
-    if headers.get(h::BODY).map(|v| v.as_str()) != Some(h::BODY_REFERENCE) {
+    if headers.get(h::BODY).map(async_nats::HeaderValue::as_str) != Some(h::BODY_REFERENCE) {
         return Ok(None);
     }
     let get = |n: &str| headers.get(n).map(|v| v.as_str().to_owned());
@@ -891,7 +891,7 @@ pub async fn discard(js: &jetstream::Context, id: u64, reason: &str) -> Result<D
         match rest.first() {
             None => parks.release(&stream_id).await?,
             Some(next) if next.sequence > entry.sequence => {
-                parks.move_head(&stream_id, next.sequence).await?
+                parks.move_head(&stream_id, next.sequence).await?;
             }
             Some(_) => {}
         }
