@@ -62,7 +62,7 @@ mod streams;
 mod tls;
 
 pub use auth::load_or_create_token;
-pub use metrics::metrics_handle;
+pub use metrics::{DURATION_BUCKETS, METRICS, Metric, MetricKind, metrics_handle};
 pub use sagas::saga_error;
 pub use streams::{
     IDEMPOTENT_REPLAYED, Object, ObjectBody, bad_request, idempotency_key, key_reused, object_body,
