@@ -653,7 +653,7 @@ fn json_type() -> (&'static str, String) {
 async fn every_error_the_layers_answer_is_a_problem() {
     let mut opts = HttpOptions::with_token(TOKEN);
     opts.body_limit = 1024;
-    let (app, _server) = app(opts).await;
+    let (app, server) = app(opts).await;
     let auth = bearer();
     let auth_only = std::slice::from_ref(&auth);
     let got = call_from(&app, "GET", "/v1/nowhere", &[], None).await;
@@ -739,7 +739,7 @@ async fn every_error_the_layers_answer_is_a_problem() {
             "bad-request",
         );
     }
-    let store = _server.store().await;
+    let store = server.store().await;
     assert_eq!(
         store.stream_state().await.unwrap().messages,
         0,

@@ -322,7 +322,10 @@ pub(super) async fn prometheus(State(ctx): State<Ctx>) -> Response {
         }
         // A group whose dead letters were all redriven or discarded is not
         // in the listing any more: its gauge goes back to 0, not stale.
-        let mut seen = ctx.dlq_seen.lock().unwrap_or_else(|p| p.into_inner());
+        let mut seen = ctx
+            .dlq_seen
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
         for (consumer, category) in seen.difference(&now) {
             ::metrics::gauge!("sluice_dlq_depth", "consumer" => consumer.clone(), "category" => category.clone())
                 .set(0.0);

@@ -3,7 +3,7 @@
 //! OpenAPI document, behind bearer-token authentication for everything that
 //! changes state or touches dead letters, per-client rate limiting, body size
 //! limits and timeouts. CORS is off unless origins are configured. Every
-//! error is an RFC 9457 problem (see [`problem`]). A module's routes use
+//! error is an RFC 9457 problem (see [`mod@problem`]). A module's routes use
 //! the helpers here ([`object_body`], [`idempotency_key`], [`saga_error`],
 //! [`openapi`]) so its answers look like the platform's.
 
