@@ -3,6 +3,7 @@
 #   - Debian packages (python3 venv, PostgreSQL when none answers),
 #   - nats-server 2.15.1 from PyPI, pinned by hash, into .tools/venv,
 #   - openapi-spec-validator (and its dependencies), pinned by hash, likewise,
+#   - openapi-python-client (and its dependencies), pinned by hash, into .tools/client-venv,
 #   - cargo-nextest,
 #   - cargo-deny (pinned),
 # and starts PostgreSQL when nothing answers on 127.0.0.1:5432.
@@ -46,6 +47,17 @@ if ! "$ROOT/.tools/venv/bin/python" -c "import importlib.metadata as m, sys; sys
   log "installing openapi-spec-validator $OAS_VERSION into .tools/venv"
   "$ROOT/.tools/venv/bin/pip" install -q --disable-pip-version-check --no-deps \
     --only-binary=:all: --require-hashes -r "$ROOT/scripts/openapi-requirements.txt"
+fi
+
+# --- openapi-python-client, for the test that generates a client ----------
+# A venv of its own: its pins and the validator's must not have to agree.
+OPC_VERSION=$(sed -n 's/^openapi-python-client==\([^ ]*\).*/\1/p' "$ROOT/scripts/client-requirements.txt")
+if ! "$ROOT/.tools/client-venv/bin/python" -c "import importlib.metadata as m, sys; sys.exit(m.version('openapi-python-client') != '$OPC_VERSION')" 2>/dev/null; then
+  log "installing openapi-python-client $OPC_VERSION into .tools/client-venv"
+  rm -rf "$ROOT/.tools/client-venv"
+  "$PY" -m venv "$ROOT/.tools/client-venv"
+  "$ROOT/.tools/client-venv/bin/pip" install -q --disable-pip-version-check --no-deps \
+    --only-binary=:all: --require-hashes -r "$ROOT/scripts/client-requirements.txt"
 fi
 
 # --- openssl, for nats/gen-certs.sh and the TLS tests -----------------------

@@ -4,7 +4,7 @@ use std::sync::Arc;
 
 use futures::future::BoxFuture;
 use serde_json::{Value, json};
-use sluice_host::http::openapi::{add_paths, err, ok, secured};
+use sluice_host::http::openapi::{add_paths, err, header, ok, secured};
 use sluice_host::{BoxError, Module, ModuleProjection, Role, RoleContext, RoleTask, RouteContext};
 use sluice_projections::Database;
 
@@ -117,6 +117,12 @@ impl Module for Ledger {
             "properties": {"note": {"type": "string", "minLength": 1}}}}}});
         let resolve_body = json!({"required": true, "content": {"application/json": {"schema": {"type": "object", "required": ["note", "outcome"],
             "properties": {"note": {"type": "string", "minLength": 1}, "outcome": {"enum": ["completed", "compensated"]}}}}}});
+        let key = header(
+            "Idempotency-Key",
+            "1-64 letters, digits, '_' or '-': a repeat of the same request answers the first response",
+        );
+        let amount_body = json!({"required": true, "content": {"application/json": {"schema": {"type": "object", "required": ["amount"], "additionalProperties": false,
+            "properties": {"amount": {"type": "integer", "minimum": 1, "description": "minor units"}}}}}});
         add_paths(
             doc,
             json!({
@@ -126,13 +132,23 @@ impl Module for Ledger {
                                             "schema": {"enum": ["pending", "completed", "compensated", "needs_attention", "abandoned"]}}],
                             "responses": {"200": ok("transfers"), "400": err("unknown state")}},
                     "post": {"summary": "Start a transfer saga (id = idempotency key)", "security": secured,
+                             "parameters": [key.clone()],
                              "requestBody": {"content": {"application/json": {"schema": {"type": "object", "required": ["from", "to", "amount"],
                                 "properties": {"from": {"type": "string"}, "to": {"type": "string"}, "amount": {"type": "integer", "minimum": 1}, "id": {"type": "string"}}}}}},
-                             "responses": {"202": ok("started"), "200": ok("already started"), "400": err("invalid input"), "401": err("no or wrong token"), "422": err("refused by a rule (positive amount, two accounts)")}}
+                             "responses": {"202": {"description": "started: {id, position, created}", "headers": {"Location": {"description": "the transfer: /v1/transfers/{id}", "schema": {"type": "string"}}},
+                                 "content": {"application/json": {"schema": {"type": "object"}}}}, "200": ok("already started"), "400": err("invalid input"), "401": err("no or wrong token"), "422": err("refused by a rule (positive amount, two accounts)")}}
                 },
-                "/v1/accounts": {"post": {"summary": "Open an account (Idempotency-Key)", "security": secured, "responses": {"201": ok("opened (a repeat with the same key: the first response, Idempotent-Replayed: true)"), "404": err("no such account"), "409": err("already open, a version conflict, or the key's first request still in progress"), "422": err("refused by a rule (rule), or the key used for another request")}}},
-                "/v1/accounts/{id}/deposits": {"post": {"summary": "Deposit (Idempotency-Key)", "security": secured, "responses": {"201": ok("deposited (a repeat with the same key: the first response, Idempotent-Replayed: true)"), "404": err("no such account"), "409": err("already open, a version conflict, or the key's first request still in progress"), "422": err("refused by a rule (rule), or the key used for another request")}}},
-                "/v1/accounts/{id}/withdrawals": {"post": {"summary": "Withdraw, never below zero (Idempotency-Key)", "security": secured, "responses": {"201": ok("withdrawn (a repeat with the same key: the first response, Idempotent-Replayed: true)"), "404": err("no such account"), "409": err("already open, a version conflict, or the key's first request still in progress"), "422": err("refused by a rule (rule), or the key used for another request")}}},
+                "/v1/accounts": {"post": {"summary": "Open an account (Idempotency-Key)", "security": secured,
+                    "parameters": [key.clone()],
+                    "requestBody": {"required": true, "content": {"application/json": {"schema": {"type": "object", "required": ["owner", "currency"], "additionalProperties": false,
+                        "properties": {"owner": {"type": "string"}, "currency": {"type": "string"}, "id": {"type": "string"}}}}}},
+                    "responses": {"201": ok("opened (a repeat with the same key: the first response, Idempotent-Replayed: true)"), "404": err("no such account"), "409": err("already open, a version conflict, or the key's first request still in progress"), "422": err("refused by a rule (rule), or the key used for another request")}}},
+                "/v1/accounts/{id}/deposits": {"post": {"summary": "Deposit (Idempotency-Key)", "security": secured,
+                    "parameters": [key.clone()], "requestBody": amount_body.clone(),
+                    "responses": {"201": ok("deposited (a repeat with the same key: the first response, Idempotent-Replayed: true)"), "404": err("no such account"), "409": err("already open, a version conflict, or the key's first request still in progress"), "422": err("refused by a rule (rule), or the key used for another request")}}},
+                "/v1/accounts/{id}/withdrawals": {"post": {"summary": "Withdraw, never below zero (Idempotency-Key)", "security": secured,
+                    "parameters": [key.clone()], "requestBody": amount_body,
+                    "responses": {"201": ok("withdrawn (a repeat with the same key: the first response, Idempotent-Replayed: true)"), "404": err("no such account"), "409": err("already open, a version conflict, or the key's first request still in progress"), "422": err("refused by a rule (rule), or the key used for another request")}}},
                 "/v1/transfers/{id}": {"get": {"summary": "One transfer's state", "responses": {"200": ok("transfer"), "404": err("unknown transfer")}}},
                 "/v1/sagas/{id}/retry": {"post": {"summary": "Send the command a transfer that needs attention is stuck on again (next attempt; money moves at most once per step)", "security": secured,
                     "requestBody": operator_body.clone(),

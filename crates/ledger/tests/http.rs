@@ -396,6 +396,17 @@ async fn health_readiness_metrics_and_openapi() {
         if path.starts_with("/v1/projections") || path == "/v1/streams/{category}/{id}" {
             continue;
         }
+        if path == "/v1/events/live" {
+            // A feed that never ends: served means 200 and an event stream.
+            let req = axum::http::Request::builder()
+                .uri(path.as_str())
+                .body(Body::empty())
+                .unwrap();
+            let resp = app.clone().oneshot(req).await.unwrap();
+            assert_eq!(resp.status(), StatusCode::OK, "{path}");
+            assert_eq!(resp.headers()[header::CONTENT_TYPE], "text/event-stream");
+            continue;
+        }
         let uri = path.replace("{id}", "1");
         let method = if doc["paths"][path].get("get").is_some() {
             "GET"
@@ -1621,4 +1632,75 @@ async fn an_event_id_reused_on_another_stream_is_a_409_id_reused() {
     .await;
     assert_eq!(s, StatusCode::CREATED, "{b}");
     assert!(b.contains(r#""deduplicated":true"#), "{b}");
+}
+
+/// What client generators need from the document: a unique operationId on
+/// every operation, problem documents for every 4xx/5xx, the query and
+/// header parameters the routes read, and the headers they answer with.
+#[tokio::test]
+async fn every_operation_is_described_for_client_generators() {
+    let (app, _server) = app(HttpOptions::with_token(TOKEN)).await;
+    let (status, _, body) = call(&app, "GET", "/openapi.json", None, None).await;
+    assert_eq!(status, StatusCode::OK);
+    let doc: Value = serde_json::from_str(&body).unwrap();
+    let mut ids = std::collections::BTreeSet::new();
+    for (path, item) in doc["paths"].as_object().unwrap() {
+        for (method, op) in item.as_object().unwrap() {
+            if method == "parameters" {
+                continue;
+            }
+            let id = op["operationId"]
+                .as_str()
+                .unwrap_or_else(|| panic!("{method} {path}: no operationId"));
+            assert!(
+                ids.insert(id.to_owned()),
+                "{method} {path}: operationId {id} twice"
+            );
+            for (code, resp) in op["responses"].as_object().unwrap() {
+                if code.starts_with('4') || code.starts_with('5') {
+                    if path == "/readyz" && code == "503" {
+                        continue; // the readiness report itself, as JSON
+                    }
+                    assert!(
+                        resp["content"]["application/problem+json"]["schema"]["$ref"]
+                            == "#/components/schemas/Problem",
+                        "{method} {path} {code}: not a problem document: {resp}"
+                    );
+                }
+            }
+        }
+    }
+    let names = |path: &str, method: &str| -> Vec<String> {
+        doc["paths"][path][method]["parameters"]
+            .as_array()
+            .map(|ps| {
+                ps.iter()
+                    .map(|p| p["name"].as_str().unwrap().to_owned())
+                    .collect()
+            })
+            .unwrap_or_default()
+    };
+    let rows = names("/v1/projections/{name}/rows", "get");
+    for p in ["limit", "after", "min_position"] {
+        assert!(rows.contains(&p.to_owned()), "rows: {rows:?}");
+    }
+    assert!(
+        names("/v1/projections/{name}/rows/{key}", "get").contains(&"If-None-Match".to_owned())
+    );
+    assert!(names("/v1/accounts/{id}/deposits", "post").contains(&"Idempotency-Key".to_owned()));
+    assert!(names("/v1/events", "get").contains(&"after".to_owned()));
+    assert!(
+        doc["paths"]["/v1/projections/{name}/rows/{key}"]["get"]["responses"]["200"]["headers"]["ETag"]
+            .is_object()
+    );
+    assert!(
+        doc["paths"]["/v1/transfers"]["post"]["responses"]["202"]["headers"]["Location"]
+            .is_object()
+    );
+    assert!(
+        doc["paths"]["/v1/events"]["get"]["responses"]["429"]["headers"]["Retry-After"].is_object()
+    );
+    assert!(doc["paths"]["/v1/accounts"]["post"]["requestBody"]["content"]["application/json"]["schema"]["required"]
+        .as_array()
+        .is_some());
 }

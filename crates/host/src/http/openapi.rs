@@ -56,20 +56,38 @@ pub(crate) fn openapi_document(app: &App) -> Value {
         "paths": {
             "/v1/projections": {"get": {"summary": "Projections with checkpoint, lag and state", "responses": {"200": ok("projection list")}}},
             "/v1/projections/{name}": {"get": {"summary": "One projection's status", "responses": {"200": ok("status"), "404": err("unknown projection")}}},
-            "/v1/projections/{name}/rows": {"get": {"summary": "Rows, cursor-paginated (limit, after, min_position)", "responses": {"200": ok("page of rows"), "503": err("min_position not reached in time")}}},
-            "/v1/projections/{name}/rows/{key}": {"get": {"summary": "One row (ETag = checkpoint; min_position waits for read-your-writes)", "responses": {"200": ok("row"), "404": err("no such row"), "503": err("min_position not reached in time")}}},
+            "/v1/projections/{name}/rows": {"get": {"summary": "Rows, cursor-paginated (limit, after, min_position)",
+                "parameters": [query("limit", json!({"type": "integer", "minimum": 1, "maximum": 1000}), "rows per page (default 100)"),
+                               query("after", json!({"type": "string"}), "the cursor: the previous page's next"),
+                               query("min_position", json!({"type": "integer", "minimum": 0}), "wait until the projection has applied this position (read-your-writes)"),
+                               header("Sluice-Min-Position", "as min_position")],
+                "responses": {"200": with_etag(ok("{rows, next, checkpoint}")), "404": err("unknown projection"), "503": err("min_position not reached in time")}}},
+            "/v1/projections/{name}/rows/{key}": {"get": {"summary": "One row (ETag = checkpoint; min_position waits for read-your-writes)",
+                "parameters": [query("min_position", json!({"type": "integer", "minimum": 0}), "wait until the projection has applied this position (read-your-writes)"),
+                               header("Sluice-Min-Position", "as min_position"),
+                               header("If-None-Match", "an ETag this client has: 304 while the checkpoint did not move")],
+                "responses": {"200": with_etag(ok("row")), "304": {"description": "not modified since the ETag given"}, "404": err("no such row"), "503": err("min_position not reached in time")}}},
             "/v1/streams/{category}/{id}": {
-                "get": {"summary": "An aggregate's events", "responses": {"200": ok("events"), "400": err("invalid id")}},
+                "get": {"summary": "An aggregate's events",
+                        "parameters": [query("from", json!({"type": "integer", "minimum": 0}), "first position (default: the aggregate's first event)"),
+                                       query("limit", json!({"type": "integer", "minimum": 1, "maximum": 10000}), "events per page (default 1000)")],
+                        "responses": {"200": ok("{stream, events, next}"), "400": err("invalid id"), "404": err("no events")}},
                 "post": {"summary": "Append events (atomic, optimistic concurrency)", "security": secured,
                          "requestBody": {"content": {"application/json": {"schema": {"type": "object", "required": ["events"],
                             "properties": {"expected_version": {"oneOf": [{"type": "integer"}, {"enum": ["none", "any"]}]},
                                            "events": {"type": "array", "items": {"type": "object", "required": ["type", "data"]}}}}}}},
                          "responses": {"201": ok("appended (deduplicated: true for a retry of the same events)"), "400": err("invalid input, unknown event type or schema violation (errors: [{event, pointer, message}])"), "401": err("no or wrong token"), "403": err("reserved category"), "409": err("version conflict, an event id already used by another event (id-reused), or an invalid stored event (invalid-stored-event)"), "413": err("body too large")}}
             },
-            "/v1/dlq": {"get": {"summary": "Dead letters (filter consumer, category, reason)", "security": secured, "responses": {"200": ok("listing"), "401": err("no or wrong token")}}},
+            "/v1/dlq": {"get": {"summary": "Dead letters (filter consumer, category, reason)", "security": secured,
+                "parameters": [query("consumer", json!({"type": "string"}), "only this consumer's"),
+                               query("category", json!({"type": "string"}), "only this category's"),
+                               query("reason", json!({"type": "string"}), "only reasons containing this")],
+                "responses": {"200": ok("listing"), "401": err("no or wrong token")}}},
             "/v1/dlq/{id}": {"get": {"summary": "One dead letter", "security": secured, "responses": {"200": ok("dead letter"), "404": err("unknown id")}}},
             "/v1/dlq/{id}/redrive": {"post": {"summary": "Hand a dead letter back to its consumer, or apply a projection's into it from the log (idempotent)", "security": secured, "responses": {"200": ok("redrive report"), "404": err("unknown id"), "409": err("parked behind an earlier dead letter, or a projection's without a read store here")}}},
-            "/v1/dlq/{id}/discard": {"post": {"summary": "Discard a dead letter (and a projection's record and parking), with a reason kept for audit", "security": secured, "responses": {"200": ok("discarded"), "400": err("no reason"), "404": err("unknown id"), "409": err("a projection's dead letter without a read store here")}}},
+            "/v1/dlq/{id}/discard": {"post": {"summary": "Discard a dead letter (and a projection's record and parking), with a reason kept for audit", "security": secured,
+                "requestBody": {"required": true, "content": {"application/json": {"schema": {"type": "object", "required": ["reason"], "properties": {"reason": {"type": "string", "minLength": 1}}}}}},
+                "responses": {"200": ok("discarded"), "400": err("no reason"), "404": err("unknown id"), "409": err("a projection's dead letter without a read store here")}}},
             "/v1/events/{position}/void": {"post": {"summary": "Void a bad event: every consumer skips it (idempotent; audited as an event on sluice-void)", "security": secured,
                          "requestBody": {"content": {"application/json": {"schema": {"type": "object", "required": ["reason"], "properties": {"reason": {"type": "string", "minLength": 1}}}}}},
                          "responses": {"200": ok("the void"), "400": err("no reason or bad position"), "401": err("no or wrong token"), "404": err("no event there"), "409": err("a void record cannot be voided")}}},
@@ -98,7 +116,58 @@ pub(crate) fn openapi_document(app: &App) -> Value {
     }
     declare_path_parameters(&mut doc);
     declare_common_responses(&mut doc);
+    declare_operation_ids(&mut doc);
     doc
+}
+
+/// A query parameter.
+pub fn query(name: &str, schema: Value, description: &str) -> Value {
+    json!({"name": name, "in": "query", "required": false, "schema": schema, "description": description})
+}
+
+/// An optional request header.
+pub fn header(name: &str, description: &str) -> Value {
+    json!({"name": name, "in": "header", "required": false, "schema": {"type": "string"}, "description": description})
+}
+
+/// `response` with the `ETag` header (the projection's checkpoint).
+fn with_etag(mut response: Value) -> Value {
+    response["headers"] = json!({"ETag": {"description": "the projection's checkpoint when read", "schema": {"type": "string"}}});
+    response
+}
+
+/// Every operation without one gets an `operationId` from its method and
+/// path (`GET /v1/projections/{name}/rows` → `get_projections_name_rows`),
+/// so every module's operations have stable, unique names in generated
+/// clients.
+fn declare_operation_ids(doc: &mut Value) {
+    let Some(paths) = doc["paths"].as_object_mut() else {
+        return;
+    };
+    for (path, item) in paths.iter_mut() {
+        let words: Vec<String> = path
+            .split('/')
+            .filter(|s| !s.is_empty() && *s != "v1")
+            .map(|s| {
+                s.trim_matches(|c| c == '{' || c == '}')
+                    .replace(['.', '-'], "_")
+            })
+            .collect();
+        let Some(ops) = item.as_object_mut() else {
+            continue;
+        };
+        for (method, op) in ops.iter_mut() {
+            if method == "parameters" || op.get("operationId").is_some() {
+                continue;
+            }
+            let id = if words.is_empty() {
+                method.clone()
+            } else {
+                format!("{method}_{}", words.join("_"))
+            };
+            op["operationId"] = Value::String(id);
+        }
+    }
 }
 
 /// The answers the layers around every route can give (so a generated
@@ -136,6 +205,14 @@ pub(super) fn declare_common_responses(doc: &mut Value) {
                 add("429", "rate limited (Retry-After)");
             }
             add("431", "request headers too large");
+            // Answers that say when to come back carry Retry-After.
+            for code in ["429", "503"] {
+                if let Some(r) = responses.get_mut(code)
+                    && r.get("headers").is_none()
+                {
+                    r["headers"] = json!({"Retry-After": {"description": "seconds to wait before trying again", "schema": {"type": "integer"}}});
+                }
+            }
         }
     }
 }
