@@ -124,7 +124,7 @@ async fn sixteen_concurrent_writers_never_lose_an_update() {
     assert_eq!(chain.len(), 16 * per_writer);
     assert!(conflicts > 0, "16 writers on one aggregate should conflict");
     // Every acknowledged append built on the previous one: one chain, no gaps.
-    chain.sort();
+    chain.sort_unstable();
     let mut prev = 0;
     for (expected, version) in &chain {
         assert_eq!(*expected, prev, "lost update: {chain:?}");
@@ -464,7 +464,7 @@ async fn a_replicated_stream_on_a_three_node_cluster() {
             }
             Err(e) => {
                 eprintln!("cluster not ready: {e}");
-                tokio::time::sleep(Duration::from_millis(200)).await
+                tokio::time::sleep(Duration::from_millis(200)).await;
             }
         }
     }
@@ -537,10 +537,10 @@ async fn an_old_nats_server_is_refused_with_the_versions() {
     let started = Instant::now();
     let result = loop {
         match EventStore::connect(&url, StoreConfig::default()).await {
-            Err(Error::Timeout(_)) | Err(Error::Connect { .. })
+            Err(Error::Timeout(_) | Error::Connect { .. })
                 if started.elapsed() < Duration::from_secs(10) =>
             {
-                tokio::time::sleep(Duration::from_millis(100)).await
+                tokio::time::sleep(Duration::from_millis(100)).await;
             }
             other => break other,
         }

@@ -351,7 +351,7 @@ async fn kill_minus_nine_mid_run_keeps_every_ack_and_no_half_batch() {
         }
     }
     for (batch, mut msgs) in batches {
-        msgs.sort();
+        msgs.sort_unstable();
         let bseqs: Vec<u64> = msgs.iter().map(|m| m.1).collect();
         assert_eq!(
             bseqs,

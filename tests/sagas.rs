@@ -796,7 +796,7 @@ async fn assert_conserved(store: &EventStore, accounts: &[String], expected: i64
 
 /// Every dead letter: consumer, subject, deliveries and reason.
 async fn dead_letters(store: &EventStore) -> Vec<String> {
-    sluice_workers::dlq::list(store.jetstream(), &Default::default())
+    sluice_workers::dlq::list(store.jetstream(), &sluice_workers::dlq::Filter::default())
         .await
         .unwrap()
         .entries

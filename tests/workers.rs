@@ -198,13 +198,12 @@ async fn ordering_with_parallelism_and_two_replicas() {
     let store = server.store().await;
     // Interleave aggregates: 5 rounds of 10 events each.
     for round in 0..5u64 {
-        let appends =
-            (0..200).map(|a| {
-                let store = store.clone();
-                async move {
-                    append_many(&store, &format!("o-{a}"), round * 10 + 1, round * 10 + 10).await
-                }
-            });
+        let appends = (0..200).map(|a| {
+            let store = store.clone();
+            async move {
+                append_many(&store, &format!("o-{a}"), round * 10 + 1, round * 10 + 10).await;
+            }
+        });
         futures::future::join_all(appends).await;
     }
     let log: Log = Arc::default();

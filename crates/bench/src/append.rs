@@ -295,7 +295,7 @@ pub(crate) async fn run(args: AppendArgs) -> anyhow::Result<()> {
         }
         let events = match sync {
             SyncInterval::Always => args.events_always.max(1),
-            _ => args.events,
+            SyncInterval::ServerDefault => args.events,
         };
         let server = start(sync)?;
         let url = server.server.url();

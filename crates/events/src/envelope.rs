@@ -576,7 +576,11 @@ Nats-Msg-Id: 0193f2a0-7c1e-7d3a-9b2c-4f5e6a7b8c9d
             let pairs = ev.header_pairs("acc-42");
             assert_eq!(map.len(), pairs.len());
             for (k, v) in &pairs {
-                assert_eq!(map.get(*k).map(|v| v.as_str()), Some(v.as_str()), "{k}");
+                assert_eq!(
+                    map.get(*k).map(async_nats::HeaderValue::as_str),
+                    Some(v.as_str()),
+                    "{k}"
+                );
             }
             // The estimate allows for the longest time format.
             let exact: usize = pairs.iter().map(|(k, v)| k.len() + v.len() + 4).sum();

@@ -16,7 +16,9 @@ use clap::{CommandFactory, FromArgMatches, Parser, Subcommand};
 use futures::future::BoxFuture;
 
 use crate::module::App;
-use crate::{commands, consumer_cmd, dlq_cmd, endpoint, projection_cmd, telemetry, tokens, up};
+use crate::{
+    consumer_cmd, dlq_cmd, endpoint, projection_cmd, status_cmd, stream_cmd, telemetry, tokens, up,
+};
 
 /// Exit code for an optimistic-concurrency conflict or a reused event id.
 pub const EXIT_CONFLICT: u8 = 3;
@@ -95,16 +97,16 @@ enum Command<E: DomainCommands> {
     /// configured NATS and database servers.
     Serve(up::ServeArgs),
     /// Append one event to an aggregate.
-    Publish(commands::PublishArgs),
+    Publish(stream_cmd::PublishArgs),
     /// Print an aggregate's events.
-    Read(commands::ReadArgs),
+    Read(stream_cmd::ReadArgs),
     /// Events in the log: void a bad one.
     #[command(subcommand)]
-    Event(commands::EventCommand),
+    Event(stream_cmd::EventCommand),
     /// Follow events as they are appended.
-    Tail(commands::TailArgs),
+    Tail(stream_cmd::TailArgs),
     /// Server version, stream state and a durability check.
-    Status(commands::StatusArgs),
+    Status(status_cmd::StatusArgs),
     /// Rows of a projection (one by key, or a page).
     Query(QueryCmd),
     /// Projections: list, rebuild (blue/green), reset, dead letters.
@@ -226,11 +228,11 @@ async fn run<E: DomainCommands>(
     match command {
         Command::Up(args) => ok(up::up(&app, args, nats_url, home).await),
         Command::Serve(args) => ok(up::serve(&app, args, nats_url, home).await),
-        Command::Publish(args) => ok(commands::publish(&app, args, nats_url, &home).await),
-        Command::Event(cmd) => commands::event(cmd, nats_url, &home).await,
-        Command::Read(args) => ok(commands::read(args, nats_url, &home).await),
-        Command::Tail(args) => ok(commands::tail(args, nats_url, &home).await),
-        Command::Status(args) => ok(commands::status(args, nats_url, &home).await),
+        Command::Publish(args) => ok(stream_cmd::publish(&app, args, nats_url, &home).await),
+        Command::Event(cmd) => stream_cmd::event(cmd, nats_url, &home).await,
+        Command::Read(args) => ok(stream_cmd::read(args, nats_url, &home).await),
+        Command::Tail(args) => ok(stream_cmd::tail(args, nats_url, &home).await),
+        Command::Status(args) => ok(status_cmd::status(args, nats_url, &home).await),
         Command::Token(cmd) => ok(tokens::run(cmd, &home)),
         Command::Query(q) => {
             projection_cmd::query(&app, q.args, nats_url, &home, q.database_url).await

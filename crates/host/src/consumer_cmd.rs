@@ -18,7 +18,7 @@ pub(crate) enum ConsumerCommand {
     /// Stop deliveries to a consumer, or to every consumer of a worker.
     Pause {
         /// Consumer or worker name.
-        #[arg(value_parser = crate::commands::id_arg)]
+        #[arg(value_parser = crate::id_arg)]
         name: String,
         /// How long the pause lasts unless resumed earlier: `30s`, `10m`, `2h`, `7d`.
         #[arg(long = "for", default_value = "1h", value_parser = parse_duration)]
@@ -27,7 +27,7 @@ pub(crate) enum ConsumerCommand {
     /// Resume deliveries to a consumer, or to every consumer of a worker.
     Resume {
         /// Consumer or worker name.
-        #[arg(value_parser = crate::commands::id_arg)]
+        #[arg(value_parser = crate::id_arg)]
         name: String,
     },
 }

@@ -11,7 +11,6 @@
 #![warn(clippy::unwrap_used)]
 
 pub mod cli;
-mod commands;
 mod config;
 mod consumer_cmd;
 mod dlq_cmd;
@@ -24,15 +23,17 @@ mod private_file;
 mod projection_cmd;
 pub mod projection_ops;
 mod provision;
+mod status_cmd;
+mod stream_cmd;
 mod telemetry;
 mod tokens;
 mod up;
 
-pub use commands::id_arg;
 pub use error::Error;
 pub use module::{
     App, BoxError, DEFAULT_STEP_DEADLINE, Module, ModuleProjection, Role, RoleContext, RoleTask,
     RouteContext,
 };
 pub use projection_ops::ReadSide;
+pub use stream_cmd::id_arg;
 pub use up::{Mode, RunConfig, Running, run};

@@ -50,9 +50,14 @@ impl Routes {
         let cluster = varz.get("cluster")?;
         cluster
             .get("cluster_port")
-            .and_then(|p| p.as_u64())
+            .and_then(serde_json::Value::as_u64)
             .filter(|p| *p > 0)?;
-        let flag = |k: &str| cluster.get(k).and_then(|v| v.as_bool()).unwrap_or(false);
+        let flag = |k: &str| {
+            cluster
+                .get(k)
+                .and_then(serde_json::Value::as_bool)
+                .unwrap_or(false)
+        };
         Some(Self {
             tls_required: flag("tls_required"),
             tls_verify: flag("tls_verify"),

@@ -72,7 +72,7 @@ pub(crate) enum DlqCommand {
 #[derive(Debug, clap::Args)]
 pub(crate) struct ReplayArgs {
     /// The projection.
-    #[arg(long, value_parser = crate::commands::id_arg)]
+    #[arg(long, value_parser = crate::id_arg)]
     projection: String,
     /// First position (stream sequence) to apply again.
     #[arg(long)]
@@ -90,7 +90,7 @@ pub(crate) struct ReplayArgs {
 #[derive(Debug, clap::Args)]
 pub(crate) struct QueryArgs {
     /// The projection, e.g. `account_balances`.
-    #[arg(value_parser = crate::commands::id_arg)]
+    #[arg(value_parser = crate::id_arg)]
     projection: String,
     /// One row by key; without it, a page of rows.
     key: Option<String>,

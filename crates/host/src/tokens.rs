@@ -146,7 +146,10 @@ impl TokenStore {
         let stamp = std::fs::metadata(&self.path)
             .ok()
             .map(|m| (m.modified().unwrap_or(SystemTime::UNIX_EPOCH), m.len()));
-        let mut cached = self.cached.lock().unwrap_or_else(|p| p.into_inner());
+        let mut cached = self
+            .cached
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
         if cached.0 != stamp {
             match read_file(&self.path) {
                 Ok(file) => *cached = (stamp, file.tokens),

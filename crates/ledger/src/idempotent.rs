@@ -429,7 +429,7 @@ pub fn validate_idempotency_key(key: &str) -> Result<(), Error> {
 
 /// Runs `command` on account `id` (load → decide → append, reloading on a
 /// conflict); with `key`, once per key (see the module docs).
-pub async fn account_command(
+pub async fn execute_account_command(
     store: &EventStore,
     id: &str,
     command: &AccountCommand,

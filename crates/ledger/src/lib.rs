@@ -21,15 +21,15 @@ mod module;
 mod read_models;
 mod routes;
 mod service;
-mod transfer;
-mod transfers;
+mod transfer_saga;
+mod transfers_read_model;
 
 pub use account::{Account, AccountCommand, AccountRejection};
 pub use events::{ACCOUNT_CATEGORY, AccountEvent, CLOSED, DEPOSITED, OPENED, WITHDRAWN, catalog};
 pub use fold::{AccountRow, FoldInput, FoldOutput, STATUS_CLOSED, STATUS_OPEN, fold_balances};
 pub use idempotent::{
     CommandOutcome, DEFAULT_RETENTION as DEFAULT_IDEMPOTENCY_RETENTION, IDEMPOTENCY_BUCKET,
-    Idempotency, IdempotencyConfig, account_command as run_account_command, account_state,
+    Idempotency, IdempotencyConfig, account_state, execute_account_command,
     validate_idempotency_key,
 };
 pub use module::{Ledger, module};
@@ -41,16 +41,18 @@ pub use service::{
     DATABASE_URL_ENV, DEFAULT_HTTP_ADDR, HTTP_ADDR_ENV, Projector, ReadSide, default_database_url,
     migrate, run_read_side, serve_read_side,
 };
-pub use transfer::{
+pub use transfer_saga::{
     ACCOUNT_COMMANDS, CMD_DEPOSIT, CMD_WITHDRAW, DEFAULT_TRANSFER_DEADLINE, StartedTransfer,
     TRANSFER_ORCHESTRATOR, TRANSFER_SAGA, Transfer, TransferRejection, TransferRoleConfig,
-    TransferState, TransferView, account_command, account_reply, check_transfer,
+    TransferState, TransferView, account_command_of, account_reply, check_transfer,
     describe_transfer_status, list_transfers, operate_transfer, retry_transfer,
     run_account_commands, run_transfer_orchestrator, run_transfer_role, start_transfer,
     transfer_definition, transfer_definition_with, transfer_history, transfer_state,
     transfer_status, transfer_view,
 };
-pub use transfers::{TRANSFER_STATES, TRANSFERS, Transfers, transfer_counts, transfer_transition};
+pub use transfers_read_model::{
+    TRANSFER_STATES, TRANSFERS, Transfers, transfer_counts, transfer_transition,
+};
 
 /// The one error type of the ledger crate.
 #[derive(Debug, thiserror::Error)]

@@ -140,14 +140,14 @@ struct AmountBody {
     amount: i64,
 }
 
-async fn account_command(
+async fn account_command_response(
     ctx: &Routes,
     id: &str,
     command: crate::AccountCommand,
     key: Option<String>,
 ) -> Response {
     let keyed = key.as_deref().map(|k| (&ctx.idempotency, k));
-    match crate::run_account_command(&ctx.store, id, &command, keyed).await {
+    match crate::execute_account_command(&ctx.store, id, &command, keyed).await {
         Ok(o) => {
             // A repeat answers the first response (201) again, marked.
             let mut resp = (
@@ -210,7 +210,7 @@ async fn open_account(
         owner: b.owner,
         currency: b.currency,
     };
-    account_command(&ctx, &id, cmd, key).await
+    account_command_response(&ctx, &id, cmd, key).await
 }
 
 /// Deposits and withdrawals: one body shape, one path through the aggregate.
@@ -226,7 +226,7 @@ async fn amount_command(
         Err(resp) => return *resp,
     };
     match idempotency_key(headers) {
-        Ok(key) => account_command(ctx, id, command(b.amount), key).await,
+        Ok(key) => account_command_response(ctx, id, command(b.amount), key).await,
         Err(resp) => *resp,
     }
 }

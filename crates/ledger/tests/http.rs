@@ -364,6 +364,29 @@ async fn health_readiness_metrics_and_openapi() {
         body.contains("sluice_http_requests_total") && body.contains("sluice_stream_last_position"),
         "{body}"
     );
+    // Prometheus conventions: every exported metric is a known one of its
+    // kind, described, and durations are histograms, never summaries.
+    let mut types = 0;
+    for line in body.lines().filter(|l| l.starts_with("# TYPE ")) {
+        let mut words = line["# TYPE ".len()..].split(' ');
+        let (name, kind) = (words.next().unwrap(), words.next().unwrap());
+        let known = sluice_host::http::METRICS
+            .iter()
+            .find(|m| m.name == name)
+            .unwrap_or_else(|| panic!("{name} is exported but not in METRICS"));
+        assert_eq!(kind, known.kind.as_str(), "{name}");
+        assert!(
+            body.contains(&format!("# HELP {name} ")),
+            "{name} has no HELP"
+        );
+        types += 1;
+    }
+    assert!(types >= 8, "only {types} metrics exported: {body}");
+    assert!(!body.contains(" summary"), "{body}");
+    assert!(
+        body.contains("sluice_append_duration_seconds_bucket{le=\"0.005\"}"),
+        "{body}"
+    );
     let (status, _, body) = call(&app, "GET", "/openapi.json", None, None).await;
     assert_eq!(status, StatusCode::OK);
     let doc: Value = serde_json::from_str(&body).unwrap();
@@ -630,7 +653,7 @@ fn json_type() -> (&'static str, String) {
 async fn every_error_the_layers_answer_is_a_problem() {
     let mut opts = HttpOptions::with_token(TOKEN);
     opts.body_limit = 1024;
-    let (app, _server) = app(opts).await;
+    let (app, server) = app(opts).await;
     let auth = bearer();
     let auth_only = std::slice::from_ref(&auth);
     let got = call_from(&app, "GET", "/v1/nowhere", &[], None).await;
@@ -716,7 +739,7 @@ async fn every_error_the_layers_answer_is_a_problem() {
             "bad-request",
         );
     }
-    let store = _server.store().await;
+    let store = server.store().await;
     assert_eq!(
         store.stream_state().await.unwrap().messages,
         0,

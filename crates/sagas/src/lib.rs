@@ -43,13 +43,15 @@
 //!   retries, resolves or abandons it ([`operate`]), each a transition of
 //!   its own.
 
-mod commands;
+mod command_handler;
 mod history;
 mod log;
 mod model;
 mod orchestrator;
 
-pub use commands::{CommandMapper, Handled, ReplyBuilder, handle_command, run_command_handler};
+pub use command_handler::{
+    CommandMapper, Handled, ReplyBuilder, handle_command, run_command_handler,
+};
 pub use history::{IssuedCommand, Transition, describe_status, history};
 pub use log::{
     ABANDONED, COMMAND, COMMAND_CATEGORY_PREFIX, COMMAND_DEAD_LETTERED, COMPENSATION_FAILED,

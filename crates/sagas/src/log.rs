@@ -202,16 +202,19 @@ impl SagaLog {
                 return CommandStatus::Closed;
             }
             let (s, a, st) = match (&r.event, kind) {
-                (SagaEvent::StepSucceeded { step, attempt, .. }, CommandKind::Action)
-                | (SagaEvent::StepFailed { step, attempt, .. }, CommandKind::Action)
-                | (SagaEvent::CompensationSucceeded { step, attempt }, CommandKind::Compensation)
+                (
+                    SagaEvent::StepSucceeded { step, attempt, .. }
+                    | SagaEvent::StepFailed { step, attempt, .. },
+                    CommandKind::Action,
+                )
                 | (
-                    SagaEvent::CompensationFailed { step, attempt, .. },
+                    SagaEvent::CompensationSucceeded { step, attempt }
+                    | SagaEvent::CompensationFailed { step, attempt, .. },
                     CommandKind::Compensation,
                 ) => (*step, *attempt, CommandStatus::Answered),
-                (SagaEvent::StepTimedOut { step, attempt }, CommandKind::Action)
-                | (
-                    SagaEvent::DeadlinePassed {
+                (
+                    SagaEvent::StepTimedOut { step, attempt }
+                    | SagaEvent::DeadlinePassed {
                         kind: CommandKind::Action,
                         claimed: false,
                         step,

@@ -385,7 +385,7 @@ pub(crate) async fn ledger(
         None => None,
     };
     let keyed = keys.as_ref().zip(key.as_deref());
-    let o = sluice_ledger::run_account_command(&store, &id, &command, keyed).await?;
+    let o = sluice_ledger::execute_account_command(&store, &id, &command, keyed).await?;
     if json {
         println!("{}", serde_json::to_string(&o)?);
     } else {
@@ -434,13 +434,13 @@ pub(crate) async fn demo(args: DemoArgs, url: &str) -> anyhow::Result<ExitCode> 
         };
         // Keys make a second demo run reuse the same accounts and deposits.
         let key = format!("{id}-open");
-        sluice_ledger::run_account_command(&store, id, &open, Some((&keys, &key))).await?;
+        sluice_ledger::execute_account_command(&store, id, &open, Some((&keys, &key))).await?;
         let deposit = AccountCommand::Deposit {
             amount: 10_000,
             currency: None,
         };
         let key = format!("{id}-seed");
-        sluice_ledger::run_account_command(&store, id, &deposit, Some((&keys, &key))).await?;
+        sluice_ledger::execute_account_command(&store, id, &deposit, Some((&keys, &key))).await?;
     }
     let targets = [
         "demo-ann",

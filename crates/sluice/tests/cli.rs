@@ -1256,7 +1256,7 @@ fn transfer_wait_exit_codes_and_saga_operator_commands() {
     // behind it and the transfers need attention.
     let url = support::admin_nats_url(home);
     tokio::runtime::Runtime::new().unwrap().block_on(async {
-        let store = sluice_events::EventStore::connect(&url, Default::default())
+        let store = sluice_events::EventStore::connect(&url, sluice_events::StoreConfig::default())
             .await
             .unwrap();
         store

@@ -329,7 +329,7 @@ pub(crate) async fn track_positions(
                 match put_position(&kv, name, floor).await {
                     Ok(()) => *last = floor,
                     Err(e) => {
-                        tracing::warn!(consumer = %name, error = %e, "cannot store the consumer position")
+                        tracing::warn!(consumer = %name, error = %e, "cannot store the consumer position");
                     }
                 }
             }

@@ -10,7 +10,7 @@
 //! server's `max_payload`, the dead letter is stored *by reference*, with an
 //! empty body and `Sluice-Dlq-Body: reference`; the original stays at
 //! `Sluice-Dlq-Stream` / `Sluice-Dlq-Sequence`, and [`show`] and redrive
-//! fetch it from there with a direct get. [`write`] is the one writer of
+//! fetch it from there with a direct get. [`write()`] is the one writer of
 //! dead letters: workers and projections both use it.
 //!
 //! Redrive hands messages back to the one consumer that failed on them,
@@ -260,7 +260,7 @@ pub async fn resolve_reference(
     js: &jetstream::Context,
     headers: &HeaderMap,
 ) -> Result<Option<(HeaderMap, Bytes)>, Error> {
-    if headers.get(h::BODY).map(|v| v.as_str()) != Some(h::BODY_REFERENCE) {
+    if headers.get(h::BODY).map(async_nats::HeaderValue::as_str) != Some(h::BODY_REFERENCE) {
         return Ok(None);
     }
     let get = |n: &str| headers.get(n).map(|v| v.as_str().to_owned());
@@ -891,7 +891,7 @@ pub async fn discard(js: &jetstream::Context, id: u64, reason: &str) -> Result<D
         match rest.first() {
             None => parks.release(&stream_id).await?,
             Some(next) if next.sequence > entry.sequence => {
-                parks.move_head(&stream_id, next.sequence).await?
+                parks.move_head(&stream_id, next.sequence).await?;
             }
             Some(_) => {}
         }

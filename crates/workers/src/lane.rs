@@ -418,7 +418,7 @@ mod tests {
         queue(&mut s, live("b", 4, 1));
         let (first, _) = s.next_runnable();
         let first = first.map(|m| (m.subject, m.seq));
-        assert!(matches!(first, Some(("a", 1)) | Some(("b", 3))));
+        assert!(matches!(first, Some(("a", 1) | ("b", 3))));
         let (subject, seq) = first.unwrap_or(("a", 1));
         s.finished(
             subject,

@@ -287,6 +287,35 @@ impl EventStore {
         .await
     }
 
+    /// The events of `category` (every category when `None`) from
+    /// `from_position` (inclusive) up to the head of the log at the time of
+    /// the call, in log order: the log's pages for clients that follow it
+    /// without a NATS connection.
+    pub async fn read_category(
+        &self,
+        category: Option<&str>,
+        from_position: u64,
+    ) -> Result<BoxStream<'static, Result<RecordedEvent, Error>>, Error> {
+        let filter = match category {
+            Some(c) => {
+                crate::validate_token("category", c)?;
+                format!("{}.{c}.>", self.prefix())
+            }
+            None => format!("{}.>", self.prefix()),
+        };
+        // The last event of the category, not of the log: the read stops
+        // there instead of waiting for one that will not come.
+        let last = read::last_version_of(self.stream(), &filter).await?;
+        read::range(
+            self.stream(),
+            self.prefix(),
+            filter,
+            from_position.max(1),
+            last,
+        )
+        .await
+    }
+
     /// A live feed of events on `filter` (e.g. `events.account.>`) from
     /// `from_position` (inclusive; `None` = only new events). Never ends.
     pub async fn subscribe(

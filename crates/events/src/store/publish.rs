@@ -659,7 +659,7 @@ impl Publisher {
 }
 
 fn msg_id(headers: &HeaderMap) -> Option<&str> {
-    headers.get(H_MSG_ID).map(|v| v.as_str())
+    headers.get(H_MSG_ID).map(async_nats::HeaderValue::as_str)
 }
 
 /// What became of an append the server refused for a known id.
@@ -694,7 +694,8 @@ fn is_same_event(
 ) -> bool {
     stored_subject == subject
         && msg_id(headers) == Some(event.id.as_str())
-        && headers.get(H_TYPE).map(|v| v.as_str()) == Some(event.event_type.as_str())
+        && headers.get(H_TYPE).map(async_nats::HeaderValue::as_str)
+            == Some(event.event_type.as_str())
         && payload == &event.data[..]
 }
 

@@ -35,11 +35,11 @@ pub struct ConnLimits {
     /// Connections served at once; more are answered 503 and closed.
     pub max_connections: usize,
     /// Largest request line plus headers answered normally; larger gets a
-    /// 431 problem (up to [`HARD_LIMIT_FACTOR`] times this, above which
+    /// 431 problem (up to `HARD_LIMIT_FACTOR` times this, above which
     /// hyper closes the connection with a bare 431 before a handler runs).
     pub max_header_bytes: usize,
     /// Most request header fields answered normally; more gets a 431
-    /// problem (hyper's bare 431 above [`HARD_LIMIT_FACTOR`] times this).
+    /// problem (hyper's bare 431 above `HARD_LIMIT_FACTOR` times this).
     pub max_headers: usize,
     /// Longest a request may take (the router's timeout): how long a closing
     /// connection's last request may still run.

@@ -3,7 +3,7 @@
 //! OpenAPI document, behind bearer-token authentication for everything that
 //! changes state or touches dead letters, per-client rate limiting, body size
 //! limits and timeouts. CORS is off unless origins are configured. Every
-//! error is an RFC 9457 problem (see [`problem`]). A module's routes use
+//! error is an RFC 9457 problem (see [`mod@problem`]). A module's routes use
 //! the helpers here ([`object_body`], [`idempotency_key`], [`saga_error`],
 //! [`openapi`]) so its answers look like the platform's.
 
@@ -52,6 +52,7 @@ mod auth;
 mod conn;
 mod dlq;
 mod health;
+mod log;
 mod metrics;
 pub mod openapi;
 pub mod problem;
@@ -62,7 +63,7 @@ mod streams;
 mod tls;
 
 pub use auth::load_or_create_token;
-pub use metrics::metrics_handle;
+pub use metrics::{DURATION_BUCKETS, METRICS, Metric, MetricKind, metrics_handle};
 pub use sagas::saga_error;
 pub use streams::{
     IDEMPOTENT_REPLAYED, Object, ObjectBody, bad_request, idempotency_key, key_reused, object_body,
@@ -190,16 +191,24 @@ pub(crate) fn router(queries: Router, parts: Parts, opts: &HttpOptions) -> Route
         .route("/v1/events/{position}/void", post(void_event))
         .route_layer(middleware::from_fn_with_state(ctx.clone(), require_token));
     let open = Router::new()
+        .route("/v1/events", get(log::page))
+        .route("/v1/events/live", get(log::live))
         .route("/healthz", get(healthz))
         .route("/readyz", get(readyz))
         .route("/metrics", get(prometheus))
         .route("/openapi.json", get(openapi_route));
     // A module's routes: reads as the query API's, anything else behind
     // the token with the scope its method and path need.
-    let modules = parts.routes.route_layer(middleware::from_fn_with_state(
-        ctx.clone(),
-        require_token_for_writes,
-    ));
+    let modules = if parts.routes.has_routes() {
+        parts.routes.route_layer(middleware::from_fn_with_state(
+            ctx.clone(),
+            require_token_for_writes,
+        ))
+    } else {
+        // A layer on no routes is refused by axum (an app of modules
+        // without routes is fine).
+        parts.routes
+    };
     let mut app = protected
         .merge(open)
         .with_state(ctx.clone())

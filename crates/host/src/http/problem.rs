@@ -385,9 +385,8 @@ pub async fn problem_responses(req: Request, next: Next) -> Response {
             detail,
         ),
     };
-    let body = match serde_json::to_vec(&problem) {
-        Ok(b) => b,
-        Err(_) => return Response::from_parts(parts, Body::empty()),
+    let Ok(body) = serde_json::to_vec(&problem) else {
+        return Response::from_parts(parts, Body::empty());
     };
     parts.headers.remove(header::CONTENT_LENGTH);
     parts
@@ -414,15 +413,12 @@ pub async fn json_objects_only(req: Request, next: Next) -> Response {
         return next.run(req).await;
     }
     let (parts, body) = req.into_parts();
-    let bytes = match axum::body::to_bytes(body, usize::MAX).await {
-        Ok(b) => b,
-        Err(_) => {
-            return Problem::of(
-                ProblemType::PayloadTooLarge,
-                "the request body exceeds the server's limit",
-            )
-            .into_response();
-        }
+    let Ok(bytes) = axum::body::to_bytes(body, usize::MAX).await else {
+        return Problem::of(
+            ProblemType::PayloadTooLarge,
+            "the request body exceeds the server's limit",
+        )
+        .into_response();
     };
     let first = bytes.iter().find(|b| !b.is_ascii_whitespace());
     if let Some(&first) = first

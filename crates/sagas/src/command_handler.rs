@@ -355,7 +355,7 @@ async fn apply<A: Aggregate>(
             .await
         {
             Ok(r) => {
-                let state = events.iter().fold(state, |s, e| s.evolve(e));
+                let state = events.iter().fold(state, sluice_events::Aggregate::evolve);
                 let value = reply(&state);
                 // A deduplicated append means an earlier try landed; what
                 // is on the target then is unknown here: load it next time.

@@ -14,7 +14,7 @@ use sluice_sagas::{SAGA_CATEGORY_PREFIX, STARTED, SagaEvent};
 use sqlx::{AnyConnection, Row};
 use time::format_description::well_known::Rfc3339;
 
-use crate::transfer::{TRANSFER_SAGA, Transfer};
+use crate::transfer_saga::{TRANSFER_SAGA, Transfer};
 
 /// Projection (and table) name: a constant, the checkpoint key.
 pub const TRANSFERS: &str = "transfers";
@@ -42,11 +42,11 @@ pub fn transfer_transition(event: &SagaEvent) -> (Option<&'static str>, Option<S
         SagaEvent::Retried { .. } => (Some("pending"), None),
         SagaEvent::Resolved { outcome, note } => (
             Some(outcome.as_str()),
-            Some(crate::transfer::resolved_reason(*outcome, note)),
+            Some(crate::transfer_saga::resolved_reason(*outcome, note)),
         ),
         SagaEvent::Abandoned { note } => (
             Some("abandoned"),
-            Some(crate::transfer::abandoned_reason(note, "")),
+            Some(crate::transfer_saga::abandoned_reason(note, "")),
         ),
         SagaEvent::CommandDeadLettered {
             command,
@@ -352,7 +352,7 @@ mod tests {
 
     use sluice_sagas::{SagaState, react};
 
-    use crate::transfer::{transfer_definition, transfer_state};
+    use crate::transfer_saga::{transfer_definition, transfer_state};
 
     /// The projection's transitions agree with the saga model's fold.
     #[test]

@@ -96,7 +96,7 @@ pub fn transfer_definition_with(
 }
 
 /// Maps a saga command to an account command.
-pub fn account_command(cmd: &Command) -> Result<AccountCommand, String> {
+pub fn account_command_of(cmd: &Command) -> Result<AccountCommand, String> {
     let amount = cmd.payload["amount"]
         .as_i64()
         .ok_or_else(|| format!("command {} has no integer amount", cmd.id))?;
@@ -163,7 +163,8 @@ pub async fn run_account_commands(
     config: WorkerConfig,
     shutdown: CancellationToken,
 ) -> Result<(), SagaError> {
-    run_command_handler::<Account>(store, config, account_command, account_reply, shutdown).await?;
+    run_command_handler::<Account>(store, config, account_command_of, account_reply, shutdown)
+        .await?;
     Ok(())
 }
 
@@ -371,7 +372,7 @@ impl std::str::FromStr for TransferState {
                 SagaError::Invalid(format!(
                     "unknown transfer state {:?}: use one of {}",
                     s.chars().take(64).collect::<String>(),
-                    crate::transfers::TRANSFER_STATES.join(", ")
+                    crate::transfers_read_model::TRANSFER_STATES.join(", ")
                 ))
             })
     }
@@ -547,7 +548,7 @@ mod tests {
         assert_eq!(state.status, Status::Completed);
         assert_eq!(cmds.len(), 2);
         assert_eq!(
-            account_command(&cmds[0]),
+            account_command_of(&cmds[0]),
             Ok(AccountCommand::Withdraw {
                 amount: 10,
                 currency: None
@@ -555,7 +556,7 @@ mod tests {
         );
         assert_eq!(cmds[1].payload["target"]["id"], "b");
         assert_eq!(
-            account_command(&cmds[1]),
+            account_command_of(&cmds[1]),
             Ok(AccountCommand::Deposit {
                 amount: 10,
                 currency: Some("EUR".into())
