@@ -264,6 +264,18 @@ fn process_running(pid: u32) -> bool {
     })
 }
 
+/// Whether a NUL-separated command line runs a `nats-server` binary with
+/// `conf` among its arguments.
+fn runs_config(cmdline: &[u8], conf: &Path) -> bool {
+    let mut args = cmdline.split(|b| *b == 0);
+    let is_nats_server = args.next().is_some_and(|bin| {
+        Path::new(std::ffi::OsStr::from_bytes(bin))
+            .file_name()
+            .is_some_and(|name| name.as_bytes().starts_with(b"nats-server"))
+    });
+    is_nats_server && args.any(|arg| Path::new(std::ffi::OsStr::from_bytes(arg)) == conf)
+}
+
 fn free_port() -> Result<u16, Error> {
     let l = TcpListener::bind("127.0.0.1:0")
         .map_err(|e| Error::Embedded(format!("cannot find a free port: {e}")))?;
@@ -283,7 +295,10 @@ pub struct EmbeddedServer {
 }
 
 impl EmbeddedServer {
-    /// Starts the server and waits until it accepts connections.
+    /// Starts the server and waits until it accepts connections. A
+    /// nats-server an earlier start left running on this store (its parent
+    /// killed with SIGKILL) is stopped first, with a warning: never two
+    /// servers on one store.
     pub fn start(mut config: EmbeddedConfig) -> Result<Self, Error> {
         let bin = match config.bin.clone() {
             Some(b) => b,
@@ -353,7 +368,7 @@ impl EmbeddedServer {
     }
 
     fn spawn(&mut self) -> Result<(), Error> {
-        self.stop_leftover();
+        self.stop_leftover()?;
         let conf = self.write_config()?;
         let child = Command::new(&self.bin)
             .arg("-c")
@@ -399,37 +414,58 @@ impl EmbeddedServer {
 
     /// A server of this directory still running from an earlier start whose
     /// parent died without stopping it (`sluice up` killed with SIGKILL): two
-    /// servers on one store would corrupt it, so stop that one first.
-    fn stop_leftover(&self) {
+    /// servers on one store would corrupt it, so stop that one first. It is
+    /// found through the pid file its configuration names, and is ours only
+    /// when `/proc/<pid>/cmdline` runs a `nats-server` with this directory's
+    /// config (a recycled pid is left alone). SIGTERM, then SIGKILL after
+    /// 10 s; an error if it still runs after that.
+    fn stop_leftover(&self) -> Result<(), Error> {
         let Ok(text) = std::fs::read_to_string(self.pid_path()) else {
-            return;
+            return Ok(());
         };
         let Ok(pid) = text.trim().parse::<u32>() else {
-            return;
+            return Ok(());
         };
         let conf = self.config.dir.join("nats-server.conf");
-        let ours = std::fs::read(format!("/proc/{pid}/cmdline")).is_ok_and(|cmdline| {
-            cmdline
-                .split(|b| *b == 0)
-                .any(|arg| Path::new(std::ffi::OsStr::from_bytes(arg)) == conf)
-        });
+        let ours = std::fs::read(format!("/proc/{pid}/cmdline"))
+            .is_ok_and(|cmdline| runs_config(&cmdline, &conf));
         if !ours || !process_running(pid) {
-            return;
+            return Ok(());
         }
-        tracing::warn!(pid, dir = %self.config.dir.display(), "a nats-server from an earlier start still runs on this store; stopping it");
+        tracing::warn!(
+            pid,
+            dir = %self.config.dir.display(),
+            "a nats-server from an earlier start still runs on this store (its parent was killed); stopping it before starting another"
+        );
         let signal = |sig: &str| {
             let _ = Command::new("kill").arg(sig).arg(pid.to_string()).status();
         };
-        signal("-TERM");
-        let deadline = Instant::now() + Duration::from_secs(10);
-        while process_running(pid) {
-            if Instant::now() > deadline {
-                signal("-KILL");
-                std::thread::sleep(Duration::from_millis(200));
-                break;
+        let stopped_within = |timeout: Duration| {
+            let deadline = Instant::now() + timeout;
+            while process_running(pid) {
+                if Instant::now() > deadline {
+                    return false;
+                }
+                std::thread::sleep(Duration::from_millis(20));
             }
-            std::thread::sleep(Duration::from_millis(20));
+            true
+        };
+        signal("-TERM");
+        if stopped_within(Duration::from_secs(10)) {
+            return Ok(());
         }
+        tracing::warn!(
+            pid,
+            "the leftover nats-server did not stop in 10 s; killing it"
+        );
+        signal("-KILL");
+        if stopped_within(Duration::from_secs(5)) {
+            return Ok(());
+        }
+        Err(Error::Embedded(format!(
+            "a nats-server (pid {pid}) from an earlier start still runs on {} and did not stop; stop it, then start again",
+            self.config.dir.display()
+        )))
     }
 
     /// The client URL with the credential in it,
@@ -510,5 +546,38 @@ impl EmbeddedServer {
 impl Drop for EmbeddedServer {
     fn drop(&mut self) {
         self.kill();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_leftover_is_a_nats_server_on_this_config_only() {
+        let conf = Path::new("/home/a/.sluice/nats/nats-server.conf");
+        let cmdline = |args: &[&str]| args.join("\0").into_bytes();
+        assert!(runs_config(
+            &cmdline(&[
+                "/opt/bin/nats-server",
+                "-c",
+                "/home/a/.sluice/nats/nats-server.conf"
+            ]),
+            conf
+        ));
+        // Another store, another program with the same argument, nothing.
+        assert!(!runs_config(
+            &cmdline(&[
+                "/opt/bin/nats-server",
+                "-c",
+                "/home/b/.sluice/nats/nats-server.conf"
+            ]),
+            conf
+        ));
+        assert!(!runs_config(
+            &cmdline(&["/usr/bin/vim", "/home/a/.sluice/nats/nats-server.conf"]),
+            conf
+        ));
+        assert!(!runs_config(b"", conf));
     }
 }

@@ -169,7 +169,7 @@ impl Config {
         Self::load_with(file, env)
     }
 
-    fn load_with(
+    pub(crate) fn load_with(
         file: Option<&Path>,
         env: impl Fn(&str) -> Option<String>,
     ) -> anyhow::Result<Self> {

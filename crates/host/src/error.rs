@@ -29,6 +29,44 @@ pub enum Error {
     /// A destructive command without its confirmation flag.
     #[error("{0}")]
     NotConfirmed(&'static str),
+    /// [`crate::run`] did not start: `what` it was doing, and why. Nothing
+    /// it started is left running.
+    #[error("{what}")]
+    Start {
+        /// The step that failed (e.g. "starting the embedded nats-server").
+        what: &'static str,
+        /// Why.
+        #[source]
+        source: crate::BoxError,
+    },
+    /// `up` already runs on this home (its endpoint file names a live
+    /// process).
+    #[error(
+        "{binary} up is already running here (pid {pid}, NATS at {nats_url}); stop it first or use another --home"
+    )]
+    AlreadyRunning {
+        /// The binary's name.
+        binary: &'static str,
+        /// The process that runs it.
+        pid: u32,
+        /// Its NATS server.
+        nats_url: String,
+    },
+    /// `strict` and the event stream could lose acknowledged writes.
+    #[error("refusing to start (--strict): {warnings}")]
+    Strict {
+        /// The durability warnings, `; `-separated.
+        warnings: String,
+    },
+    /// A role's task failed or panicked; the others were stopped with it.
+    #[error("{task} stopped with an error")]
+    Role {
+        /// The task (module and name, e.g. `ledger ledger-account-commands`).
+        task: String,
+        /// Its error, or the panic.
+        #[source]
+        source: crate::BoxError,
+    },
     /// Writing the output failed.
     #[error("writing output: {0}")]
     Io(#[from] std::io::Error),

@@ -6,7 +6,8 @@
 //! `tail`, `status`, `dlq`, `consumer`, `projection`, `replay`, `event`,
 //! `token`), provisioning and telemetry. A domain implements [`Module`];
 //! its binary's `main` is one call to [`cli::main`] with an [`App`] of its
-//! modules.
+//! modules, and a program or a test runs the same `up`/`serve` in-process
+//! with [`run`].
 #![warn(clippy::unwrap_used)]
 
 pub mod cli;
@@ -35,3 +36,4 @@ pub use module::{
 };
 pub use projection_ops::ReadSide;
 pub use stream_cmd::id_arg;
+pub use up::{Mode, RunConfig, Running, run};

@@ -155,8 +155,17 @@ fn shop_up_serves_the_shop_alone_and_survives_a_kill() {
     // Two orders for the last widget, then a crash before they end.
     place(&up, "o-4", "widget", 1);
     place(&up, "o-5", "widget", 1);
-    up.crash(home);
+    let orphan = up.crash(home);
     let up = Up::start(BIN, home);
+    // The new start stopped the nats-server the killed one left running
+    // on this store, and runs its own: one server, the data intact.
+    let servers = support::nats_servers_on(home);
+    assert_eq!(
+        servers.len(),
+        1,
+        "one nats-server on the store: {servers:?}"
+    );
+    assert_ne!(servers[0], orphan, "the orphan still runs");
 
     // Both end by the rules: exactly one gets the widget.
     let mut states = [ended(&up, "o-4"), ended(&up, "o-5")];

@@ -45,14 +45,6 @@ pub(crate) fn http(addr: &str, token: &str, method: &str, path: &str, body: &str
     )
 }
 
-/// Whether process `pid` still runs (a zombie counts as gone).
-fn alive(pid: u32) -> bool {
-    std::fs::read_to_string(format!("/proc/{pid}/stat")).is_ok_and(|s| {
-        s.rsplit_once(") ")
-            .is_some_and(|(_, r)| !r.starts_with('Z'))
-    })
-}
-
 /// A running `shop up`: its HTTP address and API token; stopped (SIGTERM,
 /// so it stops its nats-server) when dropped.
 pub(crate) struct Up {
@@ -98,25 +90,39 @@ impl Up {
         http(&self.addr, &self.token, method, path, body)
     }
 
-    /// SIGKILL, as a crash: nothing of it runs any more, and the embedded
-    /// nats-server it leaves behind (pid file under `home`) is stopped too,
-    /// so the next `shop up` owns the store.
-    pub(crate) fn crash(mut self, home: &Path) {
+    /// SIGKILL, as a crash: nothing of it runs any more but the embedded
+    /// nats-server it leaves behind (returned: its pid), which the next
+    /// `shop up` on `home` has to stop before starting its own.
+    pub(crate) fn crash(mut self, home: &Path) -> u32 {
         self.child.kill().unwrap();
         self.child.wait().unwrap();
-        let pid_file = home.join("nats").join("nats-server.pid");
-        let pid = std::fs::read_to_string(pid_file).unwrap();
-        let pid: u32 = pid.trim().parse().unwrap();
-        if alive(pid) {
-            let term = Command::new("kill")
-                .args(["-TERM", &pid.to_string()])
-                .status();
-            assert!(term.unwrap().success());
-        }
-        wait_for("the orphaned nats-server to stop", || {
-            (!alive(pid)).then_some(())
-        });
+        let orphans = nats_servers_on(home);
+        assert_eq!(orphans.len(), 1, "the orphaned nats-server: {orphans:?}");
+        orphans[0]
     }
+}
+
+/// The nats-server processes running on `home`'s embedded store (their
+/// command line names its config file); zombies do not count.
+pub(crate) fn nats_servers_on(home: &Path) -> Vec<u32> {
+    let conf = home.join("nats").join("nats-server.conf");
+    let conf = conf.as_os_str().as_encoded_bytes();
+    let mut pids: Vec<u32> = std::fs::read_dir("/proc")
+        .unwrap()
+        .filter_map(|e| e.ok()?.file_name().to_str()?.parse().ok())
+        .filter(|pid: &u32| {
+            let running = std::fs::read_to_string(format!("/proc/{pid}/stat")).is_ok_and(|s| {
+                s.rsplit_once(") ")
+                    .is_some_and(|(_, r)| !r.starts_with('Z'))
+            });
+            let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
+            let mut args = cmdline.split(|b| *b == 0);
+            let is_nats = args.next().is_some_and(|bin| bin.ends_with(b"nats-server"));
+            running && is_nats && args.any(|a| a == conf)
+        })
+        .collect();
+    pids.sort_unstable();
+    pids
 }
 
 impl Drop for Up {
