@@ -4,15 +4,13 @@
 use std::collections::BTreeMap;
 use std::fmt::Write as _;
 
-use futures::FutureExt;
-use futures::future::BoxFuture;
 use sluice_events::StreamId;
 use sluice_projections::{
-    Page, ProjectedEvent, Projection, ReadModel, Rejection, RewindSupport, Tables,
+    Column, KeyedReadModel, KeyedTable, ProjectedEvent, Projection, Rejection, RewindSupport,
+    Tables,
 };
 use sqlx::any::AnyRow;
 use sqlx::{AnyConnection, Row};
-use time::format_description::well_known::Rfc3339;
 
 use crate::events::{ACCOUNT_CATEGORY, AccountEvent};
 use crate::fold::{AccountRow, FoldInput, fold_balances};
@@ -80,14 +78,6 @@ fn values_list(rows: usize, cols: usize) -> String {
     s
 }
 
-fn event_time(e: &ProjectedEvent) -> String {
-    e.envelope
-        .time
-        .unwrap_or(e.appended_at)
-        .format(&Rfc3339)
-        .unwrap_or_default()
-}
-
 fn to_i64(v: u64) -> i64 {
     i64::try_from(v).unwrap_or(i64::MAX)
 }
@@ -130,28 +120,6 @@ async fn load_accounts(
     Ok(out)
 }
 
-/// Deletes the rows keyed by the aggregates' ids (a by-aggregate rewind).
-pub(crate) async fn delete_ids(
-    conn: &mut AnyConnection,
-    table: &str,
-    key_column: &str,
-    aggregates: &[StreamId],
-) -> Result<(), sqlx::Error> {
-    for chunk in aggregates.chunks(CHUNK) {
-        let params: Vec<String> = (1..=chunk.len()).map(|i| format!("${i}")).collect();
-        let sql = format!(
-            "DELETE FROM {table} WHERE {key_column} IN ({})",
-            params.join(",")
-        );
-        let mut q = sqlx::query(&sql);
-        for s in chunk {
-            q = q.bind(s.id());
-        }
-        q.execute(&mut *conn).await?;
-    }
-    Ok(())
-}
-
 async fn upsert_accounts(
     conn: &mut AnyConnection,
     table: &str,
@@ -188,7 +156,7 @@ impl AccountBalances {
         table: &str,
         events: &[ProjectedEvent],
     ) -> Result<Vec<Rejection>, sqlx::Error> {
-        let times: Vec<String> = events.iter().map(event_time).collect();
+        let times: Vec<String> = events.iter().map(ProjectedEvent::time_rfc3339).collect();
         let inputs: Vec<FoldInput<'_>> = events
             .iter()
             .zip(&times)
@@ -222,7 +190,7 @@ impl AccountBalances {
         events: &[ProjectedEvent],
     ) -> Result<Vec<Rejection>, sqlx::Error> {
         for e in events {
-            let time = event_time(e);
+            let time = e.time_rfc3339();
             let input = FoldInput {
                 position: e.position,
                 account: e.stream_id.id(),
@@ -281,7 +249,7 @@ impl Projection for AccountBalances {
         _from: u64,
         aggregates: &[StreamId],
     ) -> Result<(), sqlx::Error> {
-        delete_ids(conn, &tables.name(ACCOUNT_BALANCES), "id", aggregates).await
+        Self::ROWS.delete_aggregates(conn, tables, aggregates).await
     }
 }
 
@@ -311,7 +279,7 @@ impl Projection for AccountActivity {
         let mut rejected = Vec::new();
         for e in events {
             match AccountEvent::decode(&e.envelope) {
-                Ok(ev) => rows.push((e, ev.amount(), event_time(e))),
+                Ok(ev) => rows.push((e, ev.amount(), e.time_rfc3339())),
                 Err(reason) => rejected.push(Rejection::new(e.position, reason)),
             }
         }
@@ -359,147 +327,34 @@ impl Projection for AccountActivity {
     }
 }
 
-fn account_json(r: &AccountRow) -> serde_json::Value {
-    serde_json::json!({
-        "id": r.id,
-        "owner": r.owner,
-        "currency": r.currency,
-        "balance": r.balance,
-        "version": r.version,
-        "status": r.status,
-        "updated_at": r.updated_at,
-    })
+impl KeyedReadModel for AccountBalances {
+    const ROWS: KeyedTable = KeyedTable {
+        table: ACCOUNT_BALANCES,
+        key: Column::text("id"),
+        columns: &[
+            Column::text("owner"),
+            Column::text("currency"),
+            Column::int("balance"),
+            Column::int("version"),
+            Column::text("status"),
+            Column::text("updated_at"),
+        ],
+        category: Some(ACCOUNT_CATEGORY),
+    };
 }
 
-fn activity_json(r: &AnyRow) -> Result<(i64, serde_json::Value), sqlx::Error> {
-    let position: i64 = r.try_get(0)?;
-    let account: String = r.try_get(1)?;
-    let event_type: String = r.try_get(2)?;
-    let amount: Option<i64> = r.try_get(3)?;
-    let time: String = r.try_get(4)?;
-    Ok((
-        position,
-        serde_json::json!({
-            "position": position,
-            "account": account,
-            "type": event_type,
-            "amount": amount,
-            "time": time,
-        }),
-    ))
-}
-
-impl ReadModel for AccountBalances {
-    fn name(&self) -> &'static str {
-        ACCOUNT_BALANCES
-    }
-
-    fn stream_of(&self, key: &str) -> Option<sluice_events::StreamId> {
-        sluice_events::StreamId::new(ACCOUNT_CATEGORY, key).ok()
-    }
-
-    fn get<'a>(
-        &'a self,
-        conn: &'a mut AnyConnection,
-        key: &'a str,
-    ) -> BoxFuture<'a, Result<Option<serde_json::Value>, sqlx::Error>> {
-        async move {
-            let rows = load_accounts(conn, ACCOUNT_BALANCES, &[key]).await?;
-            Ok(rows.get(key).map(account_json))
-        }
-        .boxed()
-    }
-
-    fn list<'a>(
-        &'a self,
-        conn: &'a mut AnyConnection,
-        after: Option<&'a str>,
-        limit: u32,
-    ) -> BoxFuture<'a, Result<Page, sqlx::Error>> {
-        async move {
-            let sql = format!(
-                "SELECT {BALANCE_COLUMNS} FROM account_balances WHERE id > $1 ORDER BY id LIMIT $2"
-            );
-            let rows = sqlx::query(&sql)
-                .bind(after.unwrap_or(""))
-                .bind(i64::from(limit))
-                .fetch_all(conn)
-                .await?;
-            let accounts = rows
-                .iter()
-                .map(row_to_account)
-                .collect::<Result<Vec<_>, _>>()?;
-            let next = (accounts.len() == limit as usize)
-                .then(|| accounts.last().map(|a| a.id.clone()))
-                .flatten();
-            Ok(Page {
-                rows: accounts.iter().map(account_json).collect(),
-                next,
-            })
-        }
-        .boxed()
-    }
-}
-
-impl ReadModel for AccountActivity {
-    fn name(&self) -> &'static str {
-        ACCOUNT_ACTIVITY
-    }
-
-    fn get<'a>(
-        &'a self,
-        conn: &'a mut AnyConnection,
-        key: &'a str,
-    ) -> BoxFuture<'a, Result<Option<serde_json::Value>, sqlx::Error>> {
-        async move {
-            let Ok(position) = key.parse::<i64>() else {
-                return Ok(None);
-            };
-            let row = sqlx::query(
-                "SELECT position, account, event_type, amount, time FROM account_activity \
-                 WHERE position = $1",
-            )
-            .bind(position)
-            .fetch_optional(conn)
-            .await?;
-            row.as_ref()
-                .map(activity_json)
-                .transpose()
-                .map(|o| o.map(|(_, v)| v))
-        }
-        .boxed()
-    }
-
-    fn list<'a>(
-        &'a self,
-        conn: &'a mut AnyConnection,
-        after: Option<&'a str>,
-        limit: u32,
-    ) -> BoxFuture<'a, Result<Page, sqlx::Error>> {
-        async move {
-            let after: i64 = after.and_then(|a| a.parse().ok()).unwrap_or(0);
-            let rows = sqlx::query(
-                "SELECT position, account, event_type, amount, time FROM account_activity \
-                 WHERE position > $1 ORDER BY position LIMIT $2",
-            )
-            .bind(after)
-            .bind(i64::from(limit))
-            .fetch_all(conn)
-            .await?;
-            let items = rows
-                .iter()
-                .map(activity_json)
-                .collect::<Result<Vec<_>, _>>()?;
-            let next = (items.len() == limit as usize)
-                .then(|| items.last().map(|(p, _)| p.to_string()))
-                .flatten();
-            Ok(Page {
-                rows: items.into_iter().map(|(_, v)| v).collect(),
-                next,
-            })
-        }
-        .boxed()
-    }
+impl KeyedReadModel for AccountActivity {
+    const ROWS: KeyedTable = KeyedTable {
+        table: ACCOUNT_ACTIVITY,
+        key: Column::int("position"),
+        columns: &[
+            Column::text("account"),
+            Column::text("event_type").as_field("type"),
+            Column::optional_int("amount"),
+            Column::text("time"),
+        ],
+        category: None,
+    };
 }
 
 #[cfg(test)]

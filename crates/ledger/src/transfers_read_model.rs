@@ -3,16 +3,13 @@
 //! `events.saga-transfer.<id>` on the projection runtime, so each saga event
 //! takes effect exactly once.
 
-use futures::FutureExt;
-use futures::future::BoxFuture;
-use serde_json::{Value, json};
 use sluice_events::StreamId;
 use sluice_projections::{
-    Page, ProjectedEvent, Projection, ReadModel, Rejection, RewindSupport, Tables,
+    Column, KeyedReadModel, KeyedTable, ProjectedEvent, Projection, Rejection, RewindSupport,
+    RowChange, StateRows, Tables,
 };
-use sluice_sagas::{SAGA_CATEGORY_PREFIX, STARTED, SagaEvent};
+use sluice_sagas::{Observed, SAGA_CATEGORY_PREFIX, SagaEvent, observe};
 use sqlx::{AnyConnection, Row};
-use time::format_description::well_known::Rfc3339;
 
 use crate::transfer_saga::{TRANSFER_SAGA, Transfer};
 
@@ -110,39 +107,29 @@ pub fn transfer_transition(event: &SagaEvent) -> (Option<&'static str>, Option<S
 #[derive(Debug, Clone, Copy, Default)]
 pub struct Transfers;
 
-fn time_of(e: &ProjectedEvent) -> String {
-    e.envelope
-        .time
-        .unwrap_or(e.appended_at)
-        .format(&Rfc3339)
-        .unwrap_or_default()
-}
+/// Writes: one row per transfer saga, moved by [`transfer_transition`].
+/// A final row stays final: `react` ignores whatever arrives after an end
+/// (a late reply after an operator resolved the transfer, say), and so
+/// does the row.
+static WRITES: StateRows = StateRows {
+    table: TRANSFERS,
+    key: "id",
+    data: &["from_account", "to_account", "amount"],
+    created_at: "started_at",
+    initial: "pending",
+    finals: &["completed", "compensated", "abandoned"],
+};
 
-fn to_i64(v: u64) -> i64 {
-    i64::try_from(v).unwrap_or(i64::MAX)
-}
-
-enum Change {
-    Start(Transfer),
-    Update(Option<&'static str>, Option<String>),
-}
-
-fn decode(e: &ProjectedEvent) -> Result<Change, String> {
-    if e.envelope.event_type == STARTED {
-        let v: Value = serde_json::from_slice(&e.envelope.data)
-            .map_err(|err| format!("malformed {STARTED} data: {err}"))?;
-        let t: Transfer = serde_json::from_value(v["data"].clone())
-            .map_err(|err| format!("malformed transfer data: {err}"))?;
-        return Ok(Change::Start(t));
-    }
-    let event: SagaEvent = serde_json::from_slice(&e.envelope.data).map_err(|err| {
-        format!(
-            "malformed saga event {:?}: {err}",
-            e.envelope.event_type.chars().take(64).collect::<String>()
-        )
-    })?;
-    let (state, reason) = transfer_transition(&event);
-    Ok(Change::Update(state, reason))
+fn change(e: &ProjectedEvent) -> Result<RowChange, String> {
+    Ok(match observe::<Transfer>(&e.envelope, "transfer")? {
+        Observed::Started(t) => {
+            RowChange::Insert(vec![t.from.into(), t.to.into(), t.amount.into()])
+        }
+        Observed::Transition(event) => {
+            let (state, reason) = transfer_transition(&event);
+            RowChange::Update(state, reason)
+        }
+    })
 }
 
 impl Projection for Transfers {
@@ -164,61 +151,7 @@ impl Projection for Transfers {
         tables: &Tables,
         events: &[ProjectedEvent],
     ) -> Result<Vec<Rejection>, sqlx::Error> {
-        let table = tables.name(TRANSFERS);
-        let mut changes = Vec::with_capacity(events.len());
-        let mut rejected = Vec::new();
-        for e in events {
-            match decode(e) {
-                Ok(c) => changes.push((e, c)),
-                Err(reason) => rejected.push(Rejection::new(e.position, reason)),
-            }
-        }
-        if !rejected.is_empty() {
-            return Ok(rejected);
-        }
-        // Row at a time: a transfer has a handful of events, and sagas are
-        // far fewer than account events.
-        for (e, change) in changes {
-            let at = time_of(e);
-            match change {
-                Change::Start(t) => {
-                    let sql = format!(
-                        "INSERT INTO {table} (id, from_account, to_account, amount, state, reason, \
-                         started_at, updated_at, version) \
-                         VALUES ($1, $2, $3, $4, 'pending', NULL, $5, $5, $6) \
-                         ON CONFLICT (id) DO NOTHING"
-                    );
-                    sqlx::query(&sql)
-                        .bind(e.stream_id.id())
-                        .bind(t.from.as_str())
-                        .bind(t.to.as_str())
-                        .bind(t.amount)
-                        .bind(at.as_str())
-                        .bind(to_i64(e.position))
-                        .execute(&mut *conn)
-                        .await?;
-                }
-                Change::Update(state, reason) => {
-                    // A final row stays final: `react` ignores whatever
-                    // arrives after an end (a late reply after an operator
-                    // resolved the transfer, say), and so does the row.
-                    let sql = format!(
-                        "UPDATE {table} SET state = COALESCE($1, state), \
-                         reason = COALESCE($2, reason), updated_at = $3, version = $4 \
-                         WHERE id = $5 AND state NOT IN ('completed', 'compensated', 'abandoned')"
-                    );
-                    sqlx::query(&sql)
-                        .bind(state)
-                        .bind(reason)
-                        .bind(at.as_str())
-                        .bind(to_i64(e.position))
-                        .bind(e.stream_id.id())
-                        .execute(&mut *conn)
-                        .await?;
-                }
-            }
-        }
-        Ok(Vec::new())
+        WRITES.apply(conn, tables, events, change).await
     }
 
     /// A row is the fold of its saga's events alone (an update overwrites
@@ -236,70 +169,26 @@ impl Projection for Transfers {
         _from: u64,
         aggregates: &[StreamId],
     ) -> Result<(), sqlx::Error> {
-        crate::read_models::delete_ids(conn, &tables.name(TRANSFERS), "id", aggregates).await
+        Self::ROWS.delete_aggregates(conn, tables, aggregates).await
     }
 }
 
-const COLUMNS: &str =
-    "id, from_account, to_account, amount, state, reason, started_at, updated_at, version";
-
-fn row_json(r: &sqlx::any::AnyRow) -> Result<Value, sqlx::Error> {
-    Ok(json!({
-        "id": r.try_get::<String, _>(0)?,
-        "from": r.try_get::<String, _>(1)?,
-        "to": r.try_get::<String, _>(2)?,
-        "amount": r.try_get::<i64, _>(3)?,
-        "state": r.try_get::<String, _>(4)?,
-        "reason": r.try_get::<Option<String>, _>(5)?,
-        "started_at": r.try_get::<String, _>(6)?,
-        "updated_at": r.try_get::<String, _>(7)?,
-        "version": r.try_get::<i64, _>(8)?,
-    }))
-}
-
-impl ReadModel for Transfers {
-    fn name(&self) -> &'static str {
-        TRANSFERS
-    }
-
-    fn get<'a>(
-        &'a self,
-        conn: &'a mut AnyConnection,
-        key: &'a str,
-    ) -> BoxFuture<'a, Result<Option<Value>, sqlx::Error>> {
-        async move {
-            let sql = format!("SELECT {COLUMNS} FROM {TRANSFERS} WHERE id = $1");
-            let row = sqlx::query(&sql).bind(key).fetch_optional(conn).await?;
-            row.as_ref().map(row_json).transpose()
-        }
-        .boxed()
-    }
-
-    fn list<'a>(
-        &'a self,
-        conn: &'a mut AnyConnection,
-        after: Option<&'a str>,
-        limit: u32,
-    ) -> BoxFuture<'a, Result<Page, sqlx::Error>> {
-        async move {
-            let sql =
-                format!("SELECT {COLUMNS} FROM {TRANSFERS} WHERE id > $1 ORDER BY id LIMIT $2");
-            let rows = sqlx::query(&sql)
-                .bind(after.unwrap_or(""))
-                .bind(i64::from(limit))
-                .fetch_all(conn)
-                .await?;
-            let rows = rows.iter().map(row_json).collect::<Result<Vec<_>, _>>()?;
-            let next = (rows.len() == limit as usize)
-                .then(|| {
-                    rows.last()
-                        .and_then(|r| r["id"].as_str().map(str::to_owned))
-                })
-                .flatten();
-            Ok(Page { rows, next })
-        }
-        .boxed()
-    }
+impl KeyedReadModel for Transfers {
+    const ROWS: KeyedTable = KeyedTable {
+        table: TRANSFERS,
+        key: Column::text("id"),
+        columns: &[
+            Column::text("from_account").as_field("from"),
+            Column::text("to_account").as_field("to"),
+            Column::int("amount"),
+            Column::text("state"),
+            Column::optional_text("reason"),
+            Column::text("started_at"),
+            Column::text("updated_at"),
+            Column::int("version"),
+        ],
+        category: None,
+    };
 }
 
 // The category is derived from the saga's name; keep them in step.
@@ -349,6 +238,8 @@ pub async fn transfer_counts(
 mod tests {
     use super::*;
     use std::time::Duration;
+
+    use serde_json::{Value, json};
 
     use sluice_sagas::{SagaState, react};
 

@@ -26,10 +26,12 @@ mod bookkeeping;
 mod db;
 mod dlq;
 mod error;
+mod keyed;
 mod projection;
 mod rebuild;
 mod replay;
 mod runner;
+mod state_rows;
 mod status;
 
 pub use bookkeeping::{DeadLetterRecord, dead_letters, read_checkpoint};
@@ -39,6 +41,7 @@ pub use dlq::{
     discard_position, headers, projection_of,
 };
 pub use error::Error;
+pub use keyed::{Column, ColumnType, KeyedReadModel, KeyedTable};
 pub use projection::{
     Page, ProjectedEvent, Projection, REBUILD_SUFFIX, ReadModel, Rejection, RewindSupport, Tables,
 };
@@ -48,4 +51,5 @@ pub use runner::{
     FailurePolicy, Live, LiveStatus, Member, RunState, Runner, RunnerConfig, RunningGroup,
     RunningProjection, spawn, spawn_group,
 };
+pub use state_rows::{RowChange, StateRows};
 pub use status::{Halt, ProjectionStatus, projection_status};

@@ -55,10 +55,10 @@ pub use command_handler::{
 pub use history::{IssuedCommand, Transition, describe_status, history};
 pub use log::{
     ABANDONED, COMMAND, COMMAND_CATEGORY_PREFIX, COMMAND_DEAD_LETTERED, COMPENSATION_FAILED,
-    COMPENSATION_SUCCEEDED, CommandMessage, CommandStatus, DEADLINE_PASSED, Guarded,
+    COMPENSATION_SUCCEEDED, CommandMessage, CommandStatus, DEADLINE_PASSED, Guarded, Observed,
     OperatorAction, RESOLVED, RETRIED, Reaction, SAGA_CATEGORY_PREFIX, STARTED, STEP_CLAIMED,
     STEP_FAILED, STEP_SUCCEEDED, STEP_TIMED_OUT, SagaLog, SagaRecord, Started, append_guarded,
-    command_target, event_type, list_instances, operate, read_log, saga_stream, start,
+    command_target, event_type, list_instances, observe, operate, read_log, saga_stream, start,
 };
 pub use model::{
     Command, CommandKind, DEFAULT_SAGA_DEADLINE, Definition, Outcome, SagaError, SagaEvent,

@@ -122,6 +122,61 @@ pub struct SagaRecord {
     pub event: SagaEvent,
 }
 
+/// A stored saga event as a read model sees it (see [`observe`]).
+#[derive(Debug, Clone, PartialEq)]
+pub enum Observed<D> {
+    /// The instance started, with the flow's data.
+    Started(D),
+    /// Any later transition.
+    Transition(SagaEvent),
+}
+
+/// Decodes one saga event of an instance's stream for a read model: the
+/// flow's data (`what`, e.g. "order", names it in errors) on `Started`, the
+/// transition otherwise. The error is a dead-letter reason.
+///
+/// ```
+/// use sluice_events::{Envelope, EventId};
+/// use sluice_sagas::{Observed, RETRIED, STARTED, SagaEvent, observe};
+///
+/// let env = |t: &str, data: &str| Envelope {
+///     id: EventId::new(),
+///     event_type: t.to_owned(),
+///     source: "urn:test".to_owned(),
+///     time: None,
+///     subject: None,
+///     data: data.as_bytes().to_vec().into(),
+///     correlation_id: None,
+///     causation_id: None,
+///     traceparent: None,
+/// };
+/// let start = observe::<u32>(&env(STARTED, r#"{"data": 7}"#), "count");
+/// assert_eq!(start, Ok(Observed::Started(7)));
+/// let retried = env(RETRIED, r#"{"event": "retried", "note": "by hand"}"#);
+/// let retried = observe::<u32>(&retried, "count");
+/// assert!(matches!(retried, Ok(Observed::Transition(SagaEvent::Retried { .. }))));
+/// let bad = observe::<u32>(&env(STARTED, r#"{"data": "x"}"#), "count");
+/// assert!(bad.unwrap_err().starts_with("malformed count data"));
+/// ```
+pub fn observe<D: DeserializeOwned>(
+    env: &sluice_events::Envelope,
+    what: &str,
+) -> Result<Observed<D>, String> {
+    if env.event_type == STARTED {
+        let v: Value = serde_json::from_slice(&env.data)
+            .map_err(|e| format!("malformed {STARTED} data: {e}"))?;
+        let data = serde_json::from_value(v["data"].clone())
+            .map_err(|e| format!("malformed {what} data: {e}"))?;
+        return Ok(Observed::Started(data));
+    }
+    serde_json::from_slice(&env.data)
+        .map(Observed::Transition)
+        .map_err(|e| {
+            let t: String = env.event_type.chars().take(64).collect();
+            format!("malformed saga event {t:?}: {e}")
+        })
+}
+
 /// Decodes one stored saga event (and, for `Started`, the flow's data).
 pub(crate) fn decode_record(
     env: &sluice_events::Envelope,

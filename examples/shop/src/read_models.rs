@@ -4,20 +4,20 @@
 //!   of its events' deltas, folded per batch;
 //! - `orders`: one row per order saga (customer, lines, state, reason),
 //!   moved by [`order_transition`].
+//!
+//! Rows are per aggregate, so both replay by aggregate.
 
 use std::collections::BTreeMap;
 
-use futures::FutureExt;
-use futures::future::BoxFuture;
-use serde_json::{Value, json};
 use sluice_events::StreamId;
-use sluice_projections::{Page, ProjectedEvent, Projection, ReadModel, Rejection, Tables};
-use sluice_sagas::{STARTED, SagaEvent};
-use sqlx::any::AnyRow;
-use sqlx::{AnyConnection, Row};
-use time::format_description::well_known::Rfc3339;
+use sluice_projections::{
+    Column, KeyedReadModel, KeyedTable, ProjectedEvent, Projection, Rejection, RewindSupport,
+    RowChange, StateRows, Tables,
+};
+use sluice_sagas::{Observed, observe};
+use sqlx::AnyConnection;
 
-use crate::order::{Order, order_transition};
+use crate::order::{CANCELLED, CONFIRMED, Order, PLACED, order_transition};
 use crate::stock::{STOCK_CATEGORY, StockEvent};
 
 /// Name (checkpoint key and table) of the stock levels projection.
@@ -50,15 +50,6 @@ fn level_deltas<'a>(
     out
 }
 
-fn time_of(e: &ProjectedEvent) -> String {
-    let at = e.envelope.time.unwrap_or(e.appended_at);
-    at.format(&Rfc3339).unwrap_or_default()
-}
-
-fn to_i64(v: u64) -> i64 {
-    i64::try_from(v).unwrap_or(i64::MAX)
-}
-
 /// `stock_levels`: one row per SKU.
 #[derive(Debug, Clone, Copy, Default)]
 pub struct StockLevels;
@@ -85,7 +76,7 @@ impl Projection for StockLevels {
         let (mut decoded, mut rejected) = (Vec::with_capacity(events.len()), Vec::new());
         for e in events {
             match StockEvent::decode(&e.envelope.event_type, &e.envelope.data) {
-                Ok(ev) => decoded.push((e.stream_id.id(), e.position, time_of(e), ev)),
+                Ok(ev) => decoded.push((e.stream_id.id(), e.position, e.time_rfc3339(), ev)),
                 Err(reason) => rejected.push(Rejection::new(e.position, reason)),
             }
         }
@@ -106,36 +97,72 @@ impl Projection for StockLevels {
                 .bind(available)
                 .bind(reserved)
                 .bind(sold)
-                .bind(to_i64(version))
+                .bind(i64::try_from(version).unwrap_or(i64::MAX))
                 .bind(at)
                 .execute(&mut *conn)
                 .await?;
         }
         Ok(Vec::new())
     }
+
+    fn rewind_support(&self) -> RewindSupport {
+        RewindSupport::ByAggregate
+    }
+
+    async fn rewind(
+        &self,
+        conn: &mut AnyConnection,
+        tables: &Tables,
+        _from: u64,
+        aggregates: &[StreamId],
+    ) -> Result<(), sqlx::Error> {
+        Self::ROWS.delete_aggregates(conn, tables, aggregates).await
+    }
+}
+
+impl KeyedReadModel for StockLevels {
+    /// `{sku, available, reserved, sold, version, updated_at}`.
+    const ROWS: KeyedTable = KeyedTable {
+        table: STOCK_LEVELS,
+        key: Column::text("sku"),
+        columns: &[
+            Column::int("available"),
+            Column::int("reserved"),
+            Column::int("sold"),
+            Column::int("version"),
+            Column::text("updated_at"),
+        ],
+        category: Some(STOCK_CATEGORY),
+    };
 }
 
 /// `orders`: one row per order saga.
 #[derive(Debug, Clone, Copy, Default)]
 pub struct Orders;
 
-enum Change {
-    Place(Order),
-    Move(Option<&'static str>, Option<String>),
-}
+/// A confirmed or cancelled order stays so (`react` ignores whatever
+/// arrives after an end).
+static ORDER_WRITES: StateRows = StateRows {
+    table: ORDERS,
+    key: "id",
+    data: &["customer", "lines"],
+    created_at: "placed_at",
+    initial: PLACED,
+    finals: &[CONFIRMED, CANCELLED],
+};
 
-fn decode_change(e: &ProjectedEvent) -> Result<Change, String> {
-    if e.envelope.event_type == STARTED {
-        let v: Value = serde_json::from_slice(&e.envelope.data)
-            .map_err(|err| format!("malformed {STARTED} data: {err}"))?;
-        let order = serde_json::from_value(v["data"].clone())
-            .map_err(|err| format!("malformed order data: {err}"))?;
-        return Ok(Change::Place(order));
-    }
-    let event: SagaEvent = serde_json::from_slice(&e.envelope.data)
-        .map_err(|err| format!("malformed saga event: {err}"))?;
-    let (state, reason) = order_transition(&event);
-    Ok(Change::Move(state, reason))
+fn order_change(e: &ProjectedEvent) -> Result<RowChange, String> {
+    Ok(match observe::<Order>(&e.envelope, "order")? {
+        Observed::Started(o) => {
+            let lines = serde_json::to_string(&o.lines).unwrap_or_default();
+            RowChange::Insert(vec![o.customer.into(), lines.into()])
+        }
+        // Most saga events change nothing here.
+        Observed::Transition(event) => match order_transition(&event) {
+            (None, None) => RowChange::Unchanged,
+            (state, reason) => RowChange::Update(state, reason),
+        },
+    })
 }
 
 impl Projection for Orders {
@@ -157,188 +184,41 @@ impl Projection for Orders {
         tables: &Tables,
         events: &[ProjectedEvent],
     ) -> Result<Vec<Rejection>, sqlx::Error> {
-        let (mut changes, mut rejected) = (Vec::with_capacity(events.len()), Vec::new());
-        for e in events {
-            match decode_change(e) {
-                Ok(c) => changes.push((e, c)),
-                Err(reason) => rejected.push(Rejection::new(e.position, reason)),
-            }
-        }
-        if !rejected.is_empty() {
-            return Ok(rejected);
-        }
-        let t = tables.name(ORDERS);
-        let insert = format!(
-            "INSERT INTO {t} (id, customer, lines, state, reason, placed_at, updated_at, version) \
-             VALUES ($1, $2, $3, 'placed', NULL, $4, $4, $5) ON CONFLICT (id) DO NOTHING"
-        );
-        // A confirmed or cancelled order stays so (`react` ignores whatever
-        // arrives after an end).
-        let update = format!(
-            "UPDATE {t} SET state = COALESCE($1, state), reason = COALESCE($2, reason), \
-             updated_at = $3, version = $4 \
-             WHERE id = $5 AND state NOT IN ('confirmed', 'cancelled')"
-        );
-        // Row at a time: an order has a few dozen saga events, most of
-        // which change nothing here.
-        for (e, change) in changes {
-            let (at, position) = (time_of(e), to_i64(e.position));
-            let q = match change {
-                Change::Place(o) => sqlx::query(&insert)
-                    .bind(o.id)
-                    .bind(o.customer)
-                    .bind(serde_json::to_string(&o.lines).unwrap_or_default())
-                    .bind(at)
-                    .bind(position),
-                Change::Move(None, None) => continue,
-                Change::Move(state, reason) => sqlx::query(&update)
-                    .bind(state)
-                    .bind(reason)
-                    .bind(at)
-                    .bind(position)
-                    .bind(e.stream_id.id()),
-            };
-            q.execute(&mut *conn).await?;
-        }
-        Ok(Vec::new())
+        ORDER_WRITES.apply(conn, tables, events, order_change).await
+    }
+
+    fn rewind_support(&self) -> RewindSupport {
+        RewindSupport::ByAggregate
+    }
+
+    async fn rewind(
+        &self,
+        conn: &mut AnyConnection,
+        tables: &Tables,
+        _from: u64,
+        aggregates: &[StreamId],
+    ) -> Result<(), sqlx::Error> {
+        Self::ROWS.delete_aggregates(conn, tables, aggregates).await
     }
 }
 
-/// The query side of a table keyed by one text column: `get` by key,
-/// `list` in key order, rows as JSON.
-struct Keyed {
-    name: &'static str,
-    key: &'static str,
-    columns: &'static str,
-    /// The aggregate category a key is an id of (stale-row reports).
-    category: &'static str,
-    to_json: fn(&AnyRow) -> Result<Value, sqlx::Error>,
-}
-
-impl ReadModel for Keyed {
-    fn name(&self) -> &'static str {
-        self.name
-    }
-
-    fn stream_of(&self, key: &str) -> Option<StreamId> {
-        StreamId::new(self.category, key).ok()
-    }
-
-    fn get<'a>(
-        &'a self,
-        conn: &'a mut AnyConnection,
-        key: &'a str,
-    ) -> BoxFuture<'a, Result<Option<Value>, sqlx::Error>> {
-        let (c, t, k) = (self.columns, self.name, self.key);
-        async move {
-            let sql = format!("SELECT {c} FROM {t} WHERE {k} = $1");
-            let row = sqlx::query(&sql).bind(key).fetch_optional(conn).await?;
-            row.as_ref().map(self.to_json).transpose()
-        }
-        .boxed()
-    }
-
-    fn list<'a>(
-        &'a self,
-        conn: &'a mut AnyConnection,
-        after: Option<&'a str>,
-        limit: u32,
-    ) -> BoxFuture<'a, Result<Page, sqlx::Error>> {
-        let (c, t, k) = (self.columns, self.name, self.key);
-        async move {
-            let sql = format!("SELECT {c} FROM {t} WHERE {k} > $1 ORDER BY {k} LIMIT $2");
-            let rows = sqlx::query(&sql)
-                .bind(after.unwrap_or(""))
-                .bind(i64::from(limit))
-                .fetch_all(conn)
-                .await?;
-            let rows = rows
-                .iter()
-                .map(self.to_json)
-                .collect::<Result<Vec<_>, _>>()?;
-            let next = (rows.len() == limit as usize)
-                .then(|| rows.last().and_then(|r| r[k].as_str().map(str::to_owned)))
-                .flatten();
-            Ok(Page { rows, next })
-        }
-        .boxed()
-    }
-}
-
-/// `stock_levels` rows: `{sku, available, reserved, sold, version, updated_at}`.
-static LEVEL_ROWS: Keyed = Keyed {
-    name: STOCK_LEVELS,
-    key: "sku",
-    columns: "sku, available, reserved, sold, version, updated_at",
-    category: STOCK_CATEGORY,
-    to_json: |r| {
-        Ok(json!({
-            "sku": r.try_get::<String, _>(0)?,
-            "available": r.try_get::<i64, _>(1)?,
-            "reserved": r.try_get::<i64, _>(2)?,
-            "sold": r.try_get::<i64, _>(3)?,
-            "version": r.try_get::<i64, _>(4)?,
-            "updated_at": r.try_get::<String, _>(5)?,
-        }))
-    },
-};
-
-/// `orders` rows: `{id, customer, lines, state, reason, placed_at,
-/// updated_at, version}`.
-static ORDER_ROWS: Keyed = Keyed {
-    name: ORDERS,
-    key: "id",
-    columns: "id, customer, lines, state, reason, placed_at, updated_at, version",
-    category: ORDER_STREAMS,
-    to_json: |r| {
-        let lines: String = r.try_get(2)?;
-        Ok(json!({
-            "id": r.try_get::<String, _>(0)?,
-            "customer": r.try_get::<String, _>(1)?,
-            "lines": serde_json::from_str::<Value>(&lines).unwrap_or(Value::Null),
-            "state": r.try_get::<String, _>(3)?,
-            "reason": r.try_get::<Option<String>, _>(4)?,
-            "placed_at": r.try_get::<String, _>(5)?,
-            "updated_at": r.try_get::<String, _>(6)?,
-            "version": r.try_get::<i64, _>(7)?,
-        }))
-    },
-};
-
-/// A projection's query side: its [`Keyed`] rows.
-macro_rules! rows_of {
-    ($projection:ty, $rows:expr) => {
-        impl ReadModel for $projection {
-            fn name(&self) -> &'static str {
-                $rows.name
-            }
-
-            fn stream_of(&self, key: &str) -> Option<StreamId> {
-                $rows.stream_of(key)
-            }
-
-            fn get<'a>(
-                &'a self,
-                conn: &'a mut AnyConnection,
-                key: &'a str,
-            ) -> BoxFuture<'a, Result<Option<Value>, sqlx::Error>> {
-                $rows.get(conn, key)
-            }
-
-            fn list<'a>(
-                &'a self,
-                conn: &'a mut AnyConnection,
-                after: Option<&'a str>,
-                limit: u32,
-            ) -> BoxFuture<'a, Result<Page, sqlx::Error>> {
-                $rows.list(conn, after, limit)
-            }
-        }
+impl KeyedReadModel for Orders {
+    /// `{id, customer, lines, state, reason, placed_at, updated_at, version}`.
+    const ROWS: KeyedTable = KeyedTable {
+        table: ORDERS,
+        key: Column::text("id"),
+        columns: &[
+            Column::text("customer"),
+            Column::json("lines"),
+            Column::text("state"),
+            Column::optional_text("reason"),
+            Column::text("placed_at"),
+            Column::text("updated_at"),
+            Column::int("version"),
+        ],
+        category: Some(ORDER_STREAMS),
     };
 }
-
-rows_of!(StockLevels, LEVEL_ROWS);
-rows_of!(Orders, ORDER_ROWS);
 
 // The category is `saga-` + the saga's name; keep them in step.
 const _: () = {
