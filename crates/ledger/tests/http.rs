@@ -1704,3 +1704,43 @@ async fn every_operation_is_described_for_client_generators() {
         .as_array()
         .is_some());
 }
+
+/// What schemathesis found, kept fixed: an empty dead-letter filter is no
+/// filter, a bad one is a 400 (was a 500); position 0 cannot be voided
+/// (was a 500); a discard without its reason is a 400 problem (was axum's
+/// bare 422).
+#[tokio::test]
+async fn fuzzer_findings_answer_as_the_document_says() {
+    let (app, _server) = app(HttpOptions::with_token(TOKEN)).await;
+    let (s, _, b) = call(
+        &app,
+        "GET",
+        "/v1/dlq?consumer=&category=",
+        Some(TOKEN),
+        None,
+    )
+    .await;
+    assert_eq!(s, StatusCode::OK, "{b}");
+    let (s, _, b) = call(&app, "GET", "/v1/dlq?consumer=a.b", Some(TOKEN), None).await;
+    assert_eq!(s, StatusCode::BAD_REQUEST, "{b}");
+    assert!(b.contains("bad-request"), "{b}");
+    let (s, _, b) = call(
+        &app,
+        "POST",
+        "/v1/events/0/void",
+        Some(TOKEN),
+        Some(r#"{"reason":"x"}"#.to_owned()),
+    )
+    .await;
+    assert_eq!(s, StatusCode::BAD_REQUEST, "{b}");
+    let (s, _, b) = call(
+        &app,
+        "POST",
+        "/v1/dlq/1/discard",
+        Some(TOKEN),
+        Some("{}".to_owned()),
+    )
+    .await;
+    assert_eq!(s, StatusCode::BAD_REQUEST, "{b}");
+    assert!(b.contains("bad-request"), "{b}");
+}

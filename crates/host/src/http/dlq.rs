@@ -59,10 +59,23 @@ pub(super) fn no_read_store(projection: &str) -> Response {
 }
 
 pub(super) async fn dlq_list(State(ctx): State<Ctx>, Query(q): Query<DlqQuery>) -> Response {
-    let filter = Filter {
-        consumer: q.consumer,
-        category: q.category,
-        reason: q.reason,
+    // An empty filter is no filter; a consumer or category must be a
+    // subject token, else it is the request's fault (not a 500).
+    let token = |what: &'static str, v: Option<String>| -> Result<Option<String>, String> {
+        match v.filter(|s| !s.is_empty()) {
+            Some(s) => sluice_events::validate_token(what, &s)
+                .map(|()| Some(s))
+                .map_err(|e| e.to_string()),
+            None => Ok(None),
+        }
+    };
+    let filter = match (token("consumer", q.consumer), token("category", q.category)) {
+        (Ok(consumer), Ok(category)) => Filter {
+            consumer,
+            category,
+            reason: q.reason.filter(|s| !s.is_empty()),
+        },
+        (Err(e), _) | (_, Err(e)) => return bad_request(e),
     };
     match dlq::list(ctx.store.jetstream(), &filter).await {
         Ok(listing) => Json(listing).into_response(),
@@ -113,10 +126,12 @@ pub(super) struct DiscardBody {
 pub(super) async fn dlq_discard(
     State(ctx): State<Ctx>,
     UrlPath(id): UrlPath<u64>,
-    body: Option<Json<DiscardBody>>,
+    body: ObjectBody<DiscardBody>,
 ) -> Response {
-    let Some(Json(DiscardBody { reason })) = body.filter(|b| !b.reason.trim().is_empty()) else {
-        return bad_request("discarding needs {\"reason\": \"...\"}, kept for audit");
+    let reason = match object_body(body, r#"{"reason": "..."}"#) {
+        Ok(DiscardBody { reason }) if !reason.trim().is_empty() => reason,
+        Ok(_) => return bad_request("discarding needs {\"reason\": \"...\"}, kept for audit"),
+        Err(resp) => return *resp,
     };
     if let Some(db) = &ctx.db {
         // Settles a projection's records too (and a worker's as usual).

@@ -183,6 +183,7 @@ pub(super) fn declare_common_responses(doc: &mut Value) {
     for (path, item) in paths.iter_mut() {
         // Probes are never rate limited.
         let probe = matches!(path.as_str(), "/healthz" | "/readyz" | "/metrics");
+        let has_path_params = path.contains('{');
         let Some(ops) = item.as_object_mut() else {
             continue;
         };
@@ -191,6 +192,8 @@ pub(super) fn declare_common_responses(doc: &mut Value) {
                 continue;
             }
             let secured = op.get("security").is_some();
+            let has_body = op.get("requestBody").is_some();
+            let has_params = has_path_params || op.get("parameters").is_some();
             let Some(responses) = op.get_mut("responses").and_then(Value::as_object_mut) else {
                 continue;
             };
@@ -205,6 +208,13 @@ pub(super) fn declare_common_responses(doc: &mut Value) {
                 add("429", "rate limited (Retry-After)");
             }
             add("431", "request headers too large");
+            if has_params || has_body {
+                add("400", "invalid path, query, header or body");
+            }
+            if has_body {
+                add("413", "body too large");
+                add("415", "the body must be Content-Type: application/json");
+            }
             // Answers that say when to come back carry Retry-After.
             for code in ["429", "503"] {
                 if let Some(r) = responses.get_mut(code)

@@ -237,7 +237,7 @@ pub(super) async fn void_event(
     UrlPath(position): UrlPath<String>,
     body: Result<Json<VoidBody>, axum::extract::rejection::JsonRejection>,
 ) -> Response {
-    let Ok(position) = position.parse::<u64>() else {
+    let Some(position) = position.parse::<u64>().ok().filter(|p| *p > 0) else {
         return bad_request(format!(
             "position {:?} is not a log position (a positive integer)",
             position.chars().take(32).collect::<String>()
