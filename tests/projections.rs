@@ -959,9 +959,8 @@ async fn oversized_events_are_dead_lettered_by_reference(backend: Backend) {
     }
 
     // The DLQ has both: the 300 KB one in full, the near-limit one by reference.
-    let js = store.jetstream();
     let listing = sluice_workers::dlq::list(
-        js,
+        &store,
         &sluice_workers::dlq::Filter {
             consumer: Some("projection-account_balances".into()),
             ..Default::default()
@@ -979,7 +978,7 @@ async fn oversized_events_are_dead_lettered_by_reference(backend: Backend) {
     assert_eq!(big.headers["Sluice-Dlq-Body"], vec!["reference".to_owned()]);
     assert_eq!(big.event_type.as_deref(), Some(sluice_ledger::DEPOSITED));
     // `show` reads the original back with a direct get.
-    let shown = sluice_workers::dlq::show(js, big.id).await.unwrap();
+    let shown = sluice_workers::dlq::show(&store, big.id).await.unwrap();
     assert!(shown.body.len() > max - 1024, "{}", shown.body.len());
     assert!(shown.body.starts_with(br#"{"amount":5"#));
     db.close().await;
@@ -994,7 +993,9 @@ async fn a_full_dlq_halts_visibly_and_resumes(backend: Backend) {
     let rs = Store::fresh(backend, "sluice_proj").await;
     let db = rs.connect().await;
     let js = store.jetstream().clone();
-    sluice_workers::dlq::ensure_streams(&js, 1).await.unwrap();
+    sluice_workers::dlq::ensure_streams(&store, 1)
+        .await
+        .unwrap();
     let mut dlq = js.get_stream("DLQ").await.unwrap();
     let mut cfg = dlq.info().await.unwrap().config.clone();
     let unlimited = cfg.clone();

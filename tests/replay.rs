@@ -632,7 +632,7 @@ async fn redrive_applies_dead_letters_once(backend: Backend) {
 
     // The DLQ stream keeps copies only of what is still dead.
     let listing = sluice_workers::dlq::list(
-        store.jetstream(),
+        &store,
         &sluice_workers::dlq::Filter {
             consumer: Some("projection-notes".into()),
             ..Default::default()

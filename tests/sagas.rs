@@ -796,7 +796,7 @@ async fn assert_conserved(store: &EventStore, accounts: &[String], expected: i64
 
 /// Every dead letter: consumer, subject, deliveries and reason.
 async fn dead_letters(store: &EventStore) -> Vec<String> {
-    sluice_workers::dlq::list(store.jetstream(), &sluice_workers::dlq::Filter::default())
+    sluice_workers::dlq::list(store, &sluice_workers::dlq::Filter::default())
         .await
         .unwrap()
         .entries
@@ -1058,9 +1058,8 @@ async fn poison_commands_of(store: &EventStore, account: &str) {
 /// Discards every dead letter of the account command handler for
 /// `account`, oldest first (the last one releases the account).
 async fn discard_dead_letters_of(store: &EventStore, account: &str) {
-    let js = store.jetstream();
     let listing = sluice_workers::dlq::list(
-        js,
+        store,
         &sluice_workers::dlq::Filter {
             consumer: Some(sluice_ledger::ACCOUNT_COMMANDS.to_owned()),
             ..Default::default()
@@ -1076,7 +1075,7 @@ async fn discard_dead_letters_of(store: &EventStore, account: &str) {
     mine.sort_by_key(|d| d.sequence);
     assert!(!mine.is_empty(), "no dead letters for {account}");
     for d in mine {
-        sluice_workers::dlq::discard(js, d.id, "test: the cause is fixed")
+        sluice_workers::dlq::discard(store, d.id, "test: the cause is fixed")
             .await
             .unwrap();
     }

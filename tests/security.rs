@@ -979,11 +979,15 @@ async fn provision(url: &str) -> EventStore {
     let js = admin.jetstream();
     let mut worker = WorkerConfig::new(WORKER_DURABLE);
     worker.filter_subjects = vec!["events.cmd-account.>".into()];
-    sluice_workers::ensure_consumers(js, &worker).await.unwrap();
+    sluice_workers::ensure_consumers(&admin, &worker)
+        .await
+        .unwrap();
     let mut saga = WorkerConfig::new(SAGA_DURABLE);
     saga.filter_subjects = vec!["events.saga-transfer.>".into()];
-    sluice_workers::ensure_consumers(js, &saga).await.unwrap();
-    sluice_sagas::ensure_timers_stream(js, 1).await.unwrap();
+    sluice_workers::ensure_consumers(&admin, &saga)
+        .await
+        .unwrap();
+    sluice_sagas::ensure_timers_stream(&admin, 1).await.unwrap();
     js.get_stream("SAGA_TIMERS")
         .await
         .unwrap()

@@ -137,9 +137,9 @@ where
     (cancel, task)
 }
 
-async fn dlq_count(js: &async_nats::jetstream::Context, consumer: &str) -> usize {
+async fn dlq_count(store: &EventStore, consumer: &str) -> usize {
     dlq::list(
-        js,
+        store,
         &Filter {
             consumer: Some(consumer.to_owned()),
             ..Default::default()
@@ -297,7 +297,7 @@ async fn transient_failures_retry_with_growing_delays() {
     // Event 2 of the aggregate waited behind event 1's retries.
     let order: Vec<u64> = attempts.iter().map(|(n, _, _)| *n).collect();
     assert_eq!(order, vec![1, 1, 1, 1, 2]);
-    assert_eq!(dlq_count(store.jetstream(), RETRYING).await, 0);
+    assert_eq!(dlq_count(&store, RETRYING).await, 0);
 }
 
 /// Poison event at position 10 of X: X's later events are parked (also
@@ -308,7 +308,6 @@ async fn transient_failures_retry_with_growing_delays() {
 async fn poison_event_parks_its_aggregate_until_redrive() {
     let server = NatsServer::start();
     let store = server.store().await;
-    let js = store.jetstream().clone();
     for a in 0..20 {
         append_many(&store, &format!("p-{a}"), 1, 50).await;
     }
@@ -335,14 +334,14 @@ async fn poison_event_parks_its_aggregate_until_redrive() {
     wait_until(
         "head and parked in the DLQ",
         Duration::from_secs(10),
-        async || dlq_count(&js, POISON).await == 41,
+        async || dlq_count(&store, POISON).await == 41,
     )
     .await;
     cancel.cancel();
     task.await.unwrap();
 
     let listing = dlq::list(
-        &js,
+        &store,
         &Filter {
             consumer: Some(POISON.into()),
             ..Default::default()
@@ -362,7 +361,7 @@ async fn poison_event_parks_its_aggregate_until_redrive() {
     assert_eq!(listing.groups.len(), 1);
     assert_eq!(listing.groups[0].count, 41);
     // Redriving a parked one alone would break the aggregate's order.
-    let err = dlq::redrive(&js, RedriveTarget::Id(listing.entries[5].id))
+    let err = dlq::redrive(&store, RedriveTarget::Id(listing.entries[5].id))
         .await
         .unwrap_err();
     assert!(
@@ -372,12 +371,12 @@ async fn poison_event_parks_its_aggregate_until_redrive() {
 
     // The parked set survives a restart: a new event of X is parked too.
     let x = StreamId::new("acct", "p-7").unwrap();
-    assert!(dlq::parked(&js, POISON, &x).await.unwrap().is_some());
+    assert!(dlq::parked(&store, POISON, &x).await.unwrap().is_some());
     let (cancel, task) = spawn_worker(&store, config(POISON), handler(log.clone(), broken.clone()));
     append(&store, "p-7", 51).await;
     append(&store, "p-8", 51).await;
     wait_until("new event parked", Duration::from_secs(10), async || {
-        dlq_count(&js, POISON).await == 42
+        dlq_count(&store, POISON).await == 42
     })
     .await;
     wait_until(
@@ -390,7 +389,7 @@ async fn poison_event_parks_its_aggregate_until_redrive() {
 
     broken.store(false, Ordering::SeqCst);
     let report = dlq::redrive(
-        &js,
+        &store,
         RedriveTarget::Consumer {
             consumer: POISON.into(),
             category: Some("acct".into()),
@@ -405,7 +404,7 @@ async fn poison_event_parks_its_aggregate_until_redrive() {
     })
     .await;
     wait_until("X released", Duration::from_secs(5), async || {
-        dlq::parked(&js, POISON, &x).await.unwrap().is_none()
+        dlq::parked(&store, POISON, &x).await.unwrap().is_none()
     })
     .await;
     // Released: a later event of X is handled directly.
@@ -426,7 +425,7 @@ async fn poison_event_parks_its_aggregate_until_redrive() {
             assert_eq!(log[&format!("p-{a}")], (1..=50).collect::<Vec<u64>>());
         }
     }
-    assert_eq!(dlq_count(&js, POISON).await, 0);
+    assert_eq!(dlq_count(&store, POISON).await, 0);
     // EVENTS was never appended to by the redrive.
     let state = store.stream_state().await.unwrap();
     assert_eq!(state.messages, 20 * 50 + 3);
@@ -439,7 +438,6 @@ async fn poison_event_parks_its_aggregate_until_redrive() {
 async fn malformed_events_are_dead_lettered_with_distinct_reasons() {
     let server = NatsServer::start();
     let store = server.store().await;
-    let js = store.jetstream().clone();
     let raw = server.client().await;
     let rawjs = async_nats::jetstream::new(raw);
     let headers = |drop: &str, ce_type: &str, content_type: &str| {
@@ -520,7 +518,7 @@ async fn malformed_events_are_dead_lettered_with_distinct_reasons() {
         }
     });
     wait_until("all dead-lettered", Duration::from_secs(15), async || {
-        dlq_count(&js, MALFORMED).await == cases.len()
+        dlq_count(&store, MALFORMED).await == cases.len()
     })
     .await;
     wait_until(
@@ -538,7 +536,7 @@ async fn malformed_events_are_dead_lettered_with_distinct_reasons() {
     cancel.cancel();
     task.await.unwrap();
 
-    let listing = dlq::list(&js, &Filter::default()).await.unwrap();
+    let listing = dlq::list(&store, &Filter::default()).await.unwrap();
     let mut reasons = HashSet::new();
     for (subject, _, body, expected) in &cases {
         let e = listing
@@ -566,7 +564,7 @@ async fn malformed_events_are_dead_lettered_with_distinct_reasons() {
     assert_eq!(bad.category, sluice_workers::INVALID_CATEGORY);
     // The reason filter works on the listing.
     let json_only = dlq::list(
-        &js,
+        &store,
         &Filter {
             reason: Some("NOT VALID JSON".into()),
             ..Default::default()
@@ -576,7 +574,7 @@ async fn malformed_events_are_dead_lettered_with_distinct_reasons() {
     .unwrap();
     assert_eq!(json_only.count(), 1);
     // show() gives the full record: every contract header is there.
-    let shown = dlq::show(&js, json_only.entries[0].id).await.unwrap();
+    let shown = dlq::show(&store, json_only.entries[0].id).await.unwrap();
     for h in [
         "Sluice-Dlq-Reason",
         "Sluice-Dlq-Stream",
@@ -655,7 +653,7 @@ async fn killed_worker_loses_nothing_and_applies_effects_once() {
     task.await.unwrap();
     assert_eq!(effects.lock().unwrap().len(), 1000);
     assert!(calls.load(Ordering::SeqCst) >= 1000);
-    assert_eq!(dlq_count(store.jetstream(), KILLED).await, 0);
+    assert_eq!(dlq_count(&store, KILLED).await, 0);
 }
 
 /// Redriving the same dead letter twice hands it back once: the event is
@@ -664,7 +662,6 @@ async fn killed_worker_loses_nothing_and_applies_effects_once() {
 async fn redrive_twice_processes_once() {
     let server = NatsServer::start();
     let store = server.store().await;
-    let js = store.jetstream().clone();
     append(&store, "r-1", 1).await;
     let calls = Arc::new(AtomicU64::new(0));
     let fixed = Arc::new(AtomicBool::new(false));
@@ -683,18 +680,18 @@ async fn redrive_twice_processes_once() {
         }
     });
     wait_until("dead-lettered", Duration::from_secs(10), async || {
-        dlq_count(&js, REDRIVE_TWICE).await == 1
+        dlq_count(&store, REDRIVE_TWICE).await == 1
     })
     .await;
-    let id = dlq::list(&js, &Filter::default()).await.unwrap().entries[0].id;
+    let id = dlq::list(&store, &Filter::default()).await.unwrap().entries[0].id;
     fixed.store(true, Ordering::SeqCst);
-    let first = dlq::redrive(&js, RedriveTarget::Id(id)).await.unwrap();
-    let second = dlq::redrive(&js, RedriveTarget::Id(id)).await.unwrap();
+    let first = dlq::redrive(&store, RedriveTarget::Id(id)).await.unwrap();
+    let second = dlq::redrive(&store, RedriveTarget::Id(id)).await.unwrap();
     assert_eq!(first.redriven, vec![id]);
     assert!(second.redriven.is_empty());
     assert_eq!(second.already_redriven, vec![id]);
     let again = dlq::redrive(
-        &js,
+        &store,
         RedriveTarget::Consumer {
             consumer: REDRIVE_TWICE.into(),
             category: None,
@@ -716,7 +713,7 @@ async fn redrive_twice_processes_once() {
         2,
         "one failure, one redriven success"
     );
-    let trail = dlq::audit_trail(&js, id).await.unwrap();
+    let trail = dlq::audit_trail(&store, id).await.unwrap();
     assert_eq!(trail.len(), 1);
     assert_eq!(trail[0]["action"], "redrive");
 }
@@ -727,7 +724,6 @@ async fn redrive_twice_processes_once() {
 async fn discard_keeps_a_reason_and_releases_the_aggregate() {
     let server = NatsServer::start();
     let store = server.store().await;
-    let js = store.jetstream().clone();
     append_many(&store, "d-1", 1, 2).await;
     let log: Log = Arc::default();
     let l2 = log.clone();
@@ -742,25 +738,25 @@ async fn discard_keeps_a_reason_and_releases_the_aggregate() {
         }
     });
     wait_until("head and parked", Duration::from_secs(10), async || {
-        dlq_count(&js, DISCARD).await == 2
+        dlq_count(&store, DISCARD).await == 2
     })
     .await;
-    let entries = dlq::list(&js, &Filter::default()).await.unwrap().entries;
+    let entries = dlq::list(&store, &Filter::default()).await.unwrap().entries;
     assert!(matches!(
-        dlq::discard(&js, entries[0].id, "  ").await,
+        dlq::discard(&store, entries[0].id, "  ").await,
         Err(sluice_workers::Error::MissingReason)
     ));
-    dlq::discard(&js, entries[0].id, "duplicate of a manual correction")
+    dlq::discard(&store, entries[0].id, "duplicate of a manual correction")
         .await
         .unwrap();
     let x = StreamId::new("acct", "d-1").unwrap();
-    let parked = dlq::parked(&js, DISCARD, &x).await.unwrap().unwrap();
+    let parked = dlq::parked(&store, DISCARD, &x).await.unwrap().unwrap();
     assert_eq!(parked.head, entries[1].sequence);
-    let trail = dlq::audit_trail(&js, entries[0].id).await.unwrap();
+    let trail = dlq::audit_trail(&store, entries[0].id).await.unwrap();
     assert_eq!(trail[0]["action"], "discard");
     assert_eq!(trail[0]["reason"], "duplicate of a manual correction");
     // Redriving the new head hands event 2 back; the aggregate is released.
-    dlq::redrive(&js, RedriveTarget::Id(entries[1].id))
+    dlq::redrive(&store, RedriveTarget::Id(entries[1].id))
         .await
         .unwrap();
     wait_until("event 2 handled", Duration::from_secs(10), async || {
@@ -768,7 +764,7 @@ async fn discard_keeps_a_reason_and_releases_the_aggregate() {
     })
     .await;
     wait_until("released", Duration::from_secs(5), async || {
-        dlq::parked(&js, DISCARD, &x).await.unwrap().is_none()
+        dlq::parked(&store, DISCARD, &x).await.unwrap().is_none()
     })
     .await;
     append(&store, "d-1", 3).await;
@@ -826,7 +822,7 @@ async fn near_max_payload_events_are_dead_lettered_by_reference() {
     wait_until(
         "big and its follower dead-lettered",
         Duration::from_secs(10),
-        async || dlq_count(&js, OVERSIZED).await == 2,
+        async || dlq_count(&store, OVERSIZED).await == 2,
     )
     .await;
     wait_until(
@@ -835,7 +831,7 @@ async fn near_max_payload_events_are_dead_lettered_by_reference() {
         async || log.lock().unwrap().get("small").map(Vec::len) == Some(2),
     )
     .await;
-    let entries = dlq::list(&js, &Filter::default()).await.unwrap().entries;
+    let entries = dlq::list(&store, &Filter::default()).await.unwrap().entries;
     let head = entries.iter().find(|e| e.sequence == big_seq).unwrap();
     assert!(
         head.reason.starts_with("PayloadTooLarge"),
@@ -860,7 +856,7 @@ async fn near_max_payload_events_are_dead_lettered_by_reference() {
         raw.headers.get("Sluice-Dlq-Body").unwrap().as_str(),
         "reference"
     );
-    let shown = dlq::show(&js, head.id).await.unwrap();
+    let shown = dlq::show(&store, head.id).await.unwrap();
     assert_eq!(shown.body, body.as_bytes());
     cancel.cancel();
     task.await.unwrap();
@@ -871,7 +867,9 @@ async fn near_max_payload_events_are_dead_lettered_by_reference() {
     let mut bigger = config(OVERSIZED);
     bigger.max_payload = 2 * max;
     let (cancel, task) = spawn_worker(&store, bigger, handler);
-    let report = dlq::redrive(&js, RedriveTarget::Id(head.id)).await.unwrap();
+    let report = dlq::redrive(&store, RedriveTarget::Id(head.id))
+        .await
+        .unwrap();
     assert_eq!(report.redriven.len(), 2);
     wait_until(
         "big handled after redrive",
@@ -882,7 +880,7 @@ async fn near_max_payload_events_are_dead_lettered_by_reference() {
     cancel.cancel();
     task.await.unwrap();
     assert_eq!(log.lock().unwrap()["big"], vec![7, 8]);
-    assert_eq!(dlq_count(&js, OVERSIZED).await, 0);
+    assert_eq!(dlq_count(&store, OVERSIZED).await, 0);
 }
 
 /// A consumer that never acks (a worker crashing on a message) exhausts
@@ -891,13 +889,12 @@ async fn near_max_payload_events_are_dead_lettered_by_reference() {
 async fn max_deliveries_advisory_leaves_a_dead_letter() {
     let server = NatsServer::start();
     let store = server.store().await;
-    let js = store.jetstream().clone();
     let mut c = config(ADVISORY);
     c.ack_wait = Duration::from_millis(500);
     c.pin_timeout = Duration::from_secs(1);
     c.retry.cap = Duration::from_millis(200);
     c.retry.max_attempts = 1;
-    let consumers = sluice_workers::ensure_consumers(&js, &c).await.unwrap();
+    let consumers = sluice_workers::ensure_consumers(&store, &c).await.unwrap();
     append(&store, "a-1", 1).await;
     // A "worker" that receives the message and dies before acking, each time.
     let mut messages = consumers[0]
@@ -923,12 +920,12 @@ async fn max_deliveries_advisory_leaves_a_dead_letter() {
         panic!("the advisory path must not run the handler")
     });
     wait_until("advisory recorded", Duration::from_secs(10), async || {
-        dlq_count(&js, ADVISORY).await == 1
+        dlq_count(&store, ADVISORY).await == 1
     })
     .await;
     cancel.cancel();
     task.await.unwrap();
-    let e = &dlq::list(&js, &Filter::default()).await.unwrap().entries[0];
+    let e = &dlq::list(&store, &Filter::default()).await.unwrap().entries[0];
     assert_eq!(e.kind, "advisory");
     assert!(
         e.reason.contains("gave up after 3 deliveries"),
@@ -937,7 +934,7 @@ async fn max_deliveries_advisory_leaves_a_dead_letter() {
     );
     assert_eq!(e.subject, "events.acct.a-1");
     let x = StreamId::new("acct", "a-1").unwrap();
-    assert!(dlq::parked(&js, ADVISORY, &x).await.unwrap().is_some());
+    assert!(dlq::parked(&store, ADVISORY, &x).await.unwrap().is_some());
 }
 
 /// Cancelling stops fetching, lets the running handler finish and ack, and
@@ -1040,7 +1037,6 @@ async fn long_handlers_are_kept_alive_with_progress_acks() {
 async fn pause_and_resume_a_worker() {
     let server = NatsServer::start();
     let store = server.store().await;
-    let js = store.jetstream().clone();
     let log: Log = Arc::default();
     let l2 = log.clone();
     let mut c = config(PAUSED);
@@ -1057,7 +1053,7 @@ async fn pause_and_resume_a_worker() {
         handled(&log) == 1
     })
     .await;
-    let paused = sluice_workers::consumers::pause(&js, PAUSED, Duration::from_secs(60))
+    let paused = sluice_workers::consumers::pause(&store, PAUSED, Duration::from_secs(60))
         .await
         .unwrap();
     assert_eq!(
@@ -1071,7 +1067,7 @@ async fn pause_and_resume_a_worker() {
     append_many(&store, "z-1", 2, 6).await;
     tokio::time::sleep(Duration::from_millis(700)).await;
     assert_eq!(handled(&log), 1, "a paused consumer delivered");
-    let list = sluice_workers::consumers::list(&js).await.unwrap();
+    let list = sluice_workers::consumers::list(&store).await.unwrap();
     let p0 = list
         .iter()
         .find(|c| c.name == "test-paused-p0-of-2")
@@ -1079,7 +1075,7 @@ async fn pause_and_resume_a_worker() {
     assert!(p0.paused);
     assert_eq!(p0.lag, 5);
     assert!(p0.pause_remaining_secs.is_some());
-    sluice_workers::consumers::resume(&js, PAUSED)
+    sluice_workers::consumers::resume(&store, PAUSED)
         .await
         .unwrap();
     wait_until("rest handled", Duration::from_secs(10), async || {
@@ -1089,7 +1085,7 @@ async fn pause_and_resume_a_worker() {
     cancel.cancel();
     task.await.unwrap();
     assert_eq!(log.lock().unwrap()["z-1"], (1..=6).collect::<Vec<u64>>());
-    let list = sluice_workers::consumers::list(&js).await.unwrap();
+    let list = sluice_workers::consumers::list(&store).await.unwrap();
     assert!(list.iter().all(|c| !c.paused && c.lag == 0), "{list:?}");
 }
 
@@ -1100,7 +1096,6 @@ async fn pause_and_resume_a_worker() {
 async fn repartition_keeps_order_and_loses_nothing() {
     let server = NatsServer::start();
     let store = server.store().await;
-    let js = store.jetstream().clone();
     for a in 0..10 {
         append_many(&store, &format!("r-{a}"), 1, 20).await;
     }
@@ -1128,7 +1123,7 @@ async fn repartition_keeps_order_and_loses_nothing() {
     three.partitions = 3;
     let deadline = Instant::now() + Duration::from_secs(5);
     let report = loop {
-        match sluice_workers::repartition(&js, &three).await {
+        match sluice_workers::repartition(&store, &three).await {
             Ok(r) => break r,
             // The stopped worker's last pull requests expire first.
             Err(e) if Instant::now() < deadline => {
@@ -1244,14 +1239,9 @@ async fn a_lost_ack_redelivered_after_a_restart_is_not_dead_lettered_as_late() {
     // The restart is what made the redelivery late (else this test shows nothing).
     assert_eq!(&order[..3], &[1, 2, 1], "{order:?}");
     assert_eq!(effects.lock().unwrap().len(), 3);
-    assert_eq!(dlq_count(store.jetstream(), LOST_ACK).await, 0);
+    assert_eq!(dlq_count(&store, LOST_ACK).await, 0);
     let sid = StreamId::new("acct", "a").unwrap();
-    assert_eq!(
-        dlq::parked(store.jetstream(), LOST_ACK, &sid)
-            .await
-            .unwrap(),
-        None
-    );
+    assert_eq!(dlq::parked(&store, LOST_ACK, &sid).await.unwrap(), None);
 }
 
 /// Issue 12, finding 8: a worker is killed with messages in flight, and
@@ -1314,7 +1304,7 @@ async fn a_restarted_sole_worker_takes_in_flight_messages_over_within_seconds() 
         assert!(after.ends_with(&[2, 3]), "{agg}: {order:?}");
         assert!(after.windows(2).all(|w| w[0] < w[1]), "{agg}: {order:?}");
     }
-    assert_eq!(dlq_count(store.jetstream(), TAKEOVER).await, 0);
+    assert_eq!(dlq_count(&store, TAKEOVER).await, 0);
     eprintln!("took the in-flight messages over in {took:?}");
 }
 
@@ -1371,7 +1361,7 @@ async fn a_standby_replica_takes_over_after_the_pin_timeout() {
     let order = seen.lock().unwrap()["a"].clone();
     assert_eq!(&order[..2], &[1, 2], "{order:?}");
     assert!(order[2..].ends_with(&[2, 3]), "{order:?}");
-    assert_eq!(dlq_count(store.jetstream(), STANDBY).await, 0);
+    assert_eq!(dlq_count(&store, STANDBY).await, 0);
     eprintln!(
         "standby took over {took:?} after the kill (pin timeout {:?})",
         c.pin_timeout
@@ -1437,7 +1427,7 @@ async fn a_redelivery_from_before_a_parked_head_is_handled_not_parked() {
     let order = seen.lock().unwrap()["a"].clone();
     assert_eq!(&order[..3], &[1, 2, 1], "{order:?}");
     let entries = dlq::list(
-        store.jetstream(),
+        &store,
         &Filter {
             consumer: Some(BEFORE_HEAD.to_owned()),
             ..Default::default()
@@ -1449,7 +1439,7 @@ async fn a_redelivery_from_before_a_parked_head_is_handled_not_parked() {
     let kinds: Vec<&str> = entries.iter().map(|e| e.kind.as_str()).collect();
     assert_eq!(kinds, vec!["handler"], "only the real failure: {entries:?}");
     let sid = StreamId::new("acct", "a").unwrap();
-    let parked = dlq::parked(store.jetstream(), BEFORE_HEAD, &sid)
+    let parked = dlq::parked(&store, BEFORE_HEAD, &sid)
         .await
         .unwrap()
         .unwrap();

@@ -92,7 +92,7 @@ async fn raw(
     concurrency: usize,
 ) -> anyhow::Result<f64> {
     use async_nats::jetstream::consumer;
-    let stream = store.jetstream().get_stream("EVENTS").await?;
+    let stream = store.stream_named("EVENTS").await?;
     let c: consumer::PullConsumer = stream
         .create_consumer(consumer::pull::Config {
             durable_name: Some(name.to_owned()),

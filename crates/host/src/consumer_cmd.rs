@@ -69,10 +69,9 @@ pub(crate) async fn run(
                 sluice_events::redact_url(nats_url)
             )
         })?;
-    let js = store.jetstream();
     match cmd {
         ConsumerCommand::List => {
-            let list = consumers::list(js).await?;
+            let list = consumers::list(&store).await?;
             if json {
                 for c in &list {
                     println!("{}", serde_json::to_string(c)?);
@@ -98,7 +97,7 @@ pub(crate) async fn run(
             }
         }
         ConsumerCommand::Pause { name, duration } => {
-            let paused = consumers::pause(js, &name, duration).await?;
+            let paused = consumers::pause(&store, &name, duration).await?;
             if json {
                 println!(
                     "{}",
@@ -109,7 +108,7 @@ pub(crate) async fn run(
             }
         }
         ConsumerCommand::Resume { name } => {
-            let resumed = consumers::resume(js, &name).await?;
+            let resumed = consumers::resume(&store, &name).await?;
             if json {
                 println!("{}", json!({ "resumed": resumed }));
             } else {

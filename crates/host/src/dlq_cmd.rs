@@ -84,7 +84,6 @@ pub(crate) async fn run(
                 sluice_events::redact_url(nats_url)
             )
         })?;
-    let js = store.jetstream();
     match cmd {
         DlqCommand::List {
             consumer,
@@ -93,7 +92,7 @@ pub(crate) async fn run(
             summary,
         } => {
             let listing = dlq::list(
-                js,
+                &store,
                 &Filter {
                     consumer,
                     category,
@@ -119,7 +118,7 @@ pub(crate) async fn run(
             }
         }
         DlqCommand::Show { id } => {
-            let e = dlq::show(js, id).await?;
+            let e = dlq::show(&store, id).await?;
             if json {
                 println!("{}", serde_json::to_string(&e)?);
             } else {
@@ -136,7 +135,7 @@ pub(crate) async fn run(
             // letters are applied into it from the log, in order, exactly once.
             let projection = match (id, consumer.as_deref()) {
                 (_, Some(c)) => sluice_projections::projection_of(c).map(str::to_owned),
-                (Some(id), None) => match dlq::show(js, id).await {
+                (Some(id), None) => match dlq::show(&store, id).await {
                     Ok(e) => sluice_projections::projection_of(&e.consumer).map(str::to_owned),
                     Err(_) => None,
                 },
@@ -197,7 +196,7 @@ pub(crate) async fn run(
                 // clap requires one of the two.
                 (None, None) => anyhow::bail!("give a dead-letter id or --consumer"),
             };
-            let report = dlq::redrive(js, target).await?;
+            let report = dlq::redrive(&store, target).await?;
             if json {
                 println!("{}", serde_json::to_string(&report)?);
             } else {
@@ -215,7 +214,7 @@ pub(crate) async fn run(
             }
         }
         DlqCommand::Discard { id, reason } => {
-            let projection = dlq::show(js, id)
+            let projection = dlq::show(&store, id)
                 .await
                 .ok()
                 .and_then(|e| sluice_projections::projection_of(&e.consumer).map(str::to_owned));
@@ -232,7 +231,7 @@ pub(crate) async fn run(
                 side.db.close().await;
                 r?
             } else {
-                dlq::discard(js, id, &reason).await?
+                dlq::discard(&store, id, &reason).await?
             };
             if json {
                 println!(

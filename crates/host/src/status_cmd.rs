@@ -40,7 +40,7 @@ pub(crate) async fn status(
     };
     let store = connect(nats_url, home).await?;
     let state = store.stream_state().await?;
-    let info = store.client().server_info();
+    let info = store.server_info();
     let sync_always = embedded.as_ref().map(|e| e.sync_always);
     let mut warnings =
         state.durability_warnings(sync_always, args.production, store.config().retry_horizon());

@@ -706,7 +706,7 @@ async fn start_roles(
     }
     // What a client can tell about the server's protection (the routes
     // need `sluice status --monitor-url`); logged, never a reason to stop.
-    let observed = crate::nats_lint::Observed::from_info(&store.client().server_info());
+    let observed = crate::nats_lint::Observed::from_info(&store.server_info());
     for w in crate::nats_lint::security_warnings(&observed, None, !embedded) {
         tracing::warn!(warning = %w, "security");
     }

@@ -82,10 +82,13 @@ impl Module for Ledger {
     ) -> BoxFuture<'a, Result<Vec<String>, BoxError>> {
         Box::pin(async move {
             let roles = Self::role_config(ctx);
-            let js = ctx.store.jetstream();
-            sluice_workers::ensure_consumers(js, &roles.handler).await?;
-            sluice_sagas::ensure_timers_stream(js, roles.orchestrator.replicas).await?;
-            Idempotency::open(js, idempotency_config(ctx.replicas(), None)).await?;
+            sluice_workers::ensure_consumers(&ctx.store, &roles.handler).await?;
+            sluice_sagas::ensure_timers_stream(&ctx.store, roles.orchestrator.replicas).await?;
+            Idempotency::open(
+                ctx.store.jetstream(),
+                idempotency_config(ctx.replicas(), None),
+            )
+            .await?;
             Ok([
                 "DLQ",
                 "redrive",

@@ -1020,7 +1020,9 @@ async fn consumers_that_cannot_dead_letter_are_not_ready_and_say_why() {
     .await
     .unwrap();
     let js = store.jetstream().clone();
-    sluice_workers::dlq::ensure_streams(&js, 1).await.unwrap();
+    sluice_workers::dlq::ensure_streams(&store, 1)
+        .await
+        .unwrap();
     let mut dlq_stream = js.get_stream("DLQ").await.unwrap();
     let unlimited = dlq_stream.info().await.unwrap().config.clone();
     let mut full = unlimited.clone();

@@ -75,16 +75,15 @@ pub async fn discard(
     id: u64,
     reason: &str,
 ) -> Result<wdlq::DeadLetter, Error> {
-    let js = store.jetstream();
     if reason.trim().is_empty() {
         return Err(sluice_workers::Error::MissingReason.into());
     }
-    let entry = wdlq::show(js, id).await?;
+    let entry = wdlq::show(store, id).await?;
     let Some(projection) = projection_of(&entry.consumer) else {
-        return Ok(wdlq::discard(js, id, reason).await?);
+        return Ok(wdlq::discard(store, id, reason).await?);
     };
     forget(db, projection, entry.sequence).await?;
-    wdlq::remove(js, &entry, "discard", reason).await?;
+    wdlq::remove(store, &entry, "discard", reason).await?;
     tracing::info!(
         dlq_id = id,
         projection,
@@ -110,9 +109,8 @@ pub async fn discard_position(
         return Err(sluice_workers::Error::MissingReason.into());
     }
     let known = bookkeeping::has_dead_letter(db.pool(), projection, position).await?;
-    let js = store.jetstream();
     let copies = wdlq::list(
-        js,
+        store,
         &wdlq::Filter {
             consumer: Some(consumer_name(projection)),
             ..Default::default()
@@ -128,7 +126,7 @@ pub async fn discard_position(
     }
     forget(db, projection, position).await?;
     if let Some(entry) = copy {
-        wdlq::remove(js, &entry, "discard", reason).await?;
+        wdlq::remove(store, &entry, "discard", reason).await?;
     }
     tracing::info!(
         projection,

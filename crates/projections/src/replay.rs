@@ -106,11 +106,10 @@ pub async fn redrive_dead_letter(
     store: EventStore,
     id: u64,
 ) -> Result<RedriveReport, Error> {
-    let js = store.jetstream().clone();
-    let entry = match wdlq::show(&js, id).await {
+    let entry = match wdlq::show(&store, id).await {
         Ok(e) => e,
         Err(sluice_workers::Error::NotFound(id)) => {
-            let trail = wdlq::audit_trail(&js, id).await?;
+            let trail = wdlq::audit_trail(&store, id).await?;
             if trail.iter().any(|r| r["action"] == "redrive") {
                 return Ok(RedriveReport {
                     already_redriven: vec![id],
@@ -127,7 +126,7 @@ pub async fn redrive_dead_letter(
         // The projection has no record of it (applied by an earlier redrive
         // or a replay): only the copy is left over.
         wdlq::remove(
-            &js,
+            &store,
             &entry,
             "redrive",
             "the projection has no record of it any more",
@@ -140,7 +139,7 @@ pub async fn redrive_dead_letter(
     };
     if let Some(head) = head.filter(|h| *h < entry.sequence) {
         let listing = wdlq::list(
-            &js,
+            &store,
             &wdlq::Filter {
                 consumer: Some(entry.consumer.clone()),
                 category: Some(entry.category.clone()),

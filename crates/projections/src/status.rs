@@ -97,7 +97,7 @@ pub async fn projection_status(
 
 /// Seconds since the event at `position` was appended (0 if unknown).
 async fn oldest_unapplied_age(store: &EventStore, position: u64) -> f64 {
-    let Ok(stream) = store.jetstream().get_stream(&store.config().stream).await else {
+    let Ok(stream) = store.event_stream().await else {
         return 0.0;
     };
     match stream.get_raw_message(position).await {

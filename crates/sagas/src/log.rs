@@ -636,8 +636,7 @@ pub async fn list_instances(store: &EventStore, name: &str) -> Result<Vec<String
     let config = store.config();
     let prefix = format!("{}.{SAGA_CATEGORY_PREFIX}{name}.", config.subject_prefix);
     let stream = store
-        .jetstream()
-        .get_stream_no_info(&config.stream)
+        .stream_handle(&config.stream)
         .await
         .map_err(|e| nats(&e))?;
     let subjects: Vec<(String, usize)> = stream

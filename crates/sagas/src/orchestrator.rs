@@ -18,7 +18,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use async_nats::HeaderMap;
-use async_nats::jetstream::{self, AckKind, consumer, stream};
+use async_nats::jetstream::{AckKind, consumer, stream};
 use futures::StreamExt;
 use serde::Serialize;
 use serde::de::DeserializeOwned;
@@ -96,13 +96,7 @@ struct Timer {
 }
 
 /// Creates `SAGA_TIMERS` (message schedules allowed) if missing.
-pub async fn ensure_timers_stream(
-    js: &jetstream::Context,
-    replicas: usize,
-) -> Result<(), SagaError> {
-    if js.get_stream(TIMERS_STREAM).await.is_ok() {
-        return Ok(());
-    }
+pub async fn ensure_timers_stream(store: &EventStore, replicas: usize) -> Result<(), SagaError> {
     let config = stream::Config {
         name: TIMERS_STREAM.to_owned(),
         subjects: vec![format!("{TIMERS_PREFIX}.>")],
@@ -115,14 +109,13 @@ pub async fn ensure_timers_stream(
         duplicate_window: Duration::from_secs(120),
         ..Default::default()
     };
-    match js.create_stream(config).await {
-        Ok(_) => Ok(()),
-        Err(_) if js.get_stream(TIMERS_STREAM).await.is_ok() => Ok(()),
-        Err(e) => Err(SagaError::Nats {
+    store
+        .ensure_stream(config)
+        .await
+        .map_err(|e| SagaError::Nats {
             doing: "creating the SAGA_TIMERS stream",
             reason: e.to_string(),
-        }),
-    }
+        })
 }
 
 /// Sends one command: appends it to `events.cmd-<category>.<target-id>` with
@@ -177,7 +170,7 @@ async fn send_command_at(
 
 /// Schedules the deadline of an action at `due`.
 async fn schedule_timeout(
-    js: &jetstream::Context,
+    store: &EventStore,
     saga: &str,
     saga_id: &str,
     command: &Command,
@@ -191,12 +184,19 @@ async fn schedule_timeout(
         deadline: None,
     };
     let suffix = format!("{saga}.{saga_id}.{}.{}", command.step, command.attempt);
-    schedule(js, &suffix, &format!("timer:{}", command.id), &timer, due).await
+    schedule(
+        store,
+        &suffix,
+        &format!("timer:{}", command.id),
+        &timer,
+        due,
+    )
+    .await
 }
 
 /// Schedules the overall deadline armed by the transition at `armed`.
 async fn schedule_saga_deadline(
-    js: &jetstream::Context,
+    store: &EventStore,
     saga: &str,
     saga_id: &str,
     armed: u64,
@@ -211,13 +211,13 @@ async fn schedule_saga_deadline(
     };
     let suffix = format!("{saga}.{saga_id}.deadline.{armed}");
     let id = format!("timer:{saga_id}/deadline/{armed}");
-    schedule(js, &suffix, &id, &timer, due).await
+    schedule(store, &suffix, &id, &timer, due).await
 }
 
 /// Publishes `timer` on `SAGA_TIMERS` to fire at `due` on
 /// `sluice.saga.timers.fired.<suffix>`.
 async fn schedule(
-    js: &jetstream::Context,
+    store: &EventStore,
     suffix: &str,
     msg_id: &str,
     timer: &Timer,
@@ -246,7 +246,8 @@ async fn schedule(
     );
     headers.insert("Nats-Msg-Id", msg_id);
     let body = serde_json::to_vec(timer).map_err(|e| nats("encoding a timer", &e))?;
-    js.publish_with_headers(format!("{TIMERS_PREFIX}.at.{suffix}"), headers, body.into())
+    store
+        .publish_to(format!("{TIMERS_PREFIX}.at.{suffix}"), headers, body.into())
         .await
         .map_err(|e| nats("scheduling a deadline", &e))?
         .await
@@ -484,7 +485,7 @@ where
         if arms {
             let now = OffsetDateTime::now_utc();
             let due = (from + def.overall_deadline()).max(now + Duration::from_secs(1));
-            schedule_saga_deadline(store.jetstream(), def.name(), saga_id, position, due).await?;
+            schedule_saga_deadline(store, def.name(), saga_id, position, due).await?;
         }
         Ok::<_, SagaError>(())
     };
@@ -497,7 +498,7 @@ where
                     // A deadline already past (the orchestrator was down) fires
                     // at once; the server wants a time in the future.
                     let due = (from + deadline).max(now + Duration::from_secs(1));
-                    schedule_timeout(store.jetstream(), def.name(), saga_id, command, due).await?;
+                    schedule_timeout(store, def.name(), saga_id, command, due).await?;
                 }
                 Ok::<_, SagaError>(())
             };
@@ -538,7 +539,7 @@ pub async fn run_orchestrator<D>(
 where
     D: Serialize + DeserializeOwned + Clone + Send + Sync + 'static,
 {
-    ensure_timers_stream(store.jetstream(), config.replicas).await?;
+    ensure_timers_stream(store, config.replicas).await?;
     config.worker.filter_subjects = vec![format!(
         "{}.{SAGA_CATEGORY_PREFIX}{}.>",
         store.config().subject_prefix,
@@ -594,9 +595,8 @@ async fn run_timers<D: DeserializeOwned + Clone>(
         doing,
         reason: e.to_string(),
     };
-    let js = store.jetstream();
-    let stream = js
-        .get_stream(TIMERS_STREAM)
+    let stream = store
+        .stream_named(TIMERS_STREAM)
         .await
         .map_err(|e| nats("opening SAGA_TIMERS", &e))?;
     let consumer: consumer::PullConsumer = stream
@@ -686,11 +686,10 @@ async fn run_dead_letters<D: DeserializeOwned + Clone>(
         doing,
         reason: e.to_string(),
     };
-    let js = store.jetstream();
     // The worker runtime creates `DLQ`; wait for it rather than create it
     // here with settings that are not ours to choose.
     let stream = loop {
-        match js.get_stream(DLQ_STREAM).await {
+        match store.stream_named(DLQ_STREAM).await {
             Ok(s) => break s,
             Err(_) => {
                 tokio::select! {
@@ -754,7 +753,7 @@ async fn run_dead_letters<D: DeserializeOwned + Clone>(
             Ok(m) => Some(m),
             // The copy may hold less than the original (a dead letter stored
             // by reference): read the original from its stream.
-            Err(_) => original_command(js, header(h::STREAM), header(h::SEQUENCE)).await,
+            Err(_) => original_command(store, header(h::STREAM), header(h::SEQUENCE)).await,
         };
         let Some(command) = decoded.filter(|m| m.saga == def.name()) else {
             // Not this saga's, or not a command at all (a malformed one has
@@ -787,12 +786,12 @@ async fn run_dead_letters<D: DeserializeOwned + Clone>(
 
 /// The original command of a dead letter, read from its stream by sequence.
 async fn original_command(
-    js: &jetstream::Context,
+    store: &EventStore,
     stream: Option<String>,
     sequence: Option<String>,
 ) -> Option<CommandMessage> {
     let sequence: u64 = sequence?.parse().ok()?;
-    let stream = js.get_stream(stream?).await.ok()?;
+    let stream = store.stream_named(&stream?).await.ok()?;
     let raw = stream.get_raw_message(sequence).await.ok()?;
     serde_json::from_slice(&raw.payload).ok()
 }

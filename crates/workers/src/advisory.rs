@@ -16,6 +16,8 @@ use serde::Deserialize;
 use sluice_events::{EVENTS_STREAM, StreamId};
 use tokio_util::sync::CancellationToken;
 
+use sluice_events::EventStore;
+
 use crate::config::{
     WorkerConfig, advisory_consumer_name, partition_consumer_names, redrive_consumer_name,
 };
@@ -56,13 +58,13 @@ fn subjects(config: &WorkerConfig) -> Vec<String> {
 
 /// Drains the worker's advisories until `cancel` fires.
 pub(crate) async fn capture(
-    js: jetstream::Context,
+    store: EventStore,
     config: WorkerConfig,
     parks: Parks,
     cancel: CancellationToken,
 ) {
     loop {
-        match capture_once(&js, &config, &parks, &cancel).await {
+        match capture_once(&store, &config, &parks, &cancel).await {
             Ok(()) => return,
             Err(e) => {
                 tracing::warn!(worker = config.name, error = %e, "advisory capture failed; restarting");
@@ -76,13 +78,13 @@ pub(crate) async fn capture(
 }
 
 async fn capture_once(
-    js: &jetstream::Context,
+    store: &EventStore,
     config: &WorkerConfig,
     parks: &Parks,
     cancel: &CancellationToken,
 ) -> Result<(), Error> {
-    let stream = js
-        .get_stream(ADVISORY_STREAM)
+    let stream = store
+        .stream_named(ADVISORY_STREAM)
         .await
         .map_err(|e| Error::nats("opening the advisory stream", e))?;
     let name = advisory_consumer_name(config.name);
@@ -120,7 +122,7 @@ async fn capture_once(
         };
         match serde_json::from_slice::<Advisory>(&msg.payload) {
             Ok(advisory) => {
-                if let Err(e) = record(js, config, parks, &advisory).await {
+                if let Err(e) = record(store, config, parks, &advisory).await {
                     tracing::warn!(worker = config.name, error = %e, "could not record an advisory; will retry");
                     let _ = msg
                         .ack_with(jetstream::AckKind::Nak(Some(Duration::from_secs(1))))
@@ -135,7 +137,7 @@ async fn capture_once(
 }
 
 async fn record(
-    js: &jetstream::Context,
+    store: &EventStore,
     config: &WorkerConfig,
     parks: &Parks,
     advisory: &Advisory,
@@ -159,8 +161,8 @@ async fn record(
             advisory.reason.as_deref().unwrap_or("no reason given")
         )
     };
-    let stream = js
-        .get_stream(&advisory.stream)
+    let stream = store
+        .stream_named(&advisory.stream)
         .await
         .map_err(|e| Error::nats("opening a stream named by an advisory", e))?;
     let original = match stream.get_raw_message(advisory.stream_seq).await {
@@ -180,7 +182,7 @@ async fn record(
         (subject, seq, Some(of))
     };
     let written = dlq::write(
-        js,
+        store,
         NewDeadLetter {
             consumer: config.name,
             subject: &subject,

@@ -22,6 +22,8 @@ use sluice_events::{EVENTS_STREAM, validate_token};
 use time::OffsetDateTime;
 use time::format_description::well_known::Rfc3339;
 
+use sluice_events::EventStore;
+
 use crate::config::designates;
 use crate::error::Error;
 use crate::infra::{REDRIVE_STREAM, ensure_all};
@@ -50,11 +52,11 @@ pub struct ConsumerStatus {
     pub pinned: Option<String>,
 }
 
-async fn streams(js: &jetstream::Context) -> Result<Vec<jetstream::stream::Stream>, Error> {
-    ensure_all(js, 1).await?;
+async fn streams(store: &EventStore) -> Result<Vec<jetstream::stream::Stream>, Error> {
+    ensure_all(store, 1).await?;
     let mut out = Vec::new();
     for name in [EVENTS_STREAM, REDRIVE_STREAM] {
-        match js.get_stream(name).await {
+        match store.stream_named(name).await {
             Ok(s) => out.push(s),
             Err(e) if name == EVENTS_STREAM => {
                 return Err(Error::nats("opening the EVENTS stream", e));
@@ -66,9 +68,9 @@ async fn streams(js: &jetstream::Context) -> Result<Vec<jetstream::stream::Strea
 }
 
 /// Every durable consumer of `EVENTS` and `DLQ_REDRIVE`, by stream and name.
-pub async fn list(js: &jetstream::Context) -> Result<Vec<ConsumerStatus>, Error> {
+pub async fn list(store: &EventStore) -> Result<Vec<ConsumerStatus>, Error> {
     let mut out = Vec::new();
-    for mut stream in streams(js).await? {
+    for mut stream in streams(store).await? {
         let last = stream
             .info()
             .await
@@ -104,14 +106,14 @@ pub async fn list(js: &jetstream::Context) -> Result<Vec<ConsumerStatus>, Error>
 /// Pauses a consumer, or every consumer of a worker, for `duration`.
 /// Returns the consumers paused.
 pub async fn pause(
-    js: &jetstream::Context,
+    store: &EventStore,
     name: &str,
     duration: Duration,
 ) -> Result<Vec<String>, Error> {
     validate_token("consumer", name)?;
     let until = OffsetDateTime::now_utc() + duration;
     let mut done = Vec::new();
-    for stream in streams(js).await? {
+    for stream in streams(store).await? {
         for consumer in matching(&stream, name).await? {
             stream
                 .pause_consumer(&consumer, until)
@@ -129,10 +131,10 @@ pub async fn pause(
 
 /// Resumes a consumer, or every consumer of a worker. Returns the consumers
 /// resumed.
-pub async fn resume(js: &jetstream::Context, name: &str) -> Result<Vec<String>, Error> {
+pub async fn resume(store: &EventStore, name: &str) -> Result<Vec<String>, Error> {
     validate_token("consumer", name)?;
     let mut done = Vec::new();
-    for stream in streams(js).await? {
+    for stream in streams(store).await? {
         for consumer in matching(&stream, name).await? {
             stream
                 .resume_consumer(&consumer)
@@ -213,11 +215,11 @@ pub fn decide_start(existing: Option<DeliverPolicy>, stored: Option<u64>) -> Sta
 
 /// The positions bucket, created (with `replicas`) when missing and allowed.
 pub(crate) async fn ensure_positions_bucket(
-    js: &jetstream::Context,
+    store: &EventStore,
     replicas: usize,
 ) -> Result<kv::Store, Error> {
     crate::infra::ensure_bucket(
-        js,
+        store,
         POSITIONS_BUCKET,
         "Sluice workers' last known consumer positions (ack floors)",
         replicas,
@@ -247,12 +249,12 @@ async fn stored_position(kv: &kv::Store, name: &str) -> Result<Option<u64>, Erro
 /// Where the durable consumer `name` of `events` starts (see
 /// [`decide_start`]), storing the position of one that exists.
 pub(crate) async fn start_position(
-    js: &jetstream::Context,
+    store: &EventStore,
     events: &jetstream::stream::Stream,
     name: &str,
     replicas: usize,
 ) -> Result<StartPosition, Error> {
-    let kv = ensure_positions_bucket(js, replicas).await?;
+    let kv = ensure_positions_bucket(store, replicas).await?;
     let existing = events
         .get_consumer::<jetstream::consumer::pull::Config>(name)
         .await
@@ -296,18 +298,18 @@ async fn put_position(kv: &kv::Store, name: &str, floor: u64) -> Result<(), Erro
 /// A consumer that is missing is left alone: the worker stops on it, and its
 /// next start recreates it from the stored position.
 pub(crate) async fn track_positions(
-    js: jetstream::Context,
+    store: EventStore,
     names: Vec<String>,
     stop: tokio_util::sync::CancellationToken,
 ) {
-    let Ok(kv) = js.get_key_value(POSITIONS_BUCKET).await else {
+    let Ok(kv) = store.key_value(POSITIONS_BUCKET).await else {
         tracing::warn!(
             bucket = POSITIONS_BUCKET,
             "no positions bucket: a deleted consumer could not be recreated where it was"
         );
         return;
     };
-    let Ok(events) = js.get_stream(EVENTS_STREAM).await else {
+    let Ok(events) = store.stream_named(EVENTS_STREAM).await else {
         return;
     };
     let mut last: Vec<u64> = vec![0; names.len()];

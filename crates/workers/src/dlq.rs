@@ -31,6 +31,8 @@ use sluice_events::{StreamId, validate_token};
 use time::OffsetDateTime;
 use time::format_description::well_known::Rfc3339;
 
+use sluice_events::EventStore;
+
 use crate::error::Error;
 use crate::infra::{
     AUDIT_PREFIX, AUDIT_STREAM, DLQ_PREFIX, DLQ_STREAM, INVALID_CATEGORY, REDRIVE_PREFIX,
@@ -148,7 +150,7 @@ fn now_rfc3339() -> String {
 /// refers to the original (`Sluice-Dlq-Body: reference`); when even the
 /// copied headers would not, only the `Sluice-Dlq-*` headers are kept.
 /// Any failure is [`Error::CannotDeadLetter`]: the caller must not move on.
-pub async fn write(js: &jetstream::Context, dl: NewDeadLetter<'_>) -> Result<u64, Error> {
+pub async fn write(store: &EventStore, dl: NewDeadLetter<'_>) -> Result<u64, Error> {
     let mut ours = HeaderMap::new();
     let reason: String = dl
         .reason
@@ -203,7 +205,7 @@ pub async fn write(js: &jetstream::Context, dl: NewDeadLetter<'_>) -> Result<u64
             headers.insert(name, v.as_str());
         }
     }
-    let max_payload = js.client().server_info().max_payload;
+    let max_payload = store.server_info().max_payload;
     let fits = |hm: &HeaderMap, body: usize| {
         max_payload == 0 || header_len(hm) + body + PUBLISH_MARGIN <= max_payload
     };
@@ -230,8 +232,8 @@ pub async fn write(js: &jetstream::Context, dl: NewDeadLetter<'_>) -> Result<u64
         sequence: dl.sequence,
         cause: e.to_string(),
     };
-    let ack = js
-        .publish_with_headers(subject, headers, payload)
+    let ack = store
+        .publish_to(subject, headers, payload)
         .await
         .map_err(|e| cannot(&e))?
         .await
@@ -257,7 +259,7 @@ pub async fn write(js: &jetstream::Context, dl: NewDeadLetter<'_>) -> Result<u64
 /// The headers returned are the original's plus every `Sluice-*` header of
 /// `headers`, so a redriven message keeps what the runtime routes it by.
 pub async fn resolve_reference(
-    js: &jetstream::Context,
+    store: &EventStore,
     headers: &HeaderMap,
 ) -> Result<Option<(HeaderMap, Bytes)>, Error> {
     if headers.get(h::BODY).map(async_nats::HeaderValue::as_str) != Some(h::BODY_REFERENCE) {
@@ -279,8 +281,8 @@ pub async fn resolve_reference(
         sequence,
         cause,
     };
-    let s = js
-        .get_stream_no_info(&stream)
+    let s = store
+        .stream_handle(&stream)
         .await
         .map_err(|e| missing(e.to_string()))?;
     let original = s
@@ -464,14 +466,15 @@ impl Listing {
 }
 
 /// Ensures the DLQ streams exist (operator commands may run before any worker).
-async fn dlq_stream(js: &jetstream::Context) -> Result<stream::Stream, Error> {
-    ensure_all(js, 1).await?;
-    js.get_stream(DLQ_STREAM)
+async fn dlq_stream(store: &EventStore) -> Result<stream::Stream, Error> {
+    ensure_all(store, 1).await?;
+    store
+        .stream_named(DLQ_STREAM)
         .await
         .map_err(|e| Error::nats("opening the DLQ stream", e))
 }
 
-async fn scan(js: &jetstream::Context, filter: &Filter) -> Result<Vec<DeadLetter>, Error> {
+async fn scan(store: &EventStore, filter: &Filter) -> Result<Vec<DeadLetter>, Error> {
     let consumer = filter.consumer.as_deref().unwrap_or("*");
     let category = filter.category.as_deref().unwrap_or("*");
     if consumer != "*" {
@@ -480,7 +483,7 @@ async fn scan(js: &jetstream::Context, filter: &Filter) -> Result<Vec<DeadLetter
     if category != "*" {
         validate_token("category", category)?;
     }
-    let stream = dlq_stream(js).await?;
+    let stream = dlq_stream(store).await?;
     let ordered = stream
         .create_consumer(consumer::pull::OrderedConfig {
             filter_subject: format!("{DLQ_PREFIX}.{consumer}.{category}"),
@@ -528,8 +531,8 @@ async fn scan(js: &jetstream::Context, filter: &Filter) -> Result<Vec<DeadLetter
 
 /// Lists dead letters matching `filter`, with counts and oldest age per
 /// consumer and category.
-pub async fn list(js: &jetstream::Context, filter: &Filter) -> Result<Listing, Error> {
-    let entries = scan(js, filter).await?;
+pub async fn list(store: &EventStore, filter: &Filter) -> Result<Listing, Error> {
+    let entries = scan(store, filter).await?;
     let mut groups: BTreeMap<(String, String), Group> = BTreeMap::new();
     for e in &entries {
         let g = groups
@@ -551,13 +554,13 @@ pub async fn list(js: &jetstream::Context, filter: &Filter) -> Result<Listing, E
 
 /// One dead letter with headers, body and reason. A by-reference dead
 /// letter gets the original's body (and headers it lacks) from the log.
-pub async fn show(js: &jetstream::Context, id: u64) -> Result<DeadLetter, Error> {
+pub async fn show(store: &EventStore, id: u64) -> Result<DeadLetter, Error> {
     // Stream sequences start at 1; the server answers 0 with a request
     // error, which is no reason to report trouble.
     if id == 0 {
         return Err(Error::NotFound(id));
     }
-    let stream = dlq_stream(js).await?;
+    let stream = dlq_stream(store).await?;
     let m = match stream.get_raw_message(id).await {
         Ok(m) => m,
         Err(e) if e.kind() == stream::RawMessageErrorKind::NoMessageFound => {
@@ -567,7 +570,7 @@ pub async fn show(js: &jetstream::Context, id: u64) -> Result<DeadLetter, Error>
     };
     let mut entry = DeadLetter::parse(id, m.time, Some(&m.headers), m.payload)?;
     if entry.by_reference
-        && let Some((headers, body)) = resolve_reference(js, &m.headers).await?
+        && let Some((headers, body)) = resolve_reference(store, &m.headers).await?
     {
         for (name, values) in headers.iter() {
             let name: &str = name.as_ref();
@@ -623,7 +626,7 @@ struct AuditRecord<'a> {
 }
 
 async fn audit(
-    js: &jetstream::Context,
+    store: &EventStore,
     action: &str,
     entry: &DeadLetter,
     reason: &str,
@@ -642,26 +645,24 @@ async fn audit(
         serde_json::to_vec(&record).map_err(|e| Error::nats("writing an audit record", e))?;
     let mut hm = HeaderMap::new();
     hm.insert(h::MSG_ID, format!("{action}:{}", entry.id).as_str());
-    js.publish_with_headers(
-        format!("{AUDIT_PREFIX}.{}.{}", entry.consumer, entry.id),
-        hm,
-        body.into(),
-    )
-    .await
-    .map_err(|e| Error::nats("writing an audit record", e))?
-    .await
-    .map_err(|e| Error::nats("writing an audit record", e))?;
+    store
+        .publish_to(
+            format!("{AUDIT_PREFIX}.{}.{}", entry.consumer, entry.id),
+            hm,
+            body.into(),
+        )
+        .await
+        .map_err(|e| Error::nats("writing an audit record", e))?
+        .await
+        .map_err(|e| Error::nats("writing an audit record", e))?;
     Ok(())
 }
 
 /// The audit records of one dead letter (`redrive`, `discard`), oldest first.
-pub async fn audit_trail(
-    js: &jetstream::Context,
-    id: u64,
-) -> Result<Vec<serde_json::Value>, Error> {
-    ensure_all(js, 1).await?;
-    let stream = js
-        .get_stream(AUDIT_STREAM)
+pub async fn audit_trail(store: &EventStore, id: u64) -> Result<Vec<serde_json::Value>, Error> {
+    ensure_all(store, 1).await?;
+    let stream = store
+        .stream_named(AUDIT_STREAM)
         .await
         .map_err(|e| Error::nats("opening the audit stream", e))?;
     let ordered = stream
@@ -693,12 +694,9 @@ pub async fn audit_trail(
 }
 
 /// The other dead letters of the same aggregate and consumer, oldest first.
-async fn same_aggregate(
-    js: &jetstream::Context,
-    entry: &DeadLetter,
-) -> Result<Vec<DeadLetter>, Error> {
+async fn same_aggregate(store: &EventStore, entry: &DeadLetter) -> Result<Vec<DeadLetter>, Error> {
     let all = scan(
-        js,
+        store,
         &Filter {
             consumer: Some(entry.consumer.clone()),
             category: Some(entry.category.clone()),
@@ -716,17 +714,14 @@ async fn same_aggregate(
 
 /// Hands dead letters back to the consumer that failed on them, in original
 /// order per aggregate. Never appends to `EVENTS`. Idempotent.
-pub async fn redrive(
-    js: &jetstream::Context,
-    target: RedriveTarget,
-) -> Result<RedriveReport, Error> {
+pub async fn redrive(store: &EventStore, target: RedriveTarget) -> Result<RedriveReport, Error> {
     let mut report = RedriveReport::default();
     let batch = match target {
         RedriveTarget::Id(id) => {
-            let entry = match show(js, id).await {
+            let entry = match show(store, id).await {
                 Ok(e) => e,
                 Err(Error::NotFound(id)) => {
-                    let trail = audit_trail(js, id).await?;
+                    let trail = audit_trail(store, id).await?;
                     if trail.iter().any(|r| r["action"] == "redrive") {
                         report.already_redriven.push(id);
                         return Ok(report);
@@ -735,7 +730,7 @@ pub async fn redrive(
                 }
                 Err(e) => return Err(e),
             };
-            let same = same_aggregate(js, &entry).await?;
+            let same = same_aggregate(store, &entry).await?;
             if let Some(head) = same.first()
                 && head.sequence < entry.sequence
             {
@@ -751,7 +746,7 @@ pub async fn redrive(
             limit,
         } => {
             let mut all = scan(
-                js,
+                store,
                 &Filter {
                     consumer: Some(consumer),
                     category,
@@ -765,19 +760,19 @@ pub async fn redrive(
             all
         }
     };
-    hand_back(js, batch, &mut report).await?;
+    hand_back(store, batch, &mut report).await?;
     Ok(report)
 }
 
 /// Hands back every dead letter of one aggregate for one consumer (the
 /// worker continues a redrive this way when events were parked meanwhile).
 pub(crate) async fn redrive_aggregate(
-    js: &jetstream::Context,
+    store: &EventStore,
     consumer: &str,
     subject: &str,
 ) -> Result<RedriveReport, Error> {
     let mut all = scan(
-        js,
+        store,
         &Filter {
             consumer: Some(consumer.to_owned()),
             category: Some(category_of(subject)),
@@ -787,17 +782,17 @@ pub(crate) async fn redrive_aggregate(
     .await?;
     all.retain(|e| e.subject == subject);
     let mut report = RedriveReport::default();
-    hand_back(js, all, &mut report).await?;
+    hand_back(store, all, &mut report).await?;
     Ok(report)
 }
 
 async fn hand_back(
-    js: &jetstream::Context,
+    store: &EventStore,
     mut batch: Vec<DeadLetter>,
     report: &mut RedriveReport,
 ) -> Result<(), Error> {
     batch.sort_by_key(|e| (e.sequence, e.id));
-    let stream = dlq_stream(js).await?;
+    let stream = dlq_stream(store).await?;
     for (i, entry) in batch.iter().enumerate() {
         let last_of_aggregate = batch[i + 1..].iter().all(|e| e.subject != entry.subject);
         let mut hm = HeaderMap::new();
@@ -816,16 +811,17 @@ async fn hand_back(
         // The dedup id makes a repeated redrive (say, after a crash between
         // this publish and the delete below) hand the message back once.
         hm.insert(h::MSG_ID, format!("redrive:{}", entry.id).as_str());
-        js.publish_with_headers(
-            format!("{REDRIVE_PREFIX}.{}", entry.consumer),
-            hm,
-            entry.body.clone(),
-        )
-        .await
-        .map_err(|e| Error::nats("redriving a dead letter", e))?
-        .await
-        .map_err(|e| Error::nats("redriving a dead letter", e))?;
-        audit(js, "redrive", entry, "").await?;
+        store
+            .publish_to(
+                format!("{REDRIVE_PREFIX}.{}", entry.consumer),
+                hm,
+                entry.body.clone(),
+            )
+            .await
+            .map_err(|e| Error::nats("redriving a dead letter", e))?
+            .await
+            .map_err(|e| Error::nats("redriving a dead letter", e))?;
+        audit(store, "redrive", entry, "").await?;
         stream
             .delete_message(entry.id)
             .await
@@ -841,13 +837,13 @@ async fn hand_back(
 /// audit record of `action` (`redrive` or `discard`) and `reason`. Parked
 /// state is the caller's. Removing one that is already gone is not an error.
 pub async fn remove(
-    js: &jetstream::Context,
+    store: &EventStore,
     entry: &DeadLetter,
     action: &str,
     reason: &str,
 ) -> Result<(), Error> {
-    audit(js, action, entry, reason).await?;
-    let stream = dlq_stream(js).await?;
+    audit(store, action, entry, reason).await?;
+    let stream = dlq_stream(store).await?;
     match stream.delete_message(entry.id).await {
         Ok(_) => {}
         Err(e)
@@ -862,31 +858,31 @@ pub async fn remove(
 /// Ensures the `DLQ` stream exists (a projection runner calls it before it
 /// may need to dead-letter). Only that stream: a projector's NATS user may
 /// not look at the workers' redrive and advisory streams.
-pub async fn ensure_streams(js: &jetstream::Context, replicas: usize) -> Result<(), Error> {
-    crate::infra::ensure_dlq_stream(js, replicas).await
+pub async fn ensure_streams(store: &EventStore, replicas: usize) -> Result<(), Error> {
+    crate::infra::ensure_dlq_stream(store, replicas).await
 }
 
 /// Removes a dead letter for good, keeping `reason` in the audit log. When it
 /// was the head of a parked aggregate, the next parked one becomes the head;
 /// when nothing of the aggregate is left, the aggregate is released.
-pub async fn discard(js: &jetstream::Context, id: u64, reason: &str) -> Result<DeadLetter, Error> {
+pub async fn discard(store: &EventStore, id: u64, reason: &str) -> Result<DeadLetter, Error> {
     if reason.trim().is_empty() {
         return Err(Error::MissingReason);
     }
-    let entry = show(js, id).await?;
-    let rest: Vec<DeadLetter> = same_aggregate(js, &entry)
+    let entry = show(store, id).await?;
+    let rest: Vec<DeadLetter> = same_aggregate(store, &entry)
         .await?
         .into_iter()
         .filter(|e| e.id != id)
         .collect();
-    audit(js, "discard", &entry, reason).await?;
-    let stream = dlq_stream(js).await?;
+    audit(store, "discard", &entry, reason).await?;
+    let stream = dlq_stream(store).await?;
     stream
         .delete_message(id)
         .await
         .map_err(|e| Error::nats("removing a discarded dead letter", e))?;
     if let Ok(stream_id) = StreamId::from_subject("events", &entry.subject) {
-        let kv = ensure_parked_bucket(js, 1).await?;
+        let kv = ensure_parked_bucket(store, 1).await?;
         let parks = Parks::uncached(kv, &entry.consumer);
         match rest.first() {
             None => parks.release(&stream_id).await?,
@@ -902,11 +898,11 @@ pub async fn discard(js: &jetstream::Context, id: u64, reason: &str) -> Result<D
 
 /// The parked state of an aggregate for a consumer, if parked.
 pub async fn parked(
-    js: &jetstream::Context,
+    store: &EventStore,
     consumer: &str,
     stream_id: &StreamId,
 ) -> Result<Option<crate::park::Parked>, Error> {
     validate_token("consumer", consumer)?;
-    let kv = ensure_parked_bucket(js, 1).await?;
+    let kv = ensure_parked_bucket(store, 1).await?;
     Parks::uncached(kv, consumer).get(stream_id).await
 }

@@ -4,7 +4,9 @@
 
 use std::time::Duration;
 
-use async_nats::jetstream::{self, kv, stream};
+use async_nats::jetstream::{kv, stream};
+
+use sluice_events::EventStore;
 
 use crate::error::Error;
 
@@ -78,7 +80,7 @@ pub(crate) const TERM_MARKER: &str = "sluice-dlq";
 pub(crate) const PIN_GROUP: &str = "sluice";
 
 /// Ensures every resource the workers and operator tools use.
-pub(crate) async fn ensure_all(js: &jetstream::Context, replicas: usize) -> Result<(), Error> {
+pub(crate) async fn ensure_all(store: &EventStore, replicas: usize) -> Result<(), Error> {
     let base = |name: &str, subjects: Vec<String>, description: &str| {
         base_config(name, subjects, description, replicas)
     };
@@ -112,10 +114,10 @@ pub(crate) async fn ensure_all(js: &jetstream::Context, replicas: usize) -> Resu
         )
     };
     for config in [dlq, redrive, audit, advisories] {
-        ensure_stream(js, config).await?;
+        ensure_stream(store, config).await?;
     }
-    ensure_parked_bucket(js, replicas).await?;
-    crate::consumers::ensure_positions_bucket(js, replicas).await?;
+    ensure_parked_bucket(store, replicas).await?;
+    crate::consumers::ensure_positions_bucket(store, replicas).await?;
     Ok(())
 }
 
@@ -153,34 +155,24 @@ fn dlq_config(replicas: usize) -> stream::Config {
 
 /// Only the `DLQ` stream: what a writer of dead letters that takes no
 /// redrives (a projection runner) needs, and all its NATS user may touch.
-pub(crate) async fn ensure_dlq_stream(
-    js: &jetstream::Context,
-    replicas: usize,
-) -> Result<(), Error> {
-    ensure_stream(js, dlq_config(replicas)).await
+pub(crate) async fn ensure_dlq_stream(store: &EventStore, replicas: usize) -> Result<(), Error> {
+    ensure_stream(store, dlq_config(replicas)).await
 }
 
-async fn ensure_stream(js: &jetstream::Context, config: stream::Config) -> Result<(), Error> {
-    if js.get_stream(&config.name).await.is_ok() {
-        return Ok(());
-    }
-    match js.create_stream(config.clone()).await {
-        Ok(_) => Ok(()),
-        // Another replica created it between our check and our create.
-        Err(_) if js.get_stream(&config.name).await.is_ok() => Ok(()),
-        Err(e) => Err(Error::nats(
-            "creating a stream",
-            format!("{}: {e}", config.name),
-        )),
-    }
+async fn ensure_stream(store: &EventStore, config: stream::Config) -> Result<(), Error> {
+    let name = config.name.clone();
+    store
+        .ensure_stream(config)
+        .await
+        .map_err(|e| Error::nats("creating a stream", format!("{name}: {e}")))
 }
 
 pub(crate) async fn ensure_parked_bucket(
-    js: &jetstream::Context,
+    store: &EventStore,
     replicas: usize,
 ) -> Result<kv::Store, Error> {
     ensure_bucket(
-        js,
+        store,
         PARKED_BUCKET,
         "Sluice aggregates parked behind a dead letter, per consumer",
         replicas,
@@ -191,16 +183,13 @@ pub(crate) async fn ensure_parked_bucket(
 /// A one-value-per-key file bucket of the workers' bookkeeping, created
 /// (with `replicas`) when missing; a concurrent creator's bucket is taken.
 pub(crate) async fn ensure_bucket(
-    js: &jetstream::Context,
+    store: &EventStore,
     bucket: &str,
     description: &str,
     replicas: usize,
 ) -> Result<kv::Store, Error> {
-    if let Ok(store) = js.get_key_value(bucket).await {
-        return Ok(store);
-    }
-    let created = js
-        .create_key_value(kv::Config {
+    store
+        .ensure_key_value(kv::Config {
             bucket: bucket.to_owned(),
             description: description.to_owned(),
             history: 1,
@@ -208,14 +197,8 @@ pub(crate) async fn ensure_bucket(
             num_replicas: replicas,
             ..Default::default()
         })
-        .await;
-    match created {
-        Ok(store) => Ok(store),
-        Err(e) => js
-            .get_key_value(bucket)
-            .await
-            .map_err(|_| Error::nats("creating a bucket", format!("{bucket}: {e}"))),
-    }
+        .await
+        .map_err(|e| Error::nats("creating a bucket", format!("{bucket}: {e}")))
 }
 
 /// Stable 64-bit hash of a subject: FNV-1a, then MurmurHash3's finaliser

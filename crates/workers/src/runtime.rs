@@ -73,13 +73,13 @@ fn consumer_config(
 /// Creates (or updates) the worker's durable consumers and the streams and
 /// bucket it uses. [`run`] calls it; tools may call it to set up ahead.
 pub async fn ensure_consumers(
-    js: &jetstream::Context,
+    store: &EventStore,
     config: &WorkerConfig,
 ) -> Result<Vec<consumer::PullConsumer>, Error> {
     config.validate()?;
-    infra::ensure_all(js, config.replicas).await?;
-    let events = js
-        .get_stream(EVENTS_STREAM)
+    infra::ensure_all(store, config.replicas).await?;
+    let events = store
+        .stream_named(EVENTS_STREAM)
         .await
         .map_err(|e| Error::nats("opening the EVENTS stream", e))?;
     let mut out = Vec::new();
@@ -96,7 +96,7 @@ pub async fn ensure_consumers(
         // An existing consumer keeps its start position (the server refuses
         // to change it; `repartition` creates consumers that start mid-log);
         // one that disappeared comes back from its stored position.
-        c.deliver_policy = crate::consumers::start_position(js, &events, &name, config.replicas)
+        c.deliver_policy = crate::consumers::start_position(store, &events, &name, config.replicas)
             .await?
             .deliver_policy();
         out.push(
@@ -106,8 +106,8 @@ pub async fn ensure_consumers(
                 .map_err(|e| Error::nats("creating a worker consumer", e))?,
         );
     }
-    let redrive = js
-        .get_stream(REDRIVE_STREAM)
+    let redrive = store
+        .stream_named(REDRIVE_STREAM)
         .await
         .map_err(|e| Error::nats("opening the redrive stream", e))?;
     let c = consumer_config(
@@ -147,10 +147,7 @@ pub struct TakenOver {
 /// is still running would see its in-flight messages delivered here too.
 /// Messages acknowledged above the ack floor are delivered again as well
 /// (handlers are idempotent), and the server's delivery counts start over.
-pub async fn take_over(
-    js: &jetstream::Context,
-    config: &WorkerConfig,
-) -> Result<Vec<TakenOver>, Error> {
+pub async fn take_over(store: &EventStore, config: &WorkerConfig) -> Result<Vec<TakenOver>, Error> {
     let mut out = Vec::new();
     let mut names: Vec<(&str, String)> = config
         .partition_consumers()
@@ -159,8 +156,8 @@ pub async fn take_over(
         .collect();
     names.push((REDRIVE_STREAM, redrive_consumer_name(config.name)));
     for (stream_name, name) in names {
-        let stream = js
-            .get_stream(stream_name)
+        let stream = store
+            .stream_named(stream_name)
             .await
             .map_err(|e| Error::nats("opening a stream to take its consumer over", e))?;
         let before = stream
@@ -206,8 +203,7 @@ struct Incoming {
 }
 
 struct Ctx<H> {
-    js: jetstream::Context,
-    client: async_nats::Client,
+    store: EventStore,
     config: WorkerConfig,
     handler: H,
     parks: Parks,
@@ -226,23 +222,23 @@ pub async fn run<H: Handler>(
     handler: H,
     cancel: CancellationToken,
 ) -> Result<(), Error> {
-    let js = store.jetstream().clone();
-    let consumers = ensure_consumers(&js, &config).await?;
+    let store = store.clone();
+    let consumers = ensure_consumers(&store, &config).await?;
     if config.take_over_on_start {
         // An optimisation of the restart, not a condition of correctness
         // (late redeliveries are handled either way): a server without the
         // unpin or reset API (before 2.11 / 2.14) or a user without the
         // permission only makes the restart slower.
-        if let Err(e) = take_over(&js, &config).await {
+        if let Err(e) = take_over(&store, &config).await {
             tracing::warn!(worker = config.name, error = %e, "could not take the consumers over at start (consumer unpin needs nats-server 2.11+, reset 2.14+); in-flight messages come back after the pin timeout and ack wait instead");
         }
     }
-    let kv = infra::ensure_parked_bucket(&js, config.replicas).await?;
+    let kv = infra::ensure_parked_bucket(&store, config.replicas).await?;
     // The watch task outlives `run` by at most this token.
     let background = cancel.child_token();
     let parks = Parks::cached(kv, config.name, background.clone()).await?;
     tokio::spawn(crate::consumers::track_positions(
-        js.clone(),
+        store.clone(),
         config.partition_consumers(),
         background.clone(),
     ));
@@ -251,14 +247,13 @@ pub async fn run<H: Handler>(
         .await
         .map_err(|e| Error::nats("loading the voided events", e))?;
     tokio::spawn(crate::voids::release_voided(
-        js.clone(),
+        store.clone(),
         config.name,
         voided.clone(),
         background.clone(),
     ));
     let ctx = Arc::new(Ctx {
-        js: js.clone(),
-        client: store.client().clone(),
+        store: store.clone(),
         config: config.clone(),
         handler,
         parks,
@@ -299,7 +294,7 @@ pub async fn run<H: Handler>(
     let mut advisory = tokio::task::JoinSet::new();
     if config.capture_advisories {
         advisory.spawn(crate::advisory::capture(
-            js.clone(),
+            store.clone(),
             config.clone(),
             ctx.parks.clone(),
             cancel.clone(),
@@ -319,7 +314,7 @@ pub async fn run<H: Handler>(
     advisory.join_all().await;
     background.cancel();
     // Acks are fire-and-forget publishes: push them out before returning.
-    if let Err(e) = ctx.client.flush().await {
+    if let Err(e) = ctx.store.flush().await {
         tracing::warn!(worker = config.name, error = %e, "flush on shutdown failed");
     }
     tracing::info!(worker = config.name, "worker stopped");
@@ -377,7 +372,7 @@ async fn pull_loop<H: Handler>(
                 None => continue 'outer,
             };
             let msg = match kind {
-                PullKind::Redrive => match resolve_redriven(&ctx.js, msg).await {
+                PullKind::Redrive => match resolve_redriven(&ctx.store, msg).await {
                     Some(m) => m,
                     None => continue,
                 },
@@ -394,7 +389,7 @@ async fn pull_loop<H: Handler>(
                     } else {
                         let reason = "redriven message without Sluice-Dlq-Subject/Sequence headers";
                         tracing::error!(worker = name, "{reason}; terminating it");
-                        term(&ctx.client, &msg, reason).await;
+                        term(&ctx.store, &msg, reason).await;
                     }
                     continue;
                 }
@@ -412,13 +407,13 @@ async fn pull_loop<H: Handler>(
 /// (read from the log) in. `None` when it cannot be read now (the message
 /// is handed back for a later try).
 async fn resolve_redriven(
-    js: &jetstream::Context,
+    store: &EventStore,
     mut msg: jetstream::Message,
 ) -> Option<jetstream::Message> {
     let Some(headers) = msg.headers.as_ref() else {
         return Some(msg);
     };
-    match dlq::resolve_reference(js, headers).await {
+    match dlq::resolve_reference(store, headers).await {
         Ok(None) => Some(msg),
         Ok(Some((headers, payload))) => {
             msg.message.headers = Some(headers);
@@ -537,9 +532,9 @@ async fn run_lane<H: Handler>(
                     step = &mut work => break step,
                     _ = tick.tick() => {
                         if let Some(r) = &reply {
-                            progress(&ctx.client, r).await;
+                            progress(&ctx.store, r).await;
                         }
-                        keep_alive(&ctx.client, &state).await;
+                        keep_alive(&ctx.store, &state).await;
                     }
                     m = rx.recv(), if open => match m {
                         Some(m) => arrive(&ctx, &mut state, m).await,
@@ -562,7 +557,7 @@ async fn run_lane<H: Handler>(
             },
             _ = tokio::time::sleep_until(wake) => {}
             _ = tick.tick() => {
-                keep_alive(&ctx.client, &state).await;
+                keep_alive(&ctx.store, &state).await;
                 state.expire_waits(worker);
             }
         }
@@ -596,7 +591,7 @@ async fn late<H: Handler>(ctx: &Ctx<H>, m: &Incoming) {
     );
     let result = async {
         dlq::write(
-            &ctx.js,
+            &ctx.store,
             NewDeadLetter {
                 consumer: ctx.config.name,
                 subject: &m.subject,
@@ -619,7 +614,7 @@ async fn late<H: Handler>(ctx: &Ctx<H>, m: &Incoming) {
     }
     .await;
     match result {
-        Ok(()) => term(&ctx.client, &m.msg, &reason).await,
+        Ok(()) => term(&ctx.store, &m.msg, &reason).await,
         Err(e) => {
             tracing::error!(worker = ctx.config.name, subject = %m.subject, seq = m.seq, error = %e, "could not dead-letter a late event; it will be redelivered");
         }
@@ -631,14 +626,14 @@ async fn ack_stale(m: &Incoming) {
     let _ = m.msg.ack().await;
 }
 
-async fn progress(client: &async_nats::Client, reply: &async_nats::Subject) {
-    let _ = client.publish(reply.clone(), "+WPI".into()).await;
+async fn progress(store: &EventStore, reply: &async_nats::Subject) {
+    let _ = store.publish_reply(reply.clone(), "+WPI".into()).await;
 }
 
-async fn keep_alive(client: &async_nats::Client, state: &LaneState<Incoming>) {
+async fn keep_alive(store: &EventStore, state: &LaneState<Incoming>) {
     for m in state.queued() {
         if let Some(r) = &m.msg.reply {
-            progress(client, r).await;
+            progress(store, r).await;
         }
     }
 }
@@ -661,7 +656,7 @@ impl Queued for Incoming {
 /// `+TERM <reason>`: the server stops redelivering and puts the reason in
 /// its MSG_TERMINATED advisory. The client has no reason-carrying Term, so
 /// the ack payload is sent by hand.
-async fn term(client: &async_nats::Client, msg: &jetstream::Message, reason: &str) {
+async fn term(store: &EventStore, msg: &jetstream::Message, reason: &str) {
     if let Some(reply) = &msg.reply {
         let short: String = reason
             .chars()
@@ -669,7 +664,7 @@ async fn term(client: &async_nats::Client, msg: &jetstream::Message, reason: &st
             .take(200)
             .collect();
         let payload = format!("+TERM {TERM_MARKER}: {short}");
-        if let Err(e) = client.publish(reply.clone(), payload.into()).await {
+        if let Err(e) = store.publish_reply(reply.clone(), payload.into()).await {
             tracing::warn!(error = %e, "term failed; the message will be redelivered and dead-lettered again (deduplicated)");
         }
     }
@@ -960,7 +955,7 @@ async fn settle<H: Handler>(
                 Source::Redrive { dlq_id, .. } => Some(dlq_id),
             };
             dlq::write(
-                &ctx.js,
+                &ctx.store,
                 NewDeadLetter {
                     consumer: ctx.config.name,
                     subject: &m.subject,
@@ -979,7 +974,7 @@ async fn settle<H: Handler>(
             if let Some(stream_id) = &park {
                 ctx.parks.park_head(stream_id, m.seq).await?;
             }
-            term(&ctx.client, &m.msg, &reason).await;
+            term(&ctx.store, &m.msg, &reason).await;
             Ok(Step::Done)
         }
     }
@@ -1001,10 +996,10 @@ async fn acked<H: Handler>(
         if !released && last {
             // Events of the aggregate were parked while this redrive
             // ran: hand them back too, behind it.
-            let js = ctx.js.clone();
+            let store = ctx.store.clone();
             let (consumer, subject) = (cfg.name.to_owned(), m.subject.clone());
             tokio::spawn(async move {
-                if let Err(e) = dlq::redrive_aggregate(&js, &consumer, &subject).await {
+                if let Err(e) = dlq::redrive_aggregate(&store, &consumer, &subject).await {
                     tracing::warn!(consumer = %consumer, subject = %subject, error = %e, "could not continue the redrive of a parked aggregate");
                 }
             });
@@ -1037,13 +1032,13 @@ pub struct Repartitioned {
 /// everything at or below it was handled by its old partition; events above
 /// it may be delivered again (at least once), in stream order per aggregate.
 pub async fn repartition(
-    js: &jetstream::Context,
+    store: &EventStore,
     config: &WorkerConfig,
 ) -> Result<Repartitioned, Error> {
     config.validate()?;
-    infra::ensure_all(js, config.replicas).await?;
-    let events = js
-        .get_stream(EVENTS_STREAM)
+    infra::ensure_all(store, config.replicas).await?;
+    let events = store
+        .stream_named(EVENTS_STREAM)
         .await
         .map_err(|e| Error::nats("opening the EVENTS stream", e))?;
     let wanted = config.partition_consumers();
@@ -1075,7 +1070,7 @@ pub async fn repartition(
         floor = floor.min(info.ack_floor.stream_sequence);
     }
     if old.is_empty() {
-        ensure_consumers(js, config).await?;
+        ensure_consumers(store, config).await?;
         return Ok(Repartitioned {
             removed: Vec::new(),
             created: wanted,

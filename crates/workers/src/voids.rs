@@ -5,9 +5,10 @@
 use std::collections::HashSet;
 use std::time::Duration;
 
-use async_nats::jetstream;
 use sluice_events::{EVENTS_STREAM, Voided};
 use tokio_util::sync::CancellationToken;
+
+use sluice_events::EventStore;
 
 use crate::dlq::{self, Filter, RedriveTarget};
 use crate::error::Error;
@@ -19,7 +20,7 @@ const RETRY: Duration = Duration::from_secs(5);
 /// known at start, then each new one), redrives `consumer`'s dead letter of
 /// it when it heads its aggregate.
 pub(crate) async fn release_voided(
-    js: jetstream::Context,
+    store: EventStore,
     consumer: &'static str,
     voided: Voided,
     cancel: CancellationToken,
@@ -29,7 +30,7 @@ pub(crate) async fn release_voided(
     loop {
         let new = voided.since(seen);
         if !new.is_empty() {
-            match redrive_voided(&js, consumer, &new).await {
+            match redrive_voided(&store, consumer, &new).await {
                 Ok(n) => {
                     seen += new.len();
                     if n > 0 {
@@ -56,7 +57,7 @@ pub(crate) async fn release_voided(
 /// Redrives `consumer`'s dead letters of `positions` that head their
 /// aggregate (one parked behind another head comes back with that head).
 async fn redrive_voided(
-    js: &jetstream::Context,
+    store: &EventStore,
     consumer: &str,
     positions: &[u64],
 ) -> Result<usize, Error> {
@@ -66,7 +67,7 @@ async fn redrive_voided(
         category: None,
         reason: None,
     };
-    let listing = match dlq::list(js, &filter).await {
+    let listing = match dlq::list(store, &filter).await {
         Ok(l) => l,
         // No DLQ yet: nothing was ever dead-lettered.
         Err(Error::NotFound(_)) => return Ok(0),
@@ -77,7 +78,7 @@ async fn redrive_voided(
         if entry.stream != EVENTS_STREAM || !wanted.contains(&entry.sequence) {
             continue;
         }
-        match dlq::redrive(js, RedriveTarget::Id(entry.id)).await {
+        match dlq::redrive(store, RedriveTarget::Id(entry.id)).await {
             Ok(r) => redriven += r.redriven.len(),
             Err(Error::NotHead { .. } | Error::NotFound(_)) => {}
             Err(e) => return Err(e),

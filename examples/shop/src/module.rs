@@ -79,9 +79,8 @@ impl Module for Shop {
     ) -> BoxFuture<'a, Result<Vec<String>, BoxError>> {
         Box::pin(async move {
             let (handler, order) = Self::role_config(ctx);
-            let js = ctx.store.jetstream();
-            sluice_workers::ensure_consumers(js, &handler).await?;
-            sluice_sagas::ensure_timers_stream(js, order.orchestrator.replicas).await?;
+            sluice_workers::ensure_consumers(&ctx.store, &handler).await?;
+            sluice_sagas::ensure_timers_stream(&ctx.store, order.orchestrator.replicas).await?;
             Ok([
                 "DLQ",
                 "redrive",

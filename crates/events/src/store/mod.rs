@@ -5,7 +5,9 @@
 //! path (one append or one group of appends to the server, with exact
 //! outcomes), `group_commit` gathers concurrent appends into shared batches
 //! on top of it, `read` and `voided` are the read side, `stream` the stream
-//! itself, and `config`, `types` and `stats` the vocabulary they share.
+//! itself, `access` what other crates need of the connection (other streams,
+//! buckets, non-event publishes, connection state), and `config`, `types`
+//! and `stats` the vocabulary they share.
 
 use std::sync::Arc;
 
@@ -18,6 +20,7 @@ use crate::error::Error;
 use crate::ids::StreamId;
 use crate::server::{ServerVersion, check_server_version};
 
+mod access;
 mod config;
 mod group_commit;
 mod publish;
@@ -112,12 +115,17 @@ impl EventStore {
             .snapshot(&publisher.config.group_commit, publisher.atomic_disabled())
     }
 
-    /// The NATS connection (for consumers built on top of the store).
+    /// The raw NATS connection: the escape hatch for tests and benches
+    /// that act as a foreign client on purpose. Code of other crates uses
+    /// what the store offers instead ([`event_stream`](Self::event_stream),
+    /// [`ensure_stream`](Self::ensure_stream), [`publish_to`](Self::publish_to),
+    /// [`is_connected`](Self::is_connected), [`server_info`](Self::server_info), ...).
     pub fn client(&self) -> &async_nats::Client {
         &self.inner.publisher.client
     }
 
-    /// The JetStream context.
+    /// The raw JetStream context (with the store's request timeout): the
+    /// escape hatch for tests and benches, like [`client`](Self::client).
     pub fn jetstream(&self) -> &jetstream::Context {
         &self.inner.publisher.js
     }

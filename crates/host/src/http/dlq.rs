@@ -39,7 +39,7 @@ pub(super) fn projection_dlq_error(e: sluice_projections::Error) -> Response {
 /// The projection a dead letter belongs to, when it is a projection's:
 /// its record and parking live in the read store, so settling it needs that.
 pub(super) async fn projection_dead_letter(ctx: &Ctx, id: u64) -> Result<Option<String>, Response> {
-    match dlq::show(ctx.store.jetstream(), id).await {
+    match dlq::show(&ctx.store, id).await {
         Ok(e) => Ok(sluice_projections::projection_of(&e.consumer).map(str::to_owned)),
         // Let the caller's own call answer (404, or "already redriven").
         Err(sluice_workers::Error::NotFound(_)) => Ok(None),
@@ -77,14 +77,14 @@ pub(super) async fn dlq_list(State(ctx): State<Ctx>, Query(q): Query<DlqQuery>) 
         },
         (Err(e), _) | (_, Err(e)) => return bad_request(e),
     };
-    match dlq::list(ctx.store.jetstream(), &filter).await {
+    match dlq::list(&ctx.store, &filter).await {
         Ok(listing) => Json(listing).into_response(),
         Err(e) => dlq_error(e),
     }
 }
 
 pub(super) async fn dlq_show(State(ctx): State<Ctx>, UrlPath(id): UrlPath<u64>) -> Response {
-    match dlq::show(ctx.store.jetstream(), id).await {
+    match dlq::show(&ctx.store, id).await {
         Ok(d) => Json(d).into_response(),
         Err(e) => dlq_error(e),
     }
@@ -112,7 +112,7 @@ pub(super) async fn dlq_redrive(State(ctx): State<Ctx>, UrlPath(id): UrlPath<u64
             Err(e) => projection_dlq_error(e),
         };
     }
-    match dlq::redrive(ctx.store.jetstream(), RedriveTarget::Id(id)).await {
+    match dlq::redrive(&ctx.store, RedriveTarget::Id(id)).await {
         Ok(r) => Json(r).into_response(),
         Err(e) => dlq_error(e),
     }
@@ -145,7 +145,7 @@ pub(super) async fn dlq_discard(
         Ok(None) => {}
         Err(r) => return r,
     }
-    match dlq::discard(ctx.store.jetstream(), id, &reason).await {
+    match dlq::discard(&ctx.store, id, &reason).await {
         Ok(d) => Json(d).into_response(),
         Err(e) => dlq_error(e),
     }

@@ -8,7 +8,7 @@ pub(super) async fn healthz(State(ctx): State<Ctx>) -> Json<Value> {
 
 pub(super) async fn readyz(State(ctx): State<Ctx>) -> Response {
     let mut checks = serde_json::Map::new();
-    let nats = ctx.store.client().connection_state() == async_nats::connection::State::Connected;
+    let nats = ctx.store.is_connected();
     checks.insert("nats".into(), json!(nats));
     let stream = ctx.store.stream_state().await.is_ok();
     checks.insert("stream".into(), json!(stream));

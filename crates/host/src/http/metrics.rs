@@ -309,8 +309,7 @@ pub(super) async fn prometheus(State(ctx): State<Ctx>) -> Response {
     ::metrics::counter!("sluice_group_commit_fsyncs_saved_total").absolute(gc.fsyncs_saved);
     ::metrics::counter!("sluice_group_commit_conflicts_resolved_total")
         .absolute(gc.conflicts_resolved);
-    if let Ok(listing) = sluice_workers::dlq::list(ctx.store.jetstream(), &Filter::default()).await
-    {
+    if let Ok(listing) = sluice_workers::dlq::list(&ctx.store, &Filter::default()).await {
         let now: std::collections::BTreeSet<(String, String)> = listing
             .groups
             .iter()
@@ -337,13 +336,11 @@ pub(super) async fn prometheus(State(ctx): State<Ctx>) -> Response {
             m.refresh_metrics(db).await;
         }
     }
-    ::metrics::gauge!("sluice_nats_connected").set(
-        if ctx.store.client().connection_state() == async_nats::connection::State::Connected {
-            1.0
-        } else {
-            0.0
-        },
-    );
+    ::metrics::gauge!("sluice_nats_connected").set(if ctx.store.is_connected() {
+        1.0
+    } else {
+        0.0
+    });
     (
         [(header::CONTENT_TYPE, "text/plain; version=0.0.4")],
         ctx.metrics.render(),

@@ -332,11 +332,8 @@ impl Runner {
             for (i, s) in self.slots.iter().enumerate() {
                 for (d, _) in &dead[i] {
                     let events = self.store.config().stream.as_str();
-                    sluice_workers::dlq::write(
-                        self.store.jetstream(),
-                        d.to_new(&s.consumer_name, events),
-                    )
-                    .await?;
+                    sluice_workers::dlq::write(&self.store, d.to_new(&s.consumer_name, events))
+                        .await?;
                 }
             }
         }
@@ -544,9 +541,9 @@ impl Runner {
         reason: &str,
     ) -> Vec<u64> {
         let slot = &self.slots[member];
-        let js = self.store.jetstream();
+        let store = &self.store;
         let mut removed = Vec::new();
-        if js.get_stream(DLQ_STREAM).await.is_err() {
+        if store.stream_named(DLQ_STREAM).await.is_err() {
             return removed;
         }
         let applied: BTreeSet<u64> = applied.iter().copied().collect();
@@ -555,7 +552,7 @@ impl Runner {
             category: None,
             reason: None,
         };
-        let listing = match sluice_workers::dlq::list(js, &filter).await {
+        let listing = match sluice_workers::dlq::list(store, &filter).await {
             Ok(l) => l,
             Err(e) => {
                 tracing::warn!(projection = slot.name, error = %e, "could not list the DLQ copies of redriven events");
@@ -566,7 +563,7 @@ impl Runner {
             if entry.stream != self.store.config().stream || !applied.contains(&entry.sequence) {
                 continue;
             }
-            match sluice_workers::dlq::remove(js, &entry, "redrive", reason).await {
+            match sluice_workers::dlq::remove(store, &entry, "redrive", reason).await {
                 Ok(()) => removed.push(entry.id),
                 Err(e) => {
                     tracing::warn!(projection = slot.name, id = entry.id, error = %e, "could not remove the DLQ copy of a redriven event");

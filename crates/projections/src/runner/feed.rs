@@ -68,8 +68,7 @@ impl Runner {
         let cfg = self.store.config();
         let stream = self
             .store
-            .jetstream()
-            .get_stream(&cfg.stream)
+            .event_stream()
             .await
             .map_err(|e| Error::nats("opening the event stream", e))?;
         let consumer = stream
@@ -202,8 +201,7 @@ impl Runner {
         }
         let stream = self
             .store
-            .jetstream()
-            .get_stream(&self.store.config().stream)
+            .event_stream()
             .await
             .map_err(|e| Error::nats("opening the event stream", e))?;
         let consumer = stream
@@ -245,8 +243,7 @@ impl Runner {
     pub(crate) async fn fetch_positions(&self, positions: &[u64]) -> Result<Vec<Raw>, Error> {
         let stream = self
             .store
-            .jetstream()
-            .get_stream(&self.store.config().stream)
+            .event_stream()
             .await
             .map_err(|e| Error::nats("opening the event stream", e))?;
         let mut out = Vec::with_capacity(positions.len());

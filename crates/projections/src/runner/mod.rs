@@ -322,7 +322,7 @@ impl Runner {
                 "a runner needs at least one projection",
             ));
         }
-        sluice_workers::dlq::ensure_streams(store.jetstream(), 1).await?;
+        sluice_workers::dlq::ensure_streams(&store, 1).await?;
         let voided = store.voided().await?;
         let slots = members
             .into_iter()
