@@ -161,15 +161,19 @@ async fn account_command_response(
             }
             resp
         }
-        Err(e @ crate::Error::IdempotencyKeyReused { .. }) => key_reused(e.to_string()),
-        Err(e @ crate::Error::IdempotencyInProgress(_)) => Problem::new(
-            StatusCode::CONFLICT,
-            "idempotency-key-in-progress",
-            "Request in progress",
-            e.to_string(),
-        )
-        .with_retry_after(1)
-        .into_response(),
+        Err(crate::Error::Events(e @ sluice_events::Error::IdempotencyKeyReused { .. })) => {
+            key_reused(e.to_string())
+        }
+        Err(crate::Error::Events(e @ sluice_events::Error::IdempotencyInProgress(_))) => {
+            Problem::new(
+                StatusCode::CONFLICT,
+                "idempotency-key-in-progress",
+                "Request in progress",
+                e.to_string(),
+            )
+            .with_retry_after(1)
+            .into_response()
+        }
         Err(crate::Error::Rejected(r)) => rejected(&r),
         // An account whose log holds an undecodable event is 500 naming it.
         Err(crate::Error::Events(e)) => Problem::from(e).into_response(),
