@@ -525,7 +525,9 @@ async fn replay_refuses_what_cannot_be_undone_exactly() {
         "{err}"
     );
     assert!(
-        err.to_string().contains("sluice projection rebuild notes"),
+        err.to_string()
+            .contains("projection notes cannot be replayed")
+            && err.to_string().contains("rebuild it instead"),
         "{err}"
     );
     assert_eq!(read_checkpoint(&db, "notes").await.unwrap(), last);

@@ -3,6 +3,7 @@
 
 use crate::envelope::{Envelope, NewEvent};
 use crate::error::Error;
+use crate::idempotency::Attempt;
 use crate::ids::StreamId;
 use crate::store::{EventStore, ExpectedVersion};
 
@@ -57,13 +58,30 @@ pub enum ExecuteError<R: std::error::Error + 'static> {
 /// behind). An event that does not decode is an
 /// [`Error::InvalidStoredEvent`] naming its position (the remedy: void it).
 pub async fn load<A: Aggregate>(store: &EventStore, id: &StreamId) -> Result<(A, u64), Error> {
+    let (state, version, _) = load_marked::<A>(store, id, None).await?;
+    Ok((state, version))
+}
+
+/// [`load`], also collecting the positions of the events an idempotent
+/// attempt appended before (an earlier try that landed).
+async fn load_marked<A: Aggregate>(
+    store: &EventStore,
+    id: &StreamId,
+    attempt: Option<&Attempt<'_>>,
+) -> Result<(A, u64, Vec<u64>), Error> {
     let history = store.history_direct(id).await?;
     let mut state = A::default();
+    let mut earlier = Vec::new();
     for recorded in &history.events {
+        if let Some(a) = attempt
+            && a.is_ours(id, recorded)?
+        {
+            earlier.push(recorded.position);
+        }
         let event = recorded.decoded(A::decode(&recorded.envelope))?;
         state = state.evolve(&event);
     }
-    Ok((state, history.version))
+    Ok((state, history.version, earlier))
 }
 
 /// Load → decide → append, reloading and deciding again on conflict, up to
@@ -75,34 +93,64 @@ pub async fn execute<A: Aggregate>(
     max_attempts: usize,
 ) -> Result<ExecuteOutcome<A::Event>, ExecuteError<A::Rejection>> {
     let stream_id = StreamId::new(A::CATEGORY, id)?;
+    let (outcome, _) = run::<A>(store, &stream_id, command, max_attempts, None).await?;
+    Ok(outcome)
+}
+
+/// The one load → decide → append loop. With an `attempt`, the new events
+/// carry its ids, and events of an earlier try found in the log are the
+/// answer instead of a new decision (then `.1` is true, and the outcome's
+/// `events` are empty: they were decided by that try).
+pub(crate) async fn run<A: Aggregate>(
+    store: &EventStore,
+    stream_id: &StreamId,
+    command: &A::Command,
+    max_attempts: usize,
+    attempt: Option<&Attempt<'_>>,
+) -> Result<(ExecuteOutcome<A::Event>, bool), ExecuteError<A::Rejection>> {
     let mut attempts = 0;
     loop {
         attempts += 1;
-        let (state, version) = load::<A>(store, &stream_id).await?;
+        let (state, version, earlier) = load_marked::<A>(store, stream_id, attempt).await?;
+        if let Some(&last) = earlier.last() {
+            let outcome = ExecuteOutcome {
+                version: last,
+                positions: earlier,
+                events: vec![],
+                attempts,
+            };
+            return Ok((outcome, true));
+        }
         let events = state.decide(command).map_err(ExecuteError::Rejected)?;
         if events.is_empty() {
-            return Ok(ExecuteOutcome {
+            let outcome = ExecuteOutcome {
                 version,
                 positions: vec![],
                 events,
                 attempts,
+            };
+            return Ok((outcome, false));
+        }
+        let mut encoded = Vec::with_capacity(events.len());
+        for (n, event) in events.iter().enumerate() {
+            let new = A::encode(event)?;
+            encoded.push(match attempt {
+                Some(a) => new.with_id(a.event_id(n)?),
+                None => new,
             });
         }
-        let encoded = events
-            .iter()
-            .map(A::encode)
-            .collect::<Result<Vec<_>, _>>()?;
         match store
-            .append(&stream_id, ExpectedVersion::from_version(version), encoded)
+            .append(stream_id, ExpectedVersion::from_version(version), encoded)
             .await
         {
             Ok(r) => {
-                return Ok(ExecuteOutcome {
+                let outcome = ExecuteOutcome {
                     version: r.version,
                     positions: r.positions,
                     events,
                     attempts,
-                });
+                };
+                return Ok((outcome, r.deduplicated));
             }
             Err(e) if e.is_conflict() && attempts < max_attempts.max(1) => {
                 tracing::debug!(stream = %stream_id, attempts, "conflict; reloading");

@@ -270,6 +270,24 @@ pub enum Error {
         /// What is wrong with it.
         reason: String,
     },
+    /// An idempotency key was used before for another request (another
+    /// resource, operation or body); nothing was done.
+    #[error(
+        "idempotency key {key:?} was already used for {first_use}: a key stands for one request (same resource, operation and body); use a new key for a new request (nothing was done)"
+    )]
+    IdempotencyKeyReused {
+        /// The key.
+        key: String,
+        /// Its first use: operation, resource, request and time.
+        first_use: String,
+    },
+    /// A request with this key is still running (a concurrent repeat); it
+    /// either finishes or loses the key when its lease ends.
+    #[error("a request with idempotency key {0:?} is still in progress; retry in a moment")]
+    IdempotencyInProgress(String),
+    /// The idempotency records could not be read or written.
+    #[error("idempotency records ({bucket}): {0}", bucket = crate::IDEMPOTENCY_BUCKET)]
+    Idempotency(String),
     /// No event is stored at that position.
     #[error("no event at position {0}")]
     NoSuchEvent(u64),

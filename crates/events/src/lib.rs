@@ -18,6 +18,9 @@
 //! - Concurrent appends to different aggregates are group-committed: written
 //!   as one atomic batch (one fsync), each with its own expectation, and each
 //!   caller still gets its own exact outcome (see `docs/group-commit.md`).
+//! - A command with an idempotency key ([`execute_keyed`]) takes effect once
+//!   per key: the key's record in the `SLUICE_IDEMPOTENCY` bucket answers a
+//!   repeat with the first response, and refuses the key for anything else.
 //! - Conflicts surface as [`Error::Conflict`] with the expected and actual
 //!   versions, decided from the server's error code, never from error text.
 #![warn(clippy::unwrap_used)]
@@ -28,6 +31,7 @@ mod connect;
 mod embedded;
 mod envelope;
 mod error;
+mod idempotency;
 mod ids;
 mod server;
 mod store;
@@ -46,6 +50,10 @@ pub use envelope::{
     SPEC_VERSION,
 };
 pub use error::Error;
+pub use idempotency::{
+    CommandOutcome, DEFAULT_RETENTION as DEFAULT_IDEMPOTENCY_RETENTION, IDEMPOTENCY_BUCKET,
+    Idempotency, IdempotencyConfig, IdempotentCommand, execute_keyed, validate_idempotency_key,
+};
 pub use ids::{EventId, StreamId, validate_token};
 pub use server::{MIN_SERVER_VERSION, ServerVersion, check_server_version};
 pub use store::{

@@ -1,403 +1,57 @@
 //! Account commands from the outside world (HTTP, CLI) with an optional
-//! idempotency key: a repeat of the same request takes effect once and
-//! answers with the first response; the key used for anything else is
-//! refused, loudly.
-//!
-//! Semantics (see `docs/contract.md`, "Idempotency keys"):
-//! - A key is recorded in the JetStream KV bucket [`IDEMPOTENCY_BUCKET`],
-//!   durable and kept for the configured retention (default 24 h), so a
-//!   repeat is recognised after restarts and long after the log's
-//!   duplicate window. Keys match exactly, never by prefix.
-//! - The record binds the key to its resource (`account/<id>`), operation
-//!   (`open`, `deposit`, ...) and request (the command's fields), and to the
-//!   first response (where the events landed). A repeat with all three equal
-//!   answers that response again, marked `replayed`; the key with another
-//!   resource, operation or request is [`Error::IdempotencyKeyReused`],
-//!   naming the first use. So of two writes to two accounts under one key
-//!   the second is refused, never dropped.
-//! - A request in progress holds its key for a short lease: a concurrent
-//!   repeat waits for its answer, then gets [`Error::IdempotencyInProgress`].
-//!   A holder that died loses the key when the lease ends.
-//! - A refused command (the account said no) writes nothing and releases
-//!   its key: a repeat is decided again.
-//! - Exactly once does not rest on the record alone: the events a keyed
-//!   command appends carry ids derived from its record (`idem-<attempt>-<n>`),
-//!   the account's log is checked for them before deciding, and the append
-//!   is optimistic. Whoever finishes a request (its first holder, or one
-//!   that took over after a crash) finds an earlier try's events instead of
-//!   appending them twice.
+//! idempotency key: the platform's keyed loop
+//! ([`sluice_events::execute_keyed`], semantics in its module docs and
+//! `docs/contract.md`, "Idempotency keys") run on the [`Account`]. What is
+//! the ledger's own: what an account command binds its key to, the
+//! fingerprint its keyed events carried before the records existed, and
+//! its errors.
 
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
-
-use async_nats::jetstream::{self, kv};
-use bytes::Bytes;
-use serde::{Deserialize, Serialize};
+use serde::Serialize;
 use serde_json::{Value, json};
-use sluice_events::{Aggregate, EventId, EventStore, ExpectedVersion, StreamId, validate_token};
+use sluice_events::{EventStore, ExecuteError, Idempotency, IdempotentCommand, StreamId};
 
 use crate::Error;
 use crate::account::{Account, AccountCommand};
 use crate::events::ACCOUNT_CATEGORY;
 
-/// KV bucket of idempotency records, one per key.
-pub const IDEMPOTENCY_BUCKET: &str = "SLUICE_IDEMPOTENCY";
-/// How long a key is remembered by default: a day, as payment APIs do.
-pub const DEFAULT_RETENTION: Duration = Duration::from_secs(24 * 60 * 60);
-/// Longest idempotency key.
-const MAX_KEY_LEN: usize = 64;
-
-/// Settings of the idempotency records.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct IdempotencyConfig {
-    /// How long a key is remembered after its last use (the bucket's
-    /// `max_age`); a repeat after that is a new request.
-    pub retention: Duration,
-    /// Replicas of the bucket (as the event stream's).
-    pub replicas: usize,
-    /// How long a request holds its key while it runs; a holder that died
-    /// loses it after this.
-    pub lease: Duration,
-    /// How long a concurrent repeat waits for the request holding the key
-    /// before [`Error::IdempotencyInProgress`].
-    pub wait: Duration,
-}
-
-impl Default for IdempotencyConfig {
-    fn default() -> Self {
-        Self {
-            retention: DEFAULT_RETENTION,
-            replicas: 1,
-            lease: Duration::from_secs(15),
-            wait: Duration::from_secs(5),
+impl IdempotentCommand for AccountCommand {
+    fn operation(&self) -> &'static str {
+        match self {
+            AccountCommand::Open { .. } => "open",
+            AccountCommand::Deposit { .. } => "deposit",
+            AccountCommand::Withdraw { .. } => "withdraw",
+            AccountCommand::Close => "close",
         }
     }
-}
 
-/// The idempotency records: a handle on their KV bucket. Cheap to clone.
-#[derive(Clone)]
-pub struct Idempotency {
-    kv: kv::Store,
-    config: IdempotencyConfig,
-}
-
-impl std::fmt::Debug for Idempotency {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Idempotency")
-            .field("bucket", &IDEMPOTENCY_BUCKET)
-            .field("config", &self.config)
-            .finish()
-    }
-}
-
-fn kv_error(what: &'static str, e: impl std::fmt::Display) -> Error {
-    Error::Idempotency(format!("{what}: {e}"))
-}
-
-impl Idempotency {
-    /// Opens the bucket, creating it, or setting its retention to the
-    /// configured one when it differs (`sluice up`/`serve` and provisioning).
-    pub async fn open(js: &jetstream::Context, config: IdempotencyConfig) -> Result<Self, Error> {
-        if config.retention.is_zero() {
-            return Err(Error::Idempotency(
-                "the idempotency retention must be > 0".to_owned(),
-            ));
-        }
-        let kv = match js.get_key_value(IDEMPOTENCY_BUCKET).await {
-            Ok(kv) => {
-                let stream_name = format!("KV_{IDEMPOTENCY_BUCKET}");
-                let mut stream = js
-                    .get_stream(&stream_name)
-                    .await
-                    .map_err(|e| kv_error("reading the idempotency bucket", e))?;
-                let info = stream
-                    .info()
-                    .await
-                    .map_err(|e| kv_error("reading the idempotency bucket", e))?;
-                if info.config.max_age != config.retention {
-                    tracing::info!(retention = ?config.retention, was = ?info.config.max_age, "updating the idempotency retention");
-                    let mut updated = info.config.clone();
-                    updated.max_age = config.retention;
-                    // A least-privilege user may not change streams: the
-                    // keys still work, with the retention provisioning set.
-                    if let Err(e) = js.update_stream(updated).await {
-                        tracing::warn!(error = %e, "could not set the idempotency retention; run `sluice serve --provision-only` with the admin user");
-                    }
-                }
-                kv
+    fn request(&self) -> Value {
+        match self {
+            AccountCommand::Open { owner, currency } => {
+                json!({"owner": owner, "currency": currency})
             }
-            Err(_) => Self::create(js, &config).await?,
-        };
-        Ok(Self { kv, config })
-    }
-
-    /// Opens the bucket as it is, creating it with `config` only when it
-    /// does not exist (one-off commands such as `sluice ledger`, which must
-    /// not change the retention the service set).
-    pub async fn open_existing(
-        js: &jetstream::Context,
-        config: IdempotencyConfig,
-    ) -> Result<Self, Error> {
-        let kv = match js.get_key_value(IDEMPOTENCY_BUCKET).await {
-            Ok(kv) => kv,
-            Err(_) => Self::create(js, &config).await?,
-        };
-        Ok(Self { kv, config })
-    }
-
-    async fn create(
-        js: &jetstream::Context,
-        config: &IdempotencyConfig,
-    ) -> Result<kv::Store, Error> {
-        let created = js
-            .create_key_value(kv::Config {
-                bucket: IDEMPOTENCY_BUCKET.to_owned(),
-                description:
-                    "Sluice idempotency keys: resource, operation, request and first response"
-                        .to_owned(),
-                history: 1,
-                max_age: config.retention,
-                storage: jetstream::stream::StorageType::File,
-                num_replicas: config.replicas,
-                ..Default::default()
-            })
-            .await;
-        match created {
-            Ok(kv) => Ok(kv),
-            // Another process created it first.
-            Err(e) => js
-                .get_key_value(IDEMPOTENCY_BUCKET)
-                .await
-                .map_err(|_| kv_error("creating the idempotency bucket (this needs the admin user; run `sluice serve --provision-only`)", e)),
-        }
-    }
-
-    /// The settings in use.
-    pub fn config(&self) -> &IdempotencyConfig {
-        &self.config
-    }
-
-    /// Claims `key` for `scope`: a fresh record, the recorded first
-    /// response, or a takeover of a request whose holder died.
-    async fn begin(&self, key: &str, scope: &Scope) -> Result<Begin, Error> {
-        let deadline = tokio::time::Instant::now() + self.config.wait;
-        let mut pause = Duration::from_millis(20);
-        loop {
-            let entry = self
-                .kv
-                .entry(key)
-                .await
-                .map_err(|e| kv_error("reading an idempotency key", e))?;
-            let live = entry.filter(|e| e.operation == kv::Operation::Put);
-            let Some(entry) = live else {
-                let record = Record::pending(scope, new_attempt(), self.lease_until());
-                match self.kv.create(key, record.to_bytes()?).await {
-                    Ok(revision) => return Ok(Begin::Run { revision, record }),
-                    Err(e) if e.kind() == kv::CreateErrorKind::AlreadyExists => continue,
-                    Err(e) => return Err(kv_error("recording an idempotency key", e)),
-                }
-            };
-            let record = Record::from_bytes(&entry.value)?;
-            if !record.matches(scope) {
-                return Err(Error::IdempotencyKeyReused {
-                    key: key.to_owned(),
-                    first_use: record.describe(),
-                });
+            AccountCommand::Deposit { amount, currency }
+            | AccountCommand::Withdraw { amount, currency } => {
+                json!({"amount": amount, "currency": currency})
             }
-            if let Some(applied) = record.applied.clone() {
-                return Ok(Begin::Done(applied));
-            }
-            if record.lease_until_ms <= now_ms() {
-                // Its holder died or gave up: take over with the same
-                // attempt, so its events are recognised if they landed.
-                let mut taken = record;
-                taken.lease_until_ms = self.lease_until();
-                match self.kv.update(key, taken.to_bytes()?, entry.revision).await {
-                    Ok(revision) => {
-                        tracing::info!(
-                            key,
-                            "taking over an idempotent request whose holder stopped"
-                        );
-                        return Ok(Begin::Run {
-                            revision,
-                            record: taken,
-                        });
-                    }
-                    Err(e) if e.kind() == kv::UpdateErrorKind::WrongLastRevision => continue,
-                    Err(e) => return Err(kv_error("taking over an idempotency key", e)),
-                }
-            }
-            if tokio::time::Instant::now() + pause > deadline {
-                return Err(Error::IdempotencyInProgress(key.to_owned()));
-            }
-            tokio::time::sleep(pause).await;
-            pause = (pause * 2).min(Duration::from_millis(250));
+            AccountCommand::Close => json!({}),
         }
     }
 
-    /// Records the first response; best effort: if this fails, the record
-    /// stays pending and the next repeat finds the events in the log.
-    async fn complete(&self, key: &str, revision: u64, mut record: Record, applied: Applied) {
-        record.applied = Some(applied);
-        record.lease_until_ms = 0;
-        let result = match record.to_bytes() {
-            Ok(bytes) => self
-                .kv
-                .update(key, bytes, revision)
-                .await
-                .map(|_| ())
-                .map_err(|e| e.to_string()),
-            Err(e) => Err(e.to_string()),
-        };
-        if let Err(e) = result {
-            tracing::warn!(key, error = %e, "could not record the response of an idempotent request; a repeat finds its events in the log");
-        }
-    }
-
-    /// Lets go of the key after a refusal (nothing written: a repeat is
-    /// decided again) or a failure (a repeat takes over at once). The record
-    /// keeps its scope and attempt, so whatever a try left in the log is
-    /// still recognised.
-    async fn release(&self, key: &str, revision: u64, mut record: Record) {
-        record.lease_until_ms = 0;
-        let result = match record.to_bytes() {
-            Ok(bytes) => self
-                .kv
-                .update(key, bytes, revision)
-                .await
-                .map(|_| ())
-                .map_err(|e| e.to_string()),
-            Err(e) => Err(e.to_string()),
-        };
-        if let Err(e) = result {
-            tracing::debug!(key, error = %e, "could not release an idempotency key; it frees itself when its lease ends");
-        }
-    }
-
-    fn lease_until(&self) -> u64 {
-        now_ms().saturating_add(u64::try_from(self.config.lease.as_millis()).unwrap_or(u64::MAX))
+    fn legacy_fingerprint(&self) -> Option<String> {
+        Some(legacy_fingerprint(self))
     }
 }
 
-fn now_ms() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
-        .unwrap_or(0)
-}
-
-fn new_attempt() -> String {
-    format!("idem-{}", uuid_simple())
-}
-
-fn uuid_simple() -> String {
-    // EventId::new is a UUIDv7 with dashes; the attempt only needs to be unique.
-    EventId::new().as_str().replace('-', "")
-}
-
-/// What a keyed request is about: the key is bound to all three.
-#[derive(Debug, Clone, PartialEq)]
-struct Scope {
-    resource: String,
-    operation: &'static str,
-    request: Value,
-}
-
-fn scope_of(account: &str, command: &AccountCommand) -> Scope {
-    let (operation, request) = match command {
-        AccountCommand::Open { owner, currency } => {
-            ("open", json!({"owner": owner, "currency": currency}))
-        }
-        AccountCommand::Deposit { amount, currency } => {
-            ("deposit", json!({"amount": amount, "currency": currency}))
-        }
-        AccountCommand::Withdraw { amount, currency } => {
-            ("withdraw", json!({"amount": amount, "currency": currency}))
-        }
-        AccountCommand::Close => ("close", json!({})),
-    };
-    Scope {
-        resource: format!("{ACCOUNT_CATEGORY}/{account}"),
-        operation,
-        request,
+/// FNV-1a over the command's canonical text, as the event ids of keyed
+/// commands carried before the records existed.
+fn legacy_fingerprint(command: &AccountCommand) -> String {
+    let text = format!("{command:?}");
+    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+    for b in text.bytes() {
+        h ^= u64::from(b);
+        h = h.wrapping_mul(0x0000_0100_0000_01b3);
     }
-}
-
-/// Where a keyed request's events landed: its first response.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-struct Applied {
-    positions: Vec<u64>,
-    version: u64,
-}
-
-/// One key's record in the bucket.
-#[derive(Debug, Clone, Serialize, Deserialize)]
-struct Record {
-    resource: String,
-    operation: String,
-    request: Value,
-    /// Base of the ids of the events this request appends.
-    attempt: String,
-    /// When the key was first used (Unix ms).
-    created_ms: u64,
-    /// While no response is recorded: until when the holder owns the key.
-    #[serde(default)]
-    lease_until_ms: u64,
-    /// The first response, once there is one.
-    #[serde(default)]
-    applied: Option<Applied>,
-}
-
-impl Record {
-    fn pending(scope: &Scope, attempt: String, lease_until_ms: u64) -> Self {
-        Self {
-            resource: scope.resource.clone(),
-            operation: scope.operation.to_owned(),
-            request: scope.request.clone(),
-            attempt,
-            created_ms: now_ms(),
-            lease_until_ms,
-            applied: None,
-        }
-    }
-
-    fn matches(&self, scope: &Scope) -> bool {
-        self.resource == scope.resource
-            && self.operation == scope.operation
-            && self.request == scope.request
-    }
-
-    fn describe(&self) -> String {
-        let when = time::OffsetDateTime::from_unix_timestamp_nanos(
-            i128::from(self.created_ms) * 1_000_000,
-        )
-        .ok()
-        .and_then(|t| {
-            t.format(&time::format_description::well_known::Rfc3339)
-                .ok()
-        })
-        .unwrap_or_else(|| "an earlier time".to_owned());
-        format!(
-            "{} on {} {} at {when}",
-            self.operation, self.resource, self.request
-        )
-    }
-
-    fn to_bytes(&self) -> Result<Bytes, Error> {
-        serde_json::to_vec(self)
-            .map(Bytes::from)
-            .map_err(|e| kv_error("encoding an idempotency record", e))
-    }
-
-    fn from_bytes(bytes: &[u8]) -> Result<Self, Error> {
-        serde_json::from_slice(bytes).map_err(|e| kv_error("decoding an idempotency record", e))
-    }
-}
-
-enum Begin {
-    /// This request runs, with a record it created or took over.
-    Run { revision: u64, record: Record },
-    /// An earlier request with this key and scope was applied.
-    Done(Applied),
+    format!("{h:016x}")
 }
 
 /// Where an account command landed.
@@ -414,224 +68,24 @@ pub struct CommandOutcome {
     pub replayed: bool,
 }
 
-/// Checks an idempotency key: 1-64 letters, digits, `_` or `-`.
-pub fn validate_idempotency_key(key: &str) -> Result<(), Error> {
-    validate_token("idempotency key", key)?;
-    if key.len() > MAX_KEY_LEN {
-        return Err(Error::Events(sluice_events::Error::InvalidToken {
-            what: "idempotency key",
-            value: key.chars().take(70).collect(),
-            reason: "it is longer than 64 characters",
-        }));
-    }
-    Ok(())
-}
-
 /// Runs `command` on account `id` (load → decide → append, reloading on a
-/// conflict); with `key`, once per key (see the module docs).
+/// conflict); with `key`, once per key.
 pub async fn execute_account_command(
     store: &EventStore,
     id: &str,
     command: &AccountCommand,
     key: Option<(&Idempotency, &str)>,
 ) -> Result<CommandOutcome, Error> {
-    let stream = StreamId::new(ACCOUNT_CATEGORY, id)?;
-    let Some((keys, key)) = key else {
-        return run(store, &stream, command, None).await;
-    };
-    validate_idempotency_key(key)?;
-    let scope = scope_of(id, command);
-    let (revision, record) = match keys.begin(key, &scope).await? {
-        Begin::Done(applied) => {
-            return Ok(CommandOutcome {
-                account: id.to_owned(),
-                positions: applied.positions,
-                version: applied.version,
-                replayed: true,
-            });
-        }
-        Begin::Run { revision, record } => (revision, record),
-    };
-    let legacy = Legacy {
-        key,
-        fingerprint: legacy_fingerprint(command),
-    };
-    let attempt = Attempt {
-        base: record.attempt.clone(),
-        legacy: Some(legacy),
-    };
-    match run(store, &stream, command, Some(&attempt)).await {
-        Ok(outcome) => {
-            let applied = Applied {
-                positions: outcome.positions.clone(),
-                version: outcome.version,
-            };
-            keys.complete(key, revision, record, applied).await;
-            Ok(outcome)
-        }
-        Err(e) => {
-            keys.release(key, revision, record).await;
-            Err(e)
-        }
+    match sluice_events::execute_keyed::<Account>(store, id, command, key).await {
+        Ok(o) => Ok(CommandOutcome {
+            account: id.to_owned(),
+            positions: o.positions,
+            version: o.version,
+            replayed: o.replayed,
+        }),
+        Err(ExecuteError::Rejected(r)) => Err(Error::Rejected(r)),
+        Err(ExecuteError::Store(e)) => Err(Error::Events(e)),
     }
-}
-
-/// The ids a keyed request's events carry, and how an earlier try is
-/// recognised in the account's log.
-struct Attempt<'a> {
-    /// Events get `<base>-<n>`.
-    base: String,
-    /// Keys used before the records existed: events `idem-<key>-<fp>-<n>`.
-    legacy: Option<Legacy<'a>>,
-}
-
-struct Legacy<'a> {
-    key: &'a str,
-    fingerprint: String,
-}
-
-/// What an event id says about a keyed request.
-#[derive(Debug, PartialEq, Eq)]
-enum Mark {
-    /// An event of this request (an earlier try that landed).
-    Ours,
-    /// Of this key, for another request (a legacy id).
-    OtherRequest,
-    /// Unrelated.
-    None,
-}
-
-impl Attempt<'_> {
-    fn event_id(&self, n: usize) -> Result<EventId, Error> {
-        Ok(EventId::parse(&format!("{}-{n}", self.base))?)
-    }
-
-    /// Exact matches only: `<base>-<n>`, or `idem-<key>-<16 hex>-<n>`.
-    fn mark(&self, id: &str) -> Mark {
-        if id
-            .strip_prefix(self.base.as_str())
-            .and_then(|r| r.strip_prefix('-'))
-            .is_some_and(is_digits)
-        {
-            return Mark::Ours;
-        }
-        if let Some(l) = &self.legacy
-            && let Some((fp, _)) = legacy_parts(id, l.key)
-        {
-            return if fp == l.fingerprint {
-                Mark::Ours
-            } else {
-                Mark::OtherRequest
-            };
-        }
-        Mark::None
-    }
-}
-
-fn is_digits(s: &str) -> bool {
-    !s.is_empty() && s.bytes().all(|b| b.is_ascii_digit())
-}
-
-/// `idem-<key>-<fp>-<n>` with exactly this key (parsed from the right, so
-/// one key is never taken for another that it starts with).
-fn legacy_parts<'a>(id: &'a str, key: &str) -> Option<(&'a str, &'a str)> {
-    let rest = id.strip_prefix("idem-")?;
-    let (head, n) = rest.rsplit_once('-')?;
-    let (k, fp) = head.rsplit_once('-')?;
-    (k == key && fp.len() == 16 && fp.bytes().all(|b| b.is_ascii_hexdigit()) && is_digits(n))
-        .then_some((fp, n))
-}
-
-/// FNV-1a over the command's canonical text, as the event ids of keyed
-/// commands carried before the records existed.
-fn legacy_fingerprint(command: &AccountCommand) -> String {
-    let text = format!("{command:?}");
-    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
-    for b in text.bytes() {
-        h ^= u64::from(b);
-        h = h.wrapping_mul(0x0000_0100_0000_01b3);
-    }
-    format!("{h:016x}")
-}
-
-async fn run(
-    store: &EventStore,
-    stream: &StreamId,
-    command: &AccountCommand,
-    attempt: Option<&Attempt<'_>>,
-) -> Result<CommandOutcome, Error> {
-    let id = stream.id();
-    for _ in 0..10 {
-        let mut state = Account::default();
-        let mut earlier = Vec::new();
-        // Voided events are left out; the version is still the last position.
-        let history = store.history(stream).await?;
-        let version = history.version;
-        for recorded in &history.events {
-            if let Some(a) = attempt {
-                match a.mark(recorded.envelope.id.as_str()) {
-                    Mark::Ours => earlier.push(recorded.position),
-                    Mark::OtherRequest => {
-                        if let Some(l) = &a.legacy {
-                            return Err(Error::IdempotencyKeyReused {
-                                key: l.key.to_owned(),
-                                first_use: format!(
-                                    "another request on {stream} (event at position {})",
-                                    recorded.position
-                                ),
-                            });
-                        }
-                    }
-                    Mark::None => {}
-                }
-            }
-            let event = recorded.decoded(Account::decode(&recorded.envelope))?;
-            state = state.evolve(&event);
-        }
-        if !earlier.is_empty() {
-            return Ok(CommandOutcome {
-                account: id.to_owned(),
-                version: *earlier.last().unwrap_or(&version),
-                positions: earlier,
-                replayed: true,
-            });
-        }
-        let decided = state.decide(command).map_err(Error::Rejected)?;
-        if decided.is_empty() {
-            return Ok(CommandOutcome {
-                account: id.to_owned(),
-                positions: vec![],
-                version,
-                replayed: false,
-            });
-        }
-        let mut new = Vec::with_capacity(decided.len());
-        for (i, e) in decided.iter().enumerate() {
-            let mut ev = Account::encode(e)?;
-            if let Some(a) = attempt {
-                ev = ev.with_id(a.event_id(i)?);
-            }
-            new.push(ev);
-        }
-        match store
-            .append(stream, ExpectedVersion::from_version(version), new)
-            .await
-        {
-            Ok(r) => {
-                return Ok(CommandOutcome {
-                    account: id.to_owned(),
-                    positions: r.positions,
-                    version: r.version,
-                    replayed: r.deduplicated,
-                });
-            }
-            Err(e) if e.is_conflict() => continue,
-            Err(e) => return Err(e.into()),
-        }
-    }
-    Err(Error::Events(sluice_events::Error::Timeout(
-        std::time::Duration::ZERO,
-    )))
 }
 
 /// The account's current state and version, folded from its log.
@@ -651,44 +105,33 @@ mod tests {
         }
     }
 
+    fn scope_of(command: &AccountCommand) -> (&'static str, Value) {
+        (command.operation(), command.request())
+    }
+
     #[test]
-    fn scopes_tell_resources_operations_and_requests_apart() {
-        assert_eq!(scope_of("a-1", &deposit(5)), scope_of("a-1", &deposit(5)));
-        assert_ne!(scope_of("a-1", &deposit(5)), scope_of("a-1", &deposit(6)));
-        assert_ne!(scope_of("a-1", &deposit(5)), scope_of("a-2", &deposit(5)));
+    fn scopes_tell_operations_and_requests_apart() {
+        assert_eq!(scope_of(&deposit(5)), scope_of(&deposit(5)));
+        assert_ne!(scope_of(&deposit(5)), scope_of(&deposit(6)));
         let withdraw = AccountCommand::Withdraw {
             amount: 5,
             currency: None,
         };
-        assert_ne!(scope_of("a-1", &deposit(5)), scope_of("a-1", &withdraw));
-        let r = Record::pending(&scope_of("a-1", &deposit(5)), new_attempt(), 0);
-        assert!(r.matches(&scope_of("a-1", &deposit(5))));
-        assert!(!r.matches(&scope_of("a-10", &deposit(5))));
-        let text = r.describe();
-        assert!(text.contains("deposit on account/a-1"), "{text}");
-    }
-
-    #[test]
-    fn event_ids_of_a_request_match_exactly_never_by_prefix() {
-        let a = Attempt {
-            base: "idem-0190abcd".to_owned(),
-            legacy: Some(Legacy {
-                key: "inv",
-                fingerprint: legacy_fingerprint(&deposit(5)),
-            }),
+        assert_ne!(scope_of(&deposit(5)), scope_of(&withdraw));
+        // The stored records' request format: keys recorded before stay valid.
+        assert_eq!(
+            scope_of(&deposit(5)),
+            ("deposit", json!({"amount": 5, "currency": null}))
+        );
+        let open = AccountCommand::Open {
+            owner: "ann".into(),
+            currency: "EUR".into(),
         };
-        assert_eq!(a.mark("idem-0190abcd-0"), Mark::Ours);
-        assert_eq!(a.mark("idem-0190abcd-12"), Mark::Ours);
-        assert_eq!(a.mark("idem-0190abcde-0"), Mark::None);
-        assert_eq!(a.mark("idem-0190abcd-0x"), Mark::None);
-        assert_eq!(a.mark("idem-0190abcd"), Mark::None);
-        let fp5 = legacy_fingerprint(&deposit(5));
-        let fp6 = legacy_fingerprint(&deposit(6));
-        assert_eq!(a.mark(&format!("idem-inv-{fp5}-0")), Mark::Ours);
-        assert_eq!(a.mark(&format!("idem-inv-{fp6}-0")), Mark::OtherRequest);
-        // Key "inv" is not key "inv-x" (the old prefix match took one for the other).
-        assert_eq!(a.mark(&format!("idem-inv-x-{fp5}-0")), Mark::None);
-        assert_eq!(a.mark(&format!("idem-in-{fp5}-0")), Mark::None);
+        assert_eq!(
+            scope_of(&open),
+            ("open", json!({"owner": "ann", "currency": "EUR"}))
+        );
+        assert_eq!(scope_of(&AccountCommand::Close), ("close", json!({})));
     }
 
     #[test]
@@ -702,13 +145,9 @@ mod tests {
             legacy_fingerprint(&deposit(6))
         );
         assert_eq!(legacy_fingerprint(&deposit(5)).len(), 16);
-    }
-
-    #[test]
-    fn keys_are_checked() {
-        assert!(validate_idempotency_key("order-7_2").is_ok());
-        assert!(validate_idempotency_key("").is_err());
-        assert!(validate_idempotency_key("a.b").is_err());
-        assert!(validate_idempotency_key(&"k".repeat(65)).is_err());
+        assert_eq!(
+            deposit(5).legacy_fingerprint(),
+            Some(legacy_fingerprint(&deposit(5)))
+        );
     }
 }

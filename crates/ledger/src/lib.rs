@@ -27,11 +27,9 @@ mod transfers_read_model;
 pub use account::{Account, AccountCommand, AccountRejection};
 pub use events::{ACCOUNT_CATEGORY, AccountEvent, CLOSED, DEPOSITED, OPENED, WITHDRAWN, catalog};
 pub use fold::{AccountRow, FoldInput, FoldOutput, STATUS_CLOSED, STATUS_OPEN, fold_balances};
-pub use idempotent::{
-    CommandOutcome, DEFAULT_RETENTION as DEFAULT_IDEMPOTENCY_RETENTION, IDEMPOTENCY_BUCKET,
-    Idempotency, IdempotencyConfig, account_state, execute_account_command,
-    validate_idempotency_key,
-};
+pub use idempotent::{CommandOutcome, account_state, execute_account_command};
+// The idempotency records are the platform's; named here too for the
+// ledger's callers (HTTP, CLI, tests).
 pub use module::{Ledger, module};
 pub use read_models::{
     ACCOUNT_ACTIVITY, ACCOUNT_BALANCES, AccountActivity, AccountBalances, WriteMode,
@@ -40,6 +38,10 @@ pub use routes::routes;
 pub use service::{
     DATABASE_URL_ENV, DEFAULT_HTTP_ADDR, HTTP_ADDR_ENV, Projector, ReadSide, default_database_url,
     migrate, run_read_side, serve_read_side,
+};
+pub use sluice_events::{
+    DEFAULT_IDEMPOTENCY_RETENTION, IDEMPOTENCY_BUCKET, Idempotency, IdempotencyConfig,
+    validate_idempotency_key,
 };
 pub use transfer_saga::{
     ACCOUNT_COMMANDS, CMD_DEPOSIT, CMD_WITHDRAW, DEFAULT_TRANSFER_DEADLINE, StartedTransfer,
@@ -67,22 +69,4 @@ pub enum Error {
     /// The account refused the command.
     #[error("command refused: {0}")]
     Rejected(crate::account::AccountRejection),
-    /// An idempotency key was used before for another request (another
-    /// resource, operation or body); nothing was done.
-    #[error(
-        "idempotency key {key:?} was already used for {first_use}: a key stands for one request (same resource, operation and body); use a new key for a new request (nothing was done)"
-    )]
-    IdempotencyKeyReused {
-        /// The key.
-        key: String,
-        /// Its first use: operation, resource, request and time.
-        first_use: String,
-    },
-    /// A request with this key is still running (a concurrent repeat); it
-    /// either finishes or loses the key when its lease ends.
-    #[error("a request with idempotency key {0:?} is still in progress; retry in a moment")]
-    IdempotencyInProgress(String),
-    /// The idempotency records could not be read or written.
-    #[error("idempotency records ({bucket}): {0}", bucket = crate::IDEMPOTENCY_BUCKET)]
-    Idempotency(String),
 }

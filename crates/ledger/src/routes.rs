@@ -161,17 +161,9 @@ async fn account_command_response(
             }
             resp
         }
-        Err(e @ crate::Error::IdempotencyKeyReused { .. }) => key_reused(e.to_string()),
-        Err(e @ crate::Error::IdempotencyInProgress(_)) => Problem::new(
-            StatusCode::CONFLICT,
-            "idempotency-key-in-progress",
-            "Request in progress",
-            e.to_string(),
-        )
-        .with_retry_after(1)
-        .into_response(),
         Err(crate::Error::Rejected(r)) => rejected(&r),
-        // An account whose log holds an undecodable event is 500 naming it.
+        // A reused or busy key (422, 409), an undecodable stored event
+        // (409 naming it): as for any domain.
         Err(crate::Error::Events(e)) => Problem::from(e).into_response(),
         Err(e) => Problem::internal(e).into_response(),
     }

@@ -40,7 +40,7 @@ pub enum Error {
     Task(&'static str, String),
     /// `sluice replay` of a projection that cannot undo events exactly.
     #[error(
-        "projection {projection} cannot be replayed from a position: it cannot remove exactly the effects of later events; use `sluice projection rebuild {projection}` (blue/green from position 1, stays online)"
+        "projection {projection} cannot be replayed from a position: it cannot remove exactly the effects of later events; rebuild it instead (blue/green from position 1, stays online)"
     )]
     RewindUnsupported {
         /// The projection.
@@ -61,7 +61,7 @@ pub enum Error {
     /// Re-applying events a projection had applied before failed: its
     /// handler is not deterministic (or changed), so a replay cannot be exact.
     #[error(
-        "replaying {projection}: it now rejects the event at position {position} it had applied before ({reason}); nothing was changed; use `sluice projection rebuild {projection}`"
+        "replaying {projection}: it now rejects the event at position {position} it had applied before ({reason}); nothing was changed; rebuild {projection} instead (blue/green from position 1)"
     )]
     ReplayRejected {
         /// The projection.

@@ -135,7 +135,7 @@ async fn handle<A: Aggregate>(
                 }
                 CommandStatus::DeadLettered => {
                     return Ok(Handled::Ignored(
-                        "dead-lettered: the saga needs attention; `sluice saga retry` sends it again",
+                        "dead-lettered: the saga needs attention; an operator retry sends it again",
                     ));
                 }
                 CommandStatus::Closed => {

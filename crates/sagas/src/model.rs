@@ -92,7 +92,7 @@ pub enum SagaError {
     #[error("invalid saga input: {0}")]
     Invalid(String),
     /// An operator action named an instance that does not exist.
-    #[error("no {saga} saga {id}: check the id (`sluice saga list`)")]
+    #[error("no {saga} saga {id}: check the id against the list of its instances")]
     UnknownInstance {
         /// The saga.
         saga: &'static str,

@@ -36,7 +36,7 @@ pub enum Error {
         reason: String,
     },
     /// No durable consumer or worker has this name.
-    #[error("no consumer or worker named {0:?}; see `sluice consumer list`")]
+    #[error("no consumer or worker named {0:?}; list the durable consumers to see which exist")]
     UnknownConsumer(String),
     /// A discard was asked for without a reason.
     #[error("a discard needs a reason (it is kept for audit)")]

@@ -293,6 +293,17 @@ impl From<sluice_events::Error> for Problem {
                 .with("position", position)
             }
             E::Conflict { .. } => Self::of(ProblemType::Conflict, e.to_string()),
+            // Any domain's keyed commands (`sluice_events::execute_keyed`).
+            E::IdempotencyKeyReused { .. } => {
+                Self::of(ProblemType::IdempotencyKeyReused, e.to_string())
+            }
+            E::IdempotencyInProgress(_) => Self::new(
+                StatusCode::CONFLICT,
+                "idempotency-key-in-progress",
+                "Request in progress",
+                e.to_string(),
+            )
+            .with_retry_after(1),
             e if e.is_invalid_input() => Self::bad_request(e.to_string()),
             e if e.is_transient() => Self::unavailable(e),
             e => Self::internal(e),
