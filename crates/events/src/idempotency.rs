@@ -97,7 +97,8 @@ fn kv_error(what: &'static str, e: impl std::fmt::Display) -> Error {
 impl Idempotency {
     /// Opens the bucket, creating it, or setting its retention to the
     /// configured one when it differs (`sluice up`/`serve` and provisioning).
-    pub async fn open(js: &jetstream::Context, config: IdempotencyConfig) -> Result<Self, Error> {
+    pub async fn open(store: &EventStore, config: IdempotencyConfig) -> Result<Self, Error> {
+        let js = store.jetstream();
         if config.retention.is_zero() {
             return Err(Error::Idempotency(
                 "the idempotency retention must be > 0".to_owned(),
@@ -135,9 +136,10 @@ impl Idempotency {
     /// does not exist (one-off commands such as `sluice ledger`, which must
     /// not change the retention the service set).
     pub async fn open_existing(
-        js: &jetstream::Context,
+        store: &EventStore,
         config: IdempotencyConfig,
     ) -> Result<Self, Error> {
+        let js = store.jetstream();
         let kv = match js.get_key_value(IDEMPOTENCY_BUCKET).await {
             Ok(kv) => kv,
             Err(_) => Self::create(js, &config).await?,

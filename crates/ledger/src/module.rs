@@ -84,11 +84,7 @@ impl Module for Ledger {
             let roles = Self::role_config(ctx);
             sluice_workers::ensure_consumers(&ctx.store, &roles.handler).await?;
             sluice_sagas::ensure_timers_stream(&ctx.store, roles.orchestrator.replicas).await?;
-            Idempotency::open(
-                ctx.store.jetstream(),
-                idempotency_config(ctx.replicas(), None),
-            )
-            .await?;
+            Idempotency::open(&ctx.store, idempotency_config(ctx.replicas(), None)).await?;
             Ok([
                 "DLQ",
                 "redrive",
@@ -109,7 +105,7 @@ impl Module for Ledger {
     ) -> BoxFuture<'a, Result<axum::Router, BoxError>> {
         Box::pin(async move {
             let config = idempotency_config(ctx.replicas(), Some(ctx.idempotency_retention()));
-            let idempotency = Idempotency::open(ctx.store.jetstream(), config).await?;
+            let idempotency = Idempotency::open(&ctx.store, config).await?;
             Ok(crate::routes::routes(ctx.store.clone(), idempotency))
         })
     }

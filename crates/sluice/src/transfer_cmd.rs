@@ -95,7 +95,7 @@ async fn connect(url: &str) -> anyhow::Result<EventStore> {
 /// never changes their retention).
 async fn idempotency(store: &EventStore) -> anyhow::Result<sluice_ledger::Idempotency> {
     Ok(sluice_ledger::Idempotency::open_existing(
-        store.jetstream(),
+        store,
         sluice_ledger::IdempotencyConfig::default(),
     )
     .await?)
