@@ -61,6 +61,7 @@ mod rate_limit;
 mod sagas;
 mod streams;
 mod tls;
+mod ui;
 
 pub use auth::load_or_create_token;
 pub use metrics::{DURATION_BUCKETS, METRICS, Metric, MetricKind, metrics_handle};
@@ -196,7 +197,8 @@ pub(crate) fn router(queries: Router, parts: Parts, opts: &HttpOptions) -> Route
         .route("/healthz", get(healthz))
         .route("/readyz", get(readyz))
         .route("/metrics", get(prometheus))
-        .route("/openapi.json", get(openapi_route));
+        .route("/openapi.json", get(openapi_route))
+        .merge(ui::data());
     // A module's routes: reads as the query API's, anything else behind
     // the token with the scope its method and path need.
     let modules = if parts.routes.has_routes() {
@@ -223,7 +225,10 @@ pub(crate) fn router(queries: Router, parts: Parts, opts: &HttpOptions) -> Route
             require_read_token,
         ));
     }
+    // The dashboard's pages carry no data (their script reads the API
+    // with the token): outside the read-token layer.
     let mut app = app
+        .merge(ui::shells())
         .layer(middleware::from_fn(json_objects_only))
         .layer(middleware::from_fn_with_state(ctx.clone(), rate_limit))
         .layer(middleware::from_fn_with_state(
