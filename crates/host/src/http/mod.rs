@@ -190,6 +190,12 @@ pub(crate) fn router(queries: Router, parts: Parts, opts: &HttpOptions) -> Route
         .route("/v1/dlq/{id}/redrive", post(dlq_redrive))
         .route("/v1/dlq/{id}/discard", post(dlq_discard))
         .route("/v1/events/{position}/void", post(void_event))
+        .route(
+            "/v1/projections/{name}/rebuild",
+            post(ui::start_rebuild).get(ui::rebuild_progress),
+        )
+        .route("/v1/consumers/{name}/pause", post(ui::consumer_pause))
+        .route("/v1/consumers/{name}/resume", post(ui::consumer_resume))
         .route_layer(middleware::from_fn_with_state(ctx.clone(), require_token));
     let open = Router::new()
         .route("/v1/events", get(log::page))
@@ -198,6 +204,7 @@ pub(crate) fn router(queries: Router, parts: Parts, opts: &HttpOptions) -> Route
         .route("/readyz", get(readyz))
         .route("/metrics", get(prometheus))
         .route("/openapi.json", get(openapi_route))
+        .route("/v1/consumers", get(ui::consumers_list))
         .merge(ui::data());
     // A module's routes: reads as the query API's, anything else behind
     // the token with the scope its method and path need.

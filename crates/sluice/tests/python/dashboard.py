@@ -82,7 +82,14 @@ with sync_playwright() as p:
     page.goto(base + "/ui/projections")
     expect(parked).to_have_text("0", timeout=30_000)
     row = page.locator("tr", has=page.locator("td:text-is('account_balances')"))
-    expect(row.locator(".bar")).to_have_attribute("title", "100 %", timeout=30_000)
+    expect(row.locator(".bar.caught-up")).to_have_attribute("title", "100 %", timeout=30_000)
+
+    # A rebuild, confirmed, followed to 100 %.
+    confirms = sum(t == "confirm" for t, _ in answers)
+    row.locator("button[data-act=rebuild]").click()
+    expect(page.locator(".rebuild-state[data-name=account_balances]")).to_have_text("done 100 %", timeout=60_000)
+    expect(page.locator(".bar.rebuild[data-name=account_balances]")).to_have_attribute("title", "100 %")
+    assert sum(t == "confirm" for t, _ in answers) == confirms + 1, answers
     shot(page, "projections")
 
     # A saga's timeline.
@@ -93,6 +100,18 @@ with sync_playwright() as p:
     link.click()
     expect(page.locator("ol.timeline li").first).to_be_visible()
     shot(page, "saga")
+
+    # Consumers: pause one, see it paused, resume it.
+    page.goto(base + "/ui/consumers")
+    row = page.locator("tr", has=page.locator("button[data-act=pause]")).first
+    expect(row).to_be_visible(timeout=20_000)
+    name = row.locator("button").get_attribute("data-name")
+    row.locator("button").click()
+    resume = page.locator(f"button[data-act=resume][data-name='{name}']").first
+    expect(resume).to_be_visible(timeout=20_000)
+    shot(page, "consumers")
+    resume.click()
+    expect(page.locator(f"button[data-act=pause][data-name='{name}']").first).to_be_visible(timeout=20_000)
 
     # The rest, for the screenshots: streams, an aggregate, the log.
     page.goto(base + "/ui/streams")

@@ -174,19 +174,31 @@ const pages = {
   async projections() {
     poll(async () => {
       const ps = await projections();
-      render(table(["projection", "state", "checkpoint", "log end", "lag (events)", "lag (s)", "dead letters", "parked aggregates", "progress", "error"], ps.map((p) => {
-        const pct = p.stream_last_position ? Math.round((100 * (p.rebuild_position ?? p.checkpoint)) / p.stream_last_position) : 100;
+      const rb = await Promise.all(ps.map((p) => api(`/v1/projections/${enc(p.name)}/rebuild`).catch(() => null)));
+      render(table(["projection", "state", "checkpoint", "log end", "lag (events)", "lag (s)", "dead letters", "parked aggregates", "caught up", "rebuild", "error"], ps.map((p, i) => {
+        const pct = p.stream_last_position ? Math.round((100 * p.checkpoint) / p.stream_last_position) : 100;
+        const r = rb[i];
+        const rpct = r ? Math.floor(r.percent) : 0;
         return [td(p.name), td(p.state), td(p.checkpoint), td(p.stream_last_position), td(p.lag_events), td(p.lag_seconds.toFixed(1)),
           td(p.dead_letters), tdHtml(`<span class="parked" data-name="${escape(p.name)}">${escape(p.parked_aggregates)}</span>`),
-          tdHtml(`<div class="bar" title="${escape(pct)} %"><div style="width:${escape(Math.min(100, pct))}%"></div></div>`),
-          td((p.halted && `${p.halted.reason} at ${p.halted.position}`) || p.last_error || "")];
-      })));
-    }, 1500);
+          tdHtml(`<div class="bar caught-up" title="${escape(pct)} %"><div style="width:${escape(Math.min(100, pct))}%"></div></div>`),
+          tdHtml(`<button data-act="rebuild" data-name="${escape(p.name)}">rebuild</button>` + (r ? ` <span class="rebuild-state" data-name="${escape(p.name)}">${escape(r.state)} ${escape(rpct)} %</span>
+            <div class="bar rebuild" data-name="${escape(p.name)}" title="${escape(rpct)} %"><div style="width:${escape(Math.min(100, rpct))}%"></div></div>` : "")),
+          td((p.halted && `${p.halted.reason} at ${p.halted.position}`) || p.last_error || (r && r.error) || "")];
+      })) + `<div id="detail"></div>`);
+      if (shown !== null) document.getElementById("detail").innerHTML = shown;
+    }, 1000);
   },
 
   async consumers() {
-    const r = await fetch("/readyz").then((x) => x.json());
-    render(`<p>Worker consumers' details are not served over HTTP yet: use <code>sluice consumer info</code>.</p>${table(["check", "state"], Object.entries(r.checks).map(([k, v]) => [td(k), td(v)]))}`);
+    poll(async () => {
+      const l = await api("/v1/consumers");
+      render(table(["stream", "consumer", "pending", "ack pending", "redelivered", "lag", "state", "actions"], l.consumers.map((c) => [
+        td(c.stream), td(c.name), td(c.pending), td(c.ack_pending), td(c.redelivered), td(c.lag),
+        td(c.paused ? `paused${c.pause_remaining_secs != null ? ` (${c.pause_remaining_secs} s left)` : ""}` : "running"),
+        tdHtml(c.paused ? `<button data-act="resume" data-name="${escape(c.name)}">resume</button>` : `<button class="danger" data-act="pause" data-name="${escape(c.name)}">pause</button>`)]), "no durable consumers") + `<div id="detail"></div>`);
+      if (shown !== null) document.getElementById("detail").innerHTML = shown;
+    }, 2000);
   },
 
   async sagas() {
@@ -227,11 +239,23 @@ let shown = null;
 main.addEventListener("click", async (ev) => {
   const b = ev.target.closest("button[data-act]");
   if (!b) return;
-  const { act, id, position } = b.dataset;
+  const { act, id, position, name } = b.dataset;
   try {
+    if (act === "rebuild") {
+      if (!confirm(`Rebuild projection ${name}? It is rebuilt beside the live tables and switched in when it has caught up.`)) return;
+      await api(`/v1/projections/${enc(name)}/rebuild`, { method: "POST" });
+      shown = `<p class="ok">rebuild of ${escape(name)} started</p>`;
+      return;
+    }
     if (act === "show") {
       shown = `<h2>Dead letter ${escape(id)}</h2><pre>${escape(JSON.stringify(await api(`/v1/dlq/${enc(id)}`), null, 2))}</pre>`;
       document.getElementById("detail").innerHTML = shown;
+      return;
+    }
+    if (act === "pause" || act === "resume") {
+      if (!confirm(`${act} consumer ${name}?`)) return;
+      await api(`/v1/consumers/${enc(name)}/${act}`, { method: "POST", body: JSON.stringify(act === "pause" ? { for_secs: 3600 } : {}) });
+      shown = `<p class="ok">${escape(act)} of ${escape(name)} done</p>`;
       return;
     }
     let reason = null;
