@@ -5,6 +5,7 @@
 #   - openapi-spec-validator (and its dependencies), pinned by hash, likewise,
 #   - openapi-python-client (and its dependencies), pinned by hash, into .tools/client-venv,
 #   - schemathesis (and its dependencies), pinned by hash, into .tools/schemathesis-venv,
+#   - chromium (Debian) and playwright, pinned by hash, into .tools/browser-venv,
 #   - cargo-nextest,
 #   - cargo-deny (pinned),
 # and starts PostgreSQL when nothing answers on 127.0.0.1:5432.
@@ -69,6 +70,18 @@ if ! "$ROOT/.tools/schemathesis-venv/bin/python" -c "import importlib.metadata a
   "$PY" -m venv "$ROOT/.tools/schemathesis-venv"
   "$ROOT/.tools/schemathesis-venv/bin/pip" install -q --disable-pip-version-check --no-deps \
     --only-binary=:all: --require-hashes -r "$ROOT/scripts/schemathesis-requirements.txt"
+fi
+
+# --- chromium and playwright, for the dashboard's browser test -------------
+# Debian's chromium; playwright drives it (never downloading a browser).
+[ -x /usr/bin/chromium ] || { log "installing chromium"; apt_install chromium; }
+PW_VERSION=$(sed -n 's/^playwright==\([^ ]*\).*/\1/p' "$ROOT/scripts/browser-requirements.txt")
+if ! "$ROOT/.tools/browser-venv/bin/python" -c "import importlib.metadata as m, sys; sys.exit(m.version('playwright') != '$PW_VERSION')" 2>/dev/null; then
+  log "installing playwright $PW_VERSION into .tools/browser-venv"
+  rm -rf "$ROOT/.tools/browser-venv"
+  "$PY" -m venv "$ROOT/.tools/browser-venv"
+  "$ROOT/.tools/browser-venv/bin/pip" install -q --disable-pip-version-check --no-deps \
+    --only-binary=:all: --require-hashes -r "$ROOT/scripts/browser-requirements.txt"
 fi
 
 # --- openssl, for nats/gen-certs.sh and the TLS tests -----------------------

@@ -46,12 +46,14 @@ pub(super) fn bearer_token(value: &str) -> Option<&str> {
 }
 
 /// The scope a request needs: operator actions (dead letters, replay,
-/// rebuild, void, forget) `operate`, other changes `write`, reads `read`.
+/// rebuild, void, forget, pausing consumers) `operate`, other changes `write`, reads `read`.
 pub(super) fn required_scope(method: &Method, path: &str) -> Scope {
     let operator = path.starts_with("/v1/dlq")
-        || ["/void", "/forget", "/replay", "/rebuild"]
-            .iter()
-            .any(|s| path.ends_with(s));
+        || [
+            "/void", "/forget", "/replay", "/rebuild", "/pause", "/resume",
+        ]
+        .iter()
+        .any(|s| path.ends_with(s));
     if operator {
         Scope::Operate
     } else if method == Method::GET || method == Method::HEAD {

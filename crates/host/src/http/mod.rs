@@ -61,6 +61,7 @@ mod rate_limit;
 mod sagas;
 mod streams;
 mod tls;
+mod ui;
 
 pub use auth::load_or_create_token;
 pub use metrics::{DURATION_BUCKETS, METRICS, Metric, MetricKind, metrics_handle};
@@ -189,6 +190,12 @@ pub(crate) fn router(queries: Router, parts: Parts, opts: &HttpOptions) -> Route
         .route("/v1/dlq/{id}/redrive", post(dlq_redrive))
         .route("/v1/dlq/{id}/discard", post(dlq_discard))
         .route("/v1/events/{position}/void", post(void_event))
+        .route(
+            "/v1/projections/{name}/rebuild",
+            post(ui::start_rebuild).get(ui::rebuild_progress),
+        )
+        .route("/v1/consumers/{name}/pause", post(ui::consumer_pause))
+        .route("/v1/consumers/{name}/resume", post(ui::consumer_resume))
         .route_layer(middleware::from_fn_with_state(ctx.clone(), require_token));
     let open = Router::new()
         .route("/v1/events", get(log::page))
@@ -196,7 +203,9 @@ pub(crate) fn router(queries: Router, parts: Parts, opts: &HttpOptions) -> Route
         .route("/healthz", get(healthz))
         .route("/readyz", get(readyz))
         .route("/metrics", get(prometheus))
-        .route("/openapi.json", get(openapi_route));
+        .route("/openapi.json", get(openapi_route))
+        .route("/v1/consumers", get(ui::consumers_list))
+        .merge(ui::data());
     // A module's routes: reads as the query API's, anything else behind
     // the token with the scope its method and path need.
     let modules = if parts.routes.has_routes() {
@@ -223,7 +232,10 @@ pub(crate) fn router(queries: Router, parts: Parts, opts: &HttpOptions) -> Route
             require_read_token,
         ));
     }
+    // The dashboard's pages carry no data (their script reads the API
+    // with the token): outside the read-token layer.
     let mut app = app
+        .merge(ui::shells())
         .layer(middleware::from_fn(json_objects_only))
         .layer(middleware::from_fn_with_state(ctx.clone(), rate_limit))
         .layer(middleware::from_fn_with_state(
