@@ -865,6 +865,10 @@ async fn read_side(
             .open_reads
             .unwrap_or(embedded && config.http_addr().ip().is_loopback());
         opts.open_metrics = opts.open_reads || config.http.open_metrics.unwrap_or(false);
+        // What the overview can say about durability: the embedded server
+        // fsyncs every write; `serve` is production.
+        opts.sync_always = embedded.then_some(true);
+        opts.production = !embedded;
         banner.open_reads = opts.open_reads;
         let app_router = http::app_router(
             app,

@@ -108,6 +108,12 @@ pub struct HttpOptions {
     pub open_reads: bool,
     /// Whether `/metrics` is served without a token when reads are not.
     pub open_metrics: bool,
+    /// Whether the server is known to fsync every write (`Some(true)` on
+    /// the embedded server `up` starts); `None`: clients cannot tell.
+    pub sync_always: Option<bool>,
+    /// Production (`serve`): the durability warnings of the overview are
+    /// those of a production deployment.
+    pub production: bool,
 }
 
 impl HttpOptions {
@@ -125,6 +131,8 @@ impl HttpOptions {
             tokens: None,
             open_reads: true,
             open_metrics: true,
+            sync_always: None,
+            production: false,
         }
     }
 }
@@ -142,6 +150,8 @@ struct Ctx {
     limiter: Arc<DefaultKeyedRateLimiter<IpAddr>>,
     trusted_proxies: Arc<[IpNet]>,
     started: Instant,
+    sync_always: Option<bool>,
+    production: bool,
     /// `(consumer, category)` pairs the DLQ depth gauge was set for, so a
     /// pair whose dead letters are all gone is set back to 0.
     dlq_seen: Arc<std::sync::Mutex<std::collections::BTreeSet<(String, String)>>>,
@@ -181,6 +191,8 @@ pub(crate) fn router(queries: Router, parts: Parts, opts: &HttpOptions) -> Route
         limiter: Arc::new(RateLimiter::keyed(quota)),
         trusted_proxies: opts.trusted_proxies.clone().into(),
         started: Instant::now(),
+        sync_always: opts.sync_always,
+        production: opts.production,
         dlq_seen: Arc::default(),
     };
     let protected = Router::new()

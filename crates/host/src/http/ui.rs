@@ -154,8 +154,12 @@ async fn overview(State(ctx): State<Ctx>) -> Response {
         Ok(s) => s,
         Err(e) => return Problem::from(e).into_response(),
     };
-    let info = ctx.store.client().server_info();
-    let warnings = state.durability_warnings(None, false, ctx.store.config().retry_horizon());
+    let info = ctx.store.server_info();
+    let warnings = state.durability_warnings(
+        ctx.sync_always,
+        ctx.production,
+        ctx.store.config().retry_horizon(),
+    );
     Json(json!({
         "version": env!("CARGO_PKG_VERSION"),
         "server": {"version": info.version, "name": info.server_name},
@@ -324,7 +328,7 @@ fn percent(position: u64, target: u64) -> f64 {
 /// redeliveries, lag and whether it is paused (what `sluice consumer list`
 /// prints).
 pub(super) async fn consumers_list(State(ctx): State<Ctx>) -> Response {
-    match sluice_workers::consumers::list(ctx.store.jetstream()).await {
+    match sluice_workers::consumers::list(&ctx.store).await {
         Ok(list) => Json(json!({ "consumers": list })).into_response(),
         Err(e) => consumer_error(e),
     }
@@ -360,7 +364,7 @@ pub(super) async fn consumer_pause(
         return bad_request(format!("for_secs must be between 1 and {MAX_PAUSE_SECS}"));
     }
     let duration = Duration::from_secs(secs);
-    match sluice_workers::consumers::pause(ctx.store.jetstream(), &name, duration).await {
+    match sluice_workers::consumers::pause(&ctx.store, &name, duration).await {
         Ok(paused) => Json(json!({ "paused": paused, "for_secs": secs })).into_response(),
         Err(e) => consumer_error(e),
     }
@@ -371,7 +375,7 @@ pub(super) async fn consumer_resume(
     State(ctx): State<Ctx>,
     UrlPath(name): UrlPath<String>,
 ) -> Response {
-    match sluice_workers::consumers::resume(ctx.store.jetstream(), &name).await {
+    match sluice_workers::consumers::resume(&ctx.store, &name).await {
         Ok(resumed) => Json(json!({ "resumed": resumed })).into_response(),
         Err(e) => consumer_error(e),
     }
