@@ -380,7 +380,14 @@ pub type Reaction<D> = (SagaState<D>, Vec<Command>);
 /// Reads instance `id` of saga `name`.
 pub async fn read_log(store: &EventStore, name: &str, id: &str) -> Result<SagaLog, SagaError> {
     let stream = saga_stream(name, id)?;
-    let history = store.history_direct(&stream).await?;
+    let mut history = store.history_direct(&stream).await?;
+    if history.version == 0 {
+        // A replica answering the direct get may not have the instance yet
+        // (an R3 follower right after the start): the leader says whether
+        // it exists, so a read right after a 202 never answers "no such
+        // saga". Only unknown ids pay for that consumer.
+        history = store.history(&stream).await?;
+    }
     let mut log = SagaLog {
         name: name.to_owned(),
         id: id.to_owned(),
