@@ -339,8 +339,8 @@ pub(crate) async fn run(args: AppendArgs) -> anyhow::Result<()> {
         let ratio_of = |num: &[Phase], den: &[Phase]| -> Vec<f64> {
             num.iter().zip(den).map(|(s, r)| s.eps / r.eps).collect()
         };
-        let ratios = ratio_of(&sluice_any, &raw);
-        let ratios_occ = ratio_of(&sluice, &raw_occ);
+        let (ratio_min, ratio_max) = crate::stats::range(&ratio_of(&sluice_any, &raw));
+        let (ratio_occ_min, ratio_occ_max) = crate::stats::range(&ratio_of(&sluice, &raw_occ));
         let (raw, raw_occ, sluice, sluice_any) = (
             median(&raw),
             median(&raw_occ),
@@ -360,11 +360,11 @@ pub(crate) async fn run(args: AppendArgs) -> anyhow::Result<()> {
             "sluice_append_any_per_s": sluice_any.eps.round() as u64,
             "sluice_append_per_s": sluice.eps.round() as u64,
             "ratio": round2(sluice_any.eps / raw.eps),
-            "ratio_min": round2(ratios.iter().copied().fold(f64::INFINITY, f64::min)),
-            "ratio_max": round2(ratios.iter().copied().fold(0.0, f64::max)),
+            "ratio_min": round2(ratio_min),
+            "ratio_max": round2(ratio_max),
             "ratio_occ": round2(sluice.eps / raw_occ.eps),
-            "ratio_occ_min": round2(ratios_occ.iter().copied().fold(f64::INFINITY, f64::min)),
-            "ratio_occ_max": round2(ratios_occ.iter().copied().fold(0.0, f64::max)),
+            "ratio_occ_min": round2(ratio_occ_min),
+            "ratio_occ_max": round2(ratio_occ_max),
             "ratio_exact_vs_raw": round2(sluice.eps / raw.eps),
             "raw_same_window_publish_per_s": raw_same.map(|r| r.eps.round() as u64),
             "ratio_same_window": raw_same.map(|r| round2(sluice.eps / r.eps)),

@@ -16,7 +16,7 @@ use sluice_ledger::{
     AccountEvent,
 };
 
-use crate::Error;
+use crate::{Error, stats};
 
 /// Figures of one run on one database.
 #[derive(Debug, Clone, Serialize)]
@@ -147,8 +147,9 @@ pub async fn run(
         rounds.push((raw, catch_up));
     }
     let ratios: Vec<f64> = rounds.iter().map(|(r, c)| c / r).collect();
-    let raw = median(rounds.iter().map(|r| r.0).collect());
-    let catch_up = median(rounds.iter().map(|r| r.1).collect());
+    let (catch_up_ratio_min, catch_up_ratio_max) = stats::range(&ratios);
+    let raw = stats::median(&rounds.iter().map(|r| r.0).collect::<Vec<_>>());
+    let catch_up = stats::median(&rounds.iter().map(|r| r.1).collect::<Vec<_>>());
     // The live group for (e), resuming at the end of the log.
     let shutdown = CancellationToken::new();
     let config = RunnerConfig::default();
@@ -227,8 +228,8 @@ pub async fn run(
         catch_up_ratio: catch_up / raw,
         rounds: rounds.len(),
         round_rates: rounds.clone(),
-        catch_up_ratio_min: ratios.iter().copied().fold(f64::INFINITY, f64::min),
-        catch_up_ratio_max: ratios.iter().copied().fold(0.0, f64::max),
+        catch_up_ratio_min,
+        catch_up_ratio_max,
         rebuild_events_per_s: rebuild,
         group_rebuild_events_per_s: group_rebuild,
         replay_tail_events: last - from + 1,
@@ -236,12 +237,6 @@ pub async fn run(
         replay_activity_seconds,
         replay_balances_seconds,
     })
-}
-
-/// The middle value (upper middle for an even count).
-fn median(mut v: Vec<f64>) -> f64 {
-    v.sort_by(f64::total_cmp);
-    v.get(v.len() / 2).copied().unwrap_or(0.0)
 }
 
 /// (a) The same rows as the projections write, straight into scratch copies

@@ -10,6 +10,7 @@ mod append;
 pub mod ledger_read_models;
 mod projections;
 mod sagas;
+mod stats;
 mod transfers;
 mod workers;
 

@@ -1,13 +1,16 @@
 //! `sluice-bench workers`: handler throughput of the Sluice worker runtime
 //! with a no-op handler vs a raw async-nats pull consumer with explicit acks,
-//! on the same stream in one run, at concurrency 1 and 8.
+//! on the same stream in one run, at concurrency 1 and 8. The two alternate
+//! over `--reps` rounds (which goes first swaps every round); the medians,
+//! the range of the per-round ratios and every round are reported.
 
-use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, OnceLock};
 use std::time::{Duration, Instant};
 
 use anyhow::Context;
 use futures::StreamExt;
+use serde::Serialize;
 use serde_json::json;
 use sluice_events::{
     EmbeddedConfig, EmbeddedServer, EventStore, ExpectedVersion, NewEvent, StoreConfig, StreamId,
@@ -16,12 +19,16 @@ use sluice_events::{
 use sluice_workers::{Delivery, HandlerError, WorkerConfig};
 use tokio_util::sync::CancellationToken;
 
-/// Durable names of the bench's consumers (constants: a renamed durable
-/// consumer re-reads the whole stream).
-const RAW_C1: &str = "bench-raw-c1";
-const RAW_C8: &str = "bench-raw-c8";
-const WORKER_C1: &str = "bench-worker-c1";
-const WORKER_C8: &str = "bench-worker-c8";
+use crate::stats;
+
+/// Prefixes of the bench's durable consumer names. Every phase gets a name
+/// of its own (`<prefix>-c<concurrency>-r<round>`): a new durable consumer
+/// reads the whole stream from the start, so every round consumes all of it.
+const RAW_PREFIX: &str = "bench-raw";
+const WORKER_PREFIX: &str = "bench-worker";
+
+/// The concurrencies of the rows.
+const CONCURRENCIES: [usize; 2] = [1, 8];
 
 const PAYLOAD: &[u8] =
     br#"{"amount":1250,"reference":"bench-0000000000","note":"a payload of typical size"}"#;
@@ -29,15 +36,62 @@ const PAYLOAD: &[u8] =
 /// Options of `sluice-bench workers`.
 #[derive(Debug, clap::Args)]
 pub struct WorkersArgs {
-    /// Events in the stream (each phase consumes all of them).
-    #[arg(long, default_value_t = 20_000)]
+    /// Events in the stream (every phase of every round consumes all of
+    /// them).
+    #[arg(long, default_value_t = 100_000)]
     events: usize,
     /// Distinct aggregates the events spread over.
     #[arg(long, default_value_t = 1_000)]
     aggregates: usize,
+    /// Rounds of raw and Sluice, interleaved; medians are reported, since a
+    /// shared 2-core machine swings between runs.
+    #[arg(long, default_value_t = 3)]
+    reps: usize,
     /// Print one JSON summary object.
     #[arg(long)]
     json: bool,
+}
+
+/// One round of one row: both rates, events per second.
+#[derive(Debug, Clone, Copy, Serialize)]
+struct Round {
+    raw_per_s: f64,
+    sluice_per_s: f64,
+    ratio: f64,
+}
+
+/// The figures of one concurrency over all rounds.
+#[derive(Debug, Clone, Serialize)]
+struct Row {
+    /// Median of the raw rounds, events per second.
+    raw_per_s: f64,
+    /// Median of the Sluice rounds, events per second.
+    sluice_per_s: f64,
+    /// Sluice / raw of the medians; the target is >= 0.8.
+    ratio: f64,
+    /// The lowest Sluice / raw of one round.
+    ratio_min: f64,
+    /// The highest Sluice / raw of one round.
+    ratio_max: f64,
+    /// Every round, in order.
+    rounds: Vec<Round>,
+}
+
+impl Row {
+    fn of(rounds: Vec<Round>) -> Self {
+        let raw = stats::median(&rounds.iter().map(|r| r.raw_per_s).collect::<Vec<_>>());
+        let sluice = stats::median(&rounds.iter().map(|r| r.sluice_per_s).collect::<Vec<_>>());
+        let (ratio_min, ratio_max) =
+            stats::range(&rounds.iter().map(|r| r.ratio).collect::<Vec<_>>());
+        Self {
+            raw_per_s: raw,
+            sluice_per_s: sluice,
+            ratio: sluice / raw.max(1e-9),
+            ratio_min,
+            ratio_max,
+            rounds,
+        }
+    }
 }
 
 /// A directory removed on drop.
@@ -101,12 +155,14 @@ async fn raw(
             ..Default::default()
         })
         .await?;
-    let started = Instant::now();
+    // The clock starts at the first message, as the worker's does.
+    let first = OnceLock::<Instant>::new();
     let messages = c.stream().max_messages_per_batch(200).messages().await?;
     let done = Arc::new(AtomicU64::new(0));
     messages
         .take(events)
         .for_each_concurrent(concurrency, |m| {
+            first.get_or_init(Instant::now);
             let done = done.clone();
             async move {
                 if let Ok(m) = m
@@ -122,7 +178,8 @@ async fn raw(
         "raw consumer acked {} of {events}",
         done.load(Ordering::Relaxed)
     );
-    Ok(events as f64 / started.elapsed().as_secs_f64())
+    let elapsed = first.get().map(Instant::elapsed).unwrap_or_default();
+    Ok(events as f64 / elapsed.as_secs_f64().max(1e-9))
 }
 
 /// The Sluice worker runtime with a no-op handler.
@@ -139,7 +196,7 @@ async fn worker(
     let counter = handled.clone();
     // The clock starts at the first handled event: the runtime's start-up
     // (ensuring streams, consumers and the parked-set cache) is not throughput.
-    let first = Arc::new(std::sync::OnceLock::<Instant>::new());
+    let first = Arc::new(OnceLock::<Instant>::new());
     let first_seen = first.clone();
     let cancel = CancellationToken::new();
     let task = {
@@ -173,7 +230,12 @@ async fn worker(
     let elapsed = first.get().map(Instant::elapsed).unwrap_or_default();
     cancel.cancel();
     task.await??;
-    Ok(events as f64 / elapsed.as_secs_f64())
+    anyhow::ensure!(
+        handled.load(Ordering::Relaxed) as usize >= events,
+        "worker handled {} of {events}",
+        handled.load(Ordering::Relaxed)
+    );
+    Ok(events as f64 / elapsed.as_secs_f64().max(1e-9))
 }
 
 /// Runs `sluice-bench workers`.
@@ -184,35 +246,81 @@ pub(crate) async fn run(args: WorkersArgs) -> anyhow::Result<()> {
     config.sync = SyncInterval::Always;
     let server = EmbeddedServer::start(config).context("starting nats-server for the bench")?;
     let store = EventStore::connect(&server.url(), StoreConfig::default()).await?;
+    if !args.json {
+        eprintln!("appending {} events...", args.events);
+    }
     seed(&store, args.events, args.aggregates).await?;
 
-    let raw1 = raw(&store, RAW_C1, args.events, 1).await?;
-    let sluice1 = worker(&store, WORKER_C1, args.events, 1).await?;
-    let raw8 = raw(&store, RAW_C8, args.events, 8).await?;
-    let sluice8 = worker(&store, WORKER_C8, args.events, 8).await?;
+    let reps = args.reps.max(1);
+    let mut rounds: Vec<Vec<Round>> = vec![Vec::new(); CONCURRENCIES.len()];
+    for round in 0..reps {
+        for (row, &c) in CONCURRENCIES.iter().enumerate() {
+            // Raw and Sluice alternate, and which goes first swaps every
+            // round, so a swing of the machine hits both alike.
+            let raw_name = format!("{RAW_PREFIX}-c{c}-r{round}");
+            // `WorkerConfig::name` is `&'static str`: one short name per
+            // phase, for the life of this process.
+            let worker_name: &'static str =
+                Box::leak(format!("{WORKER_PREFIX}-c{c}-r{round}").into_boxed_str());
+            let (r, s) = if round % 2 == 0 {
+                let r = raw(&store, &raw_name, args.events, c).await?;
+                (r, worker(&store, worker_name, args.events, c).await?)
+            } else {
+                let s = worker(&store, worker_name, args.events, c).await?;
+                (raw(&store, &raw_name, args.events, c).await?, s)
+            };
+            if !args.json {
+                eprintln!(
+                    "round {}/{reps}, concurrency {c}: raw {r:.0} ev/s, sluice {s:.0} ev/s",
+                    round + 1
+                );
+            }
+            rounds[row].push(Round {
+                raw_per_s: r,
+                sluice_per_s: s,
+                ratio: s / r.max(1e-9),
+            });
+        }
+    }
     drop(server);
+    let rows: Vec<(usize, Row)> = CONCURRENCIES
+        .iter()
+        .copied()
+        .zip(rounds.into_iter().map(Row::of))
+        .collect();
 
     if args.json {
-        println!(
-            "{}",
-            json!({
-                "bench": "workers",
-                "events": args.events,
-                "aggregates": args.aggregates,
-                "concurrency_1": { "raw_per_s": raw1, "sluice_per_s": sluice1, "ratio": sluice1 / raw1 },
-                "concurrency_8": { "raw_per_s": raw8, "sluice_per_s": sluice8, "ratio": sluice8 / raw8 },
-                "target_ratio": 0.8,
-            })
-        );
+        let mut out = json!({
+            "bench": "workers",
+            "events": args.events,
+            "aggregates": args.aggregates,
+            "reps": reps,
+            "target_ratio": 0.8,
+        });
+        for (c, row) in &rows {
+            out[format!("concurrency_{c}")] = serde_json::to_value(row)?;
+        }
+        println!("{out}");
     } else {
         println!(
-            "workers: {} events over {} aggregates, no-op handler vs raw pull consumer with explicit acks",
+            "workers: {} events over {} aggregates, no-op handler vs raw pull consumer with explicit acks; medians of {reps} interleaved rounds",
             args.events, args.aggregates
         );
-        for (c, r, s) in [(1, raw1, sluice1), (8, raw8, sluice8)] {
+        for (c, row) in &rows {
             println!(
-                "  concurrency {c}: raw {r:>10.0} ev/s   sluice {s:>10.0} ev/s   ratio {:.2} (target >= 0.80)",
-                s / r
+                "  concurrency {c}: raw {:>10.0} ev/s   sluice {:>10.0} ev/s   ratio {:.2} ({:.2}-{:.2}) (target >= 0.80)",
+                row.raw_per_s, row.sluice_per_s, row.ratio, row.ratio_min, row.ratio_max
+            );
+        }
+        for (c, row) in &rows {
+            let rounds: Vec<String> = row
+                .rounds
+                .iter()
+                .map(|r| format!("{:.0}/{:.0}", r.raw_per_s, r.sluice_per_s))
+                .collect();
+            println!(
+                "  concurrency {c} rounds (raw/sluice): {}",
+                rounds.join("  ")
             );
         }
     }
