@@ -58,38 +58,29 @@ if ! "$ROOT/.tools/venv/bin/python" -c "import importlib.metadata as m, sys; sys
     --only-binary=:all: --require-hashes -r "$ROOT/scripts/openapi-requirements.txt"
 fi
 
-# --- openapi-python-client, for the test that generates a client ----------
-# A venv of its own: its pins and the validator's must not have to agree.
-OPC_VERSION=$(sed -n 's/^openapi-python-client==\([^ ]*\).*/\1/p' "$ROOT/scripts/client-requirements.txt")
-if ! "$ROOT/.tools/client-venv/bin/python" -c "import importlib.metadata as m, sys; sys.exit(m.version('openapi-python-client') != '$OPC_VERSION')" 2>/dev/null; then
-  log "installing openapi-python-client $OPC_VERSION into .tools/client-venv"
-  rm -rf "$ROOT/.tools/client-venv"
-  "$PY" -m venv "$ROOT/.tools/client-venv"
-  "$ROOT/.tools/client-venv/bin/pip" install -q --disable-pip-version-check --no-deps \
-    --only-binary=:all: --require-hashes -r "$ROOT/scripts/client-requirements.txt"
-fi
-
-# --- schemathesis, for the test that fuzzes the live API -------------------
-ST_VERSION=$(sed -n 's/^schemathesis==\([^ ]*\).*/\1/p' "$ROOT/scripts/schemathesis-requirements.txt")
-if ! "$ROOT/.tools/schemathesis-venv/bin/python" -c "import importlib.metadata as m, sys; sys.exit(m.version('schemathesis') != '$ST_VERSION')" 2>/dev/null; then
-  log "installing schemathesis $ST_VERSION into .tools/schemathesis-venv"
-  rm -rf "$ROOT/.tools/schemathesis-venv"
-  "$PY" -m venv "$ROOT/.tools/schemathesis-venv"
-  "$ROOT/.tools/schemathesis-venv/bin/pip" install -q --disable-pip-version-check --no-deps \
-    --only-binary=:all: --require-hashes -r "$ROOT/scripts/schemathesis-requirements.txt"
-fi
-
-# --- chromium and playwright, for the dashboard's browser test -------------
-# Debian's chromium; playwright drives it (never downloading a browser).
+# --- pinned Python test tools, each in a venv of its own -----------------
+# Their pins must not have to agree with each other (or with the validator's).
+# pinned_tool VENV PACKAGE REQUIREMENTS: (re)creates .tools/VENV unless it
+# holds PACKAGE at the version REQUIREMENTS pins, installing by hash only.
+pinned_tool() {
+  local venv="$ROOT/.tools/$1" package="$2" requirements="$ROOT/scripts/$3" version
+  version=$(sed -n "s/^$package==\([^ ]*\).*/\1/p" "$requirements")
+  if ! "$venv/bin/python" -c "import importlib.metadata as m, sys; sys.exit(m.version('$package') != '$version')" 2>/dev/null; then
+    log "installing $package $version into .tools/$1"
+    rm -rf "$venv"
+    "$PY" -m venv "$venv"
+    "$venv/bin/pip" install -q --disable-pip-version-check --no-deps \
+      --only-binary=:all: --require-hashes -r "$requirements"
+  fi
+}
+# A client generated from /openapi.json runs the HTTP tour.
+pinned_tool client-venv openapi-python-client client-requirements.txt
+# The live API fuzzed against its document.
+pinned_tool schemathesis-venv schemathesis schemathesis-requirements.txt
+# The dashboard's browser test: Debian's chromium, driven by playwright
+# (which never downloads a browser).
 [ -x /usr/bin/chromium ] || { log "installing chromium"; apt_install chromium; }
-PW_VERSION=$(sed -n 's/^playwright==\([^ ]*\).*/\1/p' "$ROOT/scripts/browser-requirements.txt")
-if ! "$ROOT/.tools/browser-venv/bin/python" -c "import importlib.metadata as m, sys; sys.exit(m.version('playwright') != '$PW_VERSION')" 2>/dev/null; then
-  log "installing playwright $PW_VERSION into .tools/browser-venv"
-  rm -rf "$ROOT/.tools/browser-venv"
-  "$PY" -m venv "$ROOT/.tools/browser-venv"
-  "$ROOT/.tools/browser-venv/bin/pip" install -q --disable-pip-version-check --no-deps \
-    --only-binary=:all: --require-hashes -r "$ROOT/scripts/browser-requirements.txt"
-fi
+pinned_tool browser-venv playwright browser-requirements.txt
 
 # --- openssl, for nats/gen-certs.sh and the TLS tests -----------------------
 command -v openssl >/dev/null || { log "installing openssl"; apt_install openssl; }

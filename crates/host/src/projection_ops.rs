@@ -24,6 +24,16 @@ pub struct ReadSide {
     pub db: Database,
 }
 
+/// `value` as one line of JSON (the `--json` output of every command here).
+fn json_line(out: &mut (dyn Write + Send), value: &impl serde::Serialize) -> Result<(), Error> {
+    writeln!(
+        out,
+        "{}",
+        serde_json::to_string(value).unwrap_or_else(|_| "{}".to_owned())
+    )?;
+    Ok(())
+}
+
 impl ReadSide {
     /// Opens the read store at `database_url` with every module's
     /// migrations applied.
@@ -107,11 +117,7 @@ pub async fn list(side: &ReadSide, json: bool, out: &mut (dyn Write + Send)) -> 
     }
     if json {
         for s in &all {
-            writeln!(
-                out,
-                "{}",
-                serde_json::to_string(s).unwrap_or_else(|_| "{}".to_owned())
-            )?;
+            json_line(out, s)?;
         }
         return Ok(());
     }
@@ -241,11 +247,7 @@ pub async fn replay(
     )
     .await?;
     if json {
-        writeln!(
-            out,
-            "{}",
-            serde_json::to_string(&report).unwrap_or_else(|_| "{}".to_owned())
-        )?;
+        json_line(out, &report)?;
     } else {
         writeln!(
             out,
@@ -279,11 +281,7 @@ pub async fn dead_letters(
     let records = sluice_projections::dead_letters(&side.db, name).await?;
     if json {
         for r in &records {
-            writeln!(
-                out,
-                "{}",
-                serde_json::to_string(r).unwrap_or_else(|_| "{}".to_owned())
-            )?;
+            json_line(out, r)?;
         }
         return Ok(());
     }
@@ -318,11 +316,7 @@ pub async fn redrive(
         sluice_projections::redrive(side.member(name)?, side.db.clone(), side.store.clone())
             .await?;
     if json {
-        writeln!(
-            out,
-            "{}",
-            serde_json::to_string(&report).unwrap_or_else(|_| "{}".to_owned())
-        )?;
+        json_line(out, &report)?;
         return Ok(());
     }
     writeln!(
